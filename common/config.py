@@ -1,0 +1,212 @@
+"""Typed, frozen, validated run settings.
+
+Config flows one way: ``[tool.flwr.app.config]`` (+ ``--run-config`` overrides) arrives as a
+flat dict with dotted keys; :meth:`RunSettings.from_flat` parses it once into these dataclasses,
+and everything downstream takes plain typed arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting is missing, has the wrong type, or is out of range."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape and how sites' adapters are combined."""
+
+    rank: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = ("query", "value")
+    aggregation: Literal["ffa", "plain"] = "ffa"
+    """"ffa": A frozen and identical everywhere, only B + head train, so the mean is exact.
+    "plain": A and B both train and are averaged separately (mean(B)·mean(A) != mean(B·A))."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        _require(self.alpha >= 1, f"lora.alpha must be >= 1, got {self.alpha}")
+        _require(len(self.targets) > 0, "lora.targets must name at least one module, e.g. 'query,value'")
+        _require(
+            self.aggregation in ("ffa", "plain"),
+            f"lora.aggregation must be 'ffa' or 'plain', got {self.aggregation!r}",
+        )
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Sample-level differential privacy of each site's training (Opacus DP-SGD)."""
+
+    enabled: bool = True
+    epsilon: float = 8.0
+    """The site's TOTAL budget over the whole federation, not per round."""
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: Literal["prv", "rdp"] = "prv"
+
+    def __post_init__(self) -> None:
+        _require(
+            math.isfinite(self.epsilon) and self.epsilon > 0,
+            f"privacy.epsilon must be a positive number, got {self.epsilon}",
+        )
+        _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+        _require(self.max_grad_norm > 0, f"privacy.max-grad-norm must be > 0, got {self.max_grad_norm}")
+        _require(
+            self.accountant in ("prv", "rdp"),
+            f"privacy.accountant must be 'prv' or 'rdp', got {self.accountant!r}",
+        )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training at a site, per round."""
+
+    learning_rate: float = 0.02
+    local_epochs: int = 2
+    batch_size: int = 64
+    """Logical batch (expected size under Poisson sampling); large batches suit DP."""
+    physical_batch_size: int = 16
+    """Memory bound: logical batches are split into chunks of at most this many samples."""
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, f"train.learning-rate must be > 0, got {self.learning_rate}")
+        _require(self.local_epochs >= 1, f"train.local-epochs must be >= 1, got {self.local_epochs}")
+        _require(self.batch_size >= 1, f"train.batch-size must be >= 1, got {self.batch_size}")
+        _require(
+            self.physical_batch_size >= 1,
+            f"train.physical-batch-size must be >= 1, got {self.physical_batch_size}",
+        )
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where examples come from and how a simulation splits them into sites."""
+
+    source: str = "drugreview"
+    test_source: str = ""
+    labels: tuple[str, ...] = ()
+    """Fixes the label set (and head size) federation-wide; empty = read from the source."""
+    partition: str = "column:condition"
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        _require(bool(self.source), "data.source must be 'drugreview' or a path to a CSV/JSONL file")
+        _require(
+            self.partition in ("iid", "dirichlet") or self.partition.startswith("column:"),
+            f"data.partition must be 'iid', 'dirichlet' or 'column:NAME', got {self.partition!r}",
+        )
+        _require(self.dirichlet_alpha > 0, f"data.dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
+        _require(8 <= self.max_length <= 512, f"data.max-length must be in [8, 512], got {self.max_length}")
+        _require(len(set(self.labels)) == len(self.labels), f"data.labels has duplicates: {self.labels}")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """Rounds and participation."""
+
+    rounds: int = 3
+    sites: int = 3
+    min_sites: int = 2
+    """A round with fewer successful sites ends without changing the model."""
+    secure_aggregation: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}")
+        _require(self.sites >= 1, f"federation.sites must be >= 1, got {self.sites}")
+        _require(
+            1 <= self.min_sites <= self.sites,
+            f"federation.min-sites must be in [1, sites={self.sites}], got {self.min_sites}",
+        )
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one federated run needs, parsed once."""
+
+    model_path: str = ""
+    out_dir: Path = Path("runs/default")
+    data: DataSettings = field(default_factory=DataSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunSettings:
+        """Parse Flower's flat run config (``"privacy.epsilon": 8.0``) into typed settings.
+
+        Unknown keys and wrong types raise :class:`ConfigError` naming the key.
+        """
+        remaining = dict(flat)
+        sections: dict[str, Any] = {}
+        for name, section_type in _SECTIONS.items():
+            sections[name] = _parse_section(name, section_type, remaining)
+        top = {f.name: f for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
+        kwargs: dict[str, Any] = {}
+        for key in list(remaining):
+            attr = key.replace("-", "_")
+            if attr in top:
+                kwargs[attr] = _coerce(key, remaining.pop(key), str)
+        if remaining:
+            raise ConfigError(
+                f"unknown setting(s): {', '.join(sorted(remaining))}; "
+                "see [tool.flwr.app.config] in pyproject.toml for the accepted keys"
+            )
+        if "out_dir" in kwargs:
+            kwargs["out_dir"] = Path(kwargs["out_dir"])
+        return cls(**kwargs, **sections)
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataSettings,
+    "lora": LoraSettings,
+    "train": TrainSettings,
+    "privacy": PrivacySettings,
+    "federation": FederationSettings,
+}
+
+
+def _parse_section(name: str, section_type: type, remaining: dict[str, Any]) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(section_type):
+        key = f"{name}.{f.name.replace('_', '-')}"
+        if key in remaining:
+            kwargs[f.name] = _coerce(key, remaining.pop(key), f.type)
+    return section_type(**kwargs)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a TOML/CLI value to the field's declared type, or say what is wrong."""
+    kind = str(annotation)
+    if kind.startswith("tuple"):
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        raise ConfigError(f"{key} must be a comma-separated string, got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    if kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{key} must be a string, got {value!r}")

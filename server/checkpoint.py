@@ -1,0 +1,70 @@
+"""What the server keeps on disk: per-round checkpoints (PEFT format), metrics, privacy report.
+
+Layout under the run's out-dir::
+
+    metrics.jsonl                  one line per round (round 0 = the initial adapter)
+    privacy.json                   each site's latest accounting report
+    checkpoints/round-NNNN/        adapter_config.json + adapter_model.safetensors + round.json
+    final/adapter/                 the last global adapter, PEFT format
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.adapter import AdapterState, save_peft_adapter
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Atomic: a reader never sees half a file, a crash never leaves one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def append_metrics(out_dir: Path, line: dict[str, Any]) -> None:
+    with open(out_dir / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(line, default=_jsonable) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _jsonable(value: Any) -> Any:
+    return float(value) if hasattr(value, "__float__") else str(value)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_checkpoint(out_dir: Path, server_round: int, model: torch.nn.Module, state: AdapterState,
+                    info: dict[str, Any]) -> Path:
+    """Write round ``server_round``'s global adapter; returns its directory."""
+    final = out_dir / "checkpoints" / f"round-{server_round:04d}"
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_peft_adapter(model, state, staging)
+    checksum = file_sha256(staging / "adapter_model.safetensors")
+    write_json(staging / "round.json", {"round": server_round, "adapter_sha256": checksum, **info})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    return final
+
+
+def publish_final(out_dir: Path, checkpoint: Path) -> Path:
+    target = out_dir / "final" / "adapter"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(checkpoint, target)
+    return target

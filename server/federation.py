@@ -1,0 +1,126 @@
+"""The federation's round loop, driven over Flower's Grid (simulation or deployment alike).
+
+Each round: send the global adapter to the sites, aggregate their updates, apply the mean
+delta, evaluate (server test split + sites' held-out data), checkpoint, write a metrics line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from common.adapter import apply_delta, get_adapter_state, set_adapter_state, trainable_keys
+from common.config import RunSettings
+from common.data import encode, label_names, read_records
+from common.evaluation import EvalCounts, evaluate, majority_baseline, metrics
+from common.model import build_model, load_tokenizer
+from common.records import SiteFailure, WireError, pack_train_request, unpack_eval_reply
+from server.checkpoint import append_metrics, publish_final, save_checkpoint, write_json
+from server.strategy import Aggregator, PlainAggregation, failure_of
+
+log = logging.getLogger("fedtune.server")
+ROUND_TIMEOUT_S = 3600.0
+NODE_WAIT_S = 120.0
+
+
+def choose_aggregator(settings: RunSettings) -> Aggregator:
+    if settings.federation.secure_aggregation:
+        raise NotImplementedError("secure aggregation is not available yet; set federation.secure-aggregation=false")
+    log.warning("PLAIN AGGREGATION (federation.secure-aggregation=false): the server sees every site's update")
+    return PlainAggregation()
+
+
+def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def federated_evaluation(grid: Grid, nodes: list[int], state, server_round: int, num_labels: int) -> dict:
+    messages = [Message(pack_train_request(state, server_round), dst_node_id=node, message_type="evaluate")
+                for node in nodes]
+    total, failures = EvalCounts(0.0, _zeros(num_labels)), 0
+    for reply in grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S):
+        try:
+            counts = failure_of(reply) if reply.has_error() else unpack_eval_reply(reply.content, num_labels)
+        except WireError:
+            counts = None
+        if isinstance(counts, EvalCounts):
+            total = total + counts
+        else:
+            failures += 1
+    return metrics(total) | {"failed_sites": failures}
+
+
+def _zeros(num_labels: int):
+    import numpy as np
+
+    return np.zeros((num_labels, num_labels), dtype=np.int64)
+
+
+def run_federation(grid: Grid, settings: RunSettings) -> Path:
+    """Run every round; return the final adapter's directory."""
+    out_dir = settings.out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    aggregator = choose_aggregator(settings)
+    if not settings.privacy.enabled:
+        log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled=false): sites' updates are not DP")
+
+    train_records = read_records(settings.data.source)
+    labels = label_names(train_records, settings.data.labels)
+    test_records = read_records(settings.data.test_source or settings.data.source,
+                                split="test" if not settings.data.test_source else "train")
+    tokenizer = load_tokenizer(settings.model_path)
+    test = encode(test_records, labels, tokenizer, settings.data.max_length, "server test split")
+    baseline = majority_baseline(encode(train_records, labels, tokenizer, 8, "train").labels, test.labels, len(labels))
+
+    model = build_model(settings.model_path, len(labels), settings.lora)
+    state = get_adapter_state(model)
+    keys = trainable_keys(state, settings.lora.aggregation)
+    update_size = sum(state[key].size for key in keys)
+    write_json(out_dir / "run.json", {
+        "labels": labels, "majority_baseline": baseline, "aggregation": aggregator.name,
+        "lora": settings.lora.aggregation, "dp": settings.privacy.enabled, "update_values": update_size,
+        "sites": settings.federation.sites, "rounds": settings.federation.rounds,
+    })
+    append_metrics(out_dir, {"round": 0, "server": metrics(evaluate(model, test, len(labels)))})
+    checkpoint = save_checkpoint(out_dir, 0, model, state, {"contributors": 0})
+
+    privacy: dict[str, dict] = {}
+    for server_round in range(1, settings.federation.rounds + 1):
+        started = time.monotonic()
+        nodes = wait_for_sites(grid, settings.federation.sites, NODE_WAIT_S)
+        outcome = aggregator.run_round(grid, nodes, state, server_round, update_size,
+                                       settings.federation.min_sites, ROUND_TIMEOUT_S)
+        for failure in outcome.failures:
+            log.warning("round %d: site %s failed (%s): %s", server_round, failure["node"], failure["kind"],
+                        failure["detail"])
+        privacy.update(outcome.privacy)
+        if outcome.mean_delta is not None:
+            state = apply_delta(state, outcome.mean_delta, keys)
+            set_adapter_state(model, state)
+        line = {
+            "round": server_round,
+            "aggregation": aggregator.name,
+            "contributors": outcome.contributors,
+            "failures": outcome.failures,
+            "model_updated": outcome.mean_delta is not None,
+            "train_loss": outcome.train_loss,
+            "server": metrics(evaluate(model, test, len(labels))),
+            "federated": federated_evaluation(grid, nodes, state, server_round, len(labels)),
+            "epsilon": {site: report.get("epsilon") for site, report in sorted(privacy.items())},
+        }
+        checkpoint = save_checkpoint(out_dir, server_round, model, state, {"contributors": outcome.contributors})
+        line["duration_s"] = round(time.monotonic() - started, 2)
+        append_metrics(out_dir, line)
+        write_json(out_dir / "privacy.json", {"dp": settings.privacy.enabled, "sites": privacy})
+        log.info("round %d: %d site(s), server macro-F1 %.3f", server_round, outcome.contributors,
+                 line["server"]["macro_f1"])
+    return publish_final(out_dir, checkpoint)
