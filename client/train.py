@@ -106,7 +106,7 @@ def _train_plain(model, optimizer, loader, settings: TrainSettings) -> list[floa
                 chunk = [t[start:start + settings.physical_batch_size] for t in batch]
                 loss = forward_loss(model, chunk) * (len(chunk[0]) / size)
                 loss.backward()
-                total += float(loss)
+                total += loss.item()
             optimizer.step()
             losses.append(total)
     return losses
@@ -129,7 +129,7 @@ def _train_private(model, optimizer, loader, settings: TrainSettings) -> list[fl
                 else:
                     loss = forward_loss(model, chunk)
                     loss.backward()
-                    step_loss += float(loss) * len(chunk[0])
+                    step_loss += loss.item() * len(chunk[0])
                     step_examples += len(chunk[0])
                 optimizer.step()
                 if not optimizer._is_last_step_skipped:  # a logical (Poisson) batch ended

@@ -27,6 +27,10 @@ ROUND_TIMEOUT_S = 3600.0
 NODE_WAIT_S = 120.0
 
 
+class FederationFailed(RuntimeError):
+    """No round changed the model (every round had too few contributing sites)."""
+
+
 def choose_aggregator(settings: RunSettings) -> Aggregator:
     if settings.federation.secure_aggregation:
         raise NotImplementedError("secure aggregation is not available yet; set federation.secure-aggregation=false")
@@ -94,6 +98,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     checkpoint = save_checkpoint(out_dir, 0, model, state, {"contributors": 0})
 
     privacy: dict[str, dict] = {}
+    updated_rounds = 0
     for server_round in range(1, settings.federation.rounds + 1):
         started = time.monotonic()
         nodes = wait_for_sites(grid, settings.federation.sites, NODE_WAIT_S)
@@ -106,6 +111,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
         if outcome.mean_delta is not None:
             state = apply_delta(state, outcome.mean_delta, keys)
             set_adapter_state(model, state)
+            updated_rounds += 1
         line = {
             "round": server_round,
             "aggregation": aggregator.name,
@@ -123,4 +129,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
         write_json(out_dir / "privacy.json", {"dp": settings.privacy.enabled, "sites": privacy})
         log.info("round %d: %d site(s), server macro-F1 %.3f", server_round, outcome.contributors,
                  line["server"]["macro_f1"])
+    if updated_rounds == 0:
+        kinds = sorted({failure["kind"] for failure in outcome.failures})
+        raise FederationFailed(f"no round changed the model; the sites' failures were {kinds} (see metrics.jsonl)")
     return publish_final(out_dir, checkpoint)

@@ -1,0 +1,48 @@
+"""Run-config parsing: one parse into typed settings; bad values are named with their key."""
+
+import pytest
+
+from common.config import ConfigError, RunSettings
+
+
+def test_flat_config_parses_into_typed_sections():
+    settings = RunSettings.from_flat({
+        "privacy.epsilon": 4, "lora.targets": "query, value,key", "federation.secure-aggregation": False,
+        "out-dir": "/tmp/x", "data.labels": "a,b",
+    })
+    assert settings.privacy.epsilon == 4.0 and isinstance(settings.privacy.epsilon, float)
+    assert settings.lora.targets == ("query", "value", "key")
+    assert settings.federation.secure_aggregation is False
+    assert settings.data.labels == ("a", "b")
+    assert str(settings.out_dir) == "/tmp/x"
+
+
+@pytest.mark.parametrize("flat, fragment", [
+    ({"privacy.epsilon": -1.0}, "privacy.epsilon must be a positive number"),
+    ({"privacy.epsilon": "eight"}, "privacy.epsilon must be a number"),
+    ({"privacy.delta": 1.5}, "privacy.delta must be in (0, 1)"),
+    ({"federation.rounds": 2.5}, "federation.rounds must be a whole number"),
+    ({"federation.min-sites": 5, "federation.sites": 3}, "federation.min-sites must be in [1, sites=3]"),
+    ({"lora.aggregation": "median"}, "lora.aggregation must be 'ffa' or 'plain'"),
+    ({"data.partition": "random"}, "data.partition must be"),
+    ({"privacy.enabled": "yes"}, "privacy.enabled must be true or false"),
+    ({"privacy.epsilonn": 8.0}, "unknown setting(s): privacy.epsilonn"),
+    ({"data.labels": "a,a"}, "data.labels has duplicates"),
+])
+def test_bad_config_is_named(flat, fragment):
+    with pytest.raises(ConfigError) as info:
+        RunSettings.from_flat(flat)
+    assert fragment in str(info.value)
+
+
+def test_settings_are_frozen():
+    settings = RunSettings()
+    with pytest.raises(AttributeError):
+        settings.privacy.epsilon = 100.0  # type: ignore[misc]
+
+
+def test_pyproject_defaults_parse():
+    from fedtune.cli import default_run_config
+
+    settings = RunSettings.from_flat(default_run_config())
+    assert settings.lora.aggregation == "ffa" and settings.privacy.enabled

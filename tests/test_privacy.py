@@ -1,0 +1,120 @@
+"""DP-SGD and the per-site ε ledger: exact against a manual reference, composed, persisted, enforced."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger, make_private, steps_per_epoch
+from common.config import PrivacySettings
+
+BUDGET = PrivacySettings(epsilon=2.0, delta=1e-5, max_grad_norm=0.5)
+
+
+def test_accountants_match_pinned_reference_values(tmp_path: Path):
+    # Reference (DESIGN.md): N=1000, batch 32 (q=0.032), σ=1, 10 rounds of 32 steps, δ=1e-5.
+    for accountant, expected in [("prv", 3.721), ("rdp", 4.188)]:
+        ledger = PrivacyLedger(tmp_path / f"{accountant}.json", PrivacySettings(epsilon=10, accountant=accountant))
+        ledger.history = [(1.0, 0.032, 320)]
+        assert ledger.spent() == pytest.approx(expected, abs=2e-3)
+
+
+def test_dp_step_equals_manual_per_sample_clipping_reference(tmp_path: Path):
+    torch.manual_seed(0)
+    features, labels = torch.randn(8, 5) * 3, torch.randint(0, 3, (8,))
+    model = torch.nn.Linear(5, 3)
+    reference = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ledger = PrivacyLedger(tmp_path / "ledger.json", BUDGET)
+    ledger.plan_noise(sample_rate=1.0, steps_per_round=1, rounds=1)
+    loader = DataLoader(TensorDataset(features, labels), batch_size=8)
+    _, private_model, optimizer, _ = make_private(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), loader=loader, ledger=ledger)
+    optimizer.generator = torch.Generator().manual_seed(123)
+
+    # Execute: one DP-SGD step on the full batch.
+    F.cross_entropy(private_model(features), labels).backward()
+    optimizer.step()
+
+    # Reference: per-sample grads, each clipped to C, summed, Gaussian noise σ·C, divided by the batch.
+    sigma, clip = ledger.plan.noise_multiplier, BUDGET.max_grad_norm
+    per_sample = []
+    for x, y in zip(features, labels):
+        w = reference["weight"].clone().requires_grad_(True)
+        b = reference["bias"].clone().requires_grad_(True)
+        F.cross_entropy((x @ w.T + b)[None], y[None]).backward()
+        per_sample.append((w.grad, b.grad))
+    generator = torch.Generator().manual_seed(123)
+    for index, name in enumerate(["weight", "bias"]):
+        clipped = []
+        for grads in per_sample:
+            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+            clipped.append(grads[index] * min(1.0, clip / (norm.item() + 1e-6)))
+        noise = torch.normal(0.0, sigma * clip, size=reference[name].shape, generator=generator)
+        expected = reference[name] - (torch.stack(clipped).sum(0) + noise) / 8
+        got = dict(private_model._module.named_parameters())[name].detach()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_sigma_is_planned_once_from_the_whole_budget(tmp_path: Path):
+    ledger = PrivacyLedger(tmp_path / "l.json", BUDGET)
+    first = ledger.plan_noise(sample_rate=0.25, steps_per_round=8, rounds=3)
+    again = ledger.plan_noise(sample_rate=0.5, steps_per_round=2, rounds=1)
+    assert again == first
+    # Spending the whole plan lands at (not over) the budget.
+    for _ in range(3):
+        ledger.check_round(sample_rate=0.25, steps=8)
+        ledger.history = [(first.noise_multiplier, 0.25, 8 * (len(ledger.rounds) + 1))]
+        ledger.record_round(server_round=len(ledger.rounds) + 1, run_id=1, history=ledger.history, steps=8,
+                            sample_rate=0.25)
+    assert 0.9 * BUDGET.epsilon < ledger.spent() <= BUDGET.epsilon + 1e-6
+
+
+def _spend_round(ledger: PrivacyLedger, server_round: int) -> None:
+    sigma, q, steps = ledger.plan.noise_multiplier, ledger.plan.sample_rate, ledger.plan.steps_per_round
+    ledger.check_round(sample_rate=q, steps=steps)
+    done = sum(entry.steps for entry in ledger.rounds)
+    ledger.record_round(server_round=server_round, run_id=7, history=[(sigma, q, done + steps)], steps=steps,
+                        sample_rate=q)
+
+
+def test_ledger_composes_across_rounds_and_a_restart_then_refuses(tmp_path: Path):
+    path = tmp_path / "site" / "ledger.json"
+    ledger = PrivacyLedger(path, BUDGET)
+    ledger.plan_noise(sample_rate=0.25, steps_per_round=8, rounds=2)
+    _spend_round(ledger, 1)
+    after_one = ledger.spent()
+    assert 0 < after_one < BUDGET.epsilon
+
+    restarted = PrivacyLedger(path, BUDGET)  # a new process reads the site's disk
+    assert restarted.spent() == pytest.approx(after_one)
+    assert restarted.plan == ledger.plan
+    _spend_round(restarted, 2)
+    assert after_one < restarted.spent() <= BUDGET.epsilon + 1e-6
+
+    third = PrivacyLedger(path, BUDGET)
+    with pytest.raises(BudgetExhausted) as info:
+        _spend_round(third, 3)
+    message = str(info.value)
+    assert f"budget ε={BUDGET.epsilon:g}" in message and f"from {third.spent():.3f}" in message
+    assert PrivacyLedger(path, BUDGET).spent() == pytest.approx(third.spent())  # the refusal spent nothing
+    saved = json.loads(path.read_text())
+    assert [entry["round"] for entry in saved["rounds"]] == [1, 2]
+
+
+def test_ledger_refuses_a_changed_budget_and_a_corrupt_file(tmp_path: Path):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path, BUDGET)
+    ledger.plan_noise(sample_rate=0.25, steps_per_round=8, rounds=2)
+    _spend_round(ledger, 1)
+    with pytest.raises(LedgerError, match="A budget cannot change silently"):
+        PrivacyLedger(path, PrivacySettings(epsilon=50.0, delta=1e-5))
+    path.write_text("{ not json")
+    with pytest.raises(LedgerError, match="Deleting it would forget the ε"):
+        PrivacyLedger(path, BUDGET)
+
+
+def test_steps_per_epoch_matches_opacus_poisson_loader():
+    assert steps_per_epoch(1000, 32) == 32 and steps_per_epoch(10, 64) == 1

@@ -1,0 +1,115 @@
+"""End to end on Flower's real simulation engine, through the `fedtune` CLI, with the real MiniLM.
+
+3 sites, 2 rounds, DP on, tiny data (real drug reviews, 16 tokens each). Slow: about 2-3 minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from tests.conftest import write_csv
+
+pytestmark = pytest.mark.slow
+
+
+def fedtune(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def our_flower_processes(since: float) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "create_time", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["create_time"] >= since and proc.info["status"] != psutil.STATUS_ZOMBIE and (
+                "flower-superlink" in cmd or "flwr-simulation" in cmd or "ray::" in cmd or "raylet" in cmd):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, drug_reviews):
+    root = tmp_path_factory.mktemp("e2e")
+    train = write_csv(root / "train.csv", drug_reviews[:60])
+    test = write_csv(root / "test.csv", drug_reviews[500:530])
+    out = root / "run"
+    started = time.time()
+    args = ["--sites", "3", "--rounds", "2", "--epsilon", "8", "--data", str(train), "--test-data", str(test),
+            "--partition", "iid", "--max-length", "16", "--local-epochs", "1", "--batch-size", "8", "--plain-aggregation"]
+    done = fedtune("simulate", "--out", str(out), *args)
+    return {"out": out, "done": done, "started": started, "args": args}
+
+
+def test_simulation_completes_and_writes_its_outputs(federation):
+    done, out = federation["done"], federation["out"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "round 2/2" in done.stdout and "majority-class baseline" in done.stdout
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert all(line["contributors"] == 3 and line["model_updated"] for line in lines[1:])
+    assert lines[-1]["federated"]["examples"] > 0
+    assert (out / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_every_site_spent_at_most_its_budget(federation):
+    privacy = json.loads((federation["out"] / "privacy.json").read_text())
+    assert privacy["dp"] is True and sorted(privacy["sites"]) == ["site-0", "site-1", "site-2"]
+    for report in privacy["sites"].values():
+        assert 0 < report["epsilon"] <= 8.0
+        assert report["budget"] == 8.0 and report["delta"] == 1e-5
+        assert report["noise_multiplier"] > 0 and report["rounds_trained"] == 2 and report["history"]
+
+
+def test_final_adapter_loads_with_plain_peft_and_changes_predictions(federation):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from common.model import load_tokenizer, resolve_model_path
+
+    out = federation["out"]
+    tokenizer = load_tokenizer("")
+    batch = tokenizer(["This drug made me feel awful.", "Works great, no side effects."], return_tensors="pt",
+                      padding=True)
+
+    def logits(adapter: Path) -> np.ndarray:
+        base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(""), num_labels=3)
+        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        with torch.no_grad():
+            return model(**batch).logits.numpy()
+
+    initial, final = logits(out / "checkpoints" / "round-0000"), logits(out / "final" / "adapter")
+    assert not np.allclose(initial, final, atol=1e-4)
+
+
+def test_no_flower_process_outlives_the_command(federation):
+    assert our_flower_processes(federation["started"]) == []
+
+
+def test_a_rerun_on_spent_ledgers_is_refused_by_every_site(federation):
+    out = federation["out"]
+    before = (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes()
+    done = fedtune("simulate", "--out", str(out), *federation["args"][:2], "--rounds", "1",
+                   *federation["args"][4:])
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["model_updated"] is False and line["contributors"] == 0
+    kinds = {failure["kind"] for failure in line["failures"]}
+    assert kinds == {"budget-exhausted"}, line["failures"]
+    assert all("budget ε=8" in failure["detail"] for failure in line["failures"])
+    assert done.returncode == 1 and "no round changed the model" in done.stderr
+    assert (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_bad_input_exits_2_before_starting_anything(tmp_path: Path):
+    missing = fedtune("simulate", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none.csv"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    bad = fedtune("simulate", "--out", str(tmp_path / "x"), "--epsilon", "-3")
+    assert bad.returncode == 2 and "privacy.epsilon must be a positive number" in bad.stderr

@@ -1,0 +1,81 @@
+"""Local training on the real MiniLM + LoRA (tiny sizes): what trains, what stays frozen, DP edge cases."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import client.train as train_module
+from client.privacy import BudgetExhausted, PrivacyLedger
+from client.train import train_locally
+from common.adapter import get_adapter_state, trainable_keys
+from common.config import LoraSettings, PrivacySettings, TrainSettings
+from common.data import encode, label_names
+from common.model import build_model, load_tokenizer
+
+TINY = TrainSettings(learning_rate=0.02, local_epochs=1, batch_size=4, physical_batch_size=4)
+
+
+@pytest.fixture()
+def tiny_data(drug_reviews):
+    labels = label_names(drug_reviews)
+    return encode(drug_reviews[:12], labels, load_tokenizer(""), 16, "test"), labels
+
+
+def test_ffa_trains_b_and_head_only_and_dp_spends_within_budget(tmp_path: Path, tiny_data):
+    data, labels = tiny_data
+    model = build_model("", len(labels), LoraSettings())
+    before = get_adapter_state(model)
+    ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacySettings(epsilon=8.0))
+    result = train_locally(model, data, TINY, ledger=ledger, planned_rounds=2, server_round=1, run_id=1, seed=0)
+    after = result.adapter
+    changed = {key for key in before if not np.array_equal(before[key], after[key])}
+    assert changed == set(trainable_keys(before, "ffa"))  # every lora_B and the head moved; no lora_A
+    assert any("lora_B" in key for key in changed) and any("classifier" in key for key in changed)
+    assert result.steps == 3 and 0 < result.epsilon <= 8.0
+    assert PrivacyLedger(tmp_path / "ledger.json", PrivacySettings(epsilon=8.0)).spent() == pytest.approx(result.epsilon)
+
+
+def test_plain_lora_trains_a_too(tiny_data):
+    data, labels = tiny_data
+    model = build_model("", len(labels), LoraSettings(aggregation="plain"))
+    before = get_adapter_state(model)
+    after = train_locally(model, data, TINY, ledger=None, planned_rounds=1, server_round=1, run_id=1, seed=0).adapter
+    assert any("lora_A" in key and not np.array_equal(before[key], after[key]) for key in before)
+
+
+def test_empty_poisson_batches_are_survived_and_still_counted(tmp_path: Path, tiny_data, monkeypatch):
+    data, labels = tiny_data
+    small = encode_subset(data, 3)
+    forwards = []
+    real_forward = train_module.forward_loss
+    monkeypatch.setattr(train_module, "forward_loss", lambda m, b: forwards.append(len(b[0])) or real_forward(m, b))
+    settings = TrainSettings(learning_rate=0.02, local_epochs=4, batch_size=1, physical_batch_size=3)
+    ledger = PrivacyLedger(tmp_path / "l.json", PrivacySettings(epsilon=8.0))
+    result = train_locally(build_model("", len(labels), LoraSettings()), small, settings, ledger=ledger,
+                           planned_rounds=1, server_round=1, run_id=1, seed=4)
+    # q = 1/3, 12 logical steps, one chunk each: a step without a forward pass had an empty batch,
+    # and it still counted (noise added, accountant advanced).
+    assert result.steps == 12 and ledger.history[-1][2] == 12
+    assert 0 < len(forwards) < 12
+
+
+def encode_subset(data, n):
+    from common.data import EncodedData
+    from torch.utils.data import TensorDataset
+
+    return EncodedData(TensorDataset(*(t[:n] for t in data.dataset.tensors)), data.labels[:n])
+
+
+def test_a_site_at_its_budget_refuses_before_training(tmp_path: Path, tiny_data):
+    data, labels = tiny_data
+    settings = PrivacySettings(epsilon=1.0)
+    ledger = PrivacyLedger(tmp_path / "l.json", settings)
+    model = build_model("", len(labels), LoraSettings())
+    train_locally(model, data, TINY, ledger=ledger, planned_rounds=1, server_round=1, run_id=1, seed=0)
+    untouched = get_adapter_state(model)
+    with pytest.raises(BudgetExhausted) as info:
+        train_locally(model, data, TINY, ledger=PrivacyLedger(tmp_path / "l.json", settings), planned_rounds=1,
+                      server_round=2, run_id=1, seed=1)
+    assert "budget ε=1" in str(info.value) and f"from {ledger.spent():.3f}" in str(info.value)
+    assert all(np.array_equal(untouched[k], v) for k, v in get_adapter_state(model).items())
