@@ -133,6 +133,29 @@ class FederationSettings:
 
 
 @dataclass(frozen=True)
+class SecureAggSettings:
+    """Secure aggregation: the server only ever sees the sum of the sites' masked updates."""
+
+    registry: str = ""
+    """JSON file of the federation's sites and their identity public keys (provisioned)."""
+    clip: float = 50.0
+    """L2 bound of a site's weighted update; the fixed-point range and error bound follow from it."""
+    max_examples: int = 10_000
+    """Public weight cap W: a site sends (min(n, W)/W)·Δ; sites above W weigh as W. Smaller W, finer sums."""
+    degree: int = 0
+    """Neighbours per site; 0 = 2·ceil(log2 n) (SecAgg+); ignored with all-pairs."""
+    threshold: int = 0
+    """Shares needed to unmask; 0 = floor(2h/3)+1 of h = degree+1 holders."""
+    all_pairs: bool = False
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.clip) and self.clip > 0, f"secagg.clip must be > 0, got {self.clip}")
+        _require(1 <= self.max_examples <= (1 << 20) - 1,
+                 f"secagg.max-examples must be in [1, 1048575], got {self.max_examples}")
+        _require(self.degree >= 0 and self.threshold >= 0, "secagg.degree and secagg.threshold must be >= 0")
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """Everything one federated run needs, parsed once."""
 
@@ -143,6 +166,12 @@ class RunSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
+    secagg: SecureAggSettings = field(default_factory=SecureAggSettings)
+
+    def __post_init__(self) -> None:
+        _require(not (self.federation.secure_aggregation and not self.secagg.registry),
+                 "federation.secure-aggregation needs secagg.registry (the sites' identity keys); "
+                 "`fedtune simulate` and `fedtune provision` write one")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunSettings:
@@ -176,6 +205,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainSettings,
     "privacy": PrivacySettings,
     "federation": FederationSettings,
+    "secagg": SecureAggSettings,
 }
 
 

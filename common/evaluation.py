@@ -21,6 +21,10 @@ class EvalCounts:
     confusion: np.ndarray
     """confusion[true, predicted], int64"""
 
+    @classmethod
+    def zeros(cls, num_labels: int) -> EvalCounts:
+        return cls(0.0, np.zeros((num_labels, num_labels), dtype=np.int64))
+
     @property
     def examples(self) -> int:
         return int(self.confusion.sum())

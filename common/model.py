@@ -24,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 hf_logging.set_verbosity_error()
 
 ADAPTER_INIT_SEED = 20240601
-"""Seed of the initial adapter; the server sends the whole adapter anyway, so sites never rely on it."""
+"""Seed of the initial head and adapter (reproducible runs); the server sends the whole adapter anyway."""
 
 
 class ModelError(RuntimeError):
@@ -56,11 +56,11 @@ def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
 @functools.lru_cache(maxsize=2)
 def _pristine_model(model_path: str, num_labels: int, lora: LoraSettings) -> PeftModel:
     path = resolve_model_path(model_path)
+    torch.manual_seed(ADAPTER_INIT_SEED)  # the new head and LoRA init are the same in every process
     try:
         base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the model in {path}: {exc}") from exc
-    torch.manual_seed(ADAPTER_INIT_SEED)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.rank,

@@ -30,6 +30,8 @@ class TrainReply:
     num_examples: int
     loss: float
     steps: int
+    evaluation: EvalCounts
+    """The received global adapter on the site's held-out examples (federated evaluation)."""
     privacy: dict[str, Any] = field(default_factory=dict)
     """The site's accounting report (ε spent, δ, budget, σ, ...); empty when DP is off."""
 
@@ -51,23 +53,49 @@ def unpack_adapter(record: ArrayRecord) -> AdapterState:
     return {key: record[key].numpy().astype(np.float32, copy=False) for key in sorted(record.keys())}
 
 
-def pack_train_request(state: AdapterState, server_round: int) -> RecordDict:
-    return RecordDict({"adapter": pack_adapter(state), "round": ConfigRecord({"server-round": server_round})})
+def pack_train_request(state: AdapterState, server_round: int, secagg_params: bytes | None = None) -> RecordDict:
+    """The global adapter; with secure aggregation also the round's public parameters."""
+    content = RecordDict({"adapter": pack_adapter(state), "round": ConfigRecord({"server-round": server_round})})
+    if secagg_params is not None:
+        content["secagg"] = ConfigRecord({"params": secagg_params})
+    return content
 
 
-def unpack_train_request(content: RecordDict) -> tuple[AdapterState, int]:
+def unpack_train_request(content: RecordDict) -> tuple[AdapterState, int, bytes | None]:
     try:
-        return unpack_adapter(content.array_records["adapter"]), int(content.config_records["round"]["server-round"])
+        state = unpack_adapter(content.array_records["adapter"])
+        server_round = int(content.config_records["round"]["server-round"])
     except KeyError as exc:
         raise WireError(f"train request lacks {exc}") from exc
+    secagg = content.config_records.get("secagg")
+    return state, server_round, (bytes(secagg["params"]) if secagg is not None else None)
+
+
+def pack_stage(round_id: bytes, blobs: dict[str, bytes]) -> RecordDict:
+    """A secure-aggregation stage message: opaque protocol bytes, keyed by site id or name."""
+    return RecordDict({"secagg": ConfigRecord({"round-id": round_id, **{f"blob:{k}": v for k, v in blobs.items()}})})
+
+
+def unpack_stage(content: RecordDict) -> tuple[bytes, dict[str, bytes]]:
+    try:
+        record = content.config_records["secagg"]
+        round_id = bytes(record["round-id"])
+        blobs = {key.removeprefix("blob:"): bytes(value) for key, value in record.items() if key.startswith("blob:")}
+    except (KeyError, TypeError) as exc:
+        raise WireError(f"secure-aggregation message lacks {exc}") from exc
+    return round_id, blobs
+
+
+def pack_privacy(report: dict[str, Any]) -> ConfigRecord:
+    return ConfigRecord({key: _config_value(value) for key, value in report.items()})
 
 
 def pack_train_reply(reply: TrainReply) -> RecordDict:
-    privacy = ConfigRecord({key: _config_value(value) for key, value in reply.privacy.items()})
     return RecordDict({
         "update": ArrayRecord({"delta": Array(np.ascontiguousarray(reply.delta, dtype=np.float32))}),
         "train": MetricRecord({"num-examples": reply.num_examples, "loss": reply.loss, "steps": reply.steps}),
-        "privacy": privacy,
+        "eval": _pack_eval(reply.evaluation),
+        "privacy": pack_privacy(reply.privacy),
     })
 
 
@@ -82,7 +110,7 @@ def unpack_failure(content: RecordDict) -> SiteFailure | None:
     return SiteFailure(str(record.get("kind", "unknown")), str(record.get("detail", "")))
 
 
-def unpack_train_reply(content: RecordDict, expected_values: int) -> TrainReply | SiteFailure:
+def unpack_train_reply(content: RecordDict, expected_values: int, num_labels: int) -> TrainReply | SiteFailure:
     """Decode a site's reply; a malformed or wrongly sized update raises WireError."""
     if (failure := unpack_failure(content)) is not None:
         return failure
@@ -90,6 +118,7 @@ def unpack_train_reply(content: RecordDict, expected_values: int) -> TrainReply 
         array = content.array_records["update"]["delta"]
         train = content.metric_records["train"]
         privacy = dict(content.config_records["privacy"])
+        evaluation = content.metric_records["eval"]
     except KeyError as exc:
         raise WireError(f"train reply lacks {exc}") from exc
     if array.dtype != "float32" or len(array.shape) != 1 or array.shape[0] != expected_values:
@@ -100,26 +129,23 @@ def unpack_train_reply(content: RecordDict, expected_values: int) -> TrainReply 
     num_examples = int(train["num-examples"])
     if num_examples <= 0:
         raise WireError(f"update claims {num_examples} examples")
-    return TrainReply(delta, num_examples, float(train["loss"]), int(train["steps"]), privacy)
+    return TrainReply(delta, num_examples, float(train["loss"]), int(train["steps"]),
+                      _unpack_eval(evaluation, num_labels), privacy)
 
 
-def pack_eval_reply(counts: EvalCounts) -> RecordDict:
-    return RecordDict({"eval": MetricRecord({
-        "loss-sum": counts.loss_sum, "confusion": [int(v) for v in counts.confusion.ravel()],
-    })})
+def _pack_eval(counts: EvalCounts) -> MetricRecord:
+    return MetricRecord({"loss-sum": counts.loss_sum, "confusion": [int(v) for v in counts.confusion.ravel()]})
 
 
-def unpack_eval_reply(content: RecordDict, num_labels: int) -> EvalCounts | SiteFailure:
-    if (failure := unpack_failure(content)) is not None:
-        return failure
+def _unpack_eval(record: MetricRecord, num_labels: int) -> EvalCounts:
     try:
-        record = content.metric_records["eval"]
         confusion = np.asarray(record["confusion"], dtype=np.int64)
+        loss_sum = float(record["loss-sum"])
     except KeyError as exc:
-        raise WireError(f"evaluation reply lacks {exc}") from exc
+        raise WireError(f"evaluation counts lack {exc}") from exc
     if confusion.size != num_labels * num_labels or (confusion < 0).any():
         raise WireError(f"confusion matrix of {confusion.size} counts, expected {num_labels}x{num_labels}")
-    return EvalCounts(float(record["loss-sum"]), confusion.reshape(num_labels, num_labels))
+    return EvalCounts(loss_sum, confusion.reshape(num_labels, num_labels))
 
 
 def _config_value(value: Any) -> Any:

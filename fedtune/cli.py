@@ -57,7 +57,26 @@ def _federation_options(p: argparse.ArgumentParser) -> None:
                    help="let the server see each site's update (no secure aggregation; warns)")
 
 
+def simulated_registry(out: Path, sites: int) -> Path:
+    """Identity keys for the simulated sites (each in its own state dir) and their registry.
+
+    Kept across re-runs into the same directory, like a real site keeps its keys.
+    """
+    from common.registry import RegistryError, create_site_identities, load_registry
+
+    names = [f"site-{i}" for i in range(sites)]
+    path = out.resolve() / "registry.json"
+    try:
+        if sorted(load_registry(path).ids) == sorted(names):
+            return path
+    except RegistryError:
+        pass
+    create_site_identities(names, {name: out.resolve() / "sites" / name for name in names}, path)
+    return path
+
+
 def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dict[str, Any]:
+    secure = not args.plain_aggregation
     return {
         "out-dir": str(out.resolve()),
         "model-path": args.model,
@@ -81,7 +100,8 @@ def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dic
         "federation.rounds": args.rounds,
         "federation.sites": args.sites,
         "federation.min-sites": max(1, min(2, args.sites)),
-        "federation.secure-aggregation": not args.plain_aggregation,
+        "federation.secure-aggregation": secure,
+        "secagg.registry": str(simulated_registry(out, args.sites)) if secure else "",
     }
 
 
@@ -101,8 +121,9 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
         warn("differential privacy is OFF (--no-dp): site updates carry no DP guarantee")
     if args.plain_aggregation:
         warn("secure aggregation is OFF (--plain-aggregation): the server sees every site's update")
+    aggregation = "plain aggregation (server sees updates)" if args.plain_aggregation else "secure aggregation"
     print(f"== {title}: {args.sites} sites (examples per site: {sizes}), {args.rounds} rounds, "
-          f"{'DP ε=' + str(args.epsilon) if dp else 'DP OFF'}, out {out}", flush=True)
+          f"{'DP ε=' + str(args.epsilon) if dp else 'DP OFF'}, {aggregation}, out {out}", flush=True)
     run_simulation(run_config, sites=args.sites, out_dir=out,
                    on_round=lambda line: print("  " + round_line(line, args.rounds), flush=True))
     summary = load_summary(out)

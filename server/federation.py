@@ -10,17 +10,17 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import Message
 from flwr.serverapp import Grid
 
 from common.adapter import apply_delta, get_adapter_state, set_adapter_state, trainable_keys
 from common.config import RunSettings
 from common.data import encode, label_names, read_records
-from common.evaluation import EvalCounts, evaluate, majority_baseline, metrics
+from common.evaluation import evaluate, majority_baseline, metrics
 from common.model import build_model, load_tokenizer
-from common.records import SiteFailure, WireError, pack_train_request, unpack_eval_reply
+from common.registry import load_registry
 from server.checkpoint import append_metrics, publish_final, save_checkpoint, write_json
-from server.strategy import Aggregator, PlainAggregation, failure_of
+from server.secure_agg import SecureAggregation
+from server.strategy import Aggregator, PlainAggregation, RoundSpec
 
 log = logging.getLogger("fedtune.server")
 ROUND_TIMEOUT_S = 3600.0
@@ -31,11 +31,11 @@ class FederationFailed(RuntimeError):
     """No round changed the model (every round had too few contributing sites)."""
 
 
-def choose_aggregator(settings: RunSettings) -> Aggregator:
+def choose_aggregator(settings: RunSettings, spec: RoundSpec) -> Aggregator:
     if settings.federation.secure_aggregation:
-        raise NotImplementedError("secure aggregation is not available yet; set federation.secure-aggregation=false")
+        return SecureAggregation(spec, settings.secagg, load_registry(settings.secagg.registry))
     log.warning("PLAIN AGGREGATION (federation.secure-aggregation=false): the server sees every site's update")
-    return PlainAggregation()
+    return PlainAggregation(spec)
 
 
 def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -47,33 +47,10 @@ def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def federated_evaluation(grid: Grid, nodes: list[int], state, server_round: int, num_labels: int) -> dict:
-    messages = [Message(pack_train_request(state, server_round), dst_node_id=node, message_type="evaluate")
-                for node in nodes]
-    total, failures = EvalCounts(0.0, _zeros(num_labels)), 0
-    for reply in grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S):
-        try:
-            counts = failure_of(reply) if reply.has_error() else unpack_eval_reply(reply.content, num_labels)
-        except WireError:
-            counts = None
-        if isinstance(counts, EvalCounts):
-            total = total + counts
-        else:
-            failures += 1
-    return metrics(total) | {"failed_sites": failures}
-
-
-def _zeros(num_labels: int):
-    import numpy as np
-
-    return np.zeros((num_labels, num_labels), dtype=np.int64)
-
-
 def run_federation(grid: Grid, settings: RunSettings) -> Path:
     """Run every round; return the final adapter's directory."""
     out_dir = settings.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    aggregator = choose_aggregator(settings)
     if not settings.privacy.enabled:
         log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled=false): sites' updates are not DP")
 
@@ -89,6 +66,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     state = get_adapter_state(model)
     keys = trainable_keys(state, settings.lora.aggregation)
     update_size = sum(state[key].size for key in keys)
+    spec = RoundSpec(update_size, len(labels), settings.federation.min_sites, ROUND_TIMEOUT_S)
+    aggregator = choose_aggregator(settings, spec)
     write_json(out_dir / "run.json", {
         "labels": labels, "majority_baseline": baseline, "aggregation": aggregator.name,
         "lora": settings.lora.aggregation, "dp": settings.privacy.enabled, "update_values": update_size,
@@ -102,10 +81,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     for server_round in range(1, settings.federation.rounds + 1):
         started = time.monotonic()
         nodes = wait_for_sites(grid, settings.federation.sites, NODE_WAIT_S)
-        outcome = aggregator.run_round(grid, nodes, state, server_round, update_size,
-                                       settings.federation.min_sites, ROUND_TIMEOUT_S)
+        outcome = aggregator.run_round(grid, nodes, state, server_round)
         for failure in outcome.failures:
-            log.warning("round %d: site %s failed (%s): %s", server_round, failure["node"], failure["kind"],
+            log.warning("round %d: site %s failed (%s): %s", server_round, failure["site"], failure["kind"],
                         failure["detail"])
         privacy.update(outcome.privacy)
         if outcome.mean_delta is not None:
@@ -120,7 +98,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
             "model_updated": outcome.mean_delta is not None,
             "train_loss": outcome.train_loss,
             "server": metrics(evaluate(model, test, len(labels))),
-            "federated": federated_evaluation(grid, nodes, state, server_round, len(labels)),
+            "federated": metrics(outcome.evaluation) if outcome.evaluation else None,
+            "secure_aggregation": outcome.details or None,
             "epsilon": {site: report.get("epsilon") for site, report in sorted(privacy.items())},
         }
         checkpoint = save_checkpoint(out_dir, server_round, model, state, {"contributors": outcome.contributors})

@@ -1,7 +1,7 @@
-"""Aggregation of one training round: send the global adapter, combine the sites' updates.
+"""Aggregation of one training round: send the global adapter, combine the sites' contributions.
 
 Every aggregator returns the same :class:`RoundOutcome`; the federation loop does not know
-whether it saw individual updates (plain) or only their sum (secure aggregation).
+whether it saw individual updates (plain) or only their sum (secure, server/secure_agg.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,20 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from common.adapter import AdapterState
-from common.records import SiteFailure, TrainReply, WireError, pack_train_request, unpack_train_reply
+from common.evaluation import EvalCounts
+from common.records import TrainReply, WireError, pack_train_request, unpack_failure, unpack_train_reply
 
 log = logging.getLogger("fedtune.server")
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What every round of this run shares."""
+
+    update_size: int
+    num_labels: int
+    min_sites: int
+    timeout: float
 
 
 @dataclass(frozen=True)
@@ -28,16 +39,18 @@ class RoundOutcome:
     num_examples: int
     contributors: int
     train_loss: float | None
+    evaluation: EvalCounts | None
+    """Summed federated evaluation of the adapter the sites received this round."""
     failures: list[dict[str, str]] = field(default_factory=list)
     privacy: dict[str, dict] = field(default_factory=dict)
-    """Each contributing site's accounting report, keyed by site name."""
+    """Each site's accounting report, keyed by site name."""
+    details: dict[str, object] = field(default_factory=dict)
 
 
 class Aggregator(Protocol):
     name: str
 
-    def run_round(self, grid: Grid, node_ids: list[int], state: AdapterState, server_round: int,
-                  update_size: int, min_sites: int, timeout: float) -> RoundOutcome: ...
+    def run_round(self, grid: Grid, node_ids: list[int], state: AdapterState, server_round: int) -> RoundOutcome: ...
 
 
 def weighted_mean(updates: list[np.ndarray], weights: list[int]) -> np.ndarray:
@@ -50,9 +63,19 @@ def weighted_mean(updates: list[np.ndarray], weights: list[int]) -> np.ndarray:
     return (total / sum(weights)).astype(np.float32)
 
 
-def failure_of(reply: Message) -> dict[str, str]:
-    """A Flower error reply, as the same record a typed site failure becomes."""
-    return {"node": str(reply.metadata.src_node_id), "kind": "error", "detail": reply.error.reason}
+def failure_record(reply: Message, site: str | None = None) -> dict[str, str] | None:
+    """A reply that is a Flower error or a typed site failure, as a record; None for a real answer."""
+    who = site or str(reply.metadata.src_node_id)
+    if reply.has_error():
+        return {"site": who, "kind": "error", "detail": reply.error.reason}
+    failure = unpack_failure(reply.content)
+    return None if failure is None else {"site": who, "kind": failure.kind, "detail": failure.detail}
+
+
+def missing_replies(sent: int, received: int, timeout: float, stage: str) -> list[dict[str, str]]:
+    if sent == received:
+        return []
+    return [{"site": "?", "kind": "timeout", "detail": f"{sent - received} site(s) did not answer {stage} in {timeout:.0f}s"}]
 
 
 class PlainAggregation:
@@ -60,33 +83,35 @@ class PlainAggregation:
 
     name = "plain"
 
-    def run_round(self, grid: Grid, node_ids: list[int], state: AdapterState, server_round: int,
-                  update_size: int, min_sites: int, timeout: float) -> RoundOutcome:
+    def __init__(self, spec: RoundSpec) -> None:
+        self.spec = spec
+
+    def run_round(self, grid: Grid, node_ids: list[int], state: AdapterState, server_round: int) -> RoundOutcome:
+        spec = self.spec
         messages = [Message(pack_train_request(state, server_round), dst_node_id=node, message_type="train")
                     for node in node_ids]
-        updates, weights, losses, failures, privacy = [], [], [], [], {}
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            if reply.has_error():
-                failures.append(failure_of(reply))
+        replies = list(grid.send_and_receive(messages, timeout=spec.timeout))
+        accepted: list[TrainReply] = []
+        failures = missing_replies(len(messages), len(replies), spec.timeout, "train")
+        for reply in replies:
+            if (failure := failure_record(reply)) is not None:
+                failures.append(failure)
                 continue
             try:
-                decoded = unpack_train_reply(reply.content, update_size)
+                decoded = unpack_train_reply(reply.content, spec.update_size, spec.num_labels)
             except WireError as exc:
-                decoded = SiteFailure("malformed-update", str(exc))
-            if isinstance(decoded, SiteFailure):
-                failures.append({"node": str(reply.metadata.src_node_id), "kind": decoded.kind, "detail": decoded.detail})
+                failures.append({"site": str(reply.metadata.src_node_id), "kind": "malformed-update", "detail": str(exc)})
                 continue
             assert isinstance(decoded, TrainReply)
-            updates.append(decoded.delta)
-            weights.append(decoded.num_examples)
-            losses.append(decoded.loss)
-            privacy[str(decoded.privacy.get("site", reply.metadata.src_node_id))] = decoded.privacy
-        missing = len(node_ids) - len(updates) - len(failures)
-        if missing:
-            failures.append({"node": "?", "kind": "timeout", "detail": f"{missing} site(s) did not reply in {timeout:.0f}s"})
-        if len(updates) < min_sites:
+            accepted.append(decoded)
+        privacy = {str(r.privacy.get("site")): r.privacy for r in accepted}
+        weights = [r.num_examples for r in accepted]
+        evaluation = sum((r.evaluation for r in accepted), EvalCounts.zeros(spec.num_labels)) if accepted else None
+        if len(accepted) < spec.min_sites:
             log.warning("round %d: %d site(s) contributed, fewer than min-sites=%d: model unchanged",
-                        server_round, len(updates), min_sites)
-            return RoundOutcome(None, sum(weights), len(updates), None, failures, privacy)
-        loss = float(np.average(losses, weights=weights))
-        return RoundOutcome(weighted_mean(updates, weights), sum(weights), len(updates), loss, failures, privacy)
+                        server_round, len(accepted), spec.min_sites)
+            return RoundOutcome(None, sum(weights), len(accepted), None, evaluation, failures, privacy)
+        loss = float(np.average([r.loss for r in accepted], weights=weights))
+        mean = weighted_mean([r.delta for r in accepted], weights)
+        return RoundOutcome(mean, sum(weights), len(accepted), loss, evaluation, failures, privacy)
+

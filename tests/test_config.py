@@ -28,15 +28,23 @@ def test_flat_config_parses_into_typed_sections():
     ({"privacy.enabled": "yes"}, "privacy.enabled must be true or false"),
     ({"privacy.epsilonn": 8.0}, "unknown setting(s): privacy.epsilonn"),
     ({"data.labels": "a,a"}, "data.labels has duplicates"),
+    ({"secagg.clip": 0.0}, "secagg.clip must be > 0"),
+    ({"secagg.max-examples": 2**21}, "secagg.max-examples must be in [1, 1048575]"),
 ])
 def test_bad_config_is_named(flat, fragment):
     with pytest.raises(ConfigError) as info:
-        RunSettings.from_flat(flat)
+        RunSettings.from_flat({"federation.secure-aggregation": False} | flat)
     assert fragment in str(info.value)
 
 
+def test_secure_aggregation_needs_a_registry():
+    with pytest.raises(ConfigError, match="needs secagg.registry"):
+        RunSettings.from_flat({"federation.secure-aggregation": True})
+    assert RunSettings.from_flat({"secagg.registry": "/x/registry.json"}).federation.secure_aggregation
+
+
 def test_settings_are_frozen():
-    settings = RunSettings()
+    settings = RunSettings.from_flat({"secagg.registry": "r.json"})
     with pytest.raises(AttributeError):
         settings.privacy.epsilon = 100.0  # type: ignore[misc]
 
@@ -44,5 +52,5 @@ def test_settings_are_frozen():
 def test_pyproject_defaults_parse():
     from fedtune.cli import default_run_config
 
-    settings = RunSettings.from_flat(default_run_config())
+    settings = RunSettings.from_flat(default_run_config() | {"secagg.registry": "r.json"})
     assert settings.lora.aggregation == "ffa" and settings.privacy.enabled

@@ -1,6 +1,8 @@
 """End to end on Flower's real simulation engine, through the `fedtune` CLI, with the real MiniLM.
 
-3 sites, 2 rounds, DP on, tiny data (real drug reviews, 16 tokens each). Slow: about 2-3 minutes.
+3 sites, 2 rounds, DP on, secure aggregation (the default), tiny data (real drug reviews, 16
+tokens each); then the same federation with plain aggregation, and a re-run on spent ledgers.
+Slow: about 3 minutes.
 """
 
 from __future__ import annotations
@@ -44,20 +46,60 @@ def federation(tmp_path_factory, drug_reviews):
     out = root / "run"
     started = time.time()
     args = ["--sites", "3", "--rounds", "2", "--epsilon", "8", "--data", str(train), "--test-data", str(test),
-            "--partition", "iid", "--max-length", "16", "--local-epochs", "1", "--batch-size", "8", "--plain-aggregation"]
+            "--partition", "iid", "--max-length", "16", "--local-epochs", "1", "--batch-size", "8"]
     done = fedtune("simulate", "--out", str(out), *args)
-    return {"out": out, "done": done, "started": started, "args": args}
+    return {"out": out, "done": done, "started": started, "args": args, "root": root}
+
+
+@pytest.fixture(scope="module")
+def plain_federation(federation):
+    out = federation["root"] / "plain"
+    done = fedtune("simulate", "--out", str(out), *federation["args"], "--plain-aggregation")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "WARNING: secure aggregation is OFF" in done.stderr
+    return out
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_simulation_completes_and_writes_its_outputs(federation):
     done, out = federation["done"], federation["out"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "round 2/2" in done.stdout and "majority-class baseline" in done.stdout
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "secure aggregation" in done.stdout
+    lines = _metrics(out)
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert all(line["contributors"] == 3 and line["model_updated"] for line in lines[1:])
     assert lines[-1]["federated"]["examples"] > 0
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_secure_aggregation_is_the_default_and_only_sums_are_seen(federation):
+    out = federation["out"]
+    for line in _metrics(out)[1:]:
+        assert line["aggregation"] == "secure"
+        secure = line["secure_aggregation"]
+        assert secure["survivors"] == ["site-0", "site-1", "site-2"] and secure["dropped"] == []
+        values = json.loads((out / "run.json").read_text())["update_values"]
+        assert secure["upload_bytes"] <= 1.1 * 4 * values
+    for site in ("site-0", "site-1", "site-2"):
+        secrets = [out / "sites" / site / "identity.pem", *(out / "sites" / site / "secagg-sessions").iterdir()]
+        assert all(path.stat().st_mode & 0o077 == 0 for path in secrets)  # owner-only
+
+
+def test_secure_and_plain_aggregation_reach_the_same_model(federation, plain_federation):
+    secure_lines, plain_lines = _metrics(federation["out"]), _metrics(plain_federation)
+    assert secure_lines[-1]["server"]["accuracy"] == pytest.approx(plain_lines[-1]["server"]["accuracy"], abs=0.04)
+    from safetensors.numpy import load_file
+
+    secure = load_file(federation["out"] / "final" / "adapter" / "adapter_model.safetensors")
+    plain = load_file(plain_federation / "final" / "adapter" / "adapter_model.safetensors")
+    initial = load_file(federation["out"] / "checkpoints" / "round-0000" / "adapter_model.safetensors")
+    moved = max(float(np.abs(plain[k] - initial[k]).max()) for k in plain)
+    gap = max(float(np.abs(secure[k] - plain[k]).max()) for k in plain)
+    assert gap < 0.05 * moved, (gap, moved)
 
 
 def test_every_site_spent_at_most_its_budget(federation):
@@ -101,9 +143,9 @@ def test_a_rerun_on_spent_ledgers_is_refused_by_every_site(federation):
                    *federation["args"][4:])
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["model_updated"] is False and line["contributors"] == 0
-    kinds = {failure["kind"] for failure in line["failures"]}
-    assert kinds == {"budget-exhausted"}, line["failures"]
-    assert all("budget ε=8" in failure["detail"] for failure in line["failures"])
+    refusals = [failure for failure in line["failures"] if failure["kind"] == "budget-exhausted"]
+    assert sorted(failure["site"] for failure in refusals) == ["site-0", "site-1", "site-2"], line["failures"]
+    assert all("budget ε=8" in failure["detail"] for failure in refusals)
     assert done.returncode == 1 and "no round changed the model" in done.stderr
     assert (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes() == before
 

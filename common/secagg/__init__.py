@@ -1,0 +1,77 @@
+"""Secure aggregation (SecAgg+-style: Bonawitz et al. 2017, Bell et al. 2020), Flower-free.
+
+Sites mask quantised updates so the server learns only their sum. Pairwise masks come from
+authenticated X25519 agreement over a sparse neighbour graph; self masks and mask keys are
+Shamir-shared so dropouts at any stage are survivable while ``threshold`` sites remain.
+
+Typical use: both sides build the same :class:`SecAggParams`; each site runs a
+:class:`ClientSession` (four stages), the server a :class:`ServerAggregator`;
+:class:`LocalFederation` wires them in one process for tests.
+"""
+
+from common.secagg.client import ClientSession
+from common.secagg.errors import (
+    DecryptionError,
+    ModulusError,
+    ParameterError,
+    PayloadError,
+    ProtocolError,
+    RoundAborted,
+    SecAggError,
+    ShamirError,
+    SignatureError,
+)
+from common.secagg.fixedpoint import (
+    MAX_MODULUS_BITS,
+    choose_modulus_bits,
+    clip_l2,
+    decode_sum,
+    error_bound,
+    pack_bits,
+    packed_size,
+    quantization_step,
+    quantize,
+    unpack_bits,
+)
+from common.secagg.identity import SignedKeyBundle, SiteIdentity, SiteRegistry
+from common.secagg.local import LocalFederation
+from common.secagg.messages import MaskedUpload, UnmaskRequest, UnmaskResponse
+from common.secagg.protocol import SecAggParams, Stage, default_degree, default_threshold, neighbour_graph
+from common.secagg.server import AggregateResult, ServerAggregator
+
+__all__ = [
+    "MAX_MODULUS_BITS",
+    "AggregateResult",
+    "ClientSession",
+    "DecryptionError",
+    "LocalFederation",
+    "MaskedUpload",
+    "ModulusError",
+    "ParameterError",
+    "PayloadError",
+    "ProtocolError",
+    "RoundAborted",
+    "SecAggError",
+    "SecAggParams",
+    "ServerAggregator",
+    "ShamirError",
+    "SignatureError",
+    "SignedKeyBundle",
+    "SiteIdentity",
+    "SiteRegistry",
+    "Stage",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "choose_modulus_bits",
+    "clip_l2",
+    "decode_sum",
+    "default_degree",
+    "default_threshold",
+    "error_bound",
+    "neighbour_graph",
+    "pack_bits",
+    "packed_size",
+    "quantization_step",
+    "quantize",
+    "unpack_bits",
+]

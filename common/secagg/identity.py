@@ -1,0 +1,240 @@
+"""Site identities (Ed25519), signed per-round key bundles, and the AEAD channel for shares.
+
+Each site holds a long-term Ed25519 identity key provisioned out of band; the server and every
+site know all identity public keys through a :class:`SiteRegistry`. Per round, a site signs its
+two fresh X25519 public keys (share encryption, mask agreement) together with the round id and
+its site id, so a server relaying keys cannot substitute its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from common.secagg.errors import DecryptionError, PayloadError, SignatureError
+from common.secagg.prg import encode_context, hkdf
+
+__all__ = [
+    "SignedKeyBundle",
+    "SiteIdentity",
+    "SiteRegistry",
+    "check_bundle_keys",
+    "decrypt_from_peer",
+    "encrypt_for_peer",
+    "sign_key_bundle",
+    "verify_key_bundle",
+    "x25519_shared_secret",
+]
+
+_KEY = 32
+_SIG = 64
+_NONCE = 12
+_MAX_ROUND_ID = 0xFFFF
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """A site's long-term Ed25519 signing key."""
+
+    private_key: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> SiteIdentity:
+        """A fresh identity (provisioning time, once per site)."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, pem: bytes, password: bytes | None = None) -> SiteIdentity:
+        """Load a PKCS#8 PEM private key."""
+        key = serialization.load_pem_private_key(pem, password=password)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise SignatureError("identity key is not an Ed25519 private key")
+        return cls(key)
+
+    def to_pem(self, password: bytes | None = None) -> bytes:
+        """PKCS#8 PEM, encrypted when ``password`` is given."""
+        enc: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+        )
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc
+        )
+
+    def public_bytes(self) -> bytes:
+        """Raw 32-byte public key, as stored in the registry."""
+        return self.private_key.public_key().public_bytes_raw()
+
+    def public_pem(self) -> bytes:
+        """SubjectPublicKeyInfo PEM of the public key."""
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+class SiteRegistry(Mapping[int, Ed25519PublicKey]):
+    """Read-only map of site id to identity public key, provisioned out of band."""
+
+    def __init__(self, keys: Mapping[int, Ed25519PublicKey | bytes]) -> None:
+        self._keys: dict[int, Ed25519PublicKey] = {}
+        for site_id, raw in keys.items():
+            key: object = raw
+            if isinstance(raw, bytes):
+                key = (
+                    serialization.load_pem_public_key(raw)
+                    if raw.startswith(b"-----BEGIN")
+                    else Ed25519PublicKey.from_public_bytes(raw)
+                )
+            if not isinstance(key, Ed25519PublicKey):
+                raise SignatureError(f"registry key of site {site_id} is not Ed25519")
+            self._keys[int(site_id)] = key
+
+    def __getitem__(self, site_id: int) -> Ed25519PublicKey:
+        return self._keys[site_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def to_raw(self) -> dict[int, bytes]:
+        """Site id to raw 32-byte public key (for JSON/TOML provisioning files, hex-encoded)."""
+        return {sid: key.public_bytes_raw() for sid, key in self._keys.items()}
+
+
+@dataclass(frozen=True)
+class SignedKeyBundle:
+    """A site's two X25519 public keys for one round and a commitment to its self-mask seed,
+    signed by its identity key. The commitment lets the server check a recovered seed."""
+
+    round_id: bytes
+    site_id: int
+    share_public: bytes
+    mask_public: bytes
+    seed_commitment: bytes
+    signature: bytes
+
+    def signed_message(self) -> bytes:
+        """The exact bytes covered by the signature."""
+        return _bundle_message(self.round_id, self.site_id, self.share_public, self.mask_public, self.seed_commitment)
+
+    def to_bytes(self) -> bytes:
+        """Wire encoding."""
+        return (
+            len(self.round_id).to_bytes(2, "big") + self.round_id + self.site_id.to_bytes(4, "big")
+            + self.share_public + self.mask_public + self.seed_commitment + self.signature
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SignedKeyBundle:
+        """Parse :meth:`to_bytes` output; raises :class:`PayloadError` when malformed."""
+        if len(data) < 2:
+            raise PayloadError("key bundle is truncated")
+        n = int.from_bytes(data[:2], "big")
+        expected = 2 + n + 4 + 3 * _KEY + _SIG
+        if len(data) != expected:
+            raise PayloadError(f"key bundle has {len(data)} bytes, expected {expected}")
+        body = data[2 + n:]
+        return cls(
+            round_id=data[2:2 + n],
+            site_id=int.from_bytes(body[:4], "big"),
+            share_public=body[4:4 + _KEY],
+            mask_public=body[4 + _KEY:4 + 2 * _KEY],
+            seed_commitment=body[4 + 2 * _KEY:4 + 3 * _KEY],
+            signature=body[4 + 3 * _KEY:],
+        )
+
+
+def _bundle_message(
+    round_id: bytes, site_id: int, share_public: bytes, mask_public: bytes, seed_commitment: bytes
+) -> bytes:
+    return encode_context("key-bundle", round_id, site_id, share_public, mask_public, seed_commitment)
+
+
+def sign_key_bundle(
+    identity: SiteIdentity, *, round_id: bytes, site_id: int, share_public: bytes, mask_public: bytes,
+    seed_commitment: bytes,
+) -> SignedKeyBundle:
+    """Sign a round's key bundle with the site's identity key."""
+    if len(round_id) > _MAX_ROUND_ID:
+        raise PayloadError("round id is too long")
+    message = _bundle_message(round_id, site_id, share_public, mask_public, seed_commitment)
+    signature = identity.private_key.sign(message)
+    return SignedKeyBundle(round_id, site_id, share_public, mask_public, seed_commitment, signature)
+
+
+def verify_key_bundle(
+    bundle: SignedKeyBundle, registry: Mapping[int, Ed25519PublicKey], *, round_id: bytes, site_id: int
+) -> None:
+    """Check that ``bundle`` is ``site_id``'s, for ``round_id``, signed by its registered key.
+
+    Raises :class:`SignatureError` otherwise (wrong round or site, unknown site, bad signature,
+    malformed or identical keys).
+    """
+    if bundle.round_id != round_id:
+        raise SignatureError(f"bundle of site {site_id} is for another round")
+    if bundle.site_id != site_id:
+        raise SignatureError(f"bundle relayed as site {site_id} claims site {bundle.site_id}")
+    if site_id not in registry:
+        raise SignatureError(f"site {site_id} is not in the registry")
+    if len(bundle.share_public) != _KEY or len(bundle.mask_public) != _KEY or len(bundle.seed_commitment) != _KEY:
+        raise SignatureError(f"bundle of site {site_id} has malformed keys")
+    if bundle.share_public == bundle.mask_public:
+        raise SignatureError(f"bundle of site {site_id} reuses one key for both purposes")
+    try:
+        registry[site_id].verify(bundle.signature, bundle.signed_message())
+    except InvalidSignature as exc:
+        raise SignatureError(f"bad signature on the key bundle of site {site_id}") from exc
+    check_bundle_keys(bundle)
+
+
+def check_bundle_keys(bundle: SignedKeyBundle) -> None:
+    """Raise :class:`SignatureError` unless both X25519 keys give a usable (non-zero) secret."""
+    probe = X25519PrivateKey.generate()
+    for key in (bundle.share_public, bundle.mask_public):
+        x25519_shared_secret(probe, key)
+
+
+def x25519_shared_secret(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """The full 32-byte X25519 shared secret; raises :class:`SignatureError` for a bad peer key."""
+    try:
+        return private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:  # wrong length or a low-order point (all-zero secret)
+        raise SignatureError("peer public key is invalid") from exc
+
+
+def _channel(shared: bytes, round_id: bytes, sender: int, receiver: int) -> tuple[bytes, bytes]:
+    """Direction-specific AEAD key and the associated data binding round, sender and receiver."""
+    ad = encode_context("share-aead", round_id, sender, receiver)
+    return hkdf(shared, ad), ad
+
+
+def encrypt_for_peer(
+    private_key: X25519PrivateKey, peer_public: bytes, *, round_id: bytes, sender: int,
+    receiver: int, plaintext: bytes,
+) -> bytes:
+    """ChaCha20Poly1305 encryption to a peer: ``nonce(12) || ciphertext || tag(16)``."""
+    key, ad = _channel(x25519_shared_secret(private_key, peer_public), round_id, sender, receiver)
+    nonce = os.urandom(_NONCE)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, ad)
+
+
+def decrypt_from_peer(
+    private_key: X25519PrivateKey, peer_public: bytes, *, round_id: bytes, sender: int,
+    receiver: int, ciphertext: bytes,
+) -> bytes:
+    """Inverse of :func:`encrypt_for_peer`; raises :class:`DecryptionError` on any tampering."""
+    if len(ciphertext) < _NONCE + 16:
+        raise DecryptionError("ciphertext is truncated")
+    key, ad = _channel(x25519_shared_secret(private_key, peer_public), round_id, sender, receiver)
+    try:
+        return ChaCha20Poly1305(key).decrypt(ciphertext[:_NONCE], ciphertext[_NONCE:], ad)
+    except InvalidTag as exc:
+        raise DecryptionError(f"share ciphertext from site {sender} failed authentication") from exc

@@ -1,0 +1,166 @@
+"""Wire formats of the messages that client and server exchange (one place packs and unpacks).
+
+Stage 1 sends a :class:`~common.secagg.identity.SignedKeyBundle`; stage 2 sends opaque AEAD
+ciphertexts; stage 3 a :class:`MaskedUpload`; stage 4 an :class:`UnmaskRequest` down and an
+:class:`UnmaskResponse` up. All integers are big-endian; id lists are sorted and unique.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from common.secagg.errors import PayloadError
+from common.secagg.fixedpoint import check_packed
+from common.secagg.protocol import SecAggParams
+from common.secagg.shamir import SHARE_BYTES
+
+__all__ = ["MaskedUpload", "UnmaskRequest", "UnmaskResponse"]
+
+_UPLOAD_MAGIC = b"FSU1"
+_REQUEST_MAGIC = b"FSQ1"
+_RESPONSE_MAGIC = b"FSR1"
+
+
+def _ids_to_bytes(ids: Iterable[int]) -> bytes:
+    ordered = sorted(ids)
+    return len(ordered).to_bytes(4, "big") + b"".join(i.to_bytes(4, "big") for i in ordered)
+
+
+class _Reader:
+    """Bounds-checked cursor over a payload; every shortfall is a :class:`PayloadError`."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise PayloadError(f"{self.what} is truncated")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def uint(self, n: int = 4) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+    def ids(self) -> frozenset[int]:
+        count = self.uint()
+        raw = self.take(4 * count)
+        ids = [int.from_bytes(raw[4 * i:4 * i + 4], "big") for i in range(count)]
+        if any(a >= b for a, b in itertools.pairwise(ids)):
+            raise PayloadError(f"{self.what} has an unsorted or duplicated id list")
+        return frozenset(ids)
+
+    def magic(self, magic: bytes) -> None:
+        if self.take(len(magic)) != magic:
+            raise PayloadError(f"{self.what} has a bad header")
+
+    def rest(self) -> bytes:
+        chunk = self.data[self.pos:]
+        self.pos = len(self.data)
+        return chunk
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise PayloadError(f"{self.what} has {len(self.data) - self.pos} trailing bytes")
+
+
+@dataclass(frozen=True)
+class MaskedUpload:
+    """Stage-3 upload: the packed masked vector and the neighbours whose pairwise masks it holds."""
+
+    site_id: int
+    masked_with: frozenset[int]
+    body: bytes
+
+    def to_bytes(self, params: SecAggParams) -> bytes:
+        """Header (magic, round tag, site id, neighbour ids) then the packed vector."""
+        return (
+            _UPLOAD_MAGIC + params.round_tag + self.site_id.to_bytes(4, "big")
+            + _ids_to_bytes(self.masked_with) + self.body
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, params: SecAggParams) -> MaskedUpload:
+        """Parse and check header and size; the body is unpacked later by the server."""
+        reader = _Reader(data, "masked upload")
+        reader.magic(_UPLOAD_MAGIC)
+        if reader.take(16) != params.round_tag:
+            raise PayloadError("masked upload is for another round")
+        site_id = reader.uint()
+        masked_with = reader.ids()
+        body = reader.rest()
+        check_packed(body, params.total_length, params.modulus_bits)
+        return cls(site_id, masked_with, body)
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Stage-4 request to one site: which of its neighbours survived and which dropped."""
+
+    round_id: bytes
+    site_id: int
+    survivors: frozenset[int]
+    dropped: frozenset[int]
+
+    def to_bytes(self) -> bytes:
+        """Wire encoding."""
+        return (
+            _REQUEST_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id
+            + self.site_id.to_bytes(4, "big") + _ids_to_bytes(self.survivors) + _ids_to_bytes(self.dropped)
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> UnmaskRequest:
+        """Parse :meth:`to_bytes` output."""
+        reader = _Reader(data, "unmask request")
+        reader.magic(_REQUEST_MAGIC)
+        round_id = reader.take(reader.uint(2))
+        site_id = reader.uint()
+        survivors, dropped = reader.ids(), reader.ids()
+        reader.end()
+        return cls(round_id, site_id, survivors, dropped)
+
+
+@dataclass(frozen=True)
+class UnmaskResponse:
+    """Stage-4 answer: serialised Shamir shares held by ``site_id``, keyed by their owner.
+
+    ``self_mask_shares`` are for survivors, ``key_shares`` (mask-agreement keys) for dropped
+    sites; an owner never appears in both.
+    """
+
+    round_id: bytes
+    site_id: int
+    self_mask_shares: Mapping[int, bytes]
+    key_shares: Mapping[int, bytes]
+
+    def to_bytes(self) -> bytes:
+        """Wire encoding."""
+        out = bytearray(_RESPONSE_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id)
+        out += self.site_id.to_bytes(4, "big")
+        for shares in (self.self_mask_shares, self.key_shares):
+            out += len(shares).to_bytes(4, "big")
+            for owner in sorted(shares):
+                out += owner.to_bytes(4, "big") + shares[owner]
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> UnmaskResponse:
+        """Parse :meth:`to_bytes` output (share contents are validated by the server later)."""
+        reader = _Reader(data, "unmask response")
+        reader.magic(_RESPONSE_MAGIC)
+        round_id = reader.take(reader.uint(2))
+        site_id = reader.uint()
+        parts: list[dict[int, bytes]] = []
+        for _ in range(2):
+            shares: dict[int, bytes] = {}
+            for _ in range(reader.uint()):
+                owner = reader.uint()
+                if owner in shares:
+                    raise PayloadError("unmask response repeats an owner")
+                shares[owner] = reader.take(SHARE_BYTES)
+            parts.append(shares)
+        reader.end()
+        return cls(round_id, site_id, parts[0], parts[1])

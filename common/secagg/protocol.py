@@ -1,0 +1,195 @@
+"""Public parameters of a secure-aggregation round, its neighbour graph, and its stages.
+
+Both sides build the same :class:`SecAggParams` from the run config and the round number, so
+every honest party derives the same graph, threshold and modulus without trusting the server.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from common.secagg.errors import ParameterError
+from common.secagg.fixedpoint import (
+    MAX_VALUE_BITS,
+    Rounding,
+    choose_modulus_bits,
+    packed_size,
+    quantization_step,
+)
+from common.secagg.prg import encode_context
+
+__all__ = [
+    "MAX_SITE_ID",
+    "SecAggParams",
+    "Stage",
+    "default_degree",
+    "default_threshold",
+    "neighbour_graph",
+]
+
+MAX_SITE_ID = (1 << 32) - 2
+"""Site ids are in ``[0, MAX_SITE_ID]``; a site's Shamir x-coordinate is ``site_id + 1``."""
+
+
+class Stage(enum.IntEnum):
+    """Client stages, in order. A session only moves forward, or to ``ABORTED``."""
+
+    NEW = 0
+    ADVERTISED = 1
+    SHARED = 2
+    MASKED = 3
+    DONE = 4
+    ABORTED = 5
+
+
+def default_degree(n_sites: int) -> int:
+    """``min(n - 1, 2 * ceil(log2 n))``: O(log n) neighbours (Bell et al. 2020), always even
+    when the graph is not complete."""
+    return min(n_sites - 1, 2 * math.ceil(math.log2(n_sites)))
+
+
+def default_threshold(holders: int) -> int:
+    """``floor(2h / 3) + 1`` for ``h`` share holders (a site's ``k`` neighbours and itself).
+
+    Privacy: an honest holder reveals only one of a site's two secrets (self-mask seed or mask
+    key), so a server needs ``t`` holders for each; with ``c`` colluding holders that needs
+    ``2t - c <= h``, impossible while ``c < h / 3`` because ``t > 2h / 3``. Liveness: the round
+    survives up to ``h - t`` (about ``h / 3``) dropped holders per neighbourhood.
+    """
+    return (2 * holders) // 3 + 1
+
+
+def neighbour_graph(site_ids: tuple[int, ...], degree: int, round_id: bytes) -> dict[int, frozenset[int]]:
+    """Deterministic symmetric ``degree``-regular graph (a Harary circulant) over the sites.
+
+    Sites are placed on a ring in the order of ``SHA-256(round id, site id)`` and each is joined
+    to the ``degree / 2`` nearest sites on either side. ``degree >= n - 1`` gives all pairs.
+    """
+    n = len(site_ids)
+    if degree >= n - 1:
+        return {s: frozenset(site_ids) - {s} for s in site_ids}
+    if degree < 2 or degree % 2:
+        raise ParameterError(f"a sparse graph needs an even degree >= 2, got {degree}")
+    ring = sorted(site_ids, key=lambda s: hashlib.sha256(encode_context("graph", round_id, s)).digest())
+    half = degree // 2
+    graph: dict[int, frozenset[int]] = {}
+    for pos, site in enumerate(ring):
+        graph[site] = frozenset(ring[(pos + d) % n] for d in range(-half, half + 1) if d)
+    return graph
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Public, validated parameters of one round (identical at every party)."""
+
+    round_id: bytes
+    """Unique per round and run (e.g. ``b"run-7/round-3"``); a ``str`` is UTF-8 encoded at runtime."""
+    site_ids: tuple[int, ...]
+    """Sites invited to the round, each in ``[0, MAX_SITE_ID]``; stored sorted."""
+    vector_length: int
+    """L: number of float values per contribution (the adapter delta)."""
+    clip: float = 1.0
+    """L2 clip of a contribution; every value lies in ``[-clip, clip]``."""
+    value_bits: int = 20
+    """Quantisation levels per value: ``2**value_bits``."""
+    count_slots: int = 0
+    """C: integer slots summed exactly after the values (example count, metric sums)."""
+    max_count: int = (1 << 20) - 1
+    """Largest value of one count slot at one site."""
+    degree: int = 0
+    """k: neighbours per site; 0 = :func:`default_degree`. Even unless the graph is complete."""
+    threshold: int = 0
+    """t: shares needed to recover a secret; 0 = :func:`default_threshold`."""
+    all_pairs: bool = False
+    """Mask every pair of sites (original SecAgg, O(n^2)) instead of the sparse graph."""
+    rounding: Rounding = "stochastic"
+    """Quantiser rounding; "stochastic" is unbiased, "nearest" halves the worst-case error."""
+    modulus_bits: int = 0
+    """m: masks live in Z_{2^m}; 0 = the smallest width that cannot wrap for these sites."""
+    _graph: dict[int, frozenset[int]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if isinstance(self.round_id, str):
+            set_(self, "round_id", self.round_id.encode("utf-8"))
+        if not self.round_id or len(self.round_id) > 0xFFFF:
+            raise ParameterError("round_id must be 1 to 65535 bytes")
+        ids = tuple(sorted(int(s) for s in self.site_ids))
+        if len(set(ids)) != len(ids):
+            raise ParameterError("site_ids contain duplicates")
+        if len(ids) < 2:
+            raise ParameterError(f"secure aggregation needs at least 2 sites, got {len(ids)}")
+        if ids[0] < 0 or ids[-1] > MAX_SITE_ID:
+            raise ParameterError(f"site ids must be in [0, {MAX_SITE_ID}]")
+        set_(self, "site_ids", ids)
+        n = len(ids)
+        if self.vector_length < 1:
+            raise ParameterError(f"vector_length must be >= 1, got {self.vector_length}")
+        quantization_step(1, self.clip)  # validates clip
+        if not 1 <= self.value_bits <= MAX_VALUE_BITS:
+            raise ParameterError(f"value_bits must be in [1, {MAX_VALUE_BITS}], got {self.value_bits}")
+        if self.count_slots < 0 or self.max_count < 0:
+            raise ParameterError("count_slots and max_count must be >= 0")
+        if self.rounding not in ("stochastic", "nearest"):
+            raise ParameterError(f"rounding must be 'stochastic' or 'nearest', got {self.rounding!r}")
+        k = n - 1 if self.all_pairs else (self.degree or default_degree(n))
+        if k < 1:
+            raise ParameterError(f"degree must be >= 1, got {self.degree}")
+        k = min(k, n - 1)
+        if k < n - 1 and k % 2:
+            raise ParameterError(f"a sparse neighbour graph needs an even degree, got {k}")
+        set_(self, "degree", k)
+        holders = k + 1
+        t = self.threshold or default_threshold(holders)
+        if not holders / 2 < t <= holders:
+            raise ParameterError(
+                f"threshold must be in ({holders / 2}, {holders}] for {holders} share holders, got {t}: "
+                "at or below half, a server could collect both secrets of a site"
+            )
+        set_(self, "threshold", t)
+        needed = choose_modulus_bits(n, self.value_bits, self.max_count if self.count_slots else 0)
+        m = self.modulus_bits or needed
+        if not needed <= m <= 35:
+            raise ParameterError(f"modulus_bits must be in [{needed}, 35] for {n} sites, got {m}")
+        set_(self, "modulus_bits", m)
+        set_(self, "_graph", neighbour_graph(ids, k, self.round_id))
+
+    @property
+    def n_sites(self) -> int:
+        """Number of invited sites."""
+        return len(self.site_ids)
+
+    @property
+    def total_length(self) -> int:
+        """Elements per contribution: values then count slots."""
+        return self.vector_length + self.count_slots
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of one packed masked vector."""
+        return packed_size(self.total_length, self.modulus_bits)
+
+    @property
+    def modulus_mask(self) -> int:
+        """``2**modulus_bits - 1``, to reduce uint64 arithmetic modulo ``2**modulus_bits``."""
+        return (1 << self.modulus_bits) - 1
+
+    @cached_property
+    def round_tag(self) -> bytes:
+        """16-byte digest of the round id carried by uploads, to reject cross-round replays."""
+        return hashlib.sha256(encode_context("round-tag", self.round_id)).digest()[:16]
+
+    def neighbours(self, site_id: int) -> frozenset[int]:
+        """The site's neighbours in this round's graph."""
+        try:
+            return self._graph[site_id]
+        except KeyError:
+            raise ParameterError(f"site {site_id} is not part of round {self.round_id!r}") from None
+
+    def holders(self, site_id: int) -> frozenset[int]:
+        """Sites that may hold shares of ``site_id``'s secrets: its neighbours and itself."""
+        return self.neighbours(site_id) | {site_id}
