@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common.config import ConfigError, DataSettings, RunSettings
-from common.data import EncodedData, Record, encode, label_names, partition, read_records, split_holdout
+from common.data import EncodedData, Record, encode, partition, read_records, split_holdout
 from common.model import load_tokenizer
 
 HOLDOUT_FRACTION = 0.2
@@ -34,6 +34,8 @@ class Site:
 
 
 def resolve_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
+    if not settings.data.labels:
+        raise ConfigError("data.labels must list the federation's labels (the run config sets it for every site)")
     if "data-path" in node_config:
         return _deployed_site(str(node_config.get("site-name", "")), str(node_config["data-path"]),
                               str(node_config.get("state-dir", "")), settings)
@@ -45,8 +47,6 @@ def resolve_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
 def _deployed_site(name: str, data_path: str, state_dir: str, settings: RunSettings) -> Site:
     if not name or not state_dir:
         raise ConfigError("a deployed site needs site-name and state-dir in its node config")
-    if not settings.data.labels:
-        raise ConfigError("deployment needs data.labels in the run config: sites cannot infer the label set")
     records = read_records(data_path)
     return _encode_site(name, Path(state_dir), records, settings, labels=settings.data.labels, seed=settings.data.seed)
 
@@ -56,7 +56,7 @@ def _simulated_site(partition_id: int, num_partitions: int, settings: RunSetting
     mine = [records[i] for i in parts[partition_id]]
     name = f"site-{partition_id}"
     state_dir = settings.out_dir.resolve() / "sites" / name
-    return _encode_site(name, state_dir, mine, settings, labels=label_names(records, settings.data.labels),
+    return _encode_site(name, state_dir, mine, settings, labels=settings.data.labels,
                         seed=settings.data.seed + partition_id)
 
 

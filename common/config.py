@@ -72,9 +72,9 @@ class PrivacySettings:
 class TrainSettings:
     """Local training at a site, per round."""
 
-    learning_rate: float = 0.02
+    learning_rate: float = 0.01
     local_epochs: int = 2
-    batch_size: int = 64
+    batch_size: int = 16
     """Logical batch (expected size under Poisson sampling); large batches suit DP."""
     physical_batch_size: int = 16
     """Memory bound: logical batches are split into chunks of at most this many samples."""
@@ -117,7 +117,7 @@ class DataSettings:
 class FederationSettings:
     """Rounds and participation."""
 
-    rounds: int = 3
+    rounds: int = 4
     sites: int = 3
     min_sites: int = 2
     """A round with fewer successful sites ends without changing the model."""

@@ -113,6 +113,15 @@ def _read_drugreview(split: str) -> list[Record]:
     return _validated(records, f"drug reviews ({member})")
 
 
+def write_records(path: Path, rows: list[Record]) -> Path:
+    """Write records as a UTF-8 CSV that :func:`read_records` reads back unchanged."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def label_names(records: list[Record], fixed: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The federation's label set: ``fixed`` if given, else the sorted labels seen."""
     return fixed if fixed else tuple(sorted({row["label"] for row in records}))

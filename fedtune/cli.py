@@ -12,17 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, RunSettings
+from simulations.runner import SimulationError, project_dir, run_simulation
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
-# The demo: 3 hospitals split by condition, the packaged MiniLM and drug reviews.
-DEMO = {"sites": 3, "rounds": 3, "local_epochs": 2, "learning_rate": 0.01, "batch_size": 32}
 
 
 def default_run_config() -> dict[str, Any]:
     from flwr.common.config import flatten_dict
-
-    from simulations.runner import project_dir
 
     with open(project_dir() / "pyproject.toml", "rb") as handle:
         return flatten_dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
@@ -33,26 +30,27 @@ def warn(message: str) -> None:
 
 
 def _federation_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``simulate`` and ``demo``."""
-    p.add_argument("--sites", type=int, default=3, help="number of simulated sites (default 3)")
-    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
-    p.add_argument("--epsilon", type=float, default=8.0, help="each site's TOTAL ε budget over all rounds")
-    p.add_argument("--delta", type=float, default=1e-5, help="δ of (ε, δ)-DP (default 1e-5)")
+    """Options shared by ``simulate`` and ``demo``; defaults are the app's run config (pyproject.toml)."""
+    d = default_run_config()
+    p.add_argument("--sites", type=int, default=d["federation.sites"], help="number of simulated sites")
+    p.add_argument("--rounds", type=int, default=d["federation.rounds"], help="federated rounds")
+    p.add_argument("--epsilon", type=float, default=d["privacy.epsilon"], help="each site's TOTAL ε budget over all rounds")
+    p.add_argument("--delta", type=float, default=d["privacy.delta"], help="δ of (ε, δ)-DP")
     p.add_argument("--data", default="drugreview", help="'drugreview' (packaged) or a CSV/JSONL with text,label")
     p.add_argument("--test-data", default="", help="server test split (default: the source's own test split)")
     p.add_argument("--labels", default="", help="comma-separated label set (default: from the data)")
-    p.add_argument("--partition", default="column:condition", help="'column:NAME', 'dirichlet' or 'iid'")
-    p.add_argument("--dirichlet-alpha", type=float, default=0.5)
+    p.add_argument("--partition", default=d["data.partition"], help="'column:NAME', 'dirichlet' or 'iid'")
+    p.add_argument("--dirichlet-alpha", type=float, default=d["data.dirichlet-alpha"])
     p.add_argument("--model", default="", help="local Hugging Face model dir (default: packaged MiniLM)")
-    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-rank", type=int, default=d["lora.rank"])
     p.add_argument("--plain-lora-averaging", action="store_true",
                    help="train and average A and B separately (inexact) instead of FFA-LoRA")
-    p.add_argument("--learning-rate", type=float, default=DEMO["learning_rate"])
-    p.add_argument("--local-epochs", type=int, default=DEMO["local_epochs"])
-    p.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP-SGD per-sample clipping norm")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learning-rate", type=float, default=d["train.learning-rate"])
+    p.add_argument("--local-epochs", type=int, default=d["train.local-epochs"])
+    p.add_argument("--batch-size", type=int, default=d["train.batch-size"])
+    p.add_argument("--max-grad-norm", type=float, default=d["privacy.max-grad-norm"], help="DP-SGD per-sample clipping norm")
+    p.add_argument("--max-length", type=int, default=d["data.max-length"], help="tokens per example")
+    p.add_argument("--seed", type=int, default=d["data.seed"])
     p.add_argument("--plain-aggregation", action="store_true",
                    help="let the server see each site's update (no secure aggregation; warns)")
 
@@ -108,17 +106,18 @@ def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dic
 def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) -> dict[str, Any]:
     """Validate, run one federation, print its rounds and summary; the summary dict."""
     from common.data import label_names, partition, read_records
+    from server.federation import test_source
     from simulations.report import load_summary, round_line, summary_text
-    from simulations.runner import run_simulation
 
     run_config = simulate_run_config(args, out, dp=dp)
     settings = RunSettings.from_flat(default_run_config() | run_config)
     records = read_records(settings.data.source)  # fail fast, before any process starts
-    label_names(records, settings.data.labels)
+    read_records(test_source(settings.data), split="test")
+    run_config["data.labels"] = ",".join(label_names(records, settings.data.labels))
     sizes = [len(p) for p in partition(records, args.sites, settings.data.partition,
                                        alpha=settings.data.dirichlet_alpha, seed=settings.data.seed)]
     if not dp:
-        warn("differential privacy is OFF (--no-dp): site updates carry no DP guarantee")
+        warn("differential privacy is OFF for this run: site updates carry no DP guarantee")
     if args.plain_aggregation:
         warn("secure aggregation is OFF (--plain-aggregation): the server sees every site's update")
     aggregation = "plain aggregation (server sees updates)" if args.plain_aggregation else "secure aggregation"
@@ -145,29 +144,30 @@ def cmd_demo(args: argparse.Namespace) -> None:
           "records per site (see BENCHMARKS.md for how utility under DP grows with site size).")
 
 
-def failure_hint(out: Path) -> str:
-    """The ServerApp's own words on why the run failed, from the Flower log."""
-    log = out / "flower.log"
+def failure_hint(exc: SimulationError) -> str:
+    """The ServerApp's own words on why the run failed, from the run's Flower log."""
+    log = exc.log_path
     reasons = [line for line in log.read_text(errors="replace").splitlines() if "FederationFailed" in line] \
-        if log.exists() else []
+        if log and log.exists() else []
     return reasons[-1].split("FederationFailed: ")[-1] if reasons else ""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    simulate = sub.add_parser("simulate", help="run a whole federation on this machine (Flower simulation engine)")
+    simulate = sub.add_parser("simulate", help="run a whole federation on this machine (Flower simulation engine)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     simulate.add_argument("--out", type=Path, required=True, help="output directory")
     simulate.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF (warns)")
     _federation_options(simulate)
-    demo = sub.add_parser("demo", help="the README demo: 3 hospitals, DP off vs on, side by side")
+    demo = sub.add_parser("demo", help="the README demo: 3 hospitals, DP off vs on, side by side",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     _federation_options(demo)
     args = parser.parse_args(argv)
     handlers = {"simulate": cmd_simulate, "demo": cmd_demo}
-    from common.data import DataError
+    from common.data import DataError  # torch-heavy modules load only once a command runs
     from common.model import ModelError
-    from simulations.runner import SimulationError
 
     try:
         handlers[args.command](args)
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedtune: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except SimulationError as exc:
-        print(f"fedtune: the federation failed: {exc}\n(see {args.out}/flower.log)", file=sys.stderr)
-        print(failure_hint(args.out), file=sys.stderr)
+        print(f"fedtune: the federation failed: {exc}", file=sys.stderr)
+        print(failure_hint(exc), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("fedtune: interrupted; every process it started was stopped", file=sys.stderr)

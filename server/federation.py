@@ -13,8 +13,8 @@ from pathlib import Path
 from flwr.serverapp import Grid
 
 from common.adapter import apply_delta, get_adapter_state, set_adapter_state, trainable_keys
-from common.config import RunSettings
-from common.data import encode, label_names, read_records
+from common.config import ConfigError, DataSettings, RunSettings
+from common.data import DRUGREVIEW, encode, read_records
 from common.evaluation import evaluate, majority_baseline, metrics
 from common.model import build_model, load_tokenizer
 from common.registry import load_registry
@@ -47,6 +47,15 @@ def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+def test_source(data: DataSettings) -> str:
+    """The server's own held-out data: data.test-source, or the drug reviews' test split."""
+    if data.test_source:
+        return data.test_source
+    if data.source == DRUGREVIEW:
+        return DRUGREVIEW
+    raise ConfigError("data.test-source must name the server's test file (CSV/JSONL) when data.source is a file")
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> Path:
     """Run every round; return the final adapter's directory."""
     out_dir = settings.out_dir.resolve()
@@ -54,13 +63,12 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     if not settings.privacy.enabled:
         log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled=false): sites' updates are not DP")
 
-    train_records = read_records(settings.data.source)
-    labels = label_names(train_records, settings.data.labels)
-    test_records = read_records(settings.data.test_source or settings.data.source,
-                                split="test" if not settings.data.test_source else "train")
-    tokenizer = load_tokenizer(settings.model_path)
-    test = encode(test_records, labels, tokenizer, settings.data.max_length, "server test split")
-    baseline = majority_baseline(encode(train_records, labels, tokenizer, 8, "train").labels, test.labels, len(labels))
+    labels = settings.data.labels
+    if not labels:
+        raise ConfigError("data.labels must list the federation's labels: the server never sees the sites' data")
+    test = encode(read_records(test_source(settings.data), split="test"), labels, load_tokenizer(settings.model_path),
+                  settings.data.max_length, "server test split")
+    baseline = majority_baseline(test.labels, len(labels))
 
     model = build_model(settings.model_path, len(labels), settings.lora)
     state = get_adapter_state(model)

@@ -33,7 +33,11 @@ POLL_S = 2.0
 
 
 class SimulationError(RuntimeError):
-    """The simulated federation did not complete."""
+    """The simulated federation did not complete; ``log_path`` holds Flower's log of the run, if any."""
+
+    def __init__(self, message: str, log_path: Path | None = None) -> None:
+        super().__init__(message)
+        self.log_path = log_path
 
 
 def project_dir() -> Path:
@@ -65,7 +69,10 @@ class LocalSuperLink:
         )
 
     def env(self) -> dict[str, str]:
-        return os.environ | {"FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+        # Flower's processes start each other by name (flower-superexec, flwr-simulation): put our
+        # interpreter's scripts first on PATH, so an un-activated venv works (`make demo`).
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return os.environ | {"PATH": path, "FLWR_HOME": str(self.flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
                              "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
 
     def start(self) -> None:
@@ -145,14 +152,18 @@ def _signal(proc: psutil.Process, sig: int) -> None:
 
 @contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C, so the cleanup in ``finally`` runs for both."""
+    """SIGINT and SIGTERM both raise KeyboardInterrupt, so the cleanup in ``finally`` runs for both.
+
+    SIGINT is set explicitly: a process started in the background inherits it ignored.
+    """
     def handler(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_simulation(run_config: dict[str, Any], *, sites: int, out_dir: Path,
@@ -182,7 +193,7 @@ def run_simulation(run_config: dict[str, Any], *, sites: int, out_dir: Path,
                 log_follower = subprocess.Popen([_tool("flwr"), "log", run_id, CONNECTION, "--stream"], env=link.env(),
                                                 stdout=log, stderr=subprocess.STDOUT, cwd=flwr_home,
                                                 start_new_session=True)
-            return _follow(link, run_id, metrics_path, on_round)
+            return _follow(link, run_id, metrics_path, on_round, out_dir / "flower.log")
         finally:
             if log_follower is not None:
                 os.killpg(log_follower.pid, signal.SIGTERM)
@@ -199,7 +210,7 @@ def _complete_lines(path: Path) -> list[str]:
 
 
 def _follow(link: LocalSuperLink, run_id: str, metrics_path: Path,
-            on_round: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+            on_round: Callable[[dict[str, Any]], None], log_path: Path) -> dict[str, Any]:
     reported = 0
     while True:
         time.sleep(POLL_S)
@@ -212,5 +223,5 @@ def _follow(link: LocalSuperLink, run_id: str, metrics_path: Path,
         reported = len(lines)
         if status.startswith("finished"):
             if status != "finished:completed":
-                raise SimulationError(f"the run ended as {status!r} ({runs[0].get('status-details')})")
+                raise SimulationError(f"the run ended as {status!r}; see {log_path}", log_path)
             return runs[0]

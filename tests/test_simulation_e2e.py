@@ -8,6 +8,7 @@ Slow: about 3 minutes.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -155,3 +156,22 @@ def test_bad_input_exits_2_before_starting_anything(tmp_path: Path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     bad = fedtune("simulate", "--out", str(tmp_path / "x"), "--epsilon", "-3")
     assert bad.returncode == 2 and "privacy.epsilon must be a positive number" in bad.stderr
+    reviews = write_csv(tmp_path / "r.csv", [{"text": "fine", "label": "positive"}] * 4)
+    no_test = fedtune("simulate", "--out", str(tmp_path / "x"), "--data", str(reviews), "--sites", "2")
+    assert no_test.returncode == 2 and "data.test-source must name the server's test file" in no_test.stderr
+
+
+def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, drug_reviews):
+    started = time.time()
+    train = write_csv(tmp_path / "train.csv", drug_reviews[:30])
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "simulate", "--out", str(out), "--data", str(train),
+                             "--test-data", str(train), "--partition", "iid", "--max-length", "16", "--rounds", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)  # the federation is up: the ServerApp wrote round 0
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "every process it started was stopped" in stderr
+    assert our_flower_processes(started) == []

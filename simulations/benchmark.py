@@ -1,0 +1,178 @@
+"""Benchmarks: every number is a ratio or a size measured side by side in one run (shared, noisy machines).
+
+    python -m simulations.benchmark throughput     DP-SGD vs plain LoRA training speed; adapter vs model bytes
+    python -m simulations.benchmark secagg         server unmasking time at 10/100/1,000 sites; upload bytes
+    python -m simulations.benchmark round-time     a 10-site round, secure vs plain aggregation (Flower simulation)
+    python -m simulations.benchmark dp-utility     macro-F1 under DP as records per site grow (BANKING77)
+
+Each prints a Markdown table; BENCHMARKS.md holds the results and the machine they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.adapter import get_adapter_state, trainable_keys
+from common.config import LoraSettings, PrivacySettings, TrainSettings
+from common.data import encode, label_names, read_records, write_records
+from common.model import build_model, load_tokenizer, resolve_model_path
+
+BANKING77 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "banking77"
+
+
+def _train_seconds(data, *, dp: bool, settings: TrainSettings, labels) -> float:
+    from client.privacy import PrivacyLedger
+    from client.train import train_locally
+
+    model = build_model("", len(labels), LoraSettings())
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = PrivacyLedger(Path(tmp) / "l.json", PrivacySettings(epsilon=1e3)) if dp else None
+        started = time.perf_counter()
+        train_locally(model, data, settings, ledger=ledger, planned_rounds=1, server_round=1, run_id=0, seed=0)
+        return time.perf_counter() - started
+
+
+def throughput(repeats: int = 2) -> None:
+    records = read_records("drugreview")[:128]
+    labels = label_names(records)
+    data = encode(records, labels, load_tokenizer(""), 128, "bench")
+    settings = TrainSettings(learning_rate=0.01, local_epochs=1, batch_size=32, physical_batch_size=16)
+    plain, private = [], []
+    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+        plain.append(len(data) / _train_seconds(data, dp=False, settings=settings, labels=labels))
+        private.append(len(data) / _train_seconds(data, dp=True, settings=settings, labels=labels))
+    model = build_model("", len(labels), LoraSettings())
+    state = get_adapter_state(model)
+    ffa = sum(state[k].size for k in trainable_keys(state, "ffa")) * 4
+    full = sum(v.size for v in state.values()) * 4
+    model_bytes = sum(p.stat().st_size for p in resolve_model_path("").glob("*.safetensors"))
+    print(f"| training (128 reviews, 128 tokens, batch 32, {torch.get_num_threads()} threads) | samples/s |\n|---|---|")
+    print(f"| LoRA, no DP | {statistics.median(plain):.1f} |\n| LoRA, DP-SGD (Opacus hooks) | "
+          f"{statistics.median(private):.1f} |")
+    print(f"| **DP / no-DP throughput** | **{statistics.median(private) / statistics.median(plain):.2f}** |\n")
+    print("| what | bytes | vs full model |\n|---|---|---|")
+    print(f"| FFA update (lora_B + head, fp32) sent per round | {ffa:,} | {ffa / model_bytes:.4%} |")
+    print(f"| whole adapter (A + B + head, fp32) | {full:,} | {full / model_bytes:.4%} |")
+    print(f"| base model safetensors | {model_bytes:,} | 100% |")
+
+
+def secagg(sizes: tuple[int, ...] = (10, 100, 1000), length: int = 74_883) -> None:
+    from common.secagg import LocalFederation
+    from common.secure_update import count_slots, value_bits_for
+    from common.secagg import SecAggParams
+
+    print(f"| sites | neighbours k | threshold t | modulus bits | upload / fp32 bytes | server: sum uploads (s) "
+          f"| server: unmask (s) | one site: mask+pack (s) |\n|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        params = SecAggParams(round_id=f"bench-{n}", site_ids=tuple(range(n)), vector_length=length, clip=50.0,
+                              value_bits=value_bits_for(n), count_slots=count_slots(3))
+        fed = LocalFederation.create(params)
+        routed = fed.advertise()
+        inboxes = fed.share(routed)
+        update = rng.normal(scale=0.01, size=length)
+        counts = [1] * params.count_slots
+        started = time.perf_counter()
+        uploads = fed.masked_uploads(inboxes, {s: update for s in params.site_ids},
+                                     {s: counts for s in params.site_ids})
+        per_site = (time.perf_counter() - started) / n
+        started = time.perf_counter()
+        requests = fed.server.collect_masked(uploads)
+        summed = time.perf_counter() - started
+        responses = {s: fed.clients[s].unmask(requests[s].to_bytes()).to_bytes() for s in requests}
+        started = time.perf_counter()
+        result = fed.server.finish(responses)
+        unmask = time.perf_counter() - started
+        assert np.allclose(result.sum_vector, n * update, atol=result.error_bound + 1e-9)
+        ratio = params.packed_bytes / (4 * length)
+        print(f"| {n:,} | {params.degree} | {params.threshold} | {params.modulus_bits} | {ratio:.3f} | "
+              f"{summed:.2f} | {unmask:.2f} | {per_site:.3f} |")
+
+
+def round_time(sites: int = 10, repeats: int = 2) -> None:
+    from fedtune.cli import main as fedtune
+
+    records = read_records("drugreview")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_records(root / "train.csv", records[: 20 * sites])
+        write_records(root / "test.csv", records[500:540])
+        durations: dict[str, list[float]] = {"plain": [], "secure": []}
+        uploads = {}
+        for attempt in range(repeats):
+            for mode in ("plain", "secure"):
+                out = root / f"{mode}-{attempt}"
+                args = ["simulate", "--out", str(out), "--sites", str(sites), "--rounds", "2", "--data",
+                        str(root / "train.csv"), "--test-data", str(root / "test.csv"), "--partition", "iid",
+                        "--max-length", "32", "--local-epochs", "1", "--batch-size", "10", "--epsilon", "50"]
+                if fedtune(args + (["--plain-aggregation"] if mode == "plain" else [])) != 0:
+                    sys.exit(f"the {mode} simulation failed")
+                lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
+                durations[mode] += [line["duration_s"] for line in lines]
+                if mode == "secure":
+                    uploads = lines[-1]["secure_aggregation"]
+        values = json.loads((root / "secure-0" / "run.json").read_text())["update_values"]
+    plain, secure = statistics.median(durations["plain"]), statistics.median(durations["secure"])
+    print(f"| {sites} sites, MiniLM FFA adapter ({values:,} values) | round time (s, median of "
+          f"{len(durations['plain'])}) |\n|---|---|")
+    print(f"| plain aggregation | {plain:.1f} |\n| secure aggregation | {secure:.1f} |")
+    print(f"| **secure / plain** | **{secure / plain:.2f}** |")
+    print(f"| upload per site / fp32 update bytes | {uploads['upload_bytes'] / (4 * values):.3f} |")
+
+
+def dp_utility(sizes: tuple[int, ...] = (250, 1000, 4000), epochs: int = 8) -> None:
+    """One site's records → macro-F1 on the BANKING77 test set, DP (ε=8) vs no DP, FFA-LoRA."""
+    from client.privacy import PrivacyLedger
+    from client.train import train_locally
+    from common.evaluation import evaluate, metrics
+
+    if not (BANKING77 / "train.csv").is_file():
+        sys.exit(f"BANKING77 not found at {BANKING77}")
+    train_all = [{"text": r["text"], "label": r["category"]} for r in _rows(BANKING77 / "train.csv")]
+    test = [{"text": r["text"], "label": r["category"]} for r in _rows(BANKING77 / "test.csv")]
+    labels = label_names(train_all)
+    tokenizer = load_tokenizer("")
+    test_data = encode(test, labels, tokenizer, 64, "test")
+    order = np.random.default_rng(0).permutation(len(train_all))
+    print(f"| records at the site | no DP macro-F1 | DP ε=8 macro-F1 | DP / no DP |\n|---|---|---|---|")
+    for n in sizes:
+        data = encode([train_all[i] for i in order[:n]], labels, tokenizer, 64, "train")
+        scores = {}
+        for dp in (False, True):
+            settings = TrainSettings(learning_rate=0.02, local_epochs=epochs, batch_size=max(32, n // 4),
+                                     physical_batch_size=64)
+            model = build_model("", len(labels), LoraSettings())
+            with tempfile.TemporaryDirectory() as tmp:
+                ledger = PrivacyLedger(Path(tmp) / "l.json", PrivacySettings(epsilon=8.0)) if dp else None
+                train_locally(model, data, settings, ledger=ledger, planned_rounds=1, server_round=1, run_id=0, seed=0)
+            scores[dp] = metrics(evaluate(model, test_data, len(labels)))["macro_f1"]
+        print(f"| {n:,} | {scores[False]:.3f} | {scores[True]:.3f} | {scores[True] / max(scores[False], 1e-9):.2f} |",
+              flush=True)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="*", default=["throughput", "secagg", "round-time", "dp-utility"])
+    for which in parser.parse_args().which:
+        print(f"\n### {which}\n", flush=True)
+        {"throughput": throughput, "secagg": secagg, "round-time": round_time, "dp-utility": dp_utility}[which]()
+
+
+if __name__ == "__main__":
+    main()
