@@ -1,5 +1,9 @@
 """``fedtune``: the command line. Each subcommand parses, validates, then calls one function.
 
+    fedtune simulate | demo            a federation on this machine (simulations/)
+    fedtune provision | passport       deployment kits, model passports (fedtune/deploy_cli.py)
+
+
 Exit codes: 0 done, 1 the run failed, 2 bad input (config, data, model), 130 interrupted.
 """
 
@@ -12,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, RunSettings
+from fedtune.deploy_cli import add_subcommands
 from simulations.runner import SimulationError, project_dir, run_simulation
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -164,13 +169,13 @@ def main(argv: list[str] | None = None) -> int:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     _federation_options(demo)
+    handlers = {"simulate": cmd_simulate, "demo": cmd_demo} | add_subcommands(sub)
     args = parser.parse_args(argv)
-    handlers = {"simulate": cmd_simulate, "demo": cmd_demo}
     from common.data import DataError  # torch-heavy modules load only once a command runs
     from common.model import ModelError
 
     try:
-        handlers[args.command](args)
+        return handlers[args.command](args) or 0
     except (ConfigError, DataError, ModelError) as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -181,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedtune: interrupted; every process it started was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0
 
 
 if __name__ == "__main__":
