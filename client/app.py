@@ -26,9 +26,10 @@ from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger
 from client.secure import (
     SessionStore, SiteKeys, accept_params, stage_advertise, stage_mask, stage_share, stage_unmask,
 )
-from client.site import Site, resolve_site
+from client.site import PolicyError, Site, resolve_site
 from client.train import TrainingError, train_locally
 from common.adapter import delta, set_adapter_state, trainable_keys
+from common.audit import AuditLog
 from common.config import ConfigError, RunSettings
 from common.data import DataError
 from common.evaluation import evaluate
@@ -45,7 +46,7 @@ log = logging.getLogger("fedtune.client")
 app = ClientApp()
 
 _FAILURE_KINDS: tuple[tuple[type[Exception], str], ...] = (
-    (BudgetExhausted, "budget-exhausted"), (LedgerError, "ledger"), (DataError, "bad-data"),
+    (BudgetExhausted, "budget-exhausted"), (LedgerError, "ledger"), (PolicyError, "site-policy"), (DataError, "bad-data"),
     (ConfigError, "bad-config"), (ModelError, "bad-config"), (RegistryError, "registry"),
     (WireError, "protocol"), (SecAggError, "protocol"), (TrainingError, "training-failed"),
 )
@@ -75,8 +76,8 @@ def _settings_and_site(context: Context) -> tuple[RunSettings, Site]:
 
 
 def _keys(settings: RunSettings, site: Site) -> SiteKeys:
-    registry = load_registry(settings.secagg.registry)
-    site_id, identity = load_identity(site.state_dir, site.name, registry)
+    registry = load_registry(site.registry_path or settings.secagg.registry)
+    site_id, identity = load_identity(site.keys_dir, site.name, registry)
     return SiteKeys(site_id, identity, registry)
 
 
@@ -91,6 +92,7 @@ def identify(msg: Message, context: Context) -> RecordDict:
 @_replying_failures
 def train(msg: Message, context: Context) -> RecordDict:
     settings, site = _settings_and_site(context)
+    site.policy.check(settings)
     global_state, server_round, secagg_params = unpack_train_request(msg.content)
     secure = settings.federation.secure_aggregation
     if secure and secagg_params is None:
@@ -113,6 +115,9 @@ def train(msg: Message, context: Context) -> RecordDict:
         server_round=server_round, run_id=msg.metadata.run_id,
         seed=zlib.crc32(f"{settings.data.seed}/{site.name}/{server_round}".encode()),
     )
+    AuditLog(site.state_dir / "audit.jsonl").record(
+        "trained", run_id=msg.metadata.run_id, round=server_round, examples=len(site.train), steps=result.steps,
+        epsilon=result.epsilon, secure_aggregation=keys is not None)
     update = delta(result.adapter, global_state, keys_order)
     privacy = {"site": site.name} | (ledger.report() if ledger else {"dp": "off"})
     if keys is None:

@@ -122,8 +122,13 @@ class FederationSettings:
     min_sites: int = 2
     """A round with fewer successful sites ends without changing the model."""
     secure_aggregation: bool = True
+    train_timeout: float = 1800.0
+    """Seconds a site has to train and answer; a site silent past it is dropped from the round."""
+    stage_timeout: float = 120.0
+    """Seconds a site has to answer each secure-aggregation key/share/mask/unmask stage."""
 
     def __post_init__(self) -> None:
+        _require(self.train_timeout > 0 and self.stage_timeout > 0, "federation timeouts must be > 0 seconds")
         _require(self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}")
         _require(self.sites >= 1, f"federation.sites must be >= 1, got {self.sites}")
         _require(
@@ -161,6 +166,10 @@ class RunSettings:
 
     model_path: str = ""
     out_dir: Path = Path("runs/default")
+    resume_from: str = ""
+    """A checkpoint directory (checkpoints/round-NNNN) to continue from; "" = start afresh."""
+    passport_key: str = ""
+    """The coordinator's Ed25519 signing key (PEM): every checkpoint gets a signed passport."""
     data: DataSettings = field(default_factory=DataSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

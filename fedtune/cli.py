@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, RunSettings
 from fedtune.deploy_cli import add_subcommands
-from simulations.runner import SimulationError, project_dir, run_simulation
+from server.control import RunFailed, project_dir
+from simulations.runner import run_simulation
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -56,6 +58,10 @@ def _federation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=float, default=d["privacy.max-grad-norm"], help="DP-SGD per-sample clipping norm")
     p.add_argument("--max-length", type=int, default=d["data.max-length"], help="tokens per example")
     p.add_argument("--seed", type=int, default=d["data.seed"])
+    p.add_argument("--train-timeout", type=float, default=d["federation.train-timeout"],
+                   help="seconds a site has to train and answer before it is dropped from the round")
+    p.add_argument("--stage-timeout", type=float, default=d["federation.stage-timeout"],
+                   help="seconds per secure-aggregation stage")
     p.add_argument("--plain-aggregation", action="store_true",
                    help="let the server see each site's update (no secure aggregation; warns)")
 
@@ -78,16 +84,36 @@ def simulated_registry(out: Path, sites: int) -> Path:
     return path
 
 
-def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dict[str, Any]:
-    secure = not args.plain_aggregation
+def simulated_passport_key(out: Path) -> Path:
+    """The simulated coordinator's passport signing key (kept across re-runs), and its public half beside it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from common.passport import public_key_pem, signing_key_pem
+    from common.registry import write_private
+
+    path = out.resolve() / "passport-signing.key"
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        write_private(path, signing_key_pem(key))
+        path.with_suffix(".pub").write_bytes(public_key_pem(key.public_key()))
+    return path
+
+
+def resume_checkpoint(out: Path) -> str:
+    from server.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(out.resolve())
+    if found is None:
+        raise ConfigError(f"--resume: no checkpoint in {out}/checkpoints to continue from")
+    return str(found)
+
+
+def training_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config values every way of running shares (model, data handling, LoRA, DP, rounds)."""
     return {
-        "out-dir": str(out.resolve()),
         "model-path": args.model,
-        "data.source": args.data,
         "data.test-source": args.test_data,
         "data.labels": args.labels,
-        "data.partition": args.partition,
-        "data.dirichlet-alpha": args.dirichlet_alpha,
         "data.seed": args.seed,
         "data.max-length": args.max_length,
         "lora.rank": args.lora_rank,
@@ -96,14 +122,28 @@ def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dic
         "train.learning-rate": args.learning_rate,
         "train.local-epochs": args.local_epochs,
         "train.batch-size": args.batch_size,
-        "privacy.enabled": dp,
         "privacy.epsilon": args.epsilon,
         "privacy.delta": args.delta,
         "privacy.max-grad-norm": args.max_grad_norm,
         "federation.rounds": args.rounds,
         "federation.sites": args.sites,
         "federation.min-sites": max(1, min(2, args.sites)),
-        "federation.secure-aggregation": secure,
+        "federation.secure-aggregation": not args.plain_aggregation,
+        "federation.train-timeout": args.train_timeout,
+        "federation.stage-timeout": args.stage_timeout,
+    }
+
+
+def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dict[str, Any]:
+    secure = not args.plain_aggregation
+    return training_run_config(args) | {
+        "out-dir": str(out.resolve()),
+        "resume-from": resume_checkpoint(out) if getattr(args, "resume", False) else "",
+        "passport-key": str(simulated_passport_key(out)),
+        "data.source": args.data,
+        "data.partition": args.partition,
+        "data.dirichlet-alpha": args.dirichlet_alpha,
+        "privacy.enabled": dp,
         "secagg.registry": str(simulated_registry(out, args.sites)) if secure else "",
     }
 
@@ -149,7 +189,67 @@ def cmd_demo(args: argparse.Namespace) -> None:
           "records per site (see BENCHMARKS.md for how utility under DP grows with site size).")
 
 
-def failure_hint(exc: SimulationError) -> str:
+def cmd_server_start(args: argparse.Namespace) -> None:
+    """The coordinator: SuperLink with TLS + site auth, the fedtune run, streamed rounds."""
+    from common.data import label_names, read_records
+    from server.orchestrator import ServerKit, start_server
+    from simulations.report import round_line
+
+    if not args.test_data:
+        raise ConfigError("--test-data: the coordinator evaluates every round on its own held-out file (CSV/JSONL)")
+    kit = ServerKit.load(args.kit)
+    labels = args.labels or ",".join(label_names(read_records(args.test_data)))
+    run_config = training_run_config(args) | {"data.labels": labels, "privacy.enabled": True}
+    if args.plain_aggregation:
+        warn("secure aggregation is OFF (--plain-aggregation): the server sees every site's update")
+    RunSettings.from_flat(default_run_config() | run_config | {"secagg.registry": str(kit.registry)})
+    print(f"== coordinator on {args.host}:{args.port} (TLS, site authentication), {len(kit.supernode_keys)} "
+          f"registered sites, state {args.state}{', resuming' if args.resume else ''}", flush=True)
+    start_server(kit, args.state, host=args.host, port=args.port, run_config=run_config, resume=args.resume,
+                 on_round=lambda line: print("  " + round_line(line, args.rounds), flush=True))
+    print(f"final adapter: {args.state / 'run' / 'final' / 'adapter'} (signed passport inside); "
+          f"audit log: {args.state / 'run' / 'audit.jsonl'}")
+
+
+def cmd_client_start(args: argparse.Namespace) -> int:
+    """The on-premise site daemon (a SuperNode); runs until stopped."""
+    from client.daemon import start_client
+
+    print(f"== site daemon: kit {args.kit}, data {args.data}, state {args.state}, coordinator {args.superlink}, "
+          f"budget ceiling ε={args.max_epsilon:g}", flush=True)
+    code = start_client(args.kit, args.data, args.state, superlink=args.superlink, max_epsilon=args.max_epsilon)
+    if code:
+        log = args.state / "supernode.log"
+        reasons = [line.strip() for line in log.read_text(errors="replace").splitlines()
+                   if "Failed" in line or "ERROR" in line][-3:] if log.exists() else []
+        print(f"fedtune: the site daemon stopped: the SuperNode exited with {code} (see {log}). "
+              f"{' / '.join(reasons)}\nA site the coordinator has not registered, or a kit from another "
+              "provisioning, is refused at connection.", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
+    server = sub.add_parser("server", help="the coordinator (deployment)").add_subparsers(dest="action", required=True)
+    start = server.add_parser("start", help="SuperLink with TLS and site authentication + the fedtune run",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    start.add_argument("--kit", type=Path, required=True, help="the server/ directory from `fedtune provision`")
+    start.add_argument("--state", type=Path, required=True, help="state directory (database, checkpoints, audit)")
+    start.add_argument("--host", default="127.0.0.1", help="a server host name provisioned into the certificate")
+    start.add_argument("--port", type=int, default=9092)
+    start.add_argument("--resume", action="store_true", help="continue from the newest checkpoint after a crash")
+    _federation_options(start)
+    client = sub.add_parser("client", help="a site's daemon (deployment)").add_subparsers(dest="action", required=True)
+    daemon = client.add_parser("start", help="the on-premise SuperNode with TLS and the site key",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    daemon.add_argument("--kit", type=Path, required=True, help="this site's kit from `fedtune provision`")
+    daemon.add_argument("--data", type=Path, required=True, help="the site's CSV/JSONL (text,label); never leaves")
+    daemon.add_argument("--state", type=Path, required=True, help="the site's state: privacy ledger, audit log")
+    daemon.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")
+    daemon.add_argument("--max-epsilon", type=float, default=8.0, help="the most ε this site will ever spend")
+
+
+def failure_hint(exc: RunFailed) -> str:
     """The ServerApp's own words on why the run failed, from the run's Flower log."""
     log = exc.log_path
     reasons = [line for line in log.read_text(errors="replace").splitlines() if "FederationFailed" in line] \
@@ -157,29 +257,41 @@ def failure_hint(exc: SimulationError) -> str:
     return reasons[-1].split("FederationFailed: ")[-1] if reasons else ""
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int | None]]]:
+    """The whole command line, and the handler of each command."""
     parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     simulate = sub.add_parser("simulate", help="run a whole federation on this machine (Flower simulation engine)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     simulate.add_argument("--out", type=Path, required=True, help="output directory")
     simulate.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF (warns)")
+    simulate.add_argument("--resume", action="store_true",
+                          help="continue from the newest checkpoint in --out (after a crash or Ctrl-C)")
     _federation_options(simulate)
     demo = sub.add_parser("demo", help="the README demo: 3 hospitals, DP off vs on, side by side",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     _federation_options(demo)
-    handlers = {"simulate": cmd_simulate, "demo": cmd_demo} | add_subcommands(sub)
+    _deployment_parsers(sub)
+    handlers = {"simulate": cmd_simulate, "demo": cmd_demo, "server": cmd_server_start, "client": cmd_client_start}
+    handlers |= add_subcommands(sub)
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_parser()
     args = parser.parse_args(argv)
     from common.data import DataError  # torch-heavy modules load only once a command runs
+    from common.kits import ProvisionError
     from common.model import ModelError
+    from server.orchestrator import KitError
 
     try:
         return handlers[args.command](args) or 0
-    except (ConfigError, DataError, ModelError) as exc:
+    except (ConfigError, DataError, ModelError, KitError, ProvisionError) as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except SimulationError as exc:
+    except RunFailed as exc:
         print(f"fedtune: the federation failed: {exc}", file=sys.stderr)
         print(failure_hint(exc), file=sys.stderr)
         return EXIT_FAILED

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.passport import PassportError, key_id, load_public_key, verify_passport
-from server.provision import MAX_DAYS, ProvisionError, provision
+from common.kits import MAX_DAYS, ProvisionError, provision
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 

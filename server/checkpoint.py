@@ -63,6 +63,12 @@ def save_checkpoint(out_dir: Path, server_round: int, model: torch.nn.Module, st
     return final
 
 
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a staging ``.tmp`` directory from a crash is ignored)."""
+    done = sorted(p for p in (out_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]") if (p / "round.json").exists())
+    return done[-1] if done else None
+
+
 def publish_final(out_dir: Path, checkpoint: Path) -> Path:
     target = out_dir / "final" / "adapter"
     shutil.rmtree(target, ignore_errors=True)

@@ -6,24 +6,30 @@ delta, evaluate (server test split + sites' held-out data), checkpoint, write a 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
+import numpy as np
+from safetensors.numpy import load_file
+
 from flwr.serverapp import Grid
 
-from common.adapter import apply_delta, get_adapter_state, set_adapter_state, trainable_keys
+from common.adapter import AdapterState, apply_delta, get_adapter_state, set_adapter_state, trainable_keys
 from common.config import ConfigError, DataSettings, RunSettings
 from common.data import DRUGREVIEW, encode, read_records
 from common.evaluation import evaluate, majority_baseline, metrics
-from common.model import build_model, load_tokenizer
+from common.model import base_model_sha256, build_model, load_tokenizer
+from common.passport import build_passport, load_signing_key, sign_passport
 from common.registry import load_registry
-from server.checkpoint import append_metrics, publish_final, save_checkpoint, write_json
+from fedtune import __version__
+from common.audit import AuditLog
+from server.checkpoint import append_metrics, file_sha256, publish_final, save_checkpoint, write_json
 from server.secure_agg import SecureAggregation
 from server.strategy import Aggregator, PlainAggregation, RoundSpec
 
 log = logging.getLogger("fedtune.server")
-ROUND_TIMEOUT_S = 3600.0
 NODE_WAIT_S = 120.0
 
 
@@ -56,10 +62,23 @@ def test_source(data: DataSettings) -> str:
     raise ConfigError("data.test-source must name the server's test file (CSV/JSONL) when data.source is a file")
 
 
+def resume_point(checkpoint: Path, state: AdapterState) -> tuple[AdapterState, int, str]:
+    """(adapter state, its round, its sha256) of a checkpoint to continue from; checked against the model."""
+    info = json.loads((checkpoint / "round.json").read_text())
+    weights = checkpoint / "adapter_model.safetensors"
+    if file_sha256(weights) != info["adapter_sha256"]:
+        raise ConfigError(f"checkpoint {checkpoint} does not match its round.json checksum: it was altered")
+    saved = {key: value.astype(np.float32) for key, value in load_file(str(weights)).items()}
+    if set(saved) != set(state) or any(saved[k].shape != state[k].shape for k in state):
+        raise ConfigError(f"checkpoint {checkpoint} is not an adapter of this model and LoRA configuration")
+    return saved, int(info["round"]), info["adapter_sha256"]
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> Path:
-    """Run every round; return the final adapter's directory."""
+    """Run every round (from a checkpoint when resuming); return the final adapter's directory."""
     out_dir = settings.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    audit = AuditLog(out_dir / "audit.jsonl")
     if not settings.privacy.enabled:
         log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled=false): sites' updates are not DP")
 
@@ -69,35 +88,50 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     test = encode(read_records(test_source(settings.data), split="test"), labels, load_tokenizer(settings.model_path),
                   settings.data.max_length, "server test split")
     baseline = majority_baseline(test.labels, len(labels))
+    signing_key = load_signing_key(Path(settings.passport_key)) if settings.passport_key else None
+    base_sha = base_model_sha256(settings.model_path) if signing_key else ""
 
     model = build_model(settings.model_path, len(labels), settings.lora)
     state = get_adapter_state(model)
     keys = trainable_keys(state, settings.lora.aggregation)
     update_size = sum(state[key].size for key in keys)
-    spec = RoundSpec(update_size, len(labels), settings.federation.min_sites, ROUND_TIMEOUT_S)
+    spec = RoundSpec(update_size, len(labels), settings.federation.min_sites, settings.federation.train_timeout,
+                     settings.federation.stage_timeout)
     aggregator = choose_aggregator(settings, spec)
+    run_id = grid.run.run_id
     write_json(out_dir / "run.json", {
         "labels": labels, "majority_baseline": baseline, "aggregation": aggregator.name,
         "lora": settings.lora.aggregation, "dp": settings.privacy.enabled, "update_values": update_size,
         "sites": settings.federation.sites, "rounds": settings.federation.rounds,
     })
-    append_metrics(out_dir, {"round": 0, "server": metrics(evaluate(model, test, len(labels)))})
-    checkpoint = save_checkpoint(out_dir, 0, model, state, {"contributors": 0})
-
     privacy: dict[str, dict] = {}
+    if settings.resume_from:
+        state, last_round, parent = resume_point(Path(settings.resume_from), state)
+        set_adapter_state(model, state)
+        checkpoint = Path(settings.resume_from)
+        if (out_dir / "privacy.json").exists():
+            privacy = json.loads((out_dir / "privacy.json").read_text())["sites"]
+        audit.record("run-resumed", run_id=run_id, from_round=last_round, checkpoint_sha256=parent)
+    else:
+        last_round = 0
+        append_metrics(out_dir, {"round": 0, "server": metrics(evaluate(model, test, len(labels)))})
+        checkpoint = save_checkpoint(out_dir, 0, model, state, {"contributors": 0, "parent_sha256": None})
+        parent = file_sha256(checkpoint / "adapter_model.safetensors")
+        audit.record("run-started", run_id=run_id, aggregation=aggregator.name, dp=settings.privacy.enabled,
+                     rounds=settings.federation.rounds, initial_sha256=parent)
+
     updated_rounds = 0
-    for server_round in range(1, settings.federation.rounds + 1):
+    for server_round in range(last_round + 1, settings.federation.rounds + 1):
         started = time.monotonic()
-        nodes = wait_for_sites(grid, settings.federation.sites, NODE_WAIT_S)
+        # The first round waits for every expected site; later rounds go on with whoever is connected.
+        wanted = settings.federation.sites if server_round == last_round + 1 else settings.federation.min_sites
+        nodes = wait_for_sites(grid, wanted, NODE_WAIT_S)
         outcome = aggregator.run_round(grid, nodes, state, server_round)
         for failure in outcome.failures:
             log.warning("round %d: site %s failed (%s): %s", server_round, failure["site"], failure["kind"],
                         failure["detail"])
         privacy.update(outcome.privacy)
-        if outcome.mean_delta is not None:
-            state = apply_delta(state, outcome.mean_delta, keys)
-            set_adapter_state(model, state)
-            updated_rounds += 1
+        epsilon = {site: report.get("epsilon") for site, report in sorted(privacy.items())}
         line = {
             "round": server_round,
             "aggregation": aggregator.name,
@@ -105,18 +139,38 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
             "failures": outcome.failures,
             "model_updated": outcome.mean_delta is not None,
             "train_loss": outcome.train_loss,
-            "server": metrics(evaluate(model, test, len(labels))),
             "federated": metrics(outcome.evaluation) if outcome.evaluation else None,
             "secure_aggregation": outcome.details or None,
-            "epsilon": {site: report.get("epsilon") for site, report in sorted(privacy.items())},
+            "epsilon": epsilon,
         }
-        checkpoint = save_checkpoint(out_dir, server_round, model, state, {"contributors": outcome.contributors})
+        audit.record("round", run_id=run_id, round=server_round, nodes=len(nodes), contributors=outcome.contributors,
+                     survivors=outcome.details.get("survivors"), dropped=outcome.details.get("dropped"),
+                     failures=[{k: f[k] for k in ("site", "kind")} for f in outcome.failures],
+                     model_updated=outcome.mean_delta is not None)
+        if outcome.mean_delta is not None:  # a new model version: apply, checkpoint, sign
+            state = apply_delta(state, outcome.mean_delta, keys)
+            set_adapter_state(model, state)
+            updated_rounds += 1
+            checkpoint = save_checkpoint(out_dir, server_round, model, state,
+                                         {"contributors": outcome.contributors, "parent_sha256": parent})
+            parent = file_sha256(checkpoint / "adapter_model.safetensors")
+            if signing_key is not None:
+                sign_passport(checkpoint, build_passport(
+                    checkpoint, base_model_sha256=base_sha, server_round=server_round,
+                    contributors=outcome.contributors, epsilon=epsilon, fedtune_version=__version__), signing_key)
+            audit.record("checkpoint", round=server_round, adapter_sha256=parent, passport=signing_key is not None)
+        line["server"] = metrics(evaluate(model, test, len(labels)))
+        line["checkpoint"] = checkpoint.name
         line["duration_s"] = round(time.monotonic() - started, 2)
         append_metrics(out_dir, line)
         write_json(out_dir / "privacy.json", {"dp": settings.privacy.enabled, "sites": privacy})
         log.info("round %d: %d site(s), server macro-F1 %.3f", server_round, outcome.contributors,
                  line["server"]["macro_f1"])
-    if updated_rounds == 0:
+    if updated_rounds == 0 and not settings.resume_from:
+        audit.record("run-failed", run_id=run_id, reason="no round changed the model")
         kinds = sorted({failure["kind"] for failure in outcome.failures})
         raise FederationFailed(f"no round changed the model; the sites' failures were {kinds} (see metrics.jsonl)")
-    return publish_final(out_dir, checkpoint)
+    final = publish_final(out_dir, checkpoint)
+    audit.record("run-finished", run_id=run_id, final_sha256=parent, final_round=json.loads(
+        (checkpoint / "round.json").read_text())["round"])
+    return final

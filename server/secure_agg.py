@@ -45,7 +45,7 @@ class SecureAggregation:
         unknown = [node for node in node_ids if node not in self.site_of_node]
         failures = []
         messages = [Message(RecordDict({}), dst_node_id=node, message_type="query.identify") for node in unknown]
-        for reply in grid.send_and_receive(messages, timeout=self.spec.timeout) if messages else []:
+        for reply in grid.send_and_receive(messages, timeout=self.spec.stage_timeout) if messages else []:
             node = reply.metadata.src_node_id
             if (failure := failure_record(reply)) is not None:
                 failures.append(failure)
@@ -117,8 +117,9 @@ class SecureAggregation:
         sites = [s for s in sorted(node_of_site) if only is None or s in only]
         messages = [Message(content(site), dst_node_id=node_of_site[site], message_type=message_type)
                     for site in sites]
-        replies = list(grid.send_and_receive(messages, timeout=self.spec.timeout))
-        failures.extend(missing_replies(len(messages), len(replies), self.spec.timeout, message_type))
+        timeout = self.spec.train_timeout if message_type == "train" else self.spec.stage_timeout
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        failures.extend(missing_replies(len(messages), len(replies), timeout, message_type))
         answers: dict[int, dict[str, bytes]] = {}
         for reply in replies:
             site = self.site_of_node[reply.metadata.src_node_id]

@@ -28,7 +28,8 @@ class RoundSpec:
     update_size: int
     num_labels: int
     min_sites: int
-    timeout: float
+    train_timeout: float
+    stage_timeout: float
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,9 @@ class PlainAggregation:
         spec = self.spec
         messages = [Message(pack_train_request(state, server_round), dst_node_id=node, message_type="train")
                     for node in node_ids]
-        replies = list(grid.send_and_receive(messages, timeout=spec.timeout))
+        replies = list(grid.send_and_receive(messages, timeout=spec.train_timeout))
         accepted: list[TrainReply] = []
-        failures = missing_replies(len(messages), len(replies), spec.timeout, "train")
+        failures = missing_replies(len(messages), len(replies), spec.train_timeout, "train")
         for reply in replies:
             if (failure := failure_record(reply)) is not None:
                 failures.append(failure)

@@ -180,7 +180,7 @@ def test_pem_keys_round_trip(tmp_path: Path, adapter: Path, key: Ed25519PrivateK
 
 
 def test_provisioned_keys_sign_and_verify(tmp_path: Path, adapter: Path) -> None:
-    from server.provision import provision
+    from common.kits import provision
 
     fed = provision(["a", "b"], ["localhost"], tmp_path / "fed")
     signed(adapter, load_signing_key(fed / "server" / "passport-signing.key"))

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from common.registry import IDENTITY_FILE, load_identity, load_registry
 from fedtune.deploy_cli import add_subcommands
-from server.provision import (
+from common.kits import (
     SITE_KIT_FILES,
     SITE_NAME,
     ProvisionError,

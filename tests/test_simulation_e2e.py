@@ -137,6 +137,36 @@ def test_no_flower_process_outlives_the_command(federation):
     assert our_flower_processes(federation["started"]) == []
 
 
+def _lineage(out: Path) -> list[dict]:
+    """round.json of every checkpoint, oldest first, each checked to name its parent's checksum."""
+    infos = [json.loads((p / "round.json").read_text()) for p in sorted((out / "checkpoints").glob("round-*"))]
+    for parent, child in zip(infos, infos[1:]):
+        assert child["parent_sha256"] == parent["adapter_sha256"], (parent["round"], child["round"])
+    return infos
+
+
+def test_passport_audit_and_lineage(federation, tmp_path: Path):
+    out = federation["out"]
+    key = str(out / "passport-signing.pub")
+    ok = fedtune("passport", "verify", str(out / "final" / "adapter"), "--key", key)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    tampered = tmp_path / "adapter"
+    import shutil
+
+    shutil.copytree(out / "final" / "adapter", tampered)
+    weights = tampered / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x80\x3f")
+    bad = fedtune("passport", "verify", str(tampered), "--key", key)
+    assert bad.returncode == 1 and "adapter file changed" in bad.stdout + bad.stderr
+
+    from common.audit import verify_chain
+
+    assert verify_chain(out / "audit.jsonl") >= 5
+    events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert events[:5] == ["run-started", "round", "checkpoint", "round", "checkpoint"]
+    assert [info["round"] for info in _lineage(out)] == [0, 1, 2]
+
+
 def test_a_rerun_on_spent_ledgers_is_refused_by_every_site(federation):
     out = federation["out"]
     before = (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes()
@@ -161,17 +191,25 @@ def test_bad_input_exits_2_before_starting_anything(tmp_path: Path):
     assert no_test.returncode == 2 and "data.test-source must name the server's test file" in no_test.stderr
 
 
-def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, drug_reviews):
+def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, drug_reviews):
     started = time.time()
     train = write_csv(tmp_path / "train.csv", drug_reviews[:30])
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "simulate", "--out", str(out), "--data", str(train),
-                             "--test-data", str(train), "--partition", "iid", "--max-length", "16", "--rounds", "3"],
+    args = ["simulate", "--out", str(out), "--data", str(train), "--test-data", str(train), "--partition", "iid",
+            "--max-length", "16", "--rounds", "3", "--local-epochs", "1", "--batch-size", "8"]
+    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)  # the federation is up: the ServerApp wrote round 0
+    while time.time() < deadline and proc.poll() is None and not (out / "checkpoints" / "round-0001").exists():
+        time.sleep(0.5)  # interrupt once round 1 is checkpointed, mid-run
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "every process it started was stopped" in stderr
+    assert our_flower_processes(started) == []
+
+    resumed = fedtune(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rounds = [line["round"] for line in _metrics(out)]
+    assert rounds[-1] == 3 and sorted(set(rounds)) == [0, 1, 2, 3]
+    assert [info["round"] for info in _lineage(out)][-1] == 3  # continuous parent chain up to round 3
     assert our_flower_processes(started) == []

@@ -1,0 +1,129 @@
+"""Driving a SuperLink with Flower's own CLI: connection config, submitting the app, following a run.
+
+``flwr run`` exits 0 even when the run fails, so a run is followed with ``flwr ls`` until Flower
+reports it finished, and only ``finished:completed`` counts as success. Round progress comes
+from the metrics.jsonl the ServerApp writes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from flwr.common.config import unflatten_dict
+
+from common.processes import ManagedProcess, console_script, flower_env
+
+CONNECTION = "fedtune"
+POLL_S = 2.0
+
+
+class RunFailed(RuntimeError):
+    """The federated run did not complete; ``log_path`` holds Flower's log of the run, if any."""
+
+    def __init__(self, message: str, log_path: Path | None = None) -> None:
+        super().__init__(message)
+        self.log_path = log_path
+
+
+def project_dir() -> Path:
+    """The Flower app directory (holds pyproject.toml with [tool.flwr.app])."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise RunFailed(f"no pyproject.toml in {root}: install fedtune from its source tree (pip install -e .)")
+    return root
+
+
+class Control:
+    """``flwr`` commands against one SuperLink, with a private FLWR_HOME holding the connection."""
+
+    def __init__(self, flwr_home: Path, address: str, root_certificates: Path | None = None) -> None:
+        self.home = flwr_home
+        self.home.mkdir(parents=True, exist_ok=True)
+        tls = f'root-certificates = "{root_certificates.resolve()}"\n' if root_certificates else "insecure = true\n"
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{tls}')
+
+    def env(self) -> dict[str, str]:
+        return flower_env(self.home)
+
+    def flwr(self, *args: str) -> dict[str, Any]:
+        """Run a ``flwr`` command with ``--format json``; its parsed answer."""
+        done = subprocess.run([console_script("flwr"), *args, "--format", "json"], env=self.env(),
+                              capture_output=True, text=True, timeout=120, cwd=self.home)
+        start = done.stdout.find("{")
+        try:
+            return json.loads(done.stdout[start:]) if start >= 0 else {"success": False, "error-message": done.stderr}
+        except json.JSONDecodeError:
+            return {"success": False, "error-message": done.stdout[-2000:] + done.stderr[-2000:]}
+
+    def submit(self, run_config: dict[str, Any], federation_config: str | None = None) -> str:
+        """Submit the fedtune app with these run-config values; the run id."""
+        # One TOML file: repeated --run-config "a.b=1" "a.c=2" flags would replace table a, not merge it.
+        overrides = self.home / "run-config.toml"
+        overrides.write_text(tomli_w.dumps(unflatten_dict(run_config)))
+        extra = ["--federation-config", federation_config] if federation_config else []
+        submitted = self.flwr("run", str(project_dir()), CONNECTION, "--run-config", str(overrides), *extra)
+        if not submitted.get("success"):
+            raise RunFailed(f"flwr run refused the app: {submitted.get('error-message', submitted)}")
+        return str(submitted["run-id"])
+
+    def stream_log(self, run_id: str, path: Path) -> ManagedProcess:
+        follower = ManagedProcess([console_script("flwr"), "log", run_id, CONNECTION, "--stream"], self.env(), path)
+        follower.start()
+        return follower
+
+    def follow(self, run_id: str, metrics_path: Path, on_round: Callable[[dict[str, Any]], None], log_path: Path,
+               daemons: tuple[ManagedProcess, ...] = ()) -> dict[str, Any]:
+        """Report new metrics lines until Flower says the run finished; its final record."""
+        reported = len(_complete_lines(metrics_path))  # a resumed run appends; report only what is new
+        while True:
+            time.sleep(POLL_S)
+            for daemon in daemons:
+                daemon.track()
+                if daemon.exited() is not None:
+                    raise RunFailed(f"{daemon.command[0]} exited with {daemon.exited()}; see {daemon.log_path}",
+                                    daemon.log_path)
+            runs = self.flwr("ls", CONNECTION, "--run-id", run_id).get("runs") or []
+            status = runs[0].get("status", "") if runs else ""
+            lines = _complete_lines(metrics_path)
+            for line in lines[reported:]:
+                on_round(json.loads(line))
+            reported = len(lines)
+            if status.startswith("finished"):
+                if status != "finished:completed":
+                    raise RunFailed(f"the run ended as {status!r}; see {log_path}", log_path)
+                return runs[0]
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """Lines the ServerApp has finished writing (a half-written last line waits for the next poll)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
+def wait_healthy(daemon: ManagedProcess, url: str, timeout: float, verify: str | bool = True) -> None:
+    """Until ``url`` answers; a daemon that exits first, or silence past ``timeout``, is an error."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.exited() is not None:
+            raise RunFailed(f"{Path(daemon.command[0]).name} exited with {daemon.exited()}; see {daemon.log_path}",
+                            daemon.log_path)
+        try:
+            if httpx.get(url, timeout=1.0, verify=verify).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RunFailed(f"{Path(daemon.command[0]).name} did not answer at {url} in {timeout:.0f}s; see {daemon.log_path}",
+                    daemon.log_path)
+
