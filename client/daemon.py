@@ -27,23 +27,45 @@ def node_config(kit: Path, data: Path, state: Path, max_epsilon: float) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
-def start_client(kit: Path, data: Path, state: Path, *, superlink: str, max_epsilon: float) -> int:
-    """Run the SuperNode until it stops or the daemon is interrupted; its exit code."""
+CONNECTED_AFTER_S = 60.0
+"""A SuperNode that ran this long had connected: its later exit is a lost connection, not a refusal."""
+
+
+def start_client(kit: Path, data: Path, state: Path, *, superlink: str, max_epsilon: float,
+                 connect_timeout: float = 600.0) -> int:
+    """Keep the site's SuperNode running until the daemon is stopped (Ctrl-C, SIGTERM).
+
+    A SuperNode that stops is started again (the coordinator may be restarting, or may not have
+    registered the site yet); one that has not managed to connect for ``connect_timeout`` seconds
+    ends the daemon with its exit code (an unregistered site, a kit from another provisioning).
+    """
     check_kit(kit)
     read_records(str(data))  # a bad data file is refused here, with its line, before we connect
     state.mkdir(parents=True, exist_ok=True)
-    supernode = ManagedProcess(
-        [console_script("flower-supernode"), "--superlink", superlink, "--root-certificates", str(kit / "ca.crt"),
-         "--auth-supernode-private-key", str(kit / "supernode.key"), "--node-config",
-         node_config(kit, data, state, max_epsilon), "--host", "127.0.0.1", "--port", str(free_port()),
-         "--isolation", "subprocess"],
-        flower_env(state / "flwr"), state / "supernode.log")
+    command = [console_script("flower-supernode"), "--superlink", superlink, "--root-certificates",
+               str(kit / "ca.crt"), "--auth-supernode-private-key", str(kit / "supernode.key"), "--node-config",
+               node_config(kit, data, state, max_epsilon), "--isolation", "subprocess", "--host", "127.0.0.1"]
+    failing_since: float | None = None
+    attempt = 0
     with terminate_as_interrupt():
-        try:
-            supernode.start()
-            while (code := supernode.exited()) is None:
-                supernode.track()
-                time.sleep(1.0)
-            return code
-        finally:
-            supernode.stop()
+        while True:
+            supernode = ManagedProcess([*command, "--port", str(free_port())], flower_env(state / "flwr"),
+                                       state / "supernode.log")
+            started = time.monotonic()
+            try:
+                supernode.start()
+                while (code := supernode.exited()) is None:
+                    supernode.track()
+                    time.sleep(1.0)
+            finally:
+                supernode.stop()
+            now = time.monotonic()
+            if now - started >= CONNECTED_AFTER_S:
+                failing_since, attempt = None, 0
+            failing_since = failing_since or started
+            if now - failing_since > connect_timeout:
+                return code or 1
+            attempt += 1
+            pause = min(30.0, 2.0 ** attempt)
+            log.warning("the SuperNode stopped (exit %s); connecting again in %.0fs", code, pause)
+            time.sleep(pause)

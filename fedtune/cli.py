@@ -217,14 +217,15 @@ def cmd_client_start(args: argparse.Namespace) -> int:
 
     print(f"== site daemon: kit {args.kit}, data {args.data}, state {args.state}, coordinator {args.superlink}, "
           f"budget ceiling ε={args.max_epsilon:g}", flush=True)
-    code = start_client(args.kit, args.data, args.state, superlink=args.superlink, max_epsilon=args.max_epsilon)
+    code = start_client(args.kit, args.data, args.state, superlink=args.superlink, max_epsilon=args.max_epsilon,
+                        connect_timeout=args.connect_timeout)
     if code:
         log = args.state / "supernode.log"
         reasons = [line.strip() for line in log.read_text(errors="replace").splitlines()
                    if "Failed" in line or "ERROR" in line][-3:] if log.exists() else []
-        print(f"fedtune: the site daemon stopped: the SuperNode exited with {code} (see {log}). "
-              f"{' / '.join(reasons)}\nA site the coordinator has not registered, or a kit from another "
-              "provisioning, is refused at connection.", file=sys.stderr)
+        print(f"fedtune: the site daemon stopped: the SuperNode could not connect for {args.connect_timeout:.0f}s "
+              f"(exit {code}; see {log}). {' / '.join(reasons)}\nA site the coordinator has not registered, or a "
+              "kit from another provisioning, is refused at connection.", file=sys.stderr)
         return EXIT_FAILED
     return 0
 
@@ -247,6 +248,8 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
     daemon.add_argument("--state", type=Path, required=True, help="the site's state: privacy ledger, audit log")
     daemon.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")
     daemon.add_argument("--max-epsilon", type=float, default=8.0, help="the most ε this site will ever spend")
+    daemon.add_argument("--connect-timeout", type=float, default=600.0,
+                        help="give up after failing to connect for this many seconds (unregistered site?)")
 
 
 def failure_hint(exc: RunFailed) -> str:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +51,20 @@ def file_sha256(path: Path) -> str:
 
 
 def save_checkpoint(out_dir: Path, server_round: int, model: torch.nn.Module, state: AdapterState,
-                    info: dict[str, Any]) -> Path:
-    """Write round ``server_round``'s global adapter; returns its directory."""
+                    info: dict[str, Any], seal: Callable[[Path], None] | None = None) -> Path:
+    """Write round ``server_round``'s global adapter; returns its directory.
+
+    Everything — weights, round.json, and whatever ``seal`` adds (the signed passport) — is
+    written to a staging directory first and renamed into place: a crash never leaves half.
+    """
     final = out_dir / "checkpoints" / f"round-{server_round:04d}"
     staging = final.with_name(final.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     save_peft_adapter(model, state, staging)
     checksum = file_sha256(staging / "adapter_model.safetensors")
     write_json(staging / "round.json", {"round": server_round, "adapter_sha256": checksum, **info})
+    if seal is not None:
+        seal(staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final

@@ -6,6 +6,7 @@ delta, evaluate (server test split + sites' held-out data), checkpoint, write a 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -74,6 +75,27 @@ def resume_point(checkpoint: Path, state: AdapterState) -> tuple[AdapterState, i
     return saved, int(info["round"]), info["adapter_sha256"]
 
 
+def seal_passport(key, base_sha: str, server_round: int, contributors: int, epsilon: dict,
+                  directory: Path) -> None:
+    """Sign the checkpoint being written in ``directory`` (before it is renamed into place)."""
+    sign_passport(directory, build_passport(directory, base_model_sha256=base_sha, server_round=server_round,
+                                            contributors=contributors, epsilon=epsilon,
+                                            fedtune_version=__version__), key)
+
+
+def restore_metrics(out_dir: Path, checkpoint: Path) -> None:
+    """A crash between a checkpoint and its metrics line loses the line, not the round: write it back."""
+    path = out_dir / "metrics.jsonl"
+    info = json.loads((checkpoint / "round.json").read_text())
+    lines = path.read_text().splitlines() if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    if text and not text.endswith("\n"):  # a half-written last line from the crash
+        path.write_text(text[: text.rfind("\n") + 1])
+        lines = lines[:-1]
+    if "metrics" in info and all(json.loads(x)["round"] != info["round"] for x in lines):
+        append_metrics(out_dir, info["metrics"])
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> Path:
     """Run every round (from a checkpoint when resuming); return the final adapter's directory."""
     out_dir = settings.out_dir.resolve()
@@ -109,6 +131,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
         state, last_round, parent = resume_point(Path(settings.resume_from), state)
         set_adapter_state(model, state)
         checkpoint = Path(settings.resume_from)
+        restore_metrics(out_dir, checkpoint)
         if (out_dir / "privacy.json").exists():
             privacy = json.loads((out_dir / "privacy.json").read_text())["sites"]
         audit.record("run-resumed", run_id=run_id, from_round=last_round, checkpoint_sha256=parent)
@@ -147,21 +170,21 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
                      survivors=outcome.details.get("survivors"), dropped=outcome.details.get("dropped"),
                      failures=[{k: f[k] for k in ("site", "kind")} for f in outcome.failures],
                      model_updated=outcome.mean_delta is not None)
-        if outcome.mean_delta is not None:  # a new model version: apply, checkpoint, sign
+        if outcome.mean_delta is not None:  # a new model version
             state = apply_delta(state, outcome.mean_delta, keys)
             set_adapter_state(model, state)
             updated_rounds += 1
-            checkpoint = save_checkpoint(out_dir, server_round, model, state,
-                                         {"contributors": outcome.contributors, "parent_sha256": parent})
-            parent = file_sha256(checkpoint / "adapter_model.safetensors")
-            if signing_key is not None:
-                sign_passport(checkpoint, build_passport(
-                    checkpoint, base_model_sha256=base_sha, server_round=server_round,
-                    contributors=outcome.contributors, epsilon=epsilon, fedtune_version=__version__), signing_key)
-            audit.record("checkpoint", round=server_round, adapter_sha256=parent, passport=signing_key is not None)
         line["server"] = metrics(evaluate(model, test, len(labels)))
-        line["checkpoint"] = checkpoint.name
         line["duration_s"] = round(time.monotonic() - started, 2)
+        if outcome.mean_delta is not None:  # the checkpoint is the commit point: it carries its metrics line
+            seal = functools.partial(seal_passport, signing_key, base_sha, server_round, outcome.contributors,
+                                     epsilon) if signing_key else None
+            checkpoint = save_checkpoint(out_dir, server_round, model, state, {
+                "contributors": outcome.contributors, "parent_sha256": parent, "metrics": line | {
+                    "checkpoint": f"round-{server_round:04d}"}}, seal)
+            parent = file_sha256(checkpoint / "adapter_model.safetensors")
+            audit.record("checkpoint", round=server_round, adapter_sha256=parent, passport=signing_key is not None)
+        line["checkpoint"] = checkpoint.name
         append_metrics(out_dir, line)
         write_json(out_dir / "privacy.json", {"dp": settings.privacy.enabled, "sites": privacy})
         log.info("round %d: %d site(s), server macro-F1 %.3f", server_round, outcome.contributors,

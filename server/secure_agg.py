@@ -25,7 +25,7 @@ from common.records import WireError, pack_stage, pack_train_request, unpack_sta
 from common.registry import FederationRegistry
 from common.secagg import RoundAborted, ServerAggregator
 from common.secure_update import decode_sum, params_to_bytes, round_params
-from server.strategy import RoundOutcome, RoundSpec, failure_record, missing_replies
+from server.strategy import RoundOutcome, RoundSpec, exchange, failure_record, missing_replies
 
 log = logging.getLogger("fedtune.server")
 
@@ -44,10 +44,9 @@ class SecureAggregation:
         """Ask nodes we have not seen for their site name; unknown sites are refused and logged."""
         unknown = [node for node in node_ids if node not in self.site_of_node]
         failures = []
-        messages = [Message(RecordDict({}), dst_node_id=node, message_type="query.identify") for node in unknown]
-        for reply in grid.send_and_receive(messages, timeout=self.spec.stage_timeout) if messages else []:
-            node = reply.metadata.src_node_id
-            if (failure := failure_record(reply)) is not None:
+        messages = {node: Message(RecordDict({}), dst_node_id=node, message_type="query.identify") for node in unknown}
+        for node, reply in (exchange(grid, messages, self.spec.stage_timeout) if messages else {}).items():
+            if (failure := failure_record(reply, str(node))) is not None:
                 failures.append(failure)
                 continue
             name = str(reply.content.config_records["site"]["name"])
@@ -114,15 +113,14 @@ class SecureAggregation:
     def _exchange(self, grid: Grid, node_of_site: dict[int, int], message_type: str, content, failures: list,
                   privacy: dict | None = None, only=None) -> dict[int, dict[str, bytes]]:
         """Send one stage to the sites still in the round; their payloads by site id. Failures are recorded."""
-        sites = [s for s in sorted(node_of_site) if only is None or s in only]
-        messages = [Message(content(site), dst_node_id=node_of_site[site], message_type=message_type)
-                    for site in sites]
+        messages = {site: Message(content(site), dst_node_id=node_of_site[site], message_type=message_type)
+                    for site in sorted(node_of_site) if only is None or site in only}
         timeout = self.spec.train_timeout if message_type == "train" else self.spec.stage_timeout
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        failures.extend(missing_replies(len(messages), len(replies), timeout, message_type))
+        replies = exchange(grid, messages, timeout)
+        failures.extend(missing_replies([self.registry.name_of(s) for s in messages if s not in replies], timeout,
+                                        message_type))
         answers: dict[int, dict[str, bytes]] = {}
-        for reply in replies:
-            site = self.site_of_node[reply.metadata.src_node_id]
+        for site, reply in replies.items():
             name = self.registry.name_of(site)
             if (failure := failure_record(reply, name)) is not None:
                 failures.append(failure | {"stage": message_type})

@@ -7,8 +7,9 @@ whether it saw individual updates (plain) or only their sum (secure, server/secu
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 from flwr.app import Message
@@ -19,6 +20,7 @@ from common.evaluation import EvalCounts
 from common.records import TrainReply, WireError, pack_train_request, unpack_failure, unpack_train_reply
 
 log = logging.getLogger("fedtune.server")
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,27 @@ def weighted_mean(updates: list[np.ndarray], weights: list[int]) -> np.ndarray:
     return (total / sum(weights)).astype(np.float32)
 
 
+def exchange(grid: Grid, messages: dict[K, Message], timeout: float, poll: float = 1.0) -> dict[K, Message]:
+    """Send each message and collect the replies that arrive within ``timeout``, keyed like ``messages``.
+
+    Replies are matched by the id of the message they answer, so an error reply the SuperLink
+    writes for an unreachable site (whose source is the SuperLink, not the site) is still that site's.
+    """
+    keys = list(messages)
+    pushed = list(grid.push_messages([messages[key] for key in keys]))
+    pending = {message_id: key for message_id, key in zip(pushed, keys) if message_id}
+    replies: dict[K, Message] = {}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            key = pending.pop(reply.metadata.reply_to_message_id, None)
+            if key is not None:
+                replies[key] = reply
+        if pending:
+            time.sleep(poll)
+    return replies
+
+
 def failure_record(reply: Message, site: str | None = None) -> dict[str, str] | None:
     """A reply that is a Flower error or a typed site failure, as a record; None for a real answer."""
     who = site or str(reply.metadata.src_node_id)
@@ -73,10 +96,9 @@ def failure_record(reply: Message, site: str | None = None) -> dict[str, str] | 
     return None if failure is None else {"site": who, "kind": failure.kind, "detail": failure.detail}
 
 
-def missing_replies(sent: int, received: int, timeout: float, stage: str) -> list[dict[str, str]]:
-    if sent == received:
-        return []
-    return [{"site": "?", "kind": "timeout", "detail": f"{sent - received} site(s) did not answer {stage} in {timeout:.0f}s"}]
+def missing_replies(silent: list[str], timeout: float, stage: str) -> list[dict[str, str]]:
+    """One failure per site that did not answer ``stage`` within ``timeout``."""
+    return [{"site": site, "kind": "timeout", "detail": f"no answer to {stage} in {timeout:.0f}s"} for site in silent]
 
 
 class PlainAggregation:
@@ -89,19 +111,19 @@ class PlainAggregation:
 
     def run_round(self, grid: Grid, node_ids: list[int], state: AdapterState, server_round: int) -> RoundOutcome:
         spec = self.spec
-        messages = [Message(pack_train_request(state, server_round), dst_node_id=node, message_type="train")
-                    for node in node_ids]
-        replies = list(grid.send_and_receive(messages, timeout=spec.train_timeout))
+        request = pack_train_request(state, server_round)
+        messages = {node: Message(request, dst_node_id=node, message_type="train") for node in node_ids}
+        replies = exchange(grid, messages, spec.train_timeout)
         accepted: list[TrainReply] = []
-        failures = missing_replies(len(messages), len(replies), spec.train_timeout, "train")
-        for reply in replies:
-            if (failure := failure_record(reply)) is not None:
+        failures = missing_replies([str(n) for n in messages if n not in replies], spec.train_timeout, "train")
+        for node, reply in replies.items():
+            if (failure := failure_record(reply, str(node))) is not None:
                 failures.append(failure)
                 continue
             try:
                 decoded = unpack_train_reply(reply.content, spec.update_size, spec.num_labels)
             except WireError as exc:
-                failures.append({"site": str(reply.metadata.src_node_id), "kind": "malformed-update", "detail": str(exc)})
+                failures.append({"site": str(node), "kind": "malformed-update", "detail": str(exc)})
                 continue
             assert isinstance(decoded, TrainReply)
             accepted.append(decoded)

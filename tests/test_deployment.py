@@ -1,0 +1,178 @@
+"""Deployment end to end, on loopback: a SuperLink with TLS and site authentication, four site
+daemons (SuperNodes with their kits), DP and secure aggregation, through the `fedtune` CLI.
+
+One scenario, in order: an unregistered site is refused; a site is killed mid-run and the
+rounds go on with the others; the coordinator is SIGKILLed mid-run and `--resume` completes
+the run with a continuous checkpoint lineage; the killed site restarts and keeps its ε ledger;
+the final adapter's passport verifies and a tampered one does not. Every process is stopped.
+Slow: about 5 minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from common.audit import verify_chain
+from common.processes import free_port
+from tests.conftest import write_csv
+
+pytestmark = pytest.mark.slow
+SITES = ["site-a", "site-b", "site-c", "site-d"]
+
+
+def fedtune(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedtune.cli", *args]
+
+
+def kill_tree(proc: subprocess.Popen, sig: int) -> None:
+    """Signal a daemon and everything below it (SIGKILL: a crash, nothing gets to clean up)."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        try:
+            member.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpoints(run: Path) -> list[dict]:
+    infos = [json.loads((p / "round.json").read_text()) for p in sorted((run / "checkpoints").glob("round-*"))
+             if (p / "round.json").exists()]
+    return infos
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, drug_reviews):
+    root = tmp_path_factory.mktemp("deploy")
+    for i, site in enumerate(SITES):
+        write_csv(root / f"{site}.csv", drug_reviews[i * 15:(i + 1) * 15])
+    write_csv(root / "test.csv", drug_reviews[500:530])
+    done = subprocess.run(fedtune("provision", "--sites", ",".join(SITES), "--server-host", "127.0.0.1",
+                                  "--out", str(root / "kits")), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # A kit that trusts our CA and holds a real site identity, but a SuperNode key nobody registered.
+    rogue = root / "rogue-kit"
+    shutil.copytree(root / "kits" / "sites" / "site-d", rogue)
+    key = ec.generate_private_key(ec.SECP384R1())
+    (rogue / "supernode.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    (rogue / "supernode.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    port = free_port()
+    server_args = ["server", "start", "--kit", str(root / "kits" / "server"), "--state", str(root / "server"),
+                   "--host", "127.0.0.1", "--port", str(port), "--sites", "4", "--rounds", "3",
+                   "--test-data", str(root / "test.csv"), "--labels", "negative,neutral,positive",
+                   "--max-length", "16", "--local-epochs", "1", "--batch-size", "8",
+                   "--stage-timeout", "60", "--train-timeout", "90"]
+    procs: dict[str, subprocess.Popen] = {}
+    logs = root / "logs"
+    logs.mkdir()
+
+    def start(name: str, args: list[str]) -> subprocess.Popen:
+        with open(logs / f"{name}.log", "ab") as out:
+            procs[name] = subprocess.Popen(fedtune(*args), stdout=out, stderr=subprocess.STDOUT)
+        return procs[name]
+
+    def start_site(site: str, kit: Path | None = None, data: str | None = None) -> subprocess.Popen:
+        return start(site, ["client", "start", "--kit", str(kit or root / "kits" / "sites" / site),
+                            "--data", str(root / f"{data or site}.csv"), "--state", str(root / "state" / site),
+                            "--superlink", f"127.0.0.1:{port}", "--max-epsilon", "8", "--connect-timeout", "40"])
+
+    started = time.time()
+    yield {"root": root, "run": root / "server" / "run", "start": start, "start_site": start_site,
+           "server_args": server_args, "procs": procs, "rogue": rogue, "started": started, "logs": logs}
+    for proc in procs.values():
+        kill_tree(proc, 15)
+
+
+def test_the_deployed_federation_survives_dropouts_and_a_coordinator_crash(world):
+    run, procs, root = world["run"], world["procs"], world["root"]
+    world["start"]("server", world["server_args"])
+    for site in SITES:
+        world["start_site"](site)
+    rogue = world["start_site"]("site-rogue", world["rogue"], data="site-d")
+
+    # An unregistered SuperNode key is refused at connection: the rogue daemon stops with a clear error.
+    assert rogue.wait(timeout=180) != 0
+    assert "the coordinator has not registered" in (world["logs"] / "site-rogue.log").read_text()
+
+    # Kill one site mid-run, once round 1 is checkpointed: later rounds go on with the other three.
+    wait_for(lambda: any(c["round"] == 1 for c in checkpoints(run)), 400, "round 1")
+    kill_tree(procs["site-d"], 9)
+    # SIGKILL the coordinator (and its SuperLink) once round 2 is checkpointed.
+    wait_for(lambda: any(c["round"] == 2 for c in checkpoints(run)), 400, "round 2")
+    kill_tree(procs["server"], 9)
+    assert not any(c["round"] == 3 for c in checkpoints(run))
+
+    # Restart: the coordinator resumes from round 2; site-d comes back with its ledger.
+    world["start"]("server", world["server_args"] + ["--resume"])
+    world["start_site"]("site-d")
+    assert procs["server"].wait(timeout=600) == 0, (world["logs"] / "server.log").read_text()[-3000:]
+
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    by_round = {line["round"]: line for line in lines}
+    assert by_round[1]["contributors"] == 4 and by_round[1]["secure_aggregation"]["dropped"] == []
+    assert by_round[2]["model_updated"] and by_round[2]["contributors"] == 3
+    assert "site-d" not in by_round[2]["secure_aggregation"]["survivors"]
+    assert by_round[3]["model_updated"]
+
+    infos = checkpoints(run)
+    assert [c["round"] for c in infos] == [0, 1, 2, 3]
+    for parent, child in zip(infos, infos[1:]):
+        assert child["parent_sha256"] == parent["adapter_sha256"]
+    events = [json.loads(x)["event"] for x in (run / "audit.jsonl").read_text().splitlines()]
+    assert verify_chain(run / "audit.jsonl") == len(events) and "run-resumed" in events
+
+    # The restarted site kept its ledger: ε only grows, and its local audit log shows each round it trained.
+    ledger = json.loads((root / "state" / "site-d" / "privacy-ledger.json").read_text())
+    trained = [e["round"] for e in ledger["rounds"]]
+    assert trained[0] == 1 and 3 in trained and 2 not in trained
+    spent = [e["epsilon"] for e in ledger["rounds"]]
+    assert spent == sorted(spent) and spent[-1] <= 8.0
+    assert verify_chain(root / "state" / "site-d" / "audit.jsonl") >= 2
+
+
+def test_the_final_passport_verifies_and_a_tampered_one_fails(world):
+    adapter = world["run"] / "final" / "adapter"
+    key = world["root"] / "kits" / "sites" / "site-a" / "passport-signing.pub"
+    ok = subprocess.run(fedtune("passport", "verify", str(adapter), "--key", str(key)), capture_output=True, text=True)
+    assert ok.returncode == 0 and "contributing sites" in ok.stdout, ok.stdout + ok.stderr
+    tampered = world["root"] / "tampered"
+    shutil.copytree(adapter, tampered)
+    passport = json.loads((tampered / "passport.json").read_text())
+    passport["passport"]["contributors"] = 40
+    (tampered / "passport.json").write_text(json.dumps(passport))
+    bad = subprocess.run(fedtune("passport", "verify", str(tampered), "--key", str(key)), capture_output=True, text=True)
+    assert bad.returncode == 1
+
+
+def test_every_process_is_stopped(world):
+    for proc in world["procs"].values():
+        kill_tree(proc, 15)
+    names = ("flower-superlink", "flower-supernode", "flwr-serverapp", "flwr-clientapp", "flower-superexec")
+    leftovers = [p for p in psutil.process_iter(["cmdline", "create_time", "status"])
+                 if p.info["create_time"] >= world["started"] and p.info["status"] != psutil.STATUS_ZOMBIE
+                 and any(n in " ".join(p.info["cmdline"] or []) for n in names)]
+    assert leftovers == []
