@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
 from common.config import PrivacySettings
+from common.files import write_json
 
 LEDGER_VERSION = 1
 EPSILON_SLACK = 1e-6
@@ -110,13 +109,7 @@ class PrivacyLedger:
             "rounds": [asdict(entry) for entry in self.rounds],
             "epsilon_spent": self.spent(),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        write_json(self.path, payload)
 
     def _epsilon(self, history: list[tuple[float, float, int]]) -> float:
         if not history:

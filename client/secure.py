@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from common.config import RunSettings
-from common.registry import FederationRegistry, write_private
+from common.files import write_private
+from common.registry import FederationRegistry
 from common.secagg import ClientSession, ProtocolError, SecAggParams, SiteIdentity, UnmaskRequest
 from common.secure_update import Contribution, encode_contribution, params_from_bytes, params_to_bytes, round_params
 

@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.passport import PassportError, load_public_key, public_key_pem, signing_key_pem
-from common.registry import IDENTITY_FILE, RegistryError, load_identity, load_registry, write_private, write_registry
+from common.files import write_private
+from common.registry import IDENTITY_FILE, RegistryError, load_identity, load_registry, write_registry
 from common.secagg import SiteIdentity
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")

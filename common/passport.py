@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from common.files import file_sha256, write_json
 
 PASSPORT_FILE = "passport.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -152,7 +152,7 @@ def sign_passport(adapter_dir: Path, passport: dict[str, Any], signing_key: Ed25
         "key_id": key_id(signing_key.public_key()),
     }
     path = adapter_dir / PASSPORT_FILE
-    _write_atomic(path, json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False))
+    write_json(path, document, mode=0o644)
     return path
 
 
@@ -225,11 +225,7 @@ def _adapter_sha256(adapter_dir: Path) -> str:
     path = adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
         raise PassportError(f"missing file: {path} does not exist; is {adapter_dir} a PEFT adapter directory?")
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _checked_epsilon(epsilon: dict[str, float | None]) -> dict[str, float | None]:
@@ -240,18 +236,3 @@ def _checked_epsilon(epsilon: dict[str, float | None]) -> dict[str, float | None
             raise PassportError(f"ε of site {site!r} must be a finite number >= 0 or None, got {value!r}")
         checked[str(site)] = None if value is None else float(value)
     return checked
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """A reader never sees half a passport (the coordinator may publish while a site reads)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -7,10 +7,10 @@ verify each other's round keys against it, so a server cannot substitute its own
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import write_private
 from common.secagg import SiteIdentity, SiteRegistry
 
 IDENTITY_FILE = "identity.pem"
@@ -50,14 +50,6 @@ def write_registry(path: Path, identities: dict[str, tuple[int, bytes]]) -> None
                                        for name, (sid, public) in sorted(identities.items())}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """A secret file, readable by its owner only (0600) from the moment it exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
 
 
 def create_site_identities(names: list[str], state_dirs: dict[str, Path], registry_path: Path) -> None:

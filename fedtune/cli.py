@@ -89,7 +89,7 @@ def simulated_passport_key(out: Path) -> Path:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from common.passport import public_key_pem, signing_key_pem
-    from common.registry import write_private
+    from common.files import write_private
 
     path = out.resolve() / "passport-signing.key"
     if not path.exists():

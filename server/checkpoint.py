@@ -10,11 +10,9 @@ Layout under the run's out-dir::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,17 +20,7 @@ from typing import Any
 import torch
 
 from common.adapter import AdapterState, save_peft_adapter
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Atomic: a reader never sees half a file, a crash never leaves one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+from common.files import file_sha256, write_json
 
 
 def append_metrics(out_dir: Path, line: dict[str, Any]) -> None:
@@ -44,10 +32,6 @@ def append_metrics(out_dir: Path, line: dict[str, Any]) -> None:
 
 def _jsonable(value: Any) -> Any:
     return float(value) if hasattr(value, "__float__") else str(value)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def save_checkpoint(out_dir: Path, server_round: int, model: torch.nn.Module, state: AdapterState,

@@ -26,7 +26,8 @@ from common.passport import build_passport, load_signing_key, sign_passport
 from common.registry import load_registry
 from fedtune import __version__
 from common.audit import AuditLog
-from server.checkpoint import append_metrics, file_sha256, publish_final, save_checkpoint, write_json
+from common.files import file_sha256, write_json
+from server.checkpoint import append_metrics, publish_final, save_checkpoint
 from server.secure_agg import SecureAggregation
 from server.strategy import Aggregator, PlainAggregation, RoundSpec
 

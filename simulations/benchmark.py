@@ -70,8 +70,8 @@ def secagg(sizes: tuple[int, ...] = (10, 100, 1000), length: int = 74_883) -> No
     from common.secure_update import count_slots, value_bits_for
     from common.secagg import SecAggParams
 
-    print(f"| sites | neighbours k | threshold t | modulus bits | upload / fp32 bytes | server: sum uploads (s) "
-          f"| server: unmask (s) | one site: mask+pack (s) |\n|---|---|---|---|---|---|---|---|")
+    print("| sites | neighbours k | threshold t | modulus bits | upload / fp32 bytes | server: sum uploads (s) "
+          "| server: unmask (s) | one site: mask+pack (s) |\n|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for n in sizes:
         params = SecAggParams(round_id=f"bench-{n}", site_ids=tuple(range(n)), vector_length=length, clip=50.0,
@@ -143,7 +143,7 @@ def dp_utility(sizes: tuple[int, ...] = (250, 1000, 4000), epochs: int = 8) -> N
     tokenizer = load_tokenizer("")
     test_data = encode(test, labels, tokenizer, 64, "test")
     order = np.random.default_rng(0).permutation(len(train_all))
-    print(f"| records at the site | no DP macro-F1 | DP ε=8 macro-F1 | DP / no DP |\n|---|---|---|---|")
+    print("| records at the site | no DP macro-F1 | DP ε=8 macro-F1 | DP / no DP |\n|---|---|---|---|")
     for n in sizes:
         data = encode([train_all[i] for i in order[:n]], labels, tokenizer, 64, "train")
         scores = {}

@@ -2,7 +2,6 @@
 
 import argparse
 import shlex
-from pathlib import Path
 
 import yaml
 
