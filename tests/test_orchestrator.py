@@ -1,0 +1,70 @@
+"""The deployment commands refuse bad input before anything starts, naming what is wrong."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.kits import provision
+from server.control import RunFailed
+from server.orchestrator import KitError, ServerKit, start_server
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kits") / "kits"
+    provision(["site-a", "site-b"], ["127.0.0.1"], out)
+    return out
+
+
+def test_server_kit_loads_and_names_missing_or_exposed_files(kits: Path, tmp_path: Path):
+    kit = ServerKit.load(kits / "server")
+    assert sorted(kit.supernode_keys) == ["site-a", "site-b"]
+    with pytest.raises(KitError, match=r"lacks \['ca.crt', 'server.crt', 'server.key'"):
+        ServerKit.load(tmp_path)
+    exposed = tmp_path / "server"
+    import shutil
+
+    shutil.copytree(kits / "server", exposed)
+    (exposed / "server.key").chmod(0o644)
+    with pytest.raises(KitError, match="readable by others: chmod 600"):
+        ServerKit.load(exposed)
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(kits: Path, tmp_path: Path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(RunFailed, match=f"port {port} on 127.0.0.1 is already in use"):
+            start_server(ServerKit.load(kits / "server"), tmp_path / "state", host="127.0.0.1", port=port,
+                         run_config={}, resume=False, on_round=print)
+    assert not (tmp_path / "state").exists()
+
+
+def test_an_existing_run_needs_resume(kits: Path, tmp_path: Path):
+    (tmp_path / "state" / "run" / "checkpoints" / "round-0000").mkdir(parents=True)
+    (tmp_path / "state" / "run" / "checkpoints" / "round-0000" / "round.json").write_text("{}")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RunFailed, match="already holds a run: continue it with --resume"):
+        start_server(ServerKit.load(kits / "server"), tmp_path / "state", host="127.0.0.1", port=port,
+                     run_config={}, resume=False, on_round=print)
+
+
+@pytest.mark.parametrize("problem, fragment", [
+    ("no-data", "does not exist"),
+    ("no-kit", "kit"),
+])
+def test_client_start_refuses_bad_input_with_exit_2(kits: Path, tmp_path: Path, problem, fragment):
+    data = tmp_path / "train.csv"
+    if problem != "no-data":
+        data.write_text("text,label\nfine,positive\n")
+    kit = kits / "sites" / "site-a" if problem != "no-kit" else tmp_path / "nokit"
+    done = subprocess.run([sys.executable, "-m", "fedtune.cli", "client", "start", "--kit", str(kit), "--data",
+                           str(data), "--state", str(tmp_path / "state"), "--superlink", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and fragment in done.stderr, done.stderr
