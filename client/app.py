@@ -1,67 +1,71 @@
-"""The site's ClientApp: wiring only. Logic lives in site.py, train.py, privacy.py, secure.py.
+"""The site's ClientApp: wiring only. Logic lives in site.py, train.py, privacy.py, release.py, secure.py.
 
 Message types:
-    query.identify      → the site's name (the server maps Flower node ids to registry sites)
-    train               → evaluate the received global adapter, train locally (DP), then either reply
-                          with the update (plain aggregation) or sign round keys (secure stage 1)
-    train.secagg_share  → stage 2: Shamir shares for the neighbours, encrypted to each of them
-    train.secagg_mask   → stage 3: the masked contribution
-    train.secagg_unmask → stage 4: the shares the server may have for survivors XOR dropped sites
+    query.identify       → the site's name (the server maps Flower node ids to registry sites)
+    train                → check the run against the site's policy, train locally with DP (or resend
+                           the update already released for this round), then either reply with the
+                           update (plain aggregation) or sign round keys (secure stage 1)
+    train.secagg_share   → stage 2: Shamir shares for the mask partners, encrypted to each of them
+    train.secagg_mask    → stage 3: the masked contribution
+    train.secagg_confirm → stage 4: sign the survivor list (consistency check)
+    train.secagg_unmask  → stage 5: shares for survivors XOR dropped sites, after t signatures on one list
 
-Every handler replies with a typed failure (common.records.SiteFailure) instead of crashing,
-so the server can log and count a site that cannot take part.
+What leaves the site: the DP update (masked, under secure aggregation), a public weight, and in
+the clear its ε and δ. Every handler replies with a typed failure (a kind and a fixed message,
+common.records.SiteFailure) instead of crashing; the details stay in the site's own log.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import zlib
 from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger
+from client.release import ReleasedUpdates, adapter_digest
 from client.secure import (
-    SessionStore, SiteKeys, accept_params, stage_advertise, stage_mask, stage_share, stage_unmask,
+    SessionStore, SiteKeys, accept_params, stage_advertise, stage_confirm, stage_mask, stage_share, stage_unmask,
 )
 from client.site import PolicyError, Site, resolve_site
 from client.train import TrainingError, train_locally
-from common.adapter import delta, set_adapter_state, trainable_keys
+from common.adapter import AdapterState, delta, set_adapter_state, trainable_keys
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings
 from common.data import DataError
-from common.evaluation import evaluate
 from common.model import ModelError, build_model
 from common.records import (
-    SiteFailure, TrainReply, WireError, pack_failure, pack_privacy, pack_stage, pack_train_reply,
+    PrivacyReport, SiteFailure, TrainReply, WireError, pack_failure, pack_privacy, pack_stage, pack_train_reply,
     unpack_stage, unpack_train_request,
 )
 from common.registry import RegistryError, load_identity, load_registry
 from common.secagg import SecAggError
-from common.secure_update import Contribution
+from common.secure_update import site_weight
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()
 
 _FAILURE_KINDS: tuple[tuple[type[Exception], str], ...] = (
-    (BudgetExhausted, "budget-exhausted"), (LedgerError, "ledger"), (PolicyError, "site-policy"), (DataError, "bad-data"),
-    (ConfigError, "bad-config"), (ModelError, "bad-config"), (RegistryError, "registry"),
+    (BudgetExhausted, "budget-exhausted"), (LedgerError, "ledger"), (PolicyError, "site-policy"),
+    (DataError, "bad-data"), (ConfigError, "bad-config"), (ModelError, "bad-config"), (RegistryError, "registry"),
     (WireError, "protocol"), (SecAggError, "protocol"), (TrainingError, "training-failed"),
 )
-_HANDLED = tuple(kind for kind, _ in _FAILURE_KINDS)
 
 
 def _replying_failures(handler: Callable[[Message, Context], RecordDict]) -> Callable[[Message, Context], Message]:
+    """Any exception becomes a typed failure reply with a fixed message; the details go to the site's log only
+    (an exception's text may name a record)."""
     @functools.wraps(handler)
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return Message(handler(msg, context), reply_to=msg)
-        except _HANDLED as exc:
-            kind = next(name for cls, name in _FAILURE_KINDS if isinstance(exc, cls))
-            log.error("site refuses %s: %s", msg.metadata.message_type, exc)
-            return Message(pack_failure(SiteFailure(kind, str(exc))), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - nothing but the kind may leave the site
+            kind = next((name for cls, name in _FAILURE_KINDS if isinstance(exc, cls)), "internal")
+            log.error("site refuses %s (%s): %s", msg.metadata.message_type, kind, exc,
+                      exc_info=kind == "internal")
+            return Message(pack_failure(SiteFailure(kind)), reply_to=msg)
     return wrapped
 
 
@@ -88,43 +92,58 @@ def identify(msg: Message, context: Context) -> RecordDict:
     return RecordDict({"site": ConfigRecord({"name": site.name})})
 
 
+def _released_update(site: Site, settings: RunSettings, received: AdapterState, server_round: int,
+                     run_id: int) -> tuple:
+    """The round's DP update: the one already released for this (round, adapter), or a freshly trained one.
+
+    With DP the round is charged to the ledger before training starts (write-ahead, in train_locally).
+    """
+    keys_order = trainable_keys(received, settings.lora.aggregation)
+    digest = adapter_digest(received)
+    released = ReleasedUpdates(site.state_dir)
+    ledger = PrivacyLedger(site.ledger_path, settings.privacy) if settings.privacy.enabled else None
+    update = released.find(server_round, digest)
+    if update is not None:
+        log.info("%s: round %d was already released for this adapter; resending it (no new ε)", site.name,
+                 server_round)
+        return update, ledger
+    if ledger is None:
+        log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
+    model = build_model(settings.model_path, len(site.labels), settings.lora)
+    set_adapter_state(model, received)
+    result = train_locally(model, site.train, settings.train, ledger=ledger,
+                           planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id)
+    update = delta(result.adapter, received, keys_order)
+    released.seal(server_round, digest, update)
+    AuditLog(site.state_dir / "audit.jsonl").record(
+        "released", run_id=run_id, round=server_round, received_sha256=digest, examples=len(site.train),
+        steps=result.steps, epsilon=result.epsilon, secure_aggregation=settings.federation.secure_aggregation)
+    return update, ledger
+
+
 @app.train()
 @_replying_failures
 def train(msg: Message, context: Context) -> RecordDict:
     settings, site = _settings_and_site(context)
-    site.policy.check(settings)
-    global_state, server_round, secagg_params = unpack_train_request(msg.content)
+    site.policy.check(settings, len(site.train))  # before anything is spent
+    received, server_round, secagg_params = unpack_train_request(msg.content)
+    run_id = msg.metadata.run_id
     secure = settings.federation.secure_aggregation
-    if secure and secagg_params is None:
-        raise WireError("this federation requires secure aggregation, but the server asked for a plain update")
-    keys = _keys(settings, site) if secure else None
-    model = build_model(settings.model_path, len(site.labels), settings.lora)
-    set_adapter_state(model, global_state)
-    evaluation = evaluate(model, site.holdout, len(site.labels))  # federated evaluation of what we received
-    keys_order = trainable_keys(global_state, settings.lora.aggregation)
-    params = None
-    if keys is not None:  # check the round's parameters BEFORE spending any privacy budget on it
-        params = accept_params(secagg_params, settings, keys, run_id=msg.metadata.run_id, server_round=server_round,
-                               vector_length=sum(global_state[k].size for k in keys_order),
-                               num_labels=len(site.labels))
-    ledger = PrivacyLedger(site.ledger_path, settings.privacy) if settings.privacy.enabled else None
-    if ledger is None:
-        log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
-    result = train_locally(
-        model, site.train, settings.train, ledger=ledger, planned_rounds=settings.federation.rounds,
-        server_round=server_round, run_id=msg.metadata.run_id,
-        seed=zlib.crc32(f"{settings.data.seed}/{site.name}/{server_round}".encode()),
-    )
-    AuditLog(site.state_dir / "audit.jsonl").record(
-        "trained", run_id=msg.metadata.run_id, round=server_round, examples=len(site.train), steps=result.steps,
-        epsilon=result.epsilon, secure_aggregation=keys is not None)
-    update = delta(result.adapter, global_state, keys_order)
-    privacy = {"site": site.name} | (ledger.report() if ledger else {"dp": "off"})
+    if secure != (secagg_params is not None):
+        raise WireError("the train request does not match the run's aggregation mode")
+    params, keys = None, None
+    if secure:  # the round's parameters are checked against the site's policy BEFORE any budget is spent
+        keys = _keys(settings, site)
+        size = sum(received[k].size for k in trainable_keys(received, settings.lora.aggregation))
+        params = accept_params(secagg_params, site.policy, keys, store=SessionStore(site.state_dir),
+                               run_id=run_id, server_round=server_round, vector_length=size)
+    update, ledger = _released_update(site, settings, received, server_round, run_id)
+    weight = site_weight(site.policy.declared_examples, settings.secagg)
+    privacy = PrivacyReport(site.name, True, **ledger.report()) if ledger else PrivacyReport(site.name, False)
     if keys is None:
         log.warning("PLAIN AGGREGATION: %s sends its update in the clear to the server", site.name)
-        return pack_train_reply(TrainReply(update, len(site.train), result.mean_loss, result.steps, evaluation, privacy))
-    contribution = Contribution(update, len(site.train), result.mean_loss, evaluation)
-    bundle = stage_advertise(SessionStore(site.state_dir), params, keys, contribution, settings)
+        return pack_train_reply(TrainReply(update, weight, privacy))
+    bundle = stage_advertise(SessionStore(site.state_dir), params, keys, update, weight, settings.secagg)
     reply = pack_stage(params.round_id, {"bundle": bundle})
     reply["privacy"] = pack_privacy(privacy)
     return reply
@@ -149,7 +168,13 @@ def mask(msg: Message, context: Context) -> RecordDict:
     return _secure_stage(stage_mask, msg, context)
 
 
+@app.train("secagg_confirm")
+@_replying_failures
+def confirm(msg: Message, context: Context) -> RecordDict:
+    return _secure_stage(stage_confirm, msg, context)
+
+
 @app.train("secagg_unmask")
 @_replying_failures
 def unmask(msg: Message, context: Context) -> RecordDict:
-    return _secure_stage(lambda store, rid, keys, blobs: stage_unmask(store, rid, keys, blobs["payload"]), msg, context)
+    return _secure_stage(stage_unmask, msg, context)

@@ -2,14 +2,20 @@
 
 The ledger is the accountant's history (one (σ, q, steps) entry per distinct setting), kept
 across rounds and process restarts. σ is planned ONCE from the site's total budget over all
-planned rounds × epochs, and every round is checked BEFORE it trains: a round that would take
-the site past its budget is refused.
+planned rounds × epochs. A round is charged BEFORE it trains (write-ahead), under an exclusive
+lock, and a round that would take the site past its budget is refused.
+
+The ledger is bound to the site's hash-chained audit log (``audit.jsonl`` next to it): every
+charge logs the ledger file's new sha256, so a deleted, edited or swapped ledger is refused,
+never restarted at zero. Noise and Poisson sampling draw from fresh OS entropy every round, so
+the coordinator, who knows the whole run config, cannot replay a site's update.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,12 +25,22 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
+from common.audit import AuditLog, verified_entries
 from common.config import PrivacySettings
-from common.files import write_json
+from common.files import exclusive_lock, file_sha256, private_dir, replace_durably, write_json
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
+AUDIT_FILE = "audit.jsonl"
+CHARGE_EVENT = "privacy-charged"
 EPSILON_SLACK = 1e-6
 """Numerical slack when comparing ε with the budget (accountants differ in the last digits)."""
+
+History = list[tuple[float, float, int]]
+
+
+def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from OS entropy: nothing the coordinator knows (config, site, round) seeds it."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 class BudgetExhausted(RuntimeError):
@@ -39,7 +55,7 @@ class BudgetExhausted(RuntimeError):
 
 
 class LedgerError(RuntimeError):
-    """The ledger file is unreadable or contradicts the site's configured budget."""
+    """The ledger is unreadable, deleted, edited, unbound from the audit log, or contradicts the budget."""
 
 
 @dataclass(frozen=True)
@@ -63,26 +79,72 @@ class RoundEntry:
 
 
 class PrivacyLedger:
-    """The site's ε account, persisted as JSON (atomic writes)."""
+    """The site's ε account: JSON at ``path`` (0600, in a 0700 directory), bound to ``path.parent/audit.jsonl``.
+
+    Opening it verifies the binding (LedgerError if the ledger was deleted, edited or its audit log lost);
+    :meth:`charge_round` is the only way to spend.
+    """
 
     def __init__(self, path: Path, settings: PrivacySettings) -> None:
         self.path = path
         self.settings = settings
+        self.audit_path = path.parent / AUDIT_FILE
+        self._lock = path.with_name(f"{path.name}.lock")
+        self._pending = path.with_name(f"{path.name}.pending")
         self.plan: NoisePlan | None = None
-        self.history: list[tuple[float, float, int]] = []
+        self.history: History = []
         self.rounds: list[RoundEntry] = []
-        if path.exists():
+        private_dir(path.parent)
+        with exclusive_lock(self._lock):
             self._load()
 
+    def _charges(self) -> list[dict]:
+        """This ledger's charges in the site's audit log (verified chain); [] without a log."""
+        if not self.audit_path.exists():
+            return []
+        try:
+            entries = verified_entries(self.audit_path)
+        except (OSError, ValueError) as exc:
+            raise LedgerError(f"the site's audit log fails verification ({exc}); the ε this site spent cannot "
+                              "be trusted: restore the log and ledger from backup") from exc
+        return [e for e in entries if e.get("event") == CHARGE_EVENT and e.get("ledger") == self.path.name]
+
     def _load(self) -> None:
+        charges = self._charges()
+        last_sha = charges[-1].get("ledger_sha256") if charges else None
+        if self._pending.exists():  # a charge interrupted by a crash
+            if last_sha is not None and file_sha256(self._pending) == last_sha:
+                replace_durably(self._pending, self.path)  # it was logged: complete it
+            else:
+                self._pending.unlink()  # never logged, so never charged (and nothing trained)
+        if not self.path.exists():
+            if charges:
+                raise LedgerError(
+                    f"privacy ledger {self.path} was deleted, but the site's audit log {self.audit_path} records "
+                    f"{len(charges)} charge(s); restore the ledger from "
+                    "backup. The site will not start again at zero"
+                )
+            self.plan, self.history, self.rounds = None, [], []
+            return
+        if last_sha is None:
+            raise LedgerError(
+                f"privacy ledger {self.path} has no charge in the site's audit log {self.audit_path} "
+                f"({'the log is missing' if not self.audit_path.exists() else 'not bound to this log'}); "
+                "restore both from backup"
+            )
+        if file_sha256(self.path) != last_sha:
+            raise LedgerError(
+                f"privacy ledger {self.path} was edited: its sha256 differs from the one the audit log recorded "
+                "at the last charge; restore it from backup"
+            )
         try:
             saved = json.loads(self.path.read_text())
             budget = saved["budget"]
             if saved.get("version") != LEDGER_VERSION:
                 raise LedgerError(f"ledger {self.path} has version {saved.get('version')}, expected {LEDGER_VERSION}")
-            self.plan = NoisePlan(**saved["plan"]) if saved.get("plan") else None
-            self.history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
-            self.rounds = [RoundEntry(**entry) for entry in saved["rounds"]]
+            plan = NoisePlan(**saved["plan"]) if saved.get("plan") else None
+            history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
+            rounds = [RoundEntry(**entry) for entry in saved["rounds"]]
             accountant = saved["accountant"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LedgerError(
@@ -98,20 +160,9 @@ class PrivacyLedger:
                 f"δ={self.settings.delta} ({self.settings.accountant}). A budget cannot change silently: "
                 "restore the original settings, or start a new ledger (state dir) under a new data-use approval"
             )
+        self.plan, self.history, self.rounds = plan, history, rounds
 
-    def save(self) -> None:
-        payload = {
-            "version": LEDGER_VERSION,
-            "budget": {"epsilon": self.settings.epsilon, "delta": self.settings.delta},
-            "accountant": self.settings.accountant,
-            "plan": asdict(self.plan) if self.plan else None,
-            "history": [list(entry) for entry in self.history],
-            "rounds": [asdict(entry) for entry in self.rounds],
-            "epsilon_spent": self.spent(),
-        }
-        write_json(self.path, payload)
-
-    def _epsilon(self, history: list[tuple[float, float, int]]) -> float:
+    def _epsilon(self, history: History) -> float:
         if not history:
             return 0.0
         accountant = create_accountant(self.settings.accountant)
@@ -122,7 +173,7 @@ class PrivacyLedger:
         return self._epsilon(self.history)
 
     def plan_noise(self, *, sample_rate: float, steps_per_round: int, rounds: int) -> NoisePlan:
-        """σ for the whole budget over ``rounds`` rounds; computed once, then reused."""
+        """σ for the whole budget over ``rounds`` rounds; computed once (it persists with the first charge)."""
         if self.plan is None:
             sigma = get_noise_multiplier(
                 target_epsilon=self.settings.epsilon,
@@ -134,34 +185,54 @@ class PrivacyLedger:
             self.plan = NoisePlan(sigma, sample_rate, steps_per_round, rounds, self.settings.max_grad_norm)
         return self.plan
 
-    def check_round(self, *, sample_rate: float, steps: int) -> float:
-        """ε after a round of ``steps`` steps at ``sample_rate``; raises BudgetExhausted if over budget."""
-        assert self.plan is not None, "plan_noise() first"
-        would_be = self._epsilon(self.history + [(self.plan.noise_multiplier, sample_rate, steps)])
-        if would_be > self.settings.epsilon + EPSILON_SLACK:
-            raise BudgetExhausted(budget=self.settings.epsilon, spent=self.spent(), would_be=would_be)
-        return would_be
+    def charge_round(self, *, run_id: int, server_round: int, sample_rate: float, steps: int,
+                     planned_rounds: int) -> RoundEntry:
+        """Charge a round of ``steps`` steps at ``sample_rate`` BEFORE it trains, durably.
 
-    def record_round(self, *, server_round: int, run_id: int, history: list[tuple[float, float, int]],
-                     steps: int, sample_rate: float) -> RoundEntry:
-        """Adopt the accountant's history after a round and persist it."""
-        self.history = [(float(s), float(q), int(n)) for s, q, n in history]
-        entry = RoundEntry(server_round, run_id, steps, sample_rate, self.spent())
-        self.rounds.append(entry)
-        self.save()
+        Under the lock: reload (another process may have charged), plan σ if this is the first round,
+        raise BudgetExhausted (nothing charged) if over budget, else persist and log the charge.
+        """
+        with exclusive_lock(self._lock):
+            self._load()
+            plan = self.plan_noise(sample_rate=sample_rate, steps_per_round=steps, rounds=planned_rounds)
+            sigma = plan.noise_multiplier
+            if self.history and self.history[-1][:2] == (sigma, sample_rate):  # merged, as Opacus does
+                history = [*self.history[:-1], (sigma, sample_rate, self.history[-1][2] + steps)]
+            else:
+                history = [*self.history, (sigma, sample_rate, steps)]
+            would_be = self._epsilon(history)
+            if would_be > self.settings.epsilon + EPSILON_SLACK:
+                raise BudgetExhausted(budget=self.settings.epsilon, spent=self.spent(), would_be=would_be)
+            entry = RoundEntry(server_round, run_id, steps, sample_rate, would_be)
+            self._commit(plan, history, [*self.rounds, entry])
         return entry
 
+    def _commit(self, plan: NoisePlan, history: History, rounds: list[RoundEntry]) -> None:
+        """Write-ahead: the new ledger beside the old, its sha256 in the audit log, then the rename.
+        A crash at any point leaves either the old ledger (charge not logged) or one :meth:`_load` completes."""
+        write_json(self._pending, {
+            "version": LEDGER_VERSION,
+            "budget": {"epsilon": self.settings.epsilon, "delta": self.settings.delta},
+            "accountant": self.settings.accountant,
+            "plan": asdict(plan),
+            "history": [list(entry) for entry in history],
+            "rounds": [asdict(entry) for entry in rounds],
+            "epsilon_spent": rounds[-1].epsilon,
+        })
+        AuditLog(self.audit_path).record(CHARGE_EVENT, ledger=self.path.name, ledger_sha256=file_sha256(self._pending),
+                                         epsilon=rounds[-1].epsilon, run_id=rounds[-1].run_id,
+                                         round=rounds[-1].round)
+        replace_durably(self._pending, self.path)
+        self.plan, self.history, self.rounds = plan, history, rounds
+
     def report(self) -> dict:
-        """What the site reports about its privacy (no data, only accounting)."""
+        """What the site tells the coordinator, in the clear: ε (rounded UP to 4 decimals), δ, budget, accountant.
+        Never σ, q, steps or rounds: together they pin the site's number of records."""
         return {
-            "epsilon": self.spent(),
+            "epsilon": math.ceil(self.spent() * 1e4) / 1e4,
             "delta": self.settings.delta,
             "budget": self.settings.epsilon,
             "accountant": self.settings.accountant,
-            "noise_multiplier": self.plan.noise_multiplier if self.plan else None,
-            "max_grad_norm": self.settings.max_grad_norm,
-            "history": [list(entry) for entry in self.history],
-            "rounds_trained": len(self.rounds),
         }
 
 
@@ -177,11 +248,15 @@ def make_private(
     loader: DataLoader,
     ledger: PrivacyLedger,
 ) -> tuple[PrivacyEngine, torch.nn.Module, torch.optim.Optimizer, DataLoader]:
-    """The one way a site turns on DP-SGD: Poisson sampling, per-sample clipping, planned σ,
-    and the accountant resumed from the ledger's history."""
-    assert ledger.plan is not None, "plan_noise() first"
+    """The one way a site turns on DP-SGD: Poisson sampling, per-sample clipping, planned σ.
+
+    The Gaussian noise and the Poisson sampling draw from fresh OS entropy (``loader``'s generator is
+    replaced: Opacus' DPDataLoader keeps it). The engine's accountant starts empty and records this round
+    only; the ledger holds the site's total.
+    """
+    assert ledger.plan is not None, "charge_round() first"
+    loader.generator = fresh_generator()
     engine = PrivacyEngine(accountant=ledger.settings.accountant)
-    engine.accountant.load_state_dict({"history": list(ledger.history), "mechanism": ledger.settings.accountant})
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -190,5 +265,6 @@ def make_private(
         max_grad_norm=ledger.settings.max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode="hooks",
+        noise_generator=fresh_generator(next(model.parameters()).device),
     )
     return engine, private_model, private_optimizer, private_loader

@@ -1,25 +1,34 @@
-"""Who this site is and what data it holds, from Flower's node config.
+"""Who this site is, what data it holds, and what it accepts: its own policy, never the coordinator's.
 
 Deployment: ``fedtune client start`` gives the SuperNode ``site-name``, ``data-path``,
-``state-dir``, ``kit-dir`` and the site's ``max-epsilon`` in its node config (the data file never
-leaves the site; the site's policy is its own, not the coordinator's). Simulation: Flower gives ``partition-id`` and
-``num-partitions``; the site takes its seeded partition of the shared source and keeps its
-ledger under the run's output directory.
+``state-dir``, ``kit-dir`` and the site's policy flags (``policy.*`` keys) in its node config;
+the data file never leaves the site. Simulation: Flower gives ``partition-id`` and
+``num-partitions``; the site takes its seeded partition of the shared source, keeps its state
+under the run's output directory, and reads its policy from ``policy.json`` there (written by
+``fedtune simulate``, which plays every site). Both build the same :class:`SitePolicy`.
+
+Every record a site holds is a training record: there is no hold-out outside the DP guarantee.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from common.config import ConfigError, DataSettings, RunSettings
-from common.data import EncodedData, Record, encode, partition, read_records, split_holdout
+from common.data import EncodedData, Record, encode, partition, read_records
 from common.model import load_tokenizer
 
-HOLDOUT_FRACTION = 0.2
+log = logging.getLogger("fedtune.client")
+POLICY_FILE = "policy.json"
+ACCOUNTANTS = ("prv", "rdp")
+"""Accountants whose ε is a valid upper bound (PRV and RDP with Poisson subsampling, add/remove-one)."""
 
 
 class PolicyError(RuntimeError):
@@ -28,20 +37,109 @@ class PolicyError(RuntimeError):
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """What a site accepts, set by the site (node config), never by the coordinator's run config."""
+    """What a site accepts. Set by the site (daemon flags or its policy file), never by the run config.
 
-    max_epsilon: float | None = None
+    A request below it is refused before any privacy budget is spent, with a typed failure.
+    """
+
+    max_epsilon: float = 8.0
+    """The most ε (the site's total over the whole federation) the site will ever agree to."""
+    max_delta: float | None = None
+    """Largest δ accepted; None = 1/(10·n) for the site's n records."""
+    accountants: tuple[str, ...] = ACCOUNTANTS
     require_dp: bool = True
     require_secure_aggregation: bool = True
+    min_sites: int = 3
+    """Fewest sites in a secure round: with two, each site learns the other's update from the sum."""
+    all_pairs_up_to: int = 64
+    """Secure rounds with at most this many sites must mask every pair (no server-chosen graph)."""
+    min_degree: int = 0
+    """Fewest mask partners per site in a larger round; 0 = 2·ceil(log2 n) (SecAgg+)."""
+    declared_examples: int | None = None
+    """The public weight this site declares for averaging; None = equal weights. Never its true count."""
 
-    def check(self, settings: RunSettings) -> None:
-        if self.require_dp and not settings.privacy.enabled:
-            raise PolicyError("the run turns differential privacy off; this site requires DP")
-        if self.max_epsilon is not None and settings.privacy.epsilon > self.max_epsilon:
-            raise PolicyError(f"the run asks for a budget ε={settings.privacy.epsilon:g}; this site allows at most "
-                              f"ε={self.max_epsilon:g}")
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 < self.max_epsilon < float("inf"):
+            problems.append(f"max-epsilon must be a positive number, got {self.max_epsilon}")
+        if self.max_delta is not None and not 0 < self.max_delta < 1:
+            problems.append(f"max-delta must be in (0, 1), got {self.max_delta}")
+        if not set(self.accountants) <= set(ACCOUNTANTS) or not self.accountants:
+            problems.append(f"accountants must be among {ACCOUNTANTS}, got {self.accountants}")
+        if self.min_sites < 2:
+            problems.append(f"min-sites must be >= 2, got {self.min_sites}")
+        if self.all_pairs_up_to < 0 or self.min_degree < 0:
+            problems.append("all-pairs-up-to and min-degree must be >= 0")
+        if self.declared_examples is not None and self.declared_examples < 1:
+            problems.append(f"declared-examples must be >= 1, got {self.declared_examples}")
+        if problems:
+            raise ConfigError("site policy: " + "; ".join(problems))
+
+    def check(self, settings: RunSettings, num_records: int) -> None:
+        """Refuse a run that asks for less protection than this policy (before anything is spent)."""
+        privacy = settings.privacy
+        if not privacy.enabled:
+            if self.require_dp:
+                raise PolicyError("the run turns differential privacy off; this site requires DP")
+        else:
+            max_delta = self.max_delta if self.max_delta is not None else 1 / (10 * max(1, num_records))
+            if privacy.epsilon > self.max_epsilon:
+                raise PolicyError(f"the run asks for a budget ε={privacy.epsilon:g}; this site allows at most "
+                                  f"ε={self.max_epsilon:g}")
+            if privacy.delta > max_delta:
+                raise PolicyError(f"the run asks for δ={privacy.delta:g}; this site allows at most δ={max_delta:.3g}")
+            if privacy.accountant not in self.accountants:
+                raise PolicyError(f"the run asks for the {privacy.accountant!r} accountant; this site accepts "
+                                  f"{', '.join(self.accountants)}")
         if self.require_secure_aggregation and not settings.federation.secure_aggregation:
             raise PolicyError("the run turns secure aggregation off; this site requires it")
+
+    def weakened(self) -> list[str]:
+        """The protections this policy turns off, for a loud warning."""
+        return [what for what, off in (("differential privacy", not self.require_dp),
+                                       ("secure aggregation", not self.require_secure_aggregation),
+                                       (f"secure rounds of {self.min_sites} sites", self.min_sites < 3)) if off]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str) -> SitePolicy:
+        """Parse ``{"max-epsilon": 8, ...}`` (node config ``policy.*`` keys or policy.json)."""
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"{where}: unknown site policy setting(s) {unknown}; known: {sorted(fields)}")
+        kwargs: dict[str, Any] = {}
+        try:
+            for key, value in values.items():
+                name = fields[key].name
+                default = getattr(cls, name, None)
+                if name == "accountants":
+                    kwargs[name] = tuple(str(value).split(",")) if isinstance(value, str) else tuple(value)
+                elif isinstance(default, bool):
+                    if not isinstance(value, bool):
+                        raise ValueError(f"{key} must be true or false")
+                    kwargs[name] = value
+                elif value is None or value == "":
+                    kwargs[name] = None
+                elif name in ("max_epsilon", "max_delta"):
+                    kwargs[name] = float(value)
+                else:
+                    kwargs[name] = int(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): (",".join(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+
+def write_policy(state_dir: Path, policy: SitePolicy) -> Path:
+    """A simulated site's own policy file (owner-only), as the person playing the sites set it."""
+    from common.files import write_json
+
+    path = state_dir / POLICY_FILE
+    write_json(path, policy.to_mapping())
+    return path
 
 
 @dataclass(frozen=True)
@@ -50,12 +148,11 @@ class Site:
     state_dir: Path
     labels: tuple[str, ...]
     train: EncodedData
-    holdout: EncodedData
     keys_dir: Path
-    """Where the site's identity key is: its startup kit (deployment) or its state dir (simulation)."""
+    """Where the site's identity key is: its own key directory (deployment) or its state dir (simulation)."""
+    policy: SitePolicy
     registry_path: Path | None = None
     """The site's own copy of the registry (deployment); None = the run config's (simulation)."""
-    policy: SitePolicy = SitePolicy(require_dp=False, require_secure_aggregation=False)
 
     @property
     def ledger_path(self) -> Path:
@@ -66,10 +163,16 @@ def resolve_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
     if not settings.data.labels:
         raise ConfigError("data.labels must list the federation's labels (the run config sets it for every site)")
     if "data-path" in node_config:
-        return _deployed_site(node_config, settings)
-    if "partition-id" in node_config:
-        return _simulated_site(int(node_config["partition-id"]), int(node_config["num-partitions"]), settings)
-    raise ConfigError("node config names neither data-path (deployment) nor partition-id (simulation)")
+        site = _deployed_site(node_config, settings)
+    elif "partition-id" in node_config:
+        site = _simulated_site(int(node_config["partition-id"]), int(node_config["num-partitions"]), settings)
+    else:
+        raise ConfigError("node config names neither data-path (deployment) nor partition-id (simulation)")
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(site.state_dir, 0o700)
+    if weakened := site.policy.weakened():
+        log.warning("SITE POLICY OF %s ACCEPTS WEAKER PROTECTION: %s off", site.name, ", ".join(weakened))
+    return site
 
 
 def _deployed_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
@@ -77,11 +180,11 @@ def _deployed_site(node_config: Mapping[str, Any], settings: RunSettings) -> Sit
     if missing:
         raise ConfigError(f"a deployed site needs {missing} in its node config (fedtune client start sets them)")
     kit = Path(str(node_config["kit-dir"]))
-    max_epsilon = float(node_config["max-epsilon"]) if node_config.get("max-epsilon") else None
+    policy = SitePolicy.from_mapping({k.removeprefix("policy."): v for k, v in node_config.items()
+                                      if k.startswith("policy.")}, "node config")
     site = _encode_site(str(node_config["site-name"]), Path(str(node_config["state-dir"])),
-                        read_records(str(node_config["data-path"])), settings, labels=settings.data.labels,
-                        seed=settings.data.seed, keys_dir=kit)
-    return dataclasses.replace(site, registry_path=kit / "registry.json", policy=SitePolicy(max_epsilon=max_epsilon))
+                        read_records(str(node_config["data-path"])), settings, policy=policy, keys_dir=kit)
+    return dataclasses.replace(site, registry_path=kit / "registry.json")
 
 
 def _simulated_site(partition_id: int, num_partitions: int, settings: RunSettings) -> Site:
@@ -89,8 +192,13 @@ def _simulated_site(partition_id: int, num_partitions: int, settings: RunSetting
     mine = [records[i] for i in parts[partition_id]]
     name = f"site-{partition_id}"
     state_dir = settings.out_dir.resolve() / "sites" / name
-    return _encode_site(name, state_dir, mine, settings, labels=settings.data.labels,
-                        seed=settings.data.seed + partition_id, keys_dir=state_dir)
+    policy_path = state_dir / POLICY_FILE
+    try:
+        policy = (SitePolicy.from_mapping(json.loads(policy_path.read_text()), str(policy_path))
+                  if policy_path.exists() else SitePolicy())
+    except ValueError as exc:
+        raise ConfigError(f"site policy {policy_path} is unreadable ({exc}); fix or delete it") from exc
+    return _encode_site(name, state_dir, mine, settings, policy=policy, keys_dir=state_dir)
 
 
 @functools.lru_cache(maxsize=2)
@@ -100,16 +208,8 @@ def _simulation_partitions(data: DataSettings, sites: int) -> tuple[list[Record]
 
 
 def _encode_site(name: str, state_dir: Path, records: list[Record], settings: RunSettings,
-                 *, labels: tuple[str, ...], seed: int, keys_dir: Path) -> Site:
-    train_idx, holdout_idx = split_holdout(list(range(len(records))), HOLDOUT_FRACTION, seed)
+                 *, policy: SitePolicy, keys_dir: Path) -> Site:
     tokenizer = load_tokenizer(settings.model_path)
-    where = f"site {name}"
-    max_length = settings.data.max_length
-    return Site(
-        name=name,
-        state_dir=state_dir,
-        labels=labels,
-        keys_dir=keys_dir,
-        train=encode([records[i] for i in train_idx], labels, tokenizer, max_length, where),
-        holdout=encode([records[i] for i in holdout_idx], labels, tokenizer, max_length, where),
-    )
+    train = encode(records, settings.data.labels, tokenizer, settings.data.max_length, f"site {name}")
+    return Site(name=name, state_dir=state_dir, labels=settings.data.labels, train=train, keys_dir=keys_dir,
+                policy=policy)

@@ -7,6 +7,7 @@ stays bounded however large the DP batch.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
-from client.privacy import PrivacyLedger, make_private, steps_per_epoch
+from client.privacy import PrivacyLedger, fresh_generator, make_private, steps_per_epoch
 from common.adapter import AdapterState, get_adapter_state
 from common.config import TrainSettings
 from common.data import EncodedData
@@ -53,20 +54,20 @@ def train_locally(
     planned_rounds: int,
     server_round: int,
     run_id: int,
-    seed: int,
 ) -> LocalResult:
     """Train ``model`` in place for ``settings.local_epochs`` epochs; DP when ``ledger`` is given.
 
-    With DP the ledger is checked before any step (raising BudgetExhausted) and updated after.
+    With DP the round is charged to the ledger before any step (raising BudgetExhausted), so a crash
+    never leaves a trained round uncharged. All randomness (dropout, shuffling, Poisson sampling, noise)
+    comes from OS entropy, fresh every call: nothing the coordinator knows can replay it.
     """
     if len(data) == 0:
         raise TrainingError("the site has no training examples")
-    torch.manual_seed(seed)
+    torch.manual_seed(secrets.randbits(63))  # dropout: torch's default seed is a public constant
     before = torch.cat([p.detach().flatten().clone() for p in _trainable(model)])
     model.train()
     batch_size = min(settings.batch_size, len(data))
-    loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=True, generator=fresh_generator())
     optimizer = torch.optim.AdamW(_trainable(model), lr=settings.learning_rate, weight_decay=0.0)
     if ledger is None:
         losses = _train_plain(model, optimizer, loader, settings)
@@ -74,8 +75,8 @@ def train_locally(
     else:
         per_round = steps_per_epoch(len(data), batch_size) * settings.local_epochs
         sample_rate = 1 / steps_per_epoch(len(data), batch_size)
-        ledger.plan_noise(sample_rate=sample_rate, steps_per_round=per_round, rounds=planned_rounds)
-        ledger.check_round(sample_rate=sample_rate, steps=per_round)
+        entry = ledger.charge_round(run_id=run_id, server_round=server_round, sample_rate=sample_rate,
+                                    steps=per_round, planned_rounds=planned_rounds)
         engine, private_model, private_optimizer, private_loader = make_private(
             model=model, optimizer=optimizer, loader=loader, ledger=ledger
         )
@@ -83,8 +84,10 @@ def train_locally(
             losses = _train_private(private_model, private_optimizer, private_loader, settings)
         finally:
             private_model._close()  # remove Opacus hooks; the PeftModel inside is ours again
-        entry = ledger.record_round(server_round=server_round, run_id=run_id, history=engine.accountant.history,
-                                    steps=len(losses), sample_rate=sample_rate)
+        charged = [(ledger.plan.noise_multiplier, sample_rate, per_round)]
+        if [tuple(step) for step in engine.accountant.history] != charged:
+            # (no values in the message: it goes to the coordinator, and σ, q, steps pin the site's n)
+            raise TrainingError("bug: Opacus' accountant disagrees with the round charged to the ledger")
         epsilon = entry.epsilon
     model.eval()
     after = torch.cat([p.detach().flatten() for p in _trainable(model)])
@@ -125,7 +128,7 @@ def _train_private(model, optimizer, loader, settings: TrainSettings) -> list[fl
                     # An empty Poisson batch: no forward (BERT cannot reshape 0 rows), zero per-sample
                     # gradients, and still a step, so the noise is added and the accountant advances.
                     for param in optimizer.params:
-                        param.grad_sample = torch.zeros((1, *param.shape), dtype=param.dtype)
+                        param.grad_sample = torch.zeros((1, *param.shape), dtype=param.dtype, device=param.device)
                 else:
                     loss = forward_loss(model, chunk)
                     loss.backward()

@@ -189,13 +189,6 @@ def _dirichlet_parts(records: list[Record], sites: int, alpha: float, rng: np.ra
     return parts
 
 
-def split_holdout(indices: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, holdout) for a site's own federated evaluation; holdout may be empty for tiny sites."""
-    shuffled = np.random.default_rng(seed).permutation(indices).tolist()
-    cut = int(len(shuffled) * fraction)
-    return sorted(shuffled[cut:]), sorted(shuffled[:cut])
-
-
 @dataclass(frozen=True)
 class EncodedData:
     """Tokenised examples, ready for a DataLoader."""

@@ -1,11 +1,14 @@
-"""Writing files safely: atomic JSON, owner-only secrets, checksums. No torch here (light to import)."""
+"""Writing files safely: atomic JSON, owner-only secrets, checksums, locks. No torch here (light to import)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (the directory entry itself is fsynced)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(source: Path, target: Path) -> None:
+    """``os.replace``, then fsync the directory so the rename survives a power loss."""
+    os.replace(source, target)
+    fsync_dir(target.parent)
+
+
 def write_json(path: Path, payload: Any, *, mode: int = 0o600) -> None:
-    """Atomic: a reader never sees half a file, a crash never leaves one. Owner-only unless ``mode`` says."""
+    """Atomic and durable: a reader never sees half a file, a crash never leaves one, and the rename is
+    fsynced. Owner-only unless ``mode`` says."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
@@ -28,7 +47,7 @@ def write_json(path: Path, payload: Any, *, mode: int = 0o600) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        replace_durably(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -40,3 +59,22 @@ def write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner can enter (0700), created if missing."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (an owner-only lock file): across processes and threads,
+    since every call opens its own file description. Released on exit, or by the kernel if the process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock

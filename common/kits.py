@@ -1,23 +1,33 @@
-"""Provisioning a federation: a CA, the SuperLink's TLS certificate, and one startup kit per site.
+"""Site keys, enrolment, and provisioning a federation from the sites' public keys.
 
-``fedtune provision`` runs once, on the coordinator's trusted machine, and writes::
+The coordinator is not trusted, so no site private key is ever made by, or passes through, it:
+
+1. Each site runs ``fedtune site keygen --site NAME --out KEYS`` on its own machine: it writes its
+   secure-aggregation identity key (Ed25519, ``identity.pem``), its SuperNode authentication key
+   (EC P-384, OpenSSH, ``supernode.key`` / ``supernode.pub``) and a public enrolment file
+   ``NAME.enrol.json`` into a new owner-only directory, and prints the keys' SHA-256 fingerprints.
+2. The site sends the enrolment file to the coordinator; its officer reads the fingerprints to the
+   coordinator's officer over the phone.
+3. ``fedtune provision --enrol FILES|DIR`` (on the coordinator's trusted machine) prints the same
+   fingerprints for confirmation and writes::
 
     DIR/ca/ca.key              the CA's private key: offline storage, never in a kit
     DIR/server/                the coordinator's kit: ca.crt, server.crt, server.key, registry.json,
                                supernode-keys/<site>.pub, passport-signing.key, passport-signing.pub
-    DIR/sites/<site>/          one kit per site, holding that site's own secrets only: ca.crt,
-                               supernode.key, supernode.pub, identity.pem, registry.json,
+    DIR/sites/<site>/          one kit per site, public material only: ca.crt, registry.json,
                                passport-signing.pub, site.json
 
 Every file is 0600 and every directory 0700. The Flower 1.42 flags these files feed:
 SuperLink ``--ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key
 --enable-supernode-auth``; ``flwr supernode register supernode-keys/<site>.pub CONN --name <site>``;
-SuperNode ``--root-certificates ca.crt --auth-supernode-private-key supernode.key``.
-:func:`check_kit` validates a site kit before a SuperNode starts from it.
+SuperNode ``--root-certificates KIT/ca.crt --auth-supernode-private-key KEYS/supernode.key``.
+:func:`check_kit` validates a site's kit and its own keys before a SuperNode starts from them.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import json
 import os
@@ -25,15 +35,16 @@ import re
 import shutil
 import stat
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.passport import PassportError, load_public_key, public_key_pem, signing_key_pem
@@ -54,30 +65,202 @@ REGISTRY = "registry.json"
 SUPERNODE_KEY, SUPERNODE_PUB, SUPERNODE_KEYS_DIR = "supernode.key", "supernode.pub", "supernode-keys"
 PASSPORT_KEY, PASSPORT_PUB = "passport-signing.key", "passport-signing.pub"
 SITE_INFO = "site.json"
-SITE_KIT_FILES = (CA_CERT, SUPERNODE_KEY, SUPERNODE_PUB, IDENTITY_FILE, REGISTRY, PASSPORT_PUB, SITE_INFO)
-SITE_SECRETS = (SUPERNODE_KEY, IDENTITY_FILE)
-NOT_IN_SITE_KIT = (CA_KEY, SERVER_KEY, PASSPORT_KEY)  # a site kit holding one of these leaks a secret
+ENROL_SUFFIX = ".enrol.json"
+ENROL_FORMAT = "fedtune-enrolment-1"
+SITE_KIT_FILES = (CA_CERT, REGISTRY, PASSPORT_PUB, SITE_INFO)  # what the coordinator sends a site: public only
+SITE_KEY_FILES = (IDENTITY_FILE, SUPERNODE_KEY, SUPERNODE_PUB)  # what `fedtune site keygen` makes, at the site
+SITE_SECRETS = (IDENTITY_FILE, SUPERNODE_KEY)
+NOT_IN_SITE_KIT = (CA_KEY, SERVER_KEY, PASSPORT_KEY, *SITE_SECRETS)  # a kit holding one of these is wrong
 PARTS = ("ca", "server", "sites")
+SUPERNODE_KEY_TYPE = "ecdsa-sha2-nistp384"
 
 
 class ProvisionError(ValueError):
-    """A provisioning request or a startup kit is wrong; the message says what and how to fix it."""
+    """A provisioning request, an enrolment, site keys or a startup kit are wrong; the message says
+    what and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- fingerprints, enrolment
+
+def fingerprint(data: bytes) -> str:
+    """SHA-256 of ``data`` as 16 groups of 4 hex digits: easy to read aloud over the phone."""
+    digest = hashlib.sha256(data).hexdigest()
+    return " ".join(digest[i:i + 4] for i in range(0, len(digest), 4))
+
+
+def supernode_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """SHA-256 of a SuperNode key's SSH wire encoding (the base64 field of ``supernode.pub``)."""
+    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return fingerprint(base64.b64decode(line.split()[1]))
+
+
+def openssh_public(key: ec.EllipticCurvePublicKey, site: str) -> bytes:
+    """``ecdsa-sha2-nistp384 AAAA... fedtune-<site>``: what ``flwr supernode register`` reads."""
+    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return line + f" fedtune-{site}\n".encode()
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """A site's public keys, as its enrolment file carries them to the coordinator."""
+
+    site: str
+    identity: Ed25519PublicKey
+    supernode: ec.EllipticCurvePublicKey
+
+    @property
+    def identity_raw(self) -> bytes:
+        return self.identity.public_bytes_raw()
+
+    @property
+    def supernode_openssh(self) -> bytes:
+        return openssh_public(self.supernode, self.site)
+
+    @property
+    def identity_fingerprint(self) -> str:
+        """SHA-256 of the raw 32-byte Ed25519 public key (as the registry holds it)."""
+        return fingerprint(self.identity_raw)
+
+    @property
+    def supernode_fingerprint(self) -> str:
+        return supernode_fingerprint(self.supernode)
+
+    def to_json(self) -> bytes:
+        payload = {"format": ENROL_FORMAT, "site": self.site,
+                   "identity_public_key": self.identity.public_bytes(
+                       serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode(),
+                   "supernode_public_key": self.supernode_openssh.decode().strip()}
+        return (json.dumps(payload, indent=2) + "\n").encode()
+
+
+def site_keygen(site: str, out: Path) -> Enrolment:
+    """At the site: create its identity and SuperNode keys in the new directory ``out`` (0700, files 0600)
+    and its public enrolment file ``<site>.enrol.json`` beside them. Never overwrites anything."""
+    out = Path(out)
+    _check_site_name(site)
+    if out.exists() and not out.is_dir():
+        raise ProvisionError(f"--out {out} is a file, not a directory; give a new directory for the site's keys")
+    if out.is_dir():
+        existing = sorted(p.name for p in out.iterdir())
+        if any(name in existing for name in SITE_KEY_FILES) or any(n.endswith(ENROL_SUFFIX) for n in existing):
+            raise ProvisionError(f"{out} already holds site keys ({', '.join(existing)}); refusing to overwrite "
+                                 "them. Keep using them, or if you really mean new keys, choose a new --out "
+                                 "directory and enrol again with the coordinator")
+        if existing:
+            raise ProvisionError(f"{out} is not empty ({', '.join(existing[:5])}); give a new directory: it will "
+                                 "hold only the site's keys, owner-only")
+    identity = SiteIdentity.generate()
+    supernode = ec.generate_private_key(ec.SECP384R1())
+    enrolment = Enrolment(site, identity.private_key.public_key(), supernode.public_key())
+    _private_dir(out)
+    _write_new(out / IDENTITY_FILE, identity.to_pem())
+    _write_new(out / SUPERNODE_KEY, supernode.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    _write_new(out / SUPERNODE_PUB, enrolment.supernode_openssh)
+    _write_new(out / f"{site}{ENROL_SUFFIX}", enrolment.to_json())
+    return enrolment
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """A new owner-only file; an existing one is never replaced (O_EXCL)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise ProvisionError(f"{path} already exists; refusing to overwrite a key") from exc
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)
+
+
+def read_enrolment(path: Path) -> Enrolment:
+    """Parse and check one enrolment file; :class:`ProvisionError` says what is wrong with it."""
+    path = Path(path)
+    where = f"enrolment file {path}"
+    if not path.name.endswith(ENROL_SUFFIX):
+        raise ProvisionError(f"{where}: the name must be <site>{ENROL_SUFFIX}, as `fedtune site keygen` wrote it")
+    try:
+        text = path.read_text(encoding="utf-8")
+        payload = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ProvisionError(f"{where} is unreadable or not JSON ({exc}); ask the site for the file "
+                             "`fedtune site keygen` wrote") from exc
+    if "PRIVATE KEY" in text:
+        raise ProvisionError(f"{where} holds a PRIVATE key: refuse it and tell the site to generate new keys "
+                             "(`fedtune site keygen`); a site only ever sends its public enrolment file")
+    if not isinstance(payload, dict) or payload.get("format") != ENROL_FORMAT:
+        raise ProvisionError(f"{where} is not a fedtune enrolment (expected \"format\": \"{ENROL_FORMAT}\"); "
+                             "ask the site for the file `fedtune site keygen` wrote")
+    missing = [k for k in ("site", "identity_public_key", "supernode_public_key")
+               if not isinstance(payload.get(k), str)]
+    if missing:
+        raise ProvisionError(f"{where} lacks {', '.join(missing)}; ask the site for the file `fedtune site keygen` "
+                             "wrote, unedited")
+    site = payload["site"]
+    _check_site_name(site, where=where)
+    if path.name != f"{site}{ENROL_SUFFIX}":
+        raise ProvisionError(f"{where} names site {site!r} but its file name says "
+                             f"{path.name.removesuffix(ENROL_SUFFIX)!r}: site name mismatch; confirm with the "
+                             "site which it is, and use the file it sent, unrenamed")
+    try:
+        identity = serialization.load_pem_public_key(payload["identity_public_key"].encode())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ProvisionError(f"{where}: identity_public_key is not a PEM public key ({exc})") from exc
+    if not isinstance(identity, Ed25519PublicKey):
+        raise ProvisionError(f"{where}: identity_public_key is a {_key_kind(identity)} key, not Ed25519; the "
+                             "secure-aggregation identity must be the Ed25519 key `fedtune site keygen` makes")
+    try:
+        supernode = serialization.load_ssh_public_key(payload["supernode_public_key"].encode())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ProvisionError(f"{where}: supernode_public_key is not an OpenSSH public key ({exc})") from exc
+    if not isinstance(supernode, ec.EllipticCurvePublicKey) or not isinstance(supernode.curve, ec.SECP384R1):
+        raise ProvisionError(f"{where}: supernode_public_key is a {_key_kind(supernode)} key, not "
+                             f"{SUPERNODE_KEY_TYPE} (EC P-384) as Flower's SuperNode authentication needs")
+    return Enrolment(site, identity, supernode)
+
+
+def _key_kind(key: object) -> str:
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name}"
+    return type(key).__name__.removeprefix("_").replace("PublicKey", "") or "unknown"
+
+
+def read_enrolments(paths: list[Path]) -> list[Enrolment]:
+    """Every enrolment in ``paths`` (files, or directories of ``*.enrol.json``), in the order given
+    (a directory's files by name). Duplicates are refused by :func:`provision`."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob(f"*{ENROL_SUFFIX}"))
+            if not found:
+                raise ProvisionError(f"{path} holds no *{ENROL_SUFFIX} file; put each site's enrolment file there")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ProvisionError(f"enrolment {path} does not exist; give the sites' {ENROL_SUFFIX} files or "
+                                 "a directory of them")
+    return [read_enrolment(path) for path in files]
 
 
 # ----------------------------------------------------------------------------- validation
 
+def _check_site_name(name: str, *, where: str = "") -> None:
+    if not isinstance(name, str) or not SITE_NAME.fullmatch(name):
+        raise ProvisionError(f"{where + ': ' if where else ''}site name {name!r} is not allowed: use 1-63 "
+                             "lowercase letters, digits and '-', starting with a letter or digit (e.g. 'hospital-a')")
+
+
 def validate_request(sites: list[str], server_hosts: list[str], days: int) -> None:
     """Raise :class:`ProvisionError` naming the first problem with a provisioning request."""
     for name in sites:
-        if not SITE_NAME.fullmatch(name):
-            raise ProvisionError(f"site name {name!r} is not allowed: use 1-63 lowercase letters, digits and "
-                                 "'-', starting with a letter or digit (e.g. 'hospital-a')")
+        _check_site_name(name)
     duplicates = sorted({name for name in sites if sites.count(name) > 1})
     if duplicates:
-        raise ProvisionError(f"site {duplicates[0]!r} is listed more than once in --sites; give each site once")
+        raise ProvisionError(f"site {duplicates[0]!r} is enrolled more than once; give each site's enrolment "
+                             "file once")
     if len(sites) < MIN_SITES:
         raise ProvisionError(f"secure aggregation needs at least {MIN_SITES} sites, got {len(sites)} "
-                             f"({','.join(sites) or 'none'}); list every site, e.g. --sites hospital-a,hospital-b")
+                             f"({','.join(sites) or 'none'}); give every site's enrolment file")
     if not server_hosts:
         raise ProvisionError("give at least one server host (--server-host): the DNS name or IP address "
                              "the sites use to reach the SuperLink")
@@ -87,6 +270,18 @@ def validate_request(sites: list[str], server_hosts: list[str], days: int) -> No
         raise ProvisionError(f"a server host is listed twice in --server-host {','.join(server_hosts)}; give each once")
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
         raise ProvisionError(f"--days must be a whole number of days between 1 and {MAX_DAYS}, got {days!r}")
+
+
+def _check_distinct_keys(enrolments: list[Enrolment]) -> None:
+    """Two sites with one key would let one of them act as the other: refuse."""
+    for what, key in (("identity", lambda e: e.identity_raw), ("SuperNode", lambda e: e.supernode_openssh.split()[1])):
+        seen: dict[bytes, str] = {}
+        for enrolment in enrolments:
+            other = seen.setdefault(key(enrolment), enrolment.site)
+            if other != enrolment.site:
+                raise ProvisionError(f"sites {other!r} and {enrolment.site!r} enrolled the same {what} public key: "
+                                     "each site must run `fedtune site keygen` itself; refuse both until each "
+                                     "confirms its own fingerprints")
 
 
 def _host_name(host: str) -> x509.GeneralName:
@@ -113,14 +308,15 @@ def _refuse_existing(out: Path) -> None:
 
 # ----------------------------------------------------------------------------- provisioning
 
-def provision(sites: list[str], server_hosts: list[str], out: Path, *, days: int = 365,
+def provision(enrolments: list[Enrolment], server_hosts: list[str], out: Path, *, days: int = 365,
               issued_at: datetime | None = None) -> Path:
-    """Create the CA, the server kit and one kit per site under ``out``; returns ``out``.
+    """Create the CA, the server kit and one public kit per enrolled site under ``out``; returns ``out``.
 
     Parameters
     ----------
-    sites
-        Site names; a site's secure-aggregation id is its position in this list.
+    enrolments
+        The sites' public keys (:func:`read_enrolments`); a site's secure-aggregation id is its
+        position in this list. No site private key is made or seen here.
     server_hosts
         Names or IP addresses the sites use to reach the SuperLink (the certificate's SANs).
     out
@@ -130,16 +326,17 @@ def provision(sites: list[str], server_hosts: list[str], out: Path, *, days: int
     issued_at
         Issue time (UTC); default now. Tests pass a past time to make expired kits.
     """
-    if isinstance(sites, str) or isinstance(server_hosts, str):
-        raise ProvisionError("sites and server_hosts are lists of names, not one comma-separated string")
-    sites, server_hosts, out = list(sites), list(server_hosts), Path(out)
-    validate_request(sites, server_hosts, days)
+    if isinstance(server_hosts, str) or not all(isinstance(e, Enrolment) for e in enrolments):
+        raise ProvisionError("provision takes a list of Enrolment (read_enrolments) and a list of host names")
+    enrolments, server_hosts, out = list(enrolments), list(server_hosts), Path(out)
+    validate_request([e.site for e in enrolments], server_hosts, days)
+    _check_distinct_keys(enrolments)
     _refuse_existing(out)
     now = _utc(issued_at or datetime.now(timezone.utc))
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".provisioning-", dir=out))  # nothing half-written is ever in place
     try:
-        _write_provisioning(staging, sites, server_hosts, now, days)
+        _write_provisioning(staging, enrolments, server_hosts, now, days)
         for part in PARTS:
             os.replace(staging / part, out / part)
     finally:
@@ -147,14 +344,12 @@ def provision(sites: list[str], server_hosts: list[str], out: Path, *, days: int
     return out
 
 
-def _write_provisioning(root: Path, sites: list[str], hosts: list[str], now: datetime, days: int) -> None:
+def _write_provisioning(root: Path, enrolments: list[Enrolment], hosts: list[str], now: datetime, days: int) -> None:
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = ca_certificate(ca_key, now=now, days=days)
     server_key = ec.generate_private_key(ec.SECP384R1())
     signing_key = Ed25519PrivateKey.generate()
-    identities = {name: SiteIdentity.generate() for name in sites}
-    supernode_keys = {name: ec.generate_private_key(ec.SECP384R1()) for name in sites}
-    registry = {name: (site_id, identities[name].public_bytes()) for site_id, name in enumerate(sites)}
+    registry = {e.site: (site_id, e.identity_raw) for site_id, e in enumerate(enrolments)}
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     passport_pub = public_key_pem(signing_key.public_key())
 
@@ -168,22 +363,19 @@ def _write_provisioning(root: Path, sites: list[str], hosts: list[str], now: dat
     write_private(server / PASSPORT_KEY, signing_key_pem(signing_key))
     write_private(server / PASSPORT_PUB, passport_pub)
     keys_dir = _private_dir(server / SUPERNODE_KEYS_DIR)
-    for name, key in supernode_keys.items():
-        write_private(keys_dir / f"{name}.pub", _openssh_public(key, name))
+    for enrolment in enrolments:
+        write_private(keys_dir / f"{enrolment.site}.pub", enrolment.supernode_openssh)
 
     _private_dir(root / "sites")
-    for site_id, name in enumerate(sites):
-        kit = _private_dir(root / "sites" / name)
+    for site_id, enrolment in enumerate(enrolments):
+        kit = _private_dir(root / "sites" / enrolment.site)
         write_private(kit / CA_CERT, ca_pem)
-        write_private(kit / SUPERNODE_KEY, supernode_keys[name].private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-        write_private(kit / SUPERNODE_PUB, _openssh_public(supernode_keys[name], name))
-        write_private(kit / IDENTITY_FILE, identities[name].to_pem())
         write_private(kit / REGISTRY, (server / REGISTRY).read_bytes())
         write_private(kit / PASSPORT_PUB, passport_pub)
-        info = {"site": name, "site_id": site_id, "server_hosts": hosts,
+        info = {"site": enrolment.site, "site_id": site_id, "server_hosts": hosts,
                 "created": now.isoformat(timespec="seconds"),
-                "ca_sha256": certificate_sha256(ca_cert)}
+                "ca_sha256": certificate_sha256(ca_cert),
+                "supernode_sha256": enrolment.supernode_fingerprint}
         write_private(kit / SITE_INFO, (json.dumps(info, indent=2) + "\n").encode())
 
 
@@ -245,12 +437,6 @@ def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _openssh_public(key: ec.EllipticCurvePrivateKey, comment: str) -> bytes:
-    """``ecdsa-sha2-nistp384 AAAA... fedtune-<site>``: what ``flwr supernode register`` reads."""
-    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return line + f" fedtune-{comment}\n".encode()
-
-
 def _private_dir(path: Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.chmod(0o700)  # whatever the umask
@@ -265,34 +451,42 @@ def _write_registry(path: Path, identities: dict[str, tuple[int, bytes]]) -> Non
 
 # ----------------------------------------------------------------------------- kit check
 
-def check_kit(kit_dir: Path, *, now: datetime | None = None) -> dict[str, Any]:
-    """Validate a site's startup kit before a SuperNode starts from it.
+def check_kit(kit_dir: Path, keys_dir: Path, *, now: datetime | None = None) -> dict[str, Any]:
+    """Validate a site's startup kit (from the coordinator) and its own keys (from ``fedtune site
+    keygen``) before a SuperNode starts from them.
 
-    Checks that every file is there and no coordinator secret is, that the keys are owner-only,
-    that the CA certificate is the one the kit was issued with and is valid ``now``, that the
-    SuperNode key pair matches, and that the identity key is the one the registry holds for the site.
+    Checks that every file is there, that the kit holds no private key (a coordinator's, or a
+    site key someone else made), that the keys are owner-only, that the CA certificate is the one
+    the kit was issued with and is valid ``now``, that the SuperNode key pair matches and is the
+    one enrolled, and that the identity key is the one the registry holds for the site.
 
     Returns
     -------
     dict
         ``site``, ``site_id``, ``server_hosts``, ``ca_not_valid_after`` (ISO 8601) and ``files``:
-        the path of each kit file, by name (e.g. ``files["supernode.key"]``).
+        the path of each kit and key file, by name (e.g. ``files["supernode.key"]``).
     """
-    kit_dir = Path(kit_dir)
-    if not kit_dir.is_dir():
-        raise ProvisionError(f"startup kit {kit_dir} is not a directory; give the path of your site's kit")
+    kit_dir, keys_dir = Path(kit_dir), Path(keys_dir)
+    for directory, what in ((kit_dir, "startup kit (--kit)"), (keys_dir, "site keys directory (--keys)")):
+        if not directory.is_dir():
+            raise ProvisionError(f"{what} {directory} is not a directory")
+    if kit_dir.resolve() == keys_dir.resolve():
+        raise ProvisionError(f"--kit and --keys are both {kit_dir}: keep the kit the coordinator sent and the keys "
+                             "`fedtune site keygen` made in two directories, so no received file can replace a key")
     _check_kit_files(kit_dir)
+    _check_key_files(keys_dir)
     info = _read_site_info(kit_dir / SITE_INFO)
     ca_cert = _check_ca(kit_dir / CA_CERT, info["ca_sha256"], _utc(now or datetime.now(timezone.utc)))
-    _check_supernode_keys(kit_dir)
-    _check_identity(kit_dir, info)
+    _check_supernode_keys(keys_dir, info)
+    _check_identity(kit_dir, keys_dir, info)
     try:
         load_public_key(kit_dir / PASSPORT_PUB)
     except PassportError as exc:
         raise ProvisionError(f"{PASSPORT_PUB} in {kit_dir} is wrong: {exc}") from exc
     return {"site": info["site"], "site_id": info["site_id"], "server_hosts": info["server_hosts"],
             "ca_not_valid_after": ca_cert.not_valid_after_utc.isoformat(),
-            "files": {name: kit_dir / name for name in SITE_KIT_FILES}}
+            "files": {name: kit_dir / name for name in SITE_KIT_FILES} | {name: keys_dir / name
+                                                                          for name in SITE_KEY_FILES}}
 
 
 def _check_kit_files(kit_dir: Path) -> None:
@@ -302,17 +496,32 @@ def _check_kit_files(kit_dir: Path) -> None:
                                  "again from the coordinator")
     for name in NOT_IN_SITE_KIT:
         if (kit_dir / name).exists():
-            raise ProvisionError(f"{kit_dir / name} must not be in a site kit (it is a coordinator secret); "
-                                 "delete it here and tell the coordinator")
-    if kit_dir.stat().st_mode & 0o022:
-        raise ProvisionError(f"startup kit {kit_dir} is writable by group or others; run: chmod 700 {kit_dir}")
-    for name in SITE_KIT_FILES:
-        mode = stat.S_IMODE((kit_dir / name).stat().st_mode)
-        secret = name in SITE_SECRETS
+            whose = "this site's own private key" if name in SITE_SECRETS else "a coordinator secret"
+            raise ProvisionError(f"{kit_dir / name} must not be in a site kit (it would be {whose}, and a kit "
+                                 "from the coordinator holds public files only); delete it here and tell the "
+                                 "coordinator. Your own keys stay in the --keys directory")
+    _check_modes(kit_dir, SITE_KIT_FILES, secrets=(), what="startup kit")
+
+
+def _check_key_files(keys_dir: Path) -> None:
+    for name in SITE_KEY_FILES:
+        if not (keys_dir / name).is_file():
+            raise ProvisionError(f"{name} is missing from the site keys directory {keys_dir}; give the directory "
+                                 "`fedtune site keygen --out` wrote (its keys cannot be re-made: a new key needs a "
+                                 "new enrolment)")
+    _check_modes(keys_dir, SITE_KEY_FILES, secrets=SITE_SECRETS, what="site keys directory")
+
+
+def _check_modes(directory: Path, names: tuple[str, ...], *, secrets: tuple[str, ...], what: str) -> None:
+    if directory.stat().st_mode & 0o022:
+        raise ProvisionError(f"{what} {directory} is writable by group or others; run: chmod 700 {directory}")
+    for name in names:
+        mode = stat.S_IMODE((directory / name).stat().st_mode)
+        secret = name in secrets
         if mode & (0o077 if secret else 0o022):
-            what = "readable or writable" if secret else "writable"
-            raise ProvisionError(f"{name} in {kit_dir} is {what} by group or others (mode {mode:04o}); "
-                                 f"run: chmod 600 {kit_dir / name}")
+            how = "readable or writable" if secret else "writable"
+            raise ProvisionError(f"{name} in {directory} is {how} by group or others (mode {mode:04o}); "
+                                 f"run: chmod 600 {directory / name}")
 
 
 def _read_site_info(path: Path) -> dict[str, Any]:
@@ -320,12 +529,13 @@ def _read_site_info(path: Path) -> dict[str, Any]:
         info = json.loads(path.read_text())
         ok = (isinstance(info, dict) and isinstance(info.get("site"), str) and SITE_NAME.fullmatch(info["site"])
               and isinstance(info.get("site_id"), int) and isinstance(info.get("server_hosts"), list)
-              and info["server_hosts"] and isinstance(info.get("ca_sha256"), str))
+              and info["server_hosts"] and all(isinstance(info.get(k), str)
+                                               for k in ("ca_sha256", "supernode_sha256")))
     except (OSError, ValueError) as exc:
         raise ProvisionError(f"{SITE_INFO} in {path.parent} is unreadable ({exc}); copy the kit again") from exc
     if not ok:
-        raise ProvisionError(f"{SITE_INFO} in {path.parent} lacks site, site_id, server_hosts or ca_sha256; "
-                             "copy the kit again from the coordinator")
+        raise ProvisionError(f"{SITE_INFO} in {path.parent} lacks site, site_id, server_hosts, ca_sha256 "
+                             "or supernode_sha256; copy the kit again from the coordinator")
     return info
 
 
@@ -354,29 +564,35 @@ def _check_ca(path: Path, expected_sha256: str, now: datetime) -> x509.Certifica
     return cert
 
 
-def _check_supernode_keys(kit_dir: Path) -> None:
+def _check_supernode_keys(keys_dir: Path, info: dict[str, Any]) -> None:
     try:
-        private = serialization.load_ssh_private_key((kit_dir / SUPERNODE_KEY).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ProvisionError(f"{SUPERNODE_KEY} in {kit_dir} is not an OpenSSH private key ({exc}); "
-                             "copy the kit again") from exc
+        private = serialization.load_ssh_private_key((keys_dir / SUPERNODE_KEY).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ProvisionError(f"{SUPERNODE_KEY} in {keys_dir} is not an OpenSSH private key ({exc})") from exc
     if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(private.curve, ec.SECP384R1):
-        raise ProvisionError(f"{SUPERNODE_KEY} in {kit_dir} is not an EC P-384 key; copy the kit again")
+        raise ProvisionError(f"{SUPERNODE_KEY} in {keys_dir} is not an EC P-384 key; use the keys "
+                             "`fedtune site keygen` made")
     try:
-        public = serialization.load_ssh_public_key((kit_dir / SUPERNODE_PUB).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ProvisionError(f"{SUPERNODE_PUB} in {kit_dir} is not an OpenSSH public key ({exc}); "
-                             "copy the kit again") from exc
+        public = serialization.load_ssh_public_key((keys_dir / SUPERNODE_PUB).read_bytes())
+    except (OSError, ValueError, UnsupportedAlgorithm) as exc:
+        raise ProvisionError(f"{SUPERNODE_PUB} in {keys_dir} is not an OpenSSH public key ({exc})") from exc
     if public != private.public_key():
-        raise ProvisionError(f"{SUPERNODE_PUB} in {kit_dir} does not match {SUPERNODE_KEY}; copy the kit again")
+        raise ProvisionError(f"{SUPERNODE_PUB} in {keys_dir} does not match {SUPERNODE_KEY}; use the keys "
+                             "`fedtune site keygen` made, as it made them")
+    found = supernode_fingerprint(private.public_key())
+    if found != info["supernode_sha256"]:
+        raise ProvisionError(f"{SUPERNODE_KEY} in {keys_dir} is not the SuperNode key the coordinator enrolled for "
+                             f"site {info['site']!r} (fingerprint {found[:19]}…, "
+                             f"{SITE_INFO} says {info['supernode_sha256'][:19]}…); the coordinator would refuse "
+                             "it: use the keys you enrolled, or enrol these again")
 
 
-def _check_identity(kit_dir: Path, info: dict[str, Any]) -> None:
+def _check_identity(kit_dir: Path, keys_dir: Path, info: dict[str, Any]) -> None:
     try:
         registry = load_registry(kit_dir / REGISTRY)
-        site_id, _ = load_identity(kit_dir, info["site"], registry)
+        site_id, _ = load_identity(keys_dir, info["site"], registry)
     except RegistryError as exc:
-        raise ProvisionError(f"{IDENTITY_FILE} / {REGISTRY} in {kit_dir}: {exc}") from exc
+        raise ProvisionError(f"{IDENTITY_FILE} in {keys_dir} / {REGISTRY} in {kit_dir}: {exc}") from exc
     if site_id != info["site_id"]:
         raise ProvisionError(f"{SITE_INFO} in {kit_dir} gives site id {info['site_id']}, {REGISTRY} gives "
                              f"{site_id}; the kit mixes files from two provisionings: copy the kit again")

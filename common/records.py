@@ -7,14 +7,14 @@ trainable keys in :func:`common.adapter.trainable_keys` order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.adapter import AdapterState
-from common.evaluation import EvalCounts
 
 
 
@@ -23,17 +23,48 @@ class WireError(ValueError):
 
 
 @dataclass(frozen=True)
+class PrivacyReport:
+    """What a site says about its privacy, in the clear: ε spent and δ, and the budget they count against.
+
+    Nothing else: the noise multiplier, the sampling rate and the step count would pin the site's
+    number of records, which is not released.
+    """
+
+    site: str
+    dp: bool
+    epsilon: float | None = None
+    """ε spent in total so far (rounded up), under add/remove-one neighbouring of the privacy unit."""
+    delta: float | None = None
+    budget: float | None = None
+    accountant: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class TrainReply:
-    """A site's answer to a train request."""
+    """A site's answer to a train request under plain aggregation (the server sees the update)."""
 
     delta: np.ndarray
-    num_examples: int
-    loss: float
-    steps: int
-    evaluation: EvalCounts
-    """The received global adapter on the site's held-out examples (federated evaluation)."""
-    privacy: dict[str, Any] = field(default_factory=dict)
-    """The site's accounting report (ε spent, δ, budget, σ, ...); empty when DP is off."""
+    weight: int
+    """Public by construction: equal, or the size the site declares in its policy; never its record count."""
+    privacy: PrivacyReport
+
+
+FAILURE_MESSAGES: dict[str, str] = {
+    "budget-exhausted": "this round would take the site past its privacy budget; it will not train again",
+    "ledger": "the site's privacy ledger is missing, altered or unreadable; the site's operator must restore it",
+    "site-policy": "the run asks for less protection than this site's own policy accepts",
+    "bad-data": "the site's data cannot be used with this run's settings",
+    "bad-config": "the run's configuration cannot be used at this site",
+    "registry": "the site's identity does not match the federation's registry",
+    "protocol": "the site refused a secure-aggregation request",
+    "training-failed": "local training did not produce a usable update",
+    "internal": "the site hit an unexpected error",
+}
+"""A failure reply carries its kind and one of these fixed texts: details (which may describe
+records) stay in the site's own log."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +72,11 @@ class SiteFailure:
     """A site that could not take part says why, as data the server logs and counts."""
 
     kind: str
-    """"budget-exhausted", "bad-data", "bad-config", "training-failed", "protocol"."""
-    detail: str
+    """One of FAILURE_MESSAGES (anything else arrives as "unknown")."""
+
+    @property
+    def detail(self) -> str:
+        return FAILURE_MESSAGES.get(self.kind, "the site replied with an unknown failure kind")
 
 
 def pack_adapter(state: AdapterState) -> ArrayRecord:
@@ -86,15 +120,31 @@ def unpack_stage(content: RecordDict) -> tuple[bytes, dict[str, bytes]]:
     return round_id, blobs
 
 
-def pack_privacy(report: dict[str, Any]) -> ConfigRecord:
-    return ConfigRecord({key: _config_value(value) for key, value in report.items()})
+def pack_privacy(report: PrivacyReport) -> ConfigRecord:
+    return ConfigRecord({key: ("" if value is None else value) for key, value in report.as_dict().items()})
+
+
+def unpack_privacy(content: RecordDict) -> PrivacyReport | None:
+    """A reply's privacy report, type-checked; None when absent or malformed (never raises)."""
+    record = content.config_records.get("privacy")
+    if record is None:
+        return None
+
+    def number(key: str) -> float | None:
+        value = record.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    site, dp, accountant = record.get("site"), record.get("dp"), record.get("accountant")
+    if not isinstance(site, str) or not isinstance(dp, bool):
+        return None
+    return PrivacyReport(site[:128], dp, number("epsilon"), number("delta"), number("budget"),
+                         accountant[:16] if isinstance(accountant, str) and accountant else None)
 
 
 def pack_train_reply(reply: TrainReply) -> RecordDict:
     return RecordDict({
         "update": ArrayRecord({"delta": Array(np.ascontiguousarray(reply.delta, dtype=np.float32))}),
-        "train": MetricRecord({"num-examples": reply.num_examples, "loss": reply.loss, "steps": reply.steps}),
-        "eval": _pack_eval(reply.evaluation),
+        "train": MetricRecord({"weight": reply.weight}),
         "privacy": pack_privacy(reply.privacy),
     })
 
@@ -106,53 +156,27 @@ def pack_failure(failure: SiteFailure) -> RecordDict:
 def unpack_failure(content: RecordDict) -> SiteFailure | None:
     if "failure" not in content.config_records:
         return None
-    record = content.config_records["failure"]
-    return SiteFailure(str(record.get("kind", "unknown")), str(record.get("detail", "")))
+    kind = content.config_records["failure"].get("kind")
+    return SiteFailure(kind if isinstance(kind, str) and kind in FAILURE_MESSAGES else "unknown")
 
 
-def unpack_train_reply(content: RecordDict, expected_values: int, num_labels: int) -> TrainReply | SiteFailure:
+def unpack_train_reply(content: RecordDict, expected_values: int, max_weight: int) -> TrainReply | SiteFailure:
     """Decode a site's reply; a malformed or wrongly sized update raises WireError."""
     if (failure := unpack_failure(content)) is not None:
         return failure
     try:
         array = content.array_records["update"]["delta"]
-        train = content.metric_records["train"]
-        privacy = dict(content.config_records["privacy"])
-        evaluation = content.metric_records["eval"]
+        weight = content.metric_records["train"]["weight"]
     except KeyError as exc:
         raise WireError(f"train reply lacks {exc}") from exc
+    privacy = unpack_privacy(content)
+    if privacy is None:
+        raise WireError("train reply lacks a well-formed privacy report")
     if array.dtype != "float32" or len(array.shape) != 1 or array.shape[0] != expected_values:
         raise WireError(f"update is {array.dtype}{list(array.shape)}, expected float32[{expected_values}]")
     delta = array.numpy()
     if not np.isfinite(delta).all():
         raise WireError("update holds NaN or infinite values")
-    num_examples = int(train["num-examples"])
-    if num_examples <= 0:
-        raise WireError(f"update claims {num_examples} examples")
-    return TrainReply(delta, num_examples, float(train["loss"]), int(train["steps"]),
-                      _unpack_eval(evaluation, num_labels), privacy)
-
-
-def _pack_eval(counts: EvalCounts) -> MetricRecord:
-    return MetricRecord({"loss-sum": counts.loss_sum, "confusion": [int(v) for v in counts.confusion.ravel()]})
-
-
-def _unpack_eval(record: MetricRecord, num_labels: int) -> EvalCounts:
-    try:
-        confusion = np.asarray(record["confusion"], dtype=np.int64)
-        loss_sum = float(record["loss-sum"])
-    except KeyError as exc:
-        raise WireError(f"evaluation counts lack {exc}") from exc
-    if confusion.size != num_labels * num_labels or (confusion < 0).any():
-        raise WireError(f"confusion matrix of {confusion.size} counts, expected {num_labels}x{num_labels}")
-    return EvalCounts(loss_sum, confusion.reshape(num_labels, num_labels))
-
-
-def _config_value(value: Any) -> Any:
-    """ConfigRecord holds scalars, strings and flat lists; nested accounting history becomes flat."""
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        flat = np.asarray(value, dtype=np.float64).ravel()
-        return [float(v) for v in flat]
-    return value
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= max_weight:
+        raise WireError(f"update weight {weight!r} is not a whole number in [1, {max_weight}]")
+    return TrainReply(delta, weight, privacy)

@@ -1,14 +1,14 @@
-"""What a site's contribution looks like inside the securely aggregated vector, and its round parameters.
+"""What a site's contribution is inside the securely aggregated vector, and its round parameters.
 
-Nothing private travels in the clear: the weighted update AND the example count, the training
-loss and the federated-evaluation counts all ride inside the masked vector, so the server
-learns only their sums.
+Nothing computed on a site's records travels besides its DP update: no example count, no
+training loss, no evaluation on its records. A site's weight is public by construction: equal,
+or a size the site declares in its own policy (never derived from its records).
 
-    values  u = clip_L2((n / W) · Δ, C)             W = secagg.max-examples (public cap), C = secagg.clip
-    counts  [n, round(10·Σ train loss), clipped?, round(10·Σ eval loss), confusion (K×K)...]
+    values  u = clip_L2((w / W) · Δ, C)     w = min(declared weight, W), W = secagg.max-examples, C = secagg.clip
+    counts  [w, clipped?]                   equal weights: w = W, so u = Δ
 
-Server side: mean Δ = W · Σu / Σn. With ``b`` value bits, step = 2C/(2^b − 1), and stochastic
-rounding, each element of the mean is within  W · s · step · (1 + 2^-16) / Σn  of the exact
+Server side: mean Δ = W · Σu / Σw. With ``b`` value bits, step = 2C/(2^b − 1), and stochastic
+rounding, each element of the mean is within  W · s · step · (1 + 2^-16) / Σw  of the exact
 weighted mean of the (clipped) updates, for s surviving sites (common.secagg.fixedpoint).
 """
 
@@ -21,18 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.config import SecureAggSettings
-from common.evaluation import EvalCounts
 from common.secagg import AggregateResult, SecAggParams, clip_l2, error_bound
 from common.secagg.fixedpoint import MAX_MODULUS_BITS, MAX_VALUE_BITS
 
+COUNT_SLOTS = 2  # the site's weight w, and whether its update was clipped
 MAX_COUNT = (1 << 20) - 1
-"""Largest count one site may put in a slot; larger metrics are clamped (never the example count)."""
-FIXED_SLOTS = 4  # examples, train loss ·10, clipped flag, eval loss ·10
-LOSS_SCALE = 10
-
-
-def count_slots(num_labels: int) -> int:
-    return FIXED_SLOTS + num_labels * num_labels
+"""Largest value of one count slot at one site (the weight cap W is at most this)."""
 
 
 def value_bits_for(n_sites: int) -> int:
@@ -42,7 +36,7 @@ def value_bits_for(n_sites: int) -> int:
 
 
 def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int, site_ids: list[int],
-                 vector_length: int, num_labels: int) -> SecAggParams:
+                 vector_length: int) -> SecAggParams:
     """The one definition of a round's public parameters; both sides check them against their own config."""
     return SecAggParams(
         round_id=f"fedtune/run-{run_id}/round-{server_round}".encode(),
@@ -50,7 +44,7 @@ def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int,
         vector_length=vector_length,
         clip=settings.clip,
         value_bits=value_bits_for(len(site_ids)),
-        count_slots=count_slots(num_labels),
+        count_slots=COUNT_SLOTS,
         max_count=MAX_COUNT,
         degree=settings.degree,
         threshold=settings.threshold,
@@ -74,28 +68,17 @@ def params_from_bytes(data: bytes) -> SecAggParams:
     return SecAggParams(**fields)
 
 
-@dataclass(frozen=True)
-class Contribution:
-    """A site's round, before masking."""
-
-    delta: np.ndarray
-    num_examples: int
-    train_loss: float
-    evaluation: EvalCounts
+def site_weight(declared: int | None, settings: SecureAggSettings) -> int:
+    """w: the site's declared weight capped at W, or W itself (equal weights) when it declares none."""
+    return settings.max_examples if declared is None else min(declared, settings.max_examples)
 
 
-def encode_contribution(c: Contribution, settings: SecureAggSettings) -> tuple[np.ndarray, list[int], bool]:
-    """(values, counts, clipped): the site's masked-vector contents."""
-    weight = min(c.num_examples, settings.max_examples) / settings.max_examples
-    values, clipped = clip_l2(weight * c.delta.astype(np.float64), settings.clip)
-    counts = [
-        min(c.num_examples, MAX_COUNT),
-        min(round(LOSS_SCALE * c.train_loss * c.num_examples), MAX_COUNT),
-        int(clipped),
-        min(round(LOSS_SCALE * c.evaluation.loss_sum), MAX_COUNT),
-        *(min(int(v), MAX_COUNT) for v in c.evaluation.confusion.ravel()),
-    ]
-    return values, counts, clipped
+def encode_contribution(delta: np.ndarray, weight: int, settings: SecureAggSettings) -> tuple[np.ndarray, list[int]]:
+    """(values, counts): the site's masked-vector contents, for a weight from :func:`site_weight`."""
+    if not 1 <= weight <= settings.max_examples:
+        raise ValueError(f"weight {weight} is outside [1, W={settings.max_examples}]")
+    values, clipped = clip_l2(weight / settings.max_examples * delta.astype(np.float64), settings.clip)
+    return values, [weight, int(clipped)]
 
 
 @dataclass(frozen=True)
@@ -103,28 +86,17 @@ class SecureSum:
     """What the server learns from a secure round: sums only."""
 
     mean_delta: np.ndarray
-    num_examples: int
-    train_loss: float
+    total_weight: int
     clipped_sites: int
-    evaluation: EvalCounts
     error_bound: float
     """Per-element bound on |mean_delta − exact weighted mean of the clipped updates|."""
 
 
-def decode_sum(result: AggregateResult, settings: SecureAggSettings, num_labels: int,
-               params: SecAggParams) -> SecureSum:
-    counts = result.counts
-    examples = int(counts[0])
-    if examples <= 0:
-        raise ValueError("the aggregate counts no examples")
-    scale = settings.max_examples / examples
-    confusion = np.asarray(counts[FIXED_SLOTS:], dtype=np.int64).reshape(num_labels, num_labels)
+def decode_sum(result: AggregateResult, settings: SecureAggSettings, params: SecAggParams) -> SecureSum:
+    weight, clipped = result.counts
+    if weight <= 0:
+        raise ValueError("the aggregate carries no weight")
+    scale = settings.max_examples / weight
     bound = error_bound(len(result.survivors), params.value_bits, params.clip, params.rounding) * scale
-    return SecureSum(
-        mean_delta=(result.sum_vector * scale).astype(np.float32),
-        num_examples=examples,
-        train_loss=counts[1] / LOSS_SCALE / examples,
-        clipped_sites=int(counts[2]),
-        evaluation=EvalCounts(counts[3] / LOSS_SCALE, confusion),
-        error_bound=float(bound),
-    )
+    return SecureSum(mean_delta=(result.sum_vector * scale).astype(np.float32), total_weight=int(weight),
+                     clipped_sites=int(clipped), error_bound=float(bound))

@@ -1,7 +1,8 @@
 """``fedtune``: the command line. Each subcommand parses, validates, then calls one function.
 
     fedtune simulate | demo            a federation on this machine (simulations/)
-    fedtune provision | passport       deployment kits, model passports (fedtune/deploy_cli.py)
+    fedtune site keygen | provision | passport
+                                       site keys, deployment kits, model passports (fedtune/deploy_cli.py)
 
 
 Exit codes: 0 done, 1 the run failed, 2 bad input (config, data, model), 130 interrupted.
@@ -84,6 +85,18 @@ def simulated_registry(out: Path, sites: int) -> Path:
     return path
 
 
+def simulated_site_policies(out: Path, sites: int, *, dp: bool, secure: bool, epsilon: float) -> None:
+    """Each simulated site's own policy file (the person running the simulation plays every site).
+
+    Weaker protection than the defaults exists only because this command was asked for it by name.
+    """
+    from client.site import SitePolicy, write_policy
+
+    policy = SitePolicy(max_epsilon=epsilon, require_dp=dp, require_secure_aggregation=secure)
+    for i in range(sites):
+        write_policy(out.resolve() / "sites" / f"site-{i}", policy)
+
+
 def simulated_passport_key(out: Path) -> Path:
     """The simulated coordinator's passport signing key (kept across re-runs), and its public half beside it."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -161,6 +174,11 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     run_config["data.labels"] = ",".join(label_names(records, settings.data.labels))
     sizes = [len(p) for p in partition(records, args.sites, settings.data.partition,
                                        alpha=settings.data.dirichlet_alpha, seed=settings.data.seed)]
+    if not args.plain_aggregation and args.sites < 3:
+        raise ConfigError(f"secure aggregation needs at least 3 sites (got --sites {args.sites}): with two, each "
+                          "site could subtract its own update from the sum and read the other's. Use --sites 3 "
+                          "or more, or --plain-aggregation")
+    simulated_site_policies(out, args.sites, dp=dp, secure=not args.plain_aggregation, epsilon=args.epsilon)
     if not dp:
         warn("differential privacy is OFF for this run: site updates carry no DP guarantee")
     if args.plain_aggregation:
@@ -215,10 +233,10 @@ def cmd_client_start(args: argparse.Namespace) -> int:
     """The on-premise site daemon (a SuperNode); runs until stopped."""
     from client.daemon import start_client
 
-    print(f"== site daemon: kit {args.kit}, data {args.data}, state {args.state}, coordinator {args.superlink}, "
-          f"budget ceiling ε={args.max_epsilon:g}", flush=True)
-    code = start_client(args.kit, args.data, args.state, superlink=args.superlink, max_epsilon=args.max_epsilon,
-                        connect_timeout=args.connect_timeout)
+    print(f"== site daemon: kit {args.kit}, keys {args.keys}, data {args.data}, state {args.state}, "
+          f"coordinator {args.superlink}, budget ceiling ε={args.max_epsilon:g}", flush=True)
+    code = start_client(args.kit, args.keys, args.data, args.state, superlink=args.superlink,
+                        max_epsilon=args.max_epsilon, connect_timeout=args.connect_timeout)
     if code:
         log = args.state / "supernode.log"
         reasons = [line.strip() for line in log.read_text(errors="replace").splitlines()
@@ -243,7 +261,10 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
     client = sub.add_parser("client", help="a site's daemon (deployment)").add_subparsers(dest="action", required=True)
     daemon = client.add_parser("start", help="the on-premise SuperNode with TLS and the site key",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    daemon.add_argument("--kit", type=Path, required=True, help="this site's kit from `fedtune provision`")
+    daemon.add_argument("--kit", type=Path, required=True,
+                        help="this site's kit from the coordinator (`fedtune provision`: public files only)")
+    daemon.add_argument("--keys", type=Path, required=True,
+                        help="this site's own keys: the directory `fedtune site keygen --out` made here")
     daemon.add_argument("--data", type=Path, required=True, help="the site's CSV/JSONL (text,label); never leaves")
     daemon.add_argument("--state", type=Path, required=True, help="the site's state: privacy ledger, audit log")
     daemon.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")

@@ -1,4 +1,4 @@
-"""``fedtune provision`` and ``fedtune passport verify``: the deployment subcommands.
+"""``fedtune site keygen``, ``fedtune provision`` and ``fedtune passport verify``: the deployment subcommands.
 
 ``fedtune.cli`` adds them with :func:`add_subcommands` and calls the handler it returns for the
 chosen command. Exit codes: 0 done / passport valid, 1 verification failed, 2 bad input.
@@ -12,17 +12,48 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.passport import PassportError, key_id, load_public_key, verify_passport
-from common.kits import MAX_DAYS, ProvisionError, provision
+from common.kits import ENROL_SUFFIX, MAX_DAYS, Enrolment, ProvisionError, provision, read_enrolments, site_keygen
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
+KEYGEN_HELP = """\
+Run this at your site, on the machine that will run the site daemon, as the user the daemon runs as.
+It makes your site's own private keys; they never leave this directory:
+  identity.pem        secure-aggregation identity key (Ed25519)
+  supernode.key/.pub  SuperNode authentication key (EC P-384, OpenSSH)
+  SITE.enrol.json     your PUBLIC keys: send this file to the coordinator
+Then read the two fingerprints it prints to the coordinator's officer over the phone: they must
+match what `fedtune provision` shows them. When the coordinator sends your kit (public files:
+ca.crt, registry.json, passport-signing.pub, site.json), start the daemon with
+  fedtune client start --kit KIT --keys DIR ...
+Keep DIR backed up and private: lost keys mean enrolling again, leaked keys let others act as you.
+"""
+
+PROVISION_HELP = f"""\
+Run on the coordinator's trusted machine, after every site ran `fedtune site keygen` and sent its
+SITE{ENROL_SUFFIX}. Writes the CA, the SuperLink's TLS certificate, the passport signing key, the
+registry of the sites' public identity keys, the coordinator's kit (OUT/server/) and one kit of
+public files per site (OUT/sites/SITE/). It never makes or sees a site's private key. Confirm the
+fingerprints it prints with each site's officer by phone before handing out any kit.
+"""
+
 
 def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add ``provision`` and ``passport`` to ``sub``; returns command name → handler (exit code)."""
-    prov = sub.add_parser("provision", help="create the CA, the server kit and one startup kit per site",
-                          description="Create a federation's CA, TLS certificate, SuperNode auth keys, "
-                                      "identity keys and passport signing key, as one kit per party.")
-    prov.add_argument("--sites", required=True, help="comma-separated site names, e.g. hospital-a,hospital-b")
+    """Add ``site``, ``provision`` and ``passport`` to ``sub``; returns command name → handler (exit code)."""
+    site = sub.add_parser("site", help="a site's own keys (run at the site)")
+    site_actions = site.add_subparsers(dest="site_command", required=True)
+    keygen = site_actions.add_parser("keygen", help="make this site's identity and SuperNode keys and its "
+                                     "public enrolment file", description=KEYGEN_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    keygen.add_argument("--site", required=True, help="this site's name, as agreed with the coordinator, "
+                        "e.g. hospital-a")
+    keygen.add_argument("--out", type=Path, required=True,
+                        help="new directory for the keys (created 0700; never overwritten), e.g. /etc/fedtune/keys")
+    prov = sub.add_parser("provision", help="create the CA, the server kit and one public kit per enrolled site",
+                          description=PROVISION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prov.add_argument("--enrol", required=True,
+                      help=f"comma-separated SITE{ENROL_SUFFIX} files and/or directories of them (one per site; a "
+                           "site's id is its position, a directory's files in name order)")
     prov.add_argument("--server-host", required=True,
                       help="comma-separated DNS names / IP addresses the sites use to reach the SuperLink")
     prov.add_argument("--out", type=Path, required=True, help="new directory for the kits (never overwritten)")
@@ -32,26 +63,53 @@ def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argp
     verify = actions.add_parser("verify", help="verify PATH/passport.json against the federation's key")
     verify.add_argument("path", type=Path, help="adapter directory (adapter_model.safetensors, passport.json)")
     verify.add_argument("--key", type=Path, required=True, help="passport-signing.pub from your startup kit")
-    return {"provision": cmd_provision, "passport": cmd_passport}
+    return {"site": cmd_site, "provision": cmd_provision, "passport": cmd_passport}
 
 
 def _split(value: str) -> list[str]:
     return [item.strip() for item in value.split(",")] if value.strip() else []
 
 
-def cmd_provision(args: argparse.Namespace) -> int:
-    """``fedtune provision``: write the kits, then say which directory goes to whom."""
-    sites = _split(args.sites)
+def fingerprint_lines(enrolment: Enrolment) -> str:
+    return (f"  identity key  (Ed25519)    SHA-256 {enrolment.identity_fingerprint}\n"
+            f"  SuperNode key (EC P-384)   SHA-256 {enrolment.supernode_fingerprint}")
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    """``fedtune site keygen``: the site's own keys, and the fingerprints to read out."""
     try:
-        out = provision(sites, _split(args.server_host), args.out, days=args.days)
+        enrolment = site_keygen(args.site, args.out)
+    except ProvisionError as exc:
+        print(f"fedtune site keygen: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    enrol_file = args.out / f"{args.site}{ENROL_SUFFIX}"
+    print(f"site {args.site!r}: private keys written to {args.out}/ (owner-only; they never leave this machine)\n"
+          f"{fingerprint_lines(enrolment)}\n"
+          f"Send {enrol_file} (public keys only) to the coordinator, then read these fingerprints to the\n"
+          f"coordinator's officer over the phone. When your kit arrives, start the daemon with\n"
+          f"  fedtune client start --kit KIT --keys {args.out} --data ... --state ... --superlink HOST:PORT")
+    return EXIT_OK
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    """``fedtune provision``: read the enrolments, write the kits, show the fingerprints to confirm."""
+    try:
+        enrolments = read_enrolments([Path(p) for p in _split(args.enrol)])
+        out = provision(enrolments, _split(args.server_host), args.out, days=args.days)
     except ProvisionError as exc:
         print(f"fedtune provision: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"provisioned {len(sites)} sites in {out} (certificates valid {args.days} days). Hand out:")
+    print(f"provisioned {len(enrolments)} sites in {out} (certificates valid {args.days} days).\n"
+          "CONFIRM each site's fingerprints with its officer by phone before handing out any kit; if one\n"
+          f"differs, do not use {out}: delete it, and enrol that site again.")
+    for site_id, enrolment in enumerate(enrolments):
+        print(f"site {enrolment.site!r} (id {site_id}):\n{fingerprint_lines(enrolment)}")
+    print("Hand out:")
     print(f"  {out / 'server'}/  -> the coordinator (runs the SuperLink; register each "
           f"supernode-keys/<site>.pub with `flwr supernode register`)")
-    for name in sites:
-        print(f"  {out / 'sites' / name}/  -> site {name!r} only, over a secure channel")
+    for enrolment in enrolments:
+        print(f"  {out / 'sites' / enrolment.site}/  -> site {enrolment.site!r} (public files only; the site "
+              "keeps its own keys)")
     print(f"  {out / 'ca' / 'ca.key'}  -> offline storage (only needed to issue new certificates); "
           "it belongs in no kit")
     return EXIT_OK

@@ -1,7 +1,8 @@
 """The federation's round loop, driven over Flower's Grid (simulation or deployment alike).
 
 Each round: send the global adapter to the sites, aggregate their updates, apply the mean
-delta, evaluate (server test split + sites' held-out data), checkpoint, write a metrics line.
+delta, evaluate on the server's own test split, checkpoint, write a metrics line. The server
+never evaluates on a site's records: nothing computed on them leaves a site outside DP.
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
     state = get_adapter_state(model)
     keys = trainable_keys(state, settings.lora.aggregation)
     update_size = sum(state[key].size for key in keys)
-    spec = RoundSpec(update_size, len(labels), settings.federation.min_sites, settings.federation.train_timeout,
-                     settings.federation.stage_timeout)
+    spec = RoundSpec(update_size, settings.secagg.max_examples, settings.federation.min_sites,
+                     settings.federation.train_timeout, settings.federation.stage_timeout)
     aggregator = choose_aggregator(settings, spec)
     run_id = grid.run.run_id
     write_json(out_dir / "run.json", {
@@ -154,7 +155,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
         for failure in outcome.failures:
             log.warning("round %d: site %s failed (%s): %s", server_round, failure["site"], failure["kind"],
                         failure["detail"])
-        privacy.update(outcome.privacy)
+        privacy.update({site: report.as_dict() for site, report in outcome.privacy.items()})
         epsilon = {site: report.get("epsilon") for site, report in sorted(privacy.items())}
         line = {
             "round": server_round,
@@ -162,8 +163,6 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
             "contributors": outcome.contributors,
             "failures": outcome.failures,
             "model_updated": outcome.mean_delta is not None,
-            "train_loss": outcome.train_loss,
-            "federated": metrics(outcome.evaluation) if outcome.evaluation else None,
             "secure_aggregation": outcome.details or None,
             "epsilon": epsilon,
         }

@@ -16,8 +16,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from common.adapter import AdapterState
-from common.evaluation import EvalCounts
-from common.records import TrainReply, WireError, pack_train_request, unpack_failure, unpack_train_reply
+from common.records import PrivacyReport, TrainReply, WireError, pack_train_request, unpack_failure, unpack_train_reply
 
 log = logging.getLogger("fedtune.server")
 K = TypeVar("K")
@@ -28,7 +27,8 @@ class RoundSpec:
     """What every round of this run shares."""
 
     update_size: int
-    num_labels: int
+    max_weight: int
+    """W: the largest weight a site may declare (secagg.max-examples)."""
     min_sites: int
     train_timeout: float
     stage_timeout: float
@@ -39,14 +39,10 @@ class RoundOutcome:
     """What a round produced. ``mean_delta`` is None when too few sites contributed."""
 
     mean_delta: np.ndarray | None
-    num_examples: int
     contributors: int
-    train_loss: float | None
-    evaluation: EvalCounts | None
-    """Summed federated evaluation of the adapter the sites received this round."""
     failures: list[dict[str, str]] = field(default_factory=list)
-    privacy: dict[str, dict] = field(default_factory=dict)
-    """Each site's accounting report, keyed by site name."""
+    privacy: dict[str, PrivacyReport] = field(default_factory=dict)
+    """Each site's privacy report (ε, δ), keyed by site name."""
     details: dict[str, object] = field(default_factory=dict)
 
 
@@ -91,7 +87,7 @@ def failure_record(reply: Message, site: str | None = None) -> dict[str, str] | 
     """A reply that is a Flower error or a typed site failure, as a record; None for a real answer."""
     who = site or str(reply.metadata.src_node_id)
     if reply.has_error():
-        return {"site": who, "kind": "error", "detail": reply.error.reason}
+        return {"site": who, "kind": "error", "detail": str(reply.error.reason)[:300]}
     failure = unpack_failure(reply.content)
     return None if failure is None else {"site": who, "kind": failure.kind, "detail": failure.detail}
 
@@ -121,20 +117,16 @@ class PlainAggregation:
                 failures.append(failure)
                 continue
             try:
-                decoded = unpack_train_reply(reply.content, spec.update_size, spec.num_labels)
+                decoded = unpack_train_reply(reply.content, spec.update_size, spec.max_weight)
             except WireError as exc:
                 failures.append({"site": str(node), "kind": "malformed-update", "detail": str(exc)})
                 continue
             assert isinstance(decoded, TrainReply)
             accepted.append(decoded)
-        privacy = {str(r.privacy.get("site")): r.privacy for r in accepted}
-        weights = [r.num_examples for r in accepted]
-        evaluation = sum((r.evaluation for r in accepted), EvalCounts.zeros(spec.num_labels)) if accepted else None
+        privacy = {r.privacy.site: r.privacy for r in accepted}
         if len(accepted) < spec.min_sites:
             log.warning("round %d: %d site(s) contributed, fewer than min-sites=%d: model unchanged",
                         server_round, len(accepted), spec.min_sites)
-            return RoundOutcome(None, sum(weights), len(accepted), None, evaluation, failures, privacy)
-        loss = float(np.average([r.loss for r in accepted], weights=weights))
-        mean = weighted_mean([r.delta for r in accepted], weights)
-        return RoundOutcome(mean, sum(weights), len(accepted), loss, evaluation, failures, privacy)
-
+            return RoundOutcome(None, len(accepted), failures, privacy)
+        mean = weighted_mean([r.delta for r in accepted], [r.weight for r in accepted])
+        return RoundOutcome(mean, len(accepted), failures, privacy)

@@ -46,15 +46,14 @@ def _train_seconds(data, *, dp: bool, settings: TrainSettings, labels) -> tuple[
         return wrapper
 
     ledger_type = privacy.PrivacyLedger
-    patched = {name: getattr(ledger_type, name) for name in ("plan_noise", "check_round", "record_round")}
+    patched = {name: getattr(ledger_type, name) for name in ("charge_round",)}
     with tempfile.TemporaryDirectory() as tmp:
         ledger = ledger_type(Path(tmp) / "l.json", PrivacySettings(epsilon=8.0)) if dp else None
         for name, fn in patched.items():
             setattr(ledger_type, name, timed(fn))
         try:
             started = time.perf_counter()
-            train.train_locally(model, data, settings, ledger=ledger, planned_rounds=1, server_round=1, run_id=0,
-                                seed=0)
+            train.train_locally(model, data, settings, ledger=ledger, planned_rounds=1, server_round=1, run_id=0)
             return time.perf_counter() - started, spent[0]
         finally:
             for name, fn in patched.items():
@@ -180,7 +179,7 @@ def dp_utility(sizes: tuple[int, ...] = (250, 1000, 4000), epochs: int = 5) -> N
             model = build_model("", len(labels), LoraSettings())
             with tempfile.TemporaryDirectory() as tmp:
                 ledger = PrivacyLedger(Path(tmp) / "l.json", PrivacySettings(epsilon=8.0)) if dp else None
-                train_locally(model, data, settings, ledger=ledger, planned_rounds=1, server_round=1, run_id=0, seed=0)
+                train_locally(model, data, settings, ledger=ledger, planned_rounds=1, server_round=1, run_id=0)
             scores[dp] = metrics(evaluate(model, test_data, len(labels)))["macro_f1"]
         print(f"| {n:,} | {scores[False]:.3f} | {scores[True]:.3f} | {scores[True] / max(scores[False], 1e-9):.2f} |",
               flush=True)

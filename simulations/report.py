@@ -31,7 +31,6 @@ def load_summary(out_dir: Path) -> dict[str, Any]:
         "out_dir": str(out_dir),
         "rounds": lines,
         "final": final["server"],
-        "federated": final.get("federated"),
         "majority": run["majority_baseline"],
         "epsilon": {site: report.get("epsilon") for site, report in sorted(privacy["sites"].items())},
         "budget": next((r.get("budget") for r in privacy["sites"].values()), None),

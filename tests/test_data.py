@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data import DataError, encode_labels, label_names, partition, read_records, split_holdout
+from common.data import DataError, encode_labels, label_names, partition, read_records
 from tests.conftest import write_csv
 
 
@@ -93,8 +93,3 @@ def test_partition_errors(drug_reviews):
     one_condition = [dict(r, condition="x") for r in drug_reviews[:10]]
     with pytest.raises(DataError, match="without data"):
         partition(one_condition, 2, "column:condition", alpha=0.5, seed=0)
-
-
-def test_holdout_split_is_disjoint():
-    train, holdout = split_holdout(list(range(50)), 0.2, seed=1)
-    assert len(holdout) == 10 and not set(train) & set(holdout) and len(train) + len(holdout) == 50

@@ -29,6 +29,31 @@ def test_compose_services_run_valid_fedtune_commands():
     assert services["hospital-a"]["volumes"][0] != services["hospital-b"]["volumes"][0]
 
 
+def test_each_compose_site_uses_its_own_keys_and_the_coordinator_none():
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    assert not any(v.endswith(":/keys:ro") or "keys/" in v for v in services["coordinator"]["volumes"])
+    for site in ("hospital-a", "hospital-b"):
+        args = _accepts(services[site]["command"])
+        key_mounts = [v for v in services[site]["volumes"] if v.endswith(":/keys:ro")]
+        assert key_mounts == [f"./keys/{site}:/keys:ro"] and str(args.keys) == "/keys", site
+        assert f"./kits/sites/{site}:/kit:ro" in services[site]["volumes"]
+
+
+def test_the_documented_keygen_and_provision_commands_parse():
+    """The compose file's header shows how sites make keys and the coordinator provisions from them."""
+    header = [line.removeprefix("#").strip() for line in (DEPLOY / "docker-compose.yml").read_text().splitlines()
+              if line.startswith("#")]
+    keygens = [shlex.split(line.split("fedtune:0.1.0 ", 1)[1]) for line in header if " site keygen " in line]
+    assert len(keygens) == 2 and all(_accepts(argv).site_command == "keygen" for argv in keygens)
+    first = next(i for i, line in enumerate(header) if line.startswith("fedtune provision "))
+    command = header[first]
+    while command.endswith("\\"):
+        first += 1
+        command = command[:-1] + header[first]
+    args = _accepts(shlex.split(command)[1:])
+    assert args.enrol.split(",") == [f"keys/{s}/{s}.enrol.json" for s in ("hospital-a", "hospital-b")]
+
+
 def test_systemd_unit_runs_a_valid_client_command():
     unit = (DEPLOY / "systemd" / "fedtune-site.service").read_text()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
@@ -36,6 +61,10 @@ def test_systemd_unit_runs_a_valid_client_command():
     assert argv[0].endswith("/fedtune")
     args = _accepts(argv[1:])
     assert (args.command, args.action) == ("client", "start") and args.max_epsilon == 8.0
+    assert str(args.keys) == "/etc/fedtune/keys" and str(args.kit) == "/etc/fedtune/kit"
+    keygen = next(line for line in unit.splitlines() if " site keygen " in line)
+    argv = shlex.split(keygen.split("/opt/fedtune/.venv/bin/fedtune ", 1)[1])
+    assert _accepts(argv).out == args.keys  # the unit starts from the keys its comment tells the site to make
     assert "UMask=0077" in unit and "NoNewPrivileges=true" in unit
 
 

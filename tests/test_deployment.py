@@ -1,10 +1,12 @@
 """Deployment end to end, on loopback: a SuperLink with TLS and site authentication, four site
 daemons (SuperNodes with their kits), DP and secure aggregation, through the `fedtune` CLI.
 
-One scenario, in order: an unregistered site is refused; a site is killed mid-run and the
-rounds go on with the others; the coordinator is SIGKILLed mid-run and `--resume` completes
-the run with a continuous checkpoint lineage; the killed site restarts and keeps its ε ledger;
-the final adapter's passport verifies and a tampered one does not. Every process is stopped.
+Each site makes its own keys (`fedtune site keygen`); the coordinator provisions from their
+public enrolment files. One scenario, in order: an unregistered site is refused; a site is
+killed mid-run and the rounds go on with the others; the coordinator is SIGKILLed mid-run and
+`--resume` completes the run with a continuous checkpoint lineage; the killed site restarts and
+keeps its ε ledger; the final adapter's passport verifies and a tampered one does not. Every
+process is stopped.
 Slow: about 5 minutes.
 """
 
@@ -23,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.audit import verify_chain
+from common.kits import supernode_fingerprint
 from common.processes import free_port
 from tests.conftest import write_csv
 
@@ -69,17 +72,28 @@ def world(tmp_path_factory, drug_reviews):
     for i, site in enumerate(SITES):
         write_csv(root / f"{site}.csv", drug_reviews[i * 15:(i + 1) * 15])
     write_csv(root / "test.csv", drug_reviews[500:530])
-    done = subprocess.run(fedtune("provision", "--sites", ",".join(SITES), "--server-host", "127.0.0.1",
+    # Each site makes its own keys; the coordinator provisions from their public enrolment files only.
+    for site in SITES:
+        made = subprocess.run(fedtune("site", "keygen", "--site", site, "--out", str(root / "keys" / site)),
+                              capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+    enrolments = ",".join(str(root / "keys" / site / f"{site}.enrol.json") for site in SITES)
+    done = subprocess.run(fedtune("provision", "--enrol", enrolments, "--server-host", "127.0.0.1",
                                   "--out", str(root / "kits")), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    # A kit that trusts our CA and holds a real site identity, but a SuperNode key nobody registered.
-    rogue = root / "rogue-kit"
+    # A site that trusts our CA and holds a real site identity, but a SuperNode key nobody registered
+    # (its kit's site.json edited to name that key, so it gets past the local check to the coordinator).
+    rogue, rogue_keys = root / "rogue-kit", root / "rogue-keys"
     shutil.copytree(root / "kits" / "sites" / "site-d", rogue)
+    shutil.copytree(root / "keys" / "site-d", rogue_keys)
     key = ec.generate_private_key(ec.SECP384R1())
-    (rogue / "supernode.key").write_bytes(key.private_bytes(
+    (rogue_keys / "supernode.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    (rogue / "supernode.pub").write_bytes(key.public_key().public_bytes(
+    (rogue_keys / "supernode.pub").write_bytes(key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    info = json.loads((rogue / "site.json").read_text())
+    info["supernode_sha256"] = supernode_fingerprint(key.public_key())
+    (rogue / "site.json").write_text(json.dumps(info))
     port = free_port()
     server_args = ["server", "start", "--kit", str(root / "kits" / "server"), "--state", str(root / "server"),
                    "--host", "127.0.0.1", "--port", str(port), "--sites", "4", "--rounds", "3",
@@ -95,14 +109,17 @@ def world(tmp_path_factory, drug_reviews):
             procs[name] = subprocess.Popen(fedtune(*args), stdout=out, stderr=subprocess.STDOUT)
         return procs[name]
 
-    def start_site(site: str, kit: Path | None = None, data: str | None = None) -> subprocess.Popen:
+    def start_site(site: str, kit: Path | None = None, keys: Path | None = None,
+                   data: str | None = None) -> subprocess.Popen:
         return start(site, ["client", "start", "--kit", str(kit or root / "kits" / "sites" / site),
-                            "--data", str(root / f"{data or site}.csv"), "--state", str(root / "state" / site),
+                            "--keys", str(keys or root / "keys" / site), "--data", str(root / f"{data or site}.csv"),
+                            "--state", str(root / "state" / site),
                             "--superlink", f"127.0.0.1:{port}", "--max-epsilon", "8", "--connect-timeout", "40"])
 
     started = time.time()
     yield {"root": root, "run": root / "server" / "run", "start": start, "start_site": start_site,
-           "server_args": server_args, "procs": procs, "rogue": rogue, "started": started, "logs": logs}
+           "server_args": server_args, "procs": procs, "rogue": rogue, "rogue_keys": rogue_keys, "started": started,
+           "logs": logs}
     for proc in procs.values():
         kill_tree(proc, 15)
 
@@ -112,7 +129,7 @@ def test_the_deployed_federation_survives_dropouts_and_a_coordinator_crash(world
     world["start"]("server", world["server_args"])
     for site in SITES:
         world["start_site"](site)
-    rogue = world["start_site"]("site-rogue", world["rogue"], data="site-d")
+    rogue = world["start_site"]("site-rogue", world["rogue"], world["rogue_keys"], data="site-d")
 
     # An unregistered SuperNode key is refused at connection: the rogue daemon stops with a clear error.
     assert rogue.wait(timeout=180) != 0

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from common.kits import provision
+from common.kits import provision, site_keygen
 from server.control import RunFailed
 from server.orchestrator import KitError, ServerKit, start_server
 
 
 @pytest.fixture(scope="module")
 def kits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("kits") / "kits"
-    provision(["site-a", "site-b"], ["127.0.0.1"], out)
+    root = tmp_path_factory.mktemp("kits")
+    out = root / "kits"
+    provision([site_keygen(site, out / "keys" / site) for site in ("site-a", "site-b")], ["127.0.0.1"], out)
     return out
 
 
@@ -57,14 +58,33 @@ def test_an_existing_run_needs_resume(kits: Path, tmp_path: Path):
 
 @pytest.mark.parametrize("problem, fragment", [
     ("no-data", "does not exist"),
-    ("no-kit", "kit"),
+    ("no-kit", "startup kit (--kit)"),
+    ("no-keys", "site keys directory (--keys)"),
+    ("other-keys", "not the SuperNode key the coordinator enrolled for site 'site-a'"),
 ])
 def test_client_start_refuses_bad_input_with_exit_2(kits: Path, tmp_path: Path, problem, fragment):
     data = tmp_path / "train.csv"
     if problem != "no-data":
         data.write_text("text,label\nfine,positive\n")
     kit = kits / "sites" / "site-a" if problem != "no-kit" else tmp_path / "nokit"
-    done = subprocess.run([sys.executable, "-m", "fedtune.cli", "client", "start", "--kit", str(kit), "--data",
-                           str(data), "--state", str(tmp_path / "state"), "--superlink", "127.0.0.1:1"],
-                          capture_output=True, text=True, timeout=120)
+    keys = {"no-keys": tmp_path / "nokeys", "other-keys": kits / "keys" / "site-b"}.get(problem,
+                                                                                        kits / "keys" / "site-a")
+    done = subprocess.run([sys.executable, "-m", "fedtune.cli", "client", "start", "--kit", str(kit), "--keys",
+                           str(keys), "--data", str(data), "--state", str(tmp_path / "state"),
+                           "--superlink", "127.0.0.1:1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and fragment in done.stderr, done.stderr
+
+
+def test_the_clientapp_reads_the_kit_and_the_sites_own_key_from_one_linked_directory(kits: Path, tmp_path: Path):
+    from client.daemon import node_config, node_kit
+    from common.registry import load_identity, load_registry
+
+    kit, keys = kits / "sites" / "site-a", kits / "keys" / "site-a"
+    linked = node_kit(kit, keys, tmp_path / "state")
+    assert sorted(p.name for p in linked.iterdir()) == sorted(
+        ["ca.crt", "registry.json", "passport-signing.pub", "site.json", "identity.pem"])
+    assert all(p.is_symlink() for p in linked.iterdir())  # no key is copied
+    assert (linked / "identity.pem").resolve() == (keys / "identity.pem").resolve()
+    assert load_identity(linked, "site-a", load_registry(linked / "registry.json"))[0] == 0
+    assert f'kit-dir="{linked.resolve()}"' in node_config(linked, tmp_path / "d.csv", tmp_path / "state", 8.0)
+    assert node_kit(kit, keys, tmp_path / "state") == linked  # rebuilt at each start

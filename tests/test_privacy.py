@@ -28,11 +28,11 @@ def test_dp_step_equals_manual_per_sample_clipping_reference(tmp_path: Path):
     model = torch.nn.Linear(5, 3)
     reference = {name: p.detach().clone() for name, p in model.named_parameters()}
     ledger = PrivacyLedger(tmp_path / "ledger.json", BUDGET)
-    ledger.plan_noise(sample_rate=1.0, steps_per_round=1, rounds=1)
+    ledger.charge_round(run_id=1, server_round=1, sample_rate=1.0, steps=1, planned_rounds=1)
     loader = DataLoader(TensorDataset(features, labels), batch_size=8)
     _, private_model, optimizer, _ = make_private(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), loader=loader, ledger=ledger)
-    optimizer.generator = torch.Generator().manual_seed(123)
+    optimizer.generator = torch.Generator().manual_seed(123)  # a test may replay the noise; the coordinator may not
 
     # Execute: one DP-SGD step on the full batch.
     F.cross_entropy(private_model(features), labels).backward()
@@ -60,30 +60,23 @@ def test_dp_step_equals_manual_per_sample_clipping_reference(tmp_path: Path):
 
 def test_sigma_is_planned_once_from_the_whole_budget(tmp_path: Path):
     ledger = PrivacyLedger(tmp_path / "l.json", BUDGET)
-    first = ledger.plan_noise(sample_rate=0.25, steps_per_round=8, rounds=3)
-    again = ledger.plan_noise(sample_rate=0.5, steps_per_round=2, rounds=1)
-    assert again == first
-    # Spending the whole plan lands at (not over) the budget.
-    for _ in range(3):
-        ledger.check_round(sample_rate=0.25, steps=8)
-        ledger.history = [(first.noise_multiplier, 0.25, 8 * (len(ledger.rounds) + 1))]
-        ledger.record_round(server_round=len(ledger.rounds) + 1, run_id=1, history=ledger.history, steps=8,
-                            sample_rate=0.25)
-    assert 0.9 * BUDGET.epsilon < ledger.spent() <= BUDGET.epsilon + 1e-6
+    first = ledger.charge_round(run_id=1, server_round=1, sample_rate=0.25, steps=8, planned_rounds=3)
+    plan = ledger.plan
+    # Later rounds keep σ whatever they ask for; spending the whole plan lands at (not over) the budget.
+    ledger.charge_round(run_id=1, server_round=2, sample_rate=0.25, steps=8, planned_rounds=1)
+    last = PrivacyLedger(tmp_path / "l.json", BUDGET).charge_round(run_id=1, server_round=3, sample_rate=0.25,
+                                                                    steps=8, planned_rounds=1)
+    assert PrivacyLedger(tmp_path / "l.json", BUDGET).plan == plan and plan.rounds == 3
+    assert 0 < first.epsilon < last.epsilon and 0.9 * BUDGET.epsilon < last.epsilon <= BUDGET.epsilon + 1e-6
 
 
 def _spend_round(ledger: PrivacyLedger, server_round: int) -> None:
-    sigma, q, steps = ledger.plan.noise_multiplier, ledger.plan.sample_rate, ledger.plan.steps_per_round
-    ledger.check_round(sample_rate=q, steps=steps)
-    done = sum(entry.steps for entry in ledger.rounds)
-    ledger.record_round(server_round=server_round, run_id=7, history=[(sigma, q, done + steps)], steps=steps,
-                        sample_rate=q)
+    ledger.charge_round(run_id=7, server_round=server_round, sample_rate=0.25, steps=8, planned_rounds=2)
 
 
 def test_ledger_composes_across_rounds_and_a_restart_then_refuses(tmp_path: Path):
     path = tmp_path / "site" / "ledger.json"
     ledger = PrivacyLedger(path, BUDGET)
-    ledger.plan_noise(sample_rate=0.25, steps_per_round=8, rounds=2)
     _spend_round(ledger, 1)
     after_one = ledger.spent()
     assert 0 < after_one < BUDGET.epsilon
@@ -106,14 +99,37 @@ def test_ledger_composes_across_rounds_and_a_restart_then_refuses(tmp_path: Path
 
 def test_ledger_refuses_a_changed_budget_and_a_corrupt_file(tmp_path: Path):
     path = tmp_path / "ledger.json"
-    ledger = PrivacyLedger(path, BUDGET)
-    ledger.plan_noise(sample_rate=0.25, steps_per_round=8, rounds=2)
-    _spend_round(ledger, 1)
+    _spend_round(PrivacyLedger(path, BUDGET), 1)
     with pytest.raises(LedgerError, match="A budget cannot change silently"):
         PrivacyLedger(path, PrivacySettings(epsilon=50.0, delta=1e-5))
     path.write_text("{ not json")
-    with pytest.raises(LedgerError, match="Deleting it would forget the ε"):
+    with pytest.raises(LedgerError, match="restore it from backup"):
         PrivacyLedger(path, BUDGET)
+
+
+def test_noise_and_poisson_sampling_cannot_be_replayed_from_the_global_seed(tmp_path: Path):
+    # The coordinator knows everything but the site's OS entropy: it seeds torch's global RNG as it likes.
+    features, labels = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    ledger = PrivacyLedger(tmp_path / "l.json", BUDGET)
+    ledger.plan_noise(sample_rate=0.125, steps_per_round=8, rounds=1)
+
+    def one_step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        loader = DataLoader(TensorDataset(features, labels), batch_size=8,
+                            generator=torch.Generator().manual_seed(0))
+        _, private_model, optimizer, private_loader = make_private(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), loader=loader, ledger=ledger)
+        torch.manual_seed(0)
+        batches = [x for x, _ in private_loader]
+        F.cross_entropy(private_model(features), labels).backward()
+        optimizer.step()
+        return private_model._module.weight.detach().clone(), batches
+
+    (weight_a, batches_a), (weight_b, batches_b) = one_step(), one_step()
+    assert not torch.equal(weight_a, weight_b)  # different Gaussian noise
+    assert [len(b) for b in batches_a] != [len(b) for b in batches_b] or not all(
+        torch.equal(a, b) for a, b in zip(batches_a, batches_b))  # different Poisson batches
 
 
 def test_steps_per_epoch_matches_opacus_poisson_loader():

@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from common.evaluation import EvalCounts
 from common.records import (
-    SiteFailure, TrainReply, WireError, pack_failure, pack_stage, pack_train_reply, pack_train_request,
-    unpack_stage, unpack_train_reply, unpack_train_request,
+    FAILURE_MESSAGES, PrivacyReport, SiteFailure, TrainReply, WireError, pack_failure, pack_stage, pack_train_reply,
+    pack_train_request, unpack_failure, unpack_privacy, unpack_stage, unpack_train_reply, unpack_train_request,
 )
 
-EVAL = EvalCounts(2.5, np.array([[3, 1], [0, 4]], dtype=np.int64))
+PRIVACY = PrivacyReport("site-1", True, 1.5, 1e-5, 8.0, "prv")
 
 
 def _state():
@@ -33,19 +32,19 @@ def test_train_request_round_trip_keeps_keys_sorted_and_values_exact():
 
 def test_train_reply_round_trip():
     delta = np.arange(10, dtype=np.float32) / 3
-    reply = TrainReply(delta, 42, 0.5, 6, EVAL, {"site": "site-1", "epsilon": 1.5, "history": [[1.1, 0.1, 6]]})
-    back = unpack_train_reply(pack_train_reply(reply), expected_values=10, num_labels=2)
+    back = unpack_train_reply(pack_train_reply(TrainReply(delta, 42, PRIVACY)), expected_values=10, max_weight=100)
     assert isinstance(back, TrainReply)
-    assert back.evaluation.loss_sum == 2.5 and np.array_equal(back.evaluation.confusion, EVAL.confusion)
     np.testing.assert_array_equal(back.delta, delta)
-    assert (back.num_examples, back.loss, back.steps) == (42, 0.5, 6)
-    assert back.privacy["site"] == "site-1" and back.privacy["history"] == [1.1, 0.1, 6.0]
+    assert back.weight == 42 and back.privacy == PRIVACY
 
 
-def test_failure_round_trip():
-    back = unpack_train_reply(pack_failure(SiteFailure("budget-exhausted", "ε 8 spent")), expected_values=10,
-                              num_labels=2)
-    assert back == SiteFailure("budget-exhausted", "ε 8 spent")
+def test_failure_round_trip_carries_only_the_fixed_message():
+    content = pack_failure(SiteFailure("budget-exhausted"))
+    assert dict(content.config_records["failure"]) == {"kind": "budget-exhausted",
+                                                        "detail": FAILURE_MESSAGES["budget-exhausted"]}
+    assert unpack_train_reply(content, expected_values=10, max_weight=100) == SiteFailure("budget-exhausted")
+    content.config_records["failure"]["kind"] = 17  # a hostile or newer site: still a failure, never a crash
+    assert unpack_failure(content) == SiteFailure("unknown")
 
 
 @pytest.mark.parametrize("delta, fragment", [
@@ -55,25 +54,28 @@ def test_failure_round_trip():
     (np.array([np.nan] + [0.0] * 9, np.float32), "NaN or infinite"),
 ])
 def test_malformed_updates_are_refused(delta, fragment):
-    content = pack_train_reply(TrainReply(np.zeros(10, np.float32), 3, 0.1, 1, EVAL))
+    content = pack_train_reply(TrainReply(np.zeros(10, np.float32), 3, PRIVACY))
     content["update"] = ArrayRecord({"delta": Array(delta)})
     with pytest.raises(WireError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
-        unpack_train_reply(content, expected_values=10, num_labels=2)
+        unpack_train_reply(content, expected_values=10, max_weight=100)
 
 
-def test_reply_without_update_or_with_no_examples_is_refused():
+@pytest.mark.parametrize("weight", [0, 101, -1, 2.5])
+def test_a_weight_outside_one_to_w_is_refused(weight):
+    reply = pack_train_reply(TrainReply(np.zeros(3, np.float32), 1, PRIVACY))
+    reply.metric_records["train"]["weight"] = weight
+    with pytest.raises(WireError, match="weight"):
+        unpack_train_reply(reply, expected_values=3, max_weight=100)
+
+
+def test_reply_without_update_or_privacy_report_is_refused():
     with pytest.raises(WireError, match="lacks"):
-        unpack_train_reply(RecordDict({}), expected_values=3, num_labels=2)
-    reply = pack_train_reply(TrainReply(np.zeros(3, np.float32), 1, 0.0, 1, EVAL))
-    reply.metric_records["train"]["num-examples"] = 0
-    with pytest.raises(WireError, match="claims 0 examples"):
-        unpack_train_reply(reply, expected_values=3, num_labels=2)
-
-
-def test_evaluation_counts_of_the_wrong_shape_are_refused():
-    reply = pack_train_reply(TrainReply(np.zeros(3, np.float32), 1, 0.0, 1, EVAL))
-    with pytest.raises(WireError, match="expected 3x3"):
-        unpack_train_reply(reply, expected_values=3, num_labels=3)
+        unpack_train_reply(RecordDict({}), expected_values=3, max_weight=100)
+    reply = pack_train_reply(TrainReply(np.zeros(3, np.float32), 1, PRIVACY))
+    reply.config_records["privacy"]["dp"] = "yes"
+    assert unpack_privacy(reply) is None
+    with pytest.raises(WireError, match="privacy report"):
+        unpack_train_reply(reply, expected_values=3, max_weight=100)
 
 
 def test_stage_round_trip_and_refusal():

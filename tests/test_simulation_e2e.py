@@ -19,6 +19,7 @@ import psutil
 import pytest
 import torch
 
+from common.records import FAILURE_MESSAGES
 from tests.conftest import write_csv
 
 pytestmark = pytest.mark.slow
@@ -73,7 +74,7 @@ def test_simulation_completes_and_writes_its_outputs(federation):
     lines = _metrics(out)
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert all(line["contributors"] == 3 and line["model_updated"] for line in lines[1:])
-    assert lines[-1]["federated"]["examples"] > 0
+    assert all("federated" not in line and "train_loss" not in line for line in lines)  # nothing on sites' records
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()
 
 
@@ -109,7 +110,8 @@ def test_every_site_spent_at_most_its_budget(federation):
     for report in privacy["sites"].values():
         assert 0 < report["epsilon"] <= 8.0
         assert report["budget"] == 8.0 and report["delta"] == 1e-5
-        assert report["noise_multiplier"] > 0 and report["rounds_trained"] == 2 and report["history"]
+        # σ, the sampling rate and the step count would pin a site's record count: never reported.
+        assert set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant"}
 
 
 def test_final_adapter_loads_with_plain_peft_and_changes_predictions(federation):
@@ -176,7 +178,7 @@ def test_a_rerun_on_spent_ledgers_is_refused_by_every_site(federation):
     assert line["model_updated"] is False and line["contributors"] == 0
     refusals = [failure for failure in line["failures"] if failure["kind"] == "budget-exhausted"]
     assert sorted(failure["site"] for failure in refusals) == ["site-0", "site-1", "site-2"], line["failures"]
-    assert all("budget ε=8" in failure["detail"] for failure in refusals)
+    assert all(failure["detail"] == FAILURE_MESSAGES["budget-exhausted"] for failure in refusals)
     assert done.returncode == 1 and "no round changed the model" in done.stderr
     assert (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes() == before
 

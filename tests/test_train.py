@@ -4,11 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import client.train as train_module
 from client.privacy import BudgetExhausted, PrivacyLedger
 from client.train import train_locally
-from common.adapter import get_adapter_state, trainable_keys
+from common.adapter import get_adapter_state, set_adapter_state, trainable_keys
 from common.config import LoraSettings, PrivacySettings, TrainSettings
 from common.data import encode, label_names
 from common.model import build_model, load_tokenizer
@@ -27,7 +28,7 @@ def test_ffa_trains_b_and_head_only_and_dp_spends_within_budget(tmp_path: Path, 
     model = build_model("", len(labels), LoraSettings())
     before = get_adapter_state(model)
     ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacySettings(epsilon=8.0))
-    result = train_locally(model, data, TINY, ledger=ledger, planned_rounds=2, server_round=1, run_id=1, seed=0)
+    result = train_locally(model, data, TINY, ledger=ledger, planned_rounds=2, server_round=1, run_id=1)
     after = result.adapter
     changed = {key for key in before if not np.array_equal(before[key], after[key])}
     assert changed == set(trainable_keys(before, "ffa"))  # every lora_B and the head moved; no lora_A
@@ -40,7 +41,7 @@ def test_plain_lora_trains_a_too(tiny_data):
     data, labels = tiny_data
     model = build_model("", len(labels), LoraSettings(aggregation="plain"))
     before = get_adapter_state(model)
-    after = train_locally(model, data, TINY, ledger=None, planned_rounds=1, server_round=1, run_id=1, seed=0).adapter
+    after = train_locally(model, data, TINY, ledger=None, planned_rounds=1, server_round=1, run_id=1).adapter
     assert any("lora_A" in key and not np.array_equal(before[key], after[key]) for key in before)
 
 
@@ -53,7 +54,7 @@ def test_empty_poisson_batches_are_survived_and_still_counted(tmp_path: Path, ti
     settings = TrainSettings(learning_rate=0.02, local_epochs=4, batch_size=1, physical_batch_size=3)
     ledger = PrivacyLedger(tmp_path / "l.json", PrivacySettings(epsilon=8.0))
     result = train_locally(build_model("", len(labels), LoraSettings()), small, settings, ledger=ledger,
-                           planned_rounds=1, server_round=1, run_id=1, seed=4)
+                           planned_rounds=1, server_round=1, run_id=1)
     # q = 1/3, 12 logical steps, one chunk each: a step without a forward pass had an empty batch,
     # and it still counted (noise added, accountant advanced).
     assert result.steps == 12 and ledger.history[-1][2] == 12
@@ -72,10 +73,42 @@ def test_a_site_at_its_budget_refuses_before_training(tmp_path: Path, tiny_data)
     settings = PrivacySettings(epsilon=1.0)
     ledger = PrivacyLedger(tmp_path / "l.json", settings)
     model = build_model("", len(labels), LoraSettings())
-    train_locally(model, data, TINY, ledger=ledger, planned_rounds=1, server_round=1, run_id=1, seed=0)
+    train_locally(model, data, TINY, ledger=ledger, planned_rounds=1, server_round=1, run_id=1)
     untouched = get_adapter_state(model)
     with pytest.raises(BudgetExhausted) as info:
         train_locally(model, data, TINY, ledger=PrivacyLedger(tmp_path / "l.json", settings), planned_rounds=1,
-                      server_round=2, run_id=1, seed=1)
+                      server_round=2, run_id=1)
     assert "budget ε=1" in str(info.value) and f"from {ledger.spent():.3f}" in str(info.value)
     assert all(np.array_equal(untouched[k], v) for k, v in get_adapter_state(model).items())
+
+
+def test_the_coordinator_cannot_replay_a_dp_update(tmp_path: Path, tiny_data):
+    # The coordinator knows the config, data seed, site, round and run id, and here even picks torch's
+    # global seed: the same site trained twice, and its replay on a fresh ledger, all give different updates.
+    data, labels = tiny_data
+    model = build_model("", len(labels), LoraSettings())
+    start = get_adapter_state(model)
+    updates = []
+    for ledger_dir in ("site", "site", "replay"):
+        set_adapter_state(model, start)
+        torch.manual_seed(1234)
+        ledger = PrivacyLedger(tmp_path / ledger_dir / "ledger.json", PrivacySettings(epsilon=8.0))
+        updates.append(train_locally(model, data, TINY, ledger=ledger, planned_rounds=2, server_round=1,
+                                     run_id=1).adapter)
+    for other in updates[1:]:
+        assert any(not np.array_equal(updates[0][key], other[key]) for key in start)
+
+
+def test_a_crash_during_training_leaves_the_round_charged(tmp_path: Path, tiny_data, monkeypatch):
+    data, labels = tiny_data
+
+    def power_cut(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(train_module, "_train_private", power_cut)
+    settings = PrivacySettings(epsilon=8.0)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_locally(torch.nn.Linear(16, len(labels)), data, TINY, ledger=PrivacyLedger(tmp_path / "l.json", settings),
+                      planned_rounds=2, server_round=1, run_id=1)
+    restarted = PrivacyLedger(tmp_path / "l.json", settings)
+    assert [entry.round for entry in restarted.rounds] == [1] and restarted.spent() > 0

@@ -2,8 +2,10 @@
 
 Each site holds a long-term Ed25519 identity key provisioned out of band; the server and every
 site know all identity public keys through a :class:`SiteRegistry`. Per round, a site signs its
-two fresh X25519 public keys (share encryption, mask agreement) together with the round id and
-its site id, so a server relaying keys cannot substitute its own.
+two fresh X25519 public keys (share encryption, mask agreement) together with the round id, its
+site id and the digest of all round parameters, so a server relaying keys can neither substitute
+its own nor show two sites different parameters. Sites also sign each Shamir share they deal and
+the survivor set of the consistency round.
 """
 
 from __future__ import annotations
@@ -28,13 +30,18 @@ __all__ = [
     "check_bundle_keys",
     "decrypt_from_peer",
     "encrypt_for_peer",
+    "share_signature_ok",
     "sign_key_bundle",
+    "sign_share",
+    "sign_survivors",
+    "survivors_signature_ok",
     "verify_key_bundle",
     "x25519_shared_secret",
 ]
 
 _KEY = 32
 _SIG = 64
+SIGNATURE_BYTES = _SIG
 _NONCE = 12
 _MAX_ROUND_ID = 0xFFFF
 
@@ -112,10 +119,12 @@ class SiteRegistry(Mapping[int, Ed25519PublicKey]):
 @dataclass(frozen=True)
 class SignedKeyBundle:
     """A site's two X25519 public keys for one round and a commitment to its self-mask seed,
-    signed by its identity key. The commitment lets the server check a recovered seed."""
+    signed by its identity key together with the digest of ALL the round's parameters (a bundle
+    signed over other parameters is invalid). The commitment lets the server check a recovered seed."""
 
     round_id: bytes
     site_id: int
+    params_digest: bytes
     share_public: bytes
     mask_public: bytes
     seed_commitment: bytes
@@ -123,63 +132,63 @@ class SignedKeyBundle:
 
     def signed_message(self) -> bytes:
         """The exact bytes covered by the signature."""
-        return _bundle_message(self.round_id, self.site_id, self.share_public, self.mask_public, self.seed_commitment)
+        return _bundle_message(self.round_id, self.site_id, self.params_digest, self.share_public,
+                               self.mask_public, self.seed_commitment)
 
     def to_bytes(self) -> bytes:
         """Wire encoding."""
         return (
             len(self.round_id).to_bytes(2, "big") + self.round_id + self.site_id.to_bytes(4, "big")
-            + self.share_public + self.mask_public + self.seed_commitment + self.signature
+            + self.params_digest + self.share_public + self.mask_public + self.seed_commitment + self.signature
         )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SignedKeyBundle:
         """Parse :meth:`to_bytes` output; raises :class:`PayloadError` when malformed."""
-        if len(data) < 2:
-            raise PayloadError("key bundle is truncated")
+        if not isinstance(data, bytes) or len(data) < 2:
+            raise PayloadError("key bundle is not bytes or is truncated")
         n = int.from_bytes(data[:2], "big")
-        expected = 2 + n + 4 + 3 * _KEY + _SIG
+        expected = 2 + n + 4 + 4 * _KEY + _SIG
         if len(data) != expected:
             raise PayloadError(f"key bundle has {len(data)} bytes, expected {expected}")
         body = data[2 + n:]
-        return cls(
-            round_id=data[2:2 + n],
-            site_id=int.from_bytes(body[:4], "big"),
-            share_public=body[4:4 + _KEY],
-            mask_public=body[4 + _KEY:4 + 2 * _KEY],
-            seed_commitment=body[4 + 2 * _KEY:4 + 3 * _KEY],
-            signature=body[4 + 3 * _KEY:],
-        )
+        keys = [body[4 + i * _KEY:4 + (i + 1) * _KEY] for i in range(4)]
+        return cls(data[2:2 + n], int.from_bytes(body[:4], "big"), *keys, signature=body[4 + 4 * _KEY:])
 
 
 def _bundle_message(
-    round_id: bytes, site_id: int, share_public: bytes, mask_public: bytes, seed_commitment: bytes
+    round_id: bytes, site_id: int, params_digest: bytes, share_public: bytes, mask_public: bytes,
+    seed_commitment: bytes,
 ) -> bytes:
-    return encode_context("key-bundle", round_id, site_id, share_public, mask_public, seed_commitment)
+    return encode_context("key-bundle", round_id, site_id, params_digest, share_public, mask_public, seed_commitment)
 
 
 def sign_key_bundle(
-    identity: SiteIdentity, *, round_id: bytes, site_id: int, share_public: bytes, mask_public: bytes,
-    seed_commitment: bytes,
+    identity: SiteIdentity, *, round_id: bytes, site_id: int, params_digest: bytes, share_public: bytes,
+    mask_public: bytes, seed_commitment: bytes,
 ) -> SignedKeyBundle:
-    """Sign a round's key bundle with the site's identity key."""
+    """Sign a round's key bundle (bound to the round's parameter digest) with the identity key."""
     if len(round_id) > _MAX_ROUND_ID:
         raise PayloadError("round id is too long")
-    message = _bundle_message(round_id, site_id, share_public, mask_public, seed_commitment)
+    message = _bundle_message(round_id, site_id, params_digest, share_public, mask_public, seed_commitment)
     signature = identity.private_key.sign(message)
-    return SignedKeyBundle(round_id, site_id, share_public, mask_public, seed_commitment, signature)
+    return SignedKeyBundle(round_id, site_id, params_digest, share_public, mask_public, seed_commitment, signature)
 
 
 def verify_key_bundle(
-    bundle: SignedKeyBundle, registry: Mapping[int, Ed25519PublicKey], *, round_id: bytes, site_id: int
+    bundle: SignedKeyBundle, registry: Mapping[int, Ed25519PublicKey], *, round_id: bytes, site_id: int,
+    params_digest: bytes, check_keys: bool = True,
 ) -> None:
-    """Check that ``bundle`` is ``site_id``'s, for ``round_id``, signed by its registered key.
+    """Check that ``bundle`` is ``site_id``'s, for ``round_id`` and exactly these parameters, signed
+    by its registered key.
 
-    Raises :class:`SignatureError` otherwise (wrong round or site, unknown site, bad signature,
-    malformed or identical keys).
+    Raises :class:`SignatureError` otherwise (wrong round, parameters or site, unknown site, bad
+    signature, malformed or identical keys). ``check_keys=False`` skips the X25519 key probe.
     """
     if bundle.round_id != round_id:
         raise SignatureError(f"bundle of site {site_id} is for another round")
+    if bundle.params_digest != params_digest:
+        raise SignatureError(f"bundle of site {site_id} was signed over other round parameters")
     if bundle.site_id != site_id:
         raise SignatureError(f"bundle relayed as site {site_id} claims site {bundle.site_id}")
     if site_id not in registry:
@@ -192,7 +201,51 @@ def verify_key_bundle(
         registry[site_id].verify(bundle.signature, bundle.signed_message())
     except InvalidSignature as exc:
         raise SignatureError(f"bad signature on the key bundle of site {site_id}") from exc
-    check_bundle_keys(bundle)
+    if check_keys:
+        check_bundle_keys(bundle)
+
+
+def _share_message(kind: str, params_digest: bytes, dealer: int, holder: int, share: bytes) -> bytes:
+    return encode_context("dealt-share", kind, params_digest, dealer, holder, share)
+
+
+def sign_share(identity: SiteIdentity, kind: str, *, params_digest: bytes, dealer: int, holder: int,
+               share: bytes) -> bytes:
+    """The dealer's signature on one Shamir share (``kind`` "seed" or "key"), so that a holder who
+    returns a different share is caught share by share, and a dealer's bad shares are its own proof."""
+    return identity.private_key.sign(_share_message(kind, params_digest, dealer, holder, share))
+
+
+def share_signature_ok(public_key: Ed25519PublicKey, signature: bytes, kind: str, *, params_digest: bytes,
+                       dealer: int, holder: int, share: bytes) -> bool:
+    """Whether ``signature`` is the dealer's on this share."""
+    try:
+        public_key.verify(signature, _share_message(kind, params_digest, dealer, holder, share))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _survivors_message(params_digest: bytes, survivors: frozenset[int]) -> bytes:
+    ordered = sorted(survivors)
+    return encode_context("survivors", params_digest, len(ordered), *ordered)
+
+
+def sign_survivors(identity: SiteIdentity, params_digest: bytes, survivors: frozenset[int]) -> bytes:
+    """A site's consistency-round signature on the survivor set (Bonawitz et al. 2017, round 3)."""
+    return identity.private_key.sign(_survivors_message(params_digest, survivors))
+
+
+def survivors_signature_ok(public_key: Ed25519PublicKey, signature: bytes, params_digest: bytes,
+                           survivors: frozenset[int]) -> bool:
+    """Whether ``signature`` is a valid signature on exactly this survivor set and these parameters."""
+    if not isinstance(signature, bytes) or len(signature) != _SIG:
+        return False
+    try:
+        public_key.verify(signature, _survivors_message(params_digest, survivors))
+    except InvalidSignature:
+        return False
+    return True
 
 
 def check_bundle_keys(bundle: SignedKeyBundle) -> None:

@@ -1,8 +1,10 @@
 """Wire formats of the messages that client and server exchange (one place packs and unpacks).
 
 Stage 1 sends a :class:`~common.secagg.identity.SignedKeyBundle`; stage 2 sends opaque AEAD
-ciphertexts; stage 3 a :class:`MaskedUpload`; stage 4 an :class:`UnmaskRequest` down and an
-:class:`UnmaskResponse` up. All integers are big-endian; id lists are sorted and unique.
+ciphertexts; stage 3 a :class:`MaskedUpload`; stage 4 (consistency) a :class:`SurvivorSet` down and
+a 64-byte signature up; stage 5 one :class:`UnmaskRequest` (the same for every site) down and an
+:class:`UnmaskResponse` up. All integers are big-endian; id lists are sorted and unique. Every
+parser takes untrusted input: a non-bytes value or any malformation is a :class:`PayloadError`.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from dataclasses import dataclass
 from common.secagg.errors import PayloadError
 from common.secagg.fixedpoint import check_packed
 from common.secagg.protocol import SecAggParams
+from common.secagg.identity import SIGNATURE_BYTES
 from common.secagg.shamir import SHARE_BYTES
 
-__all__ = ["MaskedUpload", "UnmaskRequest", "UnmaskResponse"]
+__all__ = ["SIGNED_SHARE_BYTES", "MaskedUpload", "SurvivorSet", "UnmaskRequest", "UnmaskResponse"]
 
 _UPLOAD_MAGIC = b"FSU1"
-_REQUEST_MAGIC = b"FSQ1"
-_RESPONSE_MAGIC = b"FSR1"
+_SURVIVORS_MAGIC = b"FSS1"
+_REQUEST_MAGIC = b"FSQ2"
+_RESPONSE_MAGIC = b"FSR2"
+SIGNED_SHARE_BYTES = SHARE_BYTES + SIGNATURE_BYTES
+"""A revealed share: the Shamir share then its dealer's signature."""
 
 
 def _ids_to_bytes(ids: Iterable[int]) -> bytes:
@@ -31,7 +37,9 @@ def _ids_to_bytes(ids: Iterable[int]) -> bytes:
 class _Reader:
     """Bounds-checked cursor over a payload; every shortfall is a :class:`PayloadError`."""
 
-    def __init__(self, data: bytes, what: str) -> None:
+    def __init__(self, data: object, what: str) -> None:
+        if not isinstance(data, bytes):
+            raise PayloadError(f"{what} is {type(data).__name__}, not bytes")
         self.data, self.pos, self.what = data, 0, what
 
     def take(self, n: int) -> bytes:
@@ -96,20 +104,43 @@ class MaskedUpload:
 
 
 @dataclass(frozen=True)
-class UnmaskRequest:
-    """Stage-4 request to one site: which of its neighbours survived and which dropped."""
+class SurvivorSet:
+    """Consistency round: the sites whose masked inputs are in the sum, the same list for all."""
 
     round_id: bytes
-    site_id: int
     survivors: frozenset[int]
-    dropped: frozenset[int]
 
     def to_bytes(self) -> bytes:
         """Wire encoding."""
-        return (
-            _REQUEST_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id
-            + self.site_id.to_bytes(4, "big") + _ids_to_bytes(self.survivors) + _ids_to_bytes(self.dropped)
-        )
+        return _SURVIVORS_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id + _ids_to_bytes(self.survivors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SurvivorSet:
+        """Parse :meth:`to_bytes` output."""
+        reader = _Reader(data, "survivor set")
+        reader.magic(_SURVIVORS_MAGIC)
+        round_id = reader.take(reader.uint(2))
+        survivors = reader.ids()
+        reader.end()
+        return cls(round_id, survivors)
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Unmask request, identical for every site: the global survivor set and the consistency-round
+    signatures collected on it. Each site derives its own survivors/dropped lists from them."""
+
+    round_id: bytes
+    survivors: frozenset[int]
+    signatures: Mapping[int, bytes]
+
+    def to_bytes(self) -> bytes:
+        """Wire encoding."""
+        out = bytearray(_REQUEST_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id)
+        out += _ids_to_bytes(self.survivors) + _ids_to_bytes(self.signatures)
+        for signer in sorted(self.signatures):
+            out += self.signatures[signer]
+        return bytes(out)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UnmaskRequest:
@@ -117,15 +148,16 @@ class UnmaskRequest:
         reader = _Reader(data, "unmask request")
         reader.magic(_REQUEST_MAGIC)
         round_id = reader.take(reader.uint(2))
-        site_id = reader.uint()
-        survivors, dropped = reader.ids(), reader.ids()
+        survivors, signers = reader.ids(), reader.ids()
+        signatures = {signer: reader.take(SIGNATURE_BYTES) for signer in sorted(signers)}
         reader.end()
-        return cls(round_id, site_id, survivors, dropped)
+        return cls(round_id, survivors, signatures)
 
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """Stage-4 answer: serialised Shamir shares held by ``site_id``, keyed by their owner.
+    """Unmask answer: revealed shares held by ``site_id``, keyed by their owner, each
+    :data:`SIGNED_SHARE_BYTES` long (share then the owner's signature on it).
 
     ``self_mask_shares`` are for survivors, ``key_shares`` (mask-agreement keys) for dropped
     sites; an owner never appears in both.
@@ -148,7 +180,7 @@ class UnmaskResponse:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UnmaskResponse:
-        """Parse :meth:`to_bytes` output (share contents are validated by the server later)."""
+        """Parse :meth:`to_bytes` output (shares and signatures are checked by the server later)."""
         reader = _Reader(data, "unmask response")
         reader.magic(_RESPONSE_MAGIC)
         round_id = reader.take(reader.uint(2))
@@ -160,7 +192,9 @@ class UnmaskResponse:
                 owner = reader.uint()
                 if owner in shares:
                     raise PayloadError("unmask response repeats an owner")
-                shares[owner] = reader.take(SHARE_BYTES)
+                shares[owner] = reader.take(SIGNED_SHARE_BYTES)
             parts.append(shares)
         reader.end()
+        if parts[0].keys() & parts[1].keys():
+            raise PayloadError("unmask response reveals both secrets of one owner")
         return cls(round_id, site_id, parts[0], parts[1])

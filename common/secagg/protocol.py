@@ -1,7 +1,16 @@
 """Public parameters of a secure-aggregation round, its neighbour graph, and its stages.
 
-Both sides build the same :class:`SecAggParams` from the run config and the round number, so
-every honest party derives the same graph, threshold and modulus without trusting the server.
+The server offers a :class:`SecAggParams`; each site checks it against its OWN policy
+(client/secure.accept_params) and every signature of the round binds :attr:`SecAggParams.digest`,
+so two honest sites never act on different parameters.
+
+The neighbour graph: complete (every pair masks) unless ``degree < n - 1``. A sparse graph is
+placed on a ring by :func:`graph_seed`, a hash of EVERY invited site's signed stage-1 key bundle
+(fresh per-site keys, signed before any site sees the graph), never by the server-chosen round id.
+Residual limit: a colluding site that answers stage 1 last can grind its own bundle against the
+others' (the server relays bundles, so colluders see them first); only a commit-reveal exchange
+would stop that. A server alone can only abort the whole round (a sparse round needs every
+invited site's bundle) and start a new, strictly later one, which costs every site a round.
 """
 
 from __future__ import annotations
@@ -9,7 +18,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
 
 from common.secagg.errors import ParameterError
@@ -28,6 +38,7 @@ __all__ = [
     "Stage",
     "default_degree",
     "default_threshold",
+    "graph_seed",
     "neighbour_graph",
 ]
 
@@ -42,8 +53,9 @@ class Stage(enum.IntEnum):
     ADVERTISED = 1
     SHARED = 2
     MASKED = 3
-    DONE = 4
-    ABORTED = 5
+    CONFIRMED = 4
+    DONE = 5
+    ABORTED = 6
 
 
 def default_degree(n_sites: int) -> int:
@@ -63,10 +75,16 @@ def default_threshold(holders: int) -> int:
     return (2 * holders) // 3 + 1
 
 
-def neighbour_graph(site_ids: tuple[int, ...], degree: int, round_id: bytes) -> dict[int, frozenset[int]]:
+def graph_seed(params_digest: bytes, bundles: Sequence[bytes]) -> bytes:
+    """Seed of a sparse graph: SHA-256 over the params digest and every invited site's signed
+    bundle (wire bytes, in site-id order). Each site computes it itself from verified bundles."""
+    return hashlib.sha256(encode_context("graph-seed", params_digest, *bundles)).digest()
+
+
+def neighbour_graph(site_ids: tuple[int, ...], degree: int, seed: bytes) -> dict[int, frozenset[int]]:
     """Deterministic symmetric ``degree``-regular graph (a Harary circulant) over the sites.
 
-    Sites are placed on a ring in the order of ``SHA-256(round id, site id)`` and each is joined
+    Sites are placed on a ring in the order of ``SHA-256(seed, site id)`` and each is joined
     to the ``degree / 2`` nearest sites on either side. ``degree >= n - 1`` gives all pairs.
     """
     n = len(site_ids)
@@ -74,7 +92,7 @@ def neighbour_graph(site_ids: tuple[int, ...], degree: int, round_id: bytes) -> 
         return {s: frozenset(site_ids) - {s} for s in site_ids}
     if degree < 2 or degree % 2:
         raise ParameterError(f"a sparse graph needs an even degree >= 2, got {degree}")
-    ring = sorted(site_ids, key=lambda s: hashlib.sha256(encode_context("graph", round_id, s)).digest())
+    ring = sorted(site_ids, key=lambda s: hashlib.sha256(encode_context("graph", seed, s)).digest())
     half = degree // 2
     graph: dict[int, frozenset[int]] = {}
     for pos, site in enumerate(ring):
@@ -105,12 +123,11 @@ class SecAggParams:
     threshold: int = 0
     """t: shares needed to recover a secret; 0 = :func:`default_threshold`."""
     all_pairs: bool = False
-    """Mask every pair of sites (original SecAgg, O(n^2)) instead of the sparse graph."""
+    """Mask every pair of sites (original SecAgg, O(n^2)); set whenever ``degree == n - 1``."""
     rounding: Rounding = "stochastic"
     """Quantiser rounding; "stochastic" is unbiased, "nearest" halves the worst-case error."""
     modulus_bits: int = 0
     """m: masks live in Z_{2^m}; 0 = the smallest width that cannot wrap for these sites."""
-    _graph: dict[int, frozenset[int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -130,6 +147,7 @@ class SecAggParams:
         if self.vector_length < 1:
             raise ParameterError(f"vector_length must be >= 1, got {self.vector_length}")
         quantization_step(1, self.clip)  # validates clip
+        set_(self, "clip", float(self.clip))
         if not 1 <= self.value_bits <= MAX_VALUE_BITS:
             raise ParameterError(f"value_bits must be in [1, {MAX_VALUE_BITS}], got {self.value_bits}")
         if self.count_slots < 0 or self.max_count < 0:
@@ -140,6 +158,7 @@ class SecAggParams:
         if k < 1:
             raise ParameterError(f"degree must be >= 1, got {self.degree}")
         k = min(k, n - 1)
+        set_(self, "all_pairs", k == n - 1)
         if k < n - 1 and k % 2:
             raise ParameterError(f"a sparse neighbour graph needs an even degree, got {k}")
         set_(self, "degree", k)
@@ -156,7 +175,6 @@ class SecAggParams:
         if not needed <= m <= 35:
             raise ParameterError(f"modulus_bits must be in [{needed}, 35] for {n} sites, got {m}")
         set_(self, "modulus_bits", m)
-        set_(self, "_graph", neighbour_graph(ids, k, self.round_id))
 
     @property
     def n_sites(self) -> int:
@@ -180,16 +198,20 @@ class SecAggParams:
 
     @cached_property
     def round_tag(self) -> bytes:
-        """16-byte digest of the round id carried by uploads, to reject cross-round replays."""
-        return hashlib.sha256(encode_context("round-tag", self.round_id)).digest()[:16]
+        """16-byte tag of the round's parameters carried by uploads, to reject cross-round replays."""
+        return hashlib.sha256(encode_context("round-tag", self.digest)).digest()[:16]
 
-    def neighbours(self, site_id: int) -> frozenset[int]:
-        """The site's neighbours in this round's graph."""
-        try:
-            return self._graph[site_id]
-        except KeyError:
-            raise ParameterError(f"site {site_id} is not part of round {self.round_id!r}") from None
+    @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of every parameter: bound into each signed bundle, share and survivor list."""
+        return hashlib.sha256(encode_context(
+            "params", self.round_id, len(self.site_ids), *self.site_ids, self.vector_length, self.clip.hex(),
+            self.value_bits, self.count_slots, self.max_count, self.degree, self.threshold,
+            int(self.all_pairs), self.rounding, self.modulus_bits,
+        )).digest()
 
-    def holders(self, site_id: int) -> frozenset[int]:
-        """Sites that may hold shares of ``site_id``'s secrets: its neighbours and itself."""
-        return self.neighbours(site_id) | {site_id}
+    def graph(self, seed: bytes = b"") -> dict[int, frozenset[int]]:
+        """The neighbour graph; a sparse one needs :func:`graph_seed` (the complete one ignores it)."""
+        if not self.all_pairs and len(seed) != 32:
+            raise ParameterError("a sparse neighbour graph needs the 32-byte seed from every site's bundle")
+        return neighbour_graph(self.site_ids, self.degree, seed)

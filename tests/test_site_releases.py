@@ -1,0 +1,172 @@
+"""What a site releases, tried from the coordinator's side: the ClientApp's real handlers, called
+with Flower messages as the coordinator would send them (plain aggregation, so every field of the
+reply is visible), on a deployed site's node config.
+
+Nothing computed on the site's records may reach the coordinator except the DP update: no record
+count, no loss, no evaluation, no error text; a repeated round resends the sealed update for no
+new ε; a run asking for less than the site's policy is refused before anything is spent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, Metadata, RecordDict
+
+from client.site import SitePolicy
+from common.config import RunSettings
+from common.records import FAILURE_MESSAGES, pack_train_request
+from fedtune.cli import default_run_config
+from tests.conftest import write_csv
+
+LABELS = "negative,neutral,positive"
+
+
+def run_config(tmp_path: Path, **overrides) -> dict:
+    return default_run_config() | {
+        "out-dir": str(tmp_path / "coordinator"), "data.labels": LABELS, "data.max-length": 16,
+        "federation.secure-aggregation": False, "federation.rounds": 2, "train.local-epochs": 1,
+        "train.batch-size": 4, "train.physical-batch-size": 4,
+    } | overrides
+
+
+def node_config(tmp_path: Path, name: str, data: Path, **policy) -> dict:
+    policy = {"require-secure-aggregation": False} | policy
+    return {"site-name": name, "data-path": str(data), "state-dir": str(tmp_path / name),
+            "kit-dir": str(tmp_path / name / "kit"), **{f"policy.{k}": v for k, v in policy.items()}}
+
+
+def call(handler, content: RecordDict, config: dict, nodes: dict, *, run_id: int = 7) -> RecordDict:
+    metadata = Metadata(run_id=run_id, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=1,
+                        reply_to_message_id="", group_id="", created_at=time.time(), ttl=600.0,
+                        message_type="train")
+    context = Context(run_id=run_id, node_id=1, node_config=nodes, state=RecordDict(), run_config=config)
+    return handler(Message(metadata=metadata, content=content), context).content
+
+
+def initial_adapter(config: dict):
+    from common.adapter import get_adapter_state
+    from common.model import build_model
+
+    settings = RunSettings.from_flat(config)
+    return get_adapter_state(build_model("", 3, settings.lora))
+
+
+def clear_values(reply: RecordDict) -> list:
+    """Every value of the reply outside the update array itself."""
+    values = []
+    for record in [*reply.config_records.values(), *reply.metric_records.values()]:
+        for value in record.values():
+            values.extend(value if isinstance(value, list) else [value])
+    return values
+
+
+@pytest.fixture()
+def two_sites(tmp_path: Path, drug_reviews) -> dict[str, Path]:
+    return {"site-a": write_csv(tmp_path / "a.csv", drug_reviews[:5]),
+            "site-b": write_csv(tmp_path / "b.csv", drug_reviews[5:14])}
+
+
+def test_a_plain_reply_holds_the_update_a_public_weight_and_epsilon_only(tmp_path: Path, two_sites):
+    from client.app import train
+
+    config = run_config(tmp_path)
+    request = pack_train_request(initial_adapter(config), 1)
+    replies = {name: call(train, request, config, node_config(tmp_path, name, data))
+               for name, data in two_sites.items()}
+    for name, reply in replies.items():
+        assert "failure" not in reply.config_records, reply.config_records["failure"]
+        assert set(reply.array_records) == {"update"} and set(reply.metric_records) == {"train"}
+        assert dict(reply.metric_records["train"]) == {"weight": 10_000}  # equal weights: W, not 5 or 9
+        privacy = dict(reply.config_records["privacy"])
+        assert set(privacy) == {"site", "dp", "epsilon", "delta", "budget", "accountant"}
+        assert privacy["site"] == name and privacy["dp"] is True and 0 < privacy["epsilon"] <= 8.0
+        assert set(reply.config_records) == {"privacy"}
+    # Besides its name and ε, nothing in the clear tells the sites (5 and 9 records) apart.
+    a, b = ({k: v for k, v in dict(replies[n].config_records["privacy"]).items() if k not in ("site", "epsilon")}
+            for n in ("site-a", "site-b"))
+    assert a == b and dict(replies["site-a"].metric_records["train"]) == dict(replies["site-b"].metric_records["train"])
+
+
+def test_a_declared_weight_is_the_sites_own_choice_capped_at_w(tmp_path: Path, two_sites):
+    from client.app import train
+
+    config = run_config(tmp_path, **{"secagg.max-examples": 100})
+    request = pack_train_request(initial_adapter(config), 1)
+    reply = call(train, request, config, node_config(tmp_path, "site-a", two_sites["site-a"],
+                                                      **{"declared-examples": 5000}))
+    assert dict(reply.metric_records["train"]) == {"weight": 100}
+
+
+def test_a_failure_reply_carries_a_kind_and_a_fixed_message_never_the_record(tmp_path: Path):
+    from client.app import train
+
+    secret = "Patient 4711 took Zyprexa for my psychosis"
+    data = write_csv(tmp_path / "odd.csv", [{"text": "fine", "label": "positive"},
+                                            {"text": secret, "label": "psychosis-relapse"}])
+    config = run_config(tmp_path)
+    reply = call(train, pack_train_request(initial_adapter(config), 1), config, node_config(tmp_path, "site-a", data))
+    failure = dict(reply.config_records["failure"])
+    assert failure == {"kind": "bad-data", "detail": FAILURE_MESSAGES["bad-data"]}
+    text = json.dumps(clear_values(reply))
+    for leak in ("4711", "Zyprexa", "psychosis", "example", "line"):
+        assert leak not in text
+
+
+def test_a_repeated_round_resends_the_sealed_update_and_spends_nothing(tmp_path: Path, two_sites):
+    """A coordinator that crashed after the sites trained round 1 and resumed (a new Flower run)
+    asks again: the site resends what it released, and its ε is what it would be without the crash."""
+    from client.app import train
+    from client.privacy import PrivacyLedger
+
+    config = run_config(tmp_path)
+    nodes = node_config(tmp_path, "site-a", two_sites["site-a"])
+    state = initial_adapter(config)
+    first = call(train, pack_train_request(state, 1), config, nodes, run_id=7)
+    ledger_path = tmp_path / "site-a" / "privacy-ledger.json"
+    spent = PrivacyLedger(ledger_path, RunSettings.from_flat(config).privacy).spent()
+    again = call(train, pack_train_request(state, 1), config, nodes, run_id=8)  # the resumed run
+    update = first.array_records["update"]["delta"].numpy()
+    assert np.array_equal(again.array_records["update"]["delta"].numpy(), update)
+    assert PrivacyLedger(ledger_path, RunSettings.from_flat(config).privacy).spent() == spent
+    assert dict(again.config_records["privacy"])["epsilon"] == dict(first.config_records["privacy"])["epsilon"]
+    # Another adapter is another release: trained and charged.
+    moved = {key: value + 0.01 for key, value in state.items()}
+    fresh = call(train, pack_train_request(moved, 2), config, nodes, run_id=8)
+    assert not np.array_equal(fresh.array_records["update"]["delta"].numpy(), update)
+    assert PrivacyLedger(ledger_path, RunSettings.from_flat(config).privacy).spent() > spent
+
+
+@pytest.mark.parametrize(("overrides", "policy"), [
+    ({"privacy.delta": 0.5}, {}),
+    ({"privacy.epsilon": 20.0}, {"max-epsilon": 8}),
+    ({"privacy.enabled": False}, {}),
+    ({"privacy.accountant": "rdp"}, {"accountants": "prv"}),
+])
+def test_a_run_below_the_sites_policy_is_refused_before_anything_is_spent(tmp_path: Path, two_sites, overrides,
+                                                                           policy):
+    from client.app import train
+
+    config = run_config(tmp_path, **overrides)
+    reply = call(train, pack_train_request(initial_adapter(config), 1), config,
+                 node_config(tmp_path, "site-a", two_sites["site-a"], **policy))
+    assert dict(reply.config_records["failure"])["kind"] == "site-policy"
+    assert not (tmp_path / "site-a" / "privacy-ledger.json").exists()
+    assert not (tmp_path / "site-a" / "released").exists()
+
+
+def test_policy_default_delta_follows_the_sites_size():
+    settings = RunSettings.from_flat(default_run_config() | {"privacy.delta": 1e-3, "secagg.registry": "r.json"})
+    SitePolicy().check(settings, num_records=50)  # 1/(10·50) = 2e-3 ≥ 1e-3
+    from client.site import PolicyError
+
+    with pytest.raises(PolicyError, match="δ"):
+        SitePolicy().check(settings, num_records=500)  # 1/(10·500) = 2e-4 < 1e-3
+    with pytest.raises(ValueError, match="unknown site policy setting"):
+        SitePolicy.from_mapping({"max-epsilom": 3}, "node config")
+    with pytest.raises(ValueError, match="min-sites must be >= 2"):
+        SitePolicy.from_mapping({"min-sites": 1}, "node config")
