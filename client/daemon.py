@@ -13,39 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
 from common.data import read_records
 from common.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
-from common.kits import SITE_KIT_FILES, check_kit
-from common.registry import IDENTITY_FILE
+from common.kits import check_kit
 
 log = logging.getLogger("fedtune.client")
 
 
-NODE_KIT = "node-kit"
-
-
-def node_kit(kit: Path, keys: Path, state: Path) -> Path:
-    """``STATE/node-kit/``: links to the kit's public files and to the site's identity key, the one
-    directory the ClientApp reads them from (its node config's ``kit-dir``). Rebuilt at each start;
-    no key is copied."""
-    target = state / NODE_KIT
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(mode=0o700, parents=True)
-    for name in SITE_KIT_FILES:
-        os.symlink((kit / name).resolve(), target / name)
-    os.symlink((keys / IDENTITY_FILE).resolve(), target / IDENTITY_FILE)
-    return target
-
-
-def node_config(kit: Path, data: Path, state: Path, max_epsilon: float) -> str:
+def node_config(kit: Path, keys: Path, data: Path, state: Path, max_epsilon: float) -> str:
+    """What the ClientApp learns of its site: where things are, and the site's own policy (``policy.*``)."""
     site = json.loads((kit / "site.json").read_text())["site"]
     values = {"site-name": site, "data-path": str(data.resolve()), "state-dir": str(state.resolve()),
-              "kit-dir": str(kit.resolve()), "max-epsilon": float(max_epsilon)}
+              "kit-dir": str(kit.resolve()), "keys-dir": str(keys.resolve()),
+              "policy.max-epsilon": float(max_epsilon)}
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
@@ -66,7 +49,7 @@ def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: s
     state.mkdir(parents=True, exist_ok=True)
     command = [console_script("flower-supernode"), "--superlink", superlink, "--root-certificates",
                str(files["ca.crt"]), "--auth-supernode-private-key", str(files["supernode.key"]), "--node-config",
-               node_config(node_kit(kit, keys, state), data, state, max_epsilon), "--isolation", "subprocess",
+               node_config(kit, keys, data, state, max_epsilon), "--isolation", "subprocess",
                "--host", "127.0.0.1"]
     failing_since: float | None = None
     attempt = 0

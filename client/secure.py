@@ -1,29 +1,58 @@
 """A site's side of secure aggregation, stage by stage, with its session kept on the site's disk.
 
-Flower may run each message in a fresh process, so the session (private round keys, held
-shares, the pending masked contribution) is saved after every stage in the site's state dir,
-owner-only (0600), and never sent. A stage that arrives out of order, twice, or for parameters
-other than the ones the site agreed to at stage 1 is refused (ProtocolError).
+    train               accept_params (own policy) → train → stage_advertise: signed round keys
+    train.secagg_share    stage_share:   neighbours' signed keys   → encrypted, signed Shamir shares
+    train.secagg_mask     stage_mask:    shares addressed to us    → masked contribution
+    train.secagg_confirm  stage_confirm: the survivor set S        → our signature on S
+    train.secagg_unmask   stage_unmask:  S + t signatures on S     → shares for survivors XOR dropped
+
+Flower may run each message in a fresh process, so the session (private round keys, held shares,
+the pending contribution) is saved after every stage in the site's state dir, owner-only (0600),
+durably (fsync), and never sent. Round secrets are wiped from that file when the round ends
+(unmask answered, or any refusal); the "answered" state is on disk before the unmask reply leaves,
+so a crash-restart cannot answer twice. A stage out of order, twice, or for parameters other than
+the ones the site accepted at stage 1 is refused (ProtocolError).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.config import RunSettings
-from common.files import write_private
+from client.site import SitePolicy
+from common.files import exclusive_lock, replace_durably
 from common.registry import FederationRegistry
-from common.secagg import ClientSession, ProtocolError, SecAggParams, SiteIdentity, UnmaskRequest
-from common.secure_update import Contribution, encode_contribution, params_from_bytes, params_to_bytes, round_params
+from common.secagg import (
+    ClientSession,
+    ParameterError,
+    ProtocolError,
+    SecAggParams,
+    SiteIdentity,
+    Stage,
+    choose_modulus_bits,
+    default_degree,
+    default_threshold,
+)
+from common.config import SecureAggSettings
+from common.secure_update import COUNT_SLOTS, encode_contribution, params_from_bytes, params_to_bytes
 
 SESSIONS_DIR = "secagg-sessions"
+ROUNDS_FILE = "last-rounds.json"
+_SITE_KEY = re.compile(r"[0-9]{1,10}")
+
+
+class ParamsRefused(ProtocolError):
+    """The coordinator's round parameters break this site's own policy (or replay a round)."""
 
 
 @dataclass(frozen=True)
@@ -33,8 +62,24 @@ class SiteKeys:
     registry: FederationRegistry
 
 
+def _write_durably(path: Path, data: bytes) -> None:
+    """Owner-only, atomic and fsynced (file and directory) before returning."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        replace_durably(Path(tmp), path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class SessionStore:
-    """One file per round under the site's state dir; only the latest few rounds are kept."""
+    """One file per round under the site's state dir (only the latest few kept), and the last
+    round number accepted per run."""
 
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / SESSIONS_DIR
@@ -42,15 +87,15 @@ class SessionStore:
     def _path(self, round_id: bytes) -> Path:
         return self.directory / f"{round_id.hex()}.json"
 
-    def save(self, session: ClientSession, values: np.ndarray | None = None, counts: list[int] | None = None,
-             previous: dict | None = None) -> None:
-        record = dict(previous or {})
+    def save(self, session: ClientSession, record: dict | None = None) -> None:
+        """Persist the session (and the pending contribution while the round needs it)."""
+        record = dict(record or {})
+        if session.stage in (Stage.DONE, Stage.ABORTED):
+            record.pop("values", None)  # the raw contribution never outlives the round
+            record.pop("counts", None)
         record["params"] = params_to_bytes(session.params).decode()
         record["session"] = session.export_state().decode()
-        if values is not None:
-            record["values"] = base64.b64encode(values.astype(np.float64).tobytes()).decode()
-            record["counts"] = counts
-        write_private(self._path(session.params.round_id), json.dumps(record).encode())
+        _write_durably(self._path(session.params.round_id), json.dumps(record).encode())
 
     def load(self, round_id: bytes, keys: SiteKeys) -> tuple[ClientSession, dict]:
         path = self._path(round_id)
@@ -66,63 +111,142 @@ class SessionStore:
         for stale in files[:-keep]:
             stale.unlink(missing_ok=True)
 
-
-def accept_params(raw: bytes, settings: RunSettings, keys: SiteKeys, *, run_id: int, server_round: int,
-                  vector_length: int, num_labels: int) -> SecAggParams:
-    """The round's parameters, only if they are exactly what this site's own config implies."""
-    offered = params_from_bytes(raw)
-    if keys.site_id not in offered.site_ids:
-        raise ProtocolError(f"site {keys.site_id} is not among the round's sites {offered.site_ids}")
-    unknown = [s for s in offered.site_ids if s not in keys.registry.keys]
-    if unknown:
-        raise ProtocolError(f"the round invites sites {unknown} that are not in the federation's registry")
-    if len(offered.site_ids) < max(2, settings.federation.min_sites):
-        raise ProtocolError(f"the round invites {len(offered.site_ids)} sites, fewer than min-sites="
-                            f"{settings.federation.min_sites}: the sum would expose too few sites")
-    expected = round_params(settings.secagg, run_id=run_id, server_round=server_round,
-                            site_ids=list(offered.site_ids), vector_length=vector_length, num_labels=num_labels)
-    if offered != expected:
-        raise ProtocolError("the round's secure-aggregation parameters differ from this site's configuration "
-                            f"(offered {params_to_bytes(offered)!r}, expected {params_to_bytes(expected)!r})")
-    return expected
+    def claim_round(self, run_id: int, server_round: int) -> None:
+        """Record ``server_round`` as this run's latest; refuse one that is not strictly later."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.directory.parent / ROUNDS_FILE
+        with exclusive_lock(self.directory.parent / f".{ROUNDS_FILE}.lock"):
+            last = json.loads(path.read_text()) if path.exists() else {}
+            previous = last.get(str(run_id))
+            if previous is not None and server_round <= previous:
+                raise ParamsRefused(f"round {server_round} of run {run_id} is not after round {previous}, "
+                                    "which this site already took part in (replayed round)")
+            last[str(run_id)] = server_round
+            _write_durably(path, json.dumps(last).encode())
 
 
-def stage_advertise(store: SessionStore, params: SecAggParams, keys: SiteKeys, contribution: Contribution,
-                    settings: RunSettings) -> bytes:
-    """Stage 1 (after local training): sign fresh round keys; keep the contribution for stage 3."""
+def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: SessionStore, run_id: int,
+                  server_round: int, vector_length: int) -> SecAggParams:
+    """The round's parameters, only if they meet THIS site's policy (never the coordinator's run config).
+
+    Checked: this site and only registered sites are invited, at least ``policy.min_sites``; the
+    round id is ``fedtune/run-{run_id}/round-{server_round}`` and the round is strictly later than
+    any this site took part in for the run; vector length and count slots match; the modulus holds
+    the sum; up to ``policy.all_pairs_up_to`` sites every pair masks, above it the degree is at
+    least ``max(policy.min_degree, 2·ceil(log2 n))``; the threshold exceeds 2h/3 of h holders.
+    Raises :class:`ParamsRefused` (a ProtocolError) with the reason.
+    """
+    if not isinstance(raw, bytes):
+        raise ParamsRefused("the round's secure-aggregation parameters are missing or not bytes")
+    try:
+        offered = params_from_bytes(raw)
+    except ParameterError as exc:
+        raise ParamsRefused(str(exc)) from exc
+    n, ids = offered.n_sites, offered.site_ids
+    problems = []
+    if keys.site_id not in ids:
+        problems.append(f"site {keys.site_id} is not among the round's sites")
+    if unknown := [s for s in ids if s not in keys.registry.keys]:
+        problems.append(f"the round invites sites {unknown[:10]} that are not in the federation's registry")
+    if n < policy.min_sites:
+        problems.append(f"the round invites {n} sites, fewer than this site's min-sites={policy.min_sites}")
+    if offered.round_id != f"fedtune/run-{run_id}/round-{server_round}".encode():
+        problems.append(f"round id {offered.round_id!r} is not run {run_id}, round {server_round}")
+    if offered.vector_length != vector_length or offered.count_slots != COUNT_SLOTS:
+        problems.append(f"vector of {offered.vector_length}+{offered.count_slots}, expected "
+                        f"{vector_length}+{COUNT_SLOTS}")
+    counts_max = offered.max_count if offered.count_slots else 0
+    if offered.modulus_bits < choose_modulus_bits(n, offered.value_bits, counts_max):
+        problems.append("the modulus is too small for the sum")  # SecAggParams checks it too
+    if n <= policy.all_pairs_up_to:
+        if not offered.all_pairs:
+            problems.append(f"{n} sites <= all-pairs-up-to={policy.all_pairs_up_to}: every pair must mask")
+    elif offered.degree < max(policy.min_degree, default_degree(n)):
+        problems.append(f"degree {offered.degree} is below this site's minimum "
+                        f"{max(policy.min_degree, default_degree(n))} for {n} sites")
+    if offered.threshold < default_threshold(offered.degree + 1):
+        problems.append(f"threshold {offered.threshold} is at most 2/3 of {offered.degree + 1} share holders")
+    if problems:
+        raise ParamsRefused("secure-aggregation parameters refused: " + "; ".join(problems))
+    store.claim_round(run_id, server_round)
+    return offered
+
+
+def stage_advertise(store: SessionStore, params: SecAggParams, keys: SiteKeys, delta: np.ndarray, weight: int,
+                    settings: SecureAggSettings) -> bytes:
+    """Stage 1 (after local training): encode the contribution (``encode_contribution``: weighted,
+    clipped update and counts ``[weight, clipped?]``), sign fresh round keys, and keep the encoded
+    contribution for stage 3."""
+    values, counts = encode_contribution(np.asarray(delta), weight, settings)
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (params.vector_length,) or len(counts) != params.count_slots:
+        raise ProtocolError("the contribution does not have the round's vector length or count slots")
     session = ClientSession(params, keys.site_id, keys.identity, keys.registry.keys)
     bundle = session.advertise_keys().to_bytes()
-    values, counts, _ = encode_contribution(contribution, settings.secagg)
     store.prune()
-    store.save(session, values, counts)
+    store.save(session, {"values": base64.b64encode(values.tobytes()).decode(), "counts": [int(c) for c in counts]})
     return bundle
 
 
 @contextmanager
 def _stage(store: SessionStore, round_id: bytes, keys: SiteKeys) -> Iterator[tuple[ClientSession, dict]]:
-    """Load the session; save it afterwards, also when the stage fails (an aborted session stays aborted)."""
+    """Load the session; save it durably afterwards, also when the stage fails (an aborted session
+    stays aborted, its secrets wiped)."""
     session, record = store.load(round_id, keys)
     try:
         yield session, record
     finally:
-        store.save(session, previous=record)
+        store.save(session, record)
 
 
-def stage_share(store: SessionStore, round_id: bytes, keys: SiteKeys, bundles: dict[str, bytes]) -> dict[str, bytes]:
+def _by_site(blobs: Mapping[str, bytes]) -> dict[int, bytes]:
+    """Blobs keyed by decimal site id; anything else is a protocol error."""
+    out = {}
+    for key, blob in blobs.items():
+        if not isinstance(key, str) or not _SITE_KEY.fullmatch(key) or not isinstance(blob, bytes):
+            raise ProtocolError(f"stage message has a malformed entry {key!r}")
+        out[int(key)] = blob
+    return out
+
+
+def _payload(blobs: Mapping[str, bytes] | bytes) -> bytes:
+    payload = blobs if isinstance(blobs, bytes) else blobs.get("payload")
+    if not isinstance(payload, bytes):
+        raise ProtocolError("stage message lacks its payload")
+    return payload
+
+
+def stage_share(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes]) -> dict[str, bytes]:
+    """Stage 2: bundles by site id → encrypted shares by receiver id."""
+    bundles = _by_site(blobs)
     with _stage(store, round_id, keys) as (session, _):
-        ciphertexts = session.share_keys({int(site): bundle for site, bundle in bundles.items()})
+        ciphertexts = session.share_keys(bundles)
     return {str(receiver): ct for receiver, ct in ciphertexts.items()}
 
 
-def stage_mask(store: SessionStore, round_id: bytes, keys: SiteKeys, inbox: dict[str, bytes]) -> bytes:
+def stage_mask(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes]) -> bytes:
+    """Stage 3: ciphertexts by sender id → the masked contribution (the raw one is then deleted)."""
+    inbox = _by_site(blobs)
     with _stage(store, round_id, keys) as (session, record):
         if "values" not in record:
             raise ProtocolError("no pending contribution for this round (already uploaded?)")
         values = np.frombuffer(base64.b64decode(record.pop("values")), dtype=np.float64)
-        counts = record.pop("counts")  # the unmasked contribution never outlives this stage
-        return session.masked_input({int(site): ct for site, ct in inbox.items()}, values, counts)
+        counts = record.pop("counts")
+        if not math.isfinite(float(np.sum(np.abs(values)))):
+            raise ProtocolError("the stored contribution is not finite")
+        return session.masked_input(inbox, values, counts)
 
 
-def stage_unmask(store: SessionStore, round_id: bytes, keys: SiteKeys, request: bytes) -> bytes:
+def stage_confirm(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes]) -> bytes:
+    """Stage 4 (consistency round): ``payload`` = the survivor set → this site's signature on it."""
+    survivors = _payload(blobs)
     with _stage(store, round_id, keys) as (session, _):
-        return session.unmask(UnmaskRequest.from_bytes(request)).to_bytes()
+        return session.confirm_survivors(survivors)
+
+
+def stage_unmask(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes] | bytes) -> bytes:
+    """Stage 5: ``payload`` = the unmask request → the shares this site reveals. The session file
+    (secrets wiped, stage DONE) is fsynced before the answer is returned."""
+    request = _payload(blobs)
+    with _stage(store, round_id, keys) as (session, _):
+        return session.unmask(request).to_bytes()

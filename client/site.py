@@ -175,16 +175,21 @@ def resolve_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
     return site
 
 
-def _deployed_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
-    missing = [k for k in ("site-name", "state-dir", "kit-dir") if not node_config.get(k)]
+def site_paths(node_config: Mapping[str, Any]) -> tuple[Path, Path]:
+    """(the site's own key folder, its copy of the registry from the kit) of a deployed site."""
+    missing = [k for k in ("site-name", "state-dir", "kit-dir", "keys-dir") if not node_config.get(k)]
     if missing:
         raise ConfigError(f"a deployed site needs {missing} in its node config (fedtune client start sets them)")
-    kit = Path(str(node_config["kit-dir"]))
+    return Path(str(node_config["keys-dir"])), Path(str(node_config["kit-dir"])) / "registry.json"
+
+
+def _deployed_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
+    keys_dir, registry = site_paths(node_config)
     policy = SitePolicy.from_mapping({k.removeprefix("policy."): v for k, v in node_config.items()
                                       if k.startswith("policy.")}, "node config")
     site = _encode_site(str(node_config["site-name"]), Path(str(node_config["state-dir"])),
-                        read_records(str(node_config["data-path"])), settings, policy=policy, keys_dir=kit)
-    return dataclasses.replace(site, registry_path=kit / "registry.json")
+                        read_records(str(node_config["data-path"])), settings, policy=policy, keys_dir=keys_dir)
+    return dataclasses.replace(site, registry_path=registry)
 
 
 def _simulated_site(partition_id: int, num_partitions: int, settings: RunSettings) -> Site:

@@ -105,18 +105,36 @@ def unpack_train_request(content: RecordDict) -> tuple[AdapterState, int, bytes 
     return state, server_round, (bytes(secagg["params"]) if secagg is not None else None)
 
 
+MAX_STAGE_BLOBS = 1 << 16
+"""Most blobs one stage message may carry (a site's neighbours, or every site of a sparse round)."""
+
+
 def pack_stage(round_id: bytes, blobs: dict[str, bytes]) -> RecordDict:
     """A secure-aggregation stage message: opaque protocol bytes, keyed by site id or name."""
+    if not isinstance(round_id, bytes) or not all(isinstance(k, str) and isinstance(v, bytes) for k, v in blobs.items()):
+        raise WireError("a stage message carries bytes keyed by strings")
     return RecordDict({"secagg": ConfigRecord({"round-id": round_id, **{f"blob:{k}": v for k, v in blobs.items()}})})
 
 
 def unpack_stage(content: RecordDict) -> tuple[bytes, dict[str, bytes]]:
+    """Round id and blobs of a stage message; anything but bytes keyed by strings raises WireError
+    (never ``bytes(int)``, which would allocate that many bytes)."""
     try:
         record = content.config_records["secagg"]
-        round_id = bytes(record["round-id"])
-        blobs = {key.removeprefix("blob:"): bytes(value) for key, value in record.items() if key.startswith("blob:")}
-    except (KeyError, TypeError) as exc:
+        items = list(record.items())
+    except (KeyError, TypeError, AttributeError) as exc:
         raise WireError(f"secure-aggregation message lacks {exc}") from exc
+    if len(items) > MAX_STAGE_BLOBS + 1:
+        raise WireError(f"secure-aggregation message has {len(items)} entries")
+    round_id = dict(items).get("round-id")
+    if not isinstance(round_id, bytes) or not 0 < len(round_id) <= 0xFFFF:
+        raise WireError("secure-aggregation message has no valid round id")
+    blobs: dict[str, bytes] = {}
+    for key, value in items:
+        if isinstance(key, str) and key.startswith("blob:"):
+            if not isinstance(value, bytes):
+                raise WireError(f"secure-aggregation blob {key[5:]!r} is {type(value).__name__}, not bytes")
+            blobs[key.removeprefix("blob:")] = value
     return round_id, blobs
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.config import SecureAggSettings
-from common.secagg import AggregateResult, SecAggParams, clip_l2, error_bound
+from common.secagg import AggregateResult, ParameterError, SecAggParams, clip_l2, error_bound
 from common.secagg.fixedpoint import MAX_MODULUS_BITS, MAX_VALUE_BITS
 
 COUNT_SLOTS = 2  # the site's weight w, and whether its update was clipped
@@ -35,9 +35,18 @@ def value_bits_for(n_sites: int) -> int:
     return max(1, min(MAX_VALUE_BITS, headroom))
 
 
+ALL_PAIRS_UP_TO = 64
+"""Rounds of at most this many sites mask every pair by default (no graph for anyone to choose)."""
+
+
 def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int, site_ids: list[int],
                  vector_length: int) -> SecAggParams:
-    """The one definition of a round's public parameters; both sides check them against their own config."""
+    """The coordinator's offer of a round's public parameters; each site checks it against its own policy.
+
+    Up to :data:`ALL_PAIRS_UP_TO` sites every pair masks (``secagg.degree``/``threshold`` apply only
+    with ``secagg.all-pairs`` there); larger federations use a sparse graph unless all-pairs is set.
+    """
+    all_pairs = settings.all_pairs or len(site_ids) <= ALL_PAIRS_UP_TO
     return SecAggParams(
         round_id=f"fedtune/run-{run_id}/round-{server_round}".encode(),
         site_ids=tuple(site_ids),
@@ -46,9 +55,9 @@ def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int,
         value_bits=value_bits_for(len(site_ids)),
         count_slots=COUNT_SLOTS,
         max_count=MAX_COUNT,
-        degree=settings.degree,
-        threshold=settings.threshold,
-        all_pairs=settings.all_pairs,
+        degree=0 if all_pairs else settings.degree,
+        threshold=settings.threshold if settings.all_pairs or not all_pairs else 0,
+        all_pairs=all_pairs,
     )
 
 
@@ -61,11 +70,30 @@ def params_to_bytes(params: SecAggParams) -> bytes:
     }, sort_keys=True).encode()
 
 
+_PARAM_TYPES = {"round_id": str, "site_ids": list, "vector_length": int, "clip": float, "value_bits": int,
+                "count_slots": int, "max_count": int, "degree": int, "threshold": int, "all_pairs": bool,
+                "rounding": str, "modulus_bits": int}
+
+
 def params_from_bytes(data: bytes) -> SecAggParams:
-    fields = json.loads(data)
-    fields["round_id"] = bytes.fromhex(fields["round_id"])
-    fields["site_ids"] = tuple(fields["site_ids"])
-    return SecAggParams(**fields)
+    """Parse an offer from the coordinator; anything malformed or unsafe raises ParameterError."""
+    try:
+        fields = json.loads(data)
+        if not isinstance(fields, dict) or set(fields) != set(_PARAM_TYPES):
+            raise ValueError(f"fields must be exactly {sorted(_PARAM_TYPES)}")
+        for name, kind in _PARAM_TYPES.items():
+            value = fields[name]
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float else (
+                isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+            if not ok:
+                raise ValueError(f"{name} must be {kind.__name__}")
+        if not all(type(s) is int for s in fields["site_ids"]):
+            raise ValueError("site_ids must be integers")
+        fields["round_id"] = bytes.fromhex(fields["round_id"])
+        fields["site_ids"] = tuple(fields["site_ids"])
+        return SecAggParams(**fields)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ParameterError(f"malformed secure-aggregation parameters: {exc}") from exc
 
 
 def site_weight(declared: int | None, settings: SecureAggSettings) -> int:

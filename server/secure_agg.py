@@ -1,33 +1,38 @@
-"""Secure aggregation driven over Flower's Grid: four message exchanges per round.
+"""Secure aggregation driven over Flower's Grid: five message exchanges per round.
 
-    train               global adapter + round parameters → signed round keys  (sites train first)
-    train.secagg_share  neighbours' signed keys           → encrypted Shamir shares
-    train.secagg_mask   shares addressed to the site      → masked contribution
-    train.secagg_unmask survivors / dropped               → shares for one or the other, never both
+    train                 global adapter + round parameters → signed round keys  (sites train first)
+    train.secagg_share    signed keys (neighbours', or all)  → encrypted, signed Shamir shares
+    train.secagg_mask     shares addressed to the site       → masked contribution
+    train.secagg_confirm  the survivor set S                 → the site's signature on S (consistency round)
+    train.secagg_unmask   S + the signatures on S            → shares for survivors XOR dropped sites
 
 The server (common.secagg.ServerAggregator) learns only the sum over surviving sites: the
-weighted update, the example count, the training loss and the federated-evaluation counts.
-A site that fails or stays silent at any stage is dropped; below the threshold the round
-ends without changing the model.
+weighted update and its total weight. Every reply is untrusted: a site whose reply fails, is
+late, or is malformed in any way (wrong types, missing or non-numeric keys, wrong sizes) is
+dropped with a logged reason; nothing a site sends can raise out of the round. Below the
+threshold the round ends without changing the model.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections.abc import Callable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.adapter import AdapterState
 from common.config import SecureAggSettings
-from common.records import WireError, pack_stage, pack_train_request, unpack_stage
+from common.records import PrivacyReport, WireError, pack_stage, pack_train_request, unpack_privacy, unpack_stage
 from common.registry import FederationRegistry
-from common.secagg import RoundAborted, ServerAggregator
+from common.secagg import RoundAborted, SecAggParams, ServerAggregator
 from common.secure_update import decode_sum, params_to_bytes, round_params
 from server.strategy import RoundOutcome, RoundSpec, exchange, failure_record, missing_replies
 
 log = logging.getLogger("fedtune.server")
+_SITE_KEY = re.compile(r"[0-9]{1,10}")
 
 
 class SecureAggregation:
@@ -41,17 +46,23 @@ class SecureAggregation:
 
     # ------------------------------------------------------------------ who is who
     def identify(self, grid: Grid, node_ids: list[int]) -> list[dict[str, str]]:
-        """Ask nodes we have not seen for their site name; unknown sites are refused and logged."""
+        """Ask nodes we have not seen for their site name; unknown or malformed answers are refused and logged."""
         unknown = [node for node in node_ids if node not in self.site_of_node]
         failures = []
         messages = {node: Message(RecordDict({}), dst_node_id=node, message_type="query.identify") for node in unknown}
         for node, reply in (exchange(grid, messages, self.spec.stage_timeout) if messages else {}).items():
-            if (failure := failure_record(reply, str(node))) is not None:
-                failures.append(failure)
+            try:
+                if (failure := failure_record(reply, str(node))) is not None:
+                    failures.append(failure)
+                    continue
+                name = reply.content.config_records["site"]["name"]
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                failures.append({"site": str(node), "kind": "protocol", "detail": f"malformed identify reply: {exc!r}"})
+                log.warning("node %d sent a malformed identify reply: refused", node)
                 continue
-            name = str(reply.content.config_records["site"]["name"])
-            if name not in self.registry.ids:
-                failures.append({"site": name, "kind": "unknown-site", "detail": "not in the federation's registry"})
+            if not isinstance(name, str) or name not in self.registry.ids:
+                failures.append({"site": str(name)[:100], "kind": "unknown-site",
+                                 "detail": "not in the federation's registry"})
                 log.warning("node %d claims to be site %r, which is not in the registry: refused", node, name)
                 continue
             self.site_of_node[node] = self.registry.ids[name]
@@ -62,39 +73,45 @@ class SecureAggregation:
         spec = self.spec
         failures = self.identify(grid, node_ids)
         node_of_site = {self.site_of_node[n]: n for n in node_ids if n in self.site_of_node}
-        privacy: dict[str, dict] = {}
+        privacy: dict[str, PrivacyReport] = {}
         if len(node_of_site) < max(2, spec.min_sites):
             return self._aborted(server_round, f"{len(node_of_site)} identified site(s)", failures, privacy)
         params = round_params(self.settings, run_id=grid.run.run_id, server_round=server_round,
-                              site_ids=sorted(node_of_site), vector_length=spec.update_size,
-                              num_labels=spec.num_labels)
+                              site_ids=sorted(node_of_site), vector_length=spec.update_size)
         aggregator = ServerAggregator(params, self.registry.keys)
         timings: dict[str, float] = {}
+
+        def stage(message_type: str, content: Callable[[int], RecordDict], only) -> dict[int, dict[str, bytes]]:
+            return self._exchange(grid, node_of_site, params, message_type, content, failures, only=only)
+
         try:
             started = time.perf_counter()
             request = pack_train_request(state, server_round, params_to_bytes(params))
-            answers = self._exchange(grid, node_of_site, "train", lambda site: request, failures, privacy)
+            answers = self._exchange(grid, node_of_site, params, "train", lambda site: request, failures, privacy)
             timings["train_and_keys_s"] = time.perf_counter() - started
-            routed = aggregator.collect_bundles(_payloads(answers, "bundle"))
+            routed = aggregator.collect_bundles(self._payloads(answers, "bundle", "train", failures))
 
             started = time.perf_counter()
-            answers = self._exchange(grid, node_of_site, "train.secagg_share", lambda site: pack_stage(
-                params.round_id, {str(peer): bundle.to_bytes() for peer, bundle in routed[site].items()}),
-                failures, only=routed)
-            inboxes = aggregator.route_shares({site: {int(k): v for k, v in blobs.items()}
-                                               for site, blobs in answers.items()})
-            answers = self._exchange(grid, node_of_site, "train.secagg_mask", lambda site: pack_stage(
-                params.round_id, {str(sender): ct for sender, ct in inboxes[site].items()}), failures, only=inboxes)
-            requests = aggregator.collect_masked(_payloads(answers, "payload"))
-            answers = self._exchange(grid, node_of_site, "train.secagg_unmask", lambda site: pack_stage(
-                params.round_id, {"payload": requests[site].to_bytes()}), failures, only=requests)
+            answers = stage("train.secagg_share", lambda site: pack_stage(
+                params.round_id, {str(peer): bundle.to_bytes() for peer, bundle in routed[site].items()}), routed)
+            inboxes = aggregator.route_shares({site: _by_site(blobs) for site, blobs in answers.items()})
+            answers = stage("train.secagg_mask", lambda site: pack_stage(
+                params.round_id, {str(sender): ct for sender, ct in inboxes[site].items()}), inboxes)
+            survivors = aggregator.collect_masked(self._payloads(answers, "payload", "train.secagg_mask", failures))
+            confirm = pack_stage(params.round_id, {"payload": survivors.to_bytes()})
+            answers = stage("train.secagg_confirm", lambda site: confirm, survivors.survivors)
+            unmask_request = aggregator.collect_confirmations(
+                self._payloads(answers, "payload", "train.secagg_confirm", failures))
+            unmask = pack_stage(params.round_id, {"payload": unmask_request.to_bytes()})
+            answers = stage("train.secagg_unmask", lambda site: unmask, unmask_request.signatures)
             started_unmask = time.perf_counter()
-            result = aggregator.finish(_payloads(answers, "payload"))
+            result = aggregator.finish(self._payloads(answers, "payload", "train.secagg_unmask", failures))
             timings["unmask_s"] = time.perf_counter() - started_unmask
             timings["secagg_stages_s"] = time.perf_counter() - started
         except RoundAborted as exc:
-            return self._aborted(server_round, str(exc), failures, privacy)
-        total = decode_sum(result, self.settings, spec.num_labels, params)
+            return self._aborted(server_round, str(exc), failures, privacy, aggregator)
+        failures.extend(self._dropped(aggregator))
+        total = decode_sum(result, self.settings, params)
         contributors = len(result.survivors)
         if contributors < spec.min_sites:
             return self._aborted(server_round, f"{contributors} survivor(s)", failures, privacy)
@@ -103,16 +120,22 @@ class SecureAggregation:
                         server_round, total.clipped_sites, self.settings.clip)
         details = {"survivors": sorted(self.registry.name_of(s) for s in result.survivors),
                    "dropped": sorted(self.registry.name_of(s) for s in result.dropped),
+                   "total_weight": total.total_weight,
                    "clipped_sites": total.clipped_sites, "error_bound": total.error_bound,
                    "modulus_bits": params.modulus_bits, "value_bits": params.value_bits,
-                   "neighbours": params.degree, "threshold": params.threshold,
+                   "neighbours": params.degree, "threshold": params.threshold, "all_pairs": params.all_pairs,
                    "upload_bytes": params.packed_bytes, **{k: round(v, 3) for k, v in timings.items()}}
-        return RoundOutcome(total.mean_delta, total.num_examples, contributors, total.train_loss, total.evaluation,
-                            failures, privacy, details)
+        return RoundOutcome(mean_delta=total.mean_delta, contributors=contributors, failures=failures,
+                            privacy=privacy, details=details)
 
-    def _exchange(self, grid: Grid, node_of_site: dict[int, int], message_type: str, content, failures: list,
-                  privacy: dict | None = None, only=None) -> dict[int, dict[str, bytes]]:
-        """Send one stage to the sites still in the round; their payloads by site id. Failures are recorded."""
+    def _exchange(self, grid: Grid, node_of_site: dict[int, int], params: SecAggParams, message_type: str,
+                  content: Callable[[int], RecordDict], failures: list, privacy: dict | None = None,
+                  only=None) -> dict[int, dict[str, bytes]]:
+        """Send one stage to the sites still in the round; their blobs by site id.
+
+        A reply that is an error, a typed site failure, or malformed in any way is recorded as a
+        failure and its site is left out (dropped); nothing raises.
+        """
         messages = {site: Message(content(site), dst_node_id=node_of_site[site], message_type=message_type)
                     for site in sorted(node_of_site) if only is None or site in only}
         timeout = self.spec.train_timeout if message_type == "train" else self.spec.stage_timeout
@@ -122,26 +145,48 @@ class SecureAggregation:
         answers: dict[int, dict[str, bytes]] = {}
         for site, reply in replies.items():
             name = self.registry.name_of(site)
-            if (failure := failure_record(reply, name)) is not None:
-                failures.append(failure | {"stage": message_type})
-                continue
             try:
-                _, blobs = unpack_stage(reply.content)
-            except WireError as exc:
-                failures.append({"site": name, "kind": "protocol", "detail": str(exc), "stage": message_type})
+                if (failure := failure_record(reply, name)) is not None:
+                    failures.append(failure | {"stage": message_type})
+                    continue
+                round_id, blobs = unpack_stage(reply.content)
+                if round_id != params.round_id:
+                    raise WireError("reply is for another round")
+                report = unpack_privacy(reply.content) if privacy is not None else None
+            except Exception as exc:  # noqa: BLE001 - any malformation of an untrusted reply drops its site
+                detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
+                failures.append({"site": name, "kind": "protocol", "detail": detail, "stage": message_type})
+                log.warning("site %s dropped at %s: %s", name, message_type, detail)
                 continue
-            if privacy is not None and "privacy" in reply.content.config_records:
-                privacy[name] = dict(reply.content.config_records["privacy"])
+            if report is not None:
+                privacy[name] = report
             answers[site] = blobs
         return answers
 
-    def _aborted(self, server_round: int, why: str, failures: list, privacy: dict) -> RoundOutcome:
+    def _payloads(self, answers: dict[int, dict[str, bytes]], key: str, stage: str,
+                  failures: list) -> dict[int, bytes]:
+        """One named blob per site; a reply without it is recorded as a failure (its site is dropped)."""
+        for site in sorted(s for s, blobs in answers.items() if key not in blobs):
+            failures.append({"site": self.registry.name_of(site), "kind": "protocol", "stage": stage,
+                             "detail": f"reply lacks its {key!r} blob"})
+        return {site: blobs[key] for site, blobs in answers.items() if key in blobs}
+
+    def _dropped(self, aggregator: ServerAggregator) -> list[dict[str, str]]:
+        """Protocol-level drops (bad bundle, rejected shares, bad signature...) as failure records."""
+        return [{"site": self.registry.name_of(s), "kind": "protocol", "detail": why}
+                for s, why in sorted(aggregator.dropped_reasons.items())] + [
+                {"site": self.registry.name_of(s), "kind": "cheated", "detail": why}
+                for s, why in sorted(aggregator.liars.items())]
+
+    def _aborted(self, server_round: int, why: str, failures: list, privacy: dict,
+                 aggregator: ServerAggregator | None = None) -> RoundOutcome:
         log.warning("round %d: secure aggregation ended without a result (%s): model unchanged", server_round, why)
+        if aggregator is not None:
+            failures.extend(self._dropped(aggregator))
         failures.append({"site": "*", "kind": "round-aborted", "detail": why})
-        return RoundOutcome(None, 0, 0, None, None, failures, privacy)
+        return RoundOutcome(mean_delta=None, contributors=0, failures=failures, privacy=privacy, details={})
 
 
-
-def _payloads(answers: dict[int, dict[str, bytes]], key: str) -> dict[int, bytes]:
-    """One named blob per site; a site whose reply lacks it is simply not in the result (dropped)."""
-    return {site: blobs[key] for site, blobs in answers.items() if key in blobs}
+def _by_site(blobs: dict[str, bytes]) -> dict[object, bytes]:
+    """Blobs keyed by decimal site id; a non-numeric key stays a string (the aggregator drops its site)."""
+    return {int(k) if _SITE_KEY.fullmatch(k) else k: v for k, v in blobs.items()}

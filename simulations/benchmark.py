@@ -91,16 +91,15 @@ def throughput(repeats: int = 2) -> None:
 
 
 def secagg(sizes: tuple[int, ...] = (10, 100, 1000), length: int = 74_883) -> None:
-    from common.secagg import LocalFederation
-    from common.secure_update import count_slots, value_bits_for
-    from common.secagg import SecAggParams
+    from common.secagg import LocalFederation, SecAggParams
+    from common.secure_update import ALL_PAIRS_UP_TO, COUNT_SLOTS, value_bits_for
 
     print("| sites | neighbours k | threshold t | modulus bits | upload / fp32 bytes | server: sum uploads (s) "
           "| server: unmask (s) | one site: mask+pack (s) |\n|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for n in sizes:
         params = SecAggParams(round_id=f"bench-{n}", site_ids=tuple(range(n)), vector_length=length, clip=50.0,
-                              value_bits=value_bits_for(n), count_slots=count_slots(3))
+                              value_bits=value_bits_for(n), count_slots=COUNT_SLOTS, all_pairs=n <= ALL_PAIRS_UP_TO)
         fed = LocalFederation.create(params)
         routed = fed.advertise()
         inboxes = fed.share(routed)
@@ -111,13 +110,15 @@ def secagg(sizes: tuple[int, ...] = (10, 100, 1000), length: int = 74_883) -> No
                                      {s: counts for s in params.site_ids})
         per_site = (time.perf_counter() - started) / n
         started = time.perf_counter()
-        requests = fed.server.collect_masked(uploads)
+        survivors = fed.server.collect_masked(uploads)
         summed = time.perf_counter() - started
-        responses = {s: fed.clients[s].unmask(requests[s].to_bytes()).to_bytes() for s in requests}
+        request = fed.confirm(survivors)
+        responses = fed.unmask_responses(request)
         started = time.perf_counter()
         result = fed.server.finish(responses)
         unmask = time.perf_counter() - started
         assert np.allclose(result.sum_vector, n * update, atol=result.error_bound + 1e-9)
+        assert max(len(u) for u in uploads.values()) <= 1.1 * 4 * length
         ratio = params.packed_bytes / (4 * length)
         print(f"| {n:,} | {params.degree} | {params.threshold} | {params.modulus_bits} | {ratio:.3f} | "
               f"{summed:.3f} | {unmask:.3f} | {per_site:.3f} |")

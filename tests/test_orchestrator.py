@@ -16,7 +16,7 @@ from server.orchestrator import KitError, ServerKit, start_server
 def kits(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("kits")
     out = root / "kits"
-    provision([site_keygen(site, out / "keys" / site) for site in ("site-a", "site-b")], ["127.0.0.1"], out)
+    provision([site_keygen(site, root / "keys" / site) for site in ("site-a", "site-b")], ["127.0.0.1"], out)
     return out
 
 
@@ -67,24 +67,36 @@ def test_client_start_refuses_bad_input_with_exit_2(kits: Path, tmp_path: Path, 
     if problem != "no-data":
         data.write_text("text,label\nfine,positive\n")
     kit = kits / "sites" / "site-a" if problem != "no-kit" else tmp_path / "nokit"
-    keys = {"no-keys": tmp_path / "nokeys", "other-keys": kits / "keys" / "site-b"}.get(problem,
-                                                                                        kits / "keys" / "site-a")
+    keys = {"no-keys": tmp_path / "nokeys", "other-keys": kits.parent / "keys" / "site-b"}.get(
+        problem, kits.parent / "keys" / "site-a")
     done = subprocess.run([sys.executable, "-m", "fedtune.cli", "client", "start", "--kit", str(kit), "--keys",
                            str(keys), "--data", str(data), "--state", str(tmp_path / "state"),
                            "--superlink", "127.0.0.1:1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and fragment in done.stderr, done.stderr
 
 
-def test_the_clientapp_reads_the_kit_and_the_sites_own_key_from_one_linked_directory(kits: Path, tmp_path: Path):
-    from client.daemon import node_config, node_kit
+def test_the_clientapp_reads_the_registry_from_the_kit_and_the_key_from_the_sites_own_folder(kits: Path,
+                                                                                            tmp_path: Path):
+    from flwr.common.config import parse_config_args
+
+    from client.daemon import node_config
+    from client.site import site_paths
     from common.registry import load_identity, load_registry
 
-    kit, keys = kits / "sites" / "site-a", kits / "keys" / "site-a"
-    linked = node_kit(kit, keys, tmp_path / "state")
-    assert sorted(p.name for p in linked.iterdir()) == sorted(
-        ["ca.crt", "registry.json", "passport-signing.pub", "site.json", "identity.pem"])
-    assert all(p.is_symlink() for p in linked.iterdir())  # no key is copied
-    assert (linked / "identity.pem").resolve() == (keys / "identity.pem").resolve()
-    assert load_identity(linked, "site-a", load_registry(linked / "registry.json"))[0] == 0
-    assert f'kit-dir="{linked.resolve()}"' in node_config(linked, tmp_path / "d.csv", tmp_path / "state", 8.0)
-    assert node_kit(kit, keys, tmp_path / "state") == linked  # rebuilt at each start
+    kit, keys = kits / "sites" / "site-a", kits.parent / "keys" / "site-a"
+    config = parse_config_args([node_config(kit, keys, tmp_path / "d.csv", tmp_path / "state", 8.0)])
+    keys_dir, registry = site_paths(config)
+    assert keys_dir == keys.resolve() and registry == (kit / "registry.json").resolve()
+    assert load_identity(keys_dir, "site-a", load_registry(registry))[0] == 0
+
+
+def test_the_sites_max_epsilon_reaches_its_policy(kits: Path, tmp_path: Path):
+    """The node config the daemon writes is the one the ClientApp's site policy reads."""
+    from flwr.common.config import parse_config_args
+
+    from client.daemon import node_config
+    from client.site import SitePolicy
+
+    config = parse_config_args([node_config(kits / "sites" / "site-a", kits.parent / "keys" / "site-a", tmp_path / "d.csv", tmp_path / "s", 2.5)])
+    policy = {k.removeprefix("policy."): v for k, v in config.items() if k.startswith("policy.")}
+    assert SitePolicy.from_mapping(policy, "node config").max_epsilon == 2.5

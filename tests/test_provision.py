@@ -402,6 +402,27 @@ def test_enrolment_paths_duplicates_and_wrong_names_are_refused(tmp_path: Path,
     assert [e.site for e in read_enrolments([b, a])] == ["b", "a"]  # the order given is the id order
 
 
+_FIELD = st.one_of(st.text(max_size=40), st.integers(), st.none(), st.lists(st.text(max_size=5), max_size=2),
+                   st.sampled_from(["-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+                                    "ecdsa-sha2-nistp384 AAAAE2VjZHNh", "ssh-ed25519 AAAA x"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(raw=st.binary(max_size=200), fields=st.fixed_dictionaries(
+    {}, optional={"format": st.just("fedtune-enrolment-1") | _FIELD, "site": st.just("s") | _FIELD,
+                  "identity_public_key": _FIELD, "supernode_public_key": _FIELD}), as_json=st.booleans())
+def test_any_enrolment_file_parses_or_is_refused_with_a_provision_error(tmp_path_factory, raw, fields,
+                                                                        as_json) -> None:
+    path = tmp_path_factory.mktemp("enrol") / "s.enrol.json"
+    path.write_bytes(json.dumps(fields).encode() if as_json else raw)
+    try:
+        read_enrolment(path)
+    except ProvisionError as exc:
+        assert str(path) in str(exc)
+    else:
+        raise AssertionError("no fuzzed file holds a valid key pair")
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet="abcXyz019-_. \n", max_size=66))
 def test_site_names_are_accepted_exactly_when_they_match_the_pattern(name: str) -> None:

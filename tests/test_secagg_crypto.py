@@ -128,11 +128,14 @@ def test_pairwise_seed_is_symmetric_and_uses_the_full_secret() -> None:
 
 def _bundle(identity: SiteIdentity, site: int, round_id: bytes = b"r1") -> SignedKeyBundle:
     return sign_key_bundle(
-        identity, round_id=round_id, site_id=site,
+        identity, round_id=round_id, site_id=site, params_digest=DIGEST,
         share_public=X25519PrivateKey.generate().public_key().public_bytes_raw(),
         mask_public=X25519PrivateKey.generate().public_key().public_bytes_raw(),
         seed_commitment=secrets.token_bytes(32),
     )
+
+
+DIGEST = bytes(range(32))
 
 
 def test_bundle_round_trip_and_verification() -> None:
@@ -141,21 +144,23 @@ def test_bundle_round_trip_and_verification() -> None:
     bundle = _bundle(alice, 1)
     parsed = SignedKeyBundle.from_bytes(bundle.to_bytes())
     assert parsed == bundle
-    verify_key_bundle(parsed, registry, round_id=b"r1", site_id=1)
+    verify_key_bundle(parsed, registry, round_id=b"r1", site_id=1, params_digest=DIGEST)
+    with pytest.raises(SignatureError, match="other round parameters"):  # bound to ALL parameters
+        verify_key_bundle(parsed, registry, round_id=b"r1", site_id=1, params_digest=bytes(32))
     with pytest.raises(SignatureError, match="another round"):
-        verify_key_bundle(bundle, registry, round_id=b"r2", site_id=1)
+        verify_key_bundle(bundle, registry, round_id=b"r2", site_id=1, params_digest=DIGEST)
     with pytest.raises(SignatureError, match="claims site"):
-        verify_key_bundle(bundle, registry, round_id=b"r1", site_id=2)
+        verify_key_bundle(bundle, registry, round_id=b"r1", site_id=2, params_digest=DIGEST)
     forged = _bundle(mallory, 1)  # right site id, signed by the wrong key
     with pytest.raises(SignatureError, match="bad signature"):
-        verify_key_bundle(forged, registry, round_id=b"r1", site_id=1)
+        verify_key_bundle(forged, registry, round_id=b"r1", site_id=1, params_digest=DIGEST)
     swapped = SignedKeyBundle(
-        b"r1", 1, forged.share_public, bundle.mask_public, bundle.seed_commitment, bundle.signature
+        b"r1", 1, DIGEST, forged.share_public, bundle.mask_public, bundle.seed_commitment, bundle.signature
     )
     with pytest.raises(SignatureError, match="bad signature"):
-        verify_key_bundle(swapped, registry, round_id=b"r1", site_id=1)
+        verify_key_bundle(swapped, registry, round_id=b"r1", site_id=1, params_digest=DIGEST)
     with pytest.raises(SignatureError, match="not in the registry"):
-        verify_key_bundle(_bundle(alice, 9), registry, round_id=b"r1", site_id=9)
+        verify_key_bundle(_bundle(alice, 9), registry, round_id=b"r1", site_id=9, params_digest=DIGEST)
 
 
 def test_identity_pem_round_trip() -> None:

@@ -17,10 +17,10 @@ from common.secagg import (
     ProtocolError,
     RoundAborted,
     SecAggParams,
-    ServerAggregator,
     SignedKeyBundle,
     SiteIdentity,
     Stage,
+    SurvivorSet,
     UnmaskRequest,
     UnmaskResponse,
     decode_sum,
@@ -29,9 +29,10 @@ from common.secagg import (
     unpack_bits,
 )
 from common.secagg.identity import sign_key_bundle
-from common.secagg.shamir import PRIME, ShamirError, Share, combine
+from common.secagg.shamir import PRIME, Share
 
-STAGES = ("advertise", "share", "upload", "unmask")
+STAGES = ("advertise", "share", "upload", "confirm", "unmask")
+LATE = ("confirm", "unmask")  # a site that stops answering after its upload is still counted
 
 
 def _setup(n: int, length: int = 32, **kwargs: object) -> tuple[SecAggParams, LocalFederation]:
@@ -51,8 +52,12 @@ def _assert_sum(result: object, updates: dict[int, np.ndarray], survivors: set[i
     assert np.abs(result.sum_vector - true).max() <= result.error_bound  # type: ignore[attr-defined]
 
 
-def _to_stage4(fed: LocalFederation, updates: dict[int, np.ndarray]) -> dict[int, bytes]:
+def _to_confirm(fed: LocalFederation, updates: dict[int, np.ndarray]) -> SurvivorSet:
     return fed.upload(fed.share(fed.advertise()), updates)
+
+
+def _to_unmask(fed: LocalFederation, updates: dict[int, np.ndarray]) -> UnmaskRequest:
+    return fed.confirm(_to_confirm(fed, updates))
 
 
 # ---------------------------------------------------------------- correctness
@@ -86,11 +91,12 @@ def test_masks_cancel_exactly(site_ids: list[int], length: int, all_pairs: bool,
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(5, 9), stage=st.sampled_from(STAGES), data=st.data())
 def test_any_single_dropout_is_survived(n: int, stage: str, data: st.DataObject) -> None:
-    params, fed = _setup(n, length=16)
+    # A sparse graph (n = 8, 9) needs every stage-1 bundle (test_dropout_at_each_stage): all pairs there.
+    params, fed = _setup(n, length=16, all_pairs=stage == "advertise")
     victim = data.draw(st.integers(0, n - 1))
     updates = _updates(params, seed=victim)
     result = fed.run(updates, drop={stage: {victim}})
-    _assert_sum(result, updates, set(params.site_ids) - ({victim} if stage != "unmask" else set()))
+    _assert_sum(result, updates, set(params.site_ids) - ({victim} if stage not in LATE else set()))
 
 
 @pytest.mark.parametrize("n", [5, 10, 40])
@@ -122,8 +128,8 @@ def test_full_lora_size_round_trip() -> None:
     inboxes = fed.share(fed.advertise())
     uploads = fed.masked_uploads(inboxes, updates, {s: [1, 2, 3] for s in params.site_ids})
     assert all(len(u) <= 1.1 * 4 * params.vector_length for u in uploads.values())
-    requests = {s: r.to_bytes() for s, r in fed.server.collect_masked(uploads).items()}
-    _assert_sum(fed.unmask(requests), updates, set(params.site_ids))
+    request = fed.confirm(fed.server.collect_masked(uploads))
+    _assert_sum(fed.unmask(request.to_bytes()), updates, set(params.site_ids))
 
 
 # ---------------------------------------------------------------- dropouts
@@ -131,12 +137,18 @@ def test_full_lora_size_round_trip() -> None:
 
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize(("n", "dropped"), [(5, {3}), (10, {2, 7})])
-def test_dropout_at_each_stage(n: int, dropped: set[int], stage: str) -> None:
-    params, fed = _setup(n, count_slots=1)
+@pytest.mark.parametrize("all_pairs", [True, False])
+def test_dropout_at_each_stage(n: int, dropped: set[int], stage: str, all_pairs: bool) -> None:
+    params, fed = _setup(n, count_slots=1, all_pairs=all_pairs)
     updates = _updates(params)
+    if stage == "advertise" and not params.all_pairs:
+        # A sparse graph is seeded by EVERY invited site's bundle: a missing one ends the round.
+        with pytest.raises(RoundAborted, match="every invited site's key bundle"):
+            fed.run(updates, {s: [1] for s in params.site_ids}, drop={stage: dropped})
+        return
     result = fed.run(updates, {s: [1] for s in params.site_ids}, drop={stage: dropped})
-    # A site that stops answering only at unmasking has already sent its input: it is counted.
-    survivors = set(params.site_ids) - (dropped if stage != "unmask" else set())
+    # A site that stops answering after its upload has already sent its input: it is counted.
+    survivors = set(params.site_ids) - (dropped if stage not in LATE else set())
     _assert_sum(result, updates, survivors)
     assert result.counts == [len(survivors)]
 
@@ -159,86 +171,206 @@ def test_client_refuses_to_share_with_too_few_valid_neighbours() -> None:
     assert client.stage is Stage.ABORTED
 
 
-# ---------------------------------------------------------------- unmask requests
+# ---------------------------------------------------------------- consistency round and unmask requests
 
 
-def _request(fed: LocalFederation, site: int, survivors: set[int], dropped: set[int]) -> UnmaskRequest:
-    return UnmaskRequest(fed.params.round_id, site, frozenset(survivors), frozenset(dropped))
+def _signed_request(fed: LocalFederation, survivors: set[int], signers: set[int]) -> UnmaskRequest:
+    """What a server holding ``signers``' signatures on ``survivors`` can send."""
+    shown = SurvivorSet(fed.params.round_id, frozenset(survivors)).to_bytes()
+    sigs = fed.signatures({s: shown for s in signers})
+    return UnmaskRequest(fed.params.round_id, frozenset(survivors), sigs)
 
 
-def test_request_listing_a_site_as_survived_and_dropped_is_refused(caplog: pytest.LogCaptureFixture) -> None:
-    params, fed = _setup(5)
-    _to_stage4(fed, _updates(params))
-    with caplog.at_level(logging.WARNING), pytest.raises(ProtocolError, match="both survived and dropped"):
-        fed.clients[0].unmask(_request(fed, 0, {0, 1, 2, 3, 4}, {4}))
-    assert "refused unmask request" in caplog.text
-    # The session is over: not even a well-formed request is answered afterwards.
-    with pytest.raises(ProtocolError):
-        fed.clients[0].unmask(_request(fed, 0, {0, 1, 2, 3, 4}, set()))
+def _harvest(fed: LocalFederation, views: dict[int, frozenset[int]]) -> tuple[dict, dict]:
+    """A malicious server's best effort: show each site its own survivor set (``views``), then send
+    each signer an unmask request for its set with EVERY signature collected on that set. Returns
+    all the shares it gets: (self-mask shares by owner, key shares by owner)."""
+    sigs: dict[frozenset[int], dict[int, bytes]] = {}
+    for site, view in views.items():
+        try:
+            sigs.setdefault(view, {})[site] = fed.clients[site].confirm_survivors(
+                SurvivorSet(fed.params.round_id, view).to_bytes())
+        except ProtocolError:
+            pass
+    seeds: dict[int, list[Share]] = {}
+    keys: dict[int, list[Share]] = {}
+    for view, signed in sigs.items():
+        request = UnmaskRequest(fed.params.round_id, view, signed).to_bytes()
+        for site in signed:
+            try:
+                resp = fed.clients[site].unmask(request)
+            except ProtocolError:
+                continue
+            for shares, out in ((resp.self_mask_shares, seeds), (resp.key_shares, keys)):
+                for owner, blob in shares.items():
+                    out.setdefault(owner, []).append(Share.from_bytes(blob[:70]))
+    return seeds, keys
 
 
-def test_replayed_or_second_request_is_refused() -> None:
-    params, fed = _setup(5)
-    requests = _to_stage4(fed, _updates(params))
-    response = fed.clients[0].unmask(requests[0])
-    assert set(response.self_mask_shares) == {0, 1, 2, 3, 4} and not response.key_shares
-    with pytest.raises(ProtocolError, match="replayed"):
-        fed.clients[0].unmask(requests[0])
-    with pytest.raises(ProtocolError, match="replayed"):  # now asking for site 4's key share instead
-        fed.clients[0].unmask(_request(fed, 0, {0, 1, 2, 3}, {4}))
+def _few_partners_attack(n: int, victim: int = 0) -> tuple[LocalFederation, set[int]]:
+    """Issue #7 attack, stages 1-3: the server relays honestly except that the victim receives the
+    share ciphertexts of only t - 1 partners (so it masks with them alone), while its own shares
+    reach every other site."""
+    params, fed = _setup(n, all_pairs=True)
+    t = params.threshold
+    inboxes = fed.share(fed.advertise())
+    partners = set(sorted(set(params.site_ids) - {victim})[: t - 1])
+    inboxes[victim] = {p: ct for p, ct in inboxes[victim].items() if p in partners}
+    uploads = fed.masked_uploads(inboxes, _updates(params))
+    assert fed.clients[victim].masked_with == frozenset(partners)
+    assert victim in uploads  # the victim's masked input is in the server's hands
+    return fed, partners
 
 
-@pytest.mark.parametrize(
-    ("site", "survivors", "dropped", "reason"),
-    [
-        (0, {1, 2, 3, 4}, {0}, "not listed as a survivor"),
-        (0, {0, 1, 2}, {3, 4}, "below the threshold"),
-    ],
-)
-def test_unsafe_requests_are_refused(site: int, survivors: set[int], dropped: set[int], reason: str) -> None:
-    params, fed = _setup(5)
-    _to_stage4(fed, _updates(params))
-    with pytest.raises(ProtocolError, match=reason):
-        fed.clients[site].unmask(_request(fed, site, survivors, dropped))
-
-
-def test_request_naming_non_neighbours_or_another_round_is_refused() -> None:
-    params, fed = _setup(10)  # k = 8: every site has one non-neighbour
-    _to_stage4(fed, _updates(params))
-    (stranger,) = set(params.site_ids) - params.holders(0)
-    with pytest.raises(ProtocolError, match="not neighbours"):
-        fed.clients[0].unmask(_request(fed, 0, set(params.holders(0)) - {stranger}, {stranger}))
-    other_round = UnmaskRequest(b"another", 1, frozenset(params.holders(1)), frozenset())
-    with pytest.raises(ProtocolError, match="another round"):
-        fed.clients[1].unmask(other_round)
+@pytest.mark.parametrize("n", [20, 40])
+def test_few_partners_attack_recovers_nothing(n: int) -> None:
+    # Before the consistency round, a server with NO colluder recovered the victim's update: it
+    # named each partner "dropped" to exactly t of its holders (rebuilding the partners' mask keys)
+    # and never named the victim dropped (every holder returned the victim's self-mask share).
+    fed, partners = _few_partners_attack(n)
+    everyone = frozenset(fed.params.site_ids)
+    t, victim = fed.params.threshold, 0
+    # Stripping the victim's pairwise masks needs every partner's key, so every partner must be
+    # out of the survivor set the holders act on; the victim itself must stay in.
+    attacks = {
+        "one set without the partners": {s: everyone - partners for s in everyone},
+        "split view: partners see all": {s: everyone if s in partners else everyone - partners for s in everyone},
+        "split view: half and half": {s: everyone if s % 2 else everyone - partners for s in everyone},
+    }
+    for name, views in attacks.items():
+        fed_run, _ = _few_partners_attack(n) if name != "one set without the partners" else (fed, partners)
+        seeds, keys = _harvest(fed_run, views)
+        victim_seed = len(seeds.get(victim, [])) >= t
+        partner_keys = all(len(keys.get(p, [])) >= t for p in partners)
+        assert not (victim_seed and partner_keys), f"{name}: the victim's update is exposed"
+    # Control: the same harvest with the honest survivor set does get every self-mask seed, so the
+    # refusals above are what protects the victim.
+    fed, partners = _few_partners_attack(n)
+    seeds, keys = _harvest(fed, {s: everyone for s in everyone})
+    assert len(seeds[victim]) >= t and not any(len(keys.get(p, [])) >= t for p in partners)
 
 
 def test_split_view_server_cannot_get_both_secrets_of_a_site() -> None:
-    # Flower's flaw: a server listing site 4 as dropped to some and survived to others.
+    # Flower's flaw: a server listing site 4 as dropped to some sites and survived to others.
     params, fed = _setup(5)  # 5 holders per site, t = 4
-    _to_stage4(fed, _updates(params))
-    key_shares, seed_shares = [], []
-    for site in (0, 1):
-        resp = fed.clients[site].unmask(_request(fed, site, {0, 1, 2, 3}, {4}))
-        key_shares.append(Share.from_bytes(resp.key_shares[4]))
-    for site in (2, 3, 4):
-        resp = fed.clients[site].unmask(_request(fed, site, {0, 1, 2, 3, 4}, set()))
-        seed_shares.append(Share.from_bytes(resp.self_mask_shares[4]))
-    for shares in (key_shares, seed_shares):
-        with pytest.raises(ShamirError, match="needed"):
-            combine(shares, params.threshold)
+    _to_confirm(fed, _updates(params))
+    everyone = frozenset(params.site_ids)
+    seeds, keys = _harvest(fed, {0: everyone - {4}, 1: everyone - {4}, 2: everyone, 3: everyone, 4: everyone})
+    assert len(seeds.get(4, [])) < params.threshold or len(keys.get(4, [])) < params.threshold
+    for owner in everyone:
+        assert not (seeds.get(owner) and keys.get(owner)), "a site's two secrets were both revealed"
 
 
-def test_corrupted_unmask_shares_are_skipped() -> None:
-    params, fed = _setup(10)  # 9 holders, t = 7: spare shares to route around bad ones
+def test_unmask_needs_threshold_signatures_on_the_same_set(caplog: pytest.LogCaptureFixture) -> None:
+    params, fed = _setup(5)  # t = 4
+    _to_confirm(fed, _updates(params))
+    everyone = set(params.site_ids)
+    short = _signed_request(fed, everyone, {0, 1, 2})  # only 3 of the 4 needed signatures
+    with caplog.at_level(logging.WARNING), pytest.raises(ProtocolError, match="only 3 valid survivor-set signatures"):
+        fed.clients[0].unmask(short)
+    assert "refused unmask request" in caplog.text
+    # The session is over: not even a well-formed request is answered afterwards.
+    full = _signed_request(fed, everyone, {3, 4})
+    full = UnmaskRequest(full.round_id, full.survivors, {**short.signatures, **full.signatures})
+    with pytest.raises(ProtocolError, match="aborted-session"):
+        fed.clients[0].unmask(full)
+    assert fed.clients[0].stage is Stage.ABORTED and not fed.clients[0].holds_secrets
+    assert set(fed.clients[1].unmask(full).self_mask_shares) == everyone
+
+
+def test_forged_or_foreign_signatures_do_not_count() -> None:
+    params, fed = _setup(5)
+    _to_confirm(fed, _updates(params))
+    everyone = frozenset(params.site_ids)
+    good = _signed_request(fed, set(everyone), {0, 1, 2})
+    mallory = SiteIdentity.generate()
+    from common.secagg.identity import sign_survivors
+    forged = {3: sign_survivors(mallory, params.digest, everyone), 4: good.signatures[0]}
+    with pytest.raises(ProtocolError, match="only 3 valid"):
+        fed.clients[1].unmask(UnmaskRequest(params.round_id, everyone, {**good.signatures, **forged}))
+
+
+def test_site_unmasks_only_the_set_it_signed() -> None:
+    params, fed = _setup(6)  # t = 5
+    _to_confirm(fed, _updates(params))
+    everyone = set(params.site_ids)
+    _signed_request(fed, everyone, {0, 1, 2, 3, 4})
+    other = everyone - {5}  # five signatures on another set would exist only from sites that signed twice
+    request = UnmaskRequest(params.round_id, frozenset(other), _signed_request(fed, everyone, set()).signatures)
+    with pytest.raises(ProtocolError, match="differs from the one this site signed"):
+        fed.clients[0].unmask(request)
+
+
+def test_each_site_signs_once() -> None:
+    params, fed = _setup(5)
+    _to_confirm(fed, _updates(params))
+    fed.clients[0].confirm_survivors(SurvivorSet(params.round_id, frozenset(params.site_ids)))
+    with pytest.raises(ProtocolError, match="replayed"):
+        fed.clients[0].confirm_survivors(SurvivorSet(params.round_id, frozenset({0, 1, 2, 3})))
+
+
+@pytest.mark.parametrize(
+    ("survivors", "reason"),
+    [
+        ({1, 2, 3, 4}, "not listed as a survivor"),
+        ({0, 1, 2}, "below the threshold"),
+        ({0, 1, 2, 3, 4, 9}, "not invited"),
+    ],
+)
+def test_unsafe_survivor_sets_are_not_signed(survivors: set[int], reason: str) -> None:
+    params, fed = _setup(5)
+    _to_confirm(fed, _updates(params))
+    with pytest.raises(ProtocolError, match=reason):
+        fed.clients[0].confirm_survivors(SurvivorSet(params.round_id, frozenset(survivors)))
+    assert not fed.clients[0].holds_secrets
+
+
+def test_requests_for_another_round_are_refused() -> None:
+    params, fed = _setup(5)
+    _to_confirm(fed, _updates(params))
+    everyone = frozenset(params.site_ids)
+    with pytest.raises(ProtocolError, match="another round"):
+        fed.clients[2].confirm_survivors(SurvivorSet(b"another", everyone).to_bytes())
+    request = _signed_request(fed, set(everyone), {0, 1, 3, 4})
+    with pytest.raises(ProtocolError, match="another round"):
+        fed.clients[1].unmask(UnmaskRequest(b"another", request.survivors, request.signatures))
+
+
+def test_replayed_request_is_refused_and_secrets_are_wiped() -> None:
+    params, fed = _setup(5)
+    request = _to_unmask(fed, _updates(params))
+    response = fed.clients[0].unmask(request)
+    assert set(response.self_mask_shares) == set(params.site_ids) and not response.key_shares
+    assert not fed.clients[0].holds_secrets and b'"mask_key": null' in fed.clients[0].export_state()
+    with pytest.raises(ProtocolError, match="replayed"):
+        fed.clients[0].unmask(request)
+
+
+def test_corrupted_unmask_shares_are_discarded_one_by_one() -> None:
+    # Each revealed share carries its dealer's signature: the server drops bad ones individually,
+    # with no subset search (which 3 corrupt holders at t = 15 used to exhaust).
+    params, fed = _setup(21, all_pairs=True)  # 21 holders, t = 15: six spare
     updates = _updates(params)
-    responses = fed.unmask_responses(fed.upload(fed.share(fed.advertise()), updates))
-    bad = UnmaskResponse.from_bytes(responses[0])
-    shifted = {o: Share(s.x, (s.y + 1) % PRIME).to_bytes() for o, s in
-               ((o, Share.from_bytes(b)) for o, b in bad.self_mask_shares.items())}
-    responses[0] = UnmaskResponse(bad.round_id, 0, shifted, {}).to_bytes()
-    responses[1] = b"garbage"
+    responses = fed.unmask_responses(_to_unmask(fed, updates))
+    for liar in range(5):
+        bad = UnmaskResponse.from_bytes(responses[liar])
+        shifted = {o: Share(Share.from_bytes(b[:70]).x, (Share.from_bytes(b[:70]).y + 1) % PRIME).to_bytes() + b[70:]
+                   for o, b in bad.self_mask_shares.items()}
+        responses[liar] = UnmaskResponse(bad.round_id, liar, shifted, {}).to_bytes()
+    responses[5] = b"garbage"
     _assert_sum(fed.server.finish(responses), updates, set(params.site_ids))
+
+
+def test_dealer_with_inconsistent_shares_is_named() -> None:
+    params, fed = _setup(5)
+    updates = _updates(params)
+    routed = fed.advertise()
+    cheat = fed.clients[4]
+    cheat._self_seed = bytes(32)  # deals shares of another seed than the one it committed to
+    request = fed.confirm(fed.upload(fed.share(routed), updates))
+    with pytest.raises(RoundAborted, match="site 4 cheated"):
+        fed.unmask(request)
+    assert 4 in fed.server.liars
 
 
 # ---------------------------------------------------------------- malicious relays and peers
@@ -249,54 +381,70 @@ def test_substituted_public_key_is_detected(caplog: pytest.LogCaptureFixture) ->
     updates = _updates(params)
     routed = fed.advertise()
     mallory = SiteIdentity.generate()  # the server's own key, not in the registry
-    routed[0][3] = sign_key_bundle(mallory, round_id=params.round_id, site_id=3, share_public=bytes(range(32)),
+    routed[0][3] = sign_key_bundle(mallory, round_id=params.round_id, site_id=3, params_digest=params.digest,
+                                   share_public=bytes(range(32)),
                                    mask_public=bytes(range(1, 33)), seed_commitment=bytes(32)).to_bytes()
     with caplog.at_level(logging.WARNING):
-        result = fed.unmask(fed.upload(fed.share(routed), updates))
+        result = fed.unmask(fed.confirm(fed.upload(fed.share(routed), updates)))
     assert "neighbour 3 treated as dropped" in caplog.text
     assert 3 not in fed.clients[0].masked_with and 0 not in fed.clients[3].masked_with
     _assert_sum(result, updates, set(params.site_ids))
 
 
-@pytest.mark.parametrize("with_registry", [True, False])
-def test_signed_low_order_key_is_rejected(with_registry: bool) -> None:
+def test_signed_low_order_key_is_rejected() -> None:
     # A malicious site signs a bundle whose mask key is a low-order point (all-zero DH secret).
     params = SecAggParams(round_id=b"r", site_ids=tuple(range(5)), vector_length=8)
     identities = {s: SiteIdentity.generate() for s in params.site_ids}
     fed = LocalFederation.create(params, identities)
-    if not with_registry:
-        fed.server = ServerAggregator(params)  # the clients must catch it themselves
     updates = _updates(params)
     up = {s: c.advertise_keys().to_bytes() for s, c in fed.clients.items()}
     good = SignedKeyBundle.from_bytes(up[3])
-    up[3] = sign_key_bundle(identities[3], round_id=b"r", site_id=3, share_public=good.share_public,
+    up[3] = sign_key_bundle(identities[3], round_id=b"r", site_id=3, params_digest=params.digest,
+                            share_public=good.share_public,
                             mask_public=bytes(32), seed_commitment=good.seed_commitment).to_bytes()
     routed = {s: {p: b.to_bytes() for p, b in v.items()} for s, v in fed.server.collect_bundles(up).items()}
-    result = fed.unmask(fed.upload(fed.share(routed), updates))
+    result = fed.unmask(fed.confirm(fed.upload(fed.share(routed), updates)))
     _assert_sum(result, updates, {0, 1, 2, 4})
 
 
 @pytest.mark.parametrize("tamper", ["flip", "garbage", "truncate", "swap"])
-@pytest.mark.parametrize(("n", "expected_dropped"), [(5, 0), (10, 3)])
-def test_tampered_share_is_rejected_without_crashing(tamper: str, n: int, expected_dropped: int) -> None:
+@pytest.mark.parametrize(("n", "drops_sender"), [(5, False), (10, True)])
+def test_tampered_share_is_rejected_without_crashing(tamper: str, n: int, drops_sender: bool) -> None:
     params, fed = _setup(n)
     updates = _updates(params)
     inboxes = fed.share(fed.advertise())
-    ct = inboxes[0][3]
-    inboxes[0][3] = {
+    sender = min(inboxes[0])  # one of site 0's neighbours
+    ct = inboxes[0][sender]
+    inboxes[0][sender] = {
         "flip": ct[:20] + bytes([ct[20] ^ 1]) + ct[21:],
         "garbage": b"garbage",
         "truncate": ct[:10],
-        "swap": inboxes[0][next(p for p in inboxes[0] if p != 3)],  # another sender's valid ciphertext
+        "swap": inboxes[0][next(p for p in inboxes[0] if p != sender)],  # another sender's valid ciphertext
     }[tamper]
-    result = fed.unmask(fed.upload(inboxes, updates))
-    # Site 0 rejects 3's shares and does not mask with 3, but 3 masked with 0. The server drops
-    # the sender 3 when its key stays recoverable (n = 10), else the receiver 0 (n = 5, t = 4).
-    assert 3 not in fed.clients[0].masked_with and 0 in fed.clients[3].masked_with
-    _assert_sum(result, updates, set(params.site_ids) - {expected_dropped})
+    result = fed.unmask(fed.confirm(fed.upload(inboxes, updates)))
+    # Site 0 rejects the sender's shares and does not mask with it, but the sender masked with 0.
+    # The server drops the sender when its key stays recoverable (n = 10), else the receiver 0
+    # (n = 5, t = 4: only 3 sites hold the sender's key), so the round goes on either way.
+    assert sender not in fed.clients[0].masked_with and 0 in fed.clients[sender].masked_with
+    _assert_sum(result, updates, set(params.site_ids) - {sender if drops_sender else 0})
 
 
-@pytest.mark.parametrize("damage", ["truncated", "oversized", "other-round", "other-site", "bad-partners"])
+@pytest.mark.parametrize("all_pairs", [True, False])
+def test_site_sending_garbage_shares_to_everyone_is_the_one_dropped(all_pairs: bool) -> None:
+    # Before: the honest receivers were dropped and the garbage sender stayed in.
+    params, fed = _setup(10, all_pairs=all_pairs)
+    updates = _updates(params)
+    inboxes = fed.share(fed.advertise())
+    for box in inboxes.values():
+        if 4 in box:
+            box[4] = bytes(len(box[4]))
+    result = fed.unmask(fed.confirm(fed.upload(inboxes, updates)))
+    _assert_sum(result, updates, set(params.site_ids) - {4})
+    assert "rejected by sites" in fed.server.dropped_reasons[4]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "oversized", "other-round", "other-params", "other-site",
+                                    "bad-partners", "not-bytes"])
 def test_malformed_upload_drops_its_sender(damage: str) -> None:
     params, fed = _setup(10)
     updates = _updates(params)
@@ -307,11 +455,15 @@ def test_malformed_upload_drops_its_sender(damage: str) -> None:
         "oversized": uploads[4] + b"\x00",
         "other-round": MaskedUpload(4, up.masked_with, up.body).to_bytes(
             SecAggParams(round_id=b"other", site_ids=params.site_ids, vector_length=params.vector_length)),
+        "other-params": MaskedUpload(4, up.masked_with, up.body).to_bytes(
+            SecAggParams(round_id=params.round_id, site_ids=params.site_ids, vector_length=params.vector_length,
+                         clip=2.0)),
+        "not-bytes": 2**40,
         "other-site": MaskedUpload(5, up.masked_with, up.body).to_bytes(params),
         "bad-partners": MaskedUpload(4, up.masked_with | {4}, up.body).to_bytes(params),
     }[damage]
-    requests = {s: r.to_bytes() for s, r in fed.server.collect_masked(uploads).items()}
-    _assert_sum(fed.unmask(requests), updates, set(params.site_ids) - {4})
+    request = fed.confirm(fed.server.collect_masked(uploads))
+    _assert_sum(fed.unmask(request), updates, set(params.site_ids) - {4})
 
 
 def test_server_view_of_a_masked_vector_looks_uniform() -> None:
@@ -341,8 +493,10 @@ def test_out_of_order_calls_are_refused() -> None:
     with pytest.raises(ProtocolError, match="out-of-order"):
         fed.server.finish({})
     client.advertise_keys()
-    with pytest.raises(ProtocolError, match="out-of-order"):
+    with pytest.raises(ProtocolError, match="replayed"):
         client.advertise_keys()
+    with pytest.raises(ProtocolError, match="out-of-order"):
+        client.unmask(b"")
 
 
 def test_session_state_survives_a_process_boundary() -> None:
@@ -355,13 +509,18 @@ def test_session_state_survives_a_process_boundary() -> None:
         s: ClientSession.from_state(params, identities[s], fed.registry, c.export_state())
         for s, c in fed.clients.items()
     }
-    requests = fed.upload(inboxes, updates)
+    survivors = fed.upload(inboxes, updates)
     restored = ClientSession.from_state(params, identities[0], fed.registry, fed.clients[0].export_state())
-    _assert_sum(fed.unmask(requests), updates, set(params.site_ids))
+    request = fed.confirm(survivors)
+    fed.clients = {
+        s: ClientSession.from_state(params, identities[s], fed.registry, c.export_state())
+        for s, c in fed.clients.items()
+    }
+    _assert_sum(fed.unmask(request), updates, set(params.site_ids))
     saved = ClientSession.from_state(params, identities[0], fed.registry, fed.clients[0].export_state())
     with pytest.raises(ProtocolError, match="replayed"):
-        saved.unmask(requests[0])
-    assert restored.stage is Stage.MASKED
+        saved.unmask(request)
+    assert restored.stage is Stage.MASKED and not saved.holds_secrets
 
 
 def test_default_degree_and_threshold() -> None:

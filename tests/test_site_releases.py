@@ -37,7 +37,7 @@ def run_config(tmp_path: Path, **overrides) -> dict:
 def node_config(tmp_path: Path, name: str, data: Path, **policy) -> dict:
     policy = {"require-secure-aggregation": False} | policy
     return {"site-name": name, "data-path": str(data), "state-dir": str(tmp_path / name),
-            "kit-dir": str(tmp_path / name / "kit"), **{f"policy.{k}": v for k, v in policy.items()}}
+            "kit-dir": str(tmp_path / name / "kit"), "keys-dir": str(tmp_path / name / "keys"), **{f"policy.{k}": v for k, v in policy.items()}}
 
 
 def call(handler, content: RecordDict, config: dict, nodes: dict, *, run_id: int = 7) -> RecordDict:

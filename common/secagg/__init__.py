@@ -4,8 +4,9 @@ Sites mask quantised updates so the server learns only their sum. Pairwise masks
 authenticated X25519 agreement over a sparse neighbour graph; self masks and mask keys are
 Shamir-shared so dropouts at any stage are survivable while ``threshold`` sites remain.
 
-Typical use: both sides build the same :class:`SecAggParams`; each site runs a
-:class:`ClientSession` (four stages), the server a :class:`ServerAggregator`;
+Typical use: the server offers a :class:`SecAggParams` that each site checks against its own
+policy; each site runs a :class:`ClientSession` (five stages: advertise, share, mask, confirm the
+survivor set, unmask), the server a :class:`ServerAggregator`;
 :class:`LocalFederation` wires them in one process for tests.
 """
 
@@ -35,8 +36,15 @@ from common.secagg.fixedpoint import (
 )
 from common.secagg.identity import SignedKeyBundle, SiteIdentity, SiteRegistry
 from common.secagg.local import LocalFederation
-from common.secagg.messages import MaskedUpload, UnmaskRequest, UnmaskResponse
-from common.secagg.protocol import SecAggParams, Stage, default_degree, default_threshold, neighbour_graph
+from common.secagg.messages import MaskedUpload, SurvivorSet, UnmaskRequest, UnmaskResponse
+from common.secagg.protocol import (
+    SecAggParams,
+    Stage,
+    default_degree,
+    default_threshold,
+    graph_seed,
+    neighbour_graph,
+)
 from common.secagg.server import AggregateResult, ServerAggregator
 
 __all__ = [
@@ -60,6 +68,7 @@ __all__ = [
     "SiteIdentity",
     "SiteRegistry",
     "Stage",
+    "SurvivorSet",
     "UnmaskRequest",
     "UnmaskResponse",
     "choose_modulus_bits",
@@ -68,6 +77,7 @@ __all__ = [
     "default_degree",
     "default_threshold",
     "error_bound",
+    "graph_seed",
     "neighbour_graph",
     "pack_bits",
     "packed_size",

@@ -17,7 +17,7 @@ import numpy.typing as npt
 from common.secagg.client import ClientSession
 from common.secagg.errors import SecAggError
 from common.secagg.identity import SiteIdentity, SiteRegistry
-from common.secagg.messages import UnmaskRequest
+from common.secagg.messages import SurvivorSet, UnmaskRequest
 from common.secagg.protocol import SecAggParams
 from common.secagg.server import AggregateResult, ServerAggregator
 
@@ -92,24 +92,41 @@ class LocalFederation:
         updates: Mapping[int, npt.ArrayLike],
         counts: Mapping[int, Sequence[int]] | None = None,
         drop: Collection[int] = (),
-    ) -> dict[int, bytes]:
-        """Stage 3: clients mask their updates; the server sums them; returns requests as bytes."""
-        uploads = self.masked_uploads(inboxes, updates, counts, drop)
-        return {s: r.to_bytes() for s, r in self.server.collect_masked(uploads).items()}
+    ) -> SurvivorSet:
+        """Stage 3: clients mask their updates; the server sums them and fixes the survivor set."""
+        return self.server.collect_masked(self.masked_uploads(inboxes, updates, counts, drop))
 
-    def unmask_responses(
-        self, requests: Mapping[int, bytes | UnmaskRequest], drop: Collection[int] = ()
-    ) -> dict[int, bytes]:
-        """Stage 4, client side: each live survivor's answer."""
+    def signatures(self, survivors: SurvivorSet | Mapping[int, bytes], drop: Collection[int] = ()) -> dict[int, bytes]:
+        """Stage 4, client side: each live survivor's signature on the survivor set it is shown
+        (one set for all, or a per-site map of serialised sets to play a split-view server)."""
+        out = {}
+        for site in sorted(self.clients):
+            shown = survivors.get(site) if isinstance(survivors, Mapping) else survivors.to_bytes()
+            if site in drop or shown is None:
+                continue
+            if isinstance(survivors, SurvivorSet) and site not in survivors.survivors:
+                continue
+            if (sig := self._call(site, ClientSession.confirm_survivors, shown)) is not None:
+                out[site] = sig
+        return out
+
+    def confirm(self, survivors: SurvivorSet, drop: Collection[int] = ()) -> UnmaskRequest:
+        """Stage 4: survivors sign the survivor set; the server builds the one unmask request."""
+        return self.server.collect_confirmations(self.signatures(survivors, drop))
+
+    def unmask_responses(self, request: UnmaskRequest | bytes, drop: Collection[int] = (),
+                         to: Collection[int] | None = None) -> dict[int, bytes]:
+        """Stage 5, client side: each live signer's answer to the (single) unmask request."""
+        req = request if isinstance(request, UnmaskRequest) else UnmaskRequest.from_bytes(request)
         answers = {}
-        for site, req in requests.items():
-            if site not in drop and (resp := self._call(site, ClientSession.unmask, req)) is not None:
+        for site in sorted(req.signatures if to is None else to):
+            if site not in drop and (resp := self._call(site, ClientSession.unmask, req.to_bytes())) is not None:
                 answers[site] = resp.to_bytes()
         return answers
 
-    def unmask(self, requests: Mapping[int, bytes | UnmaskRequest], drop: Collection[int] = ()) -> AggregateResult:
-        """Stage 4: survivors answer their unmask requests; the server finishes the round."""
-        return self.server.finish(self.unmask_responses(requests, drop))
+    def unmask(self, request: UnmaskRequest | bytes, drop: Collection[int] = ()) -> AggregateResult:
+        """Stage 5: signers answer the unmask request; the server finishes the round."""
+        return self.server.finish(self.unmask_responses(request, drop))
 
     def run(
         self,
@@ -117,12 +134,13 @@ class LocalFederation:
         counts: Mapping[int, Sequence[int]] | None = None,
         drop: Mapping[str, Collection[int]] | None = None,
     ) -> AggregateResult:
-        """All four stages; ``drop`` maps "advertise"/"share"/"upload"/"unmask" to silent sites."""
+        """All five stages; ``drop`` maps "advertise"/"share"/"upload"/"confirm"/"unmask" to silent sites."""
         drop = drop or {}
         routed = self.advertise(drop.get("advertise", ()))
         inboxes = self.share(routed, drop.get("share", ()))
-        requests = self.upload(inboxes, updates, counts, drop.get("upload", ()))
-        return self.unmask(requests, drop.get("unmask", ()))
+        survivors = self.upload(inboxes, updates, counts, drop.get("upload", ()))
+        request = self.confirm(survivors, drop.get("confirm", ()))
+        return self.unmask(request, drop.get("unmask", ()))
 
     def _call(self, site: int, stage: Callable[..., _T], *args: Any) -> _T | None:
         """Run a client stage; a typed failure means the site drops out (logged)."""

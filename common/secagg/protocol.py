@@ -176,6 +176,11 @@ class SecAggParams:
             raise ParameterError(f"modulus_bits must be in [{needed}, 35] for {n} sites, got {m}")
         set_(self, "modulus_bits", m)
 
+    @cached_property
+    def site_set(self) -> frozenset[int]:
+        """The invited sites, as a set."""
+        return frozenset(self.site_ids)
+
     @property
     def n_sites(self) -> int:
         """Number of invited sites."""

@@ -1,18 +1,25 @@
 """Server side of the protocol: :class:`ServerAggregator`, a pure state machine (no Flower).
 
-It relays keys and ciphertexts, sums masked vectors as they are accepted (individual vectors
-are not kept), asks each survivor for exactly one kind of share per neighbour, and removes the
-masks. Misbehaving or silent sites are dropped and logged; when fewer than ``threshold`` sites
-remain, or a secret cannot be recovered, the round raises :class:`RoundAborted`.
+    BUNDLES --collect_bundles--> SHARES --route_shares--> MASKED --collect_masked--> CONFIRM
+        --collect_confirmations--> UNMASK --finish--> DONE            (too few sites: ABORTED)
+
+It relays keys and ciphertexts, sums masked vectors as they are accepted (individual vectors are
+not kept), fixes the survivor set S, collects the survivors' signatures on S (consistency round),
+sends ONE unmask request (S and the signatures) to every signer, and removes the masks from the
+shares they reveal. Every input is untrusted: a malformed or misbehaving site is dropped with a
+logged reason (never an exception out of the round); when fewer than ``threshold`` sites remain
+for some secret, the round raises :class:`RoundAborted`.
+
+Revealed shares carry their dealer's signature and are checked one by one, so a holder's corrupt
+share is discarded (and named) without any combinatorial search; a set of correctly signed shares
+that does not open the dealer's commitment proves the DEALER cheated (see :attr:`liars`).
 """
 
 from __future__ import annotations
 
 import enum
-import functools
-import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,23 +29,26 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from common.secagg.errors import ProtocolError, RoundAborted, SecAggError, ShamirError
 from common.secagg.fixedpoint import decode_sum, error_bound, unpack_bits
-from common.secagg.identity import SignedKeyBundle, check_bundle_keys, verify_key_bundle, x25519_shared_secret
-from common.secagg.messages import MaskedUpload, UnmaskRequest, UnmaskResponse
-from common.secagg.prg import (
-    expand_mask,
-    pairwise_mask_context,
-    pairwise_seed,
-    seed_commitment,
-    self_mask_context,
+from common.secagg.identity import (
+    SIGNATURE_BYTES,
+    SignedKeyBundle,
+    check_bundle_keys,
+    share_signature_ok,
+    survivors_signature_ok,
+    verify_key_bundle,
+    x25519_shared_secret,
 )
-from common.secagg.protocol import SecAggParams
-from common.secagg.shamir import Share, combine
+from common.secagg.messages import MaskedUpload, SurvivorSet, UnmaskRequest, UnmaskResponse
+from common.secagg.prg import expand_mask, pairwise_mask_context, pairwise_seed, seed_commitment, self_mask_context
+from common.secagg.protocol import SecAggParams, graph_seed
+from common.secagg.shamir import SHARE_BYTES, Share, combine
 
-__all__ = ["AggregateResult", "ServerAggregator"]
+__all__ = ["SHARE_CIPHERTEXT_BYTES", "AggregateResult", "ServerAggregator"]
 
 log = logging.getLogger(__name__)
 
-_MAX_COMBINE_TRIES = 128
+SHARE_CIPHERTEXT_BYTES = 12 + 8 + 2 * (SHARE_BYTES + SIGNATURE_BYTES) + 16
+"""Exact size of one stage-2 ciphertext: nonce, (dealer, holder, 2 signed shares), AEAD tag."""
 
 
 @dataclass(frozen=True)
@@ -55,47 +65,42 @@ class AggregateResult:
     """Per-element bound on ``|sum_vector - true sum|`` (:func:`fixedpoint.error_bound`)."""
 
 
-def _seed_matches(bundle: SignedKeyBundle, seed: bytes) -> bool:
-    return seed_commitment(seed, bundle.round_id, bundle.site_id) == bundle.seed_commitment
-
-
-def _key_matches(bundle: SignedKeyBundle, private: bytes) -> bool:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw() == bundle.mask_public
-
-
-def _subsets(shares: Sequence[Share], t: int) -> Iterator[list[Share]]:
-    """Distinct ``t``-subsets: the first ``t`` shares, then those leaving out one of them, two..."""
-    yield list(shares[:t])
-    for r in range(1, len(shares) - t + 1):
-        # Subsets of the first t + r shares that contain share t + r - 1 (new at this level).
-        for excluded in itertools.combinations(range(t + r - 1), r):
-            yield [shares[i] for i in range(t + r) if i not in excluded]
-
-
 class _Stage(enum.IntEnum):
     BUNDLES = 0
     SHARES = 1
     MASKED = 2
-    UNMASK = 3
-    DONE = 4
-    ABORTED = 5
+    CONFIRM = 3
+    UNMASK = 4
+    DONE = 5
+    ABORTED = 6
+
+
+def _site_id(params: SecAggParams, key: object) -> int | None:
+    """``key`` as an invited site id, or None (a bool, a str, a stranger...)."""
+    return key if type(key) is int and key in params.site_set else None
 
 
 class ServerAggregator:
-    """One round of secure aggregation, server side. Call the four stages in order."""
+    """One round of secure aggregation, server side. Call the five stages in order."""
 
-    def __init__(self, params: SecAggParams, registry: Mapping[int, Ed25519PublicKey] | None = None) -> None:
+    def __init__(self, params: SecAggParams, registry: Mapping[int, Ed25519PublicKey]) -> None:
         self.params = params
         self._registry = registry
         self._stage = _Stage.BUNDLES
         self._bundles: dict[int, SignedKeyBundle] = {}
+        self._graph: dict[int, frozenset[int]] = {}
+        self._live: set[int] = set()
         self._sent_to: dict[int, frozenset[int]] = {}
         self._partners: dict[int, frozenset[int]] = {}
         self._masked_with: dict[int, frozenset[int]] = {}
         self._survivors: frozenset[int] = frozenset()
         self._to_unmask: frozenset[int] = frozenset()
-        self._requests: dict[int, UnmaskRequest] = {}
+        self._request: UnmaskRequest | None = None
         self._total: npt.NDArray[np.uint64] | None = None
+        self.dropped_reasons: dict[int, str] = {}
+        """Why each site left the round or had an answer ignored (first reason), for failure reports."""
+        self.liars: dict[int, str] = {}
+        """Sites proven to have cheated (their own signatures are the proof)."""
 
     def _enter(self, stage: _Stage, name: str) -> None:
         if self._stage is _Stage.ABORTED:
@@ -103,141 +108,217 @@ class ServerAggregator:
         if self._stage is not stage:
             raise ProtocolError(f"out-of-order {name}: server is at stage {self._stage.name}")
 
+    def _abort(self, why: str) -> RoundAborted:
+        self._stage = _Stage.ABORTED
+        self._total = None
+        return RoundAborted(why)
+
     def _require(self, alive: int, when: str) -> None:
         if alive < self.params.threshold:
-            self._stage = _Stage.ABORTED
-            self._total = None
-            raise RoundAborted(f"only {alive} sites left {when}; threshold is {self.params.threshold}")
+            raise self._abort(f"only {alive} sites left {when}; threshold is {self.params.threshold}")
+
+    def _drop(self, site: int, stage: str, why: object) -> None:
+        log.warning("site %d dropped at %s: %s", site, stage, why)
+        self.dropped_reasons.setdefault(site, f"{stage}: {why}")
+
+    def neighbours(self, site: int) -> frozenset[int]:
+        """The site's neighbours (known after :meth:`collect_bundles`)."""
+        return self._graph.get(site, frozenset())
 
     # ------------------------------------------------------------------ stage 1
-    def collect_bundles(self, bundles: Mapping[int, SignedKeyBundle | bytes]) -> dict[int, dict[int, SignedKeyBundle]]:
-        """Stage 1: accept key bundles, return for each site the bundles of its live neighbours."""
+    def collect_bundles(self, bundles: Mapping[object, object]) -> dict[int, dict[int, SignedKeyBundle]]:
+        """Stage 1: accept key bundles; return for each site the bundles it must see.
+
+        Complete graph: its live neighbours' bundles. Sparse graph: every invited site's bundle
+        (each site hashes them all into the graph seed), so one missing bundle aborts the round.
+        """
         self._enter(_Stage.BUNDLES, "collect_bundles")
-        for site, raw in bundles.items():
-            if site not in self.params.site_ids:
-                log.warning("ignoring key bundle from uninvited site %d", site)
+        params = self.params
+        for key, raw in bundles.items():
+            site = _site_id(params, key)
+            if site is None:
+                log.warning("ignoring key bundle from uninvited site %r", key)
                 continue
             try:
-                bundle = SignedKeyBundle.from_bytes(raw) if isinstance(raw, bytes) else raw
-                if self._registry is not None:
-                    verify_key_bundle(bundle, self._registry, round_id=self.params.round_id, site_id=site)
-                elif bundle.site_id != site or bundle.round_id != self.params.round_id:
-                    raise ProtocolError(f"bundle claims site {bundle.site_id} or another round")
-                else:
-                    check_bundle_keys(bundle)
+                bundle = raw if isinstance(raw, SignedKeyBundle) else SignedKeyBundle.from_bytes(raw)  # type: ignore[arg-type]
+                verify_key_bundle(bundle, self._registry, round_id=params.round_id, site_id=site,
+                                  params_digest=params.digest, check_keys=False)
             except SecAggError as exc:
-                log.warning("site %d dropped at key advertisement: %s", site, exc)
+                self._drop(site, "key advertisement", exc)
                 continue
             self._bundles[site] = bundle
-        self._require(len(self._bundles), "after key advertisement")
+        if params.all_pairs:
+            self._graph = params.graph()
+        else:
+            missing = sorted(set(params.site_ids) - self._bundles.keys())
+            if missing:
+                raise self._abort(f"a sparse round needs every invited site's key bundle; missing {missing[:10]}")
+            self._graph = params.graph(graph_seed(params.digest, [self._bundles[s].to_bytes() for s in params.site_ids]))
+        for site, bundle in sorted(self._bundles.items()):
+            try:
+                check_bundle_keys(bundle)
+            except SecAggError as exc:
+                self._drop(site, "key advertisement", exc)
+                continue
+            self._live.add(site)
+        self._require(len(self._live), "after key advertisement")
         self._stage = _Stage.SHARES
-        return {
-            site: {peer: self._bundles[peer] for peer in self.params.neighbours(site) if peer in self._bundles}
-            for site in self._bundles
-        }
+        if params.all_pairs:
+            return {s: {p: self._bundles[p] for p in self._graph[s] if p in self._live} for s in self._live}
+        return {s: {p: b for p, b in self._bundles.items() if p != s} for s in self._live}
 
     # ------------------------------------------------------------------ stage 2
-    def route_shares(self, outgoing: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
+    def route_shares(self, outgoing: Mapping[object, object]) -> dict[int, dict[int, bytes]]:
         """Stage 2: route encrypted shares to per-receiver inboxes.
 
         A ciphertext from ``a`` to ``b`` is delivered only if ``b`` also sent one to ``a``, so
-        both sides of a pair agree on whether to mask with each other.
+        both sides of a pair agree on whether to mask with each other. A site whose reply is not
+        a map of neighbour ids to ciphertexts of the exact size is dropped.
         """
         self._enter(_Stage.SHARES, "route_shares")
-        for site, cts in outgoing.items():
-            if site not in self._bundles:
-                log.warning("ignoring shares from site %d, which advertised no keys", site)
+        clean: dict[int, dict[int, bytes]] = {}
+        for key, cts in outgoing.items():
+            site = _site_id(self.params, key)
+            if site is None or site not in self._live:
+                log.warning("ignoring shares from site %r, which advertised no valid keys", key)
                 continue
-            allowed = self.params.neighbours(site) & self._bundles.keys()
-            self._sent_to[site] = frozenset(r for r in cts if r in allowed)
+            allowed = self._graph[site] & self._live
+            if not isinstance(cts, Mapping) or not all(
+                    _site_id(self.params, r) in allowed and isinstance(c, bytes) and len(c) == SHARE_CIPHERTEXT_BYTES
+                    for r, c in cts.items()):
+                self._drop(site, "share exchange", "malformed share ciphertexts")
+                continue
+            clean[site] = dict(cts)
+            self._sent_to[site] = frozenset(clean[site])
         inbox: dict[int, dict[int, bytes]] = {site: {} for site in self._sent_to}
         for site, receivers in self._sent_to.items():
             for receiver in receivers:
                 if site in self._sent_to.get(receiver, ()):
-                    inbox[receiver][site] = outgoing[site][receiver]
+                    inbox[receiver][site] = clean[site][receiver]
         self._partners = {site: frozenset(box) for site, box in inbox.items()}
         self._require(len(self._sent_to), "after share exchange")
         self._stage = _Stage.MASKED
         return inbox
 
     # ------------------------------------------------------------------ stage 3
-    def collect_masked(self, uploads: Mapping[int, bytes]) -> dict[int, UnmaskRequest]:
-        """Stage 3: validate and sum masked vectors; return the unmask request for each survivor.
+    def collect_masked(self, uploads: Mapping[object, object]) -> SurvivorSet:
+        """Stage 3: validate and sum masked vectors; return the survivor set S to send to all of S.
 
-        A malformed upload (wrong round, wrong size, bad padding, impossible mask list) drops
-        its sender. When two survivors disagree on whether they masked with each other (one
-        rejected the other's shares), one of them is dropped (see :meth:`_resolve_unmatched`).
+        A malformed upload (wrong round, wrong size, bad padding, impossible mask list) drops its
+        sender. When only one side of a pair masked (the other rejected its shares), the sender
+        of the rejected shares is dropped; sites whose masks could then not be removed follow.
         """
         self._enter(_Stage.MASKED, "collect_masked")
         accepted: dict[int, MaskedUpload] = {}
-        for site, raw in uploads.items():
-            if site not in self._sent_to:
-                log.warning("ignoring masked input from site %d, which shared no keys", site)
+        for key, raw in uploads.items():
+            site = _site_id(self.params, key)
+            if site is None or site not in self._sent_to:
+                log.warning("ignoring masked input from site %r, which shared no keys", key)
                 continue
             try:
-                upload = MaskedUpload.from_bytes(raw, self.params)
+                upload = MaskedUpload.from_bytes(raw, self.params)  # type: ignore[arg-type]
                 if upload.site_id != site or not upload.masked_with <= self._partners[site]:
                     raise ProtocolError("upload names the wrong site or impossible mask partners")
             except SecAggError as exc:
-                log.warning("site %d dropped at masked input: %s", site, exc)
+                self._drop(site, "masked input", exc)
                 continue
             accepted[site] = upload
         self._masked_with = {s: up.masked_with for s, up in accepted.items()}
-        survivors = self._resolve_unmatched(set(accepted))
+        survivors = self._settle(set(accepted))
         self._require(len(survivors), "after masked input")
         self._survivors = frozenset(survivors)
         self._masked_with = {s: self._masked_with[s] for s in survivors}
         self._to_unmask = frozenset().union(*self._masked_with.values()) - self._survivors
-        self._check_recoverable()
         total = np.zeros(self.params.total_length, dtype=np.uint64)
         for site in sorted(self._survivors):
             total += unpack_bits(accepted[site].body, self.params.total_length, self.params.modulus_bits)
             total &= np.uint64(self.params.modulus_mask)
         self._total = total
-        self._requests = {
-            site: UnmaskRequest(
-                round_id=self.params.round_id,
-                site_id=site,
-                survivors=self._survivors & self.params.holders(site),
-                dropped=self._to_unmask & self.params.neighbours(site),
-            )
-            for site in self._survivors
-        }
-        self._stage = _Stage.UNMASK
-        return dict(self._requests)
+        self._stage = _Stage.CONFIRM
+        return SurvivorSet(self.params.round_id, self._survivors)
 
-    def _valid_holders(self, site: int, survivors: set[int] | frozenset[int]) -> int:
-        """Survivors other than ``site`` holding its shares intact (they masked with it)."""
-        return sum(1 for h in survivors if h != site and site in self._masked_with[h])
+    def _held_by(self, among: set[int] | frozenset[int]) -> dict[int, set[int]]:
+        """Owner -> the sites in ``among`` that masked with it, hence hold its shares intact."""
+        held: dict[int, set[int]] = {}
+        for holder in among:
+            for owner in self._masked_with[holder]:
+                held.setdefault(owner, set()).add(holder)
+        return held
 
-    def _resolve_unmatched(self, survivors: set[int]) -> set[int]:
-        """Drop one site of each pair where only one side added the pairwise mask.
+    def _settle(self, alive: set[int]) -> set[int]:
+        """Resolve pairs where only one side masked (the receiver rejected the sender's shares), then
+        drop sites whose self-mask or whose partners' masks could not be removed.
 
-        That happens when a receiver rejected the sender's shares (tampered in transit, or a
-        malicious sender). The sender, whose vector holds the unmatched mask, is dropped if
-        enough intact holders of its key remain; otherwise the receiver is.
+        The sender of rejected shares is dropped, unless some (but fewer than ``threshold``) sites
+        accepted its shares: then its mask key could not be recovered, and the rejecting receivers
+        are dropped instead so the round goes on (the server cannot tell which side lied).
         """
-        for site in sorted(survivors):
-            for peer in sorted(self._masked_with[site]):
-                if site not in survivors:
-                    break
-                if peer in survivors and site not in self._masked_with[peer]:
-                    sender_ok = self._valid_holders(site, survivors) >= self.params.threshold
-                    victim = site if sender_ok else peer
-                    log.warning("site %d dropped: site %d rejected the shares of site %d", victim, peer, site)
-                    survivors.discard(victim)
-        return survivors
-
-    def _check_recoverable(self) -> None:
-        for site in sorted(self._survivors):
-            held = self._valid_holders(site, self._survivors) + 1
-            self._require(held, f"holding shares of site {site}'s self mask")
-        for site in sorted(self._to_unmask):
-            self._require(self._valid_holders(site, self._survivors), f"holding shares of dropped site {site}'s key")
+        t = self.params.threshold
+        for site in sorted(alive):
+            if site not in alive:
+                continue
+            rejected_by = {p for p in self._masked_with[site] if p in alive and site not in self._masked_with[p]}
+            if not rejected_by:
+                continue
+            accepted = len(self._held_by(alive).get(site, ()))
+            if accepted == 0 or accepted >= t:
+                self._drop(site, "masked input", f"its shares were rejected by sites {sorted(rejected_by)}")
+                alive.discard(site)
+            else:
+                for receiver in sorted(rejected_by):
+                    self._drop(receiver, "masked input", f"rejected the shares of site {site}, whose key would "
+                                                          "otherwise be unrecoverable")
+                alive -= rejected_by
+        changed = True
+        while changed:
+            changed = False
+            held = self._held_by(alive)
+            for site in sorted(alive):
+                if len(held.get(site, ())) + 1 < t:
+                    self._drop(site, "masked input", "too few sites hold its self-mask shares")
+                    alive.discard(site)
+                    changed = True
+            held = self._held_by(alive)
+            for gone in sorted(held.keys() - alive):
+                holders = held[gone]
+                if len(holders) < t:
+                    for site in sorted(holders):
+                        self._drop(site, "masked input", f"the mask key of dropped site {gone} is unrecoverable")
+                    alive -= holders
+                    changed = True
+        return alive
 
     # ------------------------------------------------------------------ stage 4
-    def finish(self, responses: Mapping[int, UnmaskResponse | bytes]) -> AggregateResult:
-        """Stage 4: recover secrets from the survivors' shares, remove every mask, decode."""
+    def collect_confirmations(self, signatures: Mapping[object, object]) -> UnmaskRequest:
+        """Stage 4 (consistency round): keep valid signatures on S; return the ONE unmask request
+        for every signer. Aborts unless every needed secret has ``threshold`` willing holders."""
+        self._enter(_Stage.CONFIRM, "collect_confirmations")
+        valid: dict[int, bytes] = {}
+        for key, sig in signatures.items():
+            site = _site_id(self.params, key)
+            if site is None or site not in self._survivors:
+                log.warning("ignoring survivor-set signature from non-survivor %r", key)
+            elif not isinstance(sig, bytes) or not survivors_signature_ok(
+                    self._registry[site], sig, self.params.digest, self._survivors):
+                self._drop(site, "consistency round", "invalid signature on the survivor set")
+            else:
+                valid[site] = sig
+        t = self.params.threshold
+        responders = {s for s in valid if len(valid.keys() & (self._graph[s] | {s})) >= t}
+        held = self._held_by(responders)
+        for site in sorted(self._survivors):
+            self._require(len(held.get(site, set()) | ({site} & responders)),
+                          f"to reveal site {site}'s self-mask shares")
+        for gone in sorted(self._to_unmask):
+            self._require(len(held.get(gone, ())), f"to reveal dropped site {gone}'s key shares")
+        self._request = UnmaskRequest(self.params.round_id, self._survivors, valid)
+        self._stage = _Stage.UNMASK
+        return self._request
+
+    # ------------------------------------------------------------------ stage 5
+    def finish(self, responses: Mapping[object, object]) -> AggregateResult:
+        """Stage 5: check each revealed share's dealer signature, recover the secrets, remove every
+        mask, decode."""
         self._enter(_Stage.UNMASK, "finish")
         params, total = self.params, self._total
         assert total is not None
@@ -245,19 +326,16 @@ class ServerAggregator:
         modmask = np.uint64(params.modulus_mask)
         length, bits, round_id = params.total_length, params.modulus_bits, params.round_id
         for site in sorted(self._survivors):
-            bundle = self._bundles[site]
-            seed = self._recover(
-                seed_shares.get(site, []), f"self-mask seed of site {site}",
-                functools.partial(_seed_matches, bundle),
-            )
+            seed = self._recover(site, seed_shares.get(site, []), "self-mask seed")
+            if seed_commitment(seed, round_id, site) != self._bundles[site].seed_commitment:
+                raise self._liar(site, "self-mask seed")
             total -= expand_mask(seed, length, bits, self_mask_context(round_id, site))
             total &= modmask
         for dropped in sorted(self._to_unmask):
-            raw = self._recover(
-                key_shares.get(dropped, []), f"mask key of dropped site {dropped}",
-                functools.partial(_key_matches, self._bundles[dropped]),
-            )
+            raw = self._recover(dropped, key_shares.get(dropped, []), "mask key")
             key = X25519PrivateKey.from_private_bytes(raw)
+            if key.public_key().public_bytes_raw() != self._bundles[dropped].mask_public:
+                raise self._liar(dropped, "mask key")
             for site in sorted(s for s in self._survivors if dropped in self._masked_with[s]):
                 shared = x25519_shared_secret(key, self._bundles[site].mask_public)
                 seed = pairwise_seed(shared, round_id, site, dropped)
@@ -265,51 +343,56 @@ class ServerAggregator:
                 total = (total - pair if site < dropped else total + pair) & modmask
         return self._decode(total)
 
-    def _collect_shares(
-        self, responses: Mapping[int, UnmaskResponse | bytes]
-    ) -> tuple[dict[int, list[Share]], dict[int, list[Share]]]:
+    def _collect_shares(self, responses: Mapping[object, object]) -> tuple[dict[int, list[Share]], dict[int, list[Share]]]:
+        """Shares whose dealer signature verifies, by owner; anything else is logged and skipped."""
         seeds: dict[int, list[Share]] = {}
         keys: dict[int, list[Share]] = {}
-        for site, raw in sorted(responses.items()):
-            request = self._requests.get(site)
-            if request is None:
-                log.warning("ignoring unmask response from non-survivor %d", site)
+        digest = self.params.digest
+        for key, raw in responses.items():
+            site = _site_id(self.params, key)
+            if site is None or self._request is None or site not in self._request.signatures:
+                log.warning("ignoring unmask response from %r, which did not sign the survivor set", key)
                 continue
             try:
-                resp = UnmaskResponse.from_bytes(raw) if isinstance(raw, bytes) else raw
+                resp = raw if isinstance(raw, UnmaskResponse) else UnmaskResponse.from_bytes(raw)  # type: ignore[arg-type]
                 if resp.round_id != self.params.round_id or resp.site_id != site:
                     raise ProtocolError("response is for another round or site")
             except SecAggError as exc:
-                log.warning("unmask response of site %d rejected: %s", site, exc)
+                self._drop(site, "unmask", f"response rejected: {exc}")
                 continue
-            for shares, allowed, out in ((resp.self_mask_shares, request.survivors, seeds),
-                                         (resp.key_shares, request.dropped, keys)):
+            partners = self._masked_with[site]
+            survived, dropped = self._survivors & (partners | {site}), partners - self._survivors
+            for kind, shares, allowed, out in (("seed", resp.self_mask_shares, survived, seeds),
+                                               ("key", resp.key_shares, dropped, keys)):
                 for owner, blob in shares.items():
                     try:
-                        share = Share.from_bytes(blob)
-                    except ShamirError as exc:
-                        log.warning("malformed share of %d from site %d skipped: %s", owner, site, exc)
+                        share = Share.from_bytes(blob[:SHARE_BYTES])
+                    except ShamirError:
+                        share = None
+                    if (owner not in allowed or share is None or share.x != site + 1 or not share_signature_ok(
+                            self._registry[owner], blob[SHARE_BYTES:], kind, params_digest=digest, dealer=owner,
+                            holder=site, share=blob[:SHARE_BYTES])):
+                        self._drop(site, "unmask", f"unrequested, misaddressed or forged {kind} share of site "
+                                                   f"{owner} (skipped)")
                         continue
-                    if owner in allowed and share.x == site + 1:
-                        out.setdefault(owner, []).append(share)
-                    else:
-                        log.warning("unrequested or misaddressed share of %d from site %d skipped", owner, site)
+                    out.setdefault(owner, []).append(share)
         return seeds, keys
 
-    def _recover(self, shares: Sequence[Share], what: str, check: Callable[[bytes], bool]) -> bytes:
-        """Combine ``threshold`` shares, trying other subsets until ``check`` accepts the secret."""
+    def _recover(self, owner: int, shares: list[Share], what: str) -> bytes:
+        """Interpolate ``threshold`` dealer-signed shares (no subset search is ever needed)."""
         t = self.params.threshold
         if len(shares) < t:
-            self._require(len(shares), f"holding shares of the {what}")
-        for subset in itertools.islice(_subsets(shares, t), _MAX_COMBINE_TRIES):
-            try:
-                secret = combine(subset, t)
-            except ShamirError:
-                continue
-            if check(secret):
-                return secret
-        self._stage = _Stage.ABORTED
-        raise RoundAborted(f"could not recover the {what}: shares are inconsistent")
+            raise self._abort(f"only {len(shares)} valid shares of site {owner}'s {what}; threshold is {t}")
+        try:
+            return combine(shares[:t], t)
+        except ShamirError:
+            raise self._liar(owner, what) from None
+
+    def _liar(self, owner: int, what: str) -> RoundAborted:
+        """``owner`` signed shares that do not open its commitment: proof that it dealt them wrongly."""
+        self.liars[owner] = f"dealt signed {what} shares inconsistent with its signed commitment"
+        log.error("site %d %s", owner, self.liars[owner])
+        return self._abort(f"site {owner} cheated: {self.liars[owner]}")
 
     def _decode(self, total: npt.NDArray[np.uint64]) -> AggregateResult:
         params, n = self.params, len(self._survivors)
@@ -319,8 +402,7 @@ class ServerAggregator:
         )
         self._total = None
         if too_big:
-            self._stage = _Stage.ABORTED
-            raise RoundAborted("unmasked sum is out of range: a share or an input was corrupted")
+            raise self._abort("unmasked sum is out of range: a share or an input was corrupted")
         self._stage = _Stage.DONE
         return AggregateResult(
             sum_vector=decode_sum(values, n, value_bits=params.value_bits, clip=params.clip),

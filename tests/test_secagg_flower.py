@@ -1,0 +1,206 @@
+"""Secure aggregation over Flower Messages, with hostile sites: every malformed reply, at every
+stage, drops its site and never stops the round (issue #7, item 6). No Flower engine: a fake
+in-process Grid delivers the server's messages to site handlers built from client/secure.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import server.secure_agg as secure_agg
+from client.secure import (
+    SessionStore, SiteKeys, accept_params, stage_advertise, stage_confirm, stage_mask, stage_share, stage_unmask,
+)
+from client.site import SitePolicy
+from common.config import SecureAggSettings
+from common.records import SiteFailure, pack_failure, pack_stage, unpack_stage, unpack_train_request
+from common.registry import FederationRegistry
+from common.secagg import SecAggError, SiteIdentity, SiteRegistry
+from server.strategy import RoundSpec
+
+LENGTH = 24
+RUN_ID = 7
+STAGES = {"train.secagg_share": stage_share, "train.secagg_mask": stage_mask,
+          "train.secagg_confirm": stage_confirm, "train.secagg_unmask": stage_unmask}
+Tamper = Callable[[int, str, RecordDict], RecordDict | None]
+
+
+@dataclasses.dataclass
+class Outcome:  # stands in for server.strategy.RoundOutcome, whatever its other fields become
+    mean_delta: np.ndarray | None
+    contributors: int
+    failures: list
+    privacy: dict
+    details: dict
+
+
+class FakeSite:
+    """What client/app.py does for a site, minus training: a fixed update and equal weight."""
+
+    def __init__(self, name: str, site_id: int, identity: SiteIdentity, registry: FederationRegistry,
+                 state_dir: Path, delta: np.ndarray, settings: SecureAggSettings) -> None:
+        self.name, self.delta, self.settings = name, delta, settings
+        self.keys = SiteKeys(site_id, identity, registry)
+        self.store = SessionStore(state_dir)
+        self.refusals: list[str] = []
+
+    def handle(self, msg: Message) -> RecordDict:
+        kind = msg.metadata.message_type
+        try:
+            if kind == "query.identify":
+                return RecordDict({"site": ConfigRecord({"name": self.name})})
+            if kind == "train":
+                _, server_round, raw = unpack_train_request(msg.content)
+                params = accept_params(raw, SitePolicy(), self.keys, store=self.store, run_id=msg.metadata.run_id,
+                                       server_round=server_round, vector_length=LENGTH)
+                bundle = stage_advertise(self.store, params, self.keys, self.delta, self.settings.max_examples,
+                                         self.settings)
+                return pack_stage(params.round_id, {"bundle": bundle})
+            round_id, blobs = unpack_stage(msg.content)
+            answer = STAGES[kind](self.store, round_id, self.keys, blobs)
+            return pack_stage(round_id, answer if isinstance(answer, dict) else {"payload": answer})
+        except SecAggError as exc:
+            self.refusals.append(str(exc))
+            return pack_failure(SiteFailure("protocol"))
+
+
+class FakeGrid:
+    """push_messages/pull_messages/get_node_ids/run, answering synchronously through the sites."""
+
+    def __init__(self, sites: dict[int, FakeSite], tamper: Tamper | None = None) -> None:
+        self.sites, self.tamper = sites, tamper
+        self.run = SimpleNamespace(run_id=RUN_ID)
+        self._ids = itertools.count(1)
+        self._replies: dict[str, Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.sites)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            mid = f"m{next(self._ids)}"
+            node = msg.metadata.dst_node_id
+            content = self.sites[node].handle(msg)
+            if self.tamper is not None and (bad := self.tamper(node, msg.metadata.message_type, content)) is not None:
+                content = bad
+            reply = Message(content, dst_node_id=0, message_type=msg.metadata.message_type)
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            self._replies[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in ids if i in self._replies]
+
+
+@pytest.fixture(autouse=True)
+def _flower_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(secure_agg, "RoundOutcome", Outcome)
+
+
+def _federation(tmp_path: Path, n: int, tamper: Tamper | None = None):
+    settings = SecureAggSettings(registry="unused", clip=10.0, max_examples=100)
+    identities = {i: SiteIdentity.generate() for i in range(n)}
+    registry = FederationRegistry({f"site-{i}": i for i in range(n)},
+                                  SiteRegistry({i: ident.public_bytes() for i, ident in identities.items()}))
+    rng = np.random.default_rng(0)
+    deltas = {i: rng.uniform(-0.1, 0.1, LENGTH) for i in range(n)}
+    sites = {100 + i: FakeSite(f"site-{i}", i, identities[i], registry, tmp_path / f"site-{i}", deltas[i], settings)
+             for i in range(n)}
+    fields = dict(update_size=LENGTH, max_weight=100, num_labels=2, min_sites=3, train_timeout=5.0,
+                  stage_timeout=5.0)
+    spec = RoundSpec(**{k: v for k, v in fields.items() if k in RoundSpec.__dataclass_fields__})
+    return secure_agg.SecureAggregation(spec, settings, registry), FakeGrid(sites, tamper), deltas
+
+
+def _run(tmp_path: Path, n: int, tamper: Tamper | None = None, server_round: int = 1):
+    aggregation, grid, deltas = _federation(tmp_path, n, tamper)
+    outcome = aggregation.run_round(grid, grid.get_node_ids(), {"w": np.zeros(LENGTH, np.float32)}, server_round)
+    return outcome, deltas, grid
+
+
+def test_honest_round_over_flower_messages(tmp_path: Path) -> None:
+    outcome, deltas, grid = _run(tmp_path, 5)
+    assert outcome.contributors == 5 and outcome.details["all_pairs"]
+    true = np.mean([deltas[i] for i in range(5)], axis=0)
+    assert np.abs(outcome.mean_delta - true).max() <= outcome.details["error_bound"] + 1e-6
+    # Round secrets and the raw contribution are gone from every site's session file.
+    for site in grid.sites.values():
+        (path,) = site.store.directory.glob("*.json")
+        record = json.loads(path.read_text())
+        session = json.loads(record["session"])
+        assert "values" not in record and "counts" not in record
+        assert session["mask_key"] is session["share_key"] is None and not session["self_seed"]
+        assert not session["held_seed"] and not session["held_key"]
+        assert session["stage"] == 5  # DONE: the "answered" marker, on disk before the reply left
+        assert path.stat().st_mode & 0o077 == 0
+
+
+HOSTILE = 105  # node of site-5
+BAD_REPLIES: dict[str, Callable[[bytes, str], RecordDict]] = {
+    "int-blob": lambda rid, key: RecordDict({"secagg": ConfigRecord({"round-id": rid, f"blob:{key}": 2**40})}),
+    "int-round-id": lambda rid, key: RecordDict({"secagg": ConfigRecord({"round-id": 2**40, f"blob:{key}": b"x"})}),
+    "no-record": lambda rid, key: RecordDict({}),
+    "missing-key": lambda rid, key: RecordDict({"secagg": ConfigRecord({"round-id": rid})}),
+    "non-numeric-keys": lambda rid, key: RecordDict({"secagg": ConfigRecord(
+        {"round-id": rid, f"blob:{key}": b"\x00" * 300, "blob:abc": b"x", "blob:-1": b"x", "blob:1e3": b"x"})}),
+    "huge-numeric-key": lambda rid, key: RecordDict({"secagg": ConfigRecord(
+        {"round-id": rid, "blob:99999999999": b"x", "blob:4294967295": b"x"})}),
+    "wrong-bytes": lambda rid, key: RecordDict({"secagg": ConfigRecord({"round-id": rid, f"blob:{key}": b"\x01" * 7})}),
+    "other-round": lambda rid, key: RecordDict({"secagg": ConfigRecord({"round-id": b"other", f"blob:{key}": b"x"})}),
+    "failure-with-junk": lambda rid, key: RecordDict({"failure": ConfigRecord({"kind": 3, "detail": b"\xff"})}),
+}
+
+
+@pytest.mark.parametrize("stage", ["train", *STAGES])
+@pytest.mark.parametrize("bad", sorted(BAD_REPLIES))
+def test_any_malformed_reply_drops_only_its_site(tmp_path: Path, stage: str, bad: str) -> None:
+    def tamper(node: int, kind: str, content: RecordDict) -> RecordDict | None:
+        if node != HOSTILE or kind != stage:
+            return None
+        rid = content.config_records["secagg"]["round-id"] if "secagg" in content.config_records else b"r"
+        return BAD_REPLIES[bad](rid, "bundle" if stage == "train" else "payload")
+
+    outcome, deltas, _ = _run(tmp_path, 6, tamper)
+    assert outcome.mean_delta is not None, outcome.failures
+    # Before its upload the hostile site is dropped; after it, its (valid) input stays counted.
+    late = stage in ("train.secagg_confirm", "train.secagg_unmask")
+    contributors = range(6) if late else range(5)
+    assert outcome.contributors == len(contributors)
+    true = np.mean([deltas[i] for i in contributors], axis=0)
+    assert np.abs(outcome.mean_delta - true).max() <= outcome.details["error_bound"] + 1e-6
+    assert any(f["site"] == "site-5" for f in outcome.failures)
+
+
+@pytest.mark.parametrize("reply", [
+    RecordDict({}), RecordDict({"site": ConfigRecord({})}), RecordDict({"site": ConfigRecord({"name": 5})}),
+    RecordDict({"site": ConfigRecord({"name": "mallory"})}),
+])
+def test_malformed_identify_reply_is_refused(tmp_path: Path, reply: RecordDict) -> None:
+    outcome, deltas, _ = _run(tmp_path, 6, lambda node, kind, _: reply if node == HOSTILE and kind == "query.identify"
+                              else None)
+    assert outcome.contributors == 5 and outcome.failures
+
+
+def test_replayed_round_is_refused_by_sites(tmp_path: Path) -> None:
+    aggregation, grid, _ = _federation(tmp_path, 5)
+    state = {"w": np.zeros(LENGTH, np.float32)}
+    assert aggregation.run_round(grid, grid.get_node_ids(), state, 2).contributors == 5
+    again = aggregation.run_round(grid, grid.get_node_ids(), state, 2)
+    assert again.mean_delta is None and any(f["kind"] == "protocol" for f in again.failures)
+    assert all("replayed round" in site.refusals[-1] for site in grid.sites.values())
+    assert aggregation.run_round(grid, grid.get_node_ids(), state, 1).mean_delta is None
+    assert aggregation.run_round(grid, grid.get_node_ids(), state, 3).contributors == 5
