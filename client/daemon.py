@@ -16,6 +16,7 @@ import logging
 import time
 from pathlib import Path
 
+from client.site import SitePolicy
 from common.data import read_records
 from common.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
 from common.kits import check_kit
@@ -23,12 +24,12 @@ from common.kits import check_kit
 log = logging.getLogger("fedtune.client")
 
 
-def node_config(kit: Path, keys: Path, data: Path, state: Path, max_epsilon: float) -> str:
+def node_config(kit: Path, keys: Path, data: Path, state: Path, policy: SitePolicy) -> str:
     """What the ClientApp learns of its site: where things are, and the site's own policy (``policy.*``)."""
     site = json.loads((kit / "site.json").read_text())["site"]
     values = {"site-name": site, "data-path": str(data.resolve()), "state-dir": str(state.resolve()),
               "kit-dir": str(kit.resolve()), "keys-dir": str(keys.resolve()),
-              "policy.max-epsilon": float(max_epsilon)}
+              **{f"policy.{key}": value for key, value in policy.to_mapping().items() if value is not None}}
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
@@ -36,7 +37,7 @@ CONNECTED_AFTER_S = 60.0
 """A SuperNode that ran this long had connected: its later exit is a lost connection, not a refusal."""
 
 
-def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: str, max_epsilon: float,
+def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: str, policy: SitePolicy,
                  connect_timeout: float = 600.0) -> int:
     """Keep the site's SuperNode running until the daemon is stopped (Ctrl-C, SIGTERM).
 
@@ -49,7 +50,7 @@ def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: s
     state.mkdir(parents=True, exist_ok=True)
     command = [console_script("flower-supernode"), "--superlink", superlink, "--root-certificates",
                str(files["ca.crt"]), "--auth-supernode-private-key", str(files["supernode.key"]), "--node-config",
-               node_config(kit, keys, data, state, max_epsilon), "--isolation", "subprocess",
+               node_config(kit, keys, data, state, policy), "--isolation", "subprocess",
                "--host", "127.0.0.1"]
     failing_since: float | None = None
     attempt = 0

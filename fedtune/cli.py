@@ -232,11 +232,16 @@ def cmd_server_start(args: argparse.Namespace) -> None:
 def cmd_client_start(args: argparse.Namespace) -> int:
     """The on-premise site daemon (a SuperNode); runs until stopped."""
     from client.daemon import start_client
+    from client.site import SitePolicy
 
+    policy = SitePolicy(max_epsilon=args.max_epsilon, max_delta=args.max_delta, min_sites=args.min_sites,
+                        declared_examples=args.declared_examples)
     print(f"== site daemon: kit {args.kit}, keys {args.keys}, data {args.data}, state {args.state}, "
-          f"coordinator {args.superlink}, budget ceiling ε={args.max_epsilon:g}", flush=True)
-    code = start_client(args.kit, args.keys, args.data, args.state, superlink=args.superlink,
-                        max_epsilon=args.max_epsilon, connect_timeout=args.connect_timeout)
+          f"coordinator {args.superlink}, policy: ε ≤ {policy.max_epsilon:g}, "
+          f"δ ≤ {policy.max_delta if policy.max_delta else '1/(10·records)'}, ≥ {policy.min_sites} sites per "
+          "secure round, DP and secure aggregation required", flush=True)
+    code = start_client(args.kit, args.keys, args.data, args.state, superlink=args.superlink, policy=policy,
+                        connect_timeout=args.connect_timeout)
     if code:
         log = args.state / "supernode.log"
         reasons = [line.strip() for line in log.read_text(errors="replace").splitlines()
@@ -268,7 +273,15 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
     daemon.add_argument("--data", type=Path, required=True, help="the site's CSV/JSONL (text,label); never leaves")
     daemon.add_argument("--state", type=Path, required=True, help="the site's state: privacy ledger, audit log")
     daemon.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")
-    daemon.add_argument("--max-epsilon", type=float, default=8.0, help="the most ε this site will ever spend")
+    daemon.add_argument("--max-epsilon", type=float, default=8.0,
+                        help="site policy: the most ε (total over the federation) this site will ever agree to")
+    daemon.add_argument("--max-delta", type=float, default=None,
+                        help="site policy: the largest δ accepted (default: 1/(10·n) for the site's n records)")
+    daemon.add_argument("--min-sites", type=int, default=3,
+                        help="site policy: fewest sites in a secure-aggregation round")
+    daemon.add_argument("--declared-examples", type=int, default=None,
+                        help="site policy: a public weight this site declares for averaging (default: equal "
+                             "weights); it is released, so never put the true record count here unless it is public")
     daemon.add_argument("--connect-timeout", type=float, default=600.0,
                         help="give up after failing to connect for this many seconds (unregistered site?)")
 

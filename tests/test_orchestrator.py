@@ -80,23 +80,25 @@ def test_the_clientapp_reads_the_registry_from_the_kit_and_the_key_from_the_site
     from flwr.common.config import parse_config_args
 
     from client.daemon import node_config
-    from client.site import site_paths
+    from client.site import SitePolicy, site_paths
     from common.registry import load_identity, load_registry
 
     kit, keys = kits / "sites" / "site-a", kits.parent / "keys" / "site-a"
-    config = parse_config_args([node_config(kit, keys, tmp_path / "d.csv", tmp_path / "state", 8.0)])
+    config = parse_config_args([node_config(kit, keys, tmp_path / "d.csv", tmp_path / "state", SitePolicy())])
     keys_dir, registry = site_paths(config)
     assert keys_dir == keys.resolve() and registry == (kit / "registry.json").resolve()
     assert load_identity(keys_dir, "site-a", load_registry(registry))[0] == 0
 
 
-def test_the_sites_max_epsilon_reaches_its_policy(kits: Path, tmp_path: Path):
+def test_the_sites_policy_flags_reach_the_clientapps_policy(kits: Path, tmp_path: Path):
     """The node config the daemon writes is the one the ClientApp's site policy reads."""
     from flwr.common.config import parse_config_args
 
     from client.daemon import node_config
     from client.site import SitePolicy
 
-    config = parse_config_args([node_config(kits / "sites" / "site-a", kits.parent / "keys" / "site-a", tmp_path / "d.csv", tmp_path / "s", 2.5)])
+    wanted = SitePolicy(max_epsilon=2.5, max_delta=1e-6, min_sites=4, declared_examples=300)
+    config = parse_config_args([node_config(kits / "sites" / "site-a", kits.parent / "keys" / "site-a",
+                                            tmp_path / "d.csv", tmp_path / "s", wanted)])
     policy = {k.removeprefix("policy."): v for k, v in config.items() if k.startswith("policy.")}
-    assert SitePolicy.from_mapping(policy, "node config").max_epsilon == 2.5
+    assert SitePolicy.from_mapping(policy, "node config") == wanted
