@@ -5,6 +5,9 @@
     train.secagg_mask     shares addressed to the site       → masked contribution
     train.secagg_confirm  the survivor set S                 → the site's signature on S (consistency round)
     train.secagg_unmask   S + the signatures on S            → shares for survivors XOR dropped sites
+    train.secagg_expose   proofs that survivors cheated      → the holders' shares of the liars' mask keys
+                          (only when a dealer's signed self-mask shares do not open its commitment:
+                          the liar's whole upload is then removed and the round goes on without it)
 
 The server (common.secagg.ServerAggregator) learns only the sum over surviving sites: the
 weighted update and its total weight. Every reply is untrusted: a site whose reply fails, is
@@ -105,7 +108,14 @@ class SecureAggregation:
             unmask = pack_stage(params.round_id, {"payload": unmask_request.to_bytes()})
             answers = stage("train.secagg_unmask", lambda site: unmask, unmask_request.signatures)
             started_unmask = time.perf_counter()
-            result = aggregator.finish(self._payloads(answers, "payload", "train.secagg_unmask", failures))
+            exposes = aggregator.collect_unmask(self._payloads(answers, "payload", "train.secagg_unmask", failures))
+            if exposes:  # proven liars: their holders reveal the liars' mask keys against the proofs
+                log.warning("round %d: sites %s dealt shares inconsistent with their commitments; removing them",
+                            server_round, sorted(self.registry.name_of(s) for s in aggregator.proofs))
+                answers = stage("train.secagg_expose", lambda site: pack_stage(
+                    params.round_id, {"payload": exposes[site].to_bytes()}), exposes)
+                aggregator.collect_exposures(self._payloads(answers, "payload", "train.secagg_expose", failures))
+            result = aggregator.finish()
             timings["unmask_s"] = time.perf_counter() - started_unmask
             timings["secagg_stages_s"] = time.perf_counter() - started
         except RoundAborted as exc:

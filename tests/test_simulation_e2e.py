@@ -91,17 +91,19 @@ def test_secure_aggregation_is_the_default_and_only_sums_are_seen(federation):
         assert all(path.stat().st_mode & 0o077 == 0 for path in secrets)  # owner-only
 
 
-def test_secure_and_plain_aggregation_reach_the_same_model(federation, plain_federation):
-    secure_lines, plain_lines = _metrics(federation["out"]), _metrics(plain_federation)
-    assert secure_lines[-1]["server"]["accuracy"] == pytest.approx(plain_lines[-1]["server"]["accuracy"], abs=0.04)
+def test_secure_aggregation_costs_the_model_nothing_measurable(federation, plain_federation):
+    """Each run draws its own DP noise, so the two runs' models differ; what secure aggregation adds is
+    quantisation, whose proven per-element bound must be negligible next to how far training moves the
+    adapter. (That the secure sum equals the plain mean exactly is pinned in tests/test_secagg_flower.py.)"""
     from safetensors.numpy import load_file
 
-    secure = load_file(federation["out"] / "final" / "adapter" / "adapter_model.safetensors")
-    plain = load_file(plain_federation / "final" / "adapter" / "adapter_model.safetensors")
-    initial = load_file(federation["out"] / "checkpoints" / "round-0000" / "adapter_model.safetensors")
-    moved = max(float(np.abs(plain[k] - initial[k]).max()) for k in plain)
-    gap = max(float(np.abs(secure[k] - plain[k]).max()) for k in plain)
-    assert gap < 0.05 * moved, (gap, moved)
+    out = federation["out"]
+    final = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+    initial = load_file(out / "checkpoints" / "round-0000" / "adapter_model.safetensors")
+    moved = max(float(np.abs(final[k] - initial[k]).max()) for k in final)
+    bound = sum(line["secure_aggregation"]["error_bound"] for line in _metrics(out)[1:])
+    assert 0 < bound < 0.01 * moved, (bound, moved)
+    assert _metrics(plain_federation)[-1]["model_updated"]
 
 
 def test_every_site_spent_at_most_its_budget(federation):
@@ -169,11 +171,22 @@ def test_passport_audit_and_lineage(federation, tmp_path: Path):
     assert [info["round"] for info in _lineage(out)] == [0, 1, 2]
 
 
-def test_a_rerun_on_spent_ledgers_is_refused_by_every_site(federation):
+def test_a_repeated_round_is_resent_for_no_new_epsilon_and_a_new_one_is_refused(federation):
+    """Re-running round 1 (as after a coordinator crash) sends the sites the adapter they already answered:
+    they resend their sealed updates, and nobody's ε moves. A different adapter on spent ledgers is a new
+    release, and every site refuses it."""
     out = federation["out"]
+    spent = {site: r["epsilon"] for site, r in json.loads((out / "privacy.json").read_text())["sites"].items()}
+    again = fedtune("simulate", "--out", str(out), *federation["args"][:2], "--rounds", "1", *federation["args"][4:])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["model_updated"] is True and line["contributors"] == 3
+    after = {site: r["epsilon"] for site, r in json.loads((out / "privacy.json").read_text())["sites"].items()}
+    assert after == spent
+
     before = (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes()
     done = fedtune("simulate", "--out", str(out), *federation["args"][:2], "--rounds", "1",
-                   *federation["args"][4:])
+                   *federation["args"][4:], "--lora-rank", "4")
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["model_updated"] is False and line["contributors"] == 0
     refusals = [failure for failure in line["failures"] if failure["kind"] == "budget-exhausted"]

@@ -6,7 +6,8 @@ Shamir-shared so dropouts at any stage are survivable while ``threshold`` sites 
 
 Typical use: the server offers a :class:`SecAggParams` that each site checks against its own
 policy; each site runs a :class:`ClientSession` (five stages: advertise, share, mask, confirm the
-survivor set, unmask), the server a :class:`ServerAggregator`;
+survivor set, unmask; a sixth, expose, only when a site is proven to have dealt bad shares), the
+server a :class:`ServerAggregator`;
 :class:`LocalFederation` wires them in one process for tests.
 """
 
@@ -36,7 +37,15 @@ from common.secagg.fixedpoint import (
 )
 from common.secagg.identity import SignedKeyBundle, SiteIdentity, SiteRegistry
 from common.secagg.local import LocalFederation
-from common.secagg.messages import MaskedUpload, SurvivorSet, UnmaskRequest, UnmaskResponse
+from common.secagg.messages import (
+    ExposeRequest,
+    ExposeResponse,
+    MaskedUpload,
+    SurvivorSet,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from common.secagg.proof import LiarProof, check_proof
 from common.secagg.protocol import (
     SecAggParams,
     Stage,
@@ -52,6 +61,9 @@ __all__ = [
     "AggregateResult",
     "ClientSession",
     "DecryptionError",
+    "ExposeRequest",
+    "ExposeResponse",
+    "LiarProof",
     "LocalFederation",
     "MaskedUpload",
     "ModulusError",
@@ -71,6 +83,7 @@ __all__ = [
     "SurvivorSet",
     "UnmaskRequest",
     "UnmaskResponse",
+    "check_proof",
     "choose_modulus_bits",
     "clip_l2",
     "decode_sum",

@@ -1,13 +1,28 @@
-"""Client side of the protocol: one :class:`ClientSession` per site and round, five stages.
+"""Client side of the protocol: one :class:`ClientSession` per site and round, five stages and
+an optional sixth.
 
     NEW --advertise_keys--> ADVERTISED --share_keys--> SHARED --masked_input--> MASKED
-        --confirm_survivors--> CONFIRMED --unmask--> DONE          (any refusal: ABORTED)
+        --confirm_survivors--> CONFIRMED --unmask--> DONE --expose_liar | close--> CLOSED
+                                                                   (any refusal: ABORTED)
 
 Stages must be called in order, each at most once. A peer that misbehaves (bad signature,
 tampered share) is logged and treated as dropped; a server request that could leak an input
 (another round or parameters, a survivor set other than the one this site signed, too few
-signatures or survivors) is refused with :class:`ProtocolError`, after which the session is over.
-Round secrets are wiped when the session ends (unmask answered, or aborted).
+signatures or survivors, a proof that does not prove) is refused with :class:`ProtocolError`,
+after which the session is over and every secret wiped.
+
+Secret lifetime: the site's own private keys, its self seed and every held self-mask share are
+wiped when unmask is answered. The held mask-key shares of the OTHER survivors are kept (stage
+DONE) until :meth:`expose_liar` answers or :meth:`close` runs (client/secure.py closes every DONE
+session when the site's next round starts): they are what lets a proven liar be removed, and they
+leave the site only against a proof that their owner cheated.
+
+Expose (stage 6): a dealer whose signed self-mask shares do not open its signed seed commitment
+is proven dishonest by those shares alone (common.secagg.proof). Its upload is in the sum but its
+self mask cannot be removed, so the server removes its whole upload and needs its mask key to
+strip the pairwise masks it shares with the survivors. Each holder checks the proof ITSELF and
+only then reveals its share of the liar's mask key, once. An honest dealer's shares always open
+its commitment, so no server can obtain both secrets of an honest site this way.
 
 Why the consistency round is enough (Bonawitz et al. 2017, round 3): a site reveals shares only
 for the ONE survivor set S it signed, backed by ``threshold`` signatures of its own share holders
@@ -47,7 +62,14 @@ from common.secagg.identity import (
     verify_key_bundle,
     x25519_shared_secret,
 )
-from common.secagg.messages import MaskedUpload, SurvivorSet, UnmaskRequest, UnmaskResponse
+from common.secagg.messages import (
+    ExposeRequest,
+    ExposeResponse,
+    MaskedUpload,
+    SurvivorSet,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from common.secagg.prg import (
     expand_mask,
     new_self_seed,
@@ -56,6 +78,7 @@ from common.secagg.prg import (
     seed_commitment,
     self_mask_context,
 )
+from common.secagg.proof import check_proof
 from common.secagg.protocol import SecAggParams, Stage, graph_seed
 from common.secagg.shamir import SHARE_BYTES, Share, split
 
@@ -116,8 +139,18 @@ class ClientSession:
         """Whether any round secret (private keys, self seed, held shares) is still in memory."""
         return bool(self._share_key or self._mask_key or self._self_seed or self._held_seed or self._held_key)
 
+    @property
+    def holds_own_secrets(self) -> bool:
+        """Whether this site's own round secrets (private keys, self seed) are still in memory."""
+        return bool(self._share_key or self._mask_key or self._self_seed)
+
+    @property
+    def retained_key_shares(self) -> frozenset[int]:
+        """Owners whose mask-key shares this site still holds (after unmask: the other survivors)."""
+        return frozenset(self._held_key)
+
     @contextmanager
-    def _stage_guard(self, expected: Stage, name: str) -> Iterator[None]:
+    def _stage_guard(self, expected: Stage, name: str, after: Stage | None = None) -> Iterator[None]:
         if self._stage is not expected:
             kind = ("aborted-session" if self._stage is Stage.ABORTED
                     else "replayed" if self._stage > expected else "out-of-order")
@@ -128,17 +161,26 @@ class ClientSession:
         except BaseException:
             self._abort()
             raise
-        self._stage = Stage(expected + 1)
+        self._stage = Stage(expected + 1) if after is None else after
 
     def _abort(self) -> None:
         self._stage = Stage.ABORTED
         self._forget_secrets()
 
-    def _forget_secrets(self) -> None:
+    def _forget_secrets(self, keep_key_shares_of: frozenset[int] = frozenset()) -> None:
         self._held_seed.clear()
-        self._held_key.clear()
+        self._held_key = {o: h for o, h in self._held_key.items() if o in keep_key_shares_of and o != self.site_id}
         self._self_seed = b""
         self._share_key = self._mask_key = None
+
+    def close(self) -> None:
+        """End the session for good: wipe every secret (the retained key shares too). A DONE session
+        becomes CLOSED, an unfinished one ABORTED; a closed or aborted one is left as it is."""
+        if self._stage is Stage.DONE:
+            self._stage = Stage.CLOSED
+            self._forget_secrets()
+        elif self._stage not in (Stage.CLOSED, Stage.ABORTED):
+            self._abort()
 
     def _refuse(self, what: str, problem: str) -> None:
         log.warning("site %d refused %s: %s", self.site_id, what, problem)
@@ -383,6 +425,38 @@ class ClientSession:
                 self_mask_shares={o: sh.to_bytes() + sig for o, (sh, sig) in self._held_seed.items() if o in survived},
                 key_shares={o: sh.to_bytes() + sig for o, (sh, sig) in self._held_key.items() if o in dropped},
             )
+            self._forget_secrets(keep_key_shares_of=survived)  # only for a proven liar (expose_liar)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------------ stage 6 (only with a proven liar)
+    def expose_liar(self, request: ExposeRequest | bytes) -> ExposeResponse:
+        """Stage 6: reveal this site's share of each proven liar's MASK KEY, once, then wipe everything.
+
+        Every proof in the request must be checked here (check_proof: the liar's registered identity
+        key, this round's digest, at least ``threshold`` distinct holders, shares that do not open the
+        commitment in the liar's bundle as THIS site received it) and be about a survivor whose key
+        share this site retained; otherwise the whole request is refused (and the session aborted).
+        Only self-mask-seed proofs are accepted: their owner's seed shares were revealed at unmask.
+        """
+        with self._stage_guard(Stage.DONE, "expose_liar", after=Stage.CLOSED):
+            req = ExposeRequest.from_bytes(request) if isinstance(request, bytes) else request
+            if req.round_id != self.params.round_id:
+                self._refuse("expose request", "it is for another round")
+            if not req.proofs:
+                self._refuse("expose request", "it carries no proof")
+            for proof in req.proofs:
+                if proof.kind != "seed" or proof.dealer not in self._held_key:
+                    self._refuse("expose request", f"no retained key share of site {proof.dealer} to reveal "
+                                                   f"for a {proof.kind} proof")
+                try:
+                    check_proof(proof, self.params, self._registry[proof.dealer], self._peers[proof.dealer])
+                except ProtocolError as exc:
+                    self._refuse("expose request", f"the proof against site {proof.dealer} fails: {exc}")
+            log.warning("site %d reveals its mask-key shares of proven liars %s", self.site_id,
+                        sorted(p.dealer for p in req.proofs))
+            response = ExposeResponse(self.params.round_id, self.site_id, {
+                p.dealer: self._held_key[p.dealer][0].to_bytes() + self._held_key[p.dealer][1] for p in req.proofs})
             self._forget_secrets()
             return response
         raise AssertionError("unreachable")  # pragma: no cover

@@ -3,8 +3,10 @@
 Stage 1 sends a :class:`~common.secagg.identity.SignedKeyBundle`; stage 2 sends opaque AEAD
 ciphertexts; stage 3 a :class:`MaskedUpload`; stage 4 (consistency) a :class:`SurvivorSet` down and
 a 64-byte signature up; stage 5 one :class:`UnmaskRequest` (the same for every site) down and an
-:class:`UnmaskResponse` up. All integers are big-endian; id lists are sorted and unique. Every
-parser takes untrusted input: a non-bytes value or any malformation is a :class:`PayloadError`.
+:class:`UnmaskResponse` up; stage 6, only when a dealer was proven to cheat, an :class:`ExposeRequest`
+(the proofs) down and an :class:`ExposeResponse` (the liars' mask-key shares) up. All integers
+are big-endian; id lists are sorted and unique. Every parser takes untrusted input: a non-bytes
+value or any malformation is a :class:`PayloadError`.
 """
 
 from __future__ import annotations
@@ -15,16 +17,22 @@ from dataclasses import dataclass
 
 from common.secagg.errors import PayloadError
 from common.secagg.fixedpoint import check_packed
-from common.secagg.protocol import SecAggParams
 from common.secagg.identity import SIGNATURE_BYTES
+from common.secagg.proof import KINDS, LiarProof
+from common.secagg.protocol import SecAggParams
 from common.secagg.shamir import SHARE_BYTES
 
-__all__ = ["SIGNED_SHARE_BYTES", "MaskedUpload", "SurvivorSet", "UnmaskRequest", "UnmaskResponse"]
+__all__ = [
+    "SIGNED_SHARE_BYTES", "ExposeRequest", "ExposeResponse", "MaskedUpload", "SurvivorSet", "UnmaskRequest",
+    "UnmaskResponse",
+]
 
 _UPLOAD_MAGIC = b"FSU1"
 _SURVIVORS_MAGIC = b"FSS1"
 _REQUEST_MAGIC = b"FSQ2"
 _RESPONSE_MAGIC = b"FSR2"
+_EXPOSE_MAGIC = b"FSX1"
+_EXPOSED_MAGIC = b"FSY1"
 SIGNED_SHARE_BYTES = SHARE_BYTES + SIGNATURE_BYTES
 """A revealed share: the Shamir share then its dealer's signature."""
 
@@ -198,3 +206,79 @@ class UnmaskResponse:
         if parts[0].keys() & parts[1].keys():
             raise PayloadError("unmask response reveals both secrets of one owner")
         return cls(round_id, site_id, parts[0], parts[1])
+
+
+def _signed_shares_to_bytes(shares: Mapping[int, bytes]) -> bytes:
+    out = bytearray(len(shares).to_bytes(4, "big"))
+    for key in sorted(shares):
+        out += key.to_bytes(4, "big") + shares[key]
+    return bytes(out)
+
+
+def _signed_shares(reader: _Reader) -> dict[int, bytes]:
+    """A map of site id to signed share; ids strictly increasing."""
+    shares: dict[int, bytes] = {}
+    for _ in range(reader.uint()):
+        key = reader.uint()
+        if shares and key <= max(shares):
+            raise PayloadError(f"{reader.what} has unsorted or repeated site ids")
+        shares[key] = reader.take(SIGNED_SHARE_BYTES)
+    return shares
+
+
+@dataclass(frozen=True)
+class ExposeRequest:
+    """Stage 6 (only after proven cheating): one :class:`~common.secagg.proof.LiarProof` per liar
+    whose mask-key share the receiving site holds; each proof names a distinct dealer."""
+
+    round_id: bytes
+    proofs: tuple[LiarProof, ...]
+
+    def to_bytes(self) -> bytes:
+        """Wire encoding: proofs in dealer order."""
+        out = bytearray(_EXPOSE_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id)
+        out += len(self.proofs).to_bytes(4, "big")
+        for proof in sorted(self.proofs, key=lambda p: p.dealer):
+            out += proof.dealer.to_bytes(4, "big") + bytes([KINDS.index(proof.kind)])
+            out += _signed_shares_to_bytes(proof.shares)
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ExposeRequest:
+        """Parse :meth:`to_bytes` output (the proofs are checked by each holder later)."""
+        reader = _Reader(data, "expose request")
+        reader.magic(_EXPOSE_MAGIC)
+        round_id = reader.take(reader.uint(2))
+        proofs: list[LiarProof] = []
+        for _ in range(reader.uint()):
+            dealer, kind = reader.uint(), reader.uint(1)
+            if kind >= len(KINDS) or (proofs and dealer <= proofs[-1].dealer):
+                raise PayloadError("expose request has a bad kind or unsorted or repeated dealers")
+            proofs.append(LiarProof(dealer, KINDS[kind], _signed_shares(reader)))
+        reader.end()
+        return cls(round_id, tuple(proofs))
+
+
+@dataclass(frozen=True)
+class ExposeResponse:
+    """Stage-6 answer: ``site_id``'s share of each proven liar's mask key, with the liar's signature."""
+
+    round_id: bytes
+    site_id: int
+    key_shares: Mapping[int, bytes]
+
+    def to_bytes(self) -> bytes:
+        """Wire encoding."""
+        return (_EXPOSED_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id
+                + self.site_id.to_bytes(4, "big") + _signed_shares_to_bytes(self.key_shares))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ExposeResponse:
+        """Parse :meth:`to_bytes` output (shares and signatures are checked by the server later)."""
+        reader = _Reader(data, "expose response")
+        reader.magic(_EXPOSED_MAGIC)
+        round_id = reader.take(reader.uint(2))
+        site_id = reader.uint()
+        shares = _signed_shares(reader)
+        reader.end()
+        return cls(round_id, site_id, shares)

@@ -47,7 +47,11 @@ MAX_SITE_ID = (1 << 32) - 2
 
 
 class Stage(enum.IntEnum):
-    """Client stages, in order. A session only moves forward, or to ``ABORTED``."""
+    """Client stages, in order. A session only moves forward, or to ``ABORTED``.
+
+    ``DONE``: unmask answered; only the held mask-key shares of OTHER survivors are kept, for a
+    possible expose stage. ``CLOSED``: the round is over at this site and every secret is wiped.
+    """
 
     NEW = 0
     ADVERTISED = 1
@@ -56,6 +60,7 @@ class Stage(enum.IntEnum):
     CONFIRMED = 4
     DONE = 5
     ABORTED = 6
+    CLOSED = 7
 
 
 def default_degree(n_sites: int) -> int:

@@ -1,18 +1,25 @@
 """Server side of the protocol: :class:`ServerAggregator`, a pure state machine (no Flower).
 
     BUNDLES --collect_bundles--> SHARES --route_shares--> MASKED --collect_masked--> CONFIRM
-        --collect_confirmations--> UNMASK --finish--> DONE            (too few sites: ABORTED)
+        --collect_confirmations--> UNMASK --collect_unmask--> READY --finish--> DONE
+                         proven liars: UNMASK --collect_unmask--> EXPOSE --collect_exposures--> READY
+                                                                  (too few sites: ABORTED)
 
-It relays keys and ciphertexts, sums masked vectors as they are accepted (individual vectors are
-not kept), fixes the survivor set S, collects the survivors' signatures on S (consistency round),
-sends ONE unmask request (S and the signatures) to every signer, and removes the masks from the
-shares they reveal. Every input is untrusted: a malformed or misbehaving site is dropped with a
-logged reason (never an exception out of the round); when fewer than ``threshold`` sites remain
-for some secret, the round raises :class:`RoundAborted`.
+It relays keys and ciphertexts, keeps each accepted masked vector (packed) until the end, fixes
+the survivor set S, collects the survivors' signatures on S (consistency round), sends ONE unmask
+request (S and the signatures) to every signer, and removes the masks from the shares they
+reveal. Every input is untrusted: a malformed or misbehaving site is dropped with a logged reason
+(never an exception out of the round); when fewer than ``threshold`` sites remain for some
+secret, the round raises :class:`RoundAborted`.
 
 Revealed shares carry their dealer's signature and are checked one by one, so a holder's corrupt
 share is discarded (and named) without any combinatorial search; a set of correctly signed shares
-that does not open the dealer's commitment proves the DEALER cheated (see :attr:`liars`).
+that does not open the dealer's commitment proves the DEALER cheated (:attr:`liars`, :attr:`proofs`).
+A survivor L proven to have dealt a bad self-mask seed is removed, not fatal: the server sends the
+proof to L's share holders among the survivors (expose stage), each checks it and reveals its
+share of L's mask key; the server then leaves L's whole upload out of the sum and strips the
+pairwise masks between L and the survivors, as for a dropped site. A liar whose mask key cannot be
+recovered (fewer than t holders, or key shares that do not open its mask public key) ends the round.
 """
 
 from __future__ import annotations
@@ -38,8 +45,16 @@ from common.secagg.identity import (
     verify_key_bundle,
     x25519_shared_secret,
 )
-from common.secagg.messages import MaskedUpload, SurvivorSet, UnmaskRequest, UnmaskResponse
-from common.secagg.prg import expand_mask, pairwise_mask_context, pairwise_seed, seed_commitment, self_mask_context
+from common.secagg.messages import (
+    ExposeRequest,
+    ExposeResponse,
+    MaskedUpload,
+    SurvivorSet,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from common.secagg.prg import expand_mask, pairwise_mask_context, pairwise_seed, self_mask_context
+from common.secagg.proof import LiarProof, check_proof, opens_commitment
 from common.secagg.protocol import SecAggParams, graph_seed
 from common.secagg.shamir import SHARE_BYTES, Share, combine
 
@@ -73,6 +88,12 @@ class _Stage(enum.IntEnum):
     UNMASK = 4
     DONE = 5
     ABORTED = 6
+    EXPOSE = 7
+    READY = 8
+
+
+_Signed = dict[int, bytes]  # holder -> a share of one owner's secret, then the owner's signature on it
+_LIAR_REASON = "dealt shares inconsistent with its commitment"
 
 
 def _site_id(params: SecAggParams, key: object) -> int | None:
@@ -96,11 +117,16 @@ class ServerAggregator:
         self._survivors: frozenset[int] = frozenset()
         self._to_unmask: frozenset[int] = frozenset()
         self._request: UnmaskRequest | None = None
-        self._total: npt.NDArray[np.uint64] | None = None
+        self._uploads: dict[int, bytes] = {}
+        self._seeds: dict[int, bytes] = {}
+        self._keys: dict[int, bytes] = {}
+        self._expose_to: dict[int, frozenset[int]] = {}
         self.dropped_reasons: dict[int, str] = {}
         """Why each site left the round or had an answer ignored (first reason), for failure reports."""
         self.liars: dict[int, str] = {}
         """Sites proven to have cheated (their own signatures are the proof)."""
+        self.proofs: dict[int, LiarProof] = {}
+        """The proof against each liar: its own signed shares that do not open its commitment."""
 
     def _enter(self, stage: _Stage, name: str) -> None:
         if self._stage is _Stage.ABORTED:
@@ -110,7 +136,9 @@ class ServerAggregator:
 
     def _abort(self, why: str) -> RoundAborted:
         self._stage = _Stage.ABORTED
-        self._total = None
+        self._uploads.clear()
+        self._seeds.clear()
+        self._keys.clear()
         return RoundAborted(why)
 
     def _require(self, alive: int, when: str) -> None:
@@ -229,11 +257,7 @@ class ServerAggregator:
         self._survivors = frozenset(survivors)
         self._masked_with = {s: self._masked_with[s] for s in survivors}
         self._to_unmask = frozenset().union(*self._masked_with.values()) - self._survivors
-        total = np.zeros(self.params.total_length, dtype=np.uint64)
-        for site in sorted(self._survivors):
-            total += unpack_bits(accepted[site].body, self.params.total_length, self.params.modulus_bits)
-            total &= np.uint64(self.params.modulus_mask)
-        self._total = total
+        self._uploads = {site: accepted[site].body for site in self._survivors}  # packed, until finish
         self._stage = _Stage.CONFIRM
         return SurvivorSet(self.params.round_id, self._survivors)
 
@@ -316,37 +340,108 @@ class ServerAggregator:
         return self._request
 
     # ------------------------------------------------------------------ stage 5
-    def finish(self, responses: Mapping[object, object]) -> AggregateResult:
-        """Stage 5: check each revealed share's dealer signature, recover the secrets, remove every
-        mask, decode."""
-        self._enter(_Stage.UNMASK, "finish")
-        params, total = self.params, self._total
-        assert total is not None
+    def collect_unmask(self, responses: Mapping[object, object]) -> dict[int, ExposeRequest]:
+        """Stage 5: check each revealed share's dealer signature and recover every needed secret.
+
+        Returns the expose request for each holder of a proven liar's shares (stage 6), or ``{}``
+        when nothing was proven (then call :meth:`finish`). Aborts when some secret has fewer than
+        ``threshold`` valid shares, when a dropped site's key shares are proven bad (the pairwise
+        masks it shares with survivors cannot be removed), or when fewer than ``threshold``
+        survivors hold a liar's mask-key shares.
+        """
+        self._enter(_Stage.UNMASK, "collect_unmask")
         seed_shares, key_shares = self._collect_shares(responses)
+        for site in sorted(self._survivors):
+            if (seed := self._open(site, "seed", seed_shares.get(site, {}))) is not None:
+                self._seeds[site] = seed
+        for dropped in sorted(self._to_unmask):
+            if (key := self._open(dropped, "key", key_shares.get(dropped, {}))) is None:
+                raise self._abort(f"dropped site {dropped} cheated: {self.liars[dropped]}; the pairwise masks "
+                                  "it shares with the survivors cannot be removed")
+            self._keys[dropped] = key
+        liars = sorted(self._survivors - self._seeds.keys())
+        for liar in liars:
+            holders = frozenset(s for s in self._survivors if s != liar and liar in self._masked_with[s])
+            if len(holders) < self.params.threshold:
+                raise self._abort(f"site {liar} cheated ({self.liars[liar]}) and only {len(holders)} survivors hold "
+                                  f"its mask-key shares; threshold is {self.params.threshold}")
+            for holder in holders:
+                self._expose_to[holder] = self._expose_to.get(holder, frozenset()) | {liar}
+        self._stage = _Stage.EXPOSE if liars else _Stage.READY
+        return {holder: ExposeRequest(self.params.round_id, tuple(self.proofs[liar] for liar in sorted(owners)))
+                for holder, owners in sorted(self._expose_to.items())}
+
+    # ------------------------------------------------------------------ stage 6 (only with proven liars)
+    def collect_exposures(self, responses: Mapping[object, object]) -> None:
+        """Stage 6: recover each liar's mask key from its holders' signed shares; aborts when fewer
+        than ``threshold`` valid shares arrive or they do not open the liar's mask public key."""
+        self._enter(_Stage.EXPOSE, "collect_exposures")
+        digest, shares = self.params.digest, {}
+        for key, raw in responses.items():
+            site = _site_id(self.params, key)
+            if site is None or site not in self._expose_to:
+                log.warning("ignoring expose response from %r, which was sent no proof", key)
+                continue
+            try:
+                resp = raw if isinstance(raw, ExposeResponse) else ExposeResponse.from_bytes(raw)  # type: ignore[arg-type]
+                if resp.round_id != self.params.round_id or resp.site_id != site:
+                    raise ProtocolError("response is for another round or site")
+            except SecAggError as exc:
+                self._drop(site, "expose", f"response rejected: {exc}")
+                continue
+            for owner, blob in resp.key_shares.items():
+                if owner in self._expose_to[site] and self._share_ok(site, owner, "key", blob, digest):
+                    shares.setdefault(owner, {})[site] = blob
+                else:
+                    self._drop(site, "expose", f"unrequested, misaddressed or forged key share of site {owner} "
+                                               "(skipped)")
+        for liar in sorted(self._survivors - self._seeds.keys()):
+            if (key := self._open(liar, "key", shares.get(liar, {}))) is None:
+                raise self._abort(f"site {liar} cheated on its mask key too: it cannot be removed from the sum")
+            self._keys[liar] = key
+        self._stage = _Stage.READY
+
+    def finish(self, responses: Mapping[object, object] | None = None) -> AggregateResult:
+        """Remove every mask and decode the sum over the honest survivors.
+
+        Called when READY; or at UNMASK with the unmask responses, as a shortcut for
+        :meth:`collect_unmask` that raises :class:`ProtocolError` (state kept) if it proves a liar.
+        """
+        if self._stage is _Stage.UNMASK and responses is not None and self.collect_unmask(responses):
+            raise ProtocolError(f"sites {sorted(self._survivors - self._seeds.keys())} were proven to cheat: "
+                                "run the expose stage (collect_exposures) before finish")
+        self._enter(_Stage.READY, "finish")
+        params = self.params
+        honest = frozenset(self._seeds)
         modmask = np.uint64(params.modulus_mask)
         length, bits, round_id = params.total_length, params.modulus_bits, params.round_id
-        for site in sorted(self._survivors):
-            seed = self._recover(site, seed_shares.get(site, []), "self-mask seed")
-            if seed_commitment(seed, round_id, site) != self._bundles[site].seed_commitment:
-                raise self._liar(site, "self-mask seed")
-            total -= expand_mask(seed, length, bits, self_mask_context(round_id, site))
-            total &= modmask
-        for dropped in sorted(self._to_unmask):
-            raw = self._recover(dropped, key_shares.get(dropped, []), "mask key")
+        total = np.zeros(length, dtype=np.uint64)
+        for site in sorted(honest):
+            total = (total + unpack_bits(self._uploads[site], length, bits)
+                     - expand_mask(self._seeds[site], length, bits, self_mask_context(round_id, site))) & modmask
+        for gone, raw in sorted(self._keys.items()):  # dropped sites and removed liars
             key = X25519PrivateKey.from_private_bytes(raw)
-            if key.public_key().public_bytes_raw() != self._bundles[dropped].mask_public:
-                raise self._liar(dropped, "mask key")
-            for site in sorted(s for s in self._survivors if dropped in self._masked_with[s]):
+            for site in sorted(s for s in honest if gone in self._masked_with[s]):
                 shared = x25519_shared_secret(key, self._bundles[site].mask_public)
-                seed = pairwise_seed(shared, round_id, site, dropped)
-                pair = expand_mask(seed, length, bits, pairwise_mask_context(round_id, site, dropped))
-                total = (total - pair if site < dropped else total + pair) & modmask
-        return self._decode(total)
+                seed = pairwise_seed(shared, round_id, site, gone)
+                pair = expand_mask(seed, length, bits, pairwise_mask_context(round_id, site, gone))
+                total = (total - pair if site < gone else total + pair) & modmask
+        return self._decode(total, honest)
 
-    def _collect_shares(self, responses: Mapping[object, object]) -> tuple[dict[int, list[Share]], dict[int, list[Share]]]:
-        """Shares whose dealer signature verifies, by owner; anything else is logged and skipped."""
-        seeds: dict[int, list[Share]] = {}
-        keys: dict[int, list[Share]] = {}
+    def _share_ok(self, holder: int, owner: int, kind: str, blob: bytes, digest: bytes) -> bool:
+        """Whether ``blob`` is ``owner``'s signed ``kind`` share at ``holder``'s x-coordinate."""
+        try:
+            share = Share.from_bytes(blob[:SHARE_BYTES])
+        except ShamirError:
+            return False
+        return share.x == holder + 1 and share_signature_ok(
+            self._registry[owner], blob[SHARE_BYTES:], kind, params_digest=digest, dealer=owner, holder=holder,
+            share=blob[:SHARE_BYTES])
+
+    def _collect_shares(self, responses: Mapping[object, object]) -> tuple[dict[int, _Signed], dict[int, _Signed]]:
+        """Shares whose dealer signature verifies, by owner then holder; anything else is logged and skipped."""
+        seeds: dict[int, _Signed] = {}
+        keys: dict[int, _Signed] = {}
         digest = self.params.digest
         for key, raw in responses.items():
             site = _site_id(self.params, key)
@@ -365,49 +460,49 @@ class ServerAggregator:
             for kind, shares, allowed, out in (("seed", resp.self_mask_shares, survived, seeds),
                                                ("key", resp.key_shares, dropped, keys)):
                 for owner, blob in shares.items():
-                    try:
-                        share = Share.from_bytes(blob[:SHARE_BYTES])
-                    except ShamirError:
-                        share = None
-                    if (owner not in allowed or share is None or share.x != site + 1 or not share_signature_ok(
-                            self._registry[owner], blob[SHARE_BYTES:], kind, params_digest=digest, dealer=owner,
-                            holder=site, share=blob[:SHARE_BYTES])):
+                    if owner not in allowed or not self._share_ok(site, owner, kind, blob, digest):
                         self._drop(site, "unmask", f"unrequested, misaddressed or forged {kind} share of site "
                                                    f"{owner} (skipped)")
                         continue
-                    out.setdefault(owner, []).append(share)
+                    out.setdefault(owner, {})[site] = blob
         return seeds, keys
 
-    def _recover(self, owner: int, shares: list[Share], what: str) -> bytes:
-        """Interpolate ``threshold`` dealer-signed shares (no subset search is ever needed)."""
-        t = self.params.threshold
+    def _open(self, owner: int, kind: str, shares: _Signed) -> bytes | None:
+        """The secret of ``threshold`` dealer-signed shares (no subset search is ever needed), or None
+        when they do not open the owner's commitment: then the shares are the proof (:attr:`proofs`)."""
+        t, what = self.params.threshold, "self-mask seed" if kind == "seed" else "mask key"
         if len(shares) < t:
             raise self._abort(f"only {len(shares)} valid shares of site {owner}'s {what}; threshold is {t}")
         try:
-            return combine(shares[:t], t)
+            secret = combine([Share.from_bytes(shares[h][:SHARE_BYTES]) for h in sorted(shares)], t)
         except ShamirError:
-            raise self._liar(owner, what) from None
-
-    def _liar(self, owner: int, what: str) -> RoundAborted:
-        """``owner`` signed shares that do not open its commitment: proof that it dealt them wrongly."""
+            secret = None
+        if secret is not None and opens_commitment(kind, secret, self._bundles[owner]):
+            return secret
+        proof = LiarProof(owner, kind, dict(shares))
+        check_proof(proof, self.params, self._registry[owner], self._bundles[owner])  # holds by construction
+        self.proofs[owner] = proof
         self.liars[owner] = f"dealt signed {what} shares inconsistent with its signed commitment"
+        self.dropped_reasons[owner] = f"unmask: {_LIAR_REASON}"
         log.error("site %d %s", owner, self.liars[owner])
-        return self._abort(f"site {owner} cheated: {self.liars[owner]}")
+        return None
 
-    def _decode(self, total: npt.NDArray[np.uint64]) -> AggregateResult:
-        params, n = self.params, len(self._survivors)
+    def _decode(self, total: npt.NDArray[np.uint64], honest: frozenset[int]) -> AggregateResult:
+        params, n = self.params, len(honest)
         values, counts = total[: params.vector_length], total[params.vector_length:]
         too_big = int(values.max()) > n * ((1 << params.value_bits) - 1) or (
             counts.size > 0 and int(counts.max()) > n * params.max_count
         )
-        self._total = None
+        self._uploads.clear()
+        self._seeds.clear()
+        self._keys.clear()
         if too_big:
             raise self._abort("unmasked sum is out of range: a share or an input was corrupted")
         self._stage = _Stage.DONE
         return AggregateResult(
             sum_vector=decode_sum(values, n, value_bits=params.value_bits, clip=params.clip),
             counts=[int(c) for c in counts],
-            survivors=self._survivors,
-            dropped=frozenset(params.site_ids) - self._survivors,
+            survivors=honest,
+            dropped=frozenset(params.site_ids) - honest,
             error_bound=error_bound(n, params.value_bits, params.clip, params.rounding),
         )

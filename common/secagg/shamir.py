@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from common.secagg.errors import ShamirError
 
-__all__ = ["PRIME", "SECRET_BYTES", "SHARE_BYTES", "Share", "combine", "split"]
+__all__ = ["PRIME", "SECRET_BYTES", "SHARE_BYTES", "Share", "combine", "consistent_secret", "split"]
 
 PRIME = (1 << 521) - 1
 SECRET_BYTES = 32
@@ -97,3 +97,42 @@ def combine(shares: Sequence[Share], threshold: int) -> bytes:
     if secret >> (8 * SECRET_BYTES):
         raise ShamirError("shares are inconsistent (interpolated value is not a valid secret)")
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+def _evaluate(points: Sequence[Share], weights: Sequence[int], z: int) -> int:
+    """Value at ``z`` of the polynomial of degree < len(points) through ``points`` (Lagrange form,
+    precomputed barycentric ``weights``; prefix/suffix products, so O(len) per point)."""
+    diffs = [(z - p.x) % PRIME for p in points]
+    suffix = [1] * (len(points) + 1)
+    for i in range(len(points) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] * diffs[i] % PRIME
+    total, prefix = 0, 1
+    for i, point in enumerate(points):
+        total = (total + point.y * weights[i] % PRIME * prefix % PRIME * suffix[i + 1]) % PRIME
+        prefix = prefix * diffs[i] % PRIME
+    return total
+
+
+def consistent_secret(shares: Sequence[Share], threshold: int) -> bytes | None:
+    """The secret of the ONE polynomial of degree < ``threshold`` through ALL ``shares``, or None
+    when no such polynomial exists (some ``threshold``-subsets disagree) or its constant is not a
+    valid 32-byte secret. An honest dealer's shares always give its secret.
+
+    Raises :class:`ShamirError` for fewer than ``threshold`` shares or duplicate x-coordinates.
+    """
+    if threshold < 1 or len(shares) < threshold:
+        raise ShamirError(f"{len(shares)} shares given, {threshold} needed")
+    if len({s.x for s in shares}) != len(shares):
+        raise ShamirError("duplicate share x-coordinates")
+    base = list(shares[:threshold])
+    weights = []
+    for i, share in enumerate(base):
+        den = 1
+        for j, other in enumerate(base):
+            if j != i:
+                den = den * (share.x - other.x) % PRIME
+        weights.append(pow(den, -1, PRIME))
+    if any(_evaluate(base, weights, extra.x) != extra.y for extra in shares[threshold:]):
+        return None
+    secret = _evaluate(base, weights, 0)
+    return None if secret >> (8 * SECRET_BYTES) else secret.to_bytes(SECRET_BYTES, "big")
