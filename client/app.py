@@ -9,6 +9,8 @@ Message types:
     train.secagg_mask    → stage 3: the masked contribution
     train.secagg_confirm → stage 4: sign the survivor list (consistency check)
     train.secagg_unmask  → stage 5: shares for survivors XOR dropped sites, after t signatures on one list
+    train.secagg_expose  → stage 6 (only when a site dealt shares that contradict its commitment): this
+                           site's shares of that liar's mask key, after checking the proof itself
 
 What leaves the site: the DP update (masked, under secure aggregation), a public weight, and in
 the clear its ε and δ. Every handler replies with a typed failure (a kind and a fixed message,
@@ -21,13 +23,15 @@ import functools
 import logging
 from collections.abc import Callable
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger
 from client.release import ReleasedUpdates, adapter_digest
 from client.secure import (
-    SessionStore, SiteKeys, accept_params, stage_advertise, stage_confirm, stage_mask, stage_share, stage_unmask,
+    SessionStore, SiteKeys, accept_params, stage_advertise, stage_confirm, stage_expose, stage_mask, stage_share,
+    stage_unmask,
 )
 from client.site import PolicyError, Site, resolve_site
 from client.train import TrainingError, train_locally
@@ -93,7 +97,7 @@ def identify(msg: Message, context: Context) -> RecordDict:
 
 
 def _released_update(site: Site, settings: RunSettings, received: AdapterState, server_round: int,
-                     run_id: int) -> tuple:
+                     run_id: int) -> tuple[np.ndarray, PrivacyLedger | None]:
     """The round's DP update: the one already released for this (round, adapter), or a freshly trained one.
 
     With DP the round is charged to the ledger before training starts (write-ahead, in train_locally).
@@ -178,3 +182,9 @@ def confirm(msg: Message, context: Context) -> RecordDict:
 @_replying_failures
 def unmask(msg: Message, context: Context) -> RecordDict:
     return _secure_stage(stage_unmask, msg, context)
+
+
+@app.train("secagg_expose")
+@_replying_failures
+def expose(msg: Message, context: Context) -> RecordDict:
+    return _secure_stage(stage_expose, msg, context)

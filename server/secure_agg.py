@@ -1,4 +1,4 @@
-"""Secure aggregation driven over Flower's Grid: five message exchanges per round.
+"""Secure aggregation driven over Flower's Grid: five message exchanges per round (six with a proven liar).
 
     train                 global adapter + round parameters → signed round keys  (sites train first)
     train.secagg_share    signed keys (neighbours', or all)  → encrypted, signed Shamir shares

@@ -412,7 +412,7 @@ def test_seed_liar_is_removed_and_the_round_goes_on(all_pairs: bool, drop: set[i
 def test_liar_whose_threshold_subsets_disagree_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:
     # The liar corrupts ONE share: t-subsets without it open the commitment, those with it do not.
     import common.secagg.client as client_module
-    params, fed = _setup(10, count_slots=1)
+    params, fed = _setup(10, count_slots=1, all_pairs=True)
     updates, liar, honest_split = _updates(params), 6, client_module.split
     liar_seed = fed.clients[liar]._self_seed
 

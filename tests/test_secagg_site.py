@@ -125,3 +125,21 @@ def test_bundle_signed_over_other_parameters_is_dropped() -> None:
     updates = {s: np.full(4, 0.1) for s in params.site_ids}
     result = fed.run(updates)
     assert 5 in result.dropped and "other round parameters" in fed.server.dropped_reasons[5]
+
+
+def test_close_answered_wipes_retained_shares_and_unreadable_sessions(tmp_path: Path) -> None:
+    # Retention rule: the other survivors' mask-key shares kept after unmask (for an expose stage)
+    # are wiped when the site's next round starts; a session file it cannot read is deleted.
+    params = SecAggParams(round_id=b"r", site_ids=tuple(range(5)), vector_length=4)
+    identities = {s: SiteIdentity.generate() for s in params.site_ids}
+    fed = LocalFederation.create(params, identities)
+    fed.run({s: np.full(4, 0.1) for s in params.site_ids})
+    registry = FederationRegistry({f"site-{i}": i for i in range(5)}, fed.registry)
+    keys, store = SiteKeys(0, identities[0], registry), SessionStore(tmp_path)
+    store.save(fed.clients[0])
+    (store.directory / "junk.json").write_text("{")
+    assert store.load(b"r", keys)[0].retained_key_shares == {1, 2, 3, 4}
+    store.close_answered(keys)
+    session = store.load(b"r", keys)[0]
+    assert session.stage.name == "CLOSED" and not session.holds_secrets
+    assert not (store.directory / "junk.json").exists()

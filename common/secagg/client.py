@@ -463,9 +463,10 @@ class ClientSession:
 
     # ------------------------------------------------------------------ persistence
     def export_state(self) -> bytes:
-        """Serialise the session for local storage between stages; secrets only while the round runs.
+        """Serialise the session for local storage between stages; secrets only while the round runs
+        (private keys until unmask, the other survivors' mask-key shares until CLOSED).
 
-        The blob holds private keys until the session ends: keep it on the site, never send it.
+        The blob holds secrets until the session is closed: keep it on the site, never send it.
         Persist it after every stage (durably before an unmask answer leaves), or a replay check is lost.
         """
         def shares(d: dict[int, _Held]) -> dict[str, list[str]]:

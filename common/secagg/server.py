@@ -102,7 +102,7 @@ def _site_id(params: SecAggParams, key: object) -> int | None:
 
 
 class ServerAggregator:
-    """One round of secure aggregation, server side. Call the five stages in order."""
+    """One round of secure aggregation, server side. Call the stages in order (see the module doc)."""
 
     def __init__(self, params: SecAggParams, registry: Mapping[int, Ed25519PublicKey]) -> None:
         self.params = params
