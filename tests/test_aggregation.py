@@ -50,3 +50,38 @@ def test_ffa_mean_is_exact_and_plain_averaging_is_not():
     mean_a = sum(w * a for w, a in zip(weights, site_a)) / sum(weights)
     gap = np.linalg.norm(mean_b @ mean_a - wanted) / np.linalg.norm(wanted)
     assert gap > 0.05
+
+
+def test_weights_above_the_cap_count_as_the_cap_in_update_and_sum_alike():
+    """Two sites declaring more than W with the same delta must average to that delta (not half of it):
+    the cap applies to the weight in the update and to the weight it is divided by."""
+    from common.config import SecureAggSettings
+    from common.secagg import LocalFederation
+    from common.secure_update import decode_sum, encode_contribution, round_params, site_weight
+
+    settings = SecureAggSettings(registry="r.json", max_examples=100, clip=5.0)
+    delta = np.linspace(-0.5, 0.5, 12)
+    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=12)
+    weights = {0: site_weight(20_000, settings), 1: site_weight(30_000, settings), 2: site_weight(None, settings)}
+    assert weights == {0: 100, 1: 100, 2: 100}
+    encoded = {site: encode_contribution(delta, w, settings) for site, w in weights.items()}
+    result = LocalFederation.create(params).run({s: v for s, (v, _) in encoded.items()},
+                                                {s: c for s, (_, c) in encoded.items()})
+    total = decode_sum(result, settings, params)
+    assert total.total_weight == 300 and total.clipped_sites == 0
+    np.testing.assert_allclose(total.mean_delta, delta, atol=total.error_bound + 1e-7)
+
+
+def test_declared_weights_below_the_cap_weigh_the_mean():
+    from common.config import SecureAggSettings
+    from common.secagg import LocalFederation
+    from common.secure_update import decode_sum, encode_contribution, round_params
+
+    settings = SecureAggSettings(registry="r.json", max_examples=100, clip=5.0)
+    deltas = {0: np.full(4, 1.0), 1: np.full(4, 0.0), 2: np.full(4, 0.0)}
+    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=4)
+    encoded = {s: encode_contribution(deltas[s], w, settings) for s, w in {0: 50, 1: 25, 2: 25}.items()}
+    result = LocalFederation.create(params).run({s: v for s, (v, _) in encoded.items()},
+                                                {s: c for s, (_, c) in encoded.items()})
+    total = decode_sum(result, settings, params)
+    np.testing.assert_allclose(total.mean_delta, np.full(4, 0.5), atol=total.error_bound + 1e-7)
