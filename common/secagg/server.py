@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -60,6 +62,7 @@ from common.secagg.shamir import SHARE_BYTES, Share, combine
 
 __all__ = ["SHARE_CIPHERTEXT_BYTES", "AggregateResult", "ServerAggregator"]
 
+_R = TypeVar("_R", ExposeResponse, UnmaskResponse)
 log = logging.getLogger(__name__)
 
 SHARE_CIPHERTEXT_BYTES = 12 + 8 + 2 * (SHARE_BYTES + SIGNATURE_BYTES) + 16
@@ -378,17 +381,9 @@ class ServerAggregator:
         self._enter(_Stage.EXPOSE, "collect_exposures")
         digest, shares = self.params.digest, {}
         for key, raw in responses.items():
-            site = _site_id(self.params, key)
-            if site is None or site not in self._expose_to:
-                log.warning("ignoring expose response from %r, which was sent no proof", key)
+            if (parsed := self._response(key, raw, ExposeResponse, self._expose_to, "expose")) is None:
                 continue
-            try:
-                resp = raw if isinstance(raw, ExposeResponse) else ExposeResponse.from_bytes(raw)  # type: ignore[arg-type]
-                if resp.round_id != self.params.round_id or resp.site_id != site:
-                    raise ProtocolError("response is for another round or site")
-            except SecAggError as exc:
-                self._drop(site, "expose", f"response rejected: {exc}")
-                continue
+            site, resp = parsed
             for owner, blob in resp.key_shares.items():
                 if owner in self._expose_to[site] and self._share_ok(site, owner, "key", blob, digest):
                     shares.setdefault(owner, {})[site] = blob
@@ -438,23 +433,32 @@ class ServerAggregator:
             self._registry[owner], blob[SHARE_BYTES:], kind, params_digest=digest, dealer=owner, holder=holder,
             share=blob[:SHARE_BYTES])
 
+    def _response(self, key: object, raw: object, kind: type[_R], eligible: Collection[int],
+                  stage: str) -> tuple[int, _R] | None:
+        """(site, parsed response) of a site that was asked; None when ignored or dropped (logged)."""
+        site = _site_id(self.params, key)
+        if site is None or site not in eligible:
+            log.warning("ignoring %s response from %r, which was not asked for one", stage, key)
+            return None
+        try:
+            resp = raw if isinstance(raw, kind) else kind.from_bytes(raw)  # type: ignore[attr-defined]
+            if resp.round_id != self.params.round_id or resp.site_id != site:
+                raise ProtocolError("response is for another round or site")
+        except SecAggError as exc:
+            self._drop(site, stage, f"response rejected: {exc}")
+            return None
+        return site, resp
+
     def _collect_shares(self, responses: Mapping[object, object]) -> tuple[dict[int, _Signed], dict[int, _Signed]]:
         """Shares whose dealer signature verifies, by owner then holder; anything else is logged and skipped."""
         seeds: dict[int, _Signed] = {}
         keys: dict[int, _Signed] = {}
         digest = self.params.digest
+        signers = self._request.signatures if self._request is not None else {}
         for key, raw in responses.items():
-            site = _site_id(self.params, key)
-            if site is None or self._request is None or site not in self._request.signatures:
-                log.warning("ignoring unmask response from %r, which did not sign the survivor set", key)
+            if (parsed := self._response(key, raw, UnmaskResponse, signers, "unmask")) is None:
                 continue
-            try:
-                resp = raw if isinstance(raw, UnmaskResponse) else UnmaskResponse.from_bytes(raw)  # type: ignore[arg-type]
-                if resp.round_id != self.params.round_id or resp.site_id != site:
-                    raise ProtocolError("response is for another round or site")
-            except SecAggError as exc:
-                self._drop(site, "unmask", f"response rejected: {exc}")
-                continue
+            site, resp = parsed
             partners = self._masked_with[site]
             survived, dropped = self._survivors & (partners | {site}), partners - self._survivors
             for kind, shares, allowed, out in (("seed", resp.self_mask_shares, survived, seeds),
