@@ -42,6 +42,7 @@ from common.data import DataError
 from common.model import ModelError, build_model
 from common.records import (
     PrivacyReport, SiteFailure, TrainReply, WireError, pack_failure, pack_privacy, pack_stage, pack_train_reply,
+    pack_weight,
     unpack_stage, unpack_train_request,
 )
 from common.registry import RegistryError, load_identity, load_registry
@@ -97,8 +98,9 @@ def identify(msg: Message, context: Context) -> RecordDict:
 
 
 def _released_update(site: Site, settings: RunSettings, received: AdapterState, server_round: int,
-                     run_id: int) -> tuple[np.ndarray, PrivacyLedger | None]:
-    """The round's DP update: the one already released for this (round, adapter), or a freshly trained one.
+                     run_id: int) -> tuple[np.ndarray, str, PrivacyLedger | None]:
+    """(the round's DP update, its release name, the ledger): the update already released for this
+    (round, adapter) if it never entered a secure sum, else a freshly trained one.
 
     With DP the round is charged to the ledger before training starts (write-ahead, in train_locally).
     """
@@ -110,7 +112,7 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
     if update is not None:
         log.info("%s: round %d was already released for this adapter; resending it (no new ε)", site.name,
                  server_round)
-        return update, ledger
+        return update, released.name(server_round, digest), ledger
     if ledger is None:
         log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
     model = build_model(settings.model_path, len(site.labels), settings.lora)
@@ -118,11 +120,11 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
     result = train_locally(model, site.train, settings.train, ledger=ledger,
                            planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id)
     update = delta(result.adapter, received, keys_order)
-    released.seal(server_round, digest, update)
+    name = released.seal(server_round, digest, update)
     AuditLog(site.state_dir / "audit.jsonl").record(
         "released", run_id=run_id, round=server_round, received_sha256=digest, examples=len(site.train),
         steps=result.steps, epsilon=result.epsilon, secure_aggregation=settings.federation.secure_aggregation)
-    return update, ledger
+    return update, name, ledger
 
 
 @app.train()
@@ -135,21 +137,24 @@ def train(msg: Message, context: Context) -> RecordDict:
     secure = settings.federation.secure_aggregation
     if secure != (secagg_params is not None):
         raise WireError("the train request does not match the run's aggregation mode")
-    params, keys = None, None
+    params, keys, store = None, None, SessionStore(site.state_dir)
     if secure:  # the round's parameters are checked against the site's policy BEFORE any budget is spent
         keys = _keys(settings, site)
         size = sum(received[k].size for k in trainable_keys(received, settings.lora.aggregation))
-        params = accept_params(secagg_params, site.policy, keys, store=SessionStore(site.state_dir),
-                               run_id=run_id, server_round=server_round, vector_length=size)
-    update, ledger = _released_update(site, settings, received, server_round, run_id)
+        params = accept_params(secagg_params, site.policy, keys, store=store, run_id=run_id,
+                               server_round=server_round, vector_length=size)
+    else:
+        store.claim_round(run_id, server_round)  # rounds strictly increase per run, plain or secure
+    update, release, ledger = _released_update(site, settings, received, server_round, run_id)
     weight = site_weight(site.policy.declared_examples, settings.secagg)
     privacy = PrivacyReport(site.name, True, **ledger.report()) if ledger else PrivacyReport(site.name, False)
     if keys is None:
         log.warning("PLAIN AGGREGATION: %s sends its update in the clear to the server", site.name)
         return pack_train_reply(TrainReply(update, weight, privacy))
-    bundle = stage_advertise(SessionStore(site.state_dir), params, keys, update, weight, settings.secagg)
+    bundle = stage_advertise(store, params, keys, update, weight, settings.secagg, release=release)
     reply = pack_stage(params.round_id, {"bundle": bundle})
     reply["privacy"] = pack_privacy(privacy)
+    reply["train"] = pack_weight(weight)
     return reply
 
 

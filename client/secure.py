@@ -21,11 +21,11 @@ twice, or for parameters other than the ones the site accepted at stage 1 is ref
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from client.release import ReleasedUpdates
 from client.site import SitePolicy
-from common.files import exclusive_lock, replace_durably
+from common.files import exclusive_lock, write_durably
 from common.registry import FederationRegistry
 from common.secagg import (
     ClientSession,
@@ -50,6 +51,7 @@ from common.secagg import (
 from common.config import SecureAggSettings
 from common.secure_update import COUNT_SLOTS, encode_contribution, params_from_bytes, params_to_bytes
 
+log = logging.getLogger("fedtune.client")
 SESSIONS_DIR = "secagg-sessions"
 ROUNDS_FILE = "last-rounds.json"
 _SITE_KEY = re.compile(r"[0-9]{1,10}")
@@ -64,21 +66,6 @@ class SiteKeys:
     site_id: int
     identity: SiteIdentity
     registry: FederationRegistry
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Owner-only, atomic and fsynced (file and directory) before returning."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        replace_durably(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class SessionStore:
@@ -99,7 +86,12 @@ class SessionStore:
             record.pop("counts", None)
         record["params"] = params_to_bytes(session.params).decode()
         record["session"] = session.export_state().decode()
-        _write_durably(self._path(session.params.round_id), json.dumps(record).encode())
+        write_durably(self._path(session.params.round_id), json.dumps(record).encode())
+
+    def locked(self, round_id: bytes) -> contextlib.AbstractContextManager[None]:
+        """An exclusive lock on one round's session, across processes (Flower may run a process per message)."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return exclusive_lock(self.directory / f".{round_id.hex()}.lock")
 
     def load(self, round_id: bytes, keys: SiteKeys) -> tuple[ClientSession, dict]:
         path = self._path(round_id)
@@ -115,18 +107,25 @@ class SessionStore:
         wiped. A session file that cannot be loaded any more is deleted (it may hold secrets)."""
         for path in sorted(self.directory.glob("*.json")):
             try:
-                session, record = self.load(bytes.fromhex(path.stem), keys)
-            except Exception:  # noqa: BLE001 - unreadable (other registry, corrupt): delete it
+                round_id = bytes.fromhex(path.stem)
+            except ValueError:  # not a session we can read: it may hold secrets, delete it
                 path.unlink(missing_ok=True)
                 continue
-            if session.stage is Stage.DONE:
-                session.close()
-                self.save(session, record)
+            with self.locked(round_id):
+                try:
+                    session, record = self.load(round_id, keys)
+                except Exception:  # noqa: BLE001 - unreadable (other registry, corrupt): delete it
+                    path.unlink(missing_ok=True)
+                    continue
+                if session.stage is Stage.DONE:
+                    session.close()
+                    self.save(session, record)
 
     def prune(self, keep: int = 3) -> None:
         files = sorted(self.directory.glob("*.json"), key=lambda p: p.stat().st_mtime)
         for stale in files[:-keep]:
             stale.unlink(missing_ok=True)
+            (self.directory / f".{stale.stem}.lock").unlink(missing_ok=True)
 
     def claim_round(self, run_id: int, server_round: int) -> None:
         """Record ``server_round`` as this run's latest; refuse one that is not strictly later."""
@@ -139,7 +138,7 @@ class SessionStore:
                 raise ParamsRefused(f"round {server_round} of run {run_id} is not after round {previous}, "
                                     "which this site already took part in (replayed round)")
             last[str(run_id)] = server_round
-            _write_durably(path, json.dumps(last).encode())
+            write_durably(path, json.dumps(last).encode())
 
 
 def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: SessionStore, run_id: int,
@@ -190,19 +189,23 @@ def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: Ses
 
 
 def stage_advertise(store: SessionStore, params: SecAggParams, keys: SiteKeys, delta: np.ndarray, weight: int,
-                    settings: SecureAggSettings) -> bytes:
-    """Stage 1 (after local training): encode the contribution (``encode_contribution``: weighted,
-    clipped update and counts ``[weight, clipped?]``), sign fresh round keys, and keep the encoded
-    contribution for stage 3."""
-    values, counts = encode_contribution(np.asarray(delta), weight, settings)
+                    settings: SecureAggSettings, *, release: str) -> bytes:
+    """Stage 1 (after local training): encode the contribution (``encode_contribution``: the weighted,
+    clipped update), sign fresh round keys, and keep the encoded contribution for stage 3 (with the
+    name of the sealed release it came from, marked uploaded when the masked input leaves)."""
+    values, clipped = encode_contribution(np.asarray(delta), weight, settings)
+    if clipped:
+        log.warning("the update's L2 norm exceeded secagg.clip=%g: it was scaled down", settings.clip)
     values = np.asarray(values, dtype=np.float64)
+    counts: list[int] = []
     if values.shape != (params.vector_length,) or len(counts) != params.count_slots:
         raise ProtocolError("the contribution does not have the round's vector length or count slots")
     store.close_answered(keys)  # a new round here ends the expose window of earlier ones
     session = ClientSession(params, keys.site_id, keys.identity, keys.registry.keys)
     bundle = session.advertise_keys().to_bytes()
     store.prune()
-    store.save(session, {"values": base64.b64encode(values.tobytes()).decode(), "counts": [int(c) for c in counts]})
+    store.save(session, {"values": base64.b64encode(values.tobytes()).decode(), "counts": [int(c) for c in counts],
+                         "release": release})
     return bundle
 
 
@@ -210,11 +213,12 @@ def stage_advertise(store: SessionStore, params: SecAggParams, keys: SiteKeys, d
 def _stage(store: SessionStore, round_id: bytes, keys: SiteKeys) -> Iterator[tuple[ClientSession, dict]]:
     """Load the session; save it durably afterwards, also when the stage fails (an aborted session
     stays aborted, its secrets wiped)."""
-    session, record = store.load(round_id, keys)
-    try:
-        yield session, record
-    finally:
-        store.save(session, record)
+    with store.locked(round_id):  # two messages for one stage never run at once (no second deal)
+        session, record = store.load(round_id, keys)
+        try:
+            yield session, record
+        finally:
+            store.save(session, record)
 
 
 def _by_site(blobs: Mapping[str, bytes]) -> dict[int, bytes]:
@@ -252,7 +256,10 @@ def stage_mask(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapp
         counts = record.pop("counts")
         if not math.isfinite(float(np.sum(np.abs(values)))):
             raise ProtocolError("the stored contribution is not finite")
-        return session.masked_input(inbox, values, counts)
+        upload = session.masked_input(inbox, values, counts)
+        # From here the server can sum this update (its holders reveal the seed): never resend it.
+        ReleasedUpdates(store.directory.parent).mark_uploaded(record["release"])
+        return upload
 
 
 def stage_confirm(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes]) -> bytes:

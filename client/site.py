@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +43,15 @@ class SitePolicy:
     A request below it is refused before any privacy budget is spent, with a typed failure.
     """
 
+    labels: tuple[str, ...] = ()
+    """The federation's label set, as the site agreed to it (required): a run naming another is refused,
+    so the coordinator cannot probe which labels the site's records carry."""
+    model_path: str = ""
+    """The base model the site trains ("" = the packaged MiniLM): a run naming another is refused."""
     max_epsilon: float = 8.0
     """The most ε (the site's total over the whole federation) the site will ever agree to."""
     max_delta: float | None = None
-    """Largest δ accepted; None = 1/(10·n) for the site's n records."""
+    """Largest δ accepted; None = min(1e-5, 1/(10·n) rounded down to a power of ten) for n records."""
     accountants: tuple[str, ...] = ACCOUNTANTS
     require_dp: bool = True
     require_secure_aggregation: bool = True
@@ -70,19 +76,34 @@ class SitePolicy:
             problems.append(f"min-sites must be >= 2, got {self.min_sites}")
         if self.all_pairs_up_to < 0 or self.min_degree < 0:
             problems.append("all-pairs-up-to and min-degree must be >= 0")
+        if len(set(self.labels)) != len(self.labels):
+            problems.append(f"labels must name each label once, got {self.labels}")
         if self.declared_examples is not None and self.declared_examples < 1:
             problems.append(f"declared-examples must be >= 1, got {self.declared_examples}")
         if problems:
             raise ConfigError("site policy: " + "; ".join(problems))
 
+    def check_task(self, settings: RunSettings) -> None:
+        """Refuse a run on another label set or model, before the site's data is even read."""
+        if not self.labels:
+            raise ConfigError("this site's policy names no labels: set them with `fedtune client start --labels` "
+                              "(a simulated site's policy.json is written by `fedtune simulate`)")
+        if settings.data.labels != self.labels:
+            raise PolicyError(f"the run's labels {settings.data.labels} are not the ones this site agreed to "
+                              f"{self.labels}")
+        if settings.model_path != self.model_path:
+            raise PolicyError(f"the run's model {settings.model_path!r} is not the one this site trains "
+                              f"{self.model_path!r}")
+
     def check(self, settings: RunSettings, num_records: int) -> None:
         """Refuse a run that asks for less protection than this policy (before anything is spent)."""
+        self.check_task(settings)
         privacy = settings.privacy
         if not privacy.enabled:
             if self.require_dp:
                 raise PolicyError("the run turns differential privacy off; this site requires DP")
         else:
-            max_delta = self.max_delta if self.max_delta is not None else 1 / (10 * max(1, num_records))
+            max_delta = self.max_delta if self.max_delta is not None else default_max_delta(num_records)
             if privacy.epsilon > self.max_epsilon:
                 raise PolicyError(f"the run asks for a budget ε={privacy.epsilon:g}; this site allows at most "
                                   f"ε={self.max_epsilon:g}")
@@ -112,12 +133,15 @@ class SitePolicy:
             for key, value in values.items():
                 name = fields[key].name
                 default = getattr(cls, name, None)
-                if name == "accountants":
-                    kwargs[name] = tuple(str(value).split(",")) if isinstance(value, str) else tuple(value)
+                if name in ("accountants", "labels"):
+                    parts = str(value).split(",") if isinstance(value, str) else value
+                    kwargs[name] = tuple(str(part).strip() for part in parts if str(part).strip())
                 elif isinstance(default, bool):
                     if not isinstance(value, bool):
                         raise ValueError(f"{key} must be true or false")
                     kwargs[name] = value
+                elif name == "model_path":
+                    kwargs[name] = str(value)
                 elif value is None or value == "":
                     kwargs[name] = None
                 elif name in ("max_epsilon", "max_delta"):
@@ -131,6 +155,12 @@ class SitePolicy:
     def to_mapping(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): (",".join(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in dataclasses.fields(self)}
+
+
+def default_max_delta(num_records: int) -> float:
+    """min(1e-5, 1/(10·n) rounded down to a power of ten): never above 1/(10·n), and a refusal it causes
+    tells the coordinator at most the order of magnitude of n, and nothing below 10,000 records."""
+    return min(1e-5, 10.0 ** math.floor(math.log10(1 / (10 * max(1, num_records)))))
 
 
 def write_policy(state_dir: Path, policy: SitePolicy) -> Path:
@@ -214,7 +244,8 @@ def _simulation_partitions(data: DataSettings, sites: int) -> tuple[list[Record]
 
 def _encode_site(name: str, state_dir: Path, records: list[Record], settings: RunSettings,
                  *, policy: SitePolicy, keys_dir: Path) -> Site:
-    tokenizer = load_tokenizer(settings.model_path)
-    train = encode(records, settings.data.labels, tokenizer, settings.data.max_length, f"site {name}")
-    return Site(name=name, state_dir=state_dir, labels=settings.data.labels, train=train, keys_dir=keys_dir,
+    policy.check_task(settings)  # the coordinator's labels and model never decide how the records are read
+    tokenizer = load_tokenizer(policy.model_path)
+    train = encode(records, policy.labels, tokenizer, settings.data.max_length, f"site {name}")
+    return Site(name=name, state_dir=state_dir, labels=policy.labels, train=train, keys_dir=keys_dir,
                 policy=policy)

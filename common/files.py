@@ -53,6 +53,21 @@ def write_json(path: Path, payload: Any, *, mode: int = 0o600) -> None:
         raise
 
 
+def write_durably(path: Path, data: bytes) -> None:
+    """Owner-only (0600), atomic and fsynced, file and directory, before returning."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        replace_durably(Path(tmp), path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_private(path: Path, data: bytes) -> None:
     """A secret file, readable by its owner only (0600) from the moment it exists."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -159,10 +159,24 @@ def unpack_privacy(content: RecordDict) -> PrivacyReport | None:
                          accountant[:16] if isinstance(accountant, str) and accountant else None)
 
 
+def pack_weight(weight: int) -> MetricRecord:
+    """A site's public weight (secure and plain replies alike)."""
+    return MetricRecord({"weight": weight})
+
+
+def unpack_weight(content: RecordDict, max_weight: int) -> int:
+    """The reply's weight, a whole number in [1, W]; WireError otherwise."""
+    record = content.metric_records.get("train")
+    weight = record.get("weight") if record is not None else None
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= max_weight:
+        raise WireError(f"update weight {weight!r} is not a whole number in [1, {max_weight}]")
+    return weight
+
+
 def pack_train_reply(reply: TrainReply) -> RecordDict:
     return RecordDict({
         "update": ArrayRecord({"delta": Array(np.ascontiguousarray(reply.delta, dtype=np.float32))}),
-        "train": MetricRecord({"weight": reply.weight}),
+        "train": pack_weight(reply.weight),
         "privacy": pack_privacy(reply.privacy),
     })
 
@@ -184,7 +198,6 @@ def unpack_train_reply(content: RecordDict, expected_values: int, max_weight: in
         return failure
     try:
         array = content.array_records["update"]["delta"]
-        weight = content.metric_records["train"]["weight"]
     except KeyError as exc:
         raise WireError(f"train reply lacks {exc}") from exc
     privacy = unpack_privacy(content)
@@ -195,6 +208,4 @@ def unpack_train_reply(content: RecordDict, expected_values: int, max_weight: in
     delta = array.numpy()
     if not np.isfinite(delta).all():
         raise WireError("update holds NaN or infinite values")
-    if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= max_weight:
-        raise WireError(f"update weight {weight!r} is not a whole number in [1, {max_weight}]")
-    return TrainReply(delta, weight, privacy)
+    return TrainReply(delta, unpack_weight(content, max_weight), privacy)

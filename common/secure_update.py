@@ -1,11 +1,13 @@
 """What a site's contribution is inside the securely aggregated vector, and its round parameters.
 
 Nothing computed on a site's records travels besides its DP update: no example count, no
-training loss, no evaluation on its records. A site's weight is public by construction: equal,
-or a size the site declares in its own policy (never derived from its records).
+training loss, no evaluation on its records. A site's weight is public by construction (equal,
+or a size the site declares in its own policy, never derived from its records), so it travels
+in the clear and the server sums the survivors' weights itself: a hostile site cannot fake the
+total it is divided by.
 
     values  u = clip_L2((w / W) · Δ, C)     w = min(declared weight, W), W = secagg.max-examples, C = secagg.clip
-    counts  [w, clipped?]                   equal weights: w = W, so u = Δ
+                                            equal weights: w = W, so u = Δ
 
 Server side: mean Δ = W · Σu / Σw. With ``b`` value bits, step = 2C/(2^b − 1), and stochastic
 rounding, each element of the mean is within  W · s · step · (1 + 2^-16) / Σw  of the exact
@@ -24,9 +26,8 @@ from common.config import SecureAggSettings
 from common.secagg import AggregateResult, ParameterError, SecAggParams, clip_l2, error_bound
 from common.secagg.fixedpoint import MAX_MODULUS_BITS, MAX_VALUE_BITS
 
-COUNT_SLOTS = 2  # the site's weight w, and whether its update was clipped
+COUNT_SLOTS = 0  # nothing but the update is summed: weights are public, metrics on records are never released
 MAX_COUNT = (1 << 20) - 1
-"""Largest value of one count slot at one site (the weight cap W is at most this)."""
 
 
 def value_bits_for(n_sites: int) -> int:
@@ -101,30 +102,32 @@ def site_weight(declared: int | None, settings: SecureAggSettings) -> int:
     return settings.max_examples if declared is None else min(declared, settings.max_examples)
 
 
-def encode_contribution(delta: np.ndarray, weight: int, settings: SecureAggSettings) -> tuple[np.ndarray, list[int]]:
-    """(values, counts): the site's masked-vector contents, for a weight from :func:`site_weight`."""
+def encode_contribution(delta: np.ndarray, weight: int, settings: SecureAggSettings) -> tuple[np.ndarray, bool]:
+    """(values, clipped?): the site's masked-vector contents, for a weight from :func:`site_weight`."""
     if not 1 <= weight <= settings.max_examples:
         raise ValueError(f"weight {weight} is outside [1, W={settings.max_examples}]")
     values, clipped = clip_l2(weight / settings.max_examples * delta.astype(np.float64), settings.clip)
-    return values, [weight, int(clipped)]
+    return values, bool(clipped)
 
 
 @dataclass(frozen=True)
 class SecureSum:
-    """What the server learns from a secure round: sums only."""
+    """What the server learns from a secure round: the weighted mean, from sums only."""
 
     mean_delta: np.ndarray
     total_weight: int
-    clipped_sites: int
     error_bound: float
     """Per-element bound on |mean_delta − exact weighted mean of the clipped updates|."""
+    clamped_elements: int
+    """Elements of the sum outside the range honest inputs can reach (a hostile input), clamped into it."""
 
 
-def decode_sum(result: AggregateResult, settings: SecureAggSettings, params: SecAggParams) -> SecureSum:
-    weight, clipped = result.counts
-    if weight <= 0:
-        raise ValueError("the aggregate carries no weight")
-    scale = settings.max_examples / weight
+def decode_sum(result: AggregateResult, settings: SecureAggSettings, params: SecAggParams,
+               total_weight: int) -> SecureSum:
+    """The weighted mean from the survivors' sum and their public weights' total."""
+    if total_weight <= 0:
+        raise ValueError("the survivors carry no weight")
+    scale = settings.max_examples / total_weight
     bound = error_bound(len(result.survivors), params.value_bits, params.clip, params.rounding) * scale
-    return SecureSum(mean_delta=(result.sum_vector * scale).astype(np.float32), total_weight=int(weight),
-                     clipped_sites=int(clipped), error_bound=float(bound))
+    return SecureSum(mean_delta=(result.sum_vector * scale).astype(np.float32), total_weight=int(total_weight),
+                     error_bound=float(bound), clamped_elements=result.clamped)

@@ -85,14 +85,16 @@ def simulated_registry(out: Path, sites: int) -> Path:
     return path
 
 
-def simulated_site_policies(out: Path, sites: int, *, dp: bool, secure: bool, epsilon: float) -> None:
+def simulated_site_policies(out: Path, sites: int, *, labels: str, model: str, dp: bool, secure: bool,
+                            epsilon: float) -> None:
     """Each simulated site's own policy file (the person running the simulation plays every site).
 
     Weaker protection than the defaults exists only because this command was asked for it by name.
     """
     from client.site import SitePolicy, write_policy
 
-    policy = SitePolicy(max_epsilon=epsilon, require_dp=dp, require_secure_aggregation=secure)
+    policy = SitePolicy(labels=tuple(labels.split(",")), model_path=model, max_epsilon=epsilon, require_dp=dp,
+                        require_secure_aggregation=secure)
     for i in range(sites):
         write_policy(out.resolve() / "sites" / f"site-{i}", policy)
 
@@ -178,7 +180,8 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
         raise ConfigError(f"secure aggregation needs at least 3 sites (got --sites {args.sites}): with two, each "
                           "site could subtract its own update from the sum and read the other's. Use --sites 3 "
                           "or more, or --plain-aggregation")
-    simulated_site_policies(out, args.sites, dp=dp, secure=not args.plain_aggregation, epsilon=args.epsilon)
+    simulated_site_policies(out, args.sites, labels=run_config["data.labels"], model=args.model, dp=dp,
+                            secure=not args.plain_aggregation, epsilon=args.epsilon)
     if not dp:
         warn("differential privacy is OFF for this run: site updates carry no DP guarantee")
     if args.plain_aggregation:
@@ -234,11 +237,12 @@ def cmd_client_start(args: argparse.Namespace) -> int:
     from client.daemon import start_client
     from client.site import SitePolicy
 
-    policy = SitePolicy(max_epsilon=args.max_epsilon, max_delta=args.max_delta, min_sites=args.min_sites,
-                        declared_examples=args.declared_examples)
+    policy = SitePolicy(labels=tuple(label.strip() for label in args.labels.split(",") if label.strip()),
+                        model_path=args.model, max_epsilon=args.max_epsilon, max_delta=args.max_delta,
+                        min_sites=args.min_sites, declared_examples=args.declared_examples)
     print(f"== site daemon: kit {args.kit}, keys {args.keys}, data {args.data}, state {args.state}, "
-          f"coordinator {args.superlink}, policy: ε ≤ {policy.max_epsilon:g}, "
-          f"δ ≤ {policy.max_delta if policy.max_delta else '1/(10·records)'}, ≥ {policy.min_sites} sites per "
+          f"coordinator {args.superlink}, policy: labels {','.join(policy.labels)}, ε ≤ {policy.max_epsilon:g}, "
+          f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·records))'}, ≥ {policy.min_sites} sites per "
           "secure round, DP and secure aggregation required", flush=True)
     code = start_client(args.kit, args.keys, args.data, args.state, superlink=args.superlink, policy=policy,
                         connect_timeout=args.connect_timeout)
@@ -273,10 +277,15 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
     daemon.add_argument("--data", type=Path, required=True, help="the site's CSV/JSONL (text,label); never leaves")
     daemon.add_argument("--state", type=Path, required=True, help="the site's state: privacy ledger, audit log")
     daemon.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")
+    daemon.add_argument("--labels", required=True,
+                        help="site policy: the federation's labels, comma-separated, as agreed; every record's label "
+                             "must be one of them, and a run naming other labels is refused")
+    daemon.add_argument("--model", default="",
+                        help="site policy: the base model this site trains (local HF dir; default: packaged MiniLM)")
     daemon.add_argument("--max-epsilon", type=float, default=8.0,
                         help="site policy: the most ε (total over the federation) this site will ever agree to")
     daemon.add_argument("--max-delta", type=float, default=None,
-                        help="site policy: the largest δ accepted (default: 1/(10·n) for the site's n records)")
+                        help="site policy: the largest δ accepted (default: min(1e-5, 1/(10·n)) for n records)")
     daemon.add_argument("--min-sites", type=int, default=3,
                         help="site policy: fewest sites in a secure-aggregation round")
     daemon.add_argument("--declared-examples", type=int, default=None,

@@ -9,8 +9,9 @@
                           (only when a dealer's signed self-mask shares do not open its commitment:
                           the liar's whole upload is then removed and the round goes on without it)
 
-The server (common.secagg.ServerAggregator) learns only the sum over surviving sites: the
-weighted update and its total weight. Every reply is untrusted: a site whose reply fails, is
+The server (common.secagg.ServerAggregator) learns only the sum of the surviving sites' weighted
+updates; their weights are public (equal, or declared by each site) and the server sums them
+itself, so no site can fake the divisor. Every reply is untrusted: a site whose reply fails, is
 late, or is malformed in any way (wrong types, missing or non-numeric keys, wrong sizes) is
 dropped with a logged reason; nothing a site sends can raise out of the round. Below the
 threshold the round ends without changing the model.
@@ -28,7 +29,9 @@ from flwr.serverapp import Grid
 
 from common.adapter import AdapterState
 from common.config import SecureAggSettings
-from common.records import PrivacyReport, WireError, pack_stage, pack_train_request, unpack_privacy, unpack_stage
+from common.records import (
+    PrivacyReport, WireError, pack_stage, pack_train_request, unpack_privacy, unpack_stage, unpack_weight,
+)
 from common.registry import FederationRegistry
 from common.secagg import RoundAborted, SecAggParams, ServerAggregator
 from common.secure_update import decode_sum, params_to_bytes, round_params
@@ -83,6 +86,7 @@ class SecureAggregation:
                               site_ids=sorted(node_of_site), vector_length=spec.update_size)
         aggregator = ServerAggregator(params, self.registry.keys)
         timings: dict[str, float] = {}
+        weights: dict[int, int] = {}  # public by construction; the server sums them itself
 
         def stage(message_type: str, content: Callable[[int], RecordDict], only) -> dict[int, dict[str, bytes]]:
             return self._exchange(grid, node_of_site, params, message_type, content, failures, only=only)
@@ -90,7 +94,8 @@ class SecureAggregation:
         try:
             started = time.perf_counter()
             request = pack_train_request(state, server_round, params_to_bytes(params))
-            answers = self._exchange(grid, node_of_site, params, "train", lambda site: request, failures, privacy)
+            answers = self._exchange(grid, node_of_site, params, "train", lambda site: request, failures, privacy,
+                                     weights=weights)
             timings["train_and_keys_s"] = time.perf_counter() - started
             routed = aggregator.collect_bundles(self._payloads(answers, "bundle", "train", failures))
 
@@ -121,17 +126,14 @@ class SecureAggregation:
         except RoundAborted as exc:
             return self._aborted(server_round, str(exc), failures, privacy, aggregator)
         failures.extend(self._dropped(aggregator))
-        total = decode_sum(result, self.settings, params)
         contributors = len(result.survivors)
         if contributors < spec.min_sites:
             return self._aborted(server_round, f"{contributors} survivor(s)", failures, privacy)
-        if total.clipped_sites:
-            log.warning("round %d: %d site update(s) exceeded secagg.clip=%g and were scaled down",
-                        server_round, total.clipped_sites, self.settings.clip)
+        total = decode_sum(result, self.settings, params, sum(weights[site] for site in result.survivors))
         details = {"survivors": sorted(self.registry.name_of(s) for s in result.survivors),
                    "dropped": sorted(self.registry.name_of(s) for s in result.dropped),
                    "total_weight": total.total_weight,
-                   "clipped_sites": total.clipped_sites, "error_bound": total.error_bound,
+                   "clamped_elements": total.clamped_elements, "error_bound": total.error_bound,
                    "modulus_bits": params.modulus_bits, "value_bits": params.value_bits,
                    "neighbours": params.degree, "threshold": params.threshold, "all_pairs": params.all_pairs,
                    "upload_bytes": params.packed_bytes, **{k: round(v, 3) for k, v in timings.items()}}
@@ -140,7 +142,7 @@ class SecureAggregation:
 
     def _exchange(self, grid: Grid, node_of_site: dict[int, int], params: SecAggParams, message_type: str,
                   content: Callable[[int], RecordDict], failures: list, privacy: dict | None = None,
-                  only=None) -> dict[int, dict[str, bytes]]:
+                  only=None, weights: dict[int, int] | None = None) -> dict[int, dict[str, bytes]]:
         """Send one stage to the sites still in the round; their blobs by site id.
 
         A reply that is an error, a typed site failure, or malformed in any way is recorded as a
@@ -163,6 +165,8 @@ class SecureAggregation:
                 if round_id != params.round_id:
                     raise WireError("reply is for another round")
                 report = unpack_privacy(reply.content) if privacy is not None else None
+                if weights is not None:
+                    weights[site] = unpack_weight(reply.content, self.spec.max_weight)
             except Exception as exc:  # noqa: BLE001 - any malformation of an untrusted reply drops its site
                 detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
                 failures.append({"site": name, "kind": "protocol", "detail": detail, "stage": message_type})

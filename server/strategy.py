@@ -62,17 +62,19 @@ def weighted_mean(updates: list[np.ndarray], weights: list[int]) -> np.ndarray:
     return (total / sum(weights)).astype(np.float32)
 
 
-def exchange(grid: Grid, messages: dict[K, Message], timeout: float, poll: float = 1.0) -> dict[K, Message]:
+def exchange(grid: Grid, messages: dict[K, Message], timeout: float, max_poll: float = 1.0) -> dict[K, Message]:
     """Send each message and collect the replies that arrive within ``timeout``, keyed like ``messages``.
 
     Replies are matched by the id of the message they answer, so an error reply the SuperLink
     writes for an unreachable site (whose source is the SuperLink, not the site) is still that site's.
+    Polling starts at 10 ms and backs off to ``max_poll``: a quick stage is not rounded up to a second.
     """
     keys = list(messages)
     pushed = list(grid.push_messages([messages[key] for key in keys]))
     pending = {message_id: key for message_id, key in zip(pushed, keys) if message_id}
     replies: dict[K, Message] = {}
     deadline = time.monotonic() + timeout
+    poll = 0.01
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):
             key = pending.pop(reply.metadata.reply_to_message_id, None)
@@ -80,6 +82,7 @@ def exchange(grid: Grid, messages: dict[K, Message], timeout: float, poll: float
                 replies[key] = reply
         if pending:
             time.sleep(poll)
+            poll = min(max_poll, poll * 1.5)
     return replies
 
 

@@ -64,11 +64,10 @@ def test_weights_above_the_cap_count_as_the_cap_in_update_and_sum_alike():
     params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=12)
     weights = {0: site_weight(20_000, settings), 1: site_weight(30_000, settings), 2: site_weight(None, settings)}
     assert weights == {0: 100, 1: 100, 2: 100}
-    encoded = {site: encode_contribution(delta, w, settings) for site, w in weights.items()}
-    result = LocalFederation.create(params).run({s: v for s, (v, _) in encoded.items()},
-                                                {s: c for s, (_, c) in encoded.items()})
-    total = decode_sum(result, settings, params)
-    assert total.total_weight == 300 and total.clipped_sites == 0
+    encoded = {site: encode_contribution(delta, w, settings)[0] for site, w in weights.items()}
+    result = LocalFederation.create(params).run(encoded)
+    total = decode_sum(result, settings, params, sum(weights.values()))
+    assert total.total_weight == 300 and total.clamped_elements == 0
     np.testing.assert_allclose(total.mean_delta, delta, atol=total.error_bound + 1e-7)
 
 
@@ -80,8 +79,27 @@ def test_declared_weights_below_the_cap_weigh_the_mean():
     settings = SecureAggSettings(registry="r.json", max_examples=100, clip=5.0)
     deltas = {0: np.full(4, 1.0), 1: np.full(4, 0.0), 2: np.full(4, 0.0)}
     params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=4)
-    encoded = {s: encode_contribution(deltas[s], w, settings) for s, w in {0: 50, 1: 25, 2: 25}.items()}
-    result = LocalFederation.create(params).run({s: v for s, (v, _) in encoded.items()},
-                                                {s: c for s, (_, c) in encoded.items()})
-    total = decode_sum(result, settings, params)
+    weights = {0: 50, 1: 25, 2: 25}
+    encoded = {s: encode_contribution(deltas[s], w, settings)[0] for s, w in weights.items()}
+    result = LocalFederation.create(params).run(encoded)
+    total = decode_sum(result, settings, params, sum(weights.values()))
     np.testing.assert_allclose(total.mean_delta, np.full(4, 0.5), atol=total.error_bound + 1e-7)
+
+
+def test_a_hostile_sites_out_of_range_input_is_clamped_not_allowed_to_abort_the_round():
+    """A site that skips the encoder and uploads values beyond the quantiser's range: the round still
+    ends with a sum, the offending elements clamped into the range honest inputs reach, and said so."""
+    from common.config import SecureAggSettings
+    from common.secagg import LocalFederation
+    from common.secure_update import decode_sum, encode_contribution, round_params
+
+    settings = SecureAggSettings(registry="r.json", max_examples=100, clip=1.0)
+    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2, 3, 4], vector_length=6)
+    federation = LocalFederation.create(params)
+    hostile = federation.clients[4]
+    hostile._encode = lambda update, counts: np.full(params.total_length, params.modulus_mask // 2, dtype=np.uint64)
+    updates = {s: encode_contribution(np.full(6, 0.01), 100, settings)[0] for s in range(5)}
+    result = federation.run(updates)
+    assert result.survivors == frozenset(range(5)) and result.clamped == 6
+    total = decode_sum(result, settings, params, 500)
+    assert np.all(np.abs(total.mean_delta) <= settings.clip + total.error_bound)

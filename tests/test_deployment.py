@@ -114,7 +114,8 @@ def world(tmp_path_factory, drug_reviews):
         return start(site, ["client", "start", "--kit", str(kit or root / "kits" / "sites" / site),
                             "--keys", str(keys or root / "keys" / site), "--data", str(root / f"{data or site}.csv"),
                             "--state", str(root / "state" / site),
-                            "--superlink", f"127.0.0.1:{port}", "--max-epsilon", "8", "--connect-timeout", "40"])
+                            "--superlink", f"127.0.0.1:{port}", "--labels", "negative,neutral,positive",
+                            "--max-epsilon", "8", "--connect-timeout", "40"])
 
     started = time.time()
     yield {"root": root, "run": root / "server" / "run", "start": start, "start_site": start_site,

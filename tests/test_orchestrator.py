@@ -61,17 +61,19 @@ def test_an_existing_run_needs_resume(kits: Path, tmp_path: Path):
     ("no-kit", "startup kit (--kit)"),
     ("no-keys", "site keys directory (--keys)"),
     ("other-keys", "not the SuperNode key the coordinator enrolled for site 'site-a'"),
+    ("foreign-label", "label 'maybe' is not one of"),
 ])
 def test_client_start_refuses_bad_input_with_exit_2(kits: Path, tmp_path: Path, problem, fragment):
     data = tmp_path / "train.csv"
     if problem != "no-data":
-        data.write_text("text,label\nfine,positive\n")
+        data.write_text("text,label\nfine,positive\n" + ("unsure,maybe\n" if problem == "foreign-label" else ""))
     kit = kits / "sites" / "site-a" if problem != "no-kit" else tmp_path / "nokit"
     keys = {"no-keys": tmp_path / "nokeys", "other-keys": kits.parent / "keys" / "site-b"}.get(
         problem, kits.parent / "keys" / "site-a")
     done = subprocess.run([sys.executable, "-m", "fedtune.cli", "client", "start", "--kit", str(kit), "--keys",
                            str(keys), "--data", str(data), "--state", str(tmp_path / "state"),
-                           "--superlink", "127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+                           "--superlink", "127.0.0.1:1", "--labels", "negative,positive"],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and fragment in done.stderr, done.stderr
 
 
@@ -97,7 +99,7 @@ def test_the_sites_policy_flags_reach_the_clientapps_policy(kits: Path, tmp_path
     from client.daemon import node_config
     from client.site import SitePolicy
 
-    wanted = SitePolicy(max_epsilon=2.5, max_delta=1e-6, min_sites=4, declared_examples=300)
+    wanted = SitePolicy(labels=("no", "yes"), model_path="/opt/models/bert", max_epsilon=2.5, max_delta=1e-6, min_sites=4, declared_examples=300)
     config = parse_config_args([node_config(kits / "sites" / "site-a", kits.parent / "keys" / "site-a",
                                             tmp_path / "d.csv", tmp_path / "s", wanted)])
     policy = {k.removeprefix("policy."): v for k, v in config.items() if k.startswith("policy.")}

@@ -17,13 +17,14 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import server.secure_agg as secure_agg
+from client.release import ReleasedUpdates
 from client.secure import (
     SessionStore, SiteKeys, accept_params, stage_advertise, stage_confirm, stage_expose, stage_mask, stage_share,
     stage_unmask,
 )
 from client.site import SitePolicy
 from common.config import SecureAggSettings
-from common.records import SiteFailure, pack_failure, pack_stage, unpack_stage, unpack_train_request
+from common.records import SiteFailure, pack_failure, pack_stage, pack_weight, unpack_stage, unpack_train_request
 from common.registry import FederationRegistry
 from common.secagg import SecAggError, SiteIdentity, SiteRegistry
 from server.strategy import RoundSpec
@@ -64,9 +65,12 @@ class FakeSite:
                 _, server_round, raw = unpack_train_request(msg.content)
                 params = accept_params(raw, SitePolicy(), self.keys, store=self.store, run_id=msg.metadata.run_id,
                                        server_round=server_round, vector_length=LENGTH)
+                release = ReleasedUpdates(self.store.directory.parent).seal(server_round, "test", self.delta)
                 bundle = stage_advertise(self.store, params, self.keys, self.delta, self.settings.max_examples,
-                                         self.settings)
-                return pack_stage(params.round_id, {"bundle": bundle})
+                                         self.settings, release=release)
+                reply = pack_stage(params.round_id, {"bundle": bundle})
+                reply["train"] = pack_weight(self.settings.max_examples)
+                return reply
             round_id, blobs = unpack_stage(msg.content)
             answer = STAGES[kind](self.store, round_id, self.keys, blobs)
             return pack_stage(round_id, answer if isinstance(answer, dict) else {"payload": answer})

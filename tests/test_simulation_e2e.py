@@ -171,29 +171,39 @@ def test_passport_audit_and_lineage(federation, tmp_path: Path):
     assert [info["round"] for info in _lineage(out)] == [0, 1, 2]
 
 
-def test_a_repeated_round_is_resent_for_no_new_epsilon_and_a_new_one_is_refused(federation):
-    """Re-running round 1 (as after a coordinator crash) sends the sites the adapter they already answered:
-    they resend their sealed updates, and nobody's ε moves. A different adapter on spent ledgers is a new
-    release, and every site refuses it."""
-    out = federation["out"]
-    spent = {site: r["epsilon"] for site, r in json.loads((out / "privacy.json").read_text())["sites"].items()}
-    again = fedtune("simulate", "--out", str(out), *federation["args"][:2], "--rounds", "1", *federation["args"][4:])
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert line["model_updated"] is True and line["contributors"] == 3
-    after = {site: r["epsilon"] for site, r in json.loads((out / "privacy.json").read_text())["sites"].items()}
-    assert after == spent
+def _epsilons(out: Path) -> dict[str, float]:
+    return {site: r["epsilon"] for site, r in json.loads((out / "privacy.json").read_text())["sites"].items()}
 
+
+def test_a_repeated_round_is_resent_for_no_new_epsilon(federation, plain_federation):
+    """Re-running round 1 (as after a coordinator crash) sends the sites an adapter they already answered.
+    Plain aggregation: they resend their sealed updates and nobody's ε moves."""
+    out = plain_federation
+    spent = _epsilons(out)
+    again = fedtune("simulate", "--out", str(out), *federation["args"][:2], "--rounds", "1", *federation["args"][4:],
+                    "--plain-aggregation")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    line = _metrics(out)[-1]
+    assert line["model_updated"] is True and line["contributors"] == 3
+    assert _epsilons(out) == spent
+
+
+def test_an_update_already_in_a_secure_sum_is_not_resent_and_spent_ledgers_refuse(federation):
+    """Under secure aggregation the sites' round-1 uploads already entered a sum, so resending them into a
+    new one would let the server subtract sums: the sites train afresh instead, which their spent
+    ledgers refuse, every one of them, with a kind and a fixed message."""
+    out = federation["out"]
+    ledgers = {path: path.read_bytes() for path in (out / "sites").glob("site-*/privacy-ledger.json")}
     before = (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes()
-    done = fedtune("simulate", "--out", str(out), *federation["args"][:2], "--rounds", "1",
-                   *federation["args"][4:], "--lora-rank", "4")
-    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    done = fedtune("simulate", "--out", str(out), *federation["args"][:2], "--rounds", "1", *federation["args"][4:])
+    line = _metrics(out)[-1]
     assert line["model_updated"] is False and line["contributors"] == 0
     refusals = [failure for failure in line["failures"] if failure["kind"] == "budget-exhausted"]
     assert sorted(failure["site"] for failure in refusals) == ["site-0", "site-1", "site-2"], line["failures"]
     assert all(failure["detail"] == FAILURE_MESSAGES["budget-exhausted"] for failure in refusals)
     assert done.returncode == 1 and "no round changed the model" in done.stderr
     assert (out / "final" / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    assert len(ledgers) == 3 and all(path.read_bytes() == data for path, data in ledgers.items())
 
 
 def test_bad_input_exits_2_before_starting_anything(tmp_path: Path):

@@ -35,7 +35,7 @@ def run_config(tmp_path: Path, **overrides) -> dict:
 
 
 def node_config(tmp_path: Path, name: str, data: Path, **policy) -> dict:
-    policy = {"require-secure-aggregation": False} | policy
+    policy = {"require-secure-aggregation": False, "labels": LABELS} | policy
     return {"site-name": name, "data-path": str(data), "state-dir": str(tmp_path / name),
             "kit-dir": str(tmp_path / name / "kit"), "keys-dir": str(tmp_path / name / "keys"), **{f"policy.{k}": v for k, v in policy.items()}}
 
@@ -103,6 +103,8 @@ def test_a_declared_weight_is_the_sites_own_choice_capped_at_w(tmp_path: Path, t
 
 
 def test_a_failure_reply_carries_a_kind_and_a_fixed_message_never_the_record(tmp_path: Path):
+    """A record whose label the site never agreed to is the site's own problem (found locally): the
+    coordinator learns a kind and a fixed text, never the record, its line or its label."""
     from client.app import train
 
     secret = "Patient 4711 took Zyprexa for my psychosis"
@@ -146,6 +148,8 @@ def test_a_repeated_round_resends_the_sealed_update_and_spends_nothing(tmp_path:
     ({"privacy.epsilon": 20.0}, {"max-epsilon": 8}),
     ({"privacy.enabled": False}, {}),
     ({"privacy.accountant": "rdp"}, {"accountants": "prv"}),
+    ({"data.labels": "negative,positive"}, {}),
+    ({"model-path": "/etc"}, {}),
 ])
 def test_a_run_below_the_sites_policy_is_refused_before_anything_is_spent(tmp_path: Path, two_sites, overrides,
                                                                            policy):
@@ -159,13 +163,21 @@ def test_a_run_below_the_sites_policy_is_refused_before_anything_is_spent(tmp_pa
     assert not (tmp_path / "site-a" / "released").exists()
 
 
-def test_policy_default_delta_follows_the_sites_size():
-    settings = RunSettings.from_flat(default_run_config() | {"privacy.delta": 1e-3, "secagg.registry": "r.json"})
-    SitePolicy().check(settings, num_records=50)  # 1/(10·50) = 2e-3 ≥ 1e-3
-    from client.site import PolicyError
+def test_policy_default_delta_is_not_an_oracle_for_the_record_count():
+    from client.site import PolicyError, default_max_delta
 
-    with pytest.raises(PolicyError, match="δ"):
-        SitePolicy().check(settings, num_records=500)  # 1/(10·500) = 2e-4 < 1e-3
+    # The default δ ceiling never exceeds 1/(10·n), and below 10,000 records it does not depend on n at all,
+    # so a refusal cannot be used to binary-search a site's record count.
+    assert {default_max_delta(n) for n in (1, 50, 999, 10_000)} == {1e-5}
+    assert default_max_delta(12_345) == 1e-6 and default_max_delta(10**6) == 1e-7
+    assert all(default_max_delta(n) <= 1 / (10 * n) for n in (1, 7, 10_001, 99_999, 123_456_789))
+    settings = RunSettings.from_flat(default_run_config() | {"privacy.delta": 2e-5, "secagg.registry": "r.json",
+                                                             "data.labels": LABELS})
+    policy = SitePolicy(labels=tuple(LABELS.split(",")))
+    for n in (50, 500, 5_000):
+        with pytest.raises(PolicyError, match="δ"):
+            policy.check(settings, num_records=n)
+    SitePolicy(labels=policy.labels, max_delta=1e-4).check(settings, num_records=5_000)
     with pytest.raises(ValueError, match="unknown site policy setting"):
         SitePolicy.from_mapping({"max-epsilom": 3}, "node config")
     with pytest.raises(ValueError, match="min-sites must be >= 2"):

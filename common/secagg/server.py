@@ -81,6 +81,8 @@ class AggregateResult:
     dropped: frozenset[int]
     error_bound: float
     """Per-element bound on ``|sum_vector - true sum|`` (:func:`fixedpoint.error_bound`)."""
+    clamped: int = 0
+    """Elements of the sum that were out of the range honest inputs can reach, clamped into it."""
 
 
 class _Stage(enum.IntEnum):
@@ -494,14 +496,17 @@ class ServerAggregator:
     def _decode(self, total: npt.NDArray[np.uint64], honest: frozenset[int]) -> AggregateResult:
         params, n = self.params, len(honest)
         values, counts = total[: params.vector_length], total[params.vector_length:]
-        too_big = int(values.max()) > n * ((1 << params.value_bits) - 1) or (
-            counts.size > 0 and int(counts.max()) > n * params.max_count
-        )
+        # Masks and shares are verified, so a sum beyond what n honest inputs can reach is a hostile
+        # input: clamp it into range (its influence is then that of an in-range input) and say so.
+        value_cap, count_cap = np.uint64(n * ((1 << params.value_bits) - 1)), np.uint64(n * params.max_count)
+        clamped = int(np.count_nonzero(values > value_cap)) + int(np.count_nonzero(counts > count_cap))
+        if clamped:
+            log.warning("%d element(s) of the unmasked sum were out of range (a hostile input) and were clamped",
+                        clamped)
+        values, counts = np.minimum(values, value_cap), np.minimum(counts, count_cap)
         self._uploads.clear()
         self._seeds.clear()
         self._keys.clear()
-        if too_big:
-            raise self._abort("unmasked sum is out of range: a share or an input was corrupted")
         self._stage = _Stage.DONE
         return AggregateResult(
             sum_vector=decode_sum(values, n, value_bits=params.value_bits, clip=params.clip),
@@ -509,4 +514,5 @@ class ServerAggregator:
             survivors=honest,
             dropped=frozenset(params.site_ids) - honest,
             error_bound=error_bound(n, params.value_bits, params.clip, params.rounding),
+            clamped=clamped,
         )

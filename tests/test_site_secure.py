@@ -1,0 +1,96 @@
+"""A site's secure-aggregation stages on its own disk, tried as a coordinator would attack them:
+two copies of one stage at once must not deal twice, and an update that entered a secure sum is
+never resent into another one (the server could subtract the sums)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.release import ReleasedUpdates
+from client.secure import SessionStore, SiteKeys, accept_params, stage_advertise, stage_mask, stage_share
+from client.site import SitePolicy
+from common.config import SecureAggSettings
+from common.registry import create_site_identities, load_identity, load_registry
+from common.secagg import ClientSession, ProtocolError, ServerAggregator
+from common.secure_update import params_to_bytes, round_params
+
+LENGTH = 8
+
+
+@pytest.fixture()
+def round_of_three(tmp_path: Path):
+    """Three sites that advertised keys for one round, their stores, and the server's routed bundles."""
+    names = [f"site-{i}" for i in range(3)]
+    create_site_identities(names, {n: tmp_path / n for n in names}, tmp_path / "registry.json")
+    registry = load_registry(tmp_path / "registry.json")
+    settings = SecureAggSettings(registry=str(tmp_path / "registry.json"))
+    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=LENGTH)
+    sites = {}
+    bundles = {}
+    for i, name in enumerate(names):
+        keys = SiteKeys(*load_identity(tmp_path / name, name, registry), registry)
+        store = SessionStore(tmp_path / name)
+        accept_params(params_to_bytes(params), SitePolicy(), keys, store=store, run_id=1, server_round=1,
+                      vector_length=LENGTH)
+        update = np.full(LENGTH, 0.01 * (i + 1))
+        release = ReleasedUpdates(tmp_path / name).seal(1, "adapter", update)
+        bundles[i] = stage_advertise(store, params, keys, update, settings.max_examples, settings, release=release)
+        sites[i] = (keys, store)
+    server = ServerAggregator(params, registry.keys)
+    routed = server.collect_bundles(bundles)
+    return params, sites, server, routed, tmp_path
+
+
+def _share(params, sites, routed, site: int) -> dict[str, bytes]:
+    keys, store = sites[site]
+    return stage_share(store, params.round_id, keys, {str(p): b.to_bytes() for p, b in routed[site].items()})
+
+
+def test_two_copies_of_a_stage_at_once_deal_once(round_of_three, monkeypatch):
+    """Flower may run one process per message: a coordinator that sends the share stage twice must
+    not get two different sets of signed shares (it could mix them to frame the site as a liar)."""
+    params, sites, _, routed, _ = round_of_three
+    original = ClientSession.share_keys
+
+    def slow_share_keys(self, bundles):
+        time.sleep(0.3)  # widen the window between loading the session and saving it
+        return original(self, bundles)
+
+    monkeypatch.setattr(ClientSession, "share_keys", slow_share_keys)
+    results: list[object] = []
+    start = threading.Barrier(2)
+
+    def attempt() -> None:
+        start.wait()
+        try:
+            results.append(_share(params, sites, routed, 0))
+        except ProtocolError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=attempt) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    dealt = [r for r in results if isinstance(r, dict)]
+    refused = [r for r in results if isinstance(r, ProtocolError)]
+    assert len(dealt) == 1 and len(refused) == 1, results
+    assert "session is at stage SHARED" in str(refused[0])
+
+
+def test_an_update_in_a_secure_sum_is_never_resent(round_of_three):
+    params, sites, server, routed, root = round_of_three
+    released = ReleasedUpdates(root / "site-0")
+    assert released.find(1, "adapter") is not None  # sealed, not yet uploaded: a resend would be safe
+    outgoing = {site: {int(r): ct for r, ct in _share(params, sites, routed, site).items()} for site in sites}
+    inbox = server.route_shares(outgoing)
+    keys, store = sites[0]
+    stage_mask(store, params.round_id, keys, {str(s): ct for s, ct in inbox[0].items()})
+    # The masked upload has left: the server can now sum it, so the site trains afresh next time.
+    assert released.find(1, "adapter") is None
+    assert ReleasedUpdates(root / "site-1").find(1, "adapter") is not None  # site-1 has not uploaded
