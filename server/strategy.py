@@ -121,8 +121,9 @@ class PlainAggregation:
                 continue
             try:
                 decoded = unpack_train_reply(reply.content, spec.update_size, spec.max_weight)
-            except WireError as exc:
-                failures.append({"site": str(node), "kind": "malformed-update", "detail": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - any malformation of an untrusted reply drops its site
+                detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
+                failures.append({"site": str(node), "kind": "malformed-update", "detail": detail})
                 continue
             assert isinstance(decoded, TrainReply)
             accepted.append(decoded)
