@@ -19,12 +19,14 @@ import torch
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
+from common.config import BadInput
+
 Record = dict[str, str]
 DRUGREVIEW = "drugreview"
 MAX_TEXT_CHARS = 100_000
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """A data file is missing, malformed, or holds labels the federation does not know."""
 
 

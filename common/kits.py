@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.config import BadInput
 from common.passport import PassportError, load_public_key, public_key_pem, signing_key_pem
 from common.files import write_private
 from common.registry import IDENTITY_FILE, RegistryError, load_identity, load_registry, write_registry
@@ -75,7 +76,7 @@ PARTS = ("ca", "server", "sites")
 SUPERNODE_KEY_TYPE = "ecdsa-sha2-nistp384"
 
 
-class ProvisionError(ValueError):
+class ProvisionError(BadInput):
     """A provisioning request, an enrolment, site keys or a startup kit are wrong; the message says
     what and how to fix it."""
 

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from common.config import LoraSettings
+from common.config import BadInput, LoraSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,7 +27,7 @@ ADAPTER_INIT_SEED = 20240601
 """Seed of the initial head and adapter (reproducible runs); the server sends the whole adapter anyway."""
 
 
-class ModelError(RuntimeError):
+class ModelError(BadInput):
     """The base model cannot be found or loaded."""
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunSettings
+from common.config import BadInput, ConfigError, RunSettings
 from fedtune.deploy_cli import add_subcommands
 from server.control import RunFailed, project_dir
 from simulations.runner import run_simulation
@@ -327,14 +327,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 def main(argv: list[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
-    from common.data import DataError  # torch-heavy modules load only once a command runs
-    from common.kits import ProvisionError
-    from common.model import ModelError
-    from server.orchestrator import KitError
-
     try:
         return handlers[args.command](args) or 0
-    except (ConfigError, DataError, ModelError, KitError, ProvisionError) as exc:
+    except BadInput as exc:  # config, data, model, kit (torch-heavy modules load only when a command needs them)
         print(f"fedtune: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunFailed as exc:

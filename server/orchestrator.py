@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import BadInput
 from common.processes import ManagedProcess, console_script, flower_env, port_in_use, terminate_as_interrupt
 from server.checkpoint import latest_checkpoint
 from server.control import CONNECTION, Control, RunFailed, wait_healthy
@@ -22,7 +23,7 @@ log = logging.getLogger("fedtune.server")
 START_TIMEOUT_S = 60.0
 
 
-class KitError(ValueError):
+class KitError(BadInput):
     """The server kit is missing a file or holds one it must not."""
 
 
