@@ -94,8 +94,8 @@ def secagg(sizes: tuple[int, ...] = (10, 100, 1000), length: int = 74_883) -> No
     from common.secagg import LocalFederation, SecAggParams
     from common.secure_update import ALL_PAIRS_UP_TO, COUNT_SLOTS, value_bits_for
 
-    print("| sites | neighbours k | threshold t | modulus bits | upload / fp32 bytes | server: sum uploads (s) "
-          "| server: unmask (s) | one site: mask+pack (s) |\n|---|---|---|---|---|---|---|---|")
+    print("| sites | neighbours k | threshold t | modulus bits | upload / fp32 bytes | server: check uploads (s) "
+          "| server: verify shares, unmask, sum (s) | one site: mask+pack (s) |\n|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for n in sizes:
         params = SecAggParams(round_id=f"bench-{n}", site_ids=tuple(range(n)), vector_length=length, clip=50.0,
