@@ -115,7 +115,7 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
         return update, released.name(server_round, digest), ledger
     if ledger is None:
         log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
-    model = build_model(settings.model_path, len(site.labels), settings.lora)
+    model = build_model(site.policy.model_path, len(site.labels), settings.lora)
     set_adapter_state(model, received)
     result = train_locally(model, site.train, settings.train, ledger=ledger,
                            planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id)

@@ -206,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     without_dp = simulate_once(args, args.out / "dp-off", dp=False, title="federation WITHOUT differential privacy")
     with_dp = simulate_once(args, args.out / "dp-on", dp=True, title=f"federation WITH DP (ε={args.epsilon})")
     print("\n== privacy / utility on the drug-review test split (379 reviews)\n" + comparison_text(without_dp, with_dp))
-    print("\nWith ~160 training reviews per site, sample-level DP noise drowns the signal: DP needs far more\n"
+    print("\nWith ~200 training reviews per site, sample-level DP noise drowns the signal: DP needs far more\n"
           "records per site (see BENCHMARKS.md for how utility under DP grows with site size).")
 
 
