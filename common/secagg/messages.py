@@ -42,6 +42,11 @@ def _ids_to_bytes(ids: Iterable[int]) -> bytes:
     return len(ordered).to_bytes(4, "big") + b"".join(i.to_bytes(4, "big") for i in ordered)
 
 
+def _head(magic: bytes, round_id: bytes) -> bytes:
+    """Every round message starts with its magic and the length-prefixed round id."""
+    return magic + len(round_id).to_bytes(2, "big") + round_id
+
+
 class _Reader:
     """Bounds-checked cursor over a payload; every shortfall is a :class:`PayloadError`."""
 
@@ -71,6 +76,11 @@ class _Reader:
     def magic(self, magic: bytes) -> None:
         if self.take(len(magic)) != magic:
             raise PayloadError(f"{self.what} has a bad header")
+
+    def head(self, magic: bytes) -> bytes:
+        """The magic, then the round id (see :func:`_head`)."""
+        self.magic(magic)
+        return self.take(self.uint(2))
 
     def rest(self) -> bytes:
         chunk = self.data[self.pos:]
@@ -120,14 +130,13 @@ class SurvivorSet:
 
     def to_bytes(self) -> bytes:
         """Wire encoding."""
-        return _SURVIVORS_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id + _ids_to_bytes(self.survivors)
+        return _head(_SURVIVORS_MAGIC, self.round_id) + _ids_to_bytes(self.survivors)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SurvivorSet:
         """Parse :meth:`to_bytes` output."""
         reader = _Reader(data, "survivor set")
-        reader.magic(_SURVIVORS_MAGIC)
-        round_id = reader.take(reader.uint(2))
+        round_id = reader.head(_SURVIVORS_MAGIC)
         survivors = reader.ids()
         reader.end()
         return cls(round_id, survivors)
@@ -144,7 +153,7 @@ class UnmaskRequest:
 
     def to_bytes(self) -> bytes:
         """Wire encoding."""
-        out = bytearray(_REQUEST_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id)
+        out = bytearray(_head(_REQUEST_MAGIC, self.round_id))
         out += _ids_to_bytes(self.survivors) + _ids_to_bytes(self.signatures)
         for signer in sorted(self.signatures):
             out += self.signatures[signer]
@@ -154,8 +163,7 @@ class UnmaskRequest:
     def from_bytes(cls, data: bytes) -> UnmaskRequest:
         """Parse :meth:`to_bytes` output."""
         reader = _Reader(data, "unmask request")
-        reader.magic(_REQUEST_MAGIC)
-        round_id = reader.take(reader.uint(2))
+        round_id = reader.head(_REQUEST_MAGIC)
         survivors, signers = reader.ids(), reader.ids()
         signatures = {signer: reader.take(SIGNATURE_BYTES) for signer in sorted(signers)}
         reader.end()
@@ -178,7 +186,7 @@ class UnmaskResponse:
 
     def to_bytes(self) -> bytes:
         """Wire encoding."""
-        out = bytearray(_RESPONSE_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id)
+        out = bytearray(_head(_RESPONSE_MAGIC, self.round_id))
         out += self.site_id.to_bytes(4, "big")
         for shares in (self.self_mask_shares, self.key_shares):
             out += len(shares).to_bytes(4, "big")
@@ -190,8 +198,7 @@ class UnmaskResponse:
     def from_bytes(cls, data: bytes) -> UnmaskResponse:
         """Parse :meth:`to_bytes` output (shares and signatures are checked by the server later)."""
         reader = _Reader(data, "unmask response")
-        reader.magic(_RESPONSE_MAGIC)
-        round_id = reader.take(reader.uint(2))
+        round_id = reader.head(_RESPONSE_MAGIC)
         site_id = reader.uint()
         parts: list[dict[int, bytes]] = []
         for _ in range(2):
@@ -236,7 +243,7 @@ class ExposeRequest:
 
     def to_bytes(self) -> bytes:
         """Wire encoding: proofs in dealer order."""
-        out = bytearray(_EXPOSE_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id)
+        out = bytearray(_head(_EXPOSE_MAGIC, self.round_id))
         out += len(self.proofs).to_bytes(4, "big")
         for proof in sorted(self.proofs, key=lambda p: p.dealer):
             out += proof.dealer.to_bytes(4, "big") + bytes([KINDS.index(proof.kind)])
@@ -247,8 +254,7 @@ class ExposeRequest:
     def from_bytes(cls, data: bytes) -> ExposeRequest:
         """Parse :meth:`to_bytes` output (the proofs are checked by each holder later)."""
         reader = _Reader(data, "expose request")
-        reader.magic(_EXPOSE_MAGIC)
-        round_id = reader.take(reader.uint(2))
+        round_id = reader.head(_EXPOSE_MAGIC)
         proofs: list[LiarProof] = []
         for _ in range(reader.uint()):
             dealer, kind = reader.uint(), reader.uint(1)
@@ -269,15 +275,14 @@ class ExposeResponse:
 
     def to_bytes(self) -> bytes:
         """Wire encoding."""
-        return (_EXPOSED_MAGIC + len(self.round_id).to_bytes(2, "big") + self.round_id
+        return (_head(_EXPOSED_MAGIC, self.round_id)
                 + self.site_id.to_bytes(4, "big") + _signed_shares_to_bytes(self.key_shares))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ExposeResponse:
         """Parse :meth:`to_bytes` output (shares and signatures are checked by the server later)."""
         reader = _Reader(data, "expose response")
-        reader.magic(_EXPOSED_MAGIC)
-        round_id = reader.take(reader.uint(2))
+        round_id = reader.head(_EXPOSED_MAGIC)
         site_id = reader.uint()
         shares = _signed_shares(reader)
         reader.end()
