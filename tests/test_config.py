@@ -54,3 +54,15 @@ def test_pyproject_defaults_parse():
 
     settings = RunSettings.from_flat(default_run_config() | {"secagg.registry": "r.json"})
     assert settings.lora.aggregation == "ffa" and settings.privacy.enabled
+
+
+def test_pyproject_defaults_are_the_dataclass_defaults():
+    """One source of truth: every run-config key in pyproject.toml holds its dataclass field's default
+    (secure aggregation is on in both; switched off here only because it needs a registry file)."""
+    from common.config import FederationSettings
+    from fedtune.cli import default_run_config
+
+    flat = default_run_config()
+    assert flat["federation.secure-aggregation"] is FederationSettings().secure_aggregation is True
+    parsed = RunSettings.from_flat(flat | {"federation.secure-aggregation": False})
+    assert parsed == RunSettings(federation=FederationSettings(secure_aggregation=False))

@@ -187,8 +187,13 @@ def test_the_final_passport_verifies_and_a_tampered_one_fails(world):
 
 
 def test_every_process_is_stopped(world):
+    """SIGTERM to each fedtune command alone (what systemd or Ctrl-C does): fedtune itself must stop the
+    SuperLink, SuperNodes and app processes it started."""
     for proc in world["procs"].values():
-        kill_tree(proc, 15)
+        if proc.poll() is None:
+            proc.send_signal(15)
+    for proc in world["procs"].values():
+        proc.wait(timeout=120)
     names = ("flower-superlink", "flower-supernode", "flwr-serverapp", "flwr-clientapp", "flower-superexec")
     leftovers = [p for p in psutil.process_iter(["cmdline", "create_time", "status"])
                  if p.info["create_time"] >= world["started"] and p.info["status"] != psutil.STATUS_ZOMBIE

@@ -132,5 +132,13 @@ def test_noise_and_poisson_sampling_cannot_be_replayed_from_the_global_seed(tmp_
         torch.equal(a, b) for a, b in zip(batches_a, batches_b))  # different Poisson batches
 
 
-def test_steps_per_epoch_matches_opacus_poisson_loader():
-    assert steps_per_epoch(1000, 32) == 32 and steps_per_epoch(10, 64) == 1
+@pytest.mark.parametrize(("records", "batch"), [(1000, 32), (10, 64), (33, 8), (64, 64), (1, 1)])
+def test_steps_per_epoch_matches_opacus_poisson_loader(records: int, batch: int):
+    """The ledger plans and charges steps_per_epoch; Opacus' Poisson loader must take exactly that many."""
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(records, 1)), batch_size=batch))
+    assert len(loader) == steps_per_epoch(records, batch)
+    assert loader.sample_rate == pytest.approx(1 / steps_per_epoch(records, batch))
+    assert sum(1 for _ in loader) == steps_per_epoch(records, batch)
