@@ -17,13 +17,13 @@ import functools
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from common.config import ConfigError, DataSettings, RunSettings
 from common.data import EncodedData, Record, encode, partition, read_records
+from common.files import private_dir, write_json
 from common.model import load_tokenizer
 
 log = logging.getLogger("fedtune.client")
@@ -165,8 +165,6 @@ def default_max_delta(num_records: int) -> float:
 
 def write_policy(state_dir: Path, policy: SitePolicy) -> Path:
     """A simulated site's own policy file (owner-only), as the person playing the sites set it."""
-    from common.files import write_json
-
     path = state_dir / POLICY_FILE
     write_json(path, policy.to_mapping())
     return path
@@ -198,8 +196,7 @@ def resolve_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
         site = _simulated_site(int(node_config["partition-id"]), int(node_config["num-partitions"]), settings)
     else:
         raise ConfigError("node config names neither data-path (deployment) nor partition-id (simulation)")
-    site.state_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(site.state_dir, 0o700)
+    private_dir(site.state_dir)
     if weakened := site.policy.weakened():
         log.warning("SITE POLICY OF %s ACCEPTS WEAKER PROTECTION: %s off", site.name, ", ".join(weakened))
     return site
