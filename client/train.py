@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -30,7 +29,6 @@ class TrainingError(RuntimeError):
 class LocalResult:
     adapter: AdapterState
     steps: int
-    mean_loss: float
     epsilon: float | None
     """ε the site has spent in total after this round (None without DP)."""
 
@@ -95,7 +93,7 @@ def train_locally(
         raise TrainingError("no trainable parameter changed: the adapter is not being trained (device or freeze bug)")
     if not torch.isfinite(after).all():
         raise TrainingError("training diverged (non-finite adapter weights); lower train.learning-rate")
-    return LocalResult(get_adapter_state(model), len(losses), float(np.mean(losses)) if losses else 0.0, epsilon)
+    return LocalResult(get_adapter_state(model), len(losses), epsilon)
 
 
 def _train_plain(model, optimizer, loader, settings: TrainSettings) -> list[float]:
