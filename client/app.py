@@ -37,7 +37,7 @@ from client.site import PolicyError, Site, resolve_site
 from client.train import TrainingError, train_locally
 from common.adapter import AdapterState, delta, set_adapter_state, trainable_keys
 from common.audit import AuditLog
-from common.config import ConfigError, RunSettings
+from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
 from common.model import ModelError, build_model
 from common.records import (
@@ -117,7 +117,7 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
         log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
     model = build_model(site.policy.model_path, len(site.labels), settings.lora)
     set_adapter_state(model, received)
-    result = train_locally(model, site.train, settings.train, ledger=ledger,
+    result = train_locally(model, site.train, settings.train, ledger=ledger, privacy=settings.privacy,
                            planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id)
     update = delta(result.adapter, received, keys_order)
     name = released.seal(server_round, digest, update)
@@ -131,7 +131,7 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
 @_replying_failures
 def train(msg: Message, context: Context) -> RecordDict:
     settings, site = _settings_and_site(context)
-    site.policy.check(settings, len(site.train))  # before anything is spent
+    site.policy.check(settings, site.train.unit_count)  # before anything is spent
     received, server_round, secagg_params = unpack_train_request(msg.content)
     run_id = msg.metadata.run_id
     secure = settings.federation.secure_aggregation
@@ -147,7 +147,8 @@ def train(msg: Message, context: Context) -> RecordDict:
         store.claim_round(run_id, server_round)  # rounds strictly increase per run, plain or secure
     update, release, ledger = _released_update(site, settings, received, server_round, run_id)
     weight = site_weight(site.policy.declared_examples, settings.secagg)
-    privacy = PrivacyReport(site.name, True, **ledger.report()) if ledger else PrivacyReport(site.name, False)
+    privacy = (PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit)) if ledger
+               else PrivacyReport(site.name, False))
     if keys is None:
         log.warning("PLAIN AGGREGATION: %s sends its update in the clear to the server", site.name)
         return pack_train_reply(TrainReply(update, weight, privacy))

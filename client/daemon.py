@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from client.site import SitePolicy
-from common.data import encode_labels, read_records
+from common.config import unit_column
+from common.data import encode_labels, read_records, unit_indices
 from common.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
 from common.kits import check_kit
 
@@ -46,8 +47,11 @@ def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: s
     ends the daemon with its exit code (an unregistered site, a kit from another provisioning).
     """
     files = check_kit(kit, keys)["files"]
-    # A bad data file, or a record whose label is not the agreed one, is refused here, locally, with its line.
-    encode_labels(read_records(str(data)), policy.labels, str(data))
+    # A bad data file, a record whose label is not the agreed one, or a row without its privacy unit is
+    # refused here, locally, with its line.
+    records = read_records(str(data))
+    encode_labels(records, policy.labels, str(data))
+    unit_indices(records, unit_column(policy.privacy_unit), str(data))
     state.mkdir(parents=True, exist_ok=True)
     command = [console_script("flower-supernode"), "--superlink", superlink, "--root-certificates",
                str(files["ca.crt"]), "--auth-supernode-private-key", str(files["supernode.key"]), "--node-config",

@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from torch.utils.data import DataLoader
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 
 from common.audit import AuditLog, verified_entries
 from common.config import PrivacySettings
@@ -236,35 +238,17 @@ class PrivacyLedger:
         }
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Opacus' Poisson loader runs len(loader) = ceil(N/B) steps per epoch at q = 1/len(loader)."""
-    return math.ceil(num_examples / batch_size)
+def private_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ledger: PrivacyLedger, *,
+                      expected_batch: int) -> tuple[GradSampleModule, DPOptimizer]:
+    """The one way a site turns on DP-SGD: Opacus per-row gradients (hooks) and a DP optimizer that clips
+    each unit's gradient to C and adds N(0, σ²C²) to the sum, σ from the ledger's plan.
 
-
-def make_private(
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    ledger: PrivacyLedger,
-) -> tuple[PrivacyEngine, torch.nn.Module, torch.optim.Optimizer, DataLoader]:
-    """The one way a site turns on DP-SGD: Poisson sampling, per-sample clipping, planned σ.
-
-    The Gaussian noise and the Poisson sampling draw from fresh OS entropy (``loader``'s generator is
-    replaced: Opacus' DPDataLoader keeps it). The engine's accountant starts empty and records this round
-    only; the ledger holds the site's total.
+    The noise draws from fresh OS entropy; sampling is the caller's (client.train.UnitBatches, Poisson).
     """
     assert ledger.plan is not None, "charge_round() first"
-    loader.generator = fresh_generator()
-    engine = PrivacyEngine(accountant=ledger.settings.accountant)
-    private_model, private_optimizer, private_loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=ledger.plan.noise_multiplier,
-        max_grad_norm=ledger.settings.max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode="hooks",
-        noise_generator=fresh_generator(next(model.parameters()).device),
-    )
-    return engine, private_model, private_optimizer, private_loader
+    ModuleValidator.validate(model, strict=True)
+    private_model = prepare_module(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=ledger.plan.noise_multiplier,
+                               max_grad_norm=ledger.settings.max_grad_norm, expected_batch_size=expected_batch,
+                               loss_reduction="mean", generator=fresh_generator(next(model.parameters()).device))
+    return private_model, dp_optimizer

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.config import ConfigError, DataSettings, RunSettings
+from common.config import ConfigError, DataSettings, RunSettings, check_unit, unit_column
 from common.data import EncodedData, Record, encode, partition, read_records
 from common.files import private_dir, write_json
 from common.model import load_tokenizer
@@ -51,7 +51,7 @@ class SitePolicy:
     max_epsilon: float = 8.0
     """The most ε (the site's total over the whole federation) the site will ever agree to."""
     max_delta: float | None = None
-    """Largest δ accepted; None = min(1e-5, 1/(10·n) rounded down to a power of ten) for n records."""
+    """Largest δ accepted; None = min(1e-5, 1/(10·n) rounded down to a power of ten) for n units."""
     accountants: tuple[str, ...] = ACCOUNTANTS
     require_dp: bool = True
     require_secure_aggregation: bool = True
@@ -63,9 +63,16 @@ class SitePolicy:
     """Fewest mask partners per site in a larger round; 0 = 2·ceil(log2 n) (SecAgg+)."""
     declared_examples: int | None = None
     """The public weight this site declares for averaging; None = equal weights. Never its true count."""
+    privacy_unit: str = "record"
+    """Whom ε protects at this site: "record", or "column:NAME" (all rows of one patient or customer); the
+    run must name the same unit, so the coordinator can never turn a per-patient site into a per-row one."""
 
     def __post_init__(self) -> None:
         problems = []
+        try:
+            check_unit(self.privacy_unit, "privacy-unit")
+        except ConfigError as exc:
+            problems.append(str(exc))
         if not 0 < self.max_epsilon < float("inf"):
             problems.append(f"max-epsilon must be a positive number, got {self.max_epsilon}")
         if self.max_delta is not None and not 0 < self.max_delta < 1:
@@ -95,7 +102,7 @@ class SitePolicy:
             raise PolicyError(f"the run's model {settings.model_path!r} is not the one this site trains "
                               f"{self.model_path!r}")
 
-    def check(self, settings: RunSettings, num_records: int) -> None:
+    def check(self, settings: RunSettings, num_units: int) -> None:
         """Refuse a run that asks for less protection than this policy (before anything is spent)."""
         self.check_task(settings)
         privacy = settings.privacy
@@ -103,7 +110,9 @@ class SitePolicy:
             if self.require_dp:
                 raise PolicyError("the run turns differential privacy off; this site requires DP")
         else:
-            max_delta = self.max_delta if self.max_delta is not None else default_max_delta(num_records)
+            if privacy.unit != self.privacy_unit:
+                raise PolicyError(f"the run's privacy unit {privacy.unit!r} is not this site's {self.privacy_unit!r}")
+            max_delta = self.max_delta if self.max_delta is not None else default_max_delta(num_units)
             if privacy.epsilon > self.max_epsilon:
                 raise PolicyError(f"the run asks for a budget ε={privacy.epsilon:g}; this site allows at most "
                                   f"ε={self.max_epsilon:g}")
@@ -140,7 +149,7 @@ class SitePolicy:
                     if not isinstance(value, bool):
                         raise ValueError(f"{key} must be true or false")
                     kwargs[name] = value
-                elif name == "model_path":
+                elif name in ("model_path", "privacy_unit"):
                     kwargs[name] = str(value)
                 elif value is None or value == "":
                     kwargs[name] = None
@@ -220,7 +229,7 @@ def _deployed_site(node_config: Mapping[str, Any], settings: RunSettings) -> Sit
 
 
 def _simulated_site(partition_id: int, num_partitions: int, settings: RunSettings) -> Site:
-    records, parts = _simulation_partitions(settings.data, num_partitions)
+    records, parts = simulation_partitions(settings.data, num_partitions)
     mine = [records[i] for i in parts[partition_id]]
     name = f"site-{partition_id}"
     state_dir = settings.out_dir.resolve() / "sites" / name
@@ -234,7 +243,7 @@ def _simulated_site(partition_id: int, num_partitions: int, settings: RunSetting
 
 
 @functools.lru_cache(maxsize=2)
-def _simulation_partitions(data: DataSettings, sites: int) -> tuple[list[Record], list[list[int]]]:
+def simulation_partitions(data: DataSettings, sites: int) -> tuple[list[Record], list[list[int]]]:
     records = read_records(data.source)
     return records, partition(records, sites, data.partition, alpha=data.dirichlet_alpha, seed=data.seed)
 
@@ -243,6 +252,7 @@ def _encode_site(name: str, state_dir: Path, records: list[Record], settings: Ru
                  *, policy: SitePolicy, keys_dir: Path) -> Site:
     policy.check_task(settings)  # the coordinator's labels and model never decide how the records are read
     tokenizer = load_tokenizer(policy.model_path)
-    train = encode(records, policy.labels, tokenizer, settings.data.max_length, f"site {name}")
+    train = encode(records, policy.labels, tokenizer, settings.data.max_length, f"site {name}",
+                   unit_column=unit_column(policy.privacy_unit))
     return Site(name=name, state_dir=state_dir, labels=policy.labels, train=train, keys_dir=keys_dir,
                 policy=policy)

@@ -1,23 +1,29 @@
-"""Local training and evaluation at a site: plain functions, no Flower.
+"""Local training at a site: plain functions, no Flower.
 
-With DP on, training is Opacus DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise)
-on the trainable LoRA parameters only; logical batches are split into physical chunks so memory
-stays bounded however large the DP batch.
+Each round follows the site's :class:`client.plan.TrainingPlan` (``plan.steps`` logical steps of
+expected size ``plan.batch_size`` units). With DP on, a step is DP-SGD: every privacy unit joins the
+batch independently with probability q (Poisson), per-row gradients come from Opacus' hooks on the
+trainable LoRA parameters, each UNIT's summed gradient is clipped to C (a person with ten rows moves
+the update no more than a person with one), and Gaussian noise σ·C is added to the sum.
+
+A logical batch is split into physical chunks of rows sorted by length, each trimmed to its own
+longest row (padding per chunk, not to the site's longest record): DP or not, the same arithmetic.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.utils.batch_memory_manager import BatchMemoryManager
-from torch.utils.data import DataLoader
 
-from client.privacy import PrivacyLedger, fresh_generator, make_private, steps_per_epoch
+from client.plan import TrainingPlan, plan_training
+from client.privacy import PrivacyLedger, fresh_generator, private_optimizer
 from common.adapter import AdapterState, get_adapter_state
-from common.config import TrainSettings
+from common.config import PrivacySettings, TrainSettings
 from common.data import EncodedData
 
 
@@ -33,10 +39,20 @@ class LocalResult:
     """ε the site has spent in total after this round (None without DP)."""
 
 
-def forward_loss(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-    input_ids, attention_mask, labels = batch
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return F.cross_entropy(logits, labels)
+@dataclass(frozen=True)
+class Chunk:
+    """One forward pass: rows (sorted by length, trimmed to the longest) and each row's unit within the chunk."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    unit_of_row: torch.Tensor
+    units: int
+
+
+def forward_loss(model: torch.nn.Module, chunk: Chunk) -> torch.Tensor:
+    logits = model(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask).logits
+    return F.cross_entropy(logits, chunk.labels)
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -52,40 +68,32 @@ def train_locally(
     planned_rounds: int,
     server_round: int,
     run_id: int,
+    privacy: PrivacySettings | None = None,
 ) -> LocalResult:
-    """Train ``model`` in place for ``settings.local_epochs`` epochs; DP when ``ledger`` is given.
+    """Train ``model`` in place for one round of the site's plan; DP when ``ledger`` is given.
 
     With DP the round is charged to the ledger before any step (raising BudgetExhausted), so a crash
-    never leaves a trained round uncharged. All randomness (dropout, shuffling, Poisson sampling, noise)
-    comes from OS entropy, fresh every call: nothing the coordinator knows can replay it.
+    never leaves a trained round uncharged. All randomness (dropout, order, Poisson sampling, which rows
+    of a large unit, noise) comes from OS entropy, fresh every call: nothing the coordinator knows can replay it.
     """
     if len(data) == 0:
         raise TrainingError("the site has no training examples")
+    privacy = ledger.settings if ledger is not None else (privacy or PrivacySettings(enabled=False))
+    plan = plan_training(data.unit_count, settings, privacy, planned_rounds)
     torch.manual_seed(secrets.randbits(63))  # dropout: torch's default seed is a public constant
     before = torch.cat([p.detach().flatten().clone() for p in _trainable(model)])
     model.train()
-    batch_size = min(settings.batch_size, len(data))
-    loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=True, generator=fresh_generator())
-    optimizer = torch.optim.AdamW(_trainable(model), lr=settings.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(_trainable(model), lr=plan.learning_rate, weight_decay=0.0)
+    batches = UnitBatches(data, plan, settings, poisson=ledger is not None)
     if ledger is None:
-        losses = _train_plain(model, optimizer, loader, settings)
+        steps = _train_plain(model, optimizer, batches)
         epsilon = None
     else:
-        per_round = steps_per_epoch(len(data), batch_size) * settings.local_epochs
-        sample_rate = 1 / steps_per_epoch(len(data), batch_size)
-        entry = ledger.charge_round(run_id=run_id, server_round=server_round, sample_rate=sample_rate,
-                                    steps=per_round, planned_rounds=planned_rounds)
-        engine, private_model, private_optimizer, private_loader = make_private(
-            model=model, optimizer=optimizer, loader=loader, ledger=ledger
-        )
-        try:
-            losses = _train_private(private_model, private_optimizer, private_loader, settings)
-        finally:
-            private_model._close()  # remove Opacus hooks; the PeftModel inside is ours again
-        charged = [(ledger.plan.noise_multiplier, sample_rate, per_round)]
-        if [tuple(step) for step in engine.accountant.history] != charged:
-            # (no values in the message: it goes to the coordinator, and σ, q, steps pin the site's n)
-            raise TrainingError("bug: Opacus' accountant disagrees with the round charged to the ledger")
+        entry = ledger.charge_round(run_id=run_id, server_round=server_round, sample_rate=plan.sample_rate,
+                                    steps=plan.steps, planned_rounds=planned_rounds)
+        steps = _train_private(model, optimizer, batches, ledger)
+        if steps != plan.steps:
+            raise TrainingError("bug: the steps taken differ from the round charged to the ledger")
         epsilon = entry.epsilon
     model.eval()
     after = torch.cat([p.detach().flatten() for p in _trainable(model)])
@@ -93,47 +101,113 @@ def train_locally(
         raise TrainingError("no trainable parameter changed: the adapter is not being trained (device or freeze bug)")
     if not torch.isfinite(after).all():
         raise TrainingError("training diverged (non-finite adapter weights); lower train.learning-rate")
-    return LocalResult(get_adapter_state(model), len(losses), epsilon)
+    return LocalResult(get_adapter_state(model), steps, epsilon)
 
 
-def _train_plain(model, optimizer, loader, settings: TrainSettings) -> list[float]:
-    losses = []
-    for _ in range(settings.local_epochs):
-        for batch in loader:
-            optimizer.zero_grad()
-            size = len(batch[0])
-            total = 0.0
-            for start in range(0, size, settings.physical_batch_size):
-                chunk = [t[start:start + settings.physical_batch_size] for t in batch]
-                loss = forward_loss(model, chunk) * (len(chunk[0]) / size)
-                loss.backward()
-                total += loss.item()
+class UnitBatches:
+    """The round's logical batches, each a list of chunks; units drawn with OS entropy.
+
+    DP: each step, every unit joins independently with probability q (Poisson; a batch may be empty).
+    Without DP: epochs of shuffled units cut into batches of B. A unit with more than
+    ``max_rows_per_unit`` rows contributes that many of them, drawn afresh each step.
+    """
+
+    def __init__(self, data: EncodedData, plan: TrainingPlan, settings: TrainSettings, *, poisson: bool) -> None:
+        self.data, self.plan, self.poisson = data, plan, poisson
+        self.physical, self.cap = settings.physical_batch_size, settings.max_rows_per_unit
+        self.rows = data.rows_by_unit()
+        input_ids, attention_mask, labels = data.dataset.tensors
+        self.lengths = attention_mask.sum(1).numpy()
+        self.generator = fresh_generator()
+        self.rng = np.random.default_rng(secrets.randbits(128))
+
+    def __iter__(self) -> Iterator[list[Chunk]]:
+        order: list[int] = []
+        for _ in range(self.plan.steps):
+            if self.poisson:
+                drawn = torch.rand(self.plan.units, generator=self.generator) < self.plan.sample_rate
+                units = drawn.nonzero().flatten().tolist()
+            else:
+                if len(order) < self.plan.batch_size:
+                    order += torch.randperm(self.plan.units, generator=self.generator).tolist()
+                units, order = order[:self.plan.batch_size], order[self.plan.batch_size:]
+            yield self.chunks(units)
+
+    def chunks(self, units: list[int]) -> list[Chunk]:
+        """Units packed, longest first, into passes of at most ``physical`` rows (a unit never split)."""
+        members = []
+        for unit in units:
+            rows = self.rows[unit]
+            if len(rows) > self.cap:
+                rows = self.rng.choice(rows, size=self.cap, replace=False)
+            members.append(np.sort(rows))
+        members.sort(key=lambda rows: -int(self.lengths[rows].max()))
+        chunks, current = [], []
+        for rows in members:
+            if current and sum(map(len, current)) + len(rows) > self.physical:
+                chunks.append(self._chunk(current))
+                current = []
+            current.append(rows)
+        if current:
+            chunks.append(self._chunk(current))
+        return chunks
+
+    def _chunk(self, members: list[np.ndarray]) -> Chunk:
+        index = torch.from_numpy(np.concatenate(members))
+        input_ids, attention_mask, labels = (t[index] for t in self.data.dataset.tensors)
+        width = int(attention_mask.any(0).nonzero().max()) + 1
+        unit_of_row = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([len(m) for m in members]))
+        return Chunk(input_ids[:, :width], attention_mask[:, :width], labels, unit_of_row, len(members))
+
+
+def _train_plain(model, optimizer, batches: UnitBatches) -> int:
+    steps = 0
+    for chunks in batches:
+        optimizer.zero_grad()
+        rows = sum(len(chunk.labels) for chunk in chunks)
+        for chunk in chunks:
+            (forward_loss(model, chunk) * (len(chunk.labels) / rows)).backward()
+        optimizer.step()
+        steps += 1
+    return steps
+
+
+def _train_private(model, optimizer, batches: UnitBatches, ledger: PrivacyLedger) -> int:
+    """DP-SGD over the round's Poisson batches; returns the number of (noised) steps taken."""
+    private_model, dp_optimizer = private_optimizer(model, optimizer, ledger, expected_batch=batches.plan.batch_size)
+    try:
+        return dp_steps(private_model, dp_optimizer, batches)
+    finally:
+        private_model._close()  # remove Opacus hooks; the PeftModel inside is ours again
+
+
+def dp_steps(model, optimizer, batches) -> int:
+    """One DP-SGD step per logical batch: per-unit gradients, clipped, summed over chunks, noised once."""
+    steps = 0
+    for chunks in batches:
+        optimizer.zero_grad()
+        for last, chunk in ((i == len(chunks) - 1, c) for i, c in enumerate(chunks)):
+            optimizer.signal_skip_step(do_skip=not last)
+            forward_loss(model, chunk).backward()
+            per_unit_gradients(optimizer.params, chunk)
             optimizer.step()
-            losses.append(total)
-    return losses
+            if not last:
+                optimizer.zero_grad()  # clears the chunk's per-row gradients; the clipped sum is kept
+        if not chunks:
+            # An empty Poisson batch: no forward (BERT cannot reshape 0 rows), a zero gradient, and still a
+            # step, so the noise is added and the step counts as charged.
+            for param in optimizer.params:
+                param.grad_sample = torch.zeros((1, *param.shape), dtype=param.dtype, device=param.device)
+            optimizer.step()
+        steps += 1
+    return steps
 
 
-def _train_private(model, optimizer, loader, settings: TrainSettings) -> list[float]:
-    """DP-SGD; returns the mean loss of each logical step (0 for an empty Poisson batch)."""
-    losses: list[float] = []
-    for _ in range(settings.local_epochs):
-        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=settings.physical_batch_size,
-                                optimizer=optimizer) as chunks:
-            step_loss, step_examples = 0.0, 0
-            for chunk in chunks:
-                optimizer.zero_grad()
-                if len(chunk[0]) == 0:
-                    # An empty Poisson batch: no forward (BERT cannot reshape 0 rows), zero per-sample
-                    # gradients, and still a step, so the noise is added and the accountant advances.
-                    for param in optimizer.params:
-                        param.grad_sample = torch.zeros((1, *param.shape), dtype=param.dtype, device=param.device)
-                else:
-                    loss = forward_loss(model, chunk)
-                    loss.backward()
-                    step_loss += loss.item() * len(chunk[0])
-                    step_examples += len(chunk[0])
-                optimizer.step()
-                if not optimizer._is_last_step_skipped:  # a logical (Poisson) batch ended
-                    losses.append(step_loss / max(1, step_examples))
-                    step_loss, step_examples = 0.0, 0
-    return losses
+def per_unit_gradients(params: list[torch.nn.Parameter], chunk: Chunk) -> None:
+    """Replace each parameter's per-row gradients by per-unit sums (what DP-SGD then clips)."""
+    if chunk.units == len(chunk.labels):
+        return  # one row per unit (record-level): nothing to add up
+    for param in params:
+        rows = param.grad_sample
+        param.grad_sample = torch.zeros((chunk.units, *rows.shape[1:]), dtype=rows.dtype,
+                                        device=rows.device).index_add_(0, chunk.unit_of_row.to(rows.device), rows)

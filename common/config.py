@@ -49,9 +49,24 @@ class LoraSettings:
         )
 
 
+def unit_column(unit: str) -> str:
+    """The column naming a privacy unit ("column:patient_id" → "patient_id"); "" for one record per unit."""
+    return unit.removeprefix("column:") if unit.startswith("column:") else ""
+
+
+def unit_name(unit: str) -> str:
+    """How reports name the unit ε is per: "record" or the column, as in "ε = 8 per patient_id"."""
+    return unit_column(unit) or "record"
+
+
+def check_unit(unit: str, key: str) -> None:
+    _require(unit == "record" or (unit.startswith("column:") and len(unit) > len("column:")),
+             f"{key} must be 'record' or 'column:NAME' (e.g. column:patient_id), got {unit!r}")
+
+
 @dataclass(frozen=True)
 class PrivacySettings:
-    """Sample-level differential privacy of each site's training (Opacus DP-SGD)."""
+    """Differential privacy of each site's training (DP-SGD on the trainable adapter)."""
 
     enabled: bool = True
     epsilon: float = 8.0
@@ -59,6 +74,9 @@ class PrivacySettings:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: Literal["prv", "rdp"] = "prv"
+    unit: str = "record"
+    """What ε protects: "record" (one row), or "column:NAME": every row sharing a value of NAME (a patient,
+    a customer) is one unit, sampled and clipped together, so ε holds per person, whatever their row count."""
 
     def __post_init__(self) -> None:
         _require(
@@ -71,27 +89,54 @@ class PrivacySettings:
             self.accountant in ("prv", "rdp"),
             f"privacy.accountant must be 'prv' or 'rdp', got {self.accountant!r}",
         )
+        check_unit(self.unit, "privacy.unit")
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local training at a site, per round."""
+    """Local training at a site, per round. 0 = the automatic plan (client/plan.py), computed at each site
+    from its own number of units, which never leaves it."""
 
-    learning_rate: float = 0.01
-    local_epochs: int = 2
-    batch_size: int = 16
-    """Logical batch (expected size under Poisson sampling); large batches suit DP."""
-    physical_batch_size: int = 16
-    """Memory bound: logical batches are split into chunks of at most this many samples."""
+    learning_rate: float = 0.0
+    local_epochs: int = 0
+    """Passes over the site's units per round; 0 = the plan's share of its total epochs."""
+    batch_size: int = 0
+    """Logical batch in units (the expected size under Poisson sampling); large batches suit DP."""
+    physical_batch_size: int = 64
+    """Memory bound: rows per forward pass (a unit's rows always share one pass, even past this bound)."""
+    max_rows_per_unit: int = 8
+    """With a per-person unit, at most this many of a unit's rows (drawn afresh each step) train per step."""
 
     def __post_init__(self) -> None:
-        _require(self.learning_rate > 0, f"train.learning-rate must be > 0, got {self.learning_rate}")
-        _require(self.local_epochs >= 1, f"train.local-epochs must be >= 1, got {self.local_epochs}")
-        _require(self.batch_size >= 1, f"train.batch-size must be >= 1, got {self.batch_size}")
+        _require(self.learning_rate >= 0, f"train.learning-rate must be >= 0 (0 = automatic), got {self.learning_rate}")
+        _require(self.local_epochs >= 0, f"train.local-epochs must be >= 0 (0 = automatic), got {self.local_epochs}")
+        _require(self.batch_size >= 0, f"train.batch-size must be >= 0 (0 = automatic), got {self.batch_size}")
         _require(
             self.physical_batch_size >= 1,
             f"train.physical-batch-size must be >= 1, got {self.physical_batch_size}",
         )
+        _require(self.max_rows_per_unit >= 1, f"train.max-rows-per-unit must be >= 1, got {self.max_rows_per_unit}")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server applies the sites' mean update (post-processing of DP releases: free in privacy)."""
+
+    optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    learning_rate: float = 1.0
+    """Step on the mean update (FedAvg: 1.0 applies it as is)."""
+    momentum: float = 0.9
+    """β₁: momentum of fedavgm, first moment of fedadam/fedyogi."""
+    beta2: float = 0.99
+    tau: float = 1e-3
+    """Adaptivity floor of fedadam/fedyogi: step ≈ lr·m/(√v + τ)."""
+
+    def __post_init__(self) -> None:
+        _require(self.optimizer in ("fedavg", "fedavgm", "fedadam", "fedyogi"),
+                 f"server.optimizer must be fedavg, fedavgm, fedadam or fedyogi, got {self.optimizer!r}")
+        _require(self.learning_rate > 0, f"server.learning-rate must be > 0, got {self.learning_rate}")
+        _require(0 <= self.momentum < 1 and 0 <= self.beta2 < 1, "server.momentum and server.beta2 must be in [0, 1)")
+        _require(self.tau > 0, f"server.tau must be > 0, got {self.tau}")
 
 
 @dataclass(frozen=True)
@@ -181,6 +226,7 @@ class RunSettings:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     secagg: SecureAggSettings = field(default_factory=SecureAggSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     def __post_init__(self) -> None:
         _require(not (self.federation.secure_aggregation and not self.secagg.registry),
@@ -220,6 +266,7 @@ _SECTIONS: dict[str, type] = {
     "privacy": PrivacySettings,
     "federation": FederationSettings,
     "secagg": SecureAggSettings,
+    "server": ServerSettings,
 }
 
 

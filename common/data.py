@@ -193,22 +193,53 @@ def _dirichlet_parts(records: list[Record], sites: int, alpha: float, rng: np.ra
 
 @dataclass(frozen=True)
 class EncodedData:
-    """Tokenised examples, ready for a DataLoader."""
+    """Tokenised examples (padded to the longest; training trims each forward pass to its own longest),
+    and the privacy unit of each row: ``units[i]`` indexes the person (or the record itself) row i belongs to."""
 
     dataset: TensorDataset
     labels: np.ndarray
+    units: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def unit_count(self) -> int:
+        return int(self.units.max()) + 1 if len(self.units) else 0
+
+    def rows_by_unit(self) -> list[np.ndarray]:
+        """The row indices of each unit, in unit order."""
+        order = np.argsort(self.units, kind="stable")
+        return np.split(order, np.flatnonzero(np.diff(self.units[order])) + 1) if len(order) else []
+
+
+def unit_indices(records: list[Record], column: str, where: str) -> np.ndarray:
+    """Each row's privacy unit: itself (``column`` empty), or the index of its value of ``column``."""
+    if not column:
+        return np.arange(len(records), dtype=np.int64)
+    if records and column not in records[0]:
+        raise DataError(f"{where}: the privacy unit column {column!r} is not in the data (columns: "
+                        f"{sorted(records[0])}); add it, or set privacy.unit to 'record' or another column")
+    index: dict[str, int] = {}
+    units = np.empty(len(records), dtype=np.int64)
+    for number, row in enumerate(records, start=1):
+        value = row.get(column, "").strip()
+        if not value:
+            raise DataError(f"{where}, example {number}: empty privacy unit {column!r}; every row must name its "
+                            f"{column}")
+        units[number - 1] = index.setdefault(value, len(index))
+    return units
+
 
 def encode(
-    records: list[Record], names: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, max_length: int, where: str
+    records: list[Record], names: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, max_length: int, where: str,
+    *, unit_column: str = "",
 ) -> EncodedData:
     labels = encode_labels(records, names, where)
+    units = unit_indices(records, unit_column, where)
     batch = tokenizer(
         [row["text"] for row in records], truncation=True, max_length=max_length,
         padding="longest", return_tensors="pt",
     )
     dataset = TensorDataset(batch["input_ids"], batch["attention_mask"], torch.from_numpy(labels))
-    return EncodedData(dataset=dataset, labels=labels)
+    return EncodedData(dataset=dataset, labels=labels, units=units)

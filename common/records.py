@@ -37,6 +37,8 @@ class PrivacyReport:
     delta: float | None = None
     budget: float | None = None
     accountant: str | None = None
+    unit: str | None = None
+    """Whom ε protects: "record", or the column naming a person ("patient_id")."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,11 +154,15 @@ def unpack_privacy(content: RecordDict) -> PrivacyReport | None:
         value = record.get(key)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    site, dp, accountant = record.get("site"), record.get("dp"), record.get("accountant")
+    def text(key: str, limit: int) -> str | None:
+        value = record.get(key)
+        return value[:limit] if isinstance(value, str) and value else None
+
+    site, dp = record.get("site"), record.get("dp")
     if not isinstance(site, str) or not isinstance(dp, bool):
         return None
-    return PrivacyReport(site[:128], dp, number("epsilon"), number("delta"), number("budget"),
-                         accountant[:16] if isinstance(accountant, str) and accountant else None)
+    return PrivacyReport(site[:128], dp, number("epsilon"), number("delta"), number("budget"), text("accountant", 16),
+                         text("unit", 64))
 
 
 def pack_weight(weight: int) -> MetricRecord:

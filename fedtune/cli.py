@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.config import BadInput, ConfigError, RunSettings
+from common.config import BadInput, ConfigError, RunSettings, unit_name
 from fedtune.deploy_cli import add_subcommands
 from server.control import RunFailed, project_dir
 from simulations.runner import run_simulation
@@ -53,10 +53,21 @@ def _federation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, default=d["lora.rank"])
     p.add_argument("--plain-lora-averaging", action="store_true",
                    help="train and average A and B separately (inexact) instead of FFA-LoRA")
-    p.add_argument("--learning-rate", type=float, default=d["train.learning-rate"])
-    p.add_argument("--local-epochs", type=int, default=d["train.local-epochs"])
-    p.add_argument("--batch-size", type=int, default=d["train.batch-size"])
-    p.add_argument("--max-grad-norm", type=float, default=d["privacy.max-grad-norm"], help="DP-SGD per-sample clipping norm")
+    p.add_argument("--learning-rate", type=float, default=d["train.learning-rate"],
+                   help="sites' learning rate; 0 = the automatic plan (README: 'The training plan')")
+    p.add_argument("--local-epochs", type=int, default=d["train.local-epochs"],
+                   help="passes over a site's units per round; 0 = the automatic plan")
+    p.add_argument("--batch-size", type=int, default=d["train.batch-size"],
+                   help="expected units per step; 0 = the automatic plan (about a quarter of the site)")
+    p.add_argument("--max-grad-norm", type=float, default=d["privacy.max-grad-norm"],
+                   help="DP-SGD clipping norm of each unit's gradient")
+    p.add_argument("--privacy-unit", default=d["privacy.unit"],
+                   help="whom ε protects: 'record', or 'column:NAME' (every row of one patient/customer together)")
+    p.add_argument("--max-rows-per-unit", type=int, default=d["train.max-rows-per-unit"],
+                   help="with a per-person unit: at most this many of a person's rows train per step")
+    p.add_argument("--server-optimizer", default=d["server.optimizer"], choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),
+                   help="the server's step on the sites' mean update (post-processing: no privacy cost)")
+    p.add_argument("--server-learning-rate", type=float, default=d["server.learning-rate"])
     p.add_argument("--max-length", type=int, default=d["data.max-length"], help="tokens per example")
     p.add_argument("--seed", type=int, default=d["data.seed"])
     p.add_argument("--train-timeout", type=float, default=d["federation.train-timeout"],
@@ -86,7 +97,7 @@ def simulated_registry(out: Path, sites: int) -> Path:
 
 
 def simulated_site_policies(out: Path, sites: int, *, labels: str, model: str, dp: bool, secure: bool,
-                            epsilon: float) -> None:
+                            epsilon: float, unit: str) -> None:
     """Each simulated site's own policy file (the person running the simulation plays every site).
 
     Weaker protection than the defaults exists only because this command was asked for it by name.
@@ -94,7 +105,7 @@ def simulated_site_policies(out: Path, sites: int, *, labels: str, model: str, d
     from client.site import SitePolicy, write_policy
 
     policy = SitePolicy(labels=tuple(labels.split(",")), model_path=model, max_epsilon=epsilon, require_dp=dp,
-                        require_secure_aggregation=secure)
+                        require_secure_aggregation=secure, privacy_unit=unit)
     for i in range(sites):
         write_policy(out.resolve() / "sites" / f"site-{i}", policy)
 
@@ -137,6 +148,8 @@ def training_run_config(args: argparse.Namespace) -> dict[str, Any]:
         "train.learning-rate": args.learning_rate,
         "train.local-epochs": args.local_epochs,
         "train.batch-size": args.batch_size,
+        "train.max-rows-per-unit": args.max_rows_per_unit,
+        "privacy.unit": args.privacy_unit,
         "privacy.epsilon": args.epsilon,
         "privacy.delta": args.delta,
         "privacy.max-grad-norm": args.max_grad_norm,
@@ -146,6 +159,8 @@ def training_run_config(args: argparse.Namespace) -> dict[str, Any]:
         "federation.secure-aggregation": not args.plain_aggregation,
         "federation.train-timeout": args.train_timeout,
         "federation.stage-timeout": args.stage_timeout,
+        "server.optimizer": args.server_optimizer,
+        "server.learning-rate": args.server_learning_rate,
     }
 
 
@@ -165,13 +180,16 @@ def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dic
 
 def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) -> dict[str, Any]:
     """Validate, run one federation, print its rounds and summary; the summary dict."""
-    from common.data import label_names, partition, read_records
+    from common.config import unit_column
+    from common.data import label_names, partition, read_records, unit_indices
     from server.federation import test_source
-    from simulations.report import load_summary, round_line, summary_text
+    from simulations.report import load_summary, round_line, summary_text, write_report
 
     run_config = simulate_run_config(args, out, dp=dp)
     settings = RunSettings.from_flat(default_run_config() | run_config)
+    parse_baselines(getattr(args, "baselines", ""))
     records = read_records(settings.data.source)  # fail fast, before any process starts
+    unit_indices(records, unit_column(settings.privacy.unit), settings.data.source)
     read_records(test_source(settings.data), split="test")
     run_config["data.labels"] = ",".join(label_names(records, settings.data.labels))
     sizes = [len(p) for p in partition(records, args.sites, settings.data.partition,
@@ -181,19 +199,37 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
                           "site could subtract its own update from the sum and read the other's. Use --sites 3 "
                           "or more, or --plain-aggregation")
     simulated_site_policies(out, args.sites, labels=run_config["data.labels"], model=args.model, dp=dp,
-                            secure=not args.plain_aggregation, epsilon=args.epsilon)
+                            secure=not args.plain_aggregation, epsilon=args.epsilon, unit=args.privacy_unit)
     if not dp:
         warn("differential privacy is OFF for this run: site updates carry no DP guarantee")
     if args.plain_aggregation:
         warn("secure aggregation is OFF (--plain-aggregation): the server sees every site's update")
     aggregation = "plain aggregation (server sees updates)" if args.plain_aggregation else "secure aggregation"
     print(f"== {title}: {args.sites} sites (examples per site: {sizes}), {args.rounds} rounds, "
-          f"{'DP ε=' + str(args.epsilon) if dp else 'DP OFF'}, {aggregation}, out {out}", flush=True)
+          f"{f'DP ε={args.epsilon:g} per {unit_name(args.privacy_unit)}' if dp else 'DP OFF'}, {aggregation}, out {out}", flush=True)
     run_simulation(run_config, sites=args.sites, out_dir=out,
                    on_round=lambda line: print("  " + round_line(line, args.rounds), flush=True))
+    baselines = parse_baselines(getattr(args, "baselines", ""))
+    if baselines:
+        from common.files import write_json
+        from simulations.baselines import run_baselines
+
+        print(f"== baselines ({', '.join(baselines)}): the same plan, DP setting and rounds, trained here", flush=True)
+        final = RunSettings.from_flat(default_run_config() | run_config)
+        write_json(out / "baselines.json", run_baselines(baselines, final))
+    report = write_report(out)
     summary = load_summary(out)
     print(summary_text(summary), flush=True)
+    print(f"report: {report}", flush=True)
     return summary
+
+
+def parse_baselines(text: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(set(chosen) - {"local", "central"})
+    if unknown:
+        raise ConfigError(f"--baselines: unknown {unknown}; choose from local, central (comma-separated)")
+    return chosen
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
@@ -239,9 +275,11 @@ def cmd_client_start(args: argparse.Namespace) -> int:
 
     policy = SitePolicy(labels=tuple(label.strip() for label in args.labels.split(",") if label.strip()),
                         model_path=args.model, max_epsilon=args.max_epsilon, max_delta=args.max_delta,
-                        min_sites=args.min_sites, declared_examples=args.declared_examples)
+                        min_sites=args.min_sites, declared_examples=args.declared_examples,
+                        privacy_unit=args.privacy_unit)
     print(f"== site daemon: kit {args.kit}, keys {args.keys}, data {args.data}, state {args.state}, "
-          f"coordinator {args.superlink}, policy: labels {','.join(policy.labels)}, ε ≤ {policy.max_epsilon:g}, "
+          f"coordinator {args.superlink}, policy: labels {','.join(policy.labels)}, ε ≤ {policy.max_epsilon:g} "
+          f"per {unit_name(policy.privacy_unit)}, "
           f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·records))'}, ≥ {policy.min_sites} sites per "
           "secure round, DP and secure aggregation required", flush=True)
     code = start_client(args.kit, args.keys, args.data, args.state, superlink=args.superlink, policy=policy,
@@ -286,6 +324,9 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
                         help="site policy: the most ε (total over the federation) this site will ever agree to")
     daemon.add_argument("--max-delta", type=float, default=None,
                         help="site policy: the largest δ accepted (default: min(1e-5, 1/(10·n)) for n records)")
+    daemon.add_argument("--privacy-unit", default="record",
+                        help="site policy: whom ε protects: 'record', or 'column:NAME' (e.g. column:patient_id: all "
+                             "of a patient's rows are one unit); the run must name the same unit")
     daemon.add_argument("--min-sites", type=int, default=3,
                         help="site policy: fewest sites in a secure-aggregation round")
     daemon.add_argument("--declared-examples", type=int, default=None,
@@ -313,6 +354,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     simulate.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF (warns)")
     simulate.add_argument("--resume", action="store_true",
                           help="continue from the newest checkpoint in --out (after a crash or Ctrl-C)")
+    simulate.add_argument("--baselines", default="",
+                          help="also train 'local' (each site alone) and/or 'central' (all data pooled), comma-"
+                               "separated, under the same plan and DP budget; they appear in report.html")
     _federation_options(simulate)
     demo = sub.add_parser("demo", help="the README demo: 3 hospitals, DP off vs on, side by side",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -5,6 +5,7 @@ Layout under the run's out-dir::
     metrics.jsonl                  one line per round (round 0 = the initial adapter)
     privacy.json                   each site's latest accounting report
     checkpoints/round-NNNN/        adapter_config.json + adapter_model.safetensors + round.json
+                                   (+ server_optimizer.safetensors: its momentum, for a resume)
     final/adapter/                 the last global adapter, PEFT format
 """
 
@@ -17,10 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 
 from common.adapter import AdapterState, save_peft_adapter
 from common.files import file_sha256, write_json
+
+OPTIMIZER_FILE = "server_optimizer.safetensors"
 
 
 def append_metrics(out_dir: Path, line: dict[str, Any]) -> None:
@@ -35,7 +40,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def save_checkpoint(out_dir: Path, server_round: int, model: torch.nn.Module, state: AdapterState,
-                    info: dict[str, Any], seal: Callable[[Path], None] | None = None) -> Path:
+                    info: dict[str, Any], seal: Callable[[Path], None] | None = None,
+                    optimizer_state: dict[str, np.ndarray] | None = None) -> Path:
     """Write round ``server_round``'s global adapter; returns its directory.
 
     Everything — weights, round.json, and whatever ``seal`` adds (the signed passport) — is
@@ -46,12 +52,27 @@ def save_checkpoint(out_dir: Path, server_round: int, model: torch.nn.Module, st
     shutil.rmtree(staging, ignore_errors=True)
     save_peft_adapter(model, state, staging)
     checksum = file_sha256(staging / "adapter_model.safetensors")
-    write_json(staging / "round.json", {"round": server_round, "adapter_sha256": checksum, **info})
+    extra = {}
+    if optimizer_state:
+        save_file(optimizer_state, str(staging / OPTIMIZER_FILE))
+        extra["server_optimizer_sha256"] = file_sha256(staging / OPTIMIZER_FILE)
+    write_json(staging / "round.json", {"round": server_round, "adapter_sha256": checksum, **extra, **info})
     if seal is not None:
         seal(staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final
+
+
+def load_optimizer_state(checkpoint: Path) -> dict[str, np.ndarray] | None:
+    """The server optimizer's state saved with ``checkpoint`` (None for FedAvg, which has none)."""
+    path = checkpoint / OPTIMIZER_FILE
+    if not path.exists():
+        return None
+    expected = json.loads((checkpoint / "round.json").read_text()).get("server_optimizer_sha256")
+    if file_sha256(path) != expected:
+        raise ValueError(f"{path} does not match its round.json checksum: it was altered")
+    return load_file(str(path))
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

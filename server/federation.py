@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from flwr.serverapp import Grid
 
 from common.adapter import AdapterState, apply_delta, get_adapter_state, set_adapter_state, trainable_keys
-from common.config import ConfigError, DataSettings, RunSettings
+from common.config import ConfigError, DataSettings, RunSettings, unit_name
 from common.data import DRUGREVIEW, encode, read_records
 from common.evaluation import evaluate, majority_baseline, metrics
 from common.model import base_model_sha256, build_model, load_tokenizer
@@ -28,7 +28,8 @@ from common.registry import load_registry
 from fedtune import __version__
 from common.audit import AuditLog
 from common.files import file_sha256, write_json
-from server.checkpoint import append_metrics, publish_final, save_checkpoint
+from server.checkpoint import append_metrics, load_optimizer_state, publish_final, save_checkpoint
+from server.optimizer import ServerOptimizer
 from server.secure_agg import SecureAggregation
 from server.strategy import Aggregator, PlainAggregation, RoundSpec
 
@@ -127,12 +128,19 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
         "labels": labels, "majority_baseline": baseline, "aggregation": aggregator.name,
         "lora": settings.lora.aggregation, "dp": settings.privacy.enabled, "update_values": update_size,
         "sites": settings.federation.sites, "rounds": settings.federation.rounds,
+        "privacy_unit": settings.privacy.unit, "epsilon_budget": settings.privacy.epsilon if settings.privacy.enabled
+        else None, "server_optimizer": settings.server.optimizer,
     })
     privacy: dict[str, dict] = {}
+    server_optimizer = ServerOptimizer(settings.server, update_size)
     if settings.resume_from:
         state, last_round, parent = resume_point(Path(settings.resume_from), state)
         set_adapter_state(model, state)
         checkpoint = Path(settings.resume_from)
+        try:
+            server_optimizer = ServerOptimizer(settings.server, update_size, load_optimizer_state(checkpoint))
+        except ValueError as exc:
+            raise ConfigError(f"checkpoint {checkpoint}: {exc}") from exc
         restore_metrics(out_dir, checkpoint)
         if (out_dir / "privacy.json").exists():
             privacy = json.loads((out_dir / "privacy.json").read_text())["sites"]
@@ -164,6 +172,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
             "failures": outcome.failures,
             "model_updated": outcome.mean_delta is not None,
             "secure_aggregation": outcome.details or None,
+            "dp": settings.privacy.enabled,
+            "privacy_unit": unit_name(settings.privacy.unit),
             "epsilon": epsilon,
         }
         audit.record("round", run_id=run_id, round=server_round, nodes=len(nodes), contributors=outcome.contributors,
@@ -171,7 +181,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
                      failures=[{k: f[k] for k in ("site", "kind")} for f in outcome.failures],
                      model_updated=outcome.mean_delta is not None)
         if outcome.mean_delta is not None:  # a new model version
-            state = apply_delta(state, outcome.mean_delta, keys)
+            state = apply_delta(state, server_optimizer.step(outcome.mean_delta), keys)
             set_adapter_state(model, state)
             updated_rounds += 1
         line["server"] = metrics(evaluate(model, test, len(labels)))
@@ -181,7 +191,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
                                      epsilon) if signing_key else None
             checkpoint = save_checkpoint(out_dir, server_round, model, state, {
                 "contributors": outcome.contributors, "parent_sha256": parent, "metrics": line | {
-                    "checkpoint": f"round-{server_round:04d}"}}, seal)
+                    "checkpoint": f"round-{server_round:04d}"}}, seal,
+                optimizer_state=server_optimizer.state() if settings.server.optimizer != "fedavg" else None)
             parent = file_sha256(checkpoint / "adapter_model.safetensors")
             audit.record("checkpoint", round=server_round, adapter_sha256=parent, passport=signing_key is not None)
         line["checkpoint"] = checkpoint.name

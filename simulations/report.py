@@ -1,21 +1,39 @@
-"""What a user reads after a simulation: per-round progress, a summary, a DP on/off comparison."""
+"""What a user reads after a simulation: per-round progress, a summary, a DP on/off comparison, and
+``report.html`` (self-contained, plots embedded) with the same plots as PNGs beside it for papers."""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 from pathlib import Path
 from typing import Any
 
+BAR_WIDTH = 20
+
+
+def progress_bar(done: int, total: int) -> str:
+    filled = round(BAR_WIDTH * done / max(1, total))
+    return "[" + "█" * filled + "·" * (BAR_WIDTH - filled) + "]"
+
 
 def round_line(line: dict[str, Any], rounds: int) -> str:
+    """One round in the terminal, with a progress bar; says why a round left the model unchanged."""
     server = line["server"]
-    head = f"round {line['round']}/{rounds}"
+    head = f"{progress_bar(line['round'], rounds)} round {line['round']}/{rounds}"
     if line["round"] == 0:
         return f"{head}  initial adapter       acc {server['accuracy']:.3f}  macro-F1 {server['macro_f1']:.3f}"
     eps = [v for v in line.get("epsilon", {}).values() if isinstance(v, (int, float))]
-    privacy = f"ε max {max(eps):.2f}" if eps else "DP off"
-    failed = f"  {len(line['failures'])} failed" if line["failures"] else ""
-    kept = "" if line["model_updated"] else "  (model unchanged: too few sites)"
+    kinds = sorted({failure["kind"] for failure in line["failures"]})
+    if line.get("dp") is False:
+        privacy = "DP OFF"
+    elif eps:
+        privacy = f"ε max {max(eps):.2f}" + (f" per {line['privacy_unit']}" if line.get("privacy_unit") else "")
+    else:
+        privacy = "no site spent ε"
+    failed = f"  {len(line['failures'])} failed ({', '.join(kinds)})" if line["failures"] else ""
+    kept = "" if line["model_updated"] else (
+        f"  (model unchanged: {'every site refused' if not line['contributors'] else 'too few sites'})")
     return (f"{head}  {line['contributors']} site(s){failed}  acc {server['accuracy']:.3f}  "
             f"macro-F1 {server['macro_f1']:.3f}  loss {server['loss']:.3f}  {privacy}  "
             f"[{line['aggregation']} aggregation, {line['duration_s']:.0f}s]{kept}")
@@ -26,16 +44,18 @@ def load_summary(out_dir: Path) -> dict[str, Any]:
     lines = [json.loads(text) for text in (out_dir / "metrics.jsonl").read_text().splitlines()]
     privacy_path = out_dir / "privacy.json"
     privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else {"sites": {}}
-    final = lines[-1]
+    baselines_path = out_dir / "baselines.json"
     return {
         "out_dir": str(out_dir),
         "rounds": lines,
-        "final": final["server"],
+        "final": lines[-1]["server"],
         "majority": run["majority_baseline"],
         "epsilon": {site: report.get("epsilon") for site, report in sorted(privacy["sites"].items())},
-        "budget": next((r.get("budget") for r in privacy["sites"].values()), None),
+        "budget": run.get("epsilon_budget"),
+        "unit": run.get("privacy_unit", "record").removeprefix("column:"),
         "dp": run["dp"],
         "aggregation": run["aggregation"],
+        "baselines": json.loads(baselines_path.read_text()) if baselines_path.exists() else {},
     }
 
 
@@ -46,25 +66,120 @@ def summary_text(summary: dict[str, Any]) -> str:
         f"on {final['examples']} test examples",
         f"majority-class baseline: accuracy {majority['accuracy']:.3f}, macro-F1 {majority['macro_f1']:.3f}",
     ]
+    for name, curve in summary["baselines"].items():
+        rows.append(f"{BASELINE_TITLES[name]}: accuracy {curve[-1]['accuracy']:.3f}, "
+                    f"macro-F1 {curve[-1]['macro_f1']:.3f}")
     if summary["dp"]:
         spent = ", ".join(f"{site} ε={eps:.2f}" for site, eps in summary["epsilon"].items() if eps is not None)
-        rows.append(f"privacy spent (budget ε={summary['budget']}): {spent}")
+        rows.append(f"privacy spent per {summary['unit']} (budget ε={summary['budget']}): {spent or 'none'}")
     else:
         rows.append("privacy: DP was OFF — these updates carry no differential-privacy guarantee")
-    rows.append(f"outputs: {summary['out_dir']}/metrics.jsonl, privacy.json, final/adapter/")
+    rows.append(f"outputs: {summary['out_dir']}/report.html, metrics.jsonl, privacy.json, final/adapter/")
     return "\n".join(rows)
 
 
 def comparison_text(without_dp: dict[str, Any], with_dp: dict[str, Any]) -> str:
-    """The privacy/utility trade-off side by side, with the majority-class floor."""
+    """The privacy/utility trade-off side by side, with the majority-class floor and any baselines."""
     majority = with_dp["majority"]
     eps = [v for v in with_dp["epsilon"].values() if v is not None]
-    rows = [
-        f"{'':28}{'accuracy':>10}{'macro-F1':>10}   privacy",
-        f"{'majority class (floor)':28}{majority['accuracy']:>10.3f}{majority['macro_f1']:>10.3f}   -",
-        f"{'federated, DP off':28}{without_dp['final']['accuracy']:>10.3f}{without_dp['final']['macro_f1']:>10.3f}"
-        "   none",
-        f"{'federated, DP on':28}{with_dp['final']['accuracy']:>10.3f}{with_dp['final']['macro_f1']:>10.3f}"
-        f"   ε ≤ {max(eps) if eps else float('nan'):.2f} per site (budget {with_dp['budget']})",
-    ]
+    budget = f"ε ≤ {max(eps) if eps else float('nan'):.2f} per {with_dp['unit']} (budget {with_dp['budget']})"
+    rows = [f"{'':34}{'accuracy':>10}{'macro-F1':>10}   privacy",
+            f"{'majority class (floor)':34}{majority['accuracy']:>10.3f}{majority['macro_f1']:>10.3f}   -"]
+    for name, curve in with_dp["baselines"].items():
+        rows.append(f"{BASELINE_TITLES[name] + ', DP on':34}{curve[-1]['accuracy']:>10.3f}"
+                    f"{curve[-1]['macro_f1']:>10.3f}   {budget}")
+    rows += [f"{'federated, DP off':34}{without_dp['final']['accuracy']:>10.3f}"
+             f"{without_dp['final']['macro_f1']:>10.3f}   none",
+             f"{'federated, DP on':34}{with_dp['final']['accuracy']:>10.3f}{with_dp['final']['macro_f1']:>10.3f}"
+             f"   {budget}"]
     return "\n".join(rows)
+
+
+BASELINE_TITLES = {"local": "each site alone (mean)", "central": "all data pooled (reference)"}
+
+
+def write_report(out_dir: Path) -> Path:
+    """``report.html`` (plots embedded as data URIs, no external resource) and the plots as PNGs beside it."""
+    summary = load_summary(out_dir)
+    plots = {"utility.png": _utility_plot(summary), "privacy.png": _privacy_plot(summary)}
+    images = []
+    for name, figure in plots.items():
+        if figure is None:
+            continue
+        figure.savefig(out_dir / name, dpi=150, bbox_inches="tight")
+        data = base64.b64encode((out_dir / name).read_bytes()).decode()
+        images.append(f'<figure><img alt="{name[:-4]}" src="data:image/png;base64,{data}">'
+                      f"<figcaption>{name}</figcaption></figure>")
+    path = out_dir / "report.html"
+    path.write_text(_html(summary, images), encoding="utf-8")
+    return path
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6.4, 3.6))
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def _utility_plot(summary: dict[str, Any]):
+    figure, axes = _figure()
+    rounds = [line["round"] for line in summary["rounds"]]
+    axes.plot(rounds, [line["server"]["macro_f1"] for line in summary["rounds"]], "o-", label="federation macro-F1")
+    axes.plot(rounds, [line["server"]["accuracy"] for line in summary["rounds"]], "s--", label="federation accuracy")
+    for name, curve in summary["baselines"].items():
+        axes.plot([p["round"] for p in curve], [p["macro_f1"] for p in curve], "^:",
+                  label=f"{BASELINE_TITLES[name]} macro-F1")
+    axes.axhline(summary["majority"]["macro_f1"], color="grey", lw=1, label="majority class macro-F1")
+    axes.set(xlabel="round", ylabel="server test split", title="Utility per round", ylim=(0, 1))
+    axes.legend(fontsize=7)
+    return figure
+
+
+def _privacy_plot(summary: dict[str, Any]):
+    if not summary["dp"]:
+        return None
+    figure, axes = _figure()
+    sites = sorted({site for line in summary["rounds"] for site in line.get("epsilon", {})})
+    for site in sites:
+        points = [(line["round"], line["epsilon"][site]) for line in summary["rounds"]
+                  if isinstance(line.get("epsilon", {}).get(site), (int, float))]
+        axes.plot([r for r, _ in points], [e for _, e in points], "o-", label=site)
+    if summary["budget"]:
+        axes.axhline(summary["budget"], color="red", lw=1, ls="--", label=f"budget ε={summary['budget']:g}")
+    axes.set(xlabel="round", ylabel=f"ε spent per {summary['unit']}", title="Each site's privacy spend")
+    axes.legend(fontsize=7)
+    return figure
+
+
+def _html(summary: dict[str, Any], images: list[str]) -> str:
+    e = html.escape
+    rows = []
+    for line in summary["rounds"][1:]:
+        failures = ", ".join(f"{f['site']}: {f['kind']}" for f in line["failures"]) or "-"
+        eps = [v for v in line.get("epsilon", {}).values() if isinstance(v, (int, float))]
+        rows.append(f"<tr><td>{line['round']}</td><td>{line['contributors']}</td><td>{e(failures)}</td>"
+                    f"<td>{line['server']['accuracy']:.3f}</td><td>{line['server']['macro_f1']:.3f}</td>"
+                    f"<td>{max(eps):.2f}</td>" if eps else
+                    f"<tr><td>{line['round']}</td><td>{line['contributors']}</td><td>{e(failures)}</td>"
+                    f"<td>{line['server']['accuracy']:.3f}</td><td>{line['server']['macro_f1']:.3f}</td><td>-</td>")
+        rows[-1] += f"<td>{'yes' if line['model_updated'] else 'no'}</td></tr>"
+    privacy = (f"DP on: budget ε = {summary['budget']} per {e(summary['unit'])} at every site" if summary["dp"]
+               else "<strong>DP was OFF</strong>: the updates carry no differential-privacy guarantee")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>fedtune report</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head>
+<body><h1>fedtune federation report</h1>
+<p id="summary">{e(summary_text(summary)).replace(chr(10), '<br>')}</p>
+<p id="privacy">{privacy}; aggregation: {e(summary['aggregation'])}.</p>
+{''.join(images)}
+<h2>Rounds</h2>
+<table id="rounds"><tr><th>round</th><th>sites</th><th>failures</th><th>accuracy</th><th>macro-F1</th>
+<th>ε max</th><th>model updated</th></tr>{''.join(rows)}</table>
+</body></html>
+"""

@@ -93,3 +93,16 @@ def test_partition_errors(drug_reviews):
     one_condition = [dict(r, condition="x") for r in drug_reviews[:10]]
     with pytest.raises(DataError, match="without data"):
         partition(one_condition, 2, "column:condition", alpha=0.5, seed=0)
+
+
+def test_privacy_units_come_from_a_column_and_a_missing_or_empty_one_is_a_clear_error():
+    from common.data import unit_indices
+
+    rows = [{"text": "a", "label": "x", "patient": "p2"}, {"text": "b", "label": "x", "patient": "p1"},
+            {"text": "c", "label": "y", "patient": "p2"}]
+    assert unit_indices(rows, "patient", "f.csv").tolist() == [0, 1, 0]
+    assert unit_indices(rows, "", "f.csv").tolist() == [0, 1, 2]  # record-level: each row its own unit
+    with pytest.raises(DataError, match="privacy unit column 'customer' is not in the data"):
+        unit_indices(rows, "customer", "f.csv")
+    with pytest.raises(DataError, match="f.csv, example 2: empty privacy unit 'patient'"):
+        unit_indices([rows[0], dict(rows[1], patient=" ")], "patient", "f.csv")

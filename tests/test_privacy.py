@@ -3,13 +3,16 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger, make_private, steps_per_epoch
-from common.config import PrivacySettings
+from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger, private_optimizer
+from client.plan import TrainingPlan
+from client.train import UnitBatches
+from common.config import PrivacySettings, TrainSettings
 
 BUDGET = PrivacySettings(epsilon=2.0, delta=1e-5, max_grad_norm=0.5)
 
@@ -29,9 +32,8 @@ def test_dp_step_equals_manual_per_sample_clipping_reference(tmp_path: Path):
     reference = {name: p.detach().clone() for name, p in model.named_parameters()}
     ledger = PrivacyLedger(tmp_path / "ledger.json", BUDGET)
     ledger.charge_round(run_id=1, server_round=1, sample_rate=1.0, steps=1, planned_rounds=1)
-    loader = DataLoader(TensorDataset(features, labels), batch_size=8)
-    _, private_model, optimizer, _ = make_private(
-        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), loader=loader, ledger=ledger)
+    private_model, optimizer = private_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), ledger,
+                                                 expected_batch=8)
     optimizer.generator = torch.Generator().manual_seed(123)  # a test may replay the noise; the coordinator may not
 
     # Execute: one DP-SGD step on the full batch.
@@ -112,33 +114,42 @@ def test_noise_and_poisson_sampling_cannot_be_replayed_from_the_global_seed(tmp_
     features, labels = torch.randn(64, 5), torch.randint(0, 3, (64,))
     ledger = PrivacyLedger(tmp_path / "l.json", BUDGET)
     ledger.plan_noise(sample_rate=0.125, steps_per_round=8, rounds=1)
+    data = _encoded(64)
+    plan = TrainingPlan(batch_size=8, units=64, steps=8, learning_rate=1.0, max_grad_norm=0.5)
 
-    def one_step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def one_round() -> tuple[torch.Tensor, list[list[int]]]:
         torch.manual_seed(0)
         model = torch.nn.Linear(5, 3)
-        loader = DataLoader(TensorDataset(features, labels), batch_size=8,
-                            generator=torch.Generator().manual_seed(0))
-        _, private_model, optimizer, private_loader = make_private(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), loader=loader, ledger=ledger)
+        private_model, optimizer = private_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), ledger,
+                                                     expected_batch=8)
         torch.manual_seed(0)
-        batches = [x for x, _ in private_loader]
+        batches = [sorted(int(u) for c in chunks for u in c.labels) for chunks in
+                   UnitBatches(data, plan, TrainSettings(), poisson=True)]
         F.cross_entropy(private_model(features), labels).backward()
         optimizer.step()
         return private_model._module.weight.detach().clone(), batches
 
-    (weight_a, batches_a), (weight_b, batches_b) = one_step(), one_step()
+    (weight_a, batches_a), (weight_b, batches_b) = one_round(), one_round()
     assert not torch.equal(weight_a, weight_b)  # different Gaussian noise
-    assert [len(b) for b in batches_a] != [len(b) for b in batches_b] or not all(
-        torch.equal(a, b) for a, b in zip(batches_a, batches_b))  # different Poisson batches
+    assert batches_a != batches_b  # different Poisson batches
 
 
-@pytest.mark.parametrize(("records", "batch"), [(1000, 32), (10, 64), (33, 8), (64, 64), (1, 1)])
-def test_steps_per_epoch_matches_opacus_poisson_loader(records: int, batch: int):
-    """The ledger plans and charges steps_per_epoch; Opacus' Poisson loader must take exactly that many."""
-    from opacus.data_loader import DPDataLoader
-    from torch.utils.data import DataLoader, TensorDataset
+def _encoded(n: int):
+    """n one-token rows whose label is their own index (so a batch shows which rows it drew)."""
+    from common.data import EncodedData
 
-    loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(records, 1)), batch_size=batch))
-    assert len(loader) == steps_per_epoch(records, batch)
-    assert loader.sample_rate == pytest.approx(1 / steps_per_epoch(records, batch))
-    assert sum(1 for _ in loader) == steps_per_epoch(records, batch)
+    ids = torch.ones(n, 1, dtype=torch.long)
+    return EncodedData(TensorDataset(ids, torch.ones_like(ids), torch.arange(n)), np.arange(n), np.arange(n))
+
+
+@pytest.mark.parametrize(("units", "batch", "steps"), [(1000, 32, 400), (10, 10, 50), (33, 8, 300)])
+def test_poisson_sampling_takes_exactly_the_charged_steps_at_rate_q(units: int, batch: int, steps: int):
+    """The ledger charges (q = B/n, steps); the sampler must take exactly that many steps, each unit joining
+    each batch independently with probability q (so batch sizes vary, and may be 0)."""
+    plan = TrainingPlan(batch_size=batch, units=units, steps=steps, learning_rate=1.0, max_grad_norm=1.0)
+    sizes = [sum(c.units for c in chunks) for chunks in UnitBatches(_encoded(units), plan, TrainSettings(),
+                                                                      poisson=True)]
+    assert len(sizes) == steps
+    mean, spread = np.mean(sizes), np.sqrt(batch * (1 - plan.sample_rate) / steps)
+    assert abs(mean - batch) < 5 * spread + 1e-9
+    assert batch == units or len(set(sizes)) > 1

@@ -1,13 +1,15 @@
 """End to end on Flower's real simulation engine, through the `fedtune` CLI, with the real MiniLM.
 
-3 sites, 2 rounds, DP on, secure aggregation (the default), tiny data (real drug reviews, 16
-tokens each); then the same federation with plain aggregation, and a re-run on spent ledgers.
-Slow: about 3 minutes.
+3 sites, 2 rounds, DP on per condition (a per-person privacy unit), secure aggregation (the
+default), tiny data (real drug reviews, 16 tokens each), with both baselines and report.html opened
+in headless Chromium; then the same federation with plain aggregation, a re-run on spent ledgers,
+and an interrupted FedAdam run resumed. Slow: about 4 minutes.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,8 +50,9 @@ def federation(tmp_path_factory, drug_reviews):
     out = root / "run"
     started = time.time()
     args = ["--sites", "3", "--rounds", "2", "--epsilon", "8", "--data", str(train), "--test-data", str(test),
-            "--partition", "iid", "--max-length", "16", "--local-epochs", "1", "--batch-size", "8"]
-    done = fedtune("simulate", "--out", str(out), *args)
+            "--partition", "iid", "--max-length", "16", "--local-epochs", "1", "--batch-size", "8",
+            "--privacy-unit", "column:condition"]
+    done = fedtune("simulate", "--out", str(out), *args, "--baselines", "local,central")
     return {"out": out, "done": done, "started": started, "args": args, "root": root}
 
 
@@ -70,7 +73,10 @@ def test_simulation_completes_and_writes_its_outputs(federation):
     done, out = federation["done"], federation["out"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "round 2/2" in done.stdout and "majority-class baseline" in done.stdout
-    assert "secure aggregation" in done.stdout
+    assert "secure aggregation" in done.stdout and "DP ε=8 per condition" in done.stdout
+    round_one = next(line for line in done.stdout.splitlines() if "round 1/2" in line)
+    assert "ε max" in round_one and "per condition" in round_one
+    assert "privacy spent per condition" in done.stdout and "report.html" in done.stdout
     lines = _metrics(out)
     assert [line["round"] for line in lines] == [0, 1, 2]
     assert all(line["contributors"] == 3 and line["model_updated"] for line in lines[1:])
@@ -111,9 +117,41 @@ def test_every_site_spent_at_most_its_budget(federation):
     assert privacy["dp"] is True and sorted(privacy["sites"]) == ["site-0", "site-1", "site-2"]
     for report in privacy["sites"].values():
         assert 0 < report["epsilon"] <= 8.0
-        assert report["budget"] == 8.0 and report["delta"] == 1e-5
+        assert report["budget"] == 8.0 and report["delta"] == 1e-5 and report["unit"] == "condition"
         # σ, the sampling rate and the step count would pin a site's record count: never reported.
-        assert set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant"}
+        assert set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit"}
+
+
+def test_report_opens_in_a_headless_browser_with_its_plots_and_baselines(federation, tmp_path: Path):
+    """report.html is self-contained (no network, no file beside it needed): Chromium renders its plots."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed: `make browser` installs it (CI does)")
+    out = federation["out"]
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "http" not in page.replace("http-equiv", "")
+    assert "each site alone (mean)" in page and "all data pooled (reference)" in page
+    assert (out / "utility.png").stat().st_size > 10_000 and (out / "privacy.png").stat().st_size > 10_000
+    alone = tmp_path / "report.html"
+    alone.write_text(page)  # moved away from its PNGs: it must still show them
+
+    def render(html_file: Path) -> "Image.Image":
+        shot = tmp_path / f"{html_file.stem}.png"
+        done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                               f"--screenshot={shot}", "--window-size=1000,1400", html_file.as_uri()],
+                              capture_output=True, text=True, timeout=120)
+        assert shot.is_file(), done.stderr[-2000:]
+        return Image.open(shot).convert("RGB")
+
+    from PIL import Image
+
+    shown = render(alone)
+    blank = tmp_path / "no-plots.html"
+    blank.write_text(page.replace('src="data:image/png', 'src="data:image/none'))
+    # Matplotlib's first line colour (#1f77b4) covers many pixels only where the plots rendered.
+    blue = lambda image: sum(1 for pixel in image.getdata() if abs(pixel[0] - 31) + abs(pixel[1] - 119)  # noqa: E731
+                             + abs(pixel[2] - 180) < 40)
+    assert blue(shown) > 500 and blue(render(blank)) < 50
 
 
 def test_final_adapter_loads_with_plain_peft_and_changes_predictions(federation):
@@ -155,8 +193,6 @@ def test_passport_audit_and_lineage(federation, tmp_path: Path):
     ok = fedtune("passport", "verify", str(out / "final" / "adapter"), "--key", key)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     tampered = tmp_path / "adapter"
-    import shutil
-
     shutil.copytree(out / "final" / "adapter", tampered)
     weights = tampered / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x80\x3f")
@@ -221,7 +257,8 @@ def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, dr
     train = write_csv(tmp_path / "train.csv", drug_reviews[:30])
     out = tmp_path / "run"
     args = ["simulate", "--out", str(out), "--data", str(train), "--test-data", str(train), "--partition", "iid",
-            "--max-length", "16", "--rounds", "3", "--local-epochs", "1", "--batch-size", "8"]
+            "--max-length", "16", "--rounds", "3", "--local-epochs", "1", "--batch-size", "8",
+            "--server-optimizer", "fedadam", "--server-learning-rate", "0.01"]
     proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -237,6 +274,8 @@ def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, dr
     lines = _metrics(out)
     assert lines[-1]["round"] == 3 and sorted({line["round"] for line in lines}) == [0, 1, 2, 3]
     lineage = _lineage(out)  # every checkpoint names its parent: no gap, no fork
+    assert all((out / "checkpoints" / f"round-{info['round']:04d}" / "server_optimizer.safetensors").is_file()
+               for info in lineage[1:])  # FedAdam's moments travel with each checkpoint into the resume
     assert lineage[-1]["round"] == max(line["round"] for line in lines if line.get("model_updated"))
     # A round the interrupt cut short was paid for in ε by the sites that trained it; re-running it
     # spends again, so a site may reach its budget before the last round. That refusal is the ledger

@@ -83,8 +83,8 @@ def test_a_plain_reply_holds_the_update_a_public_weight_and_epsilon_only(tmp_pat
         assert set(reply.array_records) == {"update"} and set(reply.metric_records) == {"train"}
         assert dict(reply.metric_records["train"]) == {"weight": 10_000}  # equal weights: W, not 5 or 9
         privacy = dict(reply.config_records["privacy"])
-        assert set(privacy) == {"site", "dp", "epsilon", "delta", "budget", "accountant"}
-        assert privacy["site"] == name and privacy["dp"] is True and 0 < privacy["epsilon"] <= 8.0
+        assert set(privacy) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit"}
+        assert privacy["unit"] == "record" and privacy["site"] == name and privacy["dp"] is True and 0 < privacy["epsilon"] <= 8.0
         assert set(reply.config_records) == {"privacy"}
     # Besides its name and ε, nothing in the clear tells the sites (5 and 9 records) apart.
     a, b = ({k: v for k, v in dict(replies[n].config_records["privacy"]).items() if k not in ("site", "epsilon")}
@@ -150,6 +150,8 @@ def test_a_repeated_round_resends_the_sealed_update_and_spends_nothing(tmp_path:
     ({"privacy.accountant": "rdp"}, {"accountants": "prv"}),
     ({"data.labels": "negative,positive"}, {}),
     ({"model-path": "/etc"}, {}),
+    ({"privacy.unit": "record"}, {"privacy-unit": "column:condition"}),  # per-patient site asked for per-row ε
+    ({"privacy.unit": "column:condition"}, {}),
 ])
 def test_a_run_below_the_sites_policy_is_refused_before_anything_is_spent(tmp_path: Path, two_sites, overrides,
                                                                            policy):
@@ -161,6 +163,19 @@ def test_a_run_below_the_sites_policy_is_refused_before_anything_is_spent(tmp_pa
     assert dict(reply.config_records["failure"])["kind"] == "site-policy"
     assert not (tmp_path / "site-a" / "privacy-ledger.json").exists()
     assert not (tmp_path / "site-a" / "released").exists()
+
+
+def test_a_site_whose_data_lacks_its_privacy_unit_column_says_so_locally_and_sends_a_kind(tmp_path: Path,
+                                                                                         two_sites):
+    from client.app import train
+    from common.data import DataError, read_records, unit_indices
+
+    config = run_config(tmp_path, **{"privacy.unit": "column:patient_id"})
+    reply = call(train, pack_train_request(initial_adapter(config), 1), config,
+                 node_config(tmp_path, "site-a", two_sites["site-a"], **{"privacy-unit": "column:patient_id"}))
+    assert dict(reply.config_records["failure"]) == {"kind": "bad-data", "detail": FAILURE_MESSAGES["bad-data"]}
+    with pytest.raises(DataError, match="the privacy unit column 'patient_id' is not in the data"):
+        unit_indices(read_records(str(two_sites["site-a"])), "patient_id", "a.csv")
 
 
 def test_policy_default_delta_is_not_an_oracle_for_the_record_count():
@@ -176,8 +191,8 @@ def test_policy_default_delta_is_not_an_oracle_for_the_record_count():
     policy = SitePolicy(labels=tuple(LABELS.split(",")))
     for n in (50, 500, 5_000):
         with pytest.raises(PolicyError, match="δ"):
-            policy.check(settings, num_records=n)
-    SitePolicy(labels=policy.labels, max_delta=1e-4).check(settings, num_records=5_000)
+            policy.check(settings, num_units=n)
+    SitePolicy(labels=policy.labels, max_delta=1e-4).check(settings, num_units=5_000)
     with pytest.raises(ValueError, match="unknown site policy setting"):
         SitePolicy.from_mapping({"max-epsilom": 3}, "node config")
     with pytest.raises(ValueError, match="min-sites must be >= 2"):

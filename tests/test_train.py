@@ -14,7 +14,7 @@ from common.config import LoraSettings, PrivacySettings, TrainSettings
 from common.data import encode, label_names
 from common.model import build_model, load_tokenizer
 
-TINY = TrainSettings(learning_rate=0.02, local_epochs=1, batch_size=4, physical_batch_size=4)
+TINY = TrainSettings(learning_rate=0.02, local_epochs=1, batch_size=4, physical_batch_size=4, max_rows_per_unit=4)
 
 
 @pytest.fixture()
@@ -50,8 +50,9 @@ def test_empty_poisson_batches_are_survived_and_still_counted(tmp_path: Path, ti
     small = encode_subset(data, 3)
     forwards = []
     real_forward = train_module.forward_loss
-    monkeypatch.setattr(train_module, "forward_loss", lambda m, b: forwards.append(len(b[0])) or real_forward(m, b))
-    settings = TrainSettings(learning_rate=0.02, local_epochs=4, batch_size=1, physical_batch_size=3)
+    monkeypatch.setattr(train_module, "forward_loss", lambda m, c: forwards.append(len(c.labels)) or real_forward(m, c))
+    settings = TrainSettings(learning_rate=0.02, local_epochs=4, batch_size=1, physical_batch_size=3,
+                             max_rows_per_unit=3)
     ledger = PrivacyLedger(tmp_path / "l.json", PrivacySettings(epsilon=8.0))
     result = train_locally(build_model("", len(labels), LoraSettings()), small, settings, ledger=ledger,
                            planned_rounds=1, server_round=1, run_id=1)
@@ -65,7 +66,7 @@ def encode_subset(data, n):
     from common.data import EncodedData
     from torch.utils.data import TensorDataset
 
-    return EncodedData(TensorDataset(*(t[:n] for t in data.dataset.tensors)), data.labels[:n])
+    return EncodedData(TensorDataset(*(t[:n] for t in data.dataset.tensors)), data.labels[:n], data.units[:n])
 
 
 def test_a_site_at_its_budget_refuses_before_training(tmp_path: Path, tiny_data):
@@ -112,3 +113,79 @@ def test_a_crash_during_training_leaves_the_round_charged(tmp_path: Path, tiny_d
                       planned_rounds=2, server_round=1, run_id=1)
     restarted = PrivacyLedger(tmp_path / "l.json", settings)
     assert [entry.round for entry in restarted.rounds] == [1] and restarted.spent() > 0
+
+
+def _patients(drug_reviews, rows_of_first: int) -> list[dict]:
+    """Reviews as rows of patients: patient p0 wrote ``rows_of_first`` of them, every other patient one."""
+    return [dict(row, patient="p0" if i < rows_of_first else f"p{i}") for i, row in enumerate(drug_reviews[:12])]
+
+
+def _one_dp_step(model, data, units: list[int], clip: float) -> float:
+    """The norm of what one noiseless DP-SGD step (SGD, lr 1, expected batch 1) moves the adapter by."""
+    from opacus.grad_sample.utils import prepare_module
+    from opacus.optimizers import DPOptimizer
+
+    from client.plan import TrainingPlan
+    from client.train import UnitBatches, dp_steps
+
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    private_model = prepare_module(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
+    optimizer = DPOptimizer(torch.optim.SGD(trainable, lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
+                            expected_batch_size=1)
+    plan = TrainingPlan(batch_size=1, units=data.unit_count, steps=1, learning_rate=1.0, max_grad_norm=clip)
+    batches = UnitBatches(data, plan, TrainSettings(physical_batch_size=4, max_rows_per_unit=4), poisson=True)
+    dp_steps(private_model, optimizer, [batches.chunks(units)])
+    private_model._close()
+    after = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    return float((after - before).norm())
+
+
+def test_clipping_is_per_unit_a_patient_with_many_rows_moves_the_update_no_more_than_one(drug_reviews):
+    labels = label_names(drug_reviews)
+    tokenizer, clip = load_tokenizer(""), 1e-3  # far below any gradient's norm: every unit is clipped
+    per_patient = encode(_patients(drug_reviews, 10), labels, tokenizer, 16, "t", unit_column="patient")
+    assert per_patient.unit_count == 3 and len(per_patient.rows_by_unit()[0]) == 10
+    start = get_adapter_state(build_model("", len(labels), LoraSettings()))
+
+    def moved(data, units):
+        model = build_model("", len(labels), LoraSettings())
+        set_adapter_state(model, start)
+        return _one_dp_step(model, data, units, clip)
+
+    many_rows, one_row = moved(per_patient, [0]), moved(per_patient, [1])
+    # The unit holds 10 rows, of which at most max_rows_per_unit=4 train; summed, then clipped once.
+    assert many_rows <= clip * (1 + 1e-4) and one_row <= clip * (1 + 1e-4)
+    assert many_rows == pytest.approx(clip, rel=1e-3)
+    # Control: the same rows as record-level units are clipped one by one and add up past C.
+    per_record = encode(_patients(drug_reviews, 10), labels, tokenizer, 16, "t")
+    assert moved(per_record, [0, 1, 2, 3]) > 1.2 * clip
+
+
+def test_a_large_unit_trains_at_most_max_rows_per_unit_rows_per_step(drug_reviews, monkeypatch):
+    labels = label_names(drug_reviews)
+    data = encode(_patients(drug_reviews, 10), labels, load_tokenizer(""), 16, "t", unit_column="patient")
+    from client.plan import TrainingPlan
+    from client.train import UnitBatches
+
+    plan = TrainingPlan(batch_size=3, units=3, steps=1, learning_rate=0.1, max_grad_norm=1.0)
+    chunks = UnitBatches(data, plan, TrainSettings(physical_batch_size=4, max_rows_per_unit=4),
+                         poisson=True).chunks([0, 1, 2])
+    assert sorted(len(c.labels) for c in chunks) == [2, 4]  # the 10-row unit capped at 4; two 1-row units
+    assert sum(c.units for c in chunks) == 3
+    for chunk in chunks:  # trimmed to its own longest row, never to the site's
+        assert chunk.attention_mask[:, -1].any() and chunk.input_ids.shape[1] <= data.dataset.tensors[0].shape[1]
+
+
+def test_padding_is_per_chunk_so_short_rows_train_on_short_tensors(drug_reviews):
+    labels = label_names(drug_reviews)
+    rows = [dict(drug_reviews[0], text="short"), dict(drug_reviews[1], text="word " * 60)]
+    data = encode(rows, labels, load_tokenizer(""), 64, "t")
+    from client.plan import TrainingPlan
+    from client.train import UnitBatches
+
+    plan = TrainingPlan(batch_size=1, units=2, steps=1, learning_rate=0.1, max_grad_norm=1.0)
+    batches = UnitBatches(data, plan, TrainSettings(physical_batch_size=1, max_rows_per_unit=1), poisson=True)
+    widths = sorted(chunk.input_ids.shape[1] for chunk in batches.chunks([0, 1]))
+    assert widths[0] <= 4 and widths[1] == data.dataset.tensors[0].shape[1] > 50

@@ -1,0 +1,63 @@
+"""What a federation is measured against (``fedtune simulate --baselines local,central``).
+
+Both run in this process with the sites' own training code (``client.train.train_locally``), the
+same training plan rule, DP setting, budget and privacy unit, the same number of rounds, and are
+evaluated on the server's test split after every round:
+
+    local     each site trains alone on its own records (the curve is the mean over sites)
+    central   all sites' records pooled at one site: a reference a consortium cannot have
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from client.privacy import PrivacyLedger
+from client.site import simulation_partitions
+from client.train import train_locally
+from common.config import RunSettings, unit_column
+from common.data import EncodedData, encode, read_records
+from common.evaluation import evaluate, metrics
+from common.model import build_model, load_tokenizer
+from server.federation import test_source
+
+BASELINES = ("local", "central")
+
+
+def run_baselines(which: tuple[str, ...], settings: RunSettings) -> dict[str, list[dict[str, float]]]:
+    """Per-round server-test metrics of each requested baseline: {"local": [{"round", "accuracy", "macro_f1"}]}."""
+    labels, length = settings.data.labels, settings.data.max_length
+    tokenizer = load_tokenizer(settings.model_path)
+    records, parts = simulation_partitions(settings.data, settings.federation.sites)
+    column = unit_column(settings.privacy.unit)
+    test = encode(read_records(test_source(settings.data), split="test"), labels, tokenizer, length, "test split")
+    curves: dict[str, list[dict[str, float]]] = {}
+    if "local" in which:
+        per_site = [_train_alone(encode([records[i] for i in part], labels, tokenizer, length, f"site {n}",
+                                        unit_column=column), test, settings)
+                    for n, part in enumerate(parts)]
+        curves["local"] = [{"round": r + 1, **{k: float(np.mean([site[r][k] for site in per_site]))
+                                                for k in ("accuracy", "macro_f1")}} for r in range(len(per_site[0]))]
+    if "central" in which:
+        pooled = [records[i] for part in parts for i in part]
+        curves["central"] = _train_alone(encode(pooled, labels, tokenizer, length, "pooled data", unit_column=column),
+                                         test, settings)
+    return curves
+
+
+def _train_alone(data: EncodedData, test: EncodedData, settings: RunSettings) -> list[dict[str, float]]:
+    """``rounds`` rounds of the site's plan on one data set, each followed by a test evaluation."""
+    labels = settings.data.labels
+    model = build_model(settings.model_path, len(labels), settings.lora)
+    curve = []
+    with tempfile.TemporaryDirectory(prefix="fedtune-baseline-") as state:
+        ledger = PrivacyLedger(Path(state) / "ledger.json", settings.privacy) if settings.privacy.enabled else None
+        for server_round in range(1, settings.federation.rounds + 1):
+            train_locally(model, data, settings.train, ledger=ledger, privacy=settings.privacy,
+                          planned_rounds=settings.federation.rounds, server_round=server_round, run_id=0)
+            scores = metrics(evaluate(model, test, len(labels)))
+            curve.append({"round": server_round, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]})
+    return curve
