@@ -78,20 +78,21 @@ def summary_text(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def comparison_text(without_dp: dict[str, Any], with_dp: dict[str, Any]) -> str:
-    """The privacy/utility trade-off side by side, with the majority-class floor and any baselines."""
+def comparison_text(with_dp: dict[str, Any], without_dp: dict[str, Any] | None = None) -> str:
+    """The privacy/utility trade-off side by side: the majority-class floor, the baselines, the federation."""
     majority = with_dp["majority"]
     eps = [v for v in with_dp["epsilon"].values() if v is not None]
-    budget = f"ε ≤ {max(eps) if eps else float('nan'):.2f} per {with_dp['unit']} (budget {with_dp['budget']})"
-    rows = [f"{'':34}{'accuracy':>10}{'macro-F1':>10}   privacy",
-            f"{'majority class (floor)':34}{majority['accuracy']:>10.3f}{majority['macro_f1']:>10.3f}   -"]
+    budget = f"ε ≤ {max(eps) if eps else float('nan'):.2f} per {with_dp['unit']} (budget {with_dp['budget']:g})"
+    rows = [f"{'':36}{'accuracy':>10}{'macro-F1':>10}   privacy",
+            f"{'majority class (floor)':36}{majority['accuracy']:>10.3f}{majority['macro_f1']:>10.3f}   -"]
     for name, curve in with_dp["baselines"].items():
-        rows.append(f"{BASELINE_TITLES[name] + ', DP on':34}{curve[-1]['accuracy']:>10.3f}"
+        rows.append(f"{BASELINE_TITLES[name] + ', DP on':36}{curve[-1]['accuracy']:>10.3f}"
                     f"{curve[-1]['macro_f1']:>10.3f}   {budget}")
-    rows += [f"{'federated, DP off':34}{without_dp['final']['accuracy']:>10.3f}"
-             f"{without_dp['final']['macro_f1']:>10.3f}   none",
-             f"{'federated, DP on':34}{with_dp['final']['accuracy']:>10.3f}{with_dp['final']['macro_f1']:>10.3f}"
-             f"   {budget}"]
+    if without_dp is not None:
+        rows.append(f"{'federated, DP off':36}{without_dp['final']['accuracy']:>10.3f}"
+                    f"{without_dp['final']['macro_f1']:>10.3f}   none")
+    rows.append(f"{'federated, DP on':36}{with_dp['final']['accuracy']:>10.3f}{with_dp['final']['macro_f1']:>10.3f}"
+                f"   {budget}")
     return "\n".join(rows)
 
 
@@ -121,8 +122,11 @@ def _figure():
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
+    from matplotlib.ticker import MaxNLocator
+
     figure, axes = pyplot.subplots(figsize=(6.4, 3.6))
     axes.grid(alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     return figure, axes
 
 
