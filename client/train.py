@@ -13,6 +13,7 @@ longest row (padding per chunk, not to the site's longest record): DP or not, th
 from __future__ import annotations
 
 import secrets
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,10 @@ from client.privacy import PrivacyLedger, fresh_generator, private_optimizer
 from common.adapter import AdapterState, get_adapter_state
 from common.config import PrivacySettings, TrainSettings
 from common.data import EncodedData
+
+
+# Opacus' hooks see a frozen embedding below the adapter: "no inputs require gradients" is expected here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 class TrainingError(RuntimeError):

@@ -102,7 +102,7 @@ class TrainSettings:
     """Passes over the site's units per round; 0 = the plan's share of its total epochs."""
     batch_size: int = 0
     """Logical batch in units (the expected size under Poisson sampling); large batches suit DP."""
-    physical_batch_size: int = 64
+    physical_batch_size: int = 32
     """Memory bound: rows per forward pass (a unit's rows always share one pass, even past this bound)."""
     max_rows_per_unit: int = 8
     """With a per-person unit, at most this many of a unit's rows (drawn afresh each step) train per step."""

@@ -98,7 +98,8 @@ def canonical_json(passport: dict[str, Any]) -> bytes:
 
 
 def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: int, contributors: int,
-                   epsilon: dict[str, float | None], fedtune_version: str) -> dict[str, Any]:
+                   epsilon: dict[str, float | None], fedtune_version: str,
+                   privacy_unit: str = "record") -> dict[str, Any]:
     """Describe the adapter in ``adapter_dir`` (PEFT files) for signing.
 
     Parameters
@@ -115,6 +116,8 @@ def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: i
         Each site's reported ε spent so far; ``None`` for a site that trained without DP.
     fedtune_version
         ``fedtune.__version__`` of the coordinator.
+    privacy_unit
+        Whom each ε protects: "record", or the column naming a person ("patient_id").
     """
     adapter_dir = Path(adapter_dir)
     if not _SHA256_HEX.fullmatch(str(base_model_sha256)):
@@ -131,6 +134,7 @@ def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: i
         "server_round": server_round,
         "contributors": contributors,
         "epsilon": _checked_epsilon(epsilon),
+        "privacy_unit": str(privacy_unit),
         "fedtune_version": str(fedtune_version),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

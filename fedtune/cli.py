@@ -216,7 +216,8 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
 
         print(f"== baselines ({', '.join(baselines)}): the same plan, DP setting and rounds, trained here", flush=True)
         final = RunSettings.from_flat(default_run_config() | run_config)
-        write_json(out / "baselines.json", run_baselines(baselines, final))
+        write_json(out / "baselines.json", run_baselines(baselines, final,
+                                                          on_round=lambda text: print("  " + text, flush=True)))
     report = write_report(out)
     summary = load_summary(out)
     print(summary_text(summary), flush=True)
@@ -365,7 +366,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     demo.add_argument("--banking77", type=Path, default=project_dir().parent / "shared" / "data" / "banking77",
                       help="the BANKING77 folder (train.csv, test.csv; CC BY 4.0, not shipped with fedtune)")
-    demo.add_argument("--intents", type=int, default=8, help="the most frequent intents the demo keeps")
+    demo.add_argument("--intents", type=int, default=6, help="the most frequent intents the demo keeps")
     _federation_options(demo)
     demo.set_defaults(partition="dirichlet", rounds=5, max_length=64)
     _deployment_parsers(sub)

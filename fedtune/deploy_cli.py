@@ -136,7 +136,8 @@ def _cmd_passport_verify(args: argparse.Namespace) -> int:
     except PassportError as exc:
         print(f"PASSPORT INVALID for {args.path}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    epsilon = ", ".join(f"{site} {'no DP' if eps is None else f'ε={eps:g}'}"
+    unit = passport.get("privacy_unit", "record")
+    epsilon = ", ".join(f"{site} {'no DP' if eps is None else f'ε={eps:g} per {unit}'}"
                         for site, eps in sorted(passport["epsilon"].items())) or "none reported"
     print(f"passport OK for {args.path} (signed by key {key_id(public_key)[:16]}…)\n"
           f"  round {passport['server_round']}, {passport['contributors']} contributing sites, {epsilon}\n"

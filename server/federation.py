@@ -78,11 +78,11 @@ def resume_point(checkpoint: Path, state: AdapterState) -> tuple[AdapterState, i
     return saved, int(info["round"]), info["adapter_sha256"]
 
 
-def seal_passport(key, base_sha: str, server_round: int, contributors: int, epsilon: dict,
+def seal_passport(key, base_sha: str, server_round: int, contributors: int, epsilon: dict, unit: str,
                   directory: Path) -> None:
     """Sign the checkpoint being written in ``directory`` (before it is renamed into place)."""
     sign_passport(directory, build_passport(directory, base_model_sha256=base_sha, server_round=server_round,
-                                            contributors=contributors, epsilon=epsilon,
+                                            contributors=contributors, epsilon=epsilon, privacy_unit=unit,
                                             fedtune_version=__version__), key)
 
 
@@ -188,7 +188,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
         line["duration_s"] = round(time.monotonic() - started, 2)
         if outcome.mean_delta is not None:  # the checkpoint is the commit point: it carries its metrics line
             seal = functools.partial(seal_passport, signing_key, base_sha, server_round, outcome.contributors,
-                                     epsilon) if signing_key else None
+                                     epsilon, unit_name(settings.privacy.unit)) if signing_key else None
             checkpoint = save_checkpoint(out_dir, server_round, model, state, {
                 "contributors": outcome.contributors, "parent_sha256": parent, "metrics": line | {
                     "checkpoint": f"round-{server_round:04d}"}}, seal,

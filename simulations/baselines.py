@@ -11,6 +11,7 @@ evaluated on the server's test split after every round:
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,16 @@ from common.data import EncodedData, encode, read_records
 from common.evaluation import evaluate, metrics
 from common.model import build_model, load_tokenizer
 from server.federation import test_source
+from simulations.report import progress_bar
 
 BASELINES = ("local", "central")
 
 
-def run_baselines(which: tuple[str, ...], settings: RunSettings) -> dict[str, list[dict[str, float]]]:
-    """Per-round server-test metrics of each requested baseline: {"local": [{"round", "accuracy", "macro_f1"}]}."""
+def run_baselines(which: tuple[str, ...], settings: RunSettings,
+                  on_round: Callable[[str], None] = lambda text: None) -> dict[str, list[dict[str, float]]]:
+    """Per-round server-test metrics of each requested baseline: {"local": [{"round", "accuracy", "macro_f1"}]}.
+
+    ``on_round`` gets a progress line after every round of every baseline."""
     labels, length = settings.data.labels, settings.data.max_length
     tokenizer = load_tokenizer(settings.model_path)
     records, parts = simulation_partitions(settings.data, settings.federation.sites)
@@ -37,18 +42,20 @@ def run_baselines(which: tuple[str, ...], settings: RunSettings) -> dict[str, li
     curves: dict[str, list[dict[str, float]]] = {}
     if "local" in which:
         per_site = [_train_alone(encode([records[i] for i in part], labels, tokenizer, length, f"site {n}",
-                                        unit_column=column), test, settings)
+                                        unit_column=column), test, settings,
+                                 lambda text, n=n: on_round(f"site-{n} alone ({n + 1}/{len(parts)}), {text}"))
                     for n, part in enumerate(parts)]
         curves["local"] = [{"round": r + 1, **{k: float(np.mean([site[r][k] for site in per_site]))
                                                 for k in ("accuracy", "macro_f1")}} for r in range(len(per_site[0]))]
     if "central" in which:
         pooled = [records[i] for part in parts for i in part]
         curves["central"] = _train_alone(encode(pooled, labels, tokenizer, length, "pooled data", unit_column=column),
-                                         test, settings)
+                                         test, settings, lambda text: on_round(f"all data pooled, {text}"))
     return curves
 
 
-def _train_alone(data: EncodedData, test: EncodedData, settings: RunSettings) -> list[dict[str, float]]:
+def _train_alone(data: EncodedData, test: EncodedData, settings: RunSettings,
+                 on_round: Callable[[str], None]) -> list[dict[str, float]]:
     """``rounds`` rounds of the site's plan on one data set, each followed by a test evaluation."""
     labels = settings.data.labels
     model = build_model(settings.model_path, len(labels), settings.lora)
@@ -60,4 +67,7 @@ def _train_alone(data: EncodedData, test: EncodedData, settings: RunSettings) ->
                           planned_rounds=settings.federation.rounds, server_round=server_round, run_id=0)
             scores = metrics(evaluate(model, test, len(labels)))
             curve.append({"round": server_round, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]})
+            rounds = settings.federation.rounds
+            on_round(f"{progress_bar(server_round, rounds)} round {server_round}/{rounds}  "
+                     f"acc {scores['accuracy']:.3f}  macro-F1 {scores['macro_f1']:.3f}")
     return curve

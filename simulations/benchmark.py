@@ -4,6 +4,8 @@
     python -m simulations.benchmark secagg         server unmasking time at 10/100/1,000 sites; upload bytes
     python -m simulations.benchmark round-time     a 10-site round, secure vs plain aggregation (Flower simulation)
     python -m simulations.benchmark dp-utility     macro-F1 under DP as records per site grow (BANKING77)
+    python -m simulations.dp_federation ...         federated DP vs pooled data and sites alone (BANKING77; hours
+                                                    on 2 cores, so not part of `make bench`)
 
 Each prints a Markdown table; BENCHMARKS.md holds the results and the machine they came from.
 """

@@ -193,6 +193,7 @@ def test_passport_audit_and_lineage(federation, tmp_path: Path):
     key = str(out / "passport-signing.pub")
     ok = fedtune("passport", "verify", str(out / "final" / "adapter"), "--key", key)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "per condition" in ok.stdout  # the passport names whom ε protects
     tampered = tmp_path / "adapter"
     shutil.copytree(out / "final" / "adapter", tampered)
     weights = tampered / "adapter_model.safetensors"

@@ -1,0 +1,63 @@
+"""What a user reads: round lines (a progress bar; refusals named, never "DP off" for a DP run), report.html."""
+
+import json
+from pathlib import Path
+
+from simulations.report import comparison_text, load_summary, round_line, write_report
+
+SERVER = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.2, "examples": 30}
+
+
+def line(round_: int, **fields) -> dict:
+    return {"round": round_, "server": SERVER, "aggregation": "secure", "contributors": 3, "failures": [],
+            "model_updated": True, "duration_s": 12.0, "dp": True, "privacy_unit": "patient_id",
+            "epsilon": {"site-0": 2.5, "site-1": 3.0}} | fields
+
+
+def test_a_round_line_has_a_progress_bar_and_names_the_unit():
+    text = round_line(line(2), 4)
+    assert text.startswith("[██████████··········] round 2/4") and "ε max 3.00 per patient_id" in text
+
+
+def test_a_dp_round_every_site_refused_says_so_and_never_dp_off():
+    refused = [{"site": f"site-{i}", "kind": "budget-exhausted", "detail": "..."} for i in range(3)]
+    text = round_line(line(3, contributors=0, failures=refused, model_updated=False, epsilon={}), 3)
+    assert "DP OFF" not in text and "DP off" not in text
+    assert "3 failed (budget-exhausted)" in text and "model unchanged: every site refused" in text
+    assert "DP OFF" in round_line(line(1, dp=False, epsilon={}), 3)
+
+
+def _run_dir(tmp_path: Path, dp: bool = True, baselines: bool = True) -> Path:
+    (tmp_path / "run.json").write_text(json.dumps({
+        "majority_baseline": {"accuracy": 0.3, "macro_f1": 0.1}, "dp": dp, "aggregation": "secure",
+        "privacy_unit": "column:patient_id", "epsilon_budget": 8.0 if dp else None}))
+    lines = [{"round": 0, "server": SERVER}, line(1), line(2, failures=[{"site": "site-1", "kind": "bad-data",
+                                                                         "detail": "x"}], contributors=2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "privacy.json").write_text(json.dumps({"dp": dp, "sites": {
+        "site-0": {"epsilon": 2.5}, "site-1": {"epsilon": 3.0}}}))
+    if baselines:
+        (tmp_path / "baselines.json").write_text(json.dumps({
+            "local": [{"round": 1, "accuracy": 0.2, "macro_f1": 0.15}, {"round": 2, "accuracy": 0.25, "macro_f1": 0.2}]}))
+    return tmp_path
+
+
+def test_report_html_embeds_both_plots_names_refusals_and_baselines(tmp_path: Path):
+    path = write_report(_run_dir(tmp_path))
+    page = path.read_text()
+    assert page.count('src="data:image/png;base64,') == 2
+    assert (tmp_path / "utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "privacy.png").is_file()
+    assert "site-1: bad-data" in page and "each site alone (mean)" in page and "per patient_id" in page
+
+
+def test_a_report_without_dp_says_so_and_has_no_privacy_plot(tmp_path: Path):
+    page = write_report(_run_dir(tmp_path, dp=False, baselines=False)).read_text()
+    assert "DP was OFF" in page and page.count("data:image/png") == 1 and not (tmp_path / "privacy.png").exists()
+
+
+def test_the_comparison_puts_the_baselines_between_the_floor_and_the_federation(tmp_path: Path):
+    text = comparison_text(load_summary(_run_dir(tmp_path)))
+    names = [row[:36].strip() for row in text.splitlines()[1:]]
+    assert names == ["majority class (floor)", "each site alone (mean), DP on", "federated, DP on"]
+    assert "per patient_id (budget 8)" in text
