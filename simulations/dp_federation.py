@@ -26,6 +26,7 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,8 @@ class Setup:
     server_lr: float = 1.0
     max_length: int = 64
     seed: int = 0
+    intents: int = 77
+    """Keep only the most frequent intents (77 = all)."""
 
 
 def banking77(split: str) -> list[dict[str, str]]:
@@ -81,6 +84,10 @@ def with_customers(records: list[dict[str, str]], seed: int) -> list[dict[str, s
 
 def site_data(setup: Setup) -> tuple[list[EncodedData], EncodedData, tuple[str, ...]]:
     train, test = banking77("train"), banking77("test")
+    if setup.intents < 77:
+        counts = Counter(row["label"] for row in train)
+        kept = {label for label, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:setup.intents]}
+        train, test = ([row for row in rows if row["label"] in kept] for rows in (train, test))
     labels = label_names(train)
     if setup.unit != "record":
         train = with_customers(train, setup.seed)
@@ -153,14 +160,15 @@ def federate(sites, test, labels, setup: Setup, privacy, train, lora) -> list[fl
 
 def table(results: list[dict]) -> str:
     reference = next((r["macro_f1"][-1] for r in results if r["row"] == "central"), None)
-    lines = ["| row | partition | unit | ε | server | macro-F1 | vs central non-DP | rounds | CPU s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | sites × records | intents | partition | unit | ε | server | macro-F1 | vs central non-DP "
+             "| rounds | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s, f1 = r["setup"], r["macro_f1"][-1]
         eps = s["epsilon"] if r["row"].endswith("-dp") else "-"
         ratio = f"{f1 / reference:.2f}" if reference else "-"
-        lines.append(f"| {r['row']} | {s['partition']} | {s['unit']} | {eps} | {s['server']} | {f1:.3f} | {ratio} "
-                     f"| {s['rounds']} | {r['cpu_s']:,} |")
+        server = s["server"] + (f" (η={s['server_lr']:g})" if s["server"] != "fedavg" else "")
+        lines.append(f"| {r['row']} | {s['sites']} × {s['per_site']:,} | {s.get('intents', 77)} | {s['partition']} "
+                     f"| {s['unit']} | {eps} | {server} | {f1:.3f} | {ratio} | {s['rounds']} | {r['cpu_s']:,} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,32 @@
+"""The dp-federation benchmark's own pieces: synthetic customers, pooling sites for the central rows."""
+
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from common.data import EncodedData
+from simulations.dp_federation import concat, with_customers
+
+
+def test_synthetic_customers_hold_one_to_five_rows_and_are_seeded():
+    rows = [{"text": str(i), "label": "x"} for i in range(500)]
+    grouped = with_customers(rows, seed=3)
+    sizes = Counter(row["customer"] for row in grouped)
+    assert set(sizes.values()) <= {1, 2, 3, 4, 5} and len(set(sizes.values())) == 5
+    assert sum(sizes.values()) == 500 and [r["text"] for r in grouped] == [r["text"] for r in rows]
+    assert with_customers(rows, seed=3) == grouped and with_customers(rows, seed=4) != grouped
+    assert "customer" not in rows[0]  # the input is not modified
+
+
+def test_pooling_sites_keeps_every_row_and_keeps_units_apart():
+    def site(n: int, width: int, units: list[int]) -> EncodedData:
+        ids = torch.ones(n, width, dtype=torch.long)
+        return EncodedData(TensorDataset(ids, torch.ones_like(ids), torch.zeros(n, dtype=torch.long)),
+                           np.zeros(n, dtype=np.int64), np.array(units))
+
+    pooled = concat([site(3, 4, [0, 0, 1]), site(2, 6, [0, 1])])
+    assert len(pooled) == 5 and pooled.dataset.tensors[0].shape == (5, 6)
+    assert pooled.units.tolist() == [0, 0, 1, 2, 3] and pooled.unit_count == 4
+    assert pooled.dataset.tensors[1][:3, 4:].sum() == 0  # the narrower site is padded, not stretched
