@@ -184,8 +184,9 @@ def plot(results: list[dict], path: Path) -> None:
         label = f"{r['row']} ({s['partition']}, {s['unit']}" + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp")
                                                                  else "") + ")"
         axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", label=label)
-    axes.set(xlabel="round", ylabel="macro-F1 (BANKING77 test, 3,080 queries)", ylim=(0, 1),
-             title="dp-federation: 5 banks × 2,000 records, MiniLM + FFA-LoRA")
+    sizes = sorted({f"{r['setup']['sites']} sites × {r['setup']['per_site']:,} records" for r in results})
+    axes.set(xlabel="round", ylabel="macro-F1 (BANKING77 test split)", ylim=(0, 1),
+             title=f"dp-federation: {', '.join(sizes)}, MiniLM + FFA-LoRA")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     figure.savefig(path, dpi=150, bbox_inches="tight")
