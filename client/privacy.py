@@ -27,6 +27,7 @@ from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
+from client.plan import TrainingPlan
 from common.audit import AuditLog, verified_entries
 from common.config import PrivacySettings
 from common.files import exclusive_lock, file_sha256, private_dir, replace_durably, write_json
@@ -238,10 +239,11 @@ class PrivacyLedger:
         }
 
 
-def private_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ledger: PrivacyLedger, *,
-                      expected_batch: int) -> tuple[GradSampleModule, DPOptimizer]:
+def private_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ledger: PrivacyLedger,
+                      plan: TrainingPlan) -> tuple[GradSampleModule, DPOptimizer]:
     """The one way a site turns on DP-SGD: Opacus per-row gradients (hooks) and a DP optimizer that clips
-    each unit's gradient to C and adds N(0, σ²C²) to the sum, σ from the ledger's plan.
+    each unit's gradient to the plan's C, adds N(0, σ²C²) to the sum (σ from the ledger's noise plan) and
+    divides by the plan's expected batch.
 
     The noise draws from fresh OS entropy; sampling is the caller's (client.train.UnitBatches, Poisson).
     """
@@ -249,6 +251,6 @@ def private_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     ModuleValidator.validate(model, strict=True)
     private_model = prepare_module(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
     dp_optimizer = DPOptimizer(optimizer, noise_multiplier=ledger.plan.noise_multiplier,
-                               max_grad_norm=ledger.settings.max_grad_norm, expected_batch_size=expected_batch,
+                               max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.batch_size,
                                loss_reduction="mean", generator=fresh_generator(next(model.parameters()).device))
     return private_model, dp_optimizer

@@ -121,8 +121,7 @@ class UnitBatches:
         self.data, self.plan, self.poisson = data, plan, poisson
         self.physical, self.cap = settings.physical_batch_size, settings.max_rows_per_unit
         self.rows = data.rows_by_unit()
-        input_ids, attention_mask, labels = data.dataset.tensors
-        self.lengths = attention_mask.sum(1).numpy()
+        self.lengths = data.dataset.tensors[1].sum(1).numpy()  # tokens per row (attention mask)
         self.generator = fresh_generator()
         self.rng = np.random.default_rng(secrets.randbits(128))
 
@@ -179,7 +178,7 @@ def _train_plain(model, optimizer, batches: UnitBatches) -> int:
 
 def _train_private(model, optimizer, batches: UnitBatches, ledger: PrivacyLedger) -> int:
     """DP-SGD over the round's Poisson batches; returns the number of (noised) steps taken."""
-    private_model, dp_optimizer = private_optimizer(model, optimizer, ledger, expected_batch=batches.plan.batch_size)
+    private_model, dp_optimizer = private_optimizer(model, optimizer, ledger, batches.plan)
     try:
         return dp_steps(private_model, dp_optimizer, batches)
     finally:
@@ -191,7 +190,8 @@ def dp_steps(model, optimizer, batches) -> int:
     steps = 0
     for chunks in batches:
         optimizer.zero_grad()
-        for last, chunk in ((i == len(chunks) - 1, c) for i, c in enumerate(chunks)):
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
             optimizer.signal_skip_step(do_skip=not last)
             forward_loss(model, chunk).backward()
             per_unit_gradients(optimizer.params, chunk)

@@ -195,13 +195,13 @@ def padding(records: int = 1000, repeats: int = 2) -> None:
     from client.privacy import PrivacyLedger
 
     class PaddedToLongest(train.UnitBatches):
+        """Record units in drawn order, chunks of ``physical`` rows at the site's full padded width."""
+
         def chunks(self, units):
-            rows = [np.sort(self.rows[u]) for u in units]
-            full = [train.Chunk(*(t[torch.from_numpy(r)] for t in self.data.dataset.tensors), torch.zeros(1, dtype=torch.long), 1)
-                    for r in rows]
-            return [train.Chunk(torch.cat([c.input_ids for c in part]), torch.cat([c.attention_mask for c in part]),
-                                torch.cat([c.labels for c in part]), torch.arange(len(part)), len(part))
-                    for part in (full[i:i + self.physical] for i in range(0, len(full), self.physical))]
+            rows = np.array([self.rows[u][0] for u in units], dtype=np.int64)
+            return [train.Chunk(*(t[torch.from_numpy(part)] for t in self.data.dataset.tensors),
+                                torch.arange(len(part)), len(part))
+                    for part in (rows[i:i + self.physical] for i in range(0, len(rows), self.physical))]
 
     rows = [{"text": r["text"], "label": r["category"]} for r in _rows(BANKING77 / "train.csv")]
     chosen = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))[:records]]

@@ -30,6 +30,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from client.privacy import PrivacyLedger
 from client.train import train_locally
@@ -120,10 +123,6 @@ def run(setup: Setup, row: str) -> dict:
 
 
 def concat(sites: list[EncodedData]) -> EncodedData:
-    from torch.utils.data import TensorDataset
-    import torch
-    import torch.nn.functional as F
-
     width = max(s.dataset.tensors[0].shape[1] for s in sites)
     pad = lambda t: F.pad(t, (0, width - t.shape[1]))  # noqa: E731
     tensors = [torch.cat([pad(s.dataset.tensors[i]) for s in sites]) for i in (0, 1)]

@@ -168,10 +168,8 @@ def _html(summary: dict[str, Any], images: list[str]) -> str:
         eps = [v for v in line.get("epsilon", {}).values() if isinstance(v, (int, float))]
         rows.append(f"<tr><td>{line['round']}</td><td>{line['contributors']}</td><td>{e(failures)}</td>"
                     f"<td>{line['server']['accuracy']:.3f}</td><td>{line['server']['macro_f1']:.3f}</td>"
-                    f"<td>{max(eps):.2f}</td>" if eps else
-                    f"<tr><td>{line['round']}</td><td>{line['contributors']}</td><td>{e(failures)}</td>"
-                    f"<td>{line['server']['accuracy']:.3f}</td><td>{line['server']['macro_f1']:.3f}</td><td>-</td>")
-        rows[-1] += f"<td>{'yes' if line['model_updated'] else 'no'}</td></tr>"
+                    f"<td>{f'{max(eps):.2f}' if eps else '-'}</td>"
+                    f"<td>{'yes' if line['model_updated'] else 'no'}</td></tr>")
     privacy = (f"DP on: budget ε = {summary['budget']} per {e(summary['unit'])} at every site" if summary["dp"]
                else "<strong>DP was OFF</strong>: the updates carry no differential-privacy guarantee")
     return f"""<!DOCTYPE html>

@@ -32,8 +32,8 @@ def test_dp_step_equals_manual_per_sample_clipping_reference(tmp_path: Path):
     reference = {name: p.detach().clone() for name, p in model.named_parameters()}
     ledger = PrivacyLedger(tmp_path / "ledger.json", BUDGET)
     ledger.charge_round(run_id=1, server_round=1, sample_rate=1.0, steps=1, planned_rounds=1)
-    private_model, optimizer = private_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), ledger,
-                                                 expected_batch=8)
+    plan = TrainingPlan(batch_size=8, units=8, steps=1, learning_rate=1.0, max_grad_norm=BUDGET.max_grad_norm)
+    private_model, optimizer = private_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), ledger, plan)
     optimizer.generator = torch.Generator().manual_seed(123)  # a test may replay the noise; the coordinator may not
 
     # Execute: one DP-SGD step on the full batch.
@@ -120,8 +120,7 @@ def test_noise_and_poisson_sampling_cannot_be_replayed_from_the_global_seed(tmp_
     def one_round() -> tuple[torch.Tensor, list[list[int]]]:
         torch.manual_seed(0)
         model = torch.nn.Linear(5, 3)
-        private_model, optimizer = private_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), ledger,
-                                                     expected_batch=8)
+        private_model, optimizer = private_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), ledger, plan)
         torch.manual_seed(0)
         batches = [sorted(int(u) for c in chunks for u in c.labels) for chunks in
                    UnitBatches(data, plan, TrainSettings(), poisson=True)]
