@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -30,7 +31,14 @@ from flwr.clientapp import ClientApp
 from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger
 from client.release import ReleasedUpdates, adapter_digest
 from client.secure import (
-    SessionStore, SiteKeys, accept_params, stage_advertise, stage_confirm, stage_expose, stage_mask, stage_share,
+    SessionStore,
+    SiteKeys,
+    accept_params,
+    stage_advertise,
+    stage_confirm,
+    stage_expose,
+    stage_mask,
+    stage_share,
     stage_unmask,
 )
 from client.site import PolicyError, Site, resolve_site
@@ -41,15 +49,24 @@ from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
 from common.model import ModelError, build_model
 from common.records import (
-    PrivacyReport, SiteFailure, TrainReply, WireError, pack_failure, pack_privacy, pack_stage, pack_train_reply,
+    PrivacyReport,
+    SiteFailure,
+    TrainReply,
+    WireError,
+    pack_failure,
+    pack_privacy,
+    pack_stage,
+    pack_train_reply,
     pack_weight,
-    unpack_stage, unpack_train_request,
+    unpack_stage,
+    unpack_train_request,
 )
 from common.registry import RegistryError, load_identity, load_registry
 from common.secagg import SecAggError
 from common.secure_update import site_weight
 
 log = logging.getLogger("fedtune.client")
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # the site's log
 app = ClientApp()
 
 _FAILURE_KINDS: tuple[tuple[type[Exception], str], ...] = (
@@ -66,7 +83,7 @@ def _replying_failures(handler: Callable[[Message, Context], RecordDict]) -> Cal
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return Message(handler(msg, context), reply_to=msg)
-        except Exception as exc:  # noqa: BLE001 - nothing but the kind may leave the site
+        except Exception as exc:
             kind = next((name for cls, name in _FAILURE_KINDS if isinstance(exc, cls)), "internal")
             log.error("site refuses %s (%s): %s", msg.metadata.message_type, kind, exc,
                       exc_info=kind == "internal")
@@ -115,12 +132,14 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
         return update, released.name(server_round, digest), ledger
     if ledger is None:
         log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
+    started = time.monotonic()
     model = build_model(site.policy.model_path, len(site.labels), settings.lora)
     set_adapter_state(model, received)
     result = train_locally(model, site.train, settings.train, ledger=ledger, privacy=settings.privacy,
                            planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id)
     update = delta(result.adapter, received, keys_order)
     name = released.seal(server_round, digest, update)
+    log.info("%s: trained round %d in %.2fs", site.name, server_round, time.monotonic() - started)
     AuditLog(site.state_dir / "audit.jsonl").record(
         "released", run_id=run_id, round=server_round, received_sha256=digest, examples=len(site.train),
         steps=result.steps, epsilon=result.epsilon, secure_aggregation=settings.federation.secure_aggregation)

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+import sys
 import time
 from pathlib import Path
 
 from client.site import SitePolicy
 from common.config import unit_column
 from common.data import encode_labels, read_records, unit_indices
-from common.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
+from common.files import write_private
 from common.kits import check_kit
+from common.processes import ManagedProcess, flower_env, free_port, terminate_as_interrupt
 
 log = logging.getLogger("fedtune.client")
 
@@ -38,6 +41,40 @@ CONNECTED_AFTER_S = 60.0
 """A SuperNode that ran this long had connected: its later exit is a lost connection, not a refusal."""
 
 
+def site_processes(files: dict[str, Path], kit: Path, keys: Path, data: Path, state: Path, *, superlink: str,
+                   policy: SitePolicy) -> tuple[ManagedProcess, ManagedProcess]:
+    """The SuperNode (short idle polls, ``client.supernode``) and the site's executor, which runs every
+    task with the site's own ClientApp and shares a fresh secret with the SuperNode to claim them."""
+    port = free_port()
+    secret = state / "executor.secret"
+    write_private(secret, secrets.token_bytes(32))
+    env = flower_env(state / "flwr")
+    supernode = ManagedProcess(
+        [sys.executable, "-m", "client.supernode", "--superlink", superlink, "--root-certificates",
+         str(files["ca.crt"]), "--auth-supernode-private-key", str(files["supernode.key"]), "--node-config",
+         node_config(kit, keys, data, state, policy), "--isolation", "process", "--superexec-auth-secret-file",
+         str(secret), "--host", "127.0.0.1", "--port", str(port)], env, state / "supernode.log")
+    executor = ManagedProcess([sys.executable, "-m", "client.executor", "--runtime-api-address", f"127.0.0.1:{port}",
+                               "--secret-file", str(secret)], env, state / "executor.log")
+    return supernode, executor
+
+
+def run_site_processes(files: dict[str, Path], kit: Path, keys: Path, data: Path, state: Path, *,
+                       superlink: str, policy: SitePolicy) -> int:
+    """Run the SuperNode and its executor until either stops; return the exit code of the one that did."""
+    supernode, executor = site_processes(files, kit, keys, data, state, superlink=superlink, policy=policy)
+    try:
+        supernode.start()
+        executor.start()
+        while (code := supernode.exited()) is None and (code := executor.exited()) is None:
+            supernode.track()
+            time.sleep(1.0)
+        return code
+    finally:
+        executor.stop()
+        supernode.stop()
+
+
 def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: str, policy: SitePolicy,
                  connect_timeout: float = 600.0) -> int:
     """Keep the site's SuperNode running until the daemon is stopped (Ctrl-C, SIGTERM).
@@ -53,24 +90,12 @@ def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: s
     encode_labels(records, policy.labels, str(data))
     unit_indices(records, unit_column(policy.privacy_unit), str(data))
     state.mkdir(parents=True, exist_ok=True)
-    command = [console_script("flower-supernode"), "--superlink", superlink, "--root-certificates",
-               str(files["ca.crt"]), "--auth-supernode-private-key", str(files["supernode.key"]), "--node-config",
-               node_config(kit, keys, data, state, policy), "--isolation", "subprocess",
-               "--host", "127.0.0.1"]
     failing_since: float | None = None
     attempt = 0
     with terminate_as_interrupt():
         while True:
-            supernode = ManagedProcess([*command, "--port", str(free_port())], flower_env(state / "flwr"),
-                                       state / "supernode.log")
             started = time.monotonic()
-            try:
-                supernode.start()
-                while (code := supernode.exited()) is None:
-                    supernode.track()
-                    time.sleep(1.0)
-            finally:
-                supernode.stop()
+            code = run_site_processes(files, kit, keys, data, state, superlink=superlink, policy=policy)
             now = time.monotonic()
             if now - started >= CONNECTED_AFTER_S:
                 failing_since, attempt = None, 0

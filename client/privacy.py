@@ -13,6 +13,7 @@ the coordinator, who knows the whole run config, cannot replay a site's update.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import secrets
@@ -39,6 +40,24 @@ EPSILON_SLACK = 1e-6
 """Numerical slack when comparing ε with the budget (accountants differ in the last digits)."""
 
 History = list[tuple[float, float, int]]
+
+
+@functools.lru_cache(maxsize=1024)
+def epsilon_of(accountant: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """ε of a (σ, q, steps) history. A pure function, memoised: a PRV evaluation takes about a second."""
+    if not history:
+        return 0.0
+    counter = create_accountant(accountant)
+    counter.history = list(history)
+    return float(counter.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=256)
+def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest σ that keeps ``steps`` steps at ``sample_rate`` within (ε, δ); memoised (a search of PRV
+    evaluations takes several seconds)."""
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant))
 
 
 def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -166,11 +185,7 @@ class PrivacyLedger:
         self.plan, self.history, self.rounds = plan, history, rounds
 
     def _epsilon(self, history: History) -> float:
-        if not history:
-            return 0.0
-        accountant = create_accountant(self.settings.accountant)
-        accountant.history = list(history)
-        return float(accountant.get_epsilon(delta=self.settings.delta))
+        return epsilon_of(self.settings.accountant, tuple(tuple(entry) for entry in history), self.settings.delta)
 
     def spent(self) -> float:
         return self._epsilon(self.history)
@@ -178,13 +193,8 @@ class PrivacyLedger:
     def plan_noise(self, *, sample_rate: float, steps_per_round: int, rounds: int) -> NoisePlan:
         """σ for the whole budget over ``rounds`` rounds; computed once (it persists with the first charge)."""
         if self.plan is None:
-            sigma = get_noise_multiplier(
-                target_epsilon=self.settings.epsilon,
-                target_delta=self.settings.delta,
-                sample_rate=sample_rate,
-                steps=steps_per_round * rounds,
-                accountant=self.settings.accountant,
-            )
+            sigma = noise_multiplier_for(self.settings.accountant, self.settings.epsilon, self.settings.delta,
+                                         sample_rate, steps_per_round * rounds)
             self.plan = NoisePlan(sigma, sample_rate, steps_per_round, rounds, self.settings.max_grad_norm)
         return self.plan
 

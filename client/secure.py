@@ -35,6 +35,7 @@ import numpy as np
 
 from client.release import ReleasedUpdates
 from client.site import SitePolicy
+from common.config import SecureAggSettings
 from common.files import exclusive_lock, write_durably
 from common.registry import FederationRegistry
 from common.secagg import (
@@ -48,7 +49,6 @@ from common.secagg import (
     default_degree,
     default_threshold,
 )
-from common.config import SecureAggSettings
 from common.secure_update import COUNT_SLOTS, encode_contribution, params_from_bytes, params_to_bytes
 
 log = logging.getLogger("fedtune.client")
@@ -114,7 +114,7 @@ class SessionStore:
             with self.locked(round_id):
                 try:
                     session, record = self.load(round_id, keys)
-                except Exception:  # noqa: BLE001 - unreadable (other registry, corrupt): delete it
+                except Exception:
                     path.unlink(missing_ok=True)
                     continue
                 if session.stage is Stage.DONE:

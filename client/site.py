@@ -17,9 +17,10 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.config import ConfigError, DataSettings, RunSettings, check_unit, unit_column
 from common.data import EncodedData, Record, encode, partition, read_records

@@ -27,7 +27,6 @@ from common.adapter import AdapterState, get_adapter_state
 from common.config import PrivacySettings, TrainSettings
 from common.data import EncodedData
 
-
 # Opacus' hooks see a frozen embedding below the adapter: "no inputs require gradients" is expected here.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 

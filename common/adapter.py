@@ -52,7 +52,7 @@ def unflatten(vector: np.ndarray, template: AdapterState, keys: list[str]) -> Ad
     if vector.ndim != 1 or vector.size != sum(sizes):
         raise ValueError(f"update has {vector.size} values, the adapter layout needs {sum(sizes)}")
     parts = np.split(vector, np.cumsum(sizes)[:-1])
-    return {key: part.reshape(template[key].shape).astype(np.float32) for key, part in zip(keys, parts)}
+    return {key: part.reshape(template[key].shape).astype(np.float32) for key, part in zip(keys, parts, strict=True)}
 
 
 def delta(after: AdapterState, before: AdapterState, keys: list[str]) -> np.ndarray:

@@ -11,7 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ class AuditLog:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # another writer may have appended since we opened
             lines = handle.read().splitlines()
             prev = hashlib.sha256(lines[-1]).hexdigest() if lines else GENESIS
-            entry = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
+            entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": event,
                      **fields, "prev": prev}
             handle.write(json.dumps(entry, sort_keys=True, default=str).encode() + b"\n")
             handle.flush()

@@ -36,7 +36,7 @@ import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.config import BadInput
-from common.passport import PassportError, load_public_key, public_key_pem, signing_key_pem
 from common.files import write_private
+from common.passport import PassportError, load_public_key, public_key_pem, signing_key_pem
 from common.registry import IDENTITY_FILE, RegistryError, load_identity, load_registry, write_registry
 from common.secagg import SiteIdentity
 
@@ -333,7 +333,7 @@ def provision(enrolments: list[Enrolment], server_hosts: list[str], out: Path, *
     validate_request([e.site for e in enrolments], server_hosts, days)
     _check_distinct_keys(enrolments)
     _refuse_existing(out)
-    now = _utc(issued_at or datetime.now(timezone.utc))
+    now = _utc(issued_at or datetime.now(UTC))
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".provisioning-", dir=out))  # nothing half-written is ever in place
     try:
@@ -430,7 +430,7 @@ def _validity(builder: x509.CertificateBuilder, now: datetime, days: int) -> x50
 
 def _utc(moment: datetime) -> datetime:
     """An aware UTC time; a naive one is taken to be UTC already."""
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -477,7 +477,7 @@ def check_kit(kit_dir: Path, keys_dir: Path, *, now: datetime | None = None) -> 
     _check_kit_files(kit_dir)
     _check_key_files(keys_dir)
     info = _read_site_info(kit_dir / SITE_INFO)
-    ca_cert = _check_ca(kit_dir / CA_CERT, info["ca_sha256"], _utc(now or datetime.now(timezone.utc)))
+    ca_cert = _check_ca(kit_dir / CA_CERT, info["ca_sha256"], _utc(now or datetime.now(UTC)))
     _check_supernode_keys(keys_dir, info)
     _check_identity(kit_dir, keys_dir, info)
     try:

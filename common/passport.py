@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,7 @@ def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: i
         "epsilon": _checked_epsilon(epsilon),
         "privacy_unit": str(privacy_unit),
         "fedtune_version": str(fedtune_version),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

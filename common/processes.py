@@ -115,7 +115,7 @@ def terminate_as_interrupt() -> Iterator[None]:
 
     SIGINT is set explicitly: a process started in the background inherits it ignored.
     """
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         raise KeyboardInterrupt
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

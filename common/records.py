@@ -17,7 +17,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from common.adapter import AdapterState
 
 
-
 class WireError(ValueError):
     """A message does not have the shape this protocol version sends."""
 
@@ -81,25 +80,46 @@ class SiteFailure:
         return FAILURE_MESSAGES.get(self.kind, "the site replied with an unknown failure kind")
 
 
-def pack_adapter(state: AdapterState) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.ascontiguousarray(state[key], dtype=np.float32)) for key in sorted(state)})
-
-
-def unpack_adapter(record: ArrayRecord) -> AdapterState:
-    return {key: record[key].numpy().astype(np.float32, copy=False) for key in sorted(record.keys())}
+MAX_ADAPTER_TENSORS = 1 << 12
+"""Most tensors an adapter may name (LoRA on every projection of a large LLM stays far below)."""
 
 
 def pack_train_request(state: AdapterState, server_round: int, secagg_params: bytes | None = None) -> RecordDict:
-    """The global adapter; with secure aggregation also the round's public parameters."""
-    content = RecordDict({"adapter": pack_adapter(state), "round": ConfigRecord({"server-round": server_round})})
+    """The global adapter as ONE float32 vector plus its layout (each tensor would otherwise travel, and be
+    fetched, as objects of its own), the round; with secure aggregation the round's public parameters."""
+    keys = sorted(state)
+    values = np.concatenate([np.asarray(state[key], dtype=np.float32).ravel() for key in keys])
+    content = RecordDict({
+        "adapter": ArrayRecord({"values": Array(values)}),
+        "layout": ConfigRecord({"keys": keys, "shapes": ["x".join(map(str, state[key].shape)) for key in keys]}),
+        "round": ConfigRecord({"server-round": server_round})})
     if secagg_params is not None:
         content["secagg"] = ConfigRecord({"params": secagg_params})
     return content
 
 
+def _unpack_adapter(content: RecordDict) -> AdapterState:
+    values = content.array_records["adapter"]["values"].numpy()
+    keys, shapes = list(content.config_records["layout"]["keys"]), list(content.config_records["layout"]["shapes"])
+    if not (values.ndim == 1 and values.dtype == np.float32 and len(keys) == len(shapes) <= MAX_ADAPTER_TENSORS
+            and len(set(keys)) == len(keys) and all(isinstance(k, str) for k in keys)):
+        raise WireError("the adapter is not one float32 vector with one shape per distinct tensor name")
+    try:
+        dims = [tuple(int(d) for d in shape.split("x")) if shape else () for shape in shapes]
+    except (AttributeError, ValueError) as exc:
+        raise WireError(f"malformed adapter shape: {exc}") from exc
+    if any(d < 0 for shape in dims for d in shape):
+        raise WireError("an adapter shape has a negative dimension")
+    sizes = [int(np.prod(shape)) for shape in dims]
+    if sum(sizes) != values.size:
+        raise WireError(f"the adapter layout describes {sum(sizes)} values; the vector has {values.size}")
+    parts = np.split(values, np.cumsum(sizes)[:-1])
+    return {key: part.reshape(shape) for key, part, shape in zip(keys, parts, dims, strict=True)}
+
+
 def unpack_train_request(content: RecordDict) -> tuple[AdapterState, int, bytes | None]:
     try:
-        state = unpack_adapter(content.array_records["adapter"])
+        state = _unpack_adapter(content)
         server_round = int(content.config_records["round"]["server-round"])
     except KeyError as exc:
         raise WireError(f"train request lacks {exc}") from exc
@@ -113,7 +133,8 @@ MAX_STAGE_BLOBS = 1 << 16
 
 def pack_stage(round_id: bytes, blobs: dict[str, bytes]) -> RecordDict:
     """A secure-aggregation stage message: opaque protocol bytes, keyed by site id or name."""
-    if not isinstance(round_id, bytes) or not all(isinstance(k, str) and isinstance(v, bytes) for k, v in blobs.items()):
+    if not isinstance(round_id, bytes) or not all(isinstance(k, str) and isinstance(v, bytes)
+                                                  for k, v in blobs.items()):
         raise WireError("a stage message carries bytes keyed by strings")
     return RecordDict({"secagg": ConfigRecord({"round-id": round_id, **{f"blob:{k}": v for k, v in blobs.items()}})})
 

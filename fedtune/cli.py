@@ -42,7 +42,8 @@ def _federation_options(p: argparse.ArgumentParser) -> None:
     d = default_run_config()
     p.add_argument("--sites", type=int, default=d["federation.sites"], help="number of simulated sites")
     p.add_argument("--rounds", type=int, default=d["federation.rounds"], help="federated rounds")
-    p.add_argument("--epsilon", type=float, default=d["privacy.epsilon"], help="each site's TOTAL ε budget over all rounds")
+    p.add_argument("--epsilon", type=float, default=d["privacy.epsilon"],
+                   help="each site's TOTAL ε budget over all rounds")
     p.add_argument("--delta", type=float, default=d["privacy.delta"], help="δ of (ε, δ)-DP")
     p.add_argument("--data", default="drugreview", help="'drugreview' (packaged) or a CSV/JSONL with text,label")
     p.add_argument("--test-data", default="", help="server test split (default: the source's own test split)")
@@ -65,7 +66,8 @@ def _federation_options(p: argparse.ArgumentParser) -> None:
                    help="whom ε protects: 'record', or 'column:NAME' (every row of one patient/customer together)")
     p.add_argument("--max-rows-per-unit", type=int, default=d["train.max-rows-per-unit"],
                    help="with a per-person unit: at most this many of a person's rows train per step")
-    p.add_argument("--server-optimizer", default=d["server.optimizer"], choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),
+    p.add_argument("--server-optimizer", default=d["server.optimizer"],
+                   choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),
                    help="the server's step on the sites' mean update (post-processing: no privacy cost)")
     p.add_argument("--server-learning-rate", type=float, default=d["server.learning-rate"])
     p.add_argument("--max-length", type=int, default=d["data.max-length"], help="tokens per example")
@@ -114,8 +116,8 @@ def simulated_passport_key(out: Path) -> Path:
     """The simulated coordinator's passport signing key (kept across re-runs), and its public half beside it."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from common.passport import public_key_pem, signing_key_pem
     from common.files import write_private
+    from common.passport import public_key_pem, signing_key_pem
 
     path = out.resolve() / "passport-signing.key"
     if not path.exists():
@@ -206,7 +208,8 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
         warn("secure aggregation is OFF (--plain-aggregation): the server sees every site's update")
     aggregation = "plain aggregation (server sees updates)" if args.plain_aggregation else "secure aggregation"
     print(f"== {title}: {args.sites} sites (examples per site: {sizes}), {args.rounds} rounds, "
-          f"{f'DP ε={args.epsilon:g} per {unit_name(args.privacy_unit)}' if dp else 'DP OFF'}, {aggregation}, out {out}", flush=True)
+          f"{f'DP ε={args.epsilon:g} per {unit_name(args.privacy_unit)}' if dp else 'DP OFF'}, {aggregation}, "
+          f"out {out}", flush=True)
     run_simulation(run_config, sites=args.sites, out_dir=out,
                    on_round=lambda line: print("  " + round_line(line, args.rounds), flush=True))
     baselines = parse_baselines(getattr(args, "baselines", ""))
@@ -246,7 +249,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     args.baselines = "local"
     with_dp = simulate_once(args, args.out / "dp-on", dp=True,
                             title=f"{args.sites} banks, {intents} intents, WITH DP (ε={args.epsilon:g} per record)")
-    print(f"\n== privacy / utility on the BANKING77 test queries of those {intents} intents\n" + comparison_text(with_dp))
+    print(f"\n== privacy / utility on the BANKING77 test queries of those {intents} intents\n"
+          + comparison_text(with_dp))
 
 
 def cmd_server_start(args: argparse.Namespace) -> None:
@@ -283,8 +287,8 @@ def cmd_client_start(args: argparse.Namespace) -> int:
     print(f"== site daemon: kit {args.kit}, keys {args.keys}, data {args.data}, state {args.state}, "
           f"coordinator {args.superlink}, policy: labels {','.join(policy.labels)}, ε ≤ {policy.max_epsilon:g} "
           f"per {unit_name(policy.privacy_unit)}, "
-          f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·records))'}, ≥ {policy.min_sites} sites per "
-          "secure round, DP and secure aggregation required", flush=True)
+          f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·records))'}, "
+          f"≥ {policy.min_sites} sites per secure round, DP and secure aggregation required", flush=True)
     code = start_client(args.kit, args.keys, args.data, args.state, superlink=args.superlink, policy=policy,
                         connect_timeout=args.connect_timeout)
     if code:

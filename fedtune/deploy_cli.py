@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from common.passport import PassportError, key_id, load_public_key, verify_passport
 from common.kits import ENROL_SUFFIX, MAX_DAYS, Enrolment, ProvisionError, provision, read_enrolments, site_keygen
+from common.passport import PassportError, key_id, load_public_key, verify_passport
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 

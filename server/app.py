@@ -8,9 +8,12 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunSettings
+from common.flower_internals import short_object_pull_backoff
 from server.federation import run_federation
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # else one line per poll of the SuperLink
+short_object_pull_backoff()  # the sites' replies are read as soon as their content arrives
 app = ServerApp()
 
 

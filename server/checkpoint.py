@@ -77,7 +77,8 @@ def load_optimizer_state(checkpoint: Path) -> dict[str, np.ndarray] | None:
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete checkpoint (a staging ``.tmp`` directory from a crash is ignored)."""
-    done = sorted(p for p in (out_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]") if (p / "round.json").exists())
+    rounds = (out_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]")
+    done = sorted(p for p in rounds if (p / "round.json").exists())
     return done[-1] if done else None
 
 

@@ -14,20 +14,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from flwr.serverapp import Grid
 from safetensors.numpy import load_file
 
-from flwr.serverapp import Grid
-
 from common.adapter import AdapterState, apply_delta, get_adapter_state, set_adapter_state, trainable_keys
+from common.audit import AuditLog
 from common.config import ConfigError, DataSettings, RunSettings, unit_name
 from common.data import DRUGREVIEW, encode, read_records
 from common.evaluation import evaluate, majority_baseline, metrics
+from common.files import file_sha256, write_json
 from common.model import base_model_sha256, build_model, load_tokenizer
 from common.passport import build_passport, load_signing_key, sign_passport
 from common.registry import load_registry
 from fedtune import __version__
-from common.audit import AuditLog
-from common.files import file_sha256, write_json
 from server.checkpoint import append_metrics, load_optimizer_state, publish_final, save_checkpoint
 from server.optimizer import ServerOptimizer
 from server.secure_agg import SecureAggregation

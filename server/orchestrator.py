@@ -42,7 +42,8 @@ class ServerKit:
                  ("ca.crt", "server.crt", "server.key", "registry.json", "passport-signing.key")}
         missing = [name for name, path in files.items() if not path.is_file()]
         if missing:
-            raise KitError(f"server kit {directory} lacks {missing}; use the server/ directory `fedtune provision` wrote")
+            raise KitError(f"server kit {directory} lacks {missing}; "
+                           "use the server/ directory `fedtune provision` wrote")
         for secret in ("server.key", "passport-signing.key"):
             if files[secret].stat().st_mode & 0o077:
                 raise KitError(f"{files[secret]} is readable by others: chmod 600 it")

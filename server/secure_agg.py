@@ -30,7 +30,13 @@ from flwr.serverapp import Grid
 from common.adapter import AdapterState
 from common.config import SecureAggSettings
 from common.records import (
-    PrivacyReport, WireError, pack_stage, pack_train_request, unpack_privacy, unpack_stage, unpack_weight,
+    PrivacyReport,
+    WireError,
+    pack_stage,
+    pack_train_request,
+    unpack_privacy,
+    unpack_stage,
+    unpack_weight,
 )
 from common.registry import FederationRegistry
 from common.secagg import RoundAborted, SecAggParams, ServerAggregator
@@ -77,7 +83,9 @@ class SecureAggregation:
     # ------------------------------------------------------------------ one round
     def run_round(self, grid: Grid, node_ids: list[int], state: AdapterState, server_round: int) -> RoundOutcome:
         spec = self.spec
+        started = time.perf_counter()
         failures = self.identify(grid, node_ids)
+        seconds: dict[str, float] = {"identify": round(time.perf_counter() - started, 3)}  # per exchange
         node_of_site = {self.site_of_node[n]: n for n in node_ids if n in self.site_of_node}
         privacy: dict[str, PrivacyReport] = {}
         if len(node_of_site) < max(2, spec.min_sites):
@@ -85,21 +93,20 @@ class SecureAggregation:
         params = round_params(self.settings, run_id=grid.run.run_id, server_round=server_round,
                               site_ids=sorted(node_of_site), vector_length=spec.update_size)
         aggregator = ServerAggregator(params, self.registry.keys)
-        timings: dict[str, float] = {}
         weights: dict[int, int] = {}  # public by construction; the server sums them itself
 
-        def stage(message_type: str, content: Callable[[int], RecordDict], only) -> dict[int, dict[str, bytes]]:
-            return self._exchange(grid, node_of_site, params, message_type, content, failures, only=only)
+        def stage(message_type: str, content: Callable[[int], RecordDict], only=None,
+                  **collect) -> dict[int, dict[str, bytes]]:
+            started = time.perf_counter()
+            answers = self._exchange(grid, node_of_site, params, message_type, content, failures, only=only,
+                                     **collect)
+            seconds[message_type.removeprefix("train.secagg_")] = round(time.perf_counter() - started, 3)
+            return answers
 
         try:
-            started = time.perf_counter()
             request = pack_train_request(state, server_round, params_to_bytes(params))
-            answers = self._exchange(grid, node_of_site, params, "train", lambda site: request, failures, privacy,
-                                     weights=weights)
-            timings["train_and_keys_s"] = time.perf_counter() - started
+            answers = stage("train", lambda site: request, privacy=privacy, weights=weights)
             routed = aggregator.collect_bundles(self._payloads(answers, "bundle", "train", failures))
-
-            started = time.perf_counter()
             answers = stage("train.secagg_share", lambda site: pack_stage(
                 params.round_id, {str(peer): bundle.to_bytes() for peer, bundle in routed[site].items()}), routed)
             inboxes = aggregator.route_shares({site: _by_site(blobs) for site, blobs in answers.items()})
@@ -112,7 +119,6 @@ class SecureAggregation:
                 self._payloads(answers, "payload", "train.secagg_confirm", failures))
             unmask = pack_stage(params.round_id, {"payload": unmask_request.to_bytes()})
             answers = stage("train.secagg_unmask", lambda site: unmask, unmask_request.signatures)
-            started_unmask = time.perf_counter()
             exposes = aggregator.collect_unmask(self._payloads(answers, "payload", "train.secagg_unmask", failures))
             if exposes:  # proven liars: their holders reveal the liars' mask keys against the proofs
                 log.warning("round %d: sites %s dealt shares inconsistent with their commitments; removing them",
@@ -120,9 +126,9 @@ class SecureAggregation:
                 answers = stage("train.secagg_expose", lambda site: pack_stage(
                     params.round_id, {"payload": exposes[site].to_bytes()}), exposes)
                 aggregator.collect_exposures(self._payloads(answers, "payload", "train.secagg_expose", failures))
+            started = time.perf_counter()
             result = aggregator.finish()
-            timings["unmask_s"] = time.perf_counter() - started_unmask
-            timings["secagg_stages_s"] = time.perf_counter() - started
+            seconds["unmask_sum"] = round(time.perf_counter() - started, 3)
         except RoundAborted as exc:
             return self._aborted(server_round, str(exc), failures, privacy, aggregator)
         failures.extend(self._dropped(aggregator))
@@ -136,7 +142,7 @@ class SecureAggregation:
                    "clamped_elements": total.clamped_elements, "error_bound": total.error_bound,
                    "modulus_bits": params.modulus_bits, "value_bits": params.value_bits,
                    "neighbours": params.degree, "threshold": params.threshold, "all_pairs": params.all_pairs,
-                   "upload_bytes": params.packed_bytes, **{k: round(v, 3) for k, v in timings.items()}}
+                   "upload_bytes": params.packed_bytes, "exchange_seconds": seconds}
         return RoundOutcome(mean_delta=total.mean_delta, contributors=contributors, failures=failures,
                             privacy=privacy, details=details)
 
@@ -167,7 +173,7 @@ class SecureAggregation:
                 report = unpack_privacy(reply.content) if privacy is not None else None
                 if weights is not None:
                     weights[site] = unpack_weight(reply.content, self.spec.max_weight)
-            except Exception as exc:  # noqa: BLE001 - any malformation of an untrusted reply drops its site
+            except Exception as exc:
                 detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
                 failures.append({"site": name, "kind": "protocol", "detail": detail, "stage": message_type})
                 log.warning("site %s dropped at %s: %s", name, message_type, detail)

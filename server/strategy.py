@@ -57,12 +57,12 @@ def weighted_mean(updates: list[np.ndarray], weights: list[int]) -> np.ndarray:
     if not updates or sum(weights) <= 0:
         raise ValueError("no updates to average")
     total = np.zeros(updates[0].shape, dtype=np.float64)
-    for update, weight in zip(updates, weights):
+    for update, weight in zip(updates, weights, strict=True):
         total += weight * update.astype(np.float64)
     return (total / sum(weights)).astype(np.float32)
 
 
-def exchange(grid: Grid, messages: dict[K, Message], timeout: float, max_poll: float = 1.0) -> dict[K, Message]:
+def exchange(grid: Grid, messages: dict[K, Message], timeout: float, max_poll: float = 0.1) -> dict[K, Message]:
     """Send each message and collect the replies that arrive within ``timeout``, keyed like ``messages``.
 
     Replies are matched by the id of the message they answer, so an error reply the SuperLink
@@ -71,7 +71,7 @@ def exchange(grid: Grid, messages: dict[K, Message], timeout: float, max_poll: f
     """
     keys = list(messages)
     pushed = list(grid.push_messages([messages[key] for key in keys]))
-    pending = {message_id: key for message_id, key in zip(pushed, keys) if message_id}
+    pending = {message_id: key for message_id, key in zip(pushed, keys, strict=True) if message_id}
     replies: dict[K, Message] = {}
     deadline = time.monotonic() + timeout
     poll = 0.01
@@ -121,7 +121,7 @@ class PlainAggregation:
                 continue
             try:
                 decoded = unpack_train_reply(reply.content, spec.update_size, spec.max_weight)
-            except Exception as exc:  # noqa: BLE001 - any malformation of an untrusted reply drops its site
+            except Exception as exc:
                 detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
                 failures.append({"site": str(node), "kind": "malformed-update", "detail": detail})
                 continue

@@ -109,8 +109,8 @@ def secagg(sizes: tuple[int, ...] = (10, 100, 1000), length: int = 74_883) -> No
         update = rng.normal(scale=0.01, size=length)
         counts = [1] * params.count_slots
         started = time.perf_counter()
-        uploads = fed.masked_uploads(inboxes, {s: update for s in params.site_ids},
-                                     {s: counts for s in params.site_ids})
+        uploads = fed.masked_uploads(inboxes, dict.fromkeys(params.site_ids, update),
+                                     dict.fromkeys(params.site_ids, counts))
         per_site = (time.perf_counter() - started) / n
         started = time.perf_counter()
         survivors = fed.server.collect_masked(uploads)

@@ -114,7 +114,7 @@ def run(setup: Setup, row: str) -> dict:
         curve = federate(pooled, test, labels, setup, privacy, train, lora)
     elif row.startswith("local"):
         curves = [federate([site], test, labels, setup, privacy, train, lora) for site in sites]
-        curve = [float(np.mean(scores)) for scores in zip(*curves)]
+        curve = [float(np.mean(scores)) for scores in zip(*curves, strict=True)]
     else:
         curve = federate(sites, test, labels, setup, privacy, train, lora)
     return {"row": row, "setup": dataclasses.asdict(setup), "macro_f1": curve,
@@ -129,7 +129,7 @@ def concat(sites: list[EncodedData]) -> EncodedData:
     offsets = np.cumsum([0] + [s.unit_count for s in sites[:-1]])
     return EncodedData(TensorDataset(*tensors, torch.cat([s.dataset.tensors[2] for s in sites])),
                        np.concatenate([s.labels for s in sites]),
-                       np.concatenate([s.units + o for s, o in zip(sites, offsets)]))
+                       np.concatenate([s.units + o for s, o in zip(sites, offsets, strict=True)]))
 
 
 def federate(sites, test, labels, setup: Setup, privacy, train, lora) -> list[float]:
@@ -145,7 +145,7 @@ def federate(sites, test, labels, setup: Setup, privacy, train, lora) -> list[fl
                    for i in range(len(sites))]
         for server_round in range(1, setup.rounds + 1):
             updates = []
-            for data, ledger in zip(sites, ledgers):
+            for data, ledger in zip(sites, ledgers, strict=True):
                 set_adapter_state(model, state)
                 result = train_locally(model, data, train, ledger=ledger, privacy=privacy, planned_rounds=setup.rounds,
                                        server_round=server_round, run_id=0)

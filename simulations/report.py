@@ -121,7 +121,6 @@ def _figure():
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
-
     from matplotlib.ticker import MaxNLocator
 
     figure, axes = pyplot.subplots(figsize=(6.4, 3.6))

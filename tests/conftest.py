@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.data import write_records as write_csv  # noqa: F401  (tests import it from here)
+from common.data import write_records as write_csv
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

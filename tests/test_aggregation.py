@@ -40,14 +40,14 @@ def test_ffa_mean_is_exact_and_plain_averaging_is_not():
     site_b = [rng.normal(size=(d, r)) for _ in range(sites)]
     site_a = [shared_a + rng.normal(scale=0.5, size=(r, d)) for _ in range(sites)]
     weights = [5, 1, 3, 7]
-    exact = sum(w * b @ shared_a for w, b in zip(weights, site_b)) / sum(weights)
+    exact = sum(w * b @ shared_a for w, b in zip(weights, site_b, strict=True)) / sum(weights)
     # FFA: A identical everywhere, so mean(B)·A equals the mean of the sites' B·A.
     ffa = weighted_mean([b.ravel().astype(np.float32) for b in site_b], weights).reshape(d, r) @ shared_a
     np.testing.assert_allclose(ffa, exact, rtol=1e-5, atol=1e-5)
     # Plain: sites trained A too; mean(B)·mean(A) differs from mean(B·A).
-    wanted = sum(w * b @ a for w, b, a in zip(weights, site_b, site_a)) / sum(weights)
-    mean_b = sum(w * b for w, b in zip(weights, site_b)) / sum(weights)
-    mean_a = sum(w * a for w, a in zip(weights, site_a)) / sum(weights)
+    wanted = sum(w * b @ a for w, b, a in zip(weights, site_b, site_a, strict=True)) / sum(weights)
+    mean_b = sum(w * b for w, b in zip(weights, site_b, strict=True)) / sum(weights)
+    mean_a = sum(w * a for w, a in zip(weights, site_a, strict=True)) / sum(weights)
     gap = np.linalg.norm(mean_b @ mean_a - wanted) / np.linalg.norm(wanted)
     assert gap > 0.05
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger, private_optimizer
 from client.plan import TrainingPlan
+from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger, private_optimizer
 from client.train import UnitBatches
 from common.config import PrivacySettings, TrainSettings
 
@@ -43,7 +43,7 @@ def test_dp_step_equals_manual_per_sample_clipping_reference(tmp_path: Path):
     # Reference: per-sample grads, each clipped to C, summed, Gaussian noise σ·C, divided by the batch.
     sigma, clip = ledger.plan.noise_multiplier, BUDGET.max_grad_norm
     per_sample = []
-    for x, y in zip(features, labels):
+    for x, y in zip(features, labels, strict=True):
         w = reference["weight"].clone().requires_grad_(True)
         b = reference["bias"].clone().requires_grad_(True)
         F.cross_entropy((x @ w.T + b)[None], y[None]).backward()

@@ -10,7 +10,7 @@ import json
 import re
 import shutil
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,6 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.registry import IDENTITY_FILE, load_identity, load_registry
-from fedtune.deploy_cli import add_subcommands
 from common.kits import (
     SITE_KEY_FILES,
     SITE_KIT_FILES,
@@ -39,6 +37,8 @@ from common.kits import (
     site_keygen,
     validate_request,
 )
+from common.registry import IDENTITY_FILE, load_identity, load_registry
+from fedtune.deploy_cli import add_subcommands
 
 SITES = ["hospital-a", "hospital-b", "clinic-3"]
 HOSTS = ["superlink.example.org", "10.0.0.5"]
@@ -479,9 +479,9 @@ def test_check_kit_refuses_a_ca_from_another_provisioning(federation: Path, keys
 def test_check_kit_refuses_an_expired_certificate(federation: Path, keys: Path, tmp_path: Path) -> None:
     with pytest.raises(ProvisionError, match="expired"):
         check_kit(federation / "sites" / "hospital-a", keys / "hospital-a",
-                  now=datetime.now(timezone.utc) + timedelta(days=31))
+                  now=datetime.now(UTC) + timedelta(days=31))
     old = provision(enrol(tmp_path, ["a", "b"]), ["localhost"], tmp_path / "old", days=1,
-                    issued_at=datetime.now(timezone.utc) - timedelta(days=2))
+                    issued_at=datetime.now(UTC) - timedelta(days=2))
     with pytest.raises(ProvisionError, match="ca.crt .* expired"):
         check_kit(old / "sites" / "a", tmp_path / "keys" / "a")
 

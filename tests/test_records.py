@@ -2,11 +2,23 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common.records import (
-    FAILURE_MESSAGES, PrivacyReport, SiteFailure, TrainReply, WireError, pack_failure, pack_stage, pack_train_reply,
-    pack_train_request, unpack_failure, unpack_privacy, unpack_stage, unpack_train_reply, unpack_train_request,
+    FAILURE_MESSAGES,
+    PrivacyReport,
+    SiteFailure,
+    TrainReply,
+    WireError,
+    pack_failure,
+    pack_stage,
+    pack_train_reply,
+    pack_train_request,
+    unpack_failure,
+    unpack_privacy,
+    unpack_stage,
+    unpack_train_reply,
+    unpack_train_request,
 )
 
 PRIVACY = PrivacyReport("site-1", True, 1.5, 1e-5, 8.0, "prv")
@@ -28,6 +40,25 @@ def test_train_request_round_trip_keeps_keys_sorted_and_values_exact():
     for key in state:
         np.testing.assert_array_equal(unpacked[key], state[key])
         assert unpacked[key].dtype == np.float32
+
+
+def test_the_adapter_travels_as_one_vector_and_a_bad_layout_is_refused():
+    request = pack_train_request(_state(), 7)
+    assert list(request.array_records["adapter"]) == ["values"]  # one array: a handful of objects to fetch
+    for layout, fragment in [
+        ({"keys": ["a", "b", "c"], "shapes": ["2x4", "4x2", "4"]}, "describes 20 values"),
+        ({"keys": ["a", "a", "c"], "shapes": ["2x4", "4x2", "3"]}, "distinct tensor name"),
+        ({"keys": ["a", "b"], "shapes": ["2x4", "4x2", "3"]}, "one shape per"),
+        ({"keys": ["a", "b", "c"], "shapes": ["2x4", "4xtwo", "3"]}, "malformed adapter shape"),
+        ({"keys": ["a", "b", "c"], "shapes": ["2x4", "-4x-2", "3"]}, "negative dimension"),
+    ]:
+        request["layout"] = ConfigRecord(layout)
+        with pytest.raises(WireError, match=fragment):
+            unpack_train_request(request)
+    request = pack_train_request(_state(), 7)
+    request["adapter"] = ArrayRecord({"values": Array(np.zeros(19, np.float64))})
+    with pytest.raises(WireError, match="float32 vector"):
+        unpack_train_request(request)
 
 
 def test_train_reply_round_trip():

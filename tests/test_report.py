@@ -38,7 +38,8 @@ def _run_dir(tmp_path: Path, dp: bool = True, baselines: bool = True) -> Path:
         "site-0": {"epsilon": 2.5}, "site-1": {"epsilon": 3.0}}}))
     if baselines:
         (tmp_path / "baselines.json").write_text(json.dumps({
-            "local": [{"round": 1, "accuracy": 0.2, "macro_f1": 0.15}, {"round": 2, "accuracy": 0.25, "macro_f1": 0.2}]}))
+            "local": [{"round": 1, "accuracy": 0.2, "macro_f1": 0.15},
+                      {"round": 2, "accuracy": 0.25, "macro_f1": 0.2}]}))
     return tmp_path
 
 

@@ -19,7 +19,14 @@ from flwr.supercore.task_identity import TaskIdentity
 import server.secure_agg as secure_agg
 from client.release import ReleasedUpdates
 from client.secure import (
-    SessionStore, SiteKeys, accept_params, stage_advertise, stage_confirm, stage_expose, stage_mask, stage_share,
+    SessionStore,
+    SiteKeys,
+    accept_params,
+    stage_advertise,
+    stage_confirm,
+    stage_expose,
+    stage_mask,
+    stage_share,
     stage_unmask,
 )
 from client.site import SitePolicy
@@ -208,7 +215,7 @@ def test_any_malformed_reply_drops_only_its_site(tmp_path: Path, stage: str, bad
     RecordDict({"site": ConfigRecord({"name": "mallory"})}),
 ])
 def test_malformed_identify_reply_is_refused(tmp_path: Path, reply: RecordDict) -> None:
-    outcome, deltas, _ = _run(tmp_path, 6, lambda node, kind, _: reply if node == HOSTILE and kind == "query.identify"
+    outcome, _deltas, _ = _run(tmp_path, 6, lambda node, kind, _: reply if node == HOSTILE and kind == "query.identify"
                               else None)
     assert outcome.contributors == 5 and outcome.failures
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from common.secagg import (
     ClientSession,
+    ExposeRequest,
     LocalFederation,
     MaskedUpload,
     ParameterError,
@@ -20,7 +21,6 @@ from common.secagg import (
     SignedKeyBundle,
     SiteIdentity,
     Stage,
-    ExposeRequest,
     SurvivorSet,
     UnmaskRequest,
     UnmaskResponse,
@@ -178,7 +178,7 @@ def test_client_refuses_to_share_with_too_few_valid_neighbours() -> None:
 def _signed_request(fed: LocalFederation, survivors: set[int], signers: set[int]) -> UnmaskRequest:
     """What a server holding ``signers``' signatures on ``survivors`` can send."""
     shown = SurvivorSet(fed.params.round_id, frozenset(survivors)).to_bytes()
-    sigs = fed.signatures({s: shown for s in signers})
+    sigs = fed.signatures(dict.fromkeys(signers, shown))
     return UnmaskRequest(fed.params.round_id, frozenset(survivors), sigs)
 
 
@@ -234,7 +234,7 @@ def test_few_partners_attack_recovers_nothing(n: int) -> None:
     # Stripping the victim's pairwise masks needs every partner's key, so every partner must be
     # out of the survivor set the holders act on; the victim itself must stay in.
     attacks = {
-        "one set without the partners": {s: everyone - partners for s in everyone},
+        "one set without the partners": dict.fromkeys(everyone, everyone - partners),
         "split view: partners see all": {s: everyone if s in partners else everyone - partners for s in everyone},
         "split view: half and half": {s: everyone if s % 2 else everyone - partners for s in everyone},
     }
@@ -247,7 +247,7 @@ def test_few_partners_attack_recovers_nothing(n: int) -> None:
     # Control: the same harvest with the honest survivor set does get every self-mask seed, so the
     # refusals above are what protects the victim.
     fed, partners = _few_partners_attack(n)
-    seeds, keys = _harvest(fed, {s: everyone for s in everyone})
+    seeds, keys = _harvest(fed, dict.fromkeys(everyone, everyone))
     assert len(seeds[victim]) >= t and not any(len(keys.get(p, [])) >= t for p in partners)
 
 
@@ -379,7 +379,8 @@ def _liar_round(n: int, liar: int, all_pairs: bool = True, **kwargs: object
     return params, fed, _updates(params)
 
 
-def _after_upload(fed: LocalFederation, updates: dict[int, np.ndarray], drop: set[int] = set()) -> UnmaskRequest:
+def _after_upload(fed: LocalFederation, updates: dict[int, np.ndarray],
+                  drop: frozenset[int] = frozenset()) -> UnmaskRequest:
     inboxes = fed.share(fed.routed)  # type: ignore[attr-defined]
     return fed.confirm(fed.upload(inboxes, updates, {s: [1] for s in fed.params.site_ids}, drop=drop))
 
@@ -500,7 +501,7 @@ def test_server_cannot_forge_a_proof_against_an_honest_site(victim: int) -> None
 
 @pytest.mark.parametrize("edge", ["too-few-survivors", "silent-holder"])
 def test_liar_at_the_threshold_edge_aborts_cleanly(edge: str) -> None:
-    params, fed, updates = _liar_round(5, liar=4)  # t = 4: four holders besides the liar, no spare
+    _params, fed, updates = _liar_round(5, liar=4)  # t = 4: four holders besides the liar, no spare
     if edge == "too-few-survivors":  # site 3 drops at upload: only 3 survivors hold the liar's key
         request = _after_upload(fed, updates, {3})
         with pytest.raises(RoundAborted, match="only 3 survivors hold its mask-key shares"):
@@ -517,8 +518,9 @@ def test_liar_at_the_threshold_edge_aborts_cleanly(edge: str) -> None:
 def test_dropped_site_with_a_false_mask_key_is_proven_and_the_round_ends() -> None:
     # Item 5: key shares that do not open the mask public key of the bundle prove cheating too. A
     # dropped liar's pairwise masks with the survivors cannot be removed any other way: abort.
-    from common.secagg.proof import check_proof
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from common.secagg.proof import check_proof
     params, fed = _setup(6)
     updates = _updates(params)
     routed = fed.advertise()
@@ -532,7 +534,7 @@ def test_dropped_site_with_a_false_mask_key_is_proven_and_the_round_ends() -> No
 
 def test_seed_liar_with_a_false_mask_key_too_ends_the_round() -> None:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    params, fed, updates = _liar_round(6, liar=1)
+    _params, fed, updates = _liar_round(6, liar=1)
     fed.clients[1]._mask_key = X25519PrivateKey.generate()
     with pytest.raises(RoundAborted, match="site 1 cheated on its mask key too"):
         fed.unmask(_after_upload(fed, updates))

@@ -14,7 +14,14 @@ from client.site import SitePolicy
 from common.config import SecureAggSettings
 from common.registry import FederationRegistry
 from common.secagg import (
-    ClientSession, LocalFederation, ProtocolError, SecAggParams, SiteIdentity, SiteRegistry, default_degree, neighbour_graph,
+    ClientSession,
+    LocalFederation,
+    ProtocolError,
+    SecAggParams,
+    SiteIdentity,
+    SiteRegistry,
+    default_degree,
+    neighbour_graph,
 )
 from common.secure_update import COUNT_SLOTS, params_to_bytes, round_params
 

@@ -42,7 +42,7 @@ def test_state_round_trips_so_a_resumed_run_continues_the_same_trajectory():
     first = ServerOptimizer(settings, 5)
     first.step(deltas[0])
     resumed = ServerOptimizer(settings, 5, first.state())
-    assert all(np.array_equal(resumed.step(d), s) for d, s in zip(deltas[1:], steps[1:]))
+    assert all(np.array_equal(resumed.step(d), s) for d, s in zip(deltas[1:], steps[1:], strict=True))
     with pytest.raises(ValueError, match="does not match this adapter"):
         ServerOptimizer(settings, 6, first.state())
 

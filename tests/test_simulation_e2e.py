@@ -8,6 +8,7 @@ and an interrupted FedAdam run resumed. Slow: about 4 minutes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -136,7 +137,7 @@ def test_report_opens_in_a_headless_browser_with_its_plots_and_baselines(federat
     alone = tmp_path / "report.html"
     alone.write_text(page)  # moved away from its PNGs: it must still show them
 
-    def render(html_file: Path) -> "Image.Image":
+    def render(html_file: Path) -> Image.Image:
         shot = tmp_path / f"{html_file.stem}.png"
         done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                                f"--screenshot={shot}", "--window-size=1000,1400", html_file.as_uri()],
@@ -183,7 +184,7 @@ def test_no_flower_process_outlives_the_command(federation):
 def _lineage(out: Path) -> list[dict]:
     """round.json of every checkpoint, oldest first, each checked to name its parent's checksum."""
     infos = [json.loads((p / "round.json").read_text()) for p in sorted((out / "checkpoints").glob("round-*"))]
-    for parent, child in zip(infos, infos[1:]):
+    for parent, child in itertools.pairwise(infos):
         assert child["parent_sha256"] == parent["adapter_sha256"], (parent["round"], child["round"])
     return infos
 

@@ -37,7 +37,8 @@ def run_config(tmp_path: Path, **overrides) -> dict:
 def node_config(tmp_path: Path, name: str, data: Path, **policy) -> dict:
     policy = {"require-secure-aggregation": False, "labels": LABELS} | policy
     return {"site-name": name, "data-path": str(data), "state-dir": str(tmp_path / name),
-            "kit-dir": str(tmp_path / name / "kit"), "keys-dir": str(tmp_path / name / "keys"), **{f"policy.{k}": v for k, v in policy.items()}}
+            "kit-dir": str(tmp_path / name / "kit"), "keys-dir": str(tmp_path / name / "keys"),
+            **{f"policy.{k}": v for k, v in policy.items()}}
 
 
 def call(handler, content: RecordDict, config: dict, nodes: dict, *, run_id: int = 7) -> RecordDict:
@@ -84,7 +85,8 @@ def test_a_plain_reply_holds_the_update_a_public_weight_and_epsilon_only(tmp_pat
         assert dict(reply.metric_records["train"]) == {"weight": 10_000}  # equal weights: W, not 5 or 9
         privacy = dict(reply.config_records["privacy"])
         assert set(privacy) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit"}
-        assert privacy["unit"] == "record" and privacy["site"] == name and privacy["dp"] is True and 0 < privacy["epsilon"] <= 8.0
+        assert privacy["unit"] == "record" and privacy["site"] == name and privacy["dp"] is True
+        assert 0 < privacy["epsilon"] <= 8.0
         assert set(reply.config_records) == {"privacy"}
     # Besides its name and ε, nothing in the clear tells the sites (5 and 9 records) apart.
     a, b = ({k: v for k, v in dict(replies[n].config_records["privacy"]).items() if k not in ("site", "epsilon")}

@@ -34,7 +34,8 @@ def test_ffa_trains_b_and_head_only_and_dp_spends_within_budget(tmp_path: Path, 
     assert changed == set(trainable_keys(before, "ffa"))  # every lora_B and the head moved; no lora_A
     assert any("lora_B" in key for key in changed) and any("classifier" in key for key in changed)
     assert result.steps == 3 and 0 < result.epsilon <= 8.0
-    assert PrivacyLedger(tmp_path / "ledger.json", PrivacySettings(epsilon=8.0)).spent() == pytest.approx(result.epsilon)
+    ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacySettings(epsilon=8.0))
+    assert ledger.spent() == pytest.approx(result.epsilon)
 
 
 def test_plain_lora_trains_a_too(tiny_data):
@@ -63,8 +64,9 @@ def test_empty_poisson_batches_are_survived_and_still_counted(tmp_path: Path, ti
 
 
 def encode_subset(data, n):
-    from common.data import EncodedData
     from torch.utils.data import TensorDataset
+
+    from common.data import EncodedData
 
     return EncodedData(TensorDataset(*(t[:n] for t in data.dataset.tensors)), data.labels[:n], data.units[:n])
 

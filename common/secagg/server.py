@@ -28,7 +28,6 @@ import enum
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-
 from typing import TypeVar
 
 import numpy as np
@@ -186,7 +185,8 @@ class ServerAggregator:
             missing = sorted(set(params.site_ids) - self._bundles.keys())
             if missing:
                 raise self._abort(f"a sparse round needs every invited site's key bundle; missing {missing[:10]}")
-            self._graph = params.graph(graph_seed(params.digest, [self._bundles[s].to_bytes() for s in params.site_ids]))
+            bundles = [self._bundles[s].to_bytes() for s in params.site_ids]
+            self._graph = params.graph(graph_seed(params.digest, bundles))
         for site, bundle in sorted(self._bundles.items()):
             try:
                 check_bundle_keys(bundle)

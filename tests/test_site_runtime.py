@@ -1,0 +1,75 @@
+"""The site's deployment runtime: a SuperNode with short waits and the site's own task executor.
+
+The executor claims tasks with a secret it shares with its SuperNode; another local process
+without it claims nothing. The Flower internals it relies on are version-checked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import httpx
+import pytest
+
+from client.executor import claim_task, runtime_client, task_claimer
+from common import flower_internals
+from common.flower_internals import FlowerVersionError, ShortSleeps, check_flower_version, shorten_sleeps
+from common.processes import ManagedProcess, flower_env, free_port, port_in_use
+
+
+def test_flowers_fixed_waits_are_shortened_in_that_module_only() -> None:
+    module = types.ModuleType("probe")
+    module.time = time  # type: ignore[attr-defined]
+    shorten_sleeps(module, {3.0: 0.05})
+    started = time.monotonic()
+    module.time.sleep(3.0)  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 1.0
+    started = time.monotonic()
+    module.time.sleep(0.3)  # type: ignore[attr-defined]  # a wait we did not name is Flower's own
+    assert time.monotonic() - started >= 0.3
+    assert isinstance(module.time, ShortSleeps) and module.time.monotonic() > 0  # type: ignore[attr-defined]
+    assert time.sleep is not module.time.sleep  # type: ignore[attr-defined]  # nobody else's time changed
+    for bad in ({3.0: 0.0}, {0.5: 1.0}):
+        with pytest.raises(ValueError, match="between 1 ms and Flower's own"):
+            shorten_sleeps(module, bad)
+
+
+def test_another_flower_release_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    check_flower_version()
+    monkeypatch.setattr(flower_internals, "FLOWER_VERSION", "0.0.1")
+    with pytest.raises(FlowerVersionError, match="needs flwr 0.0.1"):
+        check_flower_version()
+
+
+@pytest.fixture()
+def supernode(tmp_path: Path):
+    """A real SuperNode under process isolation (its SuperLink unreachable: no task ever arrives)."""
+    secret = tmp_path / "executor.secret"
+    secret.write_bytes(os.urandom(32))
+    port = free_port()
+    node = ManagedProcess(
+        [sys.executable, "-m", "client.supernode", "--superlink", f"127.0.0.1:{free_port()}", "--insecure",
+         "--isolation", "process", "--superexec-auth-secret-file", str(secret), "--host", "127.0.0.1",
+         "--port", str(port)], flower_env(tmp_path / "flwr"), tmp_path / "supernode.log")
+    node.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not port_in_use("127.0.0.1", port):
+            assert node.exited() is None and time.monotonic() < deadline, (tmp_path / "supernode.log").read_text()
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}", secret.read_bytes()
+    finally:
+        node.stop()
+
+
+def test_only_the_holder_of_the_sites_secret_can_claim_its_tasks(supernode) -> None:
+    address, secret = supernode
+    assert claim_task(task_claimer(address, secret)) is None  # authorised; nothing to run yet
+    for intruder in (task_claimer(address, os.urandom(32), retry=False), runtime_client(address, retry=False)):
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            claim_task(intruder)
+        assert refused.value.response.status_code in (401, 403)
