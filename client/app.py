@@ -168,7 +168,7 @@ def train(msg: Message, context: Context) -> RecordDict:
     weight = site_weight(site.policy.declared_examples, settings.secagg)
     privacy = (PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit)) if ledger
                else PrivacyReport(site.name, False))
-    if keys is None:
+    if keys is None or params is None:
         log.warning("PLAIN AGGREGATION: %s sends its update in the clear to the server", site.name)
         return pack_train_reply(TrainReply(update, weight, privacy))
     bundle = stage_advertise(store, params, keys, update, weight, settings.secagg, release=release)

@@ -1,4 +1,6 @@
-"""``fedtune client start``: the on-premise daemon — a Flower SuperNode with TLS and the site key.
+"""``fedtune client start``: the on-premise daemon — a Flower SuperNode with TLS and the site key, and
+the site's own task executor (client.executor), which runs every message with the ClientApp installed
+here and keeps it loaded; the coordinator's FAB is never installed or run at the site.
 
 Two directories: the kit the coordinator sent (public files: CA certificate, registry, passport
 key, site.json) and the site's own keys from ``fedtune site keygen`` (identity and SuperNode keys,
@@ -104,5 +106,6 @@ def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: s
                 return code or 1
             attempt += 1
             pause = min(30.0, 2.0 ** attempt)
-            log.warning("the SuperNode stopped (exit %s); connecting again in %.0fs", code, pause)
+            log.warning("the SuperNode or the site executor stopped (exit %s); starting both again in %.0fs", code,
+                        pause)
             time.sleep(pause)

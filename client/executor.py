@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.flower_internals import FlowerVersionError, short_object_pull_backoff
+from fedtune import __version__
 
 if TYPE_CHECKING:
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -122,8 +123,11 @@ class SiteExecutor:
         heartbeat.start()
         message_type, context, status, details = "?", None, SubStatus.FAILED, "the task could not be read"
         try:
-            message, context, _run, _fab = pull_task_input(task)  # the FAB is not installed: its code never runs
+            message, context, run, _fab = pull_task_input(task)  # the FAB is not installed: its code never runs
             message_type = message.metadata.message_type
+            if run.fab_version != __version__:
+                log.warning("the coordinator's app is fedtune %s, this site runs %s: the site's own code answers",
+                            run.fab_version, __version__)
             lap("pull")
             try:
                 reply = self.app(message=message, context=context)

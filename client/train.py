@@ -145,7 +145,8 @@ class UnitBatches:
                 rows = self.rng.choice(rows, size=self.cap, replace=False)
             members.append(np.sort(rows))
         members.sort(key=lambda rows: -int(self.lengths[rows].max()))
-        chunks, current = [], []
+        chunks: list[Chunk] = []
+        current: list[np.ndarray] = []
         for rows in members:
             if current and sum(map(len, current)) + len(rows) > self.physical:
                 chunks.append(self._chunk(current))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
+
 
 class BadInput(ValueError):
     """Input a person must fix (config, data, model, kit); the message says what and how. The CLI maps
@@ -123,7 +125,7 @@ class TrainSettings:
 class ServerSettings:
     """How the server applies the sites' mean update (post-processing of DP releases: free in privacy)."""
 
-    optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = "fedavg"
+    optimizer: ServerOptimizerName = "fedavg"
     learning_rate: float = 1.0
     """Step on the mean update (FedAvg: 1.0 applies it as is)."""
     momentum: float = 0.9

@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def _read_jsonl(path: Path) -> list[Record]:
     return rows
 
 
-def _require_columns(columns: list[str], where: str) -> None:
+def _require_columns(columns: Sequence[str], where: str) -> None:
     missing = [name for name in ("text", "label") if name not in columns]
     if missing:
         raise DataError(f"{where}: missing column(s) {missing}; found {columns[:8]}. Rename them to 'text' and 'label'")
@@ -152,7 +153,7 @@ def partition(records: list[Record], sites: int, scheme: str, *, alpha: float, s
         raise DataError(f"cannot split {len(records)} examples into {sites} sites")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
-        parts = np.array_split(rng.permutation(len(records)), sites)
+        parts = [part.tolist() for part in np.array_split(rng.permutation(len(records)), sites)]
     elif scheme == "dirichlet":
         parts = _dirichlet_parts(records, sites, alpha, rng)
     elif scheme.startswith("column:"):

@@ -65,6 +65,12 @@ class ManagedProcess:
             self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
+    def wait(self, timeout: float) -> int:
+        """The daemon's exit code, once it stops by itself within ``timeout`` (subprocess.TimeoutExpired if not)."""
+        if self.process is None:
+            raise RuntimeError("the process was never started")
+        return self.process.wait(timeout=timeout)
+
     def exited(self) -> int | None:
         """The exit code once the daemon itself has stopped, else None."""
         return None if self.process is None else self.process.poll()

@@ -41,6 +41,8 @@ def _federation_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``simulate`` and ``demo``; defaults are the app's run config (pyproject.toml)."""
     d = default_run_config()
     p.add_argument("--sites", type=int, default=d["federation.sites"], help="number of simulated sites")
+    p.add_argument("--cpus-per-site", type=int, default=1,
+                   help="CPU cores each simulated site reserves (1: as many sites train at once as there are cores)")
     p.add_argument("--rounds", type=int, default=d["federation.rounds"], help="federated rounds")
     p.add_argument("--epsilon", type=float, default=d["privacy.epsilon"],
                    help="each site's TOTAL ε budget over all rounds")
@@ -210,7 +212,7 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     print(f"== {title}: {args.sites} sites (examples per site: {sizes}), {args.rounds} rounds, "
           f"{f'DP ε={args.epsilon:g} per {unit_name(args.privacy_unit)}' if dp else 'DP OFF'}, {aggregation}, "
           f"out {out}", flush=True)
-    run_simulation(run_config, sites=args.sites, out_dir=out,
+    run_simulation(run_config, sites=args.sites, cpus_per_site=args.cpus_per_site, out_dir=out,
                    on_round=lambda line: print("  " + round_line(line, args.rounds), flush=True))
     baselines = parse_baselines(getattr(args, "baselines", ""))
     if baselines:
@@ -374,7 +376,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     _federation_options(demo)
     demo.set_defaults(partition="dirichlet", rounds=5, max_length=64)
     _deployment_parsers(sub)
-    handlers = {"simulate": cmd_simulate, "demo": cmd_demo, "server": cmd_server_start, "client": cmd_client_start}
+    handlers: dict[str, Callable[[argparse.Namespace], int | None]] = {
+        "simulate": cmd_simulate, "demo": cmd_demo, "server": cmd_server_start, "client": cmd_client_start}
     handlers |= add_subcommands(sub)
     return parser, handlers
 

@@ -183,7 +183,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
             state = apply_delta(state, server_optimizer.step(outcome.mean_delta), keys)
             set_adapter_state(model, state)
             updated_rounds += 1
-        line["server"] = metrics(evaluate(model, test, len(labels)))
+        line["server"] = server_metrics = metrics(evaluate(model, test, len(labels)))
         line["duration_s"] = round(time.monotonic() - started, 2)
         if outcome.mean_delta is not None:  # the checkpoint is the commit point: it carries its metrics line
             seal = functools.partial(seal_passport, signing_key, base_sha, server_round, outcome.contributors,
@@ -198,7 +198,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> Path:
         append_metrics(out_dir, line)
         write_json(out_dir / "privacy.json", {"dp": settings.privacy.enabled, "sites": privacy})
         log.info("round %d: %d site(s), server macro-F1 %.3f", server_round, outcome.contributors,
-                 line["server"]["macro_f1"])
+                 server_metrics["macro_f1"])
     if updated_rounds == 0 and not settings.resume_from:
         audit.record("run-failed", run_id=run_id, reason="no round changed the model")
         kinds = sorted({failure["kind"] for failure in outcome.failures})

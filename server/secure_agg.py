@@ -178,7 +178,7 @@ class SecureAggregation:
                 failures.append({"site": name, "kind": "protocol", "detail": detail, "stage": message_type})
                 log.warning("site %s dropped at %s: %s", name, message_type, detail)
                 continue
-            if report is not None:
+            if report is not None and privacy is not None:
                 privacy[name] = report
             answers[site] = blobs
         return answers

@@ -41,9 +41,11 @@ def run_baselines(which: tuple[str, ...], settings: RunSettings,
     test = encode(read_records(test_source(settings.data), split="test"), labels, tokenizer, length, "test split")
     curves: dict[str, list[dict[str, float]]] = {}
     if "local" in which:
+        def progress(n: int) -> Callable[[str], None]:
+            return lambda text: on_round(f"site-{n} alone ({n + 1}/{len(parts)}), {text}")
+
         per_site = [_train_alone(encode([records[i] for i in part], labels, tokenizer, length, f"site {n}",
-                                        unit_column=column), test, settings,
-                                 lambda text, n=n: on_round(f"site-{n} alone ({n + 1}/{len(parts)}), {text}"))
+                                        unit_column=column), test, settings, progress(n))
                     for n, part in enumerate(parts)]
         curves["local"] = [{"round": r + 1, **{k: float(np.mean([site[r][k] for site in per_site]))
                                                 for k in ("accuracy", "macro_f1")}} for r in range(len(per_site[0]))]

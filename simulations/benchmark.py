@@ -3,8 +3,10 @@
     python -m simulations.benchmark throughput     DP-SGD vs plain LoRA training speed; adapter vs model bytes
     python -m simulations.benchmark secagg         server unmasking time at 10/100/1,000 sites; upload bytes
     python -m simulations.benchmark round-time     a 10-site round, secure vs plain aggregation (Flower simulation)
+    python -m simulations.benchmark simulation-actors   a 10-site simulated round, 2 cores per site vs 1
     python -m simulations.benchmark dp-utility     macro-F1 under DP as records per site grow (BANKING77)
     python -m simulations.benchmark padding        padding per chunk vs to the site's longest record (BANKING77)
+    python -m simulations.deployed_round            a deployed round's overhead, fedtune's site runtime vs Flower's
     python -m simulations.dp_federation ...         federated DP vs pooled data and sites alone (BANKING77; hours
                                                     on 2 cores, so not part of `make bench`)
 
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +105,7 @@ def secagg(sizes: tuple[int, ...] = (10, 100, 1000), length: int = 74_883) -> No
           "| server: verify shares, unmask, sum (s) | one site: mask+pack (s) |\n|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for n in sizes:
-        params = SecAggParams(round_id=f"bench-{n}", site_ids=tuple(range(n)), vector_length=length, clip=50.0,
+        params = SecAggParams(round_id=f"bench-{n}".encode(), site_ids=tuple(range(n)), vector_length=length, clip=50.0,
                               value_bits=value_bits_for(n), count_slots=COUNT_SLOTS, all_pairs=n <= ALL_PAIRS_UP_TO)
         fed = LocalFederation.create(params)
         routed = fed.advertise()
@@ -127,26 +131,34 @@ def secagg(sizes: tuple[int, ...] = (10, 100, 1000), length: int = 74_883) -> No
               f"{summed:.3f} | {unmask:.3f} | {per_site:.3f} |")
 
 
-def round_time(sites: int = 10, repeats: int = 2) -> None:
+def _simulated_rounds(root: Path, name: str, sites: int, extra: list[str]) -> list[dict]:
+    """The metrics lines of a 3-round simulation of ``sites`` sites (20 reviews each), after its first round
+    (which starts the Ray actors)."""
     from fedtune.cli import main as fedtune
 
     records = read_records("drugreview")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+    if not (root / "train.csv").exists():
         write_records(root / "train.csv", records[: 20 * sites])
         write_records(root / "test.csv", records[500:540])
+    out = root / name
+    args = ["simulate", "--out", str(out), "--sites", str(sites), "--rounds", "3", "--data", str(root / "train.csv"),
+            "--test-data", str(root / "test.csv"), "--partition", "iid", "--max-length", "32", "--local-epochs", "1",
+            "--batch-size", "10", "--epsilon", "50", *extra]
+    if fedtune(args) != 0:
+        sys.exit(f"the simulation {name} failed")
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][2:]
+
+
+def round_time(sites: int = 10, repeats: int = 2) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
         durations: dict[str, list[float]] = {"plain": [], "secure": []}
         uploads = {}
         for attempt in range(repeats):
             for mode in ("plain", "secure"):
-                out = root / f"{mode}-{attempt}"
-                args = ["simulate", "--out", str(out), "--sites", str(sites), "--rounds", "3", "--data",
-                        str(root / "train.csv"), "--test-data", str(root / "test.csv"), "--partition", "iid",
-                        "--max-length", "32", "--local-epochs", "1", "--batch-size", "10", "--epsilon", "50"]
-                if fedtune(args + (["--plain-aggregation"] if mode == "plain" else [])) != 0:
-                    sys.exit(f"the {mode} simulation failed")
-                lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
-                durations[mode] += [line["duration_s"] for line in lines[1:]]  # round 1 warms up Ray actors
+                lines = _simulated_rounds(root, f"{mode}-{attempt}", sites,
+                                          ["--plain-aggregation"] if mode == "plain" else [])
+                durations[mode] += [line["duration_s"] for line in lines]
                 if mode == "secure":
                     uploads = lines[-1]["secure_aggregation"]
         values = json.loads((root / "secure-0" / "run.json").read_text())["update_values"]
@@ -156,6 +168,21 @@ def round_time(sites: int = 10, repeats: int = 2) -> None:
     print(f"| plain aggregation | {plain:.1f} |\n| secure aggregation | {secure:.1f} |")
     print(f"| **secure / plain** | **{secure / plain:.2f}** |")
     print(f"| upload per site / fp32 update bytes | {uploads['upload_bytes'] / (4 * values):.3f} |")
+
+
+def simulation_actors(sites: int = 10, repeats: int = 2) -> None:
+    """A simulated secure round with each site's actor reserving 2 cores (before) or 1 (now), interleaved."""
+    with tempfile.TemporaryDirectory() as tmp:
+        durations: dict[int, list[float]] = {2: [], 1: []}
+        for attempt in range(repeats):
+            for cpus in durations:
+                lines = _simulated_rounds(Path(tmp), f"cpus{cpus}-{attempt}", sites, ["--cpus-per-site", str(cpus)])
+                durations[cpus] += [line["duration_s"] for line in lines]
+    before, after = statistics.median(durations[2]), statistics.median(durations[1])
+    print(f"| {sites} sites, secure aggregation, {os.cpu_count()} cores | round time (s, median of "
+          f"{len(durations[1])} warm rounds) |\n|---|---|")
+    print(f"| 2 cores per site (before) | {before:.1f} |\n| 1 core per site (now) | {after:.1f} |")
+    print(f"| **before / now** | **{before / after:.2f}** |")
 
 
 def dp_utility(sizes: tuple[int, ...] = (250, 1000, 4000), epochs: int = 5) -> None:
@@ -199,9 +226,9 @@ def padding(records: int = 1000, repeats: int = 2) -> None:
 
         def chunks(self, units):
             rows = np.array([self.rows[u][0] for u in units], dtype=np.int64)
-            return [train.Chunk(*(t[torch.from_numpy(part)] for t in self.data.dataset.tensors),
-                                torch.arange(len(part)), len(part))
-                    for part in (rows[i:i + self.physical] for i in range(0, len(rows), self.physical))]
+            ids, mask, labels = self.data.dataset.tensors
+            parts = [torch.from_numpy(rows[i:i + self.physical]) for i in range(0, len(rows), self.physical)]
+            return [train.Chunk(ids[p], mask[p], labels[p], torch.arange(len(p)), len(p)) for p in parts]
 
     rows = [{"text": r["text"], "label": r["category"]} for r in _rows(BANKING77 / "train.csv")]
     chosen = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))[:records]]
@@ -210,7 +237,7 @@ def padding(records: int = 1000, repeats: int = 2) -> None:
     timings: dict[str, list[float]] = {"ours": [], "longest": []}
     for _ in range(repeats):
         for name, batches in (("ours", train.UnitBatches), ("longest", PaddedToLongest)):
-            original, train.UnitBatches = train.UnitBatches, batches
+            original, train.UnitBatches = train.UnitBatches, batches  # type: ignore[misc]
             try:
                 model = build_model("", 77, LoraSettings())
                 with tempfile.TemporaryDirectory() as tmp:
@@ -220,7 +247,7 @@ def padding(records: int = 1000, repeats: int = 2) -> None:
                                                  server_round=1, run_id=0)
                     timings[name].append(result.steps * records / 4 / (time.perf_counter() - started))
             finally:
-                train.UnitBatches = original
+                train.UnitBatches = original  # type: ignore[misc]
     ours, longest = statistics.median(timings["ours"]), statistics.median(timings["longest"])
     print(f"| one DP round, {records:,} BANKING77 queries (mean {lengths.mean():.0f} tokens, longest "
           f"{int(lengths.max())}), chunks of 32 | samples/s |\n|---|---|")
@@ -237,11 +264,14 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="*", default=["throughput", "secagg", "round-time", "dp-utility", "padding"])
+    parser.add_argument("which", nargs="*", default=["throughput", "secagg", "round-time", "simulation-actors",
+                                                      "dp-utility", "padding"])
     for which in parser.parse_args().which:
         print(f"\n### {which}\n", flush=True)
-        {"throughput": throughput, "secagg": secagg, "round-time": round_time, "dp-utility": dp_utility,
-         "padding": padding}[which]()
+        runs: dict[str, Callable[[], None]] = {
+            "throughput": throughput, "secagg": secagg, "round-time": round_time, "dp-utility": dp_utility,
+            "padding": padding, "simulation-actors": simulation_actors}
+        runs[which]()
 
 
 if __name__ == "__main__":

@@ -8,29 +8,30 @@ The same federation runs once per executor, one after the other in one run:
 - ``flower``: Flower's stock SuperNode (``--isolation subprocess``: a fresh ``flwr-clientapp`` per
   message, which installs and imports the coordinator's FAB, and 3 s idle polls), for comparison only.
 Overhead = the round's exchanges (identify, train, share, mask, confirm, unmask) minus the slowest
-site's training. Prints a Markdown table with the time of each exchange.
+site's DP training (from its ledger charge to its sealed release, in the site's own audit log).
+Prints a Markdown table with the time of each exchange.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 from client.daemon import node_config
+from client.privacy import CHARGE_EVENT
 from client.site import SitePolicy
 from common.data import read_records, write_records
 from common.kits import check_kit
 from common.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
 
 LABELS = "negative,neutral,positive"
-TRAINED = re.compile(r"(site-\d+): trained round (\d+) in ([0-9.]+)s")
 
 
 def fedtune(*args: str) -> list[str]:
@@ -86,15 +87,20 @@ def federation(executor: str, root: Path, sites: list[str], rounds: int) -> list
                 wait_for(run / "server" / "run" / "run.json", server)
             for daemon in daemons:
                 daemon.start()
-            if server.process.wait(timeout=1800) != 0:
+            if server.wait(timeout=1800) != 0:
                 raise RuntimeError(f"the {executor} federation failed: see {run / 'server.log'}")
         finally:
             for process in [*daemons, server]:
                 process.stop()
-    trained: dict[int, float] = {}
-    for log in [*run.glob("*/executor.log"), *run.glob("site-*.log")]:
-        for _, round_, seconds in TRAINED.findall(log.read_text(errors="replace")):
-            trained[int(round_)] = max(trained.get(int(round_), 0.0), float(seconds))
+    trained: dict[int, float] = {}  # the slowest site's DP training per round, from the sites' own audit logs
+    for audit in run.glob("site-*/audit.jsonl"):
+        charged = {}
+        for entry in map(json.loads, audit.read_text().splitlines()):
+            when = datetime.fromisoformat(entry["time"]).timestamp()
+            if entry["event"] == CHARGE_EVENT:
+                charged[entry["round"]] = when
+            elif entry["event"] == "released":
+                trained[entry["round"]] = max(trained.get(entry["round"], 0.0), when - charged[entry["round"]])
     rows = []
     for line in (run / "server" / "run" / "metrics.jsonl").read_text().splitlines():
         metrics = json.loads(line)

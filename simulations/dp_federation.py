@@ -37,7 +37,14 @@ from torch.utils.data import TensorDataset
 from client.privacy import PrivacyLedger
 from client.train import train_locally
 from common.adapter import apply_delta, delta, get_adapter_state, set_adapter_state, trainable_keys
-from common.config import LoraSettings, PrivacySettings, ServerSettings, TrainSettings, unit_column
+from common.config import (
+    LoraSettings,
+    PrivacySettings,
+    ServerOptimizerName,
+    ServerSettings,
+    TrainSettings,
+    unit_column,
+)
 from common.data import EncodedData, encode, label_names, partition
 from common.evaluation import evaluate, metrics
 from common.model import build_model, load_tokenizer
@@ -59,7 +66,7 @@ class Setup:
     unit: str = "record"
     epochs: int = 0
     """Epochs per round; 0 = the automatic plan (30 over the run)."""
-    server: str = "fedavg"
+    server: ServerOptimizerName = "fedavg"
     server_lr: float = 1.0
     max_length: int = 64
     seed: int = 0

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.config import ConfigError
 from common.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
 from server.control import Control, wait_healthy
 
@@ -20,11 +21,15 @@ START_TIMEOUT_S = 60.0
 
 
 def run_simulation(run_config: dict[str, Any], *, sites: int, out_dir: Path,
-                   on_round: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+                   on_round: Callable[[dict[str, Any]], None], cpus_per_site: int = 1) -> dict[str, Any]:
     """Run the fedtune app on ``sites`` virtual SuperNodes; returns Flower's final run record.
 
-    ``on_round`` gets each new metrics.jsonl line as the ServerApp writes it.
+    Each site's Ray actor reserves ``cpus_per_site`` cores (and torch uses as many threads), so with 1
+    as many sites train at once as the machine has cores. ``on_round`` gets each new metrics.jsonl
+    line as the ServerApp writes it.
     """
+    if cpus_per_site < 1:
+        raise ConfigError(f"--cpus-per-site must be at least 1, got {cpus_per_site}")
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     if not run_config.get("resume-from"):
@@ -40,7 +45,7 @@ def run_simulation(run_config: dict[str, Any], *, sites: int, out_dir: Path,
         try:
             superlink.start()
             wait_healthy(superlink, f"http://127.0.0.1:{port}/health", START_TIMEOUT_S)
-            run_id = control.submit(run_config, f"num-supernodes={sites} client-resources-num-cpus=2")
+            run_id = control.submit(run_config, f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site}")
             follower = control.stream_log(run_id, out_dir / "flower.log")
             return control.follow(run_id, metrics_path, on_round, out_dir / "flower.log", (superlink,))
         finally:

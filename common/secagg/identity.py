@@ -152,8 +152,9 @@ class SignedKeyBundle:
         if len(data) != expected:
             raise PayloadError(f"key bundle has {len(data)} bytes, expected {expected}")
         body = data[2 + n:]
-        keys = [body[4 + i * _KEY:4 + (i + 1) * _KEY] for i in range(4)]
-        return cls(data[2:2 + n], int.from_bytes(body[:4], "big"), *keys, signature=body[4 + 4 * _KEY:])
+        digest, share_public, mask_public, commitment = (body[4 + i * _KEY:4 + (i + 1) * _KEY] for i in range(4))
+        return cls(data[2:2 + n], int.from_bytes(body[:4], "big"), digest, share_public, mask_public, commitment,
+                   body[4 + 4 * _KEY:])
 
 
 def _bundle_message(

@@ -28,7 +28,7 @@ import enum
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -158,7 +158,7 @@ class ServerAggregator:
         return self._graph.get(site, frozenset())
 
     # ------------------------------------------------------------------ stage 1
-    def collect_bundles(self, bundles: Mapping[object, object]) -> dict[int, dict[int, SignedKeyBundle]]:
+    def collect_bundles(self, bundles: Mapping[Any, object]) -> dict[int, dict[int, SignedKeyBundle]]:
         """Stage 1: accept key bundles; return for each site the bundles it must see.
 
         Complete graph: its live neighbours' bundles. Sparse graph: every invited site's bundle
@@ -185,8 +185,8 @@ class ServerAggregator:
             missing = sorted(set(params.site_ids) - self._bundles.keys())
             if missing:
                 raise self._abort(f"a sparse round needs every invited site's key bundle; missing {missing[:10]}")
-            bundles = [self._bundles[s].to_bytes() for s in params.site_ids]
-            self._graph = params.graph(graph_seed(params.digest, bundles))
+            signed = [self._bundles[s].to_bytes() for s in params.site_ids]
+            self._graph = params.graph(graph_seed(params.digest, signed))
         for site, bundle in sorted(self._bundles.items()):
             try:
                 check_bundle_keys(bundle)
@@ -201,7 +201,7 @@ class ServerAggregator:
         return {s: {p: b for p, b in self._bundles.items() if p != s} for s in self._live}
 
     # ------------------------------------------------------------------ stage 2
-    def route_shares(self, outgoing: Mapping[object, object]) -> dict[int, dict[int, bytes]]:
+    def route_shares(self, outgoing: Mapping[Any, object]) -> dict[int, dict[int, bytes]]:
         """Stage 2: route encrypted shares to per-receiver inboxes.
 
         A ciphertext from ``a`` to ``b`` is delivered only if ``b`` also sent one to ``a``, so
@@ -234,7 +234,7 @@ class ServerAggregator:
         return inbox
 
     # ------------------------------------------------------------------ stage 3
-    def collect_masked(self, uploads: Mapping[object, object]) -> SurvivorSet:
+    def collect_masked(self, uploads: Mapping[Any, object]) -> SurvivorSet:
         """Stage 3: validate and sum masked vectors; return the survivor set S to send to all of S.
 
         A malformed upload (wrong round, wrong size, bad padding, impossible mask list) drops its
@@ -318,7 +318,7 @@ class ServerAggregator:
         return alive
 
     # ------------------------------------------------------------------ stage 4
-    def collect_confirmations(self, signatures: Mapping[object, object]) -> UnmaskRequest:
+    def collect_confirmations(self, signatures: Mapping[Any, object]) -> UnmaskRequest:
         """Stage 4 (consistency round): keep valid signatures on S; return the ONE unmask request
         for every signer. Aborts unless every needed secret has ``threshold`` willing holders."""
         self._enter(_Stage.CONFIRM, "collect_confirmations")
@@ -345,7 +345,7 @@ class ServerAggregator:
         return self._request
 
     # ------------------------------------------------------------------ stage 5
-    def collect_unmask(self, responses: Mapping[object, object]) -> dict[int, ExposeRequest]:
+    def collect_unmask(self, responses: Mapping[Any, object]) -> dict[int, ExposeRequest]:
         """Stage 5: check each revealed share's dealer signature and recover every needed secret.
 
         Returns the expose request for each holder of a proven liar's shares (stage 6), or ``{}``
@@ -377,11 +377,12 @@ class ServerAggregator:
                 for holder, owners in sorted(self._expose_to.items())}
 
     # ------------------------------------------------------------------ stage 6 (only with proven liars)
-    def collect_exposures(self, responses: Mapping[object, object]) -> None:
+    def collect_exposures(self, responses: Mapping[Any, object]) -> None:
         """Stage 6: recover each liar's mask key from its holders' signed shares; aborts when fewer
         than ``threshold`` valid shares arrive or they do not open the liar's mask public key."""
         self._enter(_Stage.EXPOSE, "collect_exposures")
-        digest, shares = self.params.digest, {}
+        digest = self.params.digest
+        shares: dict[int, dict[int, bytes]] = {}
         for key, raw in responses.items():
             if (parsed := self._response(key, raw, ExposeResponse, self._expose_to, "expose")) is None:
                 continue
@@ -398,7 +399,7 @@ class ServerAggregator:
             self._keys[liar] = key
         self._stage = _Stage.READY
 
-    def finish(self, responses: Mapping[object, object] | None = None) -> AggregateResult:
+    def finish(self, responses: Mapping[Any, object] | None = None) -> AggregateResult:
         """Remove every mask and decode the sum over the honest survivors.
 
         Called when READY; or at UNMASK with the unmask responses, as a shortcut for
@@ -443,7 +444,12 @@ class ServerAggregator:
             log.warning("ignoring %s response from %r, which was not asked for one", stage, key)
             return None
         try:
-            resp = raw if isinstance(raw, kind) else kind.from_bytes(raw)  # type: ignore[attr-defined]
+            if isinstance(raw, kind):
+                resp = raw
+            elif isinstance(raw, bytes):
+                resp = kind.from_bytes(raw)
+            else:
+                raise ProtocolError(f"response is {type(raw).__name__}, not bytes")
             if resp.round_id != self.params.round_id or resp.site_id != site:
                 raise ProtocolError("response is for another round or site")
         except SecAggError as exc:
@@ -451,7 +457,7 @@ class ServerAggregator:
             return None
         return site, resp
 
-    def _collect_shares(self, responses: Mapping[object, object]) -> tuple[dict[int, _Signed], dict[int, _Signed]]:
+    def _collect_shares(self, responses: Mapping[Any, object]) -> tuple[dict[int, _Signed], dict[int, _Signed]]:
         """Shares whose dealer signature verifies, by owner then holder; anything else is logged and skipped."""
         seeds: dict[int, _Signed] = {}
         keys: dict[int, _Signed] = {}
