@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger
@@ -49,15 +49,16 @@ from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
 from common.model import ModelError, build_model
 from common.records import (
+    KeyAdvertisement,
     PrivacyReport,
     SiteFailure,
     TrainReply,
     WireError,
     pack_failure,
-    pack_privacy,
+    pack_identity,
+    pack_key_advertisement,
     pack_stage,
     pack_train_reply,
-    pack_weight,
     unpack_stage,
     unpack_train_request,
 )
@@ -111,7 +112,7 @@ def _keys(settings: RunSettings, site: Site) -> SiteKeys:
 @_replying_failures
 def identify(msg: Message, context: Context) -> RecordDict:
     _, site = _settings_and_site(context)
-    return RecordDict({"site": ConfigRecord({"name": site.name})})
+    return pack_identity(site.name)
 
 
 def _released_update(site: Site, settings: RunSettings, received: AdapterState, server_round: int,
@@ -172,10 +173,7 @@ def train(msg: Message, context: Context) -> RecordDict:
         log.warning("PLAIN AGGREGATION: %s sends its update in the clear to the server", site.name)
         return pack_train_reply(TrainReply(update, weight, privacy))
     bundle = stage_advertise(store, params, keys, update, weight, settings.secagg, release=release)
-    reply = pack_stage(params.round_id, {"bundle": bundle})
-    reply["privacy"] = pack_privacy(privacy)
-    reply["train"] = pack_weight(weight)
-    return reply
+    return pack_key_advertisement(KeyAdvertisement(params.round_id, bundle, weight, privacy))
 
 
 def _secure_stage(stage: Callable, msg: Message, context: Context) -> RecordDict:

@@ -26,6 +26,14 @@ class ConfigError(BadInput):
     """A setting is missing, has the wrong type, or is out of range."""
 
 
+def option(default: Any, flag: str, help: str, *, choices: tuple[str, ...] = (), simulation_only: bool = False) -> Any:
+    """A setting that is also a command-line option (``flag``): its one default and its one help text.
+
+    ``simulation_only``: how a simulation splits data into sites, not offered by ``server start``."""
+    return field(default=default, metadata={"flag": flag, "help": help, "choices": choices,
+                                            "simulation_only": simulation_only})
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -35,7 +43,7 @@ def _require(condition: bool, message: str) -> None:
 class LoraSettings:
     """LoRA adapter shape and how sites' adapters are combined."""
 
-    rank: int = 8
+    rank: int = option(8, "--lora-rank", "LoRA rank r of each adapted projection (alpha = 2r)")
     alpha: int = 16
     targets: tuple[str, ...] = ("query", "value")
     aggregation: Literal["ffa", "plain"] = "ffa"
@@ -72,14 +80,13 @@ class PrivacySettings:
     """Differential privacy of each site's training (DP-SGD on the trainable adapter)."""
 
     enabled: bool = True
-    epsilon: float = 8.0
-    """The site's TOTAL budget over the whole federation, not per round."""
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    epsilon: float = option(8.0, "--epsilon", "each site's TOTAL ε budget over all rounds, not per round")
+    delta: float = option(1e-5, "--delta", "δ of (ε, δ)-DP")
+    max_grad_norm: float = option(1.0, "--max-grad-norm", "DP-SGD clipping norm C of each unit's gradient")
     accountant: Literal["prv", "rdp"] = "prv"
-    unit: str = "record"
-    """What ε protects: "record" (one row), or "column:NAME": every row sharing a value of NAME (a patient,
-    a customer) is one unit, sampled and clipped together, so ε holds per person, whatever their row count."""
+    unit: str = option("record", "--privacy-unit",
+                       "whom ε protects: 'record' (one row), or 'column:NAME': every row sharing a value of NAME "
+                       "(a patient, a customer) is one unit, sampled and clipped together, so ε holds per person")
 
     def __post_init__(self) -> None:
         _require(
@@ -100,15 +107,15 @@ class TrainSettings:
     """Local training at a site, per round. 0 = the automatic plan (client/plan.py), computed at each site
     from its own number of units, which never leaves it."""
 
-    learning_rate: float = 0.0
-    local_epochs: int = 0
-    """Passes over the site's units per round; 0 = the plan's share of its total epochs."""
-    batch_size: int = 0
-    """Logical batch in units (the expected size under Poisson sampling); large batches suit DP."""
+    learning_rate: float = option(0.0, "--learning-rate",
+                                  "sites' learning rate; 0 = the automatic plan (README: 'The training plan')")
+    local_epochs: int = option(0, "--local-epochs", "passes over a site's units per round; 0 = the automatic plan")
+    batch_size: int = option(0, "--batch-size", "expected units per step under Poisson sampling (large batches "
+                                                "suit DP); 0 = the automatic plan (about a quarter of the site)")
     physical_batch_size: int = 32
     """Memory bound: rows per forward pass (a unit's rows always share one pass, even past this bound)."""
-    max_rows_per_unit: int = 8
-    """With a per-person unit, at most this many of a unit's rows (drawn afresh each step) train per step."""
+    max_rows_per_unit: int = option(8, "--max-rows-per-unit", "with a per-person unit: at most this many of a "
+                                                              "person's rows (drawn afresh) train per step")
 
     def __post_init__(self) -> None:
         _require(self.learning_rate >= 0, f"train.learning-rate must be >= 0 (0 = automatic), got {self.learning_rate}")
@@ -125,9 +132,11 @@ class TrainSettings:
 class ServerSettings:
     """How the server applies the sites' mean update (post-processing of DP releases: free in privacy)."""
 
-    optimizer: ServerOptimizerName = "fedavg"
-    learning_rate: float = 1.0
-    """Step on the mean update (FedAvg: 1.0 applies it as is)."""
+    optimizer: ServerOptimizerName = option(
+        "fedavg", "--server-optimizer", "the server's step on the sites' mean update (post-processing: no privacy "
+        "cost)", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"))
+    learning_rate: float = option(1.0, "--server-learning-rate",
+                                  "the server's step size on the mean update (fedavg: 1.0 applies it as is)")
     momentum: float = 0.9
     """β₁: momentum of fedavgm, first moment of fedadam/fedyogi."""
     beta2: float = 0.99
@@ -146,14 +155,18 @@ class ServerSettings:
 class DataSettings:
     """Where examples come from and how a simulation splits them into sites."""
 
-    source: str = "drugreview"
-    test_source: str = ""
-    labels: tuple[str, ...] = ()
-    """Fixes the label set (and head size) federation-wide; empty = read from the source."""
-    partition: str = "column:condition"
-    dirichlet_alpha: float = 0.5
-    seed: int = 0
-    max_length: int = 128
+    source: str = option("drugreview", "--data", "'drugreview' (packaged) or a CSV/JSONL with text,label columns",
+                         simulation_only=True)
+    test_source: str = option("", "--test-data", "the server's held-out CSV/JSONL; '' = the source's own test split")
+    labels: tuple[str, ...] = option((), "--labels", "the federation's labels, comma-separated (fixes the head "
+                                                     "size); '' = read from the data")
+    partition: str = option("column:condition", "--partition", "how a simulation splits the data into sites: "
+                            "'column:NAME', 'dirichlet' (by label) or 'iid'", simulation_only=True)
+    dirichlet_alpha: float = option(0.5, "--dirichlet-alpha", "label skew of a dirichlet partition (smaller: more "
+                                                              "skewed)", simulation_only=True)
+    seed: int = option(0, "--seed", "seed of a simulation's partition (never of privacy noise: that is OS entropy)",
+                       simulation_only=True)
+    max_length: int = option(128, "--max-length", "tokens per example")
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "data.source must be 'drugreview' or a path to a CSV/JSONL file")
@@ -170,15 +183,15 @@ class DataSettings:
 class FederationSettings:
     """Rounds and participation."""
 
-    rounds: int = 4
-    sites: int = 3
+    rounds: int = option(4, "--rounds", "federated rounds")
+    sites: int = option(3, "--sites", "sites the federation expects (a simulation runs this many)")
     min_sites: int = 2
     """A round with fewer successful sites ends without changing the model."""
     secure_aggregation: bool = True
-    train_timeout: float = 1800.0
-    """Seconds a site has to train and answer; a site silent past it is dropped from the round."""
-    stage_timeout: float = 120.0
-    """Seconds a site has to answer each secure-aggregation key/share/mask/unmask stage."""
+    train_timeout: float = option(1800.0, "--train-timeout", "seconds a site has to train and answer before it is "
+                                                             "dropped from the round")
+    stage_timeout: float = option(120.0, "--stage-timeout", "seconds a site has to answer each secure-aggregation "
+                                                            "stage")
 
     def __post_init__(self) -> None:
         _require(self.train_timeout > 0 and self.stage_timeout > 0, "federation timeouts must be > 0 seconds")
@@ -217,7 +230,8 @@ class SecureAggSettings:
 class RunSettings:
     """Everything one federated run needs, parsed once."""
 
-    model_path: str = ""
+    model_path: str = option("", "--model", "the base model: a local Hugging Face directory; '' = the packaged "
+                                          "all-MiniLM-L6-v2")
     out_dir: Path = Path("runs/default")
     resume_from: str = ""
     """A checkpoint directory (checkpoints/round-NNNN) to continue from; "" = start afresh."""
@@ -304,3 +318,43 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if isinstance(value, str):
         return value
     raise ConfigError(f"{key} must be a string, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CommandLineOption:
+    """One setting as a command-line option, read from its ``option(...)`` field."""
+
+    key: str
+    """Its run-config key ("privacy.epsilon")."""
+    flag: str
+    default: Any
+    help: str
+    choices: tuple[str, ...]
+    simulation_only: bool
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def kind(self) -> type:
+        """What the command line parses: a comma-separated string for a tuple."""
+        return str if isinstance(self.default, tuple) else type(self.default)
+
+    @property
+    def cli_default(self) -> Any:
+        return ",".join(self.default) if isinstance(self.default, tuple) else self.default
+
+
+def command_line_options() -> tuple[CommandLineOption, ...]:
+    """Every setting declared with ``option(...)``, in declaration order: the one source of each flag's
+    default and help (``fedtune simulate``, ``demo`` and ``server start`` build their options from it)."""
+    found = []
+    sections = [("", RunSettings)] + [(f"{name}.", kind) for name, kind in _SECTIONS.items()]
+    for prefix, kind in sections:
+        for f in dataclasses.fields(kind):
+            if "flag" in f.metadata:
+                found.append(CommandLineOption(
+                    prefix + f.name.replace("_", "-"), f.metadata["flag"], f.default, f.metadata["help"],
+                    f.metadata["choices"], f.metadata["simulation_only"]))
+    return tuple(found)

@@ -200,6 +200,50 @@ def unpack_weight(content: RecordDict, max_weight: int) -> int:
     return weight
 
 
+MAX_SITE_NAME = 128
+
+
+def pack_identity(name: str) -> RecordDict:
+    """A site's answer to ``query.identify``: its registered name."""
+    return RecordDict({"site": ConfigRecord({"name": name})})
+
+
+def unpack_identity(content: RecordDict) -> str:
+    """The name a node claims; WireError when there is none, or it is not a short string."""
+    record = content.config_records.get("site")
+    name = record.get("name") if record is not None else None
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_SITE_NAME:
+        raise WireError(f"identify reply names no site ({str(name)[:100]!r})")
+    return name
+
+
+@dataclass(frozen=True)
+class KeyAdvertisement:
+    """A site's answer to a train request under secure aggregation: its signed round keys (stage 1), its
+    public weight and its privacy report; the update itself is only ever sent masked, later."""
+
+    round_id: bytes
+    bundle: bytes
+    weight: int
+    privacy: PrivacyReport
+
+
+def pack_key_advertisement(reply: KeyAdvertisement) -> RecordDict:
+    content = pack_stage(reply.round_id, {"bundle": reply.bundle})
+    content["privacy"] = pack_privacy(reply.privacy)
+    content["train"] = pack_weight(reply.weight)
+    return content
+
+
+def unpack_key_advertisement(content: RecordDict, max_weight: int) -> KeyAdvertisement:
+    """WireError for a missing or malformed bundle, weight or privacy report."""
+    round_id, blobs = unpack_stage(content)
+    privacy = unpack_privacy(content)
+    if "bundle" not in blobs or privacy is None:
+        raise WireError("key advertisement lacks its " + ("'bundle' blob" if privacy else "privacy report"))
+    return KeyAdvertisement(round_id, blobs["bundle"], unpack_weight(content, max_weight), privacy)
+
+
 def pack_train_reply(reply: TrainReply) -> RecordDict:
     return RecordDict({
         "update": ArrayRecord({"delta": Array(np.ascontiguousarray(reply.delta, dtype=np.float32))}),

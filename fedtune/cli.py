@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.config import BadInput, ConfigError, RunSettings, unit_name
+from common.config import BadInput, ConfigError, RunSettings, command_line_options, unit_name
 from fedtune.deploy_cli import add_subcommands
 from server.control import RunFailed, project_dir
 from simulations.runner import run_simulation
@@ -37,49 +37,32 @@ def warn(message: str) -> None:
     print(f"\n!!! WARNING: {message} !!!\n", file=sys.stderr, flush=True)
 
 
-def _federation_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``simulate`` and ``demo``; defaults are the app's run config (pyproject.toml)."""
-    d = default_run_config()
-    p.add_argument("--sites", type=int, default=d["federation.sites"], help="number of simulated sites")
-    p.add_argument("--cpus-per-site", type=int, default=1,
-                   help="CPU cores each simulated site reserves (1: as many sites train at once as there are cores)")
-    p.add_argument("--rounds", type=int, default=d["federation.rounds"], help="federated rounds")
-    p.add_argument("--epsilon", type=float, default=d["privacy.epsilon"],
-                   help="each site's TOTAL ε budget over all rounds")
-    p.add_argument("--delta", type=float, default=d["privacy.delta"], help="δ of (ε, δ)-DP")
-    p.add_argument("--data", default="drugreview", help="'drugreview' (packaged) or a CSV/JSONL with text,label")
-    p.add_argument("--test-data", default="", help="server test split (default: the source's own test split)")
-    p.add_argument("--labels", default="", help="comma-separated label set (default: from the data)")
-    p.add_argument("--partition", default=d["data.partition"], help="'column:NAME', 'dirichlet' or 'iid'")
-    p.add_argument("--dirichlet-alpha", type=float, default=d["data.dirichlet-alpha"])
-    p.add_argument("--model", default="", help="local Hugging Face model dir (default: packaged MiniLM)")
-    p.add_argument("--lora-rank", type=int, default=d["lora.rank"])
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where X says something (not '' or None) and the help does not already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default == ""
+        if quiet or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _federation_options(p: argparse.ArgumentParser, *, simulation: bool) -> None:
+    """The run's settings as options: flag, default and help from their ``option(...)`` fields in
+    common/config.py (the one source); then the switches that are not one setting each."""
+    for opt in command_line_options():
+        if simulation or not opt.simulation_only:
+            p.add_argument(opt.flag, dest=opt.dest, type=opt.kind, default=opt.cli_default, help=opt.help,
+                           choices=opt.choices or None)
     p.add_argument("--plain-lora-averaging", action="store_true",
                    help="train and average A and B separately (inexact) instead of FFA-LoRA")
-    p.add_argument("--learning-rate", type=float, default=d["train.learning-rate"],
-                   help="sites' learning rate; 0 = the automatic plan (README: 'The training plan')")
-    p.add_argument("--local-epochs", type=int, default=d["train.local-epochs"],
-                   help="passes over a site's units per round; 0 = the automatic plan")
-    p.add_argument("--batch-size", type=int, default=d["train.batch-size"],
-                   help="expected units per step; 0 = the automatic plan (about a quarter of the site)")
-    p.add_argument("--max-grad-norm", type=float, default=d["privacy.max-grad-norm"],
-                   help="DP-SGD clipping norm of each unit's gradient")
-    p.add_argument("--privacy-unit", default=d["privacy.unit"],
-                   help="whom ε protects: 'record', or 'column:NAME' (every row of one patient/customer together)")
-    p.add_argument("--max-rows-per-unit", type=int, default=d["train.max-rows-per-unit"],
-                   help="with a per-person unit: at most this many of a person's rows train per step")
-    p.add_argument("--server-optimizer", default=d["server.optimizer"],
-                   choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),
-                   help="the server's step on the sites' mean update (post-processing: no privacy cost)")
-    p.add_argument("--server-learning-rate", type=float, default=d["server.learning-rate"])
-    p.add_argument("--max-length", type=int, default=d["data.max-length"], help="tokens per example")
-    p.add_argument("--seed", type=int, default=d["data.seed"])
-    p.add_argument("--train-timeout", type=float, default=d["federation.train-timeout"],
-                   help="seconds a site has to train and answer before it is dropped from the round")
-    p.add_argument("--stage-timeout", type=float, default=d["federation.stage-timeout"],
-                   help="seconds per secure-aggregation stage")
     p.add_argument("--plain-aggregation", action="store_true",
                    help="let the server see each site's update (no secure aggregation; warns)")
+    if simulation:
+        p.add_argument("--cpus-per-site", type=int, default=1,
+                       help="CPU cores each simulated site reserves (1: as many sites train at once as there are "
+                            "cores)")
 
 
 def simulated_registry(out: Path, sites: int) -> Path:
@@ -139,32 +122,12 @@ def resume_checkpoint(out: Path) -> str:
 
 
 def training_run_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The run-config values every way of running shares (model, data handling, LoRA, DP, rounds)."""
-    return {
-        "model-path": args.model,
-        "data.test-source": args.test_data,
-        "data.labels": args.labels,
-        "data.seed": args.seed,
-        "data.max-length": args.max_length,
-        "lora.rank": args.lora_rank,
+    """The run config from the parsed options (every way of running shares them)."""
+    return {opt.key: getattr(args, opt.dest) for opt in command_line_options() if hasattr(args, opt.dest)} | {
         "lora.alpha": 2 * args.lora_rank,
         "lora.aggregation": "plain" if args.plain_lora_averaging else "ffa",
-        "train.learning-rate": args.learning_rate,
-        "train.local-epochs": args.local_epochs,
-        "train.batch-size": args.batch_size,
-        "train.max-rows-per-unit": args.max_rows_per_unit,
-        "privacy.unit": args.privacy_unit,
-        "privacy.epsilon": args.epsilon,
-        "privacy.delta": args.delta,
-        "privacy.max-grad-norm": args.max_grad_norm,
-        "federation.rounds": args.rounds,
-        "federation.sites": args.sites,
         "federation.min-sites": max(1, min(2, args.sites)),
         "federation.secure-aggregation": not args.plain_aggregation,
-        "federation.train-timeout": args.train_timeout,
-        "federation.stage-timeout": args.stage_timeout,
-        "server.optimizer": args.server_optimizer,
-        "server.learning-rate": args.server_learning_rate,
     }
 
 
@@ -174,9 +137,6 @@ def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dic
         "out-dir": str(out.resolve()),
         "resume-from": resume_checkpoint(out) if getattr(args, "resume", False) else "",
         "passport-key": str(simulated_passport_key(out)),
-        "data.source": args.data,
-        "data.partition": args.partition,
-        "data.dirichlet-alpha": args.dirichlet_alpha,
         "privacy.enabled": dp,
         "secagg.registry": str(simulated_registry(out, args.sites)) if secure else "",
     }
@@ -307,16 +267,16 @@ def cmd_client_start(args: argparse.Namespace) -> int:
 def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
     server = sub.add_parser("server", help="the coordinator (deployment)").add_subparsers(dest="action", required=True)
     start = server.add_parser("start", help="SuperLink with TLS and site authentication + the fedtune run",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     start.add_argument("--kit", type=Path, required=True, help="the server/ directory from `fedtune provision`")
     start.add_argument("--state", type=Path, required=True, help="state directory (database, checkpoints, audit)")
     start.add_argument("--host", default="127.0.0.1", help="a server host name provisioned into the certificate")
     start.add_argument("--port", type=int, default=9092)
     start.add_argument("--resume", action="store_true", help="continue from the newest checkpoint after a crash")
-    _federation_options(start)
+    _federation_options(start, simulation=False)
     client = sub.add_parser("client", help="a site's daemon (deployment)").add_subparsers(dest="action", required=True)
     daemon = client.add_parser("start", help="the on-premise SuperNode with TLS and the site key",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=HelpFormatter)
     daemon.add_argument("--kit", type=Path, required=True,
                         help="this site's kit from the coordinator (`fedtune provision`: public files only)")
     daemon.add_argument("--keys", type=Path, required=True,
@@ -358,7 +318,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     simulate = sub.add_parser("simulate", help="run a whole federation on this machine (Flower simulation engine)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     simulate.add_argument("--out", type=Path, required=True, help="output directory")
     simulate.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF (warns)")
     simulate.add_argument("--resume", action="store_true",
@@ -366,14 +326,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     simulate.add_argument("--baselines", default="",
                           help="also train 'local' (each site alone) and/or 'central' (all data pooled), comma-"
                                "separated, under the same plan and DP budget; they appear in report.html")
-    _federation_options(simulate)
+    _federation_options(simulate, simulation=True)
     demo = sub.add_parser("demo", help="the README demo: a bank consortium under DP vs each bank alone",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     demo.add_argument("--banking77", type=Path, default=project_dir().parent / "shared" / "data" / "banking77",
                       help="the BANKING77 folder (train.csv, test.csv; CC BY 4.0, not shipped with fedtune)")
     demo.add_argument("--intents", type=int, default=6, help="the most frequent intents the demo keeps")
-    _federation_options(demo)
+    _federation_options(demo, simulation=True)
     demo.set_defaults(partition="dirichlet", rounds=5, max_length=64)
     _deployment_parsers(sub)
     handlers: dict[str, Callable[[argparse.Namespace], int | None]] = {

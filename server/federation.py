@@ -7,11 +7,13 @@ never evaluates on a site's records: nothing computed on them leaves a site outs
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.serverapp import Grid
@@ -30,7 +32,7 @@ from fedtune import __version__
 from server.checkpoint import append_metrics, load_optimizer_state, publish_final, save_checkpoint
 from server.optimizer import ServerOptimizer
 from server.secure_agg import SecureAggregation
-from server.strategy import Aggregator, PlainAggregation, RoundSpec
+from server.strategy import Aggregator, PlainAggregation, RoundOutcome, RoundSpec
 
 log = logging.getLogger("fedtune.server")
 NODE_WAIT_S = 120.0
@@ -98,112 +100,162 @@ def restore_metrics(out_dir: Path, checkpoint: Path) -> None:
         append_metrics(out_dir, info["metrics"])
 
 
-def run_federation(grid: Grid, settings: RunSettings) -> Path:
-    """Run every round (from a checkpoint when resuming); return the final adapter's directory."""
-    out_dir = settings.out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    audit = AuditLog(out_dir / "audit.jsonl")
-    if not settings.privacy.enabled:
-        log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled=false): sites' updates are not DP")
+class Federation:
+    """One run's state across its rounds, and each step of a round.
 
-    labels = settings.data.labels
-    if not labels:
-        raise ConfigError("data.labels must list the federation's labels: the server never sees the sites' data")
-    test = encode(read_records(test_source(settings.data), split="test"), labels, load_tokenizer(settings.model_path),
-                  settings.data.max_length, "server test split")
-    baseline = majority_baseline(test.labels, len(labels))
-    signing_key = load_signing_key(Path(settings.passport_key)) if settings.passport_key else None
-    base_sha = base_model_sha256(settings.model_path) if signing_key else ""
+    A round: wait for the sites, let the aggregator run its exchanges, record what each site said
+    (failures, ε), step the model with the mean update, evaluate on the server's test split,
+    commit (the checkpoint first: it carries the round's metrics line), then publish the line.
+    """
 
-    model = build_model(settings.model_path, len(labels), settings.lora)
-    state = get_adapter_state(model)
-    keys = trainable_keys(state, settings.lora.aggregation)
-    update_size = sum(state[key].size for key in keys)
-    spec = RoundSpec(update_size, settings.secagg.max_examples, settings.federation.min_sites,
-                     settings.federation.train_timeout, settings.federation.stage_timeout)
-    aggregator = choose_aggregator(settings, spec)
-    run_id = grid.run.run_id
-    write_json(out_dir / "run.json", {
-        "labels": labels, "majority_baseline": baseline, "aggregation": aggregator.name,
-        "lora": settings.lora.aggregation, "dp": settings.privacy.enabled, "update_values": update_size,
-        "sites": settings.federation.sites, "rounds": settings.federation.rounds,
-        "privacy_unit": settings.privacy.unit, "epsilon_budget": settings.privacy.epsilon if settings.privacy.enabled
-        else None, "server_optimizer": settings.server.optimizer,
-    })
-    privacy: dict[str, dict] = {}
-    server_optimizer = ServerOptimizer(settings.server, update_size)
-    if settings.resume_from:
-        state, last_round, parent = resume_point(Path(settings.resume_from), state)
-        set_adapter_state(model, state)
-        checkpoint = Path(settings.resume_from)
+    def __init__(self, grid: Grid, settings: RunSettings) -> None:
+        self.grid, self.settings = grid, settings
+        self.out_dir = settings.out_dir.resolve()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(self.out_dir / "audit.jsonl")
+        if not settings.privacy.enabled:
+            log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled=false): sites' updates are not DP")
+        self.labels = settings.data.labels
+        if not self.labels:
+            raise ConfigError("data.labels must list the federation's labels: the server never sees the sites' data")
+        self.test = encode(read_records(test_source(settings.data), split="test"), self.labels,
+                           load_tokenizer(settings.model_path), settings.data.max_length, "server test split")
+        self.signing_key = load_signing_key(Path(settings.passport_key)) if settings.passport_key else None
+        self.base_sha = base_model_sha256(settings.model_path) if self.signing_key else ""
+        self.model = build_model(settings.model_path, len(self.labels), settings.lora)
+        self.state = get_adapter_state(self.model)
+        self.keys = trainable_keys(self.state, settings.lora.aggregation)
+        update_size = sum(self.state[key].size for key in self.keys)
+        spec = RoundSpec(update_size, settings.secagg.max_examples, settings.federation.min_sites,
+                         settings.federation.train_timeout, settings.federation.stage_timeout)
+        self.aggregator = choose_aggregator(settings, spec)
+        self.update_size = update_size
+        self.optimizer = ServerOptimizer(settings.server, update_size)
+        self.run_id = grid.run.run_id
+        self.privacy: dict[str, dict[str, Any]] = {}
+        self.unit = unit_name(settings.privacy.unit)
+        write_json(self.out_dir / "run.json", {
+            "labels": self.labels, "majority_baseline": majority_baseline(self.test.labels, len(self.labels)),
+            "aggregation": self.aggregator.name, "lora": settings.lora.aggregation, "dp": settings.privacy.enabled,
+            "update_values": update_size, "sites": settings.federation.sites, "rounds": settings.federation.rounds,
+            "privacy_unit": settings.privacy.unit, "server_optimizer": settings.server.optimizer,
+            "epsilon_budget": settings.privacy.epsilon if settings.privacy.enabled else None,
+        })
+        self.last_round, self.updated_rounds = 0, 0
+        self.checkpoint, self.parent = self._resume() if settings.resume_from else self._start()
+
+    def _start(self) -> tuple[Path, str]:
+        """Round 0: the initial adapter, evaluated and checkpointed."""
+        append_metrics(self.out_dir, {"round": 0, "server": self._evaluate()})
+        checkpoint = save_checkpoint(self.out_dir, 0, self.model, self.state,
+                                     {"contributors": 0, "parent_sha256": None})
+        parent = file_sha256(checkpoint / "adapter_model.safetensors")
+        self.audit.record("run-started", run_id=self.run_id, aggregation=self.aggregator.name,
+                          dp=self.settings.privacy.enabled, rounds=self.settings.federation.rounds,
+                          initial_sha256=parent)
+        return checkpoint, parent
+
+    def _resume(self) -> tuple[Path, str]:
+        """The adapter, server-optimizer state, metrics and privacy reports of the checkpoint to continue from."""
+        checkpoint = Path(self.settings.resume_from)
+        self.state, self.last_round, parent = resume_point(checkpoint, self.state)
+        set_adapter_state(self.model, self.state)
         try:
-            server_optimizer = ServerOptimizer(settings.server, update_size, load_optimizer_state(checkpoint))
+            self.optimizer = ServerOptimizer(self.settings.server, self.update_size,
+                                             load_optimizer_state(checkpoint))
         except ValueError as exc:
             raise ConfigError(f"checkpoint {checkpoint}: {exc}") from exc
-        restore_metrics(out_dir, checkpoint)
-        if (out_dir / "privacy.json").exists():
-            privacy = json.loads((out_dir / "privacy.json").read_text())["sites"]
-        audit.record("run-resumed", run_id=run_id, from_round=last_round, checkpoint_sha256=parent)
-    else:
-        last_round = 0
-        append_metrics(out_dir, {"round": 0, "server": metrics(evaluate(model, test, len(labels)))})
-        checkpoint = save_checkpoint(out_dir, 0, model, state, {"contributors": 0, "parent_sha256": None})
-        parent = file_sha256(checkpoint / "adapter_model.safetensors")
-        audit.record("run-started", run_id=run_id, aggregation=aggregator.name, dp=settings.privacy.enabled,
-                     rounds=settings.federation.rounds, initial_sha256=parent)
+        restore_metrics(self.out_dir, checkpoint)
+        if (self.out_dir / "privacy.json").exists():
+            self.privacy = json.loads((self.out_dir / "privacy.json").read_text())["sites"]
+        self.audit.record("run-resumed", run_id=self.run_id, from_round=self.last_round, checkpoint_sha256=parent)
+        return checkpoint, parent
 
-    updated_rounds = 0
-    for server_round in range(last_round + 1, settings.federation.rounds + 1):
+    def run(self) -> Path:
+        """Every remaining round; the final adapter's directory."""
+        outcome = None
+        for server_round in range(self.last_round + 1, self.settings.federation.rounds + 1):
+            outcome = self.play_round(server_round)
+        if self.updated_rounds == 0 and not self.settings.resume_from:
+            self.audit.record("run-failed", run_id=self.run_id, reason="no round changed the model")
+            kinds = sorted({failure.kind for failure in outcome.failures}) if outcome else []
+            raise FederationFailed(f"no round changed the model; the sites' failures were {kinds} (see metrics.jsonl)")
+        final = publish_final(self.out_dir, self.checkpoint)
+        self.audit.record("run-finished", run_id=self.run_id, final_sha256=self.parent,
+                          final_round=json.loads((self.checkpoint / "round.json").read_text())["round"])
+        return final
+
+    def play_round(self, server_round: int) -> RoundOutcome:
         started = time.monotonic()
-        # The first round waits for every expected site; later rounds go on with whoever is connected.
-        wanted = settings.federation.sites if server_round == last_round + 1 else settings.federation.min_sites
-        nodes = wait_for_sites(grid, wanted, NODE_WAIT_S)
-        outcome = aggregator.run_round(grid, nodes, state, server_round)
-        for failure in outcome.failures:
-            log.warning("round %d: site %s failed (%s): %s", server_round, failure["site"], failure["kind"],
-                        failure["detail"])
-        privacy.update({site: report.as_dict() for site, report in outcome.privacy.items()})
-        epsilon = {site: report.get("epsilon") for site, report in sorted(privacy.items())}
-        line = {
-            "round": server_round,
-            "aggregation": aggregator.name,
-            "contributors": outcome.contributors,
-            "failures": outcome.failures,
-            "model_updated": outcome.mean_delta is not None,
-            "secure_aggregation": outcome.details or None,
-            "dp": settings.privacy.enabled,
-            "privacy_unit": unit_name(settings.privacy.unit),
-            "epsilon": epsilon,
-        }
-        audit.record("round", run_id=run_id, round=server_round, nodes=len(nodes), contributors=outcome.contributors,
-                     survivors=outcome.details.get("survivors"), dropped=outcome.details.get("dropped"),
-                     failures=[{k: f[k] for k in ("site", "kind")} for f in outcome.failures],
-                     model_updated=outcome.mean_delta is not None)
+        outcome = self._collect(server_round)
         if outcome.mean_delta is not None:  # a new model version
-            state = apply_delta(state, server_optimizer.step(outcome.mean_delta), keys)
-            set_adapter_state(model, state)
-            updated_rounds += 1
-        line["server"] = server_metrics = metrics(evaluate(model, test, len(labels)))
+            self.state = apply_delta(self.state, self.optimizer.step(outcome.mean_delta), self.keys)
+            set_adapter_state(self.model, self.state)
+            self.updated_rounds += 1
+        line = self._metrics_line(server_round, outcome)
+        line["server"] = self._evaluate()
         line["duration_s"] = round(time.monotonic() - started, 2)
-        if outcome.mean_delta is not None:  # the checkpoint is the commit point: it carries its metrics line
-            seal = functools.partial(seal_passport, signing_key, base_sha, server_round, outcome.contributors,
-                                     epsilon, unit_name(settings.privacy.unit)) if signing_key else None
-            checkpoint = save_checkpoint(out_dir, server_round, model, state, {
-                "contributors": outcome.contributors, "parent_sha256": parent, "metrics": line | {
-                    "checkpoint": f"round-{server_round:04d}"}}, seal,
-                optimizer_state=server_optimizer.state() if settings.server.optimizer != "fedavg" else None)
-            parent = file_sha256(checkpoint / "adapter_model.safetensors")
-            audit.record("checkpoint", round=server_round, adapter_sha256=parent, passport=signing_key is not None)
-        line["checkpoint"] = checkpoint.name
-        append_metrics(out_dir, line)
-        write_json(out_dir / "privacy.json", {"dp": settings.privacy.enabled, "sites": privacy})
+        if outcome.mean_delta is not None:
+            self._commit(server_round, outcome, line)
+        line["checkpoint"] = self.checkpoint.name
+        append_metrics(self.out_dir, line)
+        write_json(self.out_dir / "privacy.json", {"dp": self.settings.privacy.enabled, "sites": self.privacy})
         log.info("round %d: %d site(s), server macro-F1 %.3f", server_round, outcome.contributors,
-                 server_metrics["macro_f1"])
-    if updated_rounds == 0 and not settings.resume_from:
-        audit.record("run-failed", run_id=run_id, reason="no round changed the model")
-        kinds = sorted({failure["kind"] for failure in outcome.failures})
-        raise FederationFailed(f"no round changed the model; the sites' failures were {kinds} (see metrics.jsonl)")
-    final = publish_final(out_dir, checkpoint)
-    audit.record("run-finished", run_id=run_id, final_sha256=parent, final_round=json.loads(
-        (checkpoint / "round.json").read_text())["round"])
-    return final
+                 line["server"]["macro_f1"])
+        return outcome
+
+    def _collect(self, server_round: int) -> RoundOutcome:
+        """Wait for the sites (all of them before the first round played here), run the aggregator's
+        exchanges, and keep what each site reported about its privacy."""
+        federation = self.settings.federation
+        wanted = federation.sites if server_round == self.last_round + 1 else federation.min_sites
+        nodes = wait_for_sites(self.grid, wanted, NODE_WAIT_S)
+        outcome = self.aggregator.run_round(self.grid, nodes, self.state, server_round)
+        for failure in outcome.failures:
+            log.warning("round %d: site %s failed (%s): %s", server_round, failure.site, failure.kind, failure.detail)
+        self.privacy.update({site: report.as_dict() for site, report in outcome.privacy.items()})
+        details = outcome.details
+        self.audit.record("round", run_id=self.run_id, round=server_round, nodes=len(nodes),
+                          contributors=outcome.contributors, survivors=details.survivors if details else None,
+                          dropped=details.dropped if details else None,
+                          failures=[{"site": f.site, "kind": f.kind} for f in outcome.failures],
+                          model_updated=outcome.mean_delta is not None)
+        return outcome
+
+    def _metrics_line(self, server_round: int, outcome: RoundOutcome) -> dict[str, Any]:
+        return {
+            "round": server_round,
+            "aggregation": self.aggregator.name,
+            "contributors": outcome.contributors,
+            "failures": [failure.as_dict() for failure in outcome.failures],
+            "model_updated": outcome.mean_delta is not None,
+            "secure_aggregation": dataclasses.asdict(outcome.details) if outcome.details else None,
+            "dp": self.settings.privacy.enabled,
+            "privacy_unit": self.unit,
+            "epsilon": self._epsilon(),
+        }
+
+    def _epsilon(self) -> dict[str, Any]:
+        return {site: report.get("epsilon") for site, report in sorted(self.privacy.items())}
+
+    def _evaluate(self) -> dict[str, Any]:
+        """The server's own test split only: nothing computed on a site's records leaves it outside DP."""
+        return metrics(evaluate(self.model, self.test, len(self.labels)))
+
+    def _commit(self, server_round: int, outcome: RoundOutcome, line: dict[str, Any]) -> None:
+        """The checkpoint is the commit point: it carries the round's metrics line and its signed passport."""
+        seal = functools.partial(seal_passport, self.signing_key, self.base_sha, server_round, outcome.contributors,
+                                 self._epsilon(), self.unit) if self.signing_key else None
+        self.checkpoint = save_checkpoint(
+            self.out_dir, server_round, self.model, self.state,
+            {"contributors": outcome.contributors, "parent_sha256": self.parent,
+             "metrics": line | {"checkpoint": f"round-{server_round:04d}"}}, seal,
+            optimizer_state=self.optimizer.state() if self.settings.server.optimizer != "fedavg" else None)
+        self.parent = file_sha256(self.checkpoint / "adapter_model.safetensors")
+        self.audit.record("checkpoint", round=server_round, adapter_sha256=self.parent,
+                          passport=self.signing_key is not None)
+
+
+def run_federation(grid: Grid, settings: RunSettings) -> Path:
+    """Run every round (from a checkpoint when resuming); return the final adapter's directory."""
+    return Federation(grid, settings).run()

@@ -19,10 +19,13 @@ threshold the round ends without changing the model.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import TypeVar
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -30,20 +33,30 @@ from flwr.serverapp import Grid
 from common.adapter import AdapterState
 from common.config import SecureAggSettings
 from common.records import (
+    KeyAdvertisement,
     PrivacyReport,
     WireError,
     pack_stage,
     pack_train_request,
-    unpack_privacy,
+    unpack_identity,
+    unpack_key_advertisement,
     unpack_stage,
-    unpack_weight,
 )
 from common.registry import FederationRegistry
 from common.secagg import RoundAborted, SecAggParams, ServerAggregator
 from common.secure_update import decode_sum, params_to_bytes, round_params
-from server.strategy import RoundOutcome, RoundSpec, exchange, failure_record, missing_replies
+from server.strategy import (
+    Failure,
+    RoundOutcome,
+    RoundSpec,
+    SecureRoundDetails,
+    exchange,
+    failure_record,
+    missing_replies,
+)
 
 log = logging.getLogger("fedtune.server")
+T = TypeVar("T")
 _SITE_KEY = re.compile(r"[0-9]{1,10}")
 
 
@@ -57,24 +70,23 @@ class SecureAggregation:
         self.site_of_node: dict[int, int] = {}
 
     # ------------------------------------------------------------------ who is who
-    def identify(self, grid: Grid, node_ids: list[int]) -> list[dict[str, str]]:
+    def identify(self, grid: Grid, node_ids: list[int]) -> list[Failure]:
         """Ask nodes we have not seen for their site name; unknown or malformed answers are refused and logged."""
         unknown = [node for node in node_ids if node not in self.site_of_node]
-        failures = []
+        failures: list[Failure] = []
         messages = {node: Message(RecordDict({}), dst_node_id=node, message_type="query.identify") for node in unknown}
         for node, reply in (exchange(grid, messages, self.spec.stage_timeout) if messages else {}).items():
             try:
                 if (failure := failure_record(reply, str(node))) is not None:
                     failures.append(failure)
                     continue
-                name = reply.content.config_records["site"]["name"]
-            except (KeyError, TypeError, AttributeError, ValueError) as exc:
-                failures.append({"site": str(node), "kind": "protocol", "detail": f"malformed identify reply: {exc!r}"})
+                name = unpack_identity(reply.content)
+            except (WireError, KeyError, TypeError, AttributeError, ValueError) as exc:
+                failures.append(Failure(str(node), "protocol", f"malformed identify reply: {exc}"[:300]))
                 log.warning("node %d sent a malformed identify reply: refused", node)
                 continue
-            if not isinstance(name, str) or name not in self.registry.ids:
-                failures.append({"site": str(name)[:100], "kind": "unknown-site",
-                                 "detail": "not in the federation's registry"})
+            if name not in self.registry.ids:
+                failures.append(Failure(str(name)[:100], "unknown-site", "not in the federation's registry"))
                 log.warning("node %d claims to be site %r, which is not in the registry: refused", node, name)
                 continue
             self.site_of_node[node] = self.registry.ids[name]
@@ -95,18 +107,22 @@ class SecureAggregation:
         aggregator = ServerAggregator(params, self.registry.keys)
         weights: dict[int, int] = {}  # public by construction; the server sums them itself
 
-        def stage(message_type: str, content: Callable[[int], RecordDict], only=None,
-                  **collect) -> dict[int, dict[str, bytes]]:
+        def stage(message_type: str, content: Callable[[int], RecordDict],
+                  only: Collection[int] | None = None) -> dict[int, dict[str, bytes]]:
             started = time.perf_counter()
-            answers = self._exchange(grid, node_of_site, params, message_type, content, failures, only=only,
-                                     **collect)
+            answers = self._exchange(grid, node_of_site, params, message_type, content, failures, only, unpack_stage)
             seconds[message_type.removeprefix("train.secagg_")] = round(time.perf_counter() - started, 3)
             return answers
 
         try:
             request = pack_train_request(state, server_round, params_to_bytes(params))
-            answers = stage("train", lambda site: request, privacy=privacy, weights=weights)
-            routed = aggregator.collect_bundles(self._payloads(answers, "bundle", "train", failures))
+            started = time.perf_counter()
+            adverts = self._exchange(grid, node_of_site, params, "train", lambda site: request, failures, None,
+                                     functools.partial(_advertisement, max_weight=spec.max_weight))
+            seconds["train"] = round(time.perf_counter() - started, 3)
+            privacy.update({self.registry.name_of(site): advert.privacy for site, advert in adverts.items()})
+            weights.update({site: advert.weight for site, advert in adverts.items()})
+            routed = aggregator.collect_bundles({site: advert.bundle for site, advert in adverts.items()})
             answers = stage("train.secagg_share", lambda site: pack_stage(
                 params.round_id, {str(peer): bundle.to_bytes() for peer, bundle in routed[site].items()}), routed)
             inboxes = aggregator.route_shares({site: _by_site(blobs) for site, blobs in answers.items()})
@@ -136,23 +152,23 @@ class SecureAggregation:
         if contributors < spec.min_sites:
             return self._aborted(server_round, f"{contributors} survivor(s)", failures, privacy)
         total = decode_sum(result, self.settings, params, sum(weights[site] for site in result.survivors))
-        details = {"survivors": sorted(self.registry.name_of(s) for s in result.survivors),
-                   "dropped": sorted(self.registry.name_of(s) for s in result.dropped),
-                   "total_weight": total.total_weight,
-                   "clamped_elements": total.clamped_elements, "error_bound": total.error_bound,
-                   "modulus_bits": params.modulus_bits, "value_bits": params.value_bits,
-                   "neighbours": params.degree, "threshold": params.threshold, "all_pairs": params.all_pairs,
-                   "upload_bytes": params.packed_bytes, "exchange_seconds": seconds}
+        details = SecureRoundDetails(
+            survivors=sorted(self.registry.name_of(s) for s in result.survivors),
+            dropped=sorted(self.registry.name_of(s) for s in result.dropped), total_weight=total.total_weight,
+            clamped_elements=total.clamped_elements, error_bound=total.error_bound,
+            modulus_bits=params.modulus_bits, value_bits=params.value_bits, neighbours=params.degree,
+            threshold=params.threshold, all_pairs=params.all_pairs, upload_bytes=params.packed_bytes,
+            exchange_seconds=seconds)
         return RoundOutcome(mean_delta=total.mean_delta, contributors=contributors, failures=failures,
                             privacy=privacy, details=details)
 
     def _exchange(self, grid: Grid, node_of_site: dict[int, int], params: SecAggParams, message_type: str,
-                  content: Callable[[int], RecordDict], failures: list, privacy: dict | None = None,
-                  only=None, weights: dict[int, int] | None = None) -> dict[int, dict[str, bytes]]:
-        """Send one stage to the sites still in the round; their blobs by site id.
+                  content: Callable[[int], RecordDict], failures: list[Failure], only: Collection[int] | None,
+                  parse: Callable[[RecordDict], tuple[bytes, T]]) -> dict[int, T]:
+        """Send one exchange to the sites still in the round; each reply parsed once, by site id.
 
-        A reply that is an error, a typed site failure, or malformed in any way is recorded as a
-        failure and its site is left out (dropped); nothing raises.
+        A reply that is an error, a typed site failure, for another round, or malformed in any way is
+        recorded as a failure and its site is left out (dropped); nothing raises.
         """
         messages = {site: Message(content(site), dst_node_id=node_of_site[site], message_type=message_type)
                     for site in sorted(node_of_site) if only is None or site in only}
@@ -160,51 +176,49 @@ class SecureAggregation:
         replies = exchange(grid, messages, timeout)
         failures.extend(missing_replies([self.registry.name_of(s) for s in messages if s not in replies], timeout,
                                         message_type))
-        answers: dict[int, dict[str, bytes]] = {}
+        answers: dict[int, T] = {}
         for site, reply in replies.items():
             name = self.registry.name_of(site)
             try:
                 if (failure := failure_record(reply, name)) is not None:
-                    failures.append(failure | {"stage": message_type})
+                    failures.append(dataclasses.replace(failure, stage=message_type))
                     continue
-                round_id, blobs = unpack_stage(reply.content)
+                round_id, answers[site] = parse(reply.content)
                 if round_id != params.round_id:
+                    del answers[site]
                     raise WireError("reply is for another round")
-                report = unpack_privacy(reply.content) if privacy is not None else None
-                if weights is not None:
-                    weights[site] = unpack_weight(reply.content, self.spec.max_weight)
             except Exception as exc:
                 detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
-                failures.append({"site": name, "kind": "protocol", "detail": detail, "stage": message_type})
+                failures.append(Failure(name, "protocol", detail, message_type))
                 log.warning("site %s dropped at %s: %s", name, message_type, detail)
-                continue
-            if report is not None and privacy is not None:
-                privacy[name] = report
-            answers[site] = blobs
         return answers
 
     def _payloads(self, answers: dict[int, dict[str, bytes]], key: str, stage: str,
-                  failures: list) -> dict[int, bytes]:
+                  failures: list[Failure]) -> dict[int, bytes]:
         """One named blob per site; a reply without it is recorded as a failure (its site is dropped)."""
         for site in sorted(s for s, blobs in answers.items() if key not in blobs):
-            failures.append({"site": self.registry.name_of(site), "kind": "protocol", "stage": stage,
-                             "detail": f"reply lacks its {key!r} blob"})
+            failures.append(Failure(self.registry.name_of(site), "protocol", f"reply lacks its {key!r} blob", stage))
         return {site: blobs[key] for site, blobs in answers.items() if key in blobs}
 
-    def _dropped(self, aggregator: ServerAggregator) -> list[dict[str, str]]:
+    def _dropped(self, aggregator: ServerAggregator) -> list[Failure]:
         """Protocol-level drops (bad bundle, rejected shares, bad signature...) as failure records."""
-        return [{"site": self.registry.name_of(s), "kind": "protocol", "detail": why}
+        return [Failure(self.registry.name_of(s), "protocol", why)
                 for s, why in sorted(aggregator.dropped_reasons.items())] + [
-                {"site": self.registry.name_of(s), "kind": "cheated", "detail": why}
+                Failure(self.registry.name_of(s), "cheated", why)
                 for s, why in sorted(aggregator.liars.items())]
 
-    def _aborted(self, server_round: int, why: str, failures: list, privacy: dict,
+    def _aborted(self, server_round: int, why: str, failures: list[Failure], privacy: dict[str, PrivacyReport],
                  aggregator: ServerAggregator | None = None) -> RoundOutcome:
         log.warning("round %d: secure aggregation ended without a result (%s): model unchanged", server_round, why)
         if aggregator is not None:
             failures.extend(self._dropped(aggregator))
-        failures.append({"site": "*", "kind": "round-aborted", "detail": why})
-        return RoundOutcome(mean_delta=None, contributors=0, failures=failures, privacy=privacy, details={})
+        failures.append(Failure("*", "round-aborted", why))
+        return RoundOutcome(mean_delta=None, contributors=0, failures=failures, privacy=privacy)
+
+
+def _advertisement(content: RecordDict, max_weight: int) -> tuple[bytes, KeyAdvertisement]:
+    advert = unpack_key_advertisement(content, max_weight)
+    return advert.round_id, advert
 
 
 def _by_site(blobs: dict[str, bytes]) -> dict[object, bytes]:

@@ -6,6 +6,7 @@ whether it saw individual updates (plain) or only their sum (secure, server/secu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,15 +36,49 @@ class RoundSpec:
 
 
 @dataclass(frozen=True)
+class Failure:
+    """A site that did not contribute to a round, and why: one entry of metrics.jsonl's "failures"."""
+
+    site: str
+    kind: str
+    detail: str
+    stage: str = ""
+    """The exchange it failed at, when that is not the training exchange."""
+
+    def as_dict(self) -> dict[str, str]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if value or key != "stage"}
+
+
+@dataclass(frozen=True)
+class SecureRoundDetails:
+    """What a secure round publishes about itself (metrics.jsonl's "secure_aggregation")."""
+
+    survivors: list[str]
+    dropped: list[str]
+    total_weight: int
+    clamped_elements: int
+    error_bound: float
+    """Largest error the fixed-point sum can add to any value of the mean update."""
+    modulus_bits: int
+    value_bits: int
+    neighbours: int
+    threshold: int
+    all_pairs: bool
+    upload_bytes: int
+    exchange_seconds: dict[str, float]
+    """Wall time of each exchange (identify, train, share, mask, confirm, unmask) as the coordinator waited."""
+
+
+@dataclass(frozen=True)
 class RoundOutcome:
     """What a round produced. ``mean_delta`` is None when too few sites contributed."""
 
     mean_delta: np.ndarray | None
     contributors: int
-    failures: list[dict[str, str]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
     privacy: dict[str, PrivacyReport] = field(default_factory=dict)
     """Each site's privacy report (ε, δ), keyed by site name."""
-    details: dict[str, object] = field(default_factory=dict)
+    details: SecureRoundDetails | None = None
 
 
 class Aggregator(Protocol):
@@ -86,18 +121,18 @@ def exchange(grid: Grid, messages: dict[K, Message], timeout: float, max_poll: f
     return replies
 
 
-def failure_record(reply: Message, site: str | None = None) -> dict[str, str] | None:
+def failure_record(reply: Message, site: str | None = None) -> Failure | None:
     """A reply that is a Flower error or a typed site failure, as a record; None for a real answer."""
     who = site or str(reply.metadata.src_node_id)
     if reply.has_error():
-        return {"site": who, "kind": "error", "detail": str(reply.error.reason)[:300]}
+        return Failure(who, "error", str(reply.error.reason)[:300])
     failure = unpack_failure(reply.content)
-    return None if failure is None else {"site": who, "kind": failure.kind, "detail": failure.detail}
+    return None if failure is None else Failure(who, failure.kind, failure.detail)
 
 
-def missing_replies(silent: list[str], timeout: float, stage: str) -> list[dict[str, str]]:
+def missing_replies(silent: list[str], timeout: float, stage: str) -> list[Failure]:
     """One failure per site that did not answer ``stage`` within ``timeout``."""
-    return [{"site": site, "kind": "timeout", "detail": f"no answer to {stage} in {timeout:.0f}s"} for site in silent]
+    return [Failure(site, "timeout", f"no answer to {stage} in {timeout:.0f}s") for site in silent]
 
 
 class PlainAggregation:
@@ -123,7 +158,7 @@ class PlainAggregation:
                 decoded = unpack_train_reply(reply.content, spec.update_size, spec.max_weight)
             except Exception as exc:
                 detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
-                failures.append({"site": str(node), "kind": "malformed-update", "detail": detail})
+                failures.append(Failure(str(node), "malformed-update", detail))
                 continue
             assert isinstance(decoded, TrainReply)
             accepted.append(decoded)

@@ -66,3 +66,23 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
     assert flat["federation.secure-aggregation"] is FederationSettings().secure_aggregation is True
     parsed = RunSettings.from_flat(flat | {"federation.secure-aggregation": False})
     assert parsed == RunSettings(federation=FederationSettings(secure_aggregation=False))
+
+
+@pytest.mark.parametrize("command", [["simulate", "--out", "x"], ["server", "start", "--kit", "k", "--state", "s"]])
+def test_each_options_default_and_help_come_from_its_setting(command):
+    """The command line is built from the settings' ``option(...)`` fields: parsed with no flags, it yields
+    the dataclass defaults; every help is written once, and none says "(default: )"."""
+    from common.config import SecureAggSettings
+    from fedtune.cli import HelpFormatter, build_parser, training_run_config
+
+    parser, _ = build_parser()
+    args = parser.parse_args(command)
+    flat = training_run_config(args) | {"secagg.registry": "r.json"}
+    assert RunSettings.from_flat(flat) == RunSettings(secagg=SecureAggSettings(registry="r.json"))
+    sub = parser._subparsers._group_actions[0].choices[command[0]]  # the generated parser itself
+    if command[0] == "server":
+        sub = sub._subparsers._group_actions[0].choices["start"]
+        assert "--data" not in sub.format_help() and "--partition" not in sub.format_help()  # simulation only
+    text = sub.format_help()
+    assert "(default: )" not in text and text.count("each site's TOTAL ε budget") == 1
+    assert isinstance(sub.formatter_class(prog="x"), HelpFormatter)

@@ -6,15 +6,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common.records import (
     FAILURE_MESSAGES,
+    KeyAdvertisement,
     PrivacyReport,
     SiteFailure,
     TrainReply,
     WireError,
     pack_failure,
+    pack_identity,
+    pack_key_advertisement,
     pack_stage,
     pack_train_reply,
     pack_train_request,
     unpack_failure,
+    unpack_identity,
+    unpack_key_advertisement,
     unpack_privacy,
     unpack_stage,
     unpack_train_reply,
@@ -114,3 +119,27 @@ def test_stage_round_trip_and_refusal():
     assert round_id == b"run-1/round-2" and blobs == {"3": b"\x00\x01", "payload": b"abc"}
     with pytest.raises(WireError, match="secure-aggregation message lacks"):
         unpack_stage(RecordDict({}))
+
+
+def test_identity_and_key_advertisement_round_trip_and_refusals():
+    assert unpack_identity(pack_identity("site-a")) == "site-a"
+    for bad in (RecordDict({}), RecordDict({"site": ConfigRecord({"name": 7})}),
+                RecordDict({"site": ConfigRecord({"name": "x" * 200})})):
+        with pytest.raises(WireError, match="names no site"):
+            unpack_identity(bad)
+    advert = KeyAdvertisement(b"round", b"bundle", 3, PRIVACY)
+    assert unpack_key_advertisement(pack_key_advertisement(advert), 10) == advert
+    with pytest.raises(WireError, match="not a whole number"):
+        unpack_key_advertisement(pack_key_advertisement(advert), 2)  # weight above W
+    no_privacy = pack_stage(b"round", {"bundle": b"bundle"})
+    no_privacy["train"] = pack_key_advertisement(advert).metric_records["train"]
+    with pytest.raises(WireError, match="privacy report"):
+        unpack_key_advertisement(no_privacy, 10)
+    with pytest.raises(WireError, match="'bundle' blob"):
+        unpack_key_advertisement(_without_bundle(advert), 10)
+
+
+def _without_bundle(advert: KeyAdvertisement) -> RecordDict:
+    content = pack_key_advertisement(advert)
+    content["secagg"] = pack_stage(advert.round_id, {"other": b"x"}).config_records["secagg"]
+    return content

@@ -31,7 +31,17 @@ from client.secure import (
 )
 from client.site import SitePolicy
 from common.config import SecureAggSettings
-from common.records import SiteFailure, pack_failure, pack_stage, pack_weight, unpack_stage, unpack_train_request
+from common.records import (
+    KeyAdvertisement,
+    PrivacyReport,
+    SiteFailure,
+    pack_failure,
+    pack_identity,
+    pack_key_advertisement,
+    pack_stage,
+    unpack_stage,
+    unpack_train_request,
+)
 from common.registry import FederationRegistry
 from common.secagg import SecAggError, SiteIdentity, SiteRegistry
 from server.strategy import RoundSpec
@@ -50,7 +60,7 @@ class Outcome:  # stands in for server.strategy.RoundOutcome, whatever its other
     contributors: int
     failures: list
     privacy: dict
-    details: dict
+    details: object = None
 
 
 class FakeSite:
@@ -67,7 +77,7 @@ class FakeSite:
         kind = msg.metadata.message_type
         try:
             if kind == "query.identify":
-                return RecordDict({"site": ConfigRecord({"name": self.name})})
+                return pack_identity(self.name)
             if kind == "train":
                 _, server_round, raw = unpack_train_request(msg.content)
                 params = accept_params(raw, SitePolicy(), self.keys, store=self.store, run_id=msg.metadata.run_id,
@@ -75,9 +85,8 @@ class FakeSite:
                 release = ReleasedUpdates(self.store.directory.parent).seal(server_round, "test", self.delta)
                 bundle = stage_advertise(self.store, params, self.keys, self.delta, self.settings.max_examples,
                                          self.settings, release=release)
-                reply = pack_stage(params.round_id, {"bundle": bundle})
-                reply["train"] = pack_weight(self.settings.max_examples)
-                return reply
+                return pack_key_advertisement(KeyAdvertisement(
+                    params.round_id, bundle, self.settings.max_examples, PrivacyReport(self.name, True, 1.0, 1e-5)))
             round_id, blobs = unpack_stage(msg.content)
             answer = STAGES[kind](self.store, round_id, self.keys, blobs)
             return pack_stage(round_id, answer if isinstance(answer, dict) else {"payload": answer})
@@ -154,9 +163,9 @@ def _session_file(site: FakeSite, server_round: int) -> tuple[Path, dict, dict]:
 def test_honest_round_over_flower_messages(tmp_path: Path) -> None:
     aggregation, grid, deltas = _federation(tmp_path, 5)
     outcome = aggregation.run_round(grid, grid.get_node_ids(), {"w": np.zeros(LENGTH, np.float32)}, 1)
-    assert outcome.contributors == 5 and outcome.details["all_pairs"]
+    assert outcome.contributors == 5 and outcome.details.all_pairs
     true = np.mean([deltas[i] for i in range(5)], axis=0)
-    assert np.abs(outcome.mean_delta - true).max() <= outcome.details["error_bound"] + 1e-6
+    assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
     # The site's own round secrets and the raw contribution are gone from every session file; only
     # the other survivors' mask-key shares stay, for a possible expose stage.
     for site in grid.sites.values():
@@ -206,8 +215,8 @@ def test_any_malformed_reply_drops_only_its_site(tmp_path: Path, stage: str, bad
     contributors = range(6) if late else range(5)
     assert outcome.contributors == len(contributors)
     true = np.mean([deltas[i] for i in contributors], axis=0)
-    assert np.abs(outcome.mean_delta - true).max() <= outcome.details["error_bound"] + 1e-6
-    assert any(f["site"] == "site-5" for f in outcome.failures)
+    assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
+    assert any(f.site == "site-5" for f in outcome.failures)
 
 
 @pytest.mark.parametrize("reply", [
@@ -225,7 +234,7 @@ def test_replayed_round_is_refused_by_sites(tmp_path: Path) -> None:
     state = {"w": np.zeros(LENGTH, np.float32)}
     assert aggregation.run_round(grid, grid.get_node_ids(), state, 2).contributors == 5
     again = aggregation.run_round(grid, grid.get_node_ids(), state, 2)
-    assert again.mean_delta is None and any(f["kind"] == "protocol" for f in again.failures)
+    assert again.mean_delta is None and any(f.kind == "protocol" for f in again.failures)
     assert all("replayed round" in site.refusals[-1] for site in grid.sites.values())
     assert aggregation.run_round(grid, grid.get_node_ids(), state, 1).mean_delta is None
     assert aggregation.run_round(grid, grid.get_node_ids(), state, 3).contributors == 5
@@ -253,12 +262,12 @@ def test_liar_is_removed_over_flower_and_the_round_goes_on(tmp_path: Path) -> No
     outcome, deltas, grid = _run(tmp_path, 7, _lie_after_stage_1(tmp_path))
     assert outcome.mean_delta is not None, outcome.failures
     honest = [i for i in range(7) if i != 5]
-    assert outcome.contributors == 6 and "site-5" in outcome.details["dropped"]
+    assert outcome.contributors == 6 and "site-5" in outcome.details.dropped
     true = np.mean([deltas[i] for i in honest], axis=0)
-    assert np.abs(outcome.mean_delta - true).max() <= outcome.details["error_bound"] + 1e-6
-    about_liar = [f for f in outcome.failures if f["site"] == "site-5"]
-    assert {f["kind"] for f in about_liar} == {"protocol", "cheated"}
-    assert any(f["detail"] == "unmask: dealt shares inconsistent with its commitment" for f in about_liar)
+    assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
+    about_liar = [f for f in outcome.failures if f.site == "site-5"]
+    assert {f.kind for f in about_liar} == {"protocol", "cheated"}
+    assert any(f.detail == "unmask: dealt shares inconsistent with its commitment" for f in about_liar)
     for node, site in grid.sites.items():  # every holder answered the proof once, then wiped everything
         _, _, session = _session_file(site, 1)
         assert node == LIAR or (session["stage"] == 7 and not session["held_key"])
@@ -275,8 +284,8 @@ def test_liar_at_the_threshold_edge_over_flower_ends_the_round_cleanly(tmp_path:
 
     outcome, _, _ = _run(tmp_path, 6, tamper)
     assert outcome.mean_delta is None and outcome.contributors == 0
-    assert any(f["kind"] == "round-aborted" and "mask key" in f["detail"] for f in outcome.failures)
-    assert any(f["site"] == "site-5" and f["kind"] == "cheated" for f in outcome.failures)
+    assert any(f.kind == "round-aborted" and "mask key" in f.detail for f in outcome.failures)
+    assert any(f.site == "site-5" and f.kind == "cheated" for f in outcome.failures)
 
 
 @pytest.mark.parametrize("bad", sorted(BAD_REPLIES))
@@ -292,5 +301,5 @@ def test_malformed_expose_reply_drops_only_its_answer(tmp_path: Path, bad: str) 
     outcome, deltas, _ = _run(tmp_path, 7, tamper)
     assert outcome.contributors == 6, outcome.failures  # site-0's upload still counts
     true = np.mean([deltas[i] for i in range(7) if i != 5], axis=0)
-    assert np.abs(outcome.mean_delta - true).max() <= outcome.details["error_bound"] + 1e-6
-    assert any(f["site"] == "site-0" and "expose" in f.get("stage", f["detail"]) for f in outcome.failures)
+    assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
+    assert any(f.site == "site-0" and "expose" in (f.stage or f.detail) for f in outcome.failures)
