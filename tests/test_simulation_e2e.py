@@ -151,7 +151,7 @@ def test_report_opens_in_a_headless_browser_with_its_plots_and_baselines(federat
     blank = tmp_path / "no-plots.html"
     blank.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""', page))  # control: the same page, no plots
     # Matplotlib's first line colour (#1f77b4) covers many pixels only where the plots rendered.
-    blue = lambda image: sum(1 for pixel in image.getdata() if abs(pixel[0] - 31) + abs(pixel[1] - 119)  # noqa: E731
+    blue = lambda image: sum(1 for pixel in image.get_flattened_data() if abs(pixel[0] - 31) + abs(pixel[1] - 119)  # noqa: E731
                              + abs(pixel[2] - 180) < 40)
     assert blue(shown) > 500 and blue(render(blank)) < 50
 
