@@ -1,0 +1,147 @@
+"""Integration: the real round loop (server.federation) and the real ClientApp handlers (client.app), with
+real DP-SGD on MiniLM, real secure aggregation and the sites' real ledgers, joined by an in-process Grid
+instead of Flower's engine (which tests/test_simulation_e2e.py and tests/test_deployment.py run).
+
+3 sites of real drug reviews (16 tokens each), set up as ``fedtune simulate`` sets them up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import app as client_app
+from common.config import RunSettings
+from common.records import FAILURE_MESSAGES
+from fedtune.cli import default_run_config, simulated_passport_key, simulated_registry, simulated_site_policies
+from server.federation import FederationFailed, run_federation
+from tests.conftest import write_csv
+
+pytestmark = pytest.mark.integration
+SITES, LABELS = 3, "negative,neutral,positive"
+RUN_IDS = itertools.count(11)  # each run its own id, as Flower gives every submitted run
+
+
+class InProcessGrid:
+    """Flower's Grid as the round loop uses it; every message answered at once by a site's real ClientApp."""
+
+    def __init__(self, run_config: dict, run_id: int) -> None:
+        self.run = SimpleNamespace(run_id=run_id)
+        self.contexts = {100 + i: Context(run_id=run_id, node_id=100 + i, state=RecordDict(), run_config=run_config,
+                                          node_config={"partition-id": i, "num-partitions": SITES})
+                         for i in range(SITES)}
+        self._ids = itertools.count(1)
+        self._replies: dict[str, Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for message in messages:
+            mid = f"m{next(self._ids)}"
+            reply = client_app(message=message, context=self.contexts[message.metadata.dst_node_id])
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            self._replies[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in ids if i in self._replies]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, drug_reviews) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inprocess")
+    return {"train": write_csv(root / "train.csv", drug_reviews[:60]),
+            "test": write_csv(root / "test.csv", drug_reviews[500:530])}
+
+
+def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = True) -> Path:
+    """One run into ``out``, set up as ``fedtune simulate`` does (keys, site policies, passport key)."""
+    simulated_site_policies(out, SITES, labels=LABELS, model="", dp=True, secure=secure, epsilon=8.0, unit="record")
+    run_config = default_run_config() | {
+        "out-dir": str(out), "passport-key": str(simulated_passport_key(out)),
+        "secagg.registry": str(simulated_registry(out, SITES)) if secure else "",
+        "federation.secure-aggregation": secure, "federation.rounds": rounds, "federation.sites": SITES,
+        "data.source": str(data["train"]), "data.test-source": str(data["test"]), "data.labels": LABELS,
+        "data.partition": "iid", "data.max-length": 16, "train.local-epochs": 1, "train.batch-size": 8,
+    }
+    run_id = next(RUN_IDS)
+    with pytest.MonkeyPatch.context() as patch:  # what a Flower task process knows of itself (messages are made in one)
+        patch.setattr(TaskIdentity, "_run_id", run_id)
+        patch.setattr(TaskIdentity, "_node_id", 1)
+        patch.setattr(TaskIdentity, "_task_id", 1)
+        return run_federation(InProcessGrid(run_config, run_id), RunSettings.from_flat(run_config))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def epsilons(out: Path) -> dict[str, float]:
+    return {site: r["epsilon"] for site, r in json.loads((out / "privacy.json").read_text())["sites"].items()}
+
+
+@pytest.fixture(scope="module")
+def secure_run(tmp_path_factory, data) -> Path:
+    out = tmp_path_factory.mktemp("secure")
+    federate(out, data, rounds=2)
+    return out
+
+
+def test_a_secure_dp_round_loop_runs_through_the_real_client_app(secure_run: Path) -> None:
+    lines = metrics(secure_run)
+    assert [line["round"] for line in lines] == [0, 1, 2]
+    for line in lines[1:]:
+        assert line["contributors"] == 3 and line["model_updated"] and line["failures"] == []
+        assert line["secure_aggregation"]["survivors"] == ["site-0", "site-1", "site-2"]
+        assert set(line["secure_aggregation"]["exchange_seconds"]) >= {"train", "share", "mask", "confirm", "unmask"}
+    assert all(0 < eps <= 8.0 for eps in epsilons(secure_run).values())
+    assert (secure_run / "final" / "adapter" / "passport.json").is_file()
+
+
+def test_secure_aggregation_costs_the_model_nothing_measurable(secure_run: Path) -> None:
+    """Each run draws its own DP noise; what secure aggregation adds is quantisation, whose proven per-element
+    bound must be negligible next to how far training moves the adapter. (That the secure sum equals the
+    plain mean exactly is pinned in tests/test_secagg_flower.py.)"""
+    from safetensors.numpy import load_file
+
+    final = load_file(secure_run / "final" / "adapter" / "adapter_model.safetensors")
+    initial = load_file(secure_run / "checkpoints" / "round-0000" / "adapter_model.safetensors")
+    moved = max(float(np.abs(final[k] - initial[k]).max()) for k in final)
+    bound = sum(line["secure_aggregation"]["error_bound"] for line in metrics(secure_run)[1:])
+    assert 0 < bound < 0.01 * moved, (bound, moved)
+
+
+def test_an_update_already_in_a_secure_sum_is_not_resent_and_spent_ledgers_refuse(secure_run: Path, data) -> None:
+    """Under secure aggregation the sites' round-1 uploads already entered a sum, so resending them into a
+    new one would let the server subtract sums: the sites train afresh instead, which their spent
+    ledgers refuse, every one of them, with a kind and a fixed message."""
+    ledgers = {path: path.read_bytes() for path in (secure_run / "sites").glob("site-*/privacy-ledger.json")}
+    with pytest.raises(FederationFailed, match="budget-exhausted"):
+        federate(secure_run, data, rounds=1)
+    line = metrics(secure_run)[-1]
+    assert line["model_updated"] is False and line["contributors"] == 0
+    refusals = [failure for failure in line["failures"] if failure["kind"] == "budget-exhausted"]
+    assert sorted(failure["site"] for failure in refusals) == ["site-0", "site-1", "site-2"], line["failures"]
+    assert all(failure["detail"] == FAILURE_MESSAGES["budget-exhausted"] for failure in refusals)
+    assert len(ledgers) == 3 and all(path.read_bytes() == saved for path, saved in ledgers.items())
+
+
+def test_a_repeated_round_is_resent_for_no_new_epsilon(tmp_path: Path, data) -> None:
+    """Re-running round 1 (as after a coordinator crash) sends the sites an adapter they already answered.
+    Plain aggregation: they resend their sealed updates and nobody's ε moves."""
+    federate(tmp_path, data, rounds=1, secure=False)
+    spent = epsilons(tmp_path)
+    federate(tmp_path, data, rounds=1, secure=False)
+    line = metrics(tmp_path)[-1]
+    assert line["round"] == 1 and line["model_updated"] is True and line["contributors"] == 3
+    assert epsilons(tmp_path) == spent and all(0 < eps <= 8.0 for eps in spent.values())
