@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.policy import PolicyError
 from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger
 from client.release import ReleasedUpdates, adapter_digest
 from client.secure import (
@@ -41,7 +42,7 @@ from client.secure import (
     stage_share,
     stage_unmask,
 )
-from client.site import PolicyError, Site, resolve_site
+from client.site import Site, resolve_site
 from client.train import TrainingError, train_locally
 from common.adapter import AdapterState, delta, set_adapter_state, trainable_keys
 from common.audit import AuditLog

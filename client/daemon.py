@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from client.site import SitePolicy
+from client.policy import SitePolicy
 from common.config import unit_column
 from common.data import encode_labels, read_records, unit_indices
 from common.files import write_private

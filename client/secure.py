@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from client.policy import SitePolicy
 from client.release import ReleasedUpdates
-from client.site import SitePolicy
 from common.config import SecureAggSettings
 from common.files import exclusive_lock, write_durably
 from common.registry import FederationRegistry

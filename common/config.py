@@ -26,12 +26,14 @@ class ConfigError(BadInput):
     """A setting is missing, has the wrong type, or is out of range."""
 
 
-def option(default: Any, flag: str, help: str, *, choices: tuple[str, ...] = (), simulation_only: bool = False) -> Any:
+def option(default: Any, flag: str, help: str, *, choices: tuple[str, ...] = (), simulation_only: bool = False,
+           required: bool = False, kind: type | None = None) -> Any:
     """A setting that is also a command-line option (``flag``): its one default and its one help text.
 
-    ``simulation_only``: how a simulation splits data into sites, not offered by ``server start``."""
-    return field(default=default, metadata={"flag": flag, "help": help, "choices": choices,
-                                            "simulation_only": simulation_only})
+    ``simulation_only``: how a simulation splits data into sites, not offered by ``server start``;
+    ``kind``: what the command line parses, where the default (None) does not say."""
+    return field(default=default, metadata={"flag": flag, "help": help, "choices": choices, "required": required,
+                                            "simulation_only": simulation_only, "kind": kind})
 
 
 def _require(condition: bool, message: str) -> None:
@@ -331,6 +333,8 @@ class CommandLineOption:
     help: str
     choices: tuple[str, ...]
     simulation_only: bool
+    required: bool
+    declared_kind: type | None
 
     @property
     def dest(self) -> str:
@@ -339,6 +343,8 @@ class CommandLineOption:
     @property
     def kind(self) -> type:
         """What the command line parses: a comma-separated string for a tuple."""
+        if self.declared_kind is not None:
+            return self.declared_kind
         return str if isinstance(self.default, tuple) else type(self.default)
 
     @property
@@ -346,15 +352,17 @@ class CommandLineOption:
         return ",".join(self.default) if isinstance(self.default, tuple) else self.default
 
 
+def options_of(settings: type, prefix: str = "") -> tuple[CommandLineOption, ...]:
+    """The ``option(...)`` fields of one settings dataclass, in declaration order; keys are ``prefix`` + the
+    field's name in kebab case."""
+    return tuple(CommandLineOption(prefix + f.name.replace("_", "-"), f.metadata["flag"], f.default,
+                                   f.metadata["help"], f.metadata["choices"], f.metadata["simulation_only"],
+                                   f.metadata["required"], f.metadata["kind"])
+                 for f in dataclasses.fields(settings) if "flag" in f.metadata)
+
+
 def command_line_options() -> tuple[CommandLineOption, ...]:
-    """Every setting declared with ``option(...)``, in declaration order: the one source of each flag's
-    default and help (``fedtune simulate``, ``demo`` and ``server start`` build their options from it)."""
-    found = []
-    sections = [("", RunSettings)] + [(f"{name}.", kind) for name, kind in _SECTIONS.items()]
-    for prefix, kind in sections:
-        for f in dataclasses.fields(kind):
-            if "flag" in f.metadata:
-                found.append(CommandLineOption(
-                    prefix + f.name.replace("_", "-"), f.metadata["flag"], f.default, f.metadata["help"],
-                    f.metadata["choices"], f.metadata["simulation_only"]))
-    return tuple(found)
+    """Every run setting declared with ``option(...)``: the one source of each flag's default and help
+    (``fedtune simulate``, ``demo`` and ``server start`` build their options from it)."""
+    sections = (opt for name, kind in _SECTIONS.items() for opt in options_of(kind, f"{name}."))
+    return options_of(RunSettings) + tuple(sections)

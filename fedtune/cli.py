@@ -17,7 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.config import BadInput, ConfigError, RunSettings, command_line_options, unit_name
+from common.config import (
+    BadInput,
+    CommandLineOption,
+    ConfigError,
+    RunSettings,
+    command_line_options,
+    options_of,
+    unit_name,
+)
 from fedtune.deploy_cli import add_subcommands
 from server.control import RunFailed, project_dir
 from simulations.runner import run_simulation
@@ -89,7 +97,7 @@ def simulated_site_policies(out: Path, sites: int, *, labels: str, model: str, d
 
     Weaker protection than the defaults exists only because this command was asked for it by name.
     """
-    from client.site import SitePolicy, write_policy
+    from client.policy import SitePolicy, write_policy
 
     policy = SitePolicy(labels=tuple(labels.split(",")), model_path=model, max_epsilon=epsilon, require_dp=dp,
                         require_secure_aggregation=secure, privacy_unit=unit)
@@ -237,15 +245,19 @@ def cmd_server_start(args: argparse.Namespace) -> None:
           f"audit log: {args.state / 'run' / 'audit.jsonl'}")
 
 
-def cmd_client_start(args: argparse.Namespace) -> int:
-    """The on-premise site daemon (a SuperNode); runs until stopped."""
-    from client.daemon import start_client
-    from client.site import SitePolicy
+def site_policy_options() -> tuple[CommandLineOption, ...]:
+    from client.policy import SitePolicy
 
-    policy = SitePolicy(labels=tuple(label.strip() for label in args.labels.split(",") if label.strip()),
-                        model_path=args.model, max_epsilon=args.max_epsilon, max_delta=args.max_delta,
-                        min_sites=args.min_sites, declared_examples=args.declared_examples,
-                        privacy_unit=args.privacy_unit)
+    return options_of(SitePolicy)
+
+
+def cmd_client_start(args: argparse.Namespace) -> int:
+    """The on-premise site daemon (a SuperNode and the site's executor); runs until stopped."""
+    from client.daemon import start_client
+    from client.policy import SitePolicy
+
+    policy = SitePolicy.from_mapping({opt.key: getattr(args, opt.dest) for opt in site_policy_options()},
+                                     "the command line")
     print(f"== site daemon: kit {args.kit}, keys {args.keys}, data {args.data}, state {args.state}, "
           f"coordinator {args.superlink}, policy: labels {','.join(policy.labels)}, ε ≤ {policy.max_epsilon:g} "
           f"per {unit_name(policy.privacy_unit)}, "
@@ -284,23 +296,9 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
     daemon.add_argument("--data", type=Path, required=True, help="the site's CSV/JSONL (text,label); never leaves")
     daemon.add_argument("--state", type=Path, required=True, help="the site's state: privacy ledger, audit log")
     daemon.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")
-    daemon.add_argument("--labels", required=True,
-                        help="site policy: the federation's labels, comma-separated, as agreed; every record's label "
-                             "must be one of them, and a run naming other labels is refused")
-    daemon.add_argument("--model", default="",
-                        help="site policy: the base model this site trains (local HF dir; default: packaged MiniLM)")
-    daemon.add_argument("--max-epsilon", type=float, default=8.0,
-                        help="site policy: the most ε (total over the federation) this site will ever agree to")
-    daemon.add_argument("--max-delta", type=float, default=None,
-                        help="site policy: the largest δ accepted (default: min(1e-5, 1/(10·n)) for n records)")
-    daemon.add_argument("--privacy-unit", default="record",
-                        help="site policy: whom ε protects: 'record', or 'column:NAME' (e.g. column:patient_id: all "
-                             "of a patient's rows are one unit); the run must name the same unit")
-    daemon.add_argument("--min-sites", type=int, default=3,
-                        help="site policy: fewest sites in a secure-aggregation round")
-    daemon.add_argument("--declared-examples", type=int, default=None,
-                        help="site policy: a public weight this site declares for averaging (default: equal "
-                             "weights); it is released, so never put the true record count here unless it is public")
+    for opt in site_policy_options():  # the site's own policy: flag, default and help from client/policy.py
+        daemon.add_argument(opt.flag, dest=opt.dest, type=opt.kind, default=opt.cli_default, required=opt.required,
+                            help=f"site policy: {opt.help}")
     daemon.add_argument("--connect-timeout", type=float, default=600.0,
                         help="give up after failing to connect for this many seconds (unregistered site?)")
 

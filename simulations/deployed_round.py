@@ -25,8 +25,8 @@ from datetime import datetime
 from pathlib import Path
 
 from client.daemon import node_config
+from client.policy import SitePolicy
 from client.privacy import CHARGE_EVENT
-from client.site import SitePolicy
 from common.data import read_records, write_records
 from common.kits import check_kit
 from common.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt

@@ -82,7 +82,8 @@ def test_the_clientapp_reads_the_registry_from_the_kit_and_the_key_from_the_site
     from flwr.common.config import parse_config_args
 
     from client.daemon import node_config
-    from client.site import SitePolicy, site_paths
+    from client.policy import SitePolicy
+    from client.site import site_paths
     from common.registry import load_identity, load_registry
 
     kit, keys = kits / "sites" / "site-a", kits.parent / "keys" / "site-a"
@@ -97,7 +98,7 @@ def test_the_sites_policy_flags_reach_the_clientapps_policy(kits: Path, tmp_path
     from flwr.common.config import parse_config_args
 
     from client.daemon import node_config
-    from client.site import SitePolicy
+    from client.policy import SitePolicy
 
     wanted = SitePolicy(labels=("no", "yes"), model_path="/opt/models/bert", max_epsilon=2.5, max_delta=1e-6,
                         min_sites=4, declared_examples=300)

@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import server.secure_agg as secure_agg
+from client.policy import SitePolicy
 from client.release import ReleasedUpdates
 from client.secure import (
     SessionStore,
@@ -29,7 +30,6 @@ from client.secure import (
     stage_share,
     stage_unmask,
 )
-from client.site import SitePolicy
 from common.config import SecureAggSettings
 from common.records import (
     KeyAdvertisement,

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.policy import SitePolicy
 from client.secure import ParamsRefused, SessionStore, SiteKeys, accept_params
-from client.site import SitePolicy
 from common.config import SecureAggSettings
 from common.registry import FederationRegistry
 from common.secagg import (

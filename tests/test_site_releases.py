@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
 
-from client.site import SitePolicy
+from client.policy import SitePolicy
 from common.config import RunSettings
 from common.records import FAILURE_MESSAGES, pack_train_request
 from fedtune.cli import default_run_config
@@ -181,7 +181,7 @@ def test_a_site_whose_data_lacks_its_privacy_unit_column_says_so_locally_and_sen
 
 
 def test_policy_default_delta_is_not_an_oracle_for_the_record_count():
-    from client.site import PolicyError, default_max_delta
+    from client.policy import PolicyError, default_max_delta
 
     # The default δ ceiling never exceeds 1/(10·n), and below 10,000 records it does not depend on n at all,
     # so a refusal cannot be used to binary-search a site's record count.

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.policy import SitePolicy
 from client.release import ReleasedUpdates
 from client.secure import SessionStore, SiteKeys, accept_params, stage_advertise, stage_mask, stage_share
-from client.site import SitePolicy
 from common.config import SecureAggSettings
 from common.registry import create_site_identities, load_identity, load_registry
 from common.secagg import ClientSession, ProtocolError, ServerAggregator

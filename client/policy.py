@@ -1,0 +1,168 @@
+"""A site's own policy: what it accepts, set by the site (daemon flags or its policy file), never by the
+coordinator's run config. Light (no torch): ``fedtune client start`` builds its options from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError, RunSettings, check_unit, option
+from common.files import write_json
+
+POLICY_FILE = "policy.json"
+ACCOUNTANTS = ("prv", "rdp")
+"""Accountants whose ε is a valid upper bound (PRV and RDP with Poisson subsampling, add/remove-one)."""
+
+
+class PolicyError(RuntimeError):
+    """The run asks for less protection than this site's own policy allows."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What a site accepts. Set by the site (daemon flags or its policy file), never by the run config.
+
+    A request below it is refused before any privacy budget is spent, with a typed failure.
+    """
+
+    labels: tuple[str, ...] = option(
+        (), "--labels", "the federation's labels, comma-separated, as agreed: every record's label must be one of "
+        "them, and a run naming other labels is refused (so the coordinator cannot probe the site's labels)",
+        required=True)
+    model_path: str = option("", "--model", "the base model this site trains (a local Hugging Face directory; '' = "
+                                            "the packaged MiniLM): a run naming another is refused")
+    max_epsilon: float = option(8.0, "--max-epsilon", "the most ε (total over the whole federation) this site will "
+                                                      "ever agree to")
+    max_delta: float | None = option(None, "--max-delta", "the largest δ accepted (default: min(1e-5, 1/(10·n)) "
+                                                          "rounded down to a power of ten, for n units)", kind=float)
+    accountants: tuple[str, ...] = ACCOUNTANTS
+    require_dp: bool = True
+    require_secure_aggregation: bool = True
+    min_sites: int = option(3, "--min-sites", "fewest sites in a secure-aggregation round (with two, each site "
+                                              "learns the other's update from the sum)")
+    all_pairs_up_to: int = 64
+    """Secure rounds with at most this many sites must mask every pair (no server-chosen graph)."""
+    min_degree: int = 0
+    """Fewest mask partners per site in a larger round; 0 = 2·ceil(log2 n) (SecAgg+)."""
+    declared_examples: int | None = option(
+        None, "--declared-examples", "a public weight this site declares for averaging (default: equal weights); it "
+        "is released, so never put the true record count here unless it is public", kind=int)
+    privacy_unit: str = option("record", "--privacy-unit", "whom ε protects: 'record', or 'column:NAME' (e.g. "
+                               "column:patient_id: all of a patient's rows are one unit); the run must name the same "
+                               "unit, so the coordinator can never turn a per-patient site into a per-row one")
+
+    def __post_init__(self) -> None:
+        problems = []
+        try:
+            check_unit(self.privacy_unit, "privacy-unit")
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if not 0 < self.max_epsilon < float("inf"):
+            problems.append(f"max-epsilon must be a positive number, got {self.max_epsilon}")
+        if self.max_delta is not None and not 0 < self.max_delta < 1:
+            problems.append(f"max-delta must be in (0, 1), got {self.max_delta}")
+        if not set(self.accountants) <= set(ACCOUNTANTS) or not self.accountants:
+            problems.append(f"accountants must be among {ACCOUNTANTS}, got {self.accountants}")
+        if self.min_sites < 2:
+            problems.append(f"min-sites must be >= 2, got {self.min_sites}")
+        if self.all_pairs_up_to < 0 or self.min_degree < 0:
+            problems.append("all-pairs-up-to and min-degree must be >= 0")
+        if len(set(self.labels)) != len(self.labels):
+            problems.append(f"labels must name each label once, got {self.labels}")
+        if self.declared_examples is not None and self.declared_examples < 1:
+            problems.append(f"declared-examples must be >= 1, got {self.declared_examples}")
+        if problems:
+            raise ConfigError("site policy: " + "; ".join(problems))
+
+    def check_task(self, settings: RunSettings) -> None:
+        """Refuse a run on another label set or model, before the site's data is even read."""
+        if not self.labels:
+            raise ConfigError("this site's policy names no labels: set them with `fedtune client start --labels` "
+                              "(a simulated site's policy.json is written by `fedtune simulate`)")
+        if settings.data.labels != self.labels:
+            raise PolicyError(f"the run's labels {settings.data.labels} are not the ones this site agreed to "
+                              f"{self.labels}")
+        if settings.model_path != self.model_path:
+            raise PolicyError(f"the run's model {settings.model_path!r} is not the one this site trains "
+                              f"{self.model_path!r}")
+
+    def check(self, settings: RunSettings, num_units: int) -> None:
+        """Refuse a run that asks for less protection than this policy (before anything is spent)."""
+        self.check_task(settings)
+        privacy = settings.privacy
+        if not privacy.enabled:
+            if self.require_dp:
+                raise PolicyError("the run turns differential privacy off; this site requires DP")
+        else:
+            if privacy.unit != self.privacy_unit:
+                raise PolicyError(f"the run's privacy unit {privacy.unit!r} is not this site's {self.privacy_unit!r}")
+            max_delta = self.max_delta if self.max_delta is not None else default_max_delta(num_units)
+            if privacy.epsilon > self.max_epsilon:
+                raise PolicyError(f"the run asks for a budget ε={privacy.epsilon:g}; this site allows at most "
+                                  f"ε={self.max_epsilon:g}")
+            if privacy.delta > max_delta:
+                raise PolicyError(f"the run asks for δ={privacy.delta:g}; this site allows at most δ={max_delta:.3g}")
+            if privacy.accountant not in self.accountants:
+                raise PolicyError(f"the run asks for the {privacy.accountant!r} accountant; this site accepts "
+                                  f"{', '.join(self.accountants)}")
+        if self.require_secure_aggregation and not settings.federation.secure_aggregation:
+            raise PolicyError("the run turns secure aggregation off; this site requires it")
+
+    def weakened(self) -> list[str]:
+        """The protections this policy turns off, for a loud warning."""
+        return [what for what, off in (("differential privacy", not self.require_dp),
+                                       ("secure aggregation", not self.require_secure_aggregation),
+                                       (f"secure rounds of {self.min_sites} sites", self.min_sites < 3)) if off]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str) -> SitePolicy:
+        """Parse ``{"max-epsilon": 8, ...}`` (node config ``policy.*`` keys or policy.json)."""
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"{where}: unknown site policy setting(s) {unknown}; known: {sorted(fields)}")
+        kwargs: dict[str, Any] = {}
+        try:
+            for key, value in values.items():
+                name = fields[key].name
+                default = getattr(cls, name, None)
+                if name in ("accountants", "labels"):
+                    parts = str(value).split(",") if isinstance(value, str) else value
+                    kwargs[name] = tuple(str(part).strip() for part in parts if str(part).strip())
+                elif isinstance(default, bool):
+                    if not isinstance(value, bool):
+                        raise ValueError(f"{key} must be true or false")
+                    kwargs[name] = value
+                elif name in ("model_path", "privacy_unit"):
+                    kwargs[name] = str(value)
+                elif value is None or value == "":
+                    kwargs[name] = None
+                elif name in ("max_epsilon", "max_delta"):
+                    kwargs[name] = float(value)
+                else:
+                    kwargs[name] = int(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): (",".join(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+
+def default_max_delta(num_records: int) -> float:
+    """min(1e-5, 1/(10·n) rounded down to a power of ten): never above 1/(10·n), and a refusal it causes
+    tells the coordinator at most the order of magnitude of n, and nothing below 10,000 records."""
+    return min(1e-5, 10.0 ** math.floor(math.log10(1 / (10 * max(1, num_records)))))
+
+
+def write_policy(state_dir: Path, policy: SitePolicy) -> Path:
+    """A simulated site's own policy file (owner-only), as the person playing the sites set it."""
+    path = state_dir / POLICY_FILE
+    write_json(path, policy.to_mapping())
+    return path
