@@ -73,3 +73,36 @@ def test_only_the_holder_of_the_sites_secret_can_claim_its_tasks(supernode) -> N
         with pytest.raises(httpx.HTTPStatusError) as refused:
             claim_task(intruder)
         assert refused.value.response.status_code in (401, 403)
+
+
+def test_a_task_left_pending_for_an_ignored_message_is_finished() -> None:
+    """Flower's SuperNode makes a task for a message, then ignores the message if its run is no longer
+    running (RunNotRunningException) and leaves the task pending: an executor would wait on it forever."""
+    from flwr.common.constant import Status, SubStatus
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from client.supernode import finish_orphaned_tasks
+
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    kept = state.create_task(task_type="flwr-clientapp", run_id=1, fab_hash="f")
+
+    def ignores_a_message(**kwargs):  # Flower's behaviour for a run that is not running
+        kwargs["state"].create_task(task_type="flwr-clientapp", run_id=2, fab_hash="f")
+        return None
+
+    def stores_a_message(**kwargs):
+        return kwargs["state"].create_task(task_type="flwr-clientapp", run_id=3, fab_hash="f") and 3
+
+    module = types.ModuleType("probe")
+    module._pull_and_store_message = ignores_a_message  # type: ignore[attr-defined]
+    finish_orphaned_tasks(module)
+    assert module._pull_and_store_message(state=state) is None  # type: ignore[attr-defined]
+    pending = state.get_tasks(statuses=[Status.PENDING])
+    assert [task.task_id for task in pending] == [kept]  # only the orphan was finished, as failed
+    finished = state.get_tasks(statuses=[Status.FINISHED])
+    assert len(finished) == 1 and finished[0].status.sub_status == SubStatus.FAILED
+    module._pull_and_store_message = stores_a_message  # type: ignore[attr-defined]
+    finish_orphaned_tasks(module)
+    assert module._pull_and_store_message(state=state) == 3  # type: ignore[attr-defined]
+    assert len(state.get_tasks(statuses=[Status.PENDING])) == 2  # a stored message's task is left alone
