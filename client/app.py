@@ -85,7 +85,7 @@ def _replying_failures(handler: Callable[[Message, Context], RecordDict]) -> Cal
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return Message(handler(msg, context), reply_to=msg)
-        except Exception as exc:
+        except Exception as exc:  # nothing but the kind may leave the site
             kind = next((name for cls, name in _FAILURE_KINDS if isinstance(exc, cls)), "internal")
             log.error("site refuses %s (%s): %s", msg.metadata.message_type, kind, exc,
                       exc_info=kind == "internal")

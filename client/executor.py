@@ -132,14 +132,14 @@ class SiteExecutor:
             try:
                 reply = self.app(message=message, context=context)
                 status, details = SubStatus.COMPLETED, ""
-            except Exception as exc:
+            except Exception as exc:  # the ClientApp answers its own failures: reaching here is a bug
                 log.exception("the ClientApp raised on %s", message_type)
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="the site's ClientApp "
                                       "failed (see the site's executor log)"), reply_to=message)
                 details = f"{type(exc).__name__}"
             lap("run")
             push_message(task, reply, context)
-        except Exception:
+        except Exception:  # one broken task must not stop the site
             log.exception("task %s could not be completed", message_type)
         finally:
             push_task_output(task, context, status, details)

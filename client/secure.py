@@ -114,7 +114,7 @@ class SessionStore:
             with self.locked(round_id):
                 try:
                     session, record = self.load(round_id, keys)
-                except Exception:
+                except Exception:  # unreadable (other registry, corrupt): delete it
                     path.unlink(missing_ok=True)
                     continue
                 if session.stage is Stage.DONE:

@@ -187,7 +187,7 @@ class SecureAggregation:
                 if round_id != params.round_id:
                     del answers[site]
                     raise WireError("reply is for another round")
-            except Exception as exc:
+            except Exception as exc:  # any malformation of an untrusted reply drops its site
                 detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
                 failures.append(Failure(name, "protocol", detail, message_type))
                 log.warning("site %s dropped at %s: %s", name, message_type, detail)

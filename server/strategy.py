@@ -156,7 +156,7 @@ class PlainAggregation:
                 continue
             try:
                 decoded = unpack_train_reply(reply.content, spec.update_size, spec.max_weight)
-            except Exception as exc:
+            except Exception as exc:  # any malformation of an untrusted reply drops its site
                 detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
                 failures.append(Failure(str(node), "malformed-update", detail))
                 continue
