@@ -12,9 +12,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
+SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
 
 
 class BadInput(ValueError):
@@ -136,7 +137,7 @@ class ServerSettings:
 
     optimizer: ServerOptimizerName = option(
         "fedavg", "--server-optimizer", "the server's step on the sites' mean update (post-processing: no privacy "
-        "cost)", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"))
+        "cost)", choices=SERVER_OPTIMIZERS)
     learning_rate: float = option(1.0, "--server-learning-rate",
                                   "the server's step size on the mean update (fedavg: 1.0 applies it as is)")
     momentum: float = 0.9
@@ -146,8 +147,8 @@ class ServerSettings:
     """Adaptivity floor of fedadam/fedyogi: step ≈ lr·m/(√v + τ)."""
 
     def __post_init__(self) -> None:
-        _require(self.optimizer in ("fedavg", "fedavgm", "fedadam", "fedyogi"),
-                 f"server.optimizer must be fedavg, fedavgm, fedadam or fedyogi, got {self.optimizer!r}")
+        _require(self.optimizer in SERVER_OPTIMIZERS,
+                 f"server.optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {self.optimizer!r}")
         _require(self.learning_rate > 0, f"server.learning-rate must be > 0, got {self.learning_rate}")
         _require(0 <= self.momentum < 1 and 0 <= self.beta2 < 1, "server.momentum and server.beta2 must be in [0, 1)")
         _require(self.tau > 0, f"server.tau must be > 0, got {self.tau}")

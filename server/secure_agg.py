@@ -109,17 +109,13 @@ class SecureAggregation:
 
         def stage(message_type: str, content: Callable[[int], RecordDict],
                   only: Collection[int] | None = None) -> dict[int, dict[str, bytes]]:
-            started = time.perf_counter()
-            answers = self._exchange(grid, node_of_site, params, message_type, content, failures, only, unpack_stage)
-            seconds[message_type.removeprefix("train.secagg_")] = round(time.perf_counter() - started, 3)
-            return answers
+            return self._exchange(grid, node_of_site, params, message_type, content, failures, only, unpack_stage,
+                                  seconds)
 
         try:
             request = pack_train_request(state, server_round, params_to_bytes(params))
-            started = time.perf_counter()
             adverts = self._exchange(grid, node_of_site, params, "train", lambda site: request, failures, None,
-                                     functools.partial(_advertisement, max_weight=spec.max_weight))
-            seconds["train"] = round(time.perf_counter() - started, 3)
+                                     functools.partial(_advertisement, max_weight=spec.max_weight), seconds)
             privacy.update({self.registry.name_of(site): advert.privacy for site, advert in adverts.items()})
             weights.update({site: advert.weight for site, advert in adverts.items()})
             routed = aggregator.collect_bundles({site: advert.bundle for site, advert in adverts.items()})
@@ -164,8 +160,9 @@ class SecureAggregation:
 
     def _exchange(self, grid: Grid, node_of_site: dict[int, int], params: SecAggParams, message_type: str,
                   content: Callable[[int], RecordDict], failures: list[Failure], only: Collection[int] | None,
-                  parse: Callable[[RecordDict], tuple[bytes, T]]) -> dict[int, T]:
-        """Send one exchange to the sites still in the round; each reply parsed once, by site id.
+                  parse: Callable[[RecordDict], tuple[bytes, T]], seconds: dict[str, float]) -> dict[int, T]:
+        """Send one exchange to the sites still in the round; each reply parsed once, by site id. Its wall time
+        goes into ``seconds`` (under the stage's short name: "train", "share", ...).
 
         A reply that is an error, a typed site failure, for another round, or malformed in any way is
         recorded as a failure and its site is left out (dropped); nothing raises.
@@ -173,7 +170,9 @@ class SecureAggregation:
         messages = {site: Message(content(site), dst_node_id=node_of_site[site], message_type=message_type)
                     for site in sorted(node_of_site) if only is None or site in only}
         timeout = self.spec.train_timeout if message_type == "train" else self.spec.stage_timeout
+        started = time.perf_counter()
         replies = exchange(grid, messages, timeout)
+        seconds[message_type.removeprefix("train.secagg_")] = round(time.perf_counter() - started, 3)
         failures.extend(missing_replies([self.registry.name_of(s) for s in messages if s not in replies], timeout,
                                         message_type))
         answers: dict[int, T] = {}

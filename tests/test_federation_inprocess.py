@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,38 +22,24 @@ from common.records import FAILURE_MESSAGES
 from fedtune.cli import default_run_config, simulated_passport_key, simulated_registry, simulated_site_policies
 from server.federation import FederationFailed, run_federation
 from tests.conftest import write_csv
+from tests.grid import InstantGrid
 
 pytestmark = pytest.mark.integration
 SITES, LABELS = 3, "negative,neutral,positive"
 RUN_IDS = itertools.count(11)  # each run its own id, as Flower gives every submitted run
 
 
-class InProcessGrid:
-    """Flower's Grid as the round loop uses it; every message answered at once by a site's real ClientApp."""
+class InProcessGrid(InstantGrid):
+    """Every message answered at once by a site's real ClientApp, in its own Flower Context."""
 
     def __init__(self, run_config: dict, run_id: int) -> None:
-        self.run = SimpleNamespace(run_id=run_id)
-        self.contexts = {100 + i: Context(run_id=run_id, node_id=100 + i, state=RecordDict(), run_config=run_config,
-                                          node_config={"partition-id": i, "num-partitions": SITES})
-                         for i in range(SITES)}
-        self._ids = itertools.count(1)
-        self._replies: dict[str, Message] = {}
+        super().__init__([100 + i for i in range(SITES)], run_id)
+        self.contexts = {node: Context(run_id=run_id, node_id=node, state=RecordDict(), run_config=run_config,
+                                       node_config={"partition-id": node - 100, "num-partitions": SITES})
+                         for node in self.nodes}
 
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.contexts)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for message in messages:
-            mid = f"m{next(self._ids)}"
-            reply = client_app(message=message, context=self.contexts[message.metadata.dst_node_id])
-            reply.metadata.__dict__["_reply_to_message_id"] = mid
-            self._replies[mid] = reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids: list[str]) -> list[Message]:
-        return [self._replies.pop(i) for i in ids if i in self._replies]
+    def answer(self, message: Message) -> Message:
+        return client_app(message=message, context=self.contexts[message.metadata.dst_node_id])
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,9 @@ in-process Grid delivers the server's messages to site handlers built from clien
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -45,6 +43,7 @@ from common.records import (
 from common.registry import FederationRegistry
 from common.secagg import SecAggError, SiteIdentity, SiteRegistry
 from server.strategy import RoundSpec
+from tests.grid import InstantGrid
 
 LENGTH = 24
 RUN_ID = 7
@@ -95,34 +94,19 @@ class FakeSite:
             return pack_failure(SiteFailure("protocol"))
 
 
-class FakeGrid:
-    """push_messages/pull_messages/get_node_ids/run, answering synchronously through the sites."""
+class FakeGrid(InstantGrid):
+    """Each node answers synchronously through its FakeSite, optionally tampered with on the way back."""
 
     def __init__(self, sites: dict[int, FakeSite], tamper: Tamper | None = None) -> None:
+        super().__init__(list(sites), RUN_ID)
         self.sites, self.tamper = sites, tamper
-        self.run = SimpleNamespace(run_id=RUN_ID)
-        self._ids = itertools.count(1)
-        self._replies: dict[str, Message] = {}
 
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.sites)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            mid = f"m{next(self._ids)}"
-            node = msg.metadata.dst_node_id
-            content = self.sites[node].handle(msg)
-            if self.tamper is not None and (bad := self.tamper(node, msg.metadata.message_type, content)) is not None:
-                content = bad
-            reply = Message(content, dst_node_id=0, message_type=msg.metadata.message_type)
-            reply.metadata.__dict__["_reply_to_message_id"] = mid
-            self._replies[mid] = reply
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, ids: list[str]) -> list[Message]:
-        return [self._replies.pop(i) for i in ids if i in self._replies]
+    def answer(self, message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        content = self.sites[node].handle(message)
+        if self.tamper is not None and (bad := self.tamper(node, message.metadata.message_type, content)) is not None:
+            content = bad
+        return Message(content, dst_node_id=0, message_type=message.metadata.message_type)
 
 
 @pytest.fixture(autouse=True)
