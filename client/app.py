@@ -135,7 +135,7 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
     if ledger is None:
         log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
     started = time.monotonic()
-    model = build_model(site.policy.model_path, len(site.labels), settings.lora)
+    model = build_model(site.policy.model_path, len(site.labels), settings.lora, site.policy.task)
     set_adapter_state(model, received)
     result = train_locally(model, site.train, settings.train, ledger=ledger, privacy=settings.privacy,
                            planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id)

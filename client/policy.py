@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunSettings, check_unit, option
+from common.config import TASKS, ConfigError, RunSettings, TaskKind, check_unit, option
 from common.files import write_json
 
 POLICY_FILE = "policy.json"
@@ -30,12 +30,16 @@ class SitePolicy:
     A request below it is refused before any privacy budget is spent, with a typed failure.
     """
 
+    task: TaskKind = option("classification", "--task", "what this site fine-tunes: 'classification' (its records are "
+                       "text,label) or 'causal-lm' (prompt,response or chat messages): a run naming another is "
+                       "refused", choices=TASKS)
     labels: tuple[str, ...] = option(
-        (), "--labels", "the federation's labels, comma-separated, as agreed: every record's label must be one of "
-        "them, and a run naming other labels is refused (so the coordinator cannot probe the site's labels)",
-        required=True)
-    model_path: str = option("", "--model", "the base model this site trains (a local Hugging Face directory; '' = "
-                                            "the packaged MiniLM): a run naming another is refused")
+        (), "--labels", "classification: the federation's labels, comma-separated, as agreed: every record's label "
+        "must be one of them, and a run naming other labels is refused (so the coordinator cannot probe the site's "
+        "labels)")
+    model_path: str = option("", "--model", "the base model this site trains ('minilm' or 'smollm2', packaged, or a "
+                                            "local Hugging Face directory; '' = minilm): a run naming another is "
+                                            "refused")
     max_epsilon: float = option(8.0, "--max-epsilon", "the most ε (total over the whole federation) this site will "
                                                       "ever agree to")
     max_delta: float | None = option(None, "--max-delta", "the largest δ accepted (default: min(1e-5, 1/(10·n)) "
@@ -58,6 +62,8 @@ class SitePolicy:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.task not in TASKS:
+            problems.append(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         try:
             check_unit(self.privacy_unit, "privacy-unit")
         except ConfigError as exc:
@@ -79,11 +85,17 @@ class SitePolicy:
         if problems:
             raise ConfigError("site policy: " + "; ".join(problems))
 
-    def check_task(self, settings: RunSettings) -> None:
-        """Refuse a run on another label set or model, before the site's data is even read."""
-        if not self.labels:
+    def check_complete(self) -> None:
+        """A classifying site must name its labels (a site daemon does not start without them)."""
+        if self.task == "classification" and not self.labels:
             raise ConfigError("this site's policy names no labels: set them with `fedtune client start --labels` "
                               "(a simulated site's policy.json is written by `fedtune simulate`)")
+
+    def check_task(self, settings: RunSettings) -> None:
+        """Refuse a run on another task, label set or model, before the site's data is even read."""
+        if settings.task != self.task:
+            raise PolicyError(f"the run's task {settings.task!r} is not the one this site fine-tunes {self.task!r}")
+        self.check_complete()
         if settings.data.labels != self.labels:
             raise PolicyError(f"the run's labels {settings.data.labels} are not the ones this site agreed to "
                               f"{self.labels}")
@@ -138,7 +150,7 @@ class SitePolicy:
                     if not isinstance(value, bool):
                         raise ValueError(f"{key} must be true or false")
                     kwargs[name] = value
-                elif name in ("model_path", "privacy_unit"):
+                elif name in ("model_path", "privacy_unit", "task"):
                     kwargs[name] = str(value)
                 elif value is None or value == "":
                     kwargs[name] = None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from client.policy import POLICY_FILE, SitePolicy
-from common.config import ConfigError, DataSettings, RunSettings, unit_column
+from common.config import ConfigError, DataSettings, RunSettings, TaskKind, unit_column
 from common.data import EncodedData, Record, encode, partition, read_records
 from common.files import private_dir
 from common.model import load_tokenizer
@@ -46,7 +46,7 @@ class Site:
 
 
 def resolve_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
-    if not settings.data.labels:
+    if settings.task == "classification" and not settings.data.labels:
         raise ConfigError("data.labels must list the federation's labels (the run config sets it for every site)")
     if "data-path" in node_config:
         site = _deployed_site(node_config, settings)
@@ -72,14 +72,14 @@ def _deployed_site(node_config: Mapping[str, Any], settings: RunSettings) -> Sit
     keys_dir, registry = site_paths(node_config)
     policy = SitePolicy.from_mapping({k.removeprefix("policy."): v for k, v in node_config.items()
                                       if k.startswith("policy.")}, "node config")
+    policy.check_task(settings)  # before the records are read
     site = _encode_site(str(node_config["site-name"]), Path(str(node_config["state-dir"])),
-                        read_records(str(node_config["data-path"])), settings, policy=policy, keys_dir=keys_dir)
+                        read_records(str(node_config["data-path"]), task=policy.task), settings, policy=policy,
+                        keys_dir=keys_dir)
     return dataclasses.replace(site, registry_path=registry)
 
 
 def _simulated_site(partition_id: int, num_partitions: int, settings: RunSettings) -> Site:
-    records, parts = simulation_partitions(settings.data, num_partitions)
-    mine = [records[i] for i in parts[partition_id]]
     name = f"site-{partition_id}"
     state_dir = settings.out_dir.resolve() / "sites" / name
     policy_path = state_dir / POLICY_FILE
@@ -88,20 +88,22 @@ def _simulated_site(partition_id: int, num_partitions: int, settings: RunSetting
                   if policy_path.exists() else SitePolicy())
     except ValueError as exc:
         raise ConfigError(f"site policy {policy_path} is unreadable ({exc}); fix or delete it") from exc
+    policy.check_task(settings)
+    records, parts = simulation_partitions(settings.data, num_partitions, policy.task)
+    mine = [records[i] for i in parts[partition_id]]
     return _encode_site(name, state_dir, mine, settings, policy=policy, keys_dir=state_dir)
 
 
 @functools.lru_cache(maxsize=2)
-def simulation_partitions(data: DataSettings, sites: int) -> tuple[list[Record], list[list[int]]]:
-    records = read_records(data.source)
+def simulation_partitions(data: DataSettings, sites: int, task: TaskKind) -> tuple[list[Record], list[list[int]]]:
+    records = read_records(data.source, task=task)
     return records, partition(records, sites, data.partition, alpha=data.dirichlet_alpha, seed=data.seed)
 
 
 def _encode_site(name: str, state_dir: Path, records: list[Record], settings: RunSettings,
                  *, policy: SitePolicy, keys_dir: Path) -> Site:
-    policy.check_task(settings)  # the coordinator's labels and model never decide how the records are read
-    tokenizer = load_tokenizer(policy.model_path)
+    tokenizer = load_tokenizer(policy.model_path)  # the site's own task, labels and model read its records
     train = encode(records, policy.labels, tokenizer, settings.data.max_length, f"site {name}",
-                   unit_column=unit_column(policy.privacy_unit))
+                   unit_column=unit_column(policy.privacy_unit), task=policy.task)
     return Site(name=name, state_dir=state_dir, labels=policy.labels, train=train, keys_dir=keys_dir,
                 policy=policy)

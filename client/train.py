@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from client.plan import TrainingPlan, plan_training
 from client.privacy import PrivacyLedger, fresh_generator, private_optimizer
 from common.adapter import AdapterState, get_adapter_state
-from common.config import PrivacySettings, TrainSettings
+from common.causal_lm import answer_loss
+from common.config import PrivacySettings, TaskKind, TrainSettings
 from common.data import EncodedData
 
 # Opacus' hooks see a frozen embedding below the adapter: "no inputs require gradients" is expected here.
@@ -50,11 +51,16 @@ class Chunk:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    """A class per row, or (causal-lm) the next token at each position, -100 outside the answer."""
     unit_of_row: torch.Tensor
     units: int
+    task: TaskKind = "classification"
 
 
 def forward_loss(model: torch.nn.Module, chunk: Chunk) -> torch.Tensor:
+    """The chunk's mean loss over rows (causal-lm: each row's mean answer-token loss, then over rows)."""
+    if chunk.task == "causal-lm":
+        return answer_loss(model, chunk.input_ids, chunk.attention_mask, chunk.labels)
     logits = model(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask).logits
     return F.cross_entropy(logits, chunk.labels)
 
@@ -161,7 +167,10 @@ class UnitBatches:
         input_ids, attention_mask, labels = (t[index] for t in self.data.dataset.tensors)
         width = int(attention_mask.any(0).nonzero().max()) + 1
         unit_of_row = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([len(m) for m in members]))
-        return Chunk(input_ids[:, :width], attention_mask[:, :width], labels, unit_of_row, len(members))
+        if self.data.task == "causal-lm":
+            labels = labels[:, :width]
+        return Chunk(input_ids[:, :width], attention_mask[:, :width], labels, unit_of_row, len(members),
+                     self.data.task)
 
 
 def _train_plain(model, optimizer, batches: UnitBatches) -> int:

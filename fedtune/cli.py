@@ -22,6 +22,7 @@ from common.config import (
     CommandLineOption,
     ConfigError,
     RunSettings,
+    TaskKind,
     command_line_options,
     options_of,
     unit_name,
@@ -91,15 +92,16 @@ def simulated_registry(out: Path, sites: int) -> Path:
     return path
 
 
-def simulated_site_policies(out: Path, sites: int, *, labels: str, model: str, dp: bool, secure: bool,
-                            epsilon: float, unit: str) -> None:
+def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: str, model: str, dp: bool,
+                            secure: bool, epsilon: float, unit: str) -> None:
     """Each simulated site's own policy file (the person running the simulation plays every site).
 
     Weaker protection than the defaults exists only because this command was asked for it by name.
     """
     from client.policy import SitePolicy, write_policy
 
-    policy = SitePolicy(labels=tuple(labels.split(",")), model_path=model, max_epsilon=epsilon, require_dp=dp,
+    policy = SitePolicy(task=task, labels=tuple(filter(None, labels.split(","))), model_path=model,
+                        max_epsilon=epsilon, require_dp=dp,
                         require_secure_aggregation=secure, privacy_unit=unit)
     for i in range(sites):
         write_policy(out.resolve() / "sites" / f"site-{i}", policy)
@@ -160,17 +162,18 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     run_config = simulate_run_config(args, out, dp=dp)
     settings = RunSettings.from_flat(default_run_config() | run_config)
     parse_baselines(getattr(args, "baselines", ""))
-    records = read_records(settings.data.source)  # fail fast, before any process starts
+    task = settings.task
+    records = read_records(settings.data.source, task=task)  # fail fast, before any process starts
     unit_indices(records, unit_column(settings.privacy.unit), settings.data.source)
-    read_records(test_source(settings.data), split="test")
-    run_config["data.labels"] = ",".join(label_names(records, settings.data.labels))
+    read_records(test_source(settings.data), split="test", task=task)
+    run_config["data.labels"] = ",".join(label_names(records, settings.data.labels)) if task == "classification" else ""
     sizes = [len(p) for p in partition(records, args.sites, settings.data.partition,
                                        alpha=settings.data.dirichlet_alpha, seed=settings.data.seed)]
     if not args.plain_aggregation and args.sites < 3:
         raise ConfigError(f"secure aggregation needs at least 3 sites (got --sites {args.sites}): with two, each "
                           "site could subtract its own update from the sum and read the other's. Use --sites 3 "
                           "or more, or --plain-aggregation")
-    simulated_site_policies(out, args.sites, labels=run_config["data.labels"], model=args.model, dp=dp,
+    simulated_site_policies(out, args.sites, task=task, labels=run_config["data.labels"], model=args.model, dp=dp,
                             secure=not args.plain_aggregation, epsilon=args.epsilon, unit=args.privacy_unit)
     if not dp:
         warn("differential privacy is OFF for this run: site updates carry no DP guarantee")
@@ -181,7 +184,7 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
           f"{f'DP ε={args.epsilon:g} per {unit_name(args.privacy_unit)}' if dp else 'DP OFF'}, {aggregation}, "
           f"out {out}", flush=True)
     run_simulation(run_config, sites=args.sites, cpus_per_site=args.cpus_per_site, out_dir=out,
-                   on_round=lambda line: print("  " + round_line(line, args.rounds), flush=True))
+                   on_round=lambda line: print("  " + round_line(line, args.rounds, args.task), flush=True))
     baselines = parse_baselines(getattr(args, "baselines", ""))
     if baselines:
         from common.files import write_json
@@ -232,7 +235,8 @@ def cmd_server_start(args: argparse.Namespace) -> None:
     if not args.test_data:
         raise ConfigError("--test-data: the coordinator evaluates every round on its own held-out file (CSV/JSONL)")
     kit = ServerKit.load(args.kit)
-    labels = args.labels or ",".join(label_names(read_records(args.test_data)))
+    labels = args.labels or (",".join(label_names(read_records(args.test_data))) if args.task == "classification"
+                             else "")
     run_config = training_run_config(args) | {"data.labels": labels, "privacy.enabled": True}
     if args.plain_aggregation:
         warn("secure aggregation is OFF (--plain-aggregation): the server sees every site's update")
@@ -240,7 +244,7 @@ def cmd_server_start(args: argparse.Namespace) -> None:
     print(f"== coordinator on {args.host}:{args.port} (TLS, site authentication), {len(kit.supernode_keys)} "
           f"registered sites, state {args.state}{', resuming' if args.resume else ''}", flush=True)
     start_server(kit, args.state, host=args.host, port=args.port, run_config=run_config, resume=args.resume,
-                 on_round=lambda line: print("  " + round_line(line, args.rounds), flush=True))
+                 on_round=lambda line: print("  " + round_line(line, args.rounds, args.task), flush=True))
     print(f"final adapter: {args.state / 'run' / 'final' / 'adapter'} (signed passport inside); "
           f"audit log: {args.state / 'run' / 'audit.jsonl'}")
 
@@ -258,8 +262,10 @@ def cmd_client_start(args: argparse.Namespace) -> int:
 
     policy = SitePolicy.from_mapping({opt.key: getattr(args, opt.dest) for opt in site_policy_options()},
                                      "the command line")
+    policy.check_complete()
     print(f"== site daemon: kit {args.kit}, keys {args.keys}, data {args.data}, state {args.state}, "
-          f"coordinator {args.superlink}, policy: labels {','.join(policy.labels)}, ε ≤ {policy.max_epsilon:g} "
+          f"coordinator {args.superlink}, policy: {policy.task}"
+          f"{', labels ' + ','.join(policy.labels) if policy.labels else ''}, model {policy.model_path or 'minilm'}, ε ≤ {policy.max_epsilon:g} "
           f"per {unit_name(policy.privacy_unit)}, "
           f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·records))'}, "
           f"≥ {policy.min_sites} sites per secure round, DP and secure aggregation required", flush=True)

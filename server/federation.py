@@ -17,12 +17,15 @@ from typing import Any
 
 import numpy as np
 from flwr.serverapp import Grid
+from peft import PeftModel
 from safetensors.numpy import load_file
+from transformers import PreTrainedTokenizerBase
 
 from common.adapter import AdapterState, apply_delta, get_adapter_state, set_adapter_state, trainable_keys
 from common.audit import AuditLog
-from common.config import ConfigError, DataSettings, RunSettings, unit_name
-from common.data import DRUGREVIEW, encode, read_records
+from common.causal_lm import most_common_answer_scores, score_generation
+from common.config import HEADLINE_METRIC, ConfigError, DataSettings, RunSettings, unit_name
+from common.data import DRUGREVIEW, EncodedData, encode, read_records
 from common.evaluation import evaluate, majority_baseline, metrics
 from common.files import file_sha256, write_json
 from common.model import base_model_sha256, build_model, load_tokenizer
@@ -65,6 +68,22 @@ def test_source(data: DataSettings) -> str:
     if data.source == DRUGREVIEW:
         return DRUGREVIEW
     raise ConfigError("data.test-source must name the server's test file (CSV/JSONL) when data.source is a file")
+
+
+def server_test_split(settings: RunSettings, tokenizer: PreTrainedTokenizerBase) -> EncodedData:
+    """The server's held-out examples (the first data.test-examples of them, when set), encoded for its task."""
+    records = read_records(test_source(settings.data), split="test", task=settings.task)
+    if settings.data.test_examples:
+        records = records[:settings.data.test_examples]
+    return encode(records, settings.data.labels, tokenizer, settings.data.max_length, "server test split",
+                  task=settings.task)
+
+
+def test_scores(model: PeftModel, test: EncodedData, settings: RunSettings) -> dict[str, Any]:
+    """The model's metrics on the server's test split: classification counts, or causal-lm generation."""
+    if settings.task == "causal-lm":
+        return score_generation(model, load_tokenizer(settings.model_path), test.dataset, test.answers).metrics()
+    return metrics(evaluate(model, test, len(settings.data.labels)))
 
 
 def resume_point(checkpoint: Path, state: AdapterState) -> tuple[AdapterState, int, str]:
@@ -116,13 +135,12 @@ class Federation:
         if not settings.privacy.enabled:
             log.warning("DIFFERENTIAL PRIVACY IS OFF (privacy.enabled=false): sites' updates are not DP")
         self.labels = settings.data.labels
-        if not self.labels:
+        if settings.task == "classification" and not self.labels:
             raise ConfigError("data.labels must list the federation's labels: the server never sees the sites' data")
-        self.test = encode(read_records(test_source(settings.data), split="test"), self.labels,
-                           load_tokenizer(settings.model_path), settings.data.max_length, "server test split")
+        self.test = server_test_split(settings, load_tokenizer(settings.model_path))
         self.signing_key = load_signing_key(Path(settings.passport_key)) if settings.passport_key else None
         self.base_sha = base_model_sha256(settings.model_path) if self.signing_key else ""
-        self.model = build_model(settings.model_path, len(self.labels), settings.lora)
+        self.model = build_model(settings.model_path, len(self.labels), settings.lora, settings.task)
         self.state = get_adapter_state(self.model)
         self.keys = trainable_keys(self.state, settings.lora.aggregation)
         update_size = sum(self.state[key].size for key in self.keys)
@@ -135,7 +153,7 @@ class Federation:
         self.privacy: dict[str, dict[str, Any]] = {}
         self.unit = unit_name(settings.privacy.unit)
         write_json(self.out_dir / "run.json", {
-            "labels": self.labels, "majority_baseline": majority_baseline(self.test.labels, len(self.labels)),
+            "task": settings.task, "labels": self.labels, "majority_baseline": self._floor(),
             "aggregation": self.aggregator.name, "lora": settings.lora.aggregation, "dp": settings.privacy.enabled,
             "update_values": update_size, "sites": settings.federation.sites, "rounds": settings.federation.rounds,
             "privacy_unit": settings.privacy.unit, "server_optimizer": settings.server.optimizer,
@@ -200,8 +218,9 @@ class Federation:
         line["checkpoint"] = self.checkpoint.name
         append_metrics(self.out_dir, line)
         write_json(self.out_dir / "privacy.json", {"dp": self.settings.privacy.enabled, "sites": self.privacy})
-        log.info("round %d: %d site(s), server macro-F1 %.3f", server_round, outcome.contributors,
-                 line["server"]["macro_f1"])
+        name = HEADLINE_METRIC[self.settings.task]
+        log.info("round %d: %d site(s), server %s %.3f", server_round, outcome.contributors, name,
+                 line["server"][name])
         return outcome
 
     def _collect(self, server_round: int) -> RoundOutcome:
@@ -240,7 +259,13 @@ class Federation:
 
     def _evaluate(self) -> dict[str, Any]:
         """The server's own test split only: nothing computed on a site's records leaves it outside DP."""
-        return metrics(evaluate(self.model, self.test, len(self.labels)))
+        return test_scores(self.model, self.test, self.settings)
+
+    def _floor(self) -> dict[str, float]:
+        """What the test split's most common label (answer) scores: the floor a model must beat."""
+        if self.settings.task == "causal-lm":
+            return most_common_answer_scores(self.test.answers)
+        return majority_baseline(self.test.labels, len(self.labels))
 
     def _commit(self, server_round: int, outcome: RoundOutcome, line: dict[str, Any]) -> None:
         """The checkpoint is the commit point: it carries the round's metrics line and its signed passport."""

@@ -19,40 +19,40 @@ import numpy as np
 from client.privacy import PrivacyLedger
 from client.site import simulation_partitions
 from client.train import train_locally
-from common.config import RunSettings, unit_column
-from common.data import EncodedData, encode, read_records
-from common.evaluation import evaluate, metrics
+from common.config import TASK_METRICS, RunSettings, unit_column
+from common.data import EncodedData, encode
 from common.model import build_model, load_tokenizer
-from server.federation import test_source
-from simulations.report import progress_bar
+from server.federation import server_test_split, test_scores
+from simulations.report import metric_text, progress_bar
 
 BASELINES = ("local", "central")
 
 
 def run_baselines(which: tuple[str, ...], settings: RunSettings,
                   on_round: Callable[[str], None] = lambda text: None) -> dict[str, list[dict[str, float]]]:
-    """Per-round server-test metrics of each requested baseline: {"local": [{"round", "accuracy", "macro_f1"}]}.
+    """Per-round server-test metrics of each requested baseline: {"local": [{"round", <the task's metrics>}]}.
 
     ``on_round`` gets a progress line after every round of every baseline."""
-    labels, length = settings.data.labels, settings.data.max_length
+    labels, length, task = settings.data.labels, settings.data.max_length, settings.task
     tokenizer = load_tokenizer(settings.model_path)
-    records, parts = simulation_partitions(settings.data, settings.federation.sites)
+    records, parts = simulation_partitions(settings.data, settings.federation.sites, task)
     column = unit_column(settings.privacy.unit)
-    test = encode(read_records(test_source(settings.data), split="test"), labels, tokenizer, length, "test split")
+    test = server_test_split(settings, tokenizer)
     curves: dict[str, list[dict[str, float]]] = {}
     if "local" in which:
         def progress(n: int) -> Callable[[str], None]:
             return lambda text: on_round(f"site-{n} alone ({n + 1}/{len(parts)}), {text}")
 
         per_site = [_train_alone(encode([records[i] for i in part], labels, tokenizer, length, f"site {n}",
-                                        unit_column=column), test, settings, progress(n))
+                                        unit_column=column, task=task), test, settings, progress(n))
                     for n, part in enumerate(parts)]
         curves["local"] = [{"round": r + 1, **{k: float(np.mean([site[r][k] for site in per_site]))
-                                                for k in ("accuracy", "macro_f1")}} for r in range(len(per_site[0]))]
+                                                for k, _ in TASK_METRICS[task]}} for r in range(len(per_site[0]))]
     if "central" in which:
         pooled = [records[i] for part in parts for i in part]
-        curves["central"] = _train_alone(encode(pooled, labels, tokenizer, length, "pooled data", unit_column=column),
-                                         test, settings, lambda text: on_round(f"all data pooled, {text}"))
+        curves["central"] = _train_alone(encode(pooled, labels, tokenizer, length, "pooled data", unit_column=column,
+                                                task=task), test, settings,
+                                         lambda text: on_round(f"all data pooled, {text}"))
     return curves
 
 
@@ -60,16 +60,16 @@ def _train_alone(data: EncodedData, test: EncodedData, settings: RunSettings,
                  on_round: Callable[[str], None]) -> list[dict[str, float]]:
     """``rounds`` rounds of the site's plan on one data set, each followed by a test evaluation."""
     labels = settings.data.labels
-    model = build_model(settings.model_path, len(labels), settings.lora)
+    model = build_model(settings.model_path, len(labels), settings.lora, settings.task)
     curve = []
     with tempfile.TemporaryDirectory(prefix="fedtune-baseline-") as state:
         ledger = PrivacyLedger(Path(state) / "ledger.json", settings.privacy) if settings.privacy.enabled else None
         for server_round in range(1, settings.federation.rounds + 1):
             train_locally(model, data, settings.train, ledger=ledger, privacy=settings.privacy,
                           planned_rounds=settings.federation.rounds, server_round=server_round, run_id=0)
-            scores = metrics(evaluate(model, test, len(labels)))
-            curve.append({"round": server_round, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]})
+            scores = test_scores(model, test, settings)
+            curve.append({"round": server_round, **{key: scores[key] for key, _ in TASK_METRICS[settings.task]}})
             rounds = settings.federation.rounds
             on_round(f"{progress_bar(server_round, rounds)} round {server_round}/{rounds}  "
-                     f"acc {scores['accuracy']:.3f}  macro-F1 {scores['macro_f1']:.3f}")
+                     + metric_text(scores, settings.task))
     return curve

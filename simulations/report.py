@@ -9,7 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.config import TASK_METRICS
+
 BAR_WIDTH = 20
+FLOOR_TITLES = {"classification": "majority class", "causal-lm": "most common answer"}
 
 
 def progress_bar(done: int, total: int) -> str:
@@ -17,12 +20,17 @@ def progress_bar(done: int, total: int) -> str:
     return "[" + "█" * filled + "·" * (BAR_WIDTH - filled) + "]"
 
 
-def round_line(line: dict[str, Any], rounds: int) -> str:
+def metric_text(scores: dict[str, Any], task: str) -> str:
+    """"accuracy 0.512  macro-F1 0.402" (or the causal-lm metrics)."""
+    return "  ".join(f"{name} {scores[key]:.3f}" for key, name in TASK_METRICS[task])
+
+
+def round_line(line: dict[str, Any], rounds: int, task: str = "classification") -> str:
     """One round in the terminal, with a progress bar; says why a round left the model unchanged."""
     server = line["server"]
     head = f"{progress_bar(line['round'], rounds)} round {line['round']}/{rounds}"
     if line["round"] == 0:
-        return f"{head}  initial adapter       acc {server['accuracy']:.3f}  macro-F1 {server['macro_f1']:.3f}"
+        return f"{head}  initial adapter       {metric_text(server, task)}"
     eps = [v for v in line.get("epsilon", {}).values() if isinstance(v, (int, float))]
     kinds = sorted({failure["kind"] for failure in line["failures"]})
     if line.get("dp") is False:
@@ -34,8 +42,8 @@ def round_line(line: dict[str, Any], rounds: int) -> str:
     failed = f"  {len(line['failures'])} failed ({', '.join(kinds)})" if line["failures"] else ""
     kept = "" if line["model_updated"] else (
         f"  (model unchanged: {'every site refused' if not line['contributors'] else 'too few sites'})")
-    return (f"{head}  {line['contributors']} site(s){failed}  acc {server['accuracy']:.3f}  "
-            f"macro-F1 {server['macro_f1']:.3f}  loss {server['loss']:.3f}  {privacy}  "
+    return (f"{head}  {line['contributors']} site(s){failed}  {metric_text(server, task)}  "
+            f"loss {server['loss']:.3f}  {privacy}  "
             f"[{line['aggregation']} aggregation, {line['duration_s']:.0f}s]{kept}")
 
 
@@ -47,6 +55,7 @@ def load_summary(out_dir: Path) -> dict[str, Any]:
     baselines_path = out_dir / "baselines.json"
     return {
         "out_dir": str(out_dir),
+        "task": run.get("task", "classification"),
         "rounds": lines,
         "final": lines[-1]["server"],
         "majority": run["majority_baseline"],
@@ -60,15 +69,14 @@ def load_summary(out_dir: Path) -> dict[str, Any]:
 
 
 def summary_text(summary: dict[str, Any]) -> str:
-    final, majority = summary["final"], summary["majority"]
+    final, majority, task = summary["final"], summary["majority"], summary["task"]
+    perplexity = f", perplexity {final['perplexity']:.2f}" if "perplexity" in final else ""
     rows = [
-        f"final global adapter: accuracy {final['accuracy']:.3f}, macro-F1 {final['macro_f1']:.3f} "
-        f"on {final['examples']} test examples",
-        f"majority-class baseline: accuracy {majority['accuracy']:.3f}, macro-F1 {majority['macro_f1']:.3f}",
+        f"final global adapter: {metric_text(final, task)}{perplexity} on {final['examples']} test examples",
+        f"{FLOOR_TITLES[task]} baseline: {metric_text(majority, task)}",
     ]
     for name, curve in summary["baselines"].items():
-        rows.append(f"{BASELINE_TITLES[name]}: accuracy {curve[-1]['accuracy']:.3f}, "
-                    f"macro-F1 {curve[-1]['macro_f1']:.3f}")
+        rows.append(f"{BASELINE_TITLES[name]}: {metric_text(curve[-1], task)}")
     if summary["dp"]:
         spent = ", ".join(f"{site} ε={eps:.2f}" for site, eps in summary["epsilon"].items() if eps is not None)
         rows.append(f"privacy spent per {summary['unit']} (budget ε={summary['budget']}): {spent or 'none'}")
@@ -80,19 +88,20 @@ def summary_text(summary: dict[str, Any]) -> str:
 
 def comparison_text(with_dp: dict[str, Any], without_dp: dict[str, Any] | None = None) -> str:
     """The privacy/utility trade-off side by side: the majority-class floor, the baselines, the federation."""
-    majority = with_dp["majority"]
+    columns = TASK_METRICS[with_dp["task"]]
     eps = [v for v in with_dp["epsilon"].values() if v is not None]
     budget = f"ε ≤ {max(eps) if eps else float('nan'):.2f} per {with_dp['unit']} (budget {with_dp['budget']:g})"
-    rows = [f"{'':36}{'accuracy':>10}{'macro-F1':>10}   privacy",
-            f"{'majority class (floor)':36}{majority['accuracy']:>10.3f}{majority['macro_f1']:>10.3f}   -"]
+
+    def row(title: str, scores: dict[str, Any], privacy: str) -> str:
+        return f"{title:36}" + "".join(f"{scores[key]:>12.3f}" for key, _ in columns) + f"   {privacy}"
+
+    rows = [f"{'':36}" + "".join(f"{name:>12}" for _, name in columns) + "   privacy",
+            row(f"{FLOOR_TITLES[with_dp['task']]} (floor)", with_dp["majority"], "-")]
     for name, curve in with_dp["baselines"].items():
-        rows.append(f"{BASELINE_TITLES[name] + ', DP on':36}{curve[-1]['accuracy']:>10.3f}"
-                    f"{curve[-1]['macro_f1']:>10.3f}   {budget}")
+        rows.append(row(BASELINE_TITLES[name] + ", DP on", curve[-1], budget))
     if without_dp is not None:
-        rows.append(f"{'federated, DP off':36}{without_dp['final']['accuracy']:>10.3f}"
-                    f"{without_dp['final']['macro_f1']:>10.3f}   none")
-    rows.append(f"{'federated, DP on':36}{with_dp['final']['accuracy']:>10.3f}{with_dp['final']['macro_f1']:>10.3f}"
-                f"   {budget}")
+        rows.append(row("federated, DP off", without_dp["final"], "none"))
+    rows.append(row("federated, DP on", with_dp["final"], budget))
     return "\n".join(rows)
 
 
@@ -131,13 +140,14 @@ def _figure():
 
 def _utility_plot(summary: dict[str, Any]):
     figure, axes = _figure()
+    (second, second_name), (key, name) = TASK_METRICS[summary["task"]]
     rounds = [line["round"] for line in summary["rounds"]]
-    axes.plot(rounds, [line["server"]["macro_f1"] for line in summary["rounds"]], "o-", label="federation macro-F1")
-    axes.plot(rounds, [line["server"]["accuracy"] for line in summary["rounds"]], "s--", label="federation accuracy")
-    for name, curve in summary["baselines"].items():
-        axes.plot([p["round"] for p in curve], [p["macro_f1"] for p in curve], "^:",
-                  label=f"{BASELINE_TITLES[name]} macro-F1")
-    axes.axhline(summary["majority"]["macro_f1"], color="grey", lw=1, label="majority class macro-F1")
+    axes.plot(rounds, [line["server"][key] for line in summary["rounds"]], "o-", label=f"federation {name}")
+    axes.plot(rounds, [line["server"][second] for line in summary["rounds"]], "s--",
+              label=f"federation {second_name}")
+    for title, curve in summary["baselines"].items():
+        axes.plot([p["round"] for p in curve], [p[key] for p in curve], "^:", label=f"{BASELINE_TITLES[title]} {name}")
+    axes.axhline(summary["majority"][key], color="grey", lw=1, label=f"{FLOOR_TITLES[summary['task']]} {name}")
     axes.set(xlabel="round", ylabel="server test split", title="Utility per round", ylim=(0, 1))
     axes.legend(fontsize=7)
     return figure
@@ -161,14 +171,19 @@ def _privacy_plot(summary: dict[str, Any]):
 
 def _html(summary: dict[str, Any], images: list[str]) -> str:
     e = html.escape
+    columns = TASK_METRICS[summary["task"]]
     rows = []
     for line in summary["rounds"][1:]:
         failures = ", ".join(f"{f['site']}: {f['kind']}" for f in line["failures"]) or "-"
         eps = [v for v in line.get("epsilon", {}).values() if isinstance(v, (int, float))]
         rows.append(f"<tr><td>{line['round']}</td><td>{line['contributors']}</td><td>{e(failures)}</td>"
-                    f"<td>{line['server']['accuracy']:.3f}</td><td>{line['server']['macro_f1']:.3f}</td>"
-                    f"<td>{f'{max(eps):.2f}' if eps else '-'}</td>"
+                    + "".join(f"<td>{line['server'][key]:.3f}</td>" for key, _ in columns)
+                    + f"<td>{f'{max(eps):.2f}' if eps else '-'}</td>"
                     f"<td>{'yes' if line['model_updated'] else 'no'}</td></tr>")
+    samples = "".join(f"<tr><td>{e(s['prompt'])}</td><td>{e(s['reference'])}</td><td>{e(s['generated'])}</td></tr>"
+                      for s in summary["final"].get("samples", []))
+    examples = (f'<h2>Answers of the final adapter</h2><table id="samples"><tr><th>prompt (end)</th>'
+                f"<th>reference</th><th>generated</th></tr>{samples}</table>" if samples else "")
     privacy = (f"DP on: budget ε = {summary['budget']} per {e(summary['unit'])} at every site" if summary["dp"]
                else "<strong>DP was OFF</strong>: the updates carry no differential-privacy guarantee")
     return f"""<!DOCTYPE html>
@@ -180,7 +195,8 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 <p id="privacy">{privacy}; aggregation: {e(summary['aggregation'])}.</p>
 {''.join(images)}
 <h2>Rounds</h2>
-<table id="rounds"><tr><th>round</th><th>sites</th><th>failures</th><th>accuracy</th><th>macro-F1</th>
+<table id="rounds"><tr><th>round</th><th>sites</th><th>failures</th>{''.join(f"<th>{e(n)}</th>" for _, n in columns)}
 <th>ε max</th><th>model updated</th></tr>{''.join(rows)}</table>
+{examples}
 </body></html>
 """

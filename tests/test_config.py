@@ -88,16 +88,21 @@ def test_each_options_default_and_help_come_from_its_setting(command):
     assert isinstance(sub.formatter_class(prog="x"), HelpFormatter)
 
 
-def test_the_site_daemons_options_come_from_the_site_policy(capsys):
-    """``client start``'s policy flags are the SitePolicy fields' own: with only the required --labels,
-    the daemon's policy is the default policy; without --labels it does not start."""
+def test_the_site_daemons_options_come_from_the_site_policy():
+    """``client start``'s policy flags are the SitePolicy fields' own: with only --labels, the daemon's policy
+    is the default policy; a classifying site without --labels does not start, a causal-lm site needs none."""
     from client.policy import SitePolicy
     from fedtune.cli import build_parser, site_policy_options
 
     base = ["client", "start", "--kit", "k", "--keys", "k", "--data", "d", "--state", "s", "--superlink", "h:1"]
-    args = build_parser()[0].parse_args([*base, "--labels", "no,yes"])
-    parsed = SitePolicy.from_mapping({opt.key: getattr(args, opt.dest) for opt in site_policy_options()}, "test")
-    assert parsed == SitePolicy(labels=("no", "yes"))
-    with pytest.raises(SystemExit):
-        build_parser()[0].parse_args(base)
-    assert "--labels" in capsys.readouterr().err
+
+    def policy(*flags: str) -> SitePolicy:
+        args = build_parser()[0].parse_args([*base, *flags])
+        return SitePolicy.from_mapping({opt.key: getattr(args, opt.dest) for opt in site_policy_options()}, "test")
+
+    assert policy("--labels", "no,yes") == SitePolicy(labels=("no", "yes"))
+    with pytest.raises(ConfigError, match="--labels"):
+        policy().check_complete()
+    llm = policy("--task", "causal-lm", "--model", "smollm2")
+    llm.check_complete()
+    assert (llm.task, llm.model_path, llm.labels) == ("causal-lm", "smollm2", ())
