@@ -1,4 +1,4 @@
-"""A site's privacy: the ε ledger on its own disk, and the one Opacus PrivacyEngine factory.
+"""A site's privacy: the ε ledger on its own disk (Opacus' accountants), and its sources of randomness.
 
 The ledger is the accountant's history (one (σ, q, steps) entry per distinct setting), kept
 across rounds and process restarts. σ is planned ONCE from the site's total budget over all
@@ -21,14 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample.utils import prepare_module
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 
-from client.plan import TrainingPlan
 from common.audit import AuditLog, verified_entries
 from common.config import PrivacySettings
 from common.files import exclusive_lock, file_sha256, private_dir, replace_durably, write_json
@@ -247,20 +242,3 @@ class PrivacyLedger:
             "budget": self.settings.epsilon,
             "accountant": self.settings.accountant,
         }
-
-
-def private_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ledger: PrivacyLedger,
-                      plan: TrainingPlan) -> tuple[GradSampleModule, DPOptimizer]:
-    """The one way a site turns on DP-SGD: Opacus per-row gradients (hooks) and a DP optimizer that clips
-    each unit's gradient to the plan's C, adds N(0, σ²C²) to the sum (σ from the ledger's noise plan) and
-    divides by the plan's expected batch.
-
-    The noise draws from fresh OS entropy; sampling is the caller's (client.train.UnitBatches, Poisson).
-    """
-    assert ledger.plan is not None, "charge_round() first"
-    ModuleValidator.validate(model, strict=True)
-    private_model = prepare_module(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
-    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=ledger.plan.noise_multiplier,
-                               max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.batch_size,
-                               loss_reduction="mean", generator=fresh_generator(next(model.parameters()).device))
-    return private_model, dp_optimizer

@@ -2,9 +2,10 @@
 
 Each round follows the site's :class:`client.plan.TrainingPlan` (``plan.steps`` logical steps of
 expected size ``plan.batch_size`` units). With DP on, a step is DP-SGD: every privacy unit joins the
-batch independently with probability q (Poisson), per-row gradients come from Opacus' hooks on the
-trainable LoRA parameters, each UNIT's summed gradient is clipped to C (a person with ten rows moves
-the update no more than a person with one), and Gaussian noise σ·C is added to the sum.
+batch independently with probability q (Poisson), each row's gradient of the trainable linear layers
+(LoRA's B, a head) is formed exactly from one backward pass (client/per_unit_grads.py), each UNIT's summed
+gradient is clipped to C (a person with ten rows moves the update no more than a person with one), and
+Gaussian noise σ·C is added to the sum.
 
 A logical batch is split into physical chunks of rows sorted by length, each trimmed to its own
 longest row (padding per chunk, not to the site's longest record): DP or not, the same arithmetic.
@@ -13,7 +14,6 @@ longest row (padding per chunk, not to the site's longest record): DP or not, th
 from __future__ import annotations
 
 import secrets
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,15 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from client.per_unit_grads import PerUnitDPSGD
 from client.plan import TrainingPlan, plan_training
-from client.privacy import PrivacyLedger, fresh_generator, private_optimizer
+from client.privacy import PrivacyLedger, fresh_generator
 from common.adapter import AdapterState, get_adapter_state
 from common.causal_lm import answer_loss
 from common.config import PrivacySettings, TaskKind, TrainSettings
 from common.data import EncodedData
-
-# Opacus' hooks see a frozen embedding below the adapter: "no inputs require gradients" is expected here.
-warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 class TrainingError(RuntimeError):
@@ -186,42 +184,14 @@ def _train_plain(model, optimizer, batches: UnitBatches) -> int:
 
 
 def _train_private(model, optimizer, batches: UnitBatches, ledger: PrivacyLedger) -> int:
-    """DP-SGD over the round's Poisson batches; returns the number of (noised) steps taken."""
-    private_model, dp_optimizer = private_optimizer(model, optimizer, ledger, batches.plan)
-    try:
-        return dp_steps(private_model, dp_optimizer, batches)
-    finally:
-        private_model._close()  # remove Opacus hooks; the PeftModel inside is ours again
-
-
-def dp_steps(model, optimizer, batches) -> int:
-    """One DP-SGD step per logical batch: per-unit gradients, clipped, summed over chunks, noised once."""
+    """DP-SGD over the round's Poisson batches (σ from the ledger's plan, noise from OS entropy); returns the
+    number of (noised) steps taken. An empty Poisson batch still takes its step: noise only, as charged."""
+    assert ledger.plan is not None, "charge_round() first"
+    dp_sgd = PerUnitDPSGD(model, optimizer, noise_multiplier=ledger.plan.noise_multiplier,
+                          max_grad_norm=batches.plan.max_grad_norm, expected_batch_size=batches.plan.batch_size,
+                          generator=fresh_generator(next(model.parameters()).device))
     steps = 0
     for chunks in batches:
-        optimizer.zero_grad()
-        for i, chunk in enumerate(chunks):
-            last = i == len(chunks) - 1
-            optimizer.signal_skip_step(do_skip=not last)
-            forward_loss(model, chunk).backward()
-            per_unit_gradients(optimizer.params, chunk)
-            optimizer.step()
-            if not last:
-                optimizer.zero_grad()  # clears the chunk's per-row gradients; the clipped sum is kept
-        if not chunks:
-            # An empty Poisson batch: no forward (BERT cannot reshape 0 rows), a zero gradient, and still a
-            # step, so the noise is added and the step counts as charged.
-            for param in optimizer.params:
-                param.grad_sample = torch.zeros((1, *param.shape), dtype=param.dtype, device=param.device)
-            optimizer.step()
+        dp_sgd.step(chunks, lambda chunk: forward_loss(model, chunk))
         steps += 1
     return steps
-
-
-def per_unit_gradients(params: list[torch.nn.Parameter], chunk: Chunk) -> None:
-    """Replace each parameter's per-row gradients by per-unit sums (what DP-SGD then clips)."""
-    if chunk.units == len(chunk.labels):
-        return  # one row per unit (record-level): nothing to add up
-    for param in params:
-        rows = param.grad_sample
-        param.grad_sample = torch.zeros((chunk.units, *rows.shape[1:]), dtype=rows.dtype,
-                                        device=rows.device).index_add_(0, chunk.unit_of_row.to(rows.device), rows)

@@ -1,6 +1,6 @@
 """Benchmarks: every number is a ratio or a size measured side by side in one run (shared, noisy machines).
 
-    python -m simulations.benchmark throughput     DP-SGD vs plain LoRA training speed; adapter vs model bytes
+    python -m simulations.benchmark dp-throughput  DP-SGD vs plain LoRA steps, fedtune vs Opacus (MiniLM, SmolLM2)
     python -m simulations.benchmark secagg         server unmasking time at 10/100/1,000 sites; upload bytes
     python -m simulations.benchmark round-time     a 10-site round, secure vs plain aggregation (Flower simulation)
     python -m simulations.benchmark simulation-actors   a 10-site simulated round, 2 cores per site vs 1
@@ -36,62 +36,73 @@ from common.model import build_model, load_tokenizer, resolve_model_path
 BANKING77 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "banking77"
 
 
-def _train_seconds(data, *, dp: bool, settings: TrainSettings, labels) -> tuple[float, float]:
-    """(training seconds, of which privacy accounting: σ plan, budget check, ledger update)."""
-    from client import privacy, train
+def _steps_per_second(model_name: str, task: str, engine: str, chunks: list, rows: int) -> float:
+    """Samples per second of DP-SGD (or plain) steps over the same logical batches, one engine."""
+    from opacus.grad_sample.utils import prepare_module
+    from opacus.optimizers import DPOptimizer
 
-    model = build_model("", len(labels), LoraSettings())
-    spent = [0.0]
+    from client.per_unit_grads import PerUnitDPSGD
+    from client.train import forward_loss
 
-    def timed(fn):
-        def wrapper(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - started
-        return wrapper
+    model = build_model(model_name, 3 if task == "classification" else 0, LoraSettings(), task)  # type: ignore[arg-type]
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    started = time.perf_counter()
+    if engine == "plain":
+        for batch in chunks:
+            for chunk in batch:
+                (forward_loss(model, chunk) * (len(chunk.labels) / rows)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    elif engine == "fedtune":
+        dp_sgd = PerUnitDPSGD(model, optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=rows,
+                              generator=torch.Generator())
+        for batch in chunks:
+            dp_sgd.step(batch, lambda chunk: forward_loss(model, chunk))
+    else:  # Opacus 1.6 hooks and DPOptimizer, the reference
+        private = prepare_module(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=rows)
+        for batch in chunks:
+            for i, chunk in enumerate(batch):
+                dp_optimizer.signal_skip_step(do_skip=i < len(batch) - 1)
+                forward_loss(private, chunk).backward()
+                dp_optimizer.step()
+                if i < len(batch) - 1:
+                    dp_optimizer.zero_grad()
+            dp_optimizer.zero_grad()
+        private._close()
+    return rows * len(chunks) / (time.perf_counter() - started)
 
-    ledger_type = privacy.PrivacyLedger
-    patched = {name: getattr(ledger_type, name) for name in ("charge_round",)}
-    with tempfile.TemporaryDirectory() as tmp:
-        ledger = ledger_type(Path(tmp) / "l.json", PrivacySettings(epsilon=8.0)) if dp else None
-        for name, fn in patched.items():
-            setattr(ledger_type, name, timed(fn))
-        try:
-            started = time.perf_counter()
-            train.train_locally(model, data, settings, ledger=ledger, planned_rounds=1, server_round=1, run_id=0)
-            return time.perf_counter() - started, spent[0]
-        finally:
-            for name, fn in patched.items():
-                setattr(ledger_type, name, fn)
 
+def dp_throughput(repeats: int = 2) -> None:
+    """DP-SGD vs plain LoRA steps, fedtune's per-unit gradients vs Opacus' hooks, on the same batches."""
+    from client.plan import TrainingPlan
+    from client.train import UnitBatches
 
-def throughput(repeats: int = 2) -> None:
-    records = read_records("drugreview")[:256]
-    labels = label_names(records)
-    data = encode(records, labels, load_tokenizer(""), 128, "bench")
-    settings = TrainSettings(learning_rate=0.01, local_epochs=1, batch_size=32, physical_batch_size=16)
-    plain, private, private_sgd = [], [], []
-    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
-        plain.append(len(data) / _train_seconds(data, dp=False, settings=settings, labels=labels)[0])
-        total, accounting = _train_seconds(data, dp=True, settings=settings, labels=labels)
-        private.append(len(data) / total)
-        private_sgd.append(len(data) / (total - accounting))
-    model = build_model("", len(labels), LoraSettings())
+    rows, physical, length = 32, 16, 128
+    print(f"| model (LoRA r=8 FFA, {length} tokens, batch {rows} in passes of {physical}, "
+          f"{torch.get_num_threads()} threads) | no DP (samples/s) | Opacus hooks | fedtune | Opacus / no DP "
+          f"| **fedtune / no DP** | fedtune / Opacus |\n|---|---|---|---|---|---|---|")
+    for model_name, task, steps in (("minilm", "classification", 8), ("smollm2", "causal-lm", 3)):
+        records = read_records("drugreview", task=task)[:rows * steps]  # type: ignore[arg-type]
+        labels = label_names(records) if task == "classification" else ()
+        data = encode(records, labels, load_tokenizer(model_name), length, "bench", task=task)  # type: ignore[arg-type]
+        plan = TrainingPlan(batch_size=rows, units=len(data), steps=steps, learning_rate=1e-3, max_grad_norm=1.0)
+        chunks = list(UnitBatches(data, plan, TrainSettings(physical_batch_size=physical), poisson=False))
+        speed: dict[str, list[float]] = {"plain": [], "opacus": [], "fedtune": []}
+        for _ in range(repeats):  # interleaved, so drift on a shared machine hits every engine alike
+            for engine in speed:
+                speed[engine].append(_steps_per_second(model_name, task, engine, chunks, rows))
+        plain, opacus, ours = (statistics.median(speed[k]) for k in ("plain", "opacus", "fedtune"))
+        print(f"| {model_name} ({task}) | {plain:.1f} | {opacus:.1f} | {ours:.1f} | {opacus / plain:.2f} "
+              f"| **{ours / plain:.2f}** | {ours / opacus:.2f} |", flush=True)
+    model = build_model("", 3, LoraSettings())
     state = get_adapter_state(model)
     ffa = sum(state[k].size for k in trainable_keys(state, "ffa")) * 4
     full = sum(v.size for v in state.values()) * 4
     model_bytes = sum(p.stat().st_size for p in resolve_model_path("").glob("*.safetensors"))
-    base = statistics.median(plain)
-    print(f"| training ({len(data)} reviews, 128 tokens, batch 32, {torch.get_num_threads()} threads) | samples/s "
-          f"| vs no DP |\n|---|---|---|")
-    print(f"| LoRA (FFA), no DP | {base:.1f} | 1.00 |")
-    print(f"| DP-SGD steps only (Opacus hooks, Poisson sampling, clipping, noise) | "
-          f"{statistics.median(private_sgd):.1f} | **{statistics.median(private_sgd) / base:.2f}** |")
-    print(f"| DP-SGD round incl. accounting (σ plan, budget check, ledger; PRV) | {statistics.median(private):.1f} | "
-          f"{statistics.median(private) / base:.2f} |\n")
-    print("| what | bytes | vs full model |\n|---|---|---|")
+    print("\n| what (MiniLM, 3 labels) | bytes | vs full model |\n|---|---|---|")
     print(f"| FFA update (lora_B + head, fp32) sent per round | {ffa:,} | {ffa / model_bytes:.4%} |")
     print(f"| whole adapter (A + B + head, fp32) | {full:,} | {full / model_bytes:.4%} |")
     print(f"| base model safetensors | {model_bytes:,} | 100% |")
@@ -264,12 +275,12 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="*", default=["throughput", "secagg", "round-time", "simulation-actors",
+    parser.add_argument("which", nargs="*", default=["dp-throughput", "secagg", "round-time", "simulation-actors",
                                                       "dp-utility", "padding"])
     for which in parser.parse_args().which:
         print(f"\n### {which}\n", flush=True)
         runs: dict[str, Callable[[], None]] = {
-            "throughput": throughput, "secagg": secagg, "round-time": round_time, "dp-utility": dp_utility,
+            "dp-throughput": dp_throughput, "secagg": secagg, "round-time": round_time, "dp-utility": dp_utility,
             "padding": padding, "simulation-actors": simulation_actors}
         runs[which]()
 

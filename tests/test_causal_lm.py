@@ -45,7 +45,7 @@ def test_only_the_answer_and_its_end_of_turn_carry_a_loss(tokenizer) -> None:
 def test_a_long_prompt_keeps_its_end_and_the_answer_survives(tokenizer) -> None:
     prompt = "word " * 400 + "Is this review positive?"
     data = encode(chats((prompt, "positive")), (), tokenizer, 32, "t", task="causal-lm")
-    input_ids, attention_mask, targets = data.dataset.tensors
+    input_ids, _, targets = data.dataset.tensors
     assert input_ids.shape[1] <= 32
     text = tokenizer.decode(input_ids[0])
     assert "Is this review positive?" in text and text.rstrip().endswith(tokenizer.eos_token)

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from client.per_unit_grads import PerUnitDPSGD
 from client.plan import TrainingPlan
-from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger, private_optimizer
-from client.train import UnitBatches
+from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger, fresh_generator
+from client.train import Chunk, UnitBatches
 from common.config import PrivacySettings, TrainSettings
 
 BUDGET = PrivacySettings(epsilon=2.0, delta=1e-5, max_grad_norm=0.5)
@@ -33,12 +34,13 @@ def test_dp_step_equals_manual_per_sample_clipping_reference(tmp_path: Path):
     ledger = PrivacyLedger(tmp_path / "ledger.json", BUDGET)
     ledger.charge_round(run_id=1, server_round=1, sample_rate=1.0, steps=1, planned_rounds=1)
     plan = TrainingPlan(batch_size=8, units=8, steps=1, learning_rate=1.0, max_grad_norm=BUDGET.max_grad_norm)
-    private_model, optimizer = private_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), ledger, plan)
-    optimizer.generator = torch.Generator().manual_seed(123)  # a test may replay the noise; the coordinator may not
+    dp_sgd = PerUnitDPSGD(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                          noise_multiplier=ledger.plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                          expected_batch_size=plan.batch_size,
+                          generator=torch.Generator().manual_seed(123))  # a test may replay the noise; no coordinator
 
     # Execute: one DP-SGD step on the full batch.
-    F.cross_entropy(private_model(features), labels).backward()
-    optimizer.step()
+    dp_sgd.step([_rows(features, labels)], lambda chunk: F.cross_entropy(model(chunk.input_ids), chunk.labels))
 
     # Reference: per-sample grads, each clipped to C, summed, Gaussian noise σ·C, divided by the batch.
     sigma, clip = ledger.plan.noise_multiplier, BUDGET.max_grad_norm
@@ -56,8 +58,14 @@ def test_dp_step_equals_manual_per_sample_clipping_reference(tmp_path: Path):
             clipped.append(grads[index] * min(1.0, clip / (norm.item() + 1e-6)))
         noise = torch.normal(0.0, sigma * clip, size=reference[name].shape, generator=generator)
         expected = reference[name] - (torch.stack(clipped).sum(0) + noise) / 8
-        got = dict(private_model._module.named_parameters())[name].detach()
+        got = dict(model.named_parameters())[name].detach()
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def _rows(features: torch.Tensor, labels: torch.Tensor) -> Chunk:
+    """A chunk of rows that are each their own unit."""
+    n = len(labels)
+    return Chunk(features, torch.ones(n, 1), labels, torch.arange(n), n)
 
 
 def test_sigma_is_planned_once_from_the_whole_budget(tmp_path: Path):
@@ -120,13 +128,14 @@ def test_noise_and_poisson_sampling_cannot_be_replayed_from_the_global_seed(tmp_
     def one_round() -> tuple[torch.Tensor, list[list[int]]]:
         torch.manual_seed(0)
         model = torch.nn.Linear(5, 3)
-        private_model, optimizer = private_optimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), ledger, plan)
+        dp_sgd = PerUnitDPSGD(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                              noise_multiplier=ledger.plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                              expected_batch_size=plan.batch_size, generator=fresh_generator())
         torch.manual_seed(0)
         batches = [sorted(int(u) for c in chunks for u in c.labels) for chunks in
                    UnitBatches(data, plan, TrainSettings(), poisson=True)]
-        F.cross_entropy(private_model(features), labels).backward()
-        optimizer.step()
-        return private_model._module.weight.detach().clone(), batches
+        dp_sgd.step([_rows(features, labels)], lambda chunk: F.cross_entropy(model(chunk.input_ids), chunk.labels))
+        return model.weight.detach().clone(), batches
 
     (weight_a, batches_a), (weight_b, batches_b) = one_round(), one_round()
     assert not torch.equal(weight_a, weight_b)  # different Gaussian noise

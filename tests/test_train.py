@@ -124,22 +124,18 @@ def _patients(drug_reviews, rows_of_first: int) -> list[dict]:
 
 def _one_dp_step(model, data, units: list[int], clip: float) -> float:
     """The norm of what one noiseless DP-SGD step (SGD, lr 1, expected batch 1) moves the adapter by."""
-    from opacus.grad_sample.utils import prepare_module
-    from opacus.optimizers import DPOptimizer
-
+    from client.per_unit_grads import PerUnitDPSGD
     from client.plan import TrainingPlan
-    from client.train import UnitBatches, dp_steps
+    from client.train import UnitBatches, forward_loss
 
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    private_model = prepare_module(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
-    optimizer = DPOptimizer(torch.optim.SGD(trainable, lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
-                            expected_batch_size=1)
+    dp_sgd = PerUnitDPSGD(model, torch.optim.SGD(trainable, lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
+                          expected_batch_size=1, generator=torch.Generator())
     plan = TrainingPlan(batch_size=1, units=data.unit_count, steps=1, learning_rate=1.0, max_grad_norm=clip)
     batches = UnitBatches(data, plan, TrainSettings(physical_batch_size=4, max_rows_per_unit=4), poisson=True)
-    dp_steps(private_model, optimizer, [batches.chunks(units)])
-    private_model._close()
+    dp_sgd.step(batches.chunks(units), lambda chunk: forward_loss(model, chunk))
     after = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
     return float((after - before).norm())
 
