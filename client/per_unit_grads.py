@@ -15,11 +15,26 @@ gradients against Opacus' hooks and the step against Opacus' DPOptimizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol, TypeVar
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class RowBatch(Protocol):
+    """One forward pass's rows: ``labels`` has a row each; ``unit_of_row`` maps rows to ``units`` units."""
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+    @property
+    def unit_of_row(self) -> torch.Tensor: ...
+    @property
+    def units(self) -> int: ...
+
+
+Rows = TypeVar("Rows", bound=RowBatch)
 
 
 class UnsupportedLayer(ValueError):
@@ -38,7 +53,8 @@ def refuse_row_mixing(model: torch.nn.Module) -> None:
 
 def trainable_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     """The linear layers holding every trainable parameter (refusing any other trainable parameter)."""
-    layers, covered = [], set()
+    layers: list[torch.nn.Linear] = []
+    covered: set[int] = set()
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
@@ -124,7 +140,7 @@ class PerUnitDPSGD:
         self.optimizer, self.sigma, self.clip = optimizer, noise_multiplier, max_grad_norm
         self.expected_batch_size, self.generator = expected_batch_size, generator
 
-    def step(self, chunks: list, loss_of: Callable[[object], torch.Tensor]) -> None:
+    def step(self, chunks: Sequence[Rows], loss_of: Callable[[Rows], torch.Tensor]) -> None:
         """One noised step over a logical batch (an empty batch still adds the noise: the step was charged)."""
         summed = {p: torch.zeros_like(p) for p in self.params}
         for chunk in chunks:
