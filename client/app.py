@@ -48,7 +48,7 @@ from common.adapter import AdapterState, delta, set_adapter_state, trainable_key
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
-from common.model import ModelError, build_model
+from common.model import ModelError, Placement, build_model, resolve_device
 from common.records import (
     KeyAdvertisement,
     PrivacyReport,
@@ -135,7 +135,8 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
     if ledger is None:
         log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
     started = time.monotonic()
-    model = build_model(site.policy.model_path, len(site.labels), settings.lora, site.policy.task)
+    model = build_model(site.policy.model_path, len(site.labels), settings.lora, site.policy.task,
+                        Placement(resolve_device(site.policy.device), nf4=site.policy.quantize == "nf4"))
     set_adapter_state(model, received)
     result = train_locally(model, site.train, settings.train, ledger=ledger, privacy=settings.privacy,
                            planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id)

@@ -15,6 +15,8 @@ from common.config import TASKS, ConfigError, RunSettings, TaskKind, check_unit,
 from common.files import write_json
 
 POLICY_FILE = "policy.json"
+DEVICES = ("auto", "cpu", "cuda")
+QUANTIZE = ("none", "nf4")
 ACCOUNTANTS = ("prv", "rdp")
 """Accountants whose ε is a valid upper bound (PRV and RDP with Poisson subsampling, add/remove-one)."""
 
@@ -40,6 +42,10 @@ class SitePolicy:
     model_path: str = option("", "--model", "the base model this site trains ('minilm' or 'smollm2', packaged, or a "
                                             "local Hugging Face directory; '' = minilm): a run naming another is "
                                             "refused")
+    device: str = option("auto", "--device", "where this site trains: 'auto' (its CUDA GPU when it has one, in bf16 "
+                         "where the GPU supports it), 'cpu' or 'cuda'", choices=DEVICES)
+    quantize: str = option("none", "--quantize", "'nf4': QLoRA, this site holds the frozen base in 4-bit NF4 "
+                           "(bitsandbytes; causal-lm models only), about a third of the memory", choices=QUANTIZE)
     max_epsilon: float = option(8.0, "--max-epsilon", "the most ε (total over the whole federation) this site will "
                                                       "ever agree to")
     max_delta: float | None = option(None, "--max-delta", "the largest δ accepted (default: min(1e-5, 1/(10·n)) "
@@ -62,6 +68,10 @@ class SitePolicy:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.quantize not in QUANTIZE:
+            problems.append(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.task not in TASKS:
             problems.append(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         try:
@@ -150,7 +160,7 @@ class SitePolicy:
                     if not isinstance(value, bool):
                         raise ValueError(f"{key} must be true or false")
                     kwargs[name] = value
-                elif name in ("model_path", "privacy_unit", "task"):
+                elif name in ("model_path", "privacy_unit", "task", "device", "quantize"):
                     kwargs[name] = str(value)
                 elif value is None or value == "":
                     kwargs[name] = None

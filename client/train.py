@@ -92,7 +92,7 @@ def train_locally(
     before = torch.cat([p.detach().flatten().clone() for p in _trainable(model)])
     model.train()
     optimizer = torch.optim.AdamW(_trainable(model), lr=plan.learning_rate, weight_decay=0.0)
-    batches = UnitBatches(data, plan, settings, poisson=ledger is not None)
+    batches = UnitBatches(data, plan, settings, poisson=ledger is not None, device=next(model.parameters()).device)
     if ledger is None:
         steps = _train_plain(model, optimizer, batches)
         epsilon = None
@@ -120,8 +120,9 @@ class UnitBatches:
     ``max_rows_per_unit`` rows contributes that many of them, drawn afresh each step.
     """
 
-    def __init__(self, data: EncodedData, plan: TrainingPlan, settings: TrainSettings, *, poisson: bool) -> None:
-        self.data, self.plan, self.poisson = data, plan, poisson
+    def __init__(self, data: EncodedData, plan: TrainingPlan, settings: TrainSettings, *, poisson: bool,
+                 device: torch.device | str = "cpu") -> None:
+        self.data, self.plan, self.poisson, self.device = data, plan, poisson, torch.device(device)
         self.physical, self.cap = settings.physical_batch_size, settings.max_rows_per_unit
         self.rows = data.rows_by_unit()
         self.lengths = data.dataset.tensors[1].sum(1).numpy()  # tokens per row (attention mask)
@@ -167,8 +168,9 @@ class UnitBatches:
         unit_of_row = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([len(m) for m in members]))
         if self.data.task == "causal-lm":
             labels = labels[:, :width]
-        return Chunk(input_ids[:, :width], attention_mask[:, :width], labels, unit_of_row, len(members),
-                     self.data.task)
+        to = self.device
+        return Chunk(input_ids[:, :width].to(to), attention_mask[:, :width].to(to), labels.to(to), unit_of_row.to(to),
+                     len(members), self.data.task)
 
 
 def _train_plain(model, optimizer, batches: UnitBatches) -> int:

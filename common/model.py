@@ -15,6 +15,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -39,6 +41,7 @@ hf_logging.disable_progress_bar()
 ADAPTER_INIT_SEED = 20240601
 """Seed of the initial head and adapter (reproducible runs); the server sends the whole adapter anyway."""
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CPU = torch.device("cpu")
 
 
 class ModelError(BadInput):
@@ -103,19 +106,47 @@ def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _base_model(path: Path, task: TaskKind, num_labels: int) -> PreTrainedModel:
+def resolve_device(choice: str) -> torch.device:
+    """'auto': the CUDA GPU when there is one, else the CPU; 'cuda' without a visible GPU is an error."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ModelError(f"device must be 'auto', 'cpu' or 'cuda', got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for but torch sees no CUDA GPU (torch.cuda.is_available() is "
+                         "False): check the driver and a CUDA build of torch, or use --device cpu")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a site holds the frozen base model: its device, and whether in 4-bit NF4 (QLoRA)."""
+
+    device: torch.device = CPU
+    nf4: bool = False
+
+
+def _base_model(path: Path, task: TaskKind, num_labels: int, placement: Placement) -> PreTrainedModel:
+    """The frozen base, loaded onto its device (bf16 on a GPU that has it, or NF4; the adapter stays fp32)."""
+    device = placement.device
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if placement.nf4 and task != "causal-lm":
+        raise ModelError("4-bit NF4 (QLoRA) is for causal-lm models; a classifier trains on its full-precision base")
+    quantized = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=dtype)} if placement.nf4 else {}
     try:
         if task == "classification":
-            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype,
+                                                                      device_map={"": device})
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}, **quantized)
+    except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load the model in {path} for {task}: {exc}") from exc
 
 
 @functools.lru_cache(maxsize=2)
-def _pristine_model(model_path: str, num_labels: int, lora: LoraSettings, task: TaskKind) -> PeftModel:
+def _pristine_model(model_path: str, num_labels: int, lora: LoraSettings, task: TaskKind,
+                    placement: Placement) -> PeftModel:
     torch.manual_seed(ADAPTER_INIT_SEED)  # the new head and LoRA init are the same in every process
-    base = _base_model(resolve_model_path(model_path), task, num_labels)
+    # Loaded onto its device before LoRA wraps it: adapters created before a move are not trained on the GPU.
+    base = _base_model(resolve_model_path(model_path), task, num_labels, placement)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         r=lora.rank,
@@ -131,14 +162,15 @@ def _pristine_model(model_path: str, num_labels: int, lora: LoraSettings, task: 
     return model
 
 
-def build_model(model_path: str, num_labels: int, lora: LoraSettings, task: TaskKind = "classification") -> PeftModel:
-    """A fresh copy of base model + LoRA, with the trainable set the aggregation mode allows.
+def build_model(model_path: str, num_labels: int, lora: LoraSettings, task: TaskKind = "classification",
+                placement: Placement = Placement()) -> PeftModel:
+    """A fresh copy of base model + LoRA, placed as asked, with the trainable set the aggregation mode allows.
 
     ``num_labels`` sizes a classifier's head (causal-lm has none: pass 0). FFA-LoRA freezes every
     ``lora_A`` so that averaging the B matrices (and head) is exact. The base model is loaded from
     disk once per process and copied afterwards.
     """
-    model = copy.deepcopy(_pristine_model(model_path, num_labels, lora, task))
+    model = copy.deepcopy(_pristine_model(model_path, num_labels, lora, task, placement))
     if lora.aggregation == "ffa":
         for name, param in model.named_parameters():
             if "lora_A" in name:

@@ -265,7 +265,8 @@ def cmd_client_start(args: argparse.Namespace) -> int:
     policy.check_complete()
     print(f"== site daemon: kit {args.kit}, keys {args.keys}, data {args.data}, state {args.state}, "
           f"coordinator {args.superlink}, policy: {policy.task}"
-          f"{', labels ' + ','.join(policy.labels) if policy.labels else ''}, model {policy.model_path or 'minilm'}, "
+          f"{', labels ' + ','.join(policy.labels) if policy.labels else ''}, model {policy.model_path or 'minilm'} "
+          f"on {policy.device}, "
           f"ε ≤ {policy.max_epsilon:g} per {unit_name(policy.privacy_unit)}, "
           f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·records))'}, "
           f"≥ {policy.min_sites} sites per secure round, DP and secure aggregation required", flush=True)

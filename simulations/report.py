@@ -12,7 +12,7 @@ from typing import Any
 from common.config import TASK_METRICS
 
 BAR_WIDTH = 20
-FLOOR_TITLES = {"classification": "majority class", "causal-lm": "most common answer"}
+FLOOR_TITLES = {"classification": "majority-class", "causal-lm": "most-common-answer"}
 
 
 def progress_bar(done: int, total: int) -> str:

@@ -110,3 +110,27 @@ def test_a_causal_lm_run_needs_a_generative_model_and_a_site_refuses_another_tas
     SitePolicy(task="causal-lm", model_path=LLM).check_task(run)  # its own task and model: accepted
     with pytest.raises(PolicyError, match="model"):
         SitePolicy(task="causal-lm", model_path="").check_task(run)
+
+
+def test_qlora_trains_lora_b_with_dp_on_a_4bit_base_and_a_classifier_is_refused(tmp_path: Path, tokenizer) -> None:
+    """A site may hold the frozen base in 4-bit NF4 (bitsandbytes): the adapter stays fp32 and trains with DP."""
+    import numpy as np
+
+    from client.privacy import PrivacyLedger
+    from client.train import train_locally
+    from common.adapter import get_adapter_state
+    from common.config import PrivacySettings, TrainSettings
+    from common.model import ModelError, Placement
+
+    model = build_model(LLM, 0, LoraSettings(), "causal-lm", Placement(nf4=True))
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    before = get_adapter_state(model)
+    data = encode(read_records("drugreview", task="causal-lm")[:6], (), tokenizer, 32, "t", task="causal-lm")
+    ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacySettings(epsilon=8.0))
+    result = train_locally(model, data, TrainSettings(learning_rate=0.02, local_epochs=1, batch_size=3,
+                                                      physical_batch_size=3), ledger=ledger, planned_rounds=1,
+                           server_round=1, run_id=1)
+    changed = {k for k in before if not np.array_equal(before[k], result.adapter[k])}
+    assert changed and all("lora_B" in k for k in changed) and all(v.dtype == np.float32 for v in result.adapter.values())
+    with pytest.raises(ModelError, match="causal-lm"):
+        build_model("", 3, LoraSettings(), "classification", Placement(nf4=True))

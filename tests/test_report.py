@@ -60,5 +60,23 @@ def test_a_report_without_dp_says_so_and_has_no_privacy_plot(tmp_path: Path):
 def test_the_comparison_puts_the_baselines_between_the_floor_and_the_federation(tmp_path: Path):
     text = comparison_text(load_summary(_run_dir(tmp_path)))
     names = [row[:36].strip() for row in text.splitlines()[1:]]
-    assert names == ["majority class (floor)", "each site alone (mean), DP on", "federated, DP on"]
+    assert names == ["majority-class (floor)", "each site alone (mean), DP on", "federated, DP on"]
     assert "per patient_id (budget 8)" in text
+
+
+def test_a_causal_lm_report_shows_its_own_metrics_and_the_final_answers_escaped(tmp_path: Path):
+    scores = {"exact_match": 0.6, "rouge_l": 0.7, "loss": 0.9, "perplexity": 2.46, "examples": 10,
+              "samples": [{"prompt": "Is <b>this</b> good?", "reference": "yes", "generated": "yes <script>"}]}
+    (tmp_path / "run.json").write_text(json.dumps({
+        "task": "causal-lm", "majority_baseline": {"exact_match": 0.3, "rouge_l": 0.35}, "dp": True,
+        "aggregation": "secure", "privacy_unit": "record", "epsilon_budget": 8.0}))
+    lines = [{"round": 0, "server": scores | {"exact_match": 0.1}}, line(1, server=scores)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "privacy.json").write_text(json.dumps({"dp": True, "sites": {"site-0": {"epsilon": 2.5}}}))
+    page = write_report(tmp_path).read_text()
+    assert "exact match" in page and "ROUGE-L" in page and "macro-F1" not in page
+    assert "perplexity 2.46" in page and "most-common-answer baseline: exact match 0.300" in page
+    assert "yes &lt;script&gt;" in page and "<script>" not in page and "Is &lt;b&gt;this" in page
+    assert "exact match 0.600" in round_line(lines[1], 1, "causal-lm")
+    table = comparison_text(load_summary(tmp_path))
+    assert "exact match" in table.splitlines()[0] and "most-common-answer (floor)" in table

@@ -153,6 +153,38 @@ def test_final_adapter_loads_with_plain_peft_and_changes_predictions(federation)
     assert not np.allclose(initial, final, atol=1e-4)
 
 
+def test_an_llm_federation_runs_from_the_cli_and_its_adapter_generates_text(tmp_path: Path):
+    """`fedtune simulate --task causal-lm --model smollm2`: instruction tuning of the packaged SmolLM2 on Flower's
+    engine, with DP and secure aggregation; the final adapter loads with plain PEFT and answers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from common.data import read_records
+    from common.model import load_tokenizer, resolve_model_path
+
+    chats = read_records("drugreview", task="causal-lm")
+    train, test = write_csv(tmp_path / "train.csv", chats[:30]), write_csv(tmp_path / "test.csv", chats[500:506])
+    out = tmp_path / "llm"
+    done = fedtune("simulate", "--out", str(out), "--task", "causal-lm", "--model", "smollm2", "--sites", "3",
+                   "--rounds", "2", "--data", str(train), "--test-data", str(test), "--partition", "iid",
+                   "--max-length", "48", "--local-epochs", "1", "--batch-size", "8", "--test-examples", "6")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "round 2/2" in done.stdout and "exact match" in done.stdout and "DP ε=8 per record" in done.stdout
+    assert "most-common-answer baseline" in done.stdout and "secure aggregation" in done.stdout
+    lines = _metrics(out)
+    assert all(line["contributors"] == 3 and line["model_updated"] for line in lines[1:])
+    assert "Answers of the final adapter" in (out / "report.html").read_text()
+
+    tokenizer = load_tokenizer("smollm2")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2")),
+                                      str(out / "final" / "adapter")).eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": chats[510]["prompt"]}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        answer = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert tokenizer.decode(answer[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
 def test_no_flower_process_outlives_the_command(federation):
     assert our_flower_processes(federation["started"]) == []
 

@@ -187,3 +187,17 @@ def test_padding_is_per_chunk_so_short_rows_train_on_short_tensors(drug_reviews)
     batches = UnitBatches(data, plan, TrainSettings(physical_batch_size=1, max_rows_per_unit=1), poisson=True)
     widths = sorted(chunk.input_ids.shape[1] for chunk in batches.chunks([0, 1]))
     assert widths[0] <= 4 and widths[1] == data.dataset.tensors[0].shape[1] > 50
+
+
+def test_a_site_trains_where_its_policy_says_and_cuda_without_a_gpu_is_a_clear_error():
+    from client.policy import SitePolicy
+    from common.config import ConfigError
+    from common.model import ModelError, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="device"):
+        SitePolicy(labels=("a",), device="tpu")
