@@ -131,6 +131,7 @@ def test_qlora_trains_lora_b_with_dp_on_a_4bit_base_and_a_classifier_is_refused(
                                                       physical_batch_size=3), ledger=ledger, planned_rounds=1,
                            server_round=1, run_id=1)
     changed = {k for k in before if not np.array_equal(before[k], result.adapter[k])}
-    assert changed and all("lora_B" in k for k in changed) and all(v.dtype == np.float32 for v in result.adapter.values())
+    assert changed and all("lora_B" in k for k in changed)
+    assert all(value.dtype == np.float32 for value in result.adapter.values())
     with pytest.raises(ModelError, match="causal-lm"):
         build_model("", 3, LoraSettings(), "classification", Placement(nf4=True))
