@@ -88,8 +88,9 @@ def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: s
     files = check_kit(kit, keys)["files"]
     # A bad data file, a record whose label is not the agreed one, or a row without its privacy unit is
     # refused here, locally, with its line.
-    records = read_records(str(data))
-    encode_labels(records, policy.labels, str(data))
+    records = read_records(str(data), task=policy.task)
+    if policy.task == "classification":
+        encode_labels(records, policy.labels, str(data))
     unit_indices(records, unit_column(policy.privacy_unit), str(data))
     state.mkdir(parents=True, exist_ok=True)
     failing_since: float | None = None

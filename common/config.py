@@ -171,11 +171,11 @@ class ServerSettings:
 class DataSettings:
     """Where examples come from and how a simulation splits them into sites."""
 
-    source: str = option("drugreview", "--data", "'drugreview' (packaged) or a CSV/JSONL with text,label columns",
-                         simulation_only=True)
+    source: str = option("drugreview", "--data", "'drugreview' (packaged) or a CSV/JSONL with text,label columns "
+                         "(causal-lm: prompt,response, or JSONL chat messages)", simulation_only=True)
     test_source: str = option("", "--test-data", "the server's held-out CSV/JSONL; '' = the source's own test split")
-    labels: tuple[str, ...] = option((), "--labels", "the federation's labels, comma-separated (fixes the head "
-                                                     "size); '' = read from the data")
+    labels: tuple[str, ...] = option((), "--labels", "classification: the federation's labels, comma-separated "
+                                                     "(fixes the head size); '' = read from the data")
     partition: str = option("column:condition", "--partition", "how a simulation splits the data into sites: "
                             "'column:NAME', 'dirichlet' (by label) or 'iid'", simulation_only=True)
     dirichlet_alpha: float = option(0.5, "--dirichlet-alpha", "label skew of a dirichlet partition (smaller: more "

@@ -300,7 +300,8 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
                         help="this site's kit from the coordinator (`fedtune provision`: public files only)")
     daemon.add_argument("--keys", type=Path, required=True,
                         help="this site's own keys: the directory `fedtune site keygen --out` made here")
-    daemon.add_argument("--data", type=Path, required=True, help="the site's CSV/JSONL (text,label); never leaves")
+    daemon.add_argument("--data", type=Path, required=True, help="the site's CSV/JSONL (text,label; causal-lm: "
+                                                                 "prompt,response or chat messages); never leaves")
     daemon.add_argument("--state", type=Path, required=True, help="the site's state: privacy ledger, audit log")
     daemon.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")
     for opt in site_policy_options():  # the site's own policy: flag, default and help from client/policy.py
