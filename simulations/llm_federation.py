@@ -1,28 +1,51 @@
 """Federated instruction tuning of the packaged SmolLM2-135M-Instruct, DP on and off (``llm-federation``).
 
-    python -m simulations.llm_federation --out runs/llm-federation [--rounds 3] [--test-examples 120]
+    python -m simulations.llm_federation --data banking77|drugreview --out runs/llm-federation [--rounds 3]
 
-Three hospitals hold the packaged drug reviews (split by the patient's condition, so each has its own
-mix), asked as instructions: "Drug review: ... Is this drug review positive, neutral or negative?
-Answer with one word." → the rating. Each run goes through ``fedtune simulate`` (Flower's engine,
-secure aggregation), DP at ε = 8 per record or off. Prints a Markdown table of the server's exact
-match and ROUGE-L before (round 0) and after, against always giving the most common answer, with
-the wall time; appends the raw results to ``--results`` (JSON lines).
+``banking77``: three banks hold customer queries of BANKING77's 6 most frequent intents (Dirichlet
+α = 0.5 by intent, as in the demo), asked as instructions: 'A bank customer wrote: "..." Which
+intent is it? One of: ... Answer with the intent only.' → the intent. ``drugreview``: three
+hospitals hold the packaged drug reviews (split by condition): "... Is this drug review positive,
+neutral or negative? Answer with one word." → the rating. Each run goes through ``fedtune
+simulate`` (Flower's engine, secure aggregation), DP at ε = 8 per record or off. Prints a Markdown
+table of the server's exact match and ROUGE-L before (round 0) and after, against always giving
+the most common answer, with the wall time; appends the raw results to ``--results`` (JSON lines).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
+from common.data import read_records, write_records
 from fedtune.cli import build_parser, simulate_once
+from simulations.benchmark import BANKING77
+from simulations.demo import prepare_bank_data
 
 
-def run(out: Path, *, dp: bool, rounds: int, test_examples: int, epochs: int) -> dict:
-    flags = ["simulate", "--out", str(out), "--task", "causal-lm", "--model", "smollm2", "--data", "drugreview",
-             "--partition", "column:condition", "--sites", "3", "--rounds", str(rounds), "--local-epochs",
+def bank_instructions(folder: Path, out: Path, intents: int = 6) -> list[str]:
+    """--data/--test-data flags for BANKING77's most frequent intents as instructions (test rows shuffled,
+    seeded, so that the first N the server scores are a sample of every intent)."""
+    train, test, _ = prepare_bank_data(folder, out / "bank", intents)
+    names = sorted({row["label"] for row in read_records(train)})
+    question = f"Which intent is it? One of: {', '.join(names)}. Answer with the intent only."
+
+    def ask(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+        return [{"prompt": f'A bank customer wrote: "{row["text"]}"\n{question}', "response": row["label"]}
+                for row in rows]
+
+    test_rows = ask(read_records(test))
+    random.Random(0).shuffle(test_rows)
+    return ["--data", str(write_records(out / "bank" / "train-chat.csv", ask(read_records(train)))),
+            "--test-data", str(write_records(out / "bank" / "test-chat.csv", test_rows)), "--partition", "dirichlet"]
+
+
+def run(out: Path, data: list[str], *, dp: bool, rounds: int, test_examples: int, epochs: int) -> dict:
+    flags = ["simulate", "--out", str(out), "--task", "causal-lm", "--model", "smollm2", *data,
+             "--sites", "3", "--rounds", str(rounds), "--local-epochs",
              str(epochs), "--batch-size", "32", "--max-length", "128", "--test-examples", str(test_examples)]
     args = build_parser()[0].parse_args(flags + ([] if dp else ["--no-dp"]))
     started = time.perf_counter()
@@ -36,7 +59,8 @@ def run(out: Path, *, dp: bool, rounds: int, test_examples: int, epochs: int) ->
 
 def table(results: list[dict]) -> str:
     floor = results[0]["floor"]
-    rows = ["| SmolLM2-135M-Instruct, 3 sites | exact match | ROUGE-L | answer perplexity | wall time |",
+    rows = [f"| SmolLM2-135M-Instruct, 3 sites, {results[0]['data']} | exact match | ROUGE-L | answer perplexity "
+            "| wall time |",
             "|---|---|---|---|---|",
             f"| most common answer (floor) | {floor['exact_match']:.3f} | {floor['rouge_l']:.3f} | - | - |"]
     before = results[0]["curve"][0]
@@ -53,13 +77,17 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/llm-federation"))
+    parser.add_argument("--data", choices=("banking77", "drugreview"), default="banking77")
+    parser.add_argument("--banking77", type=Path, default=BANKING77, help="the BANKING77 folder (CC BY 4.0)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--test-examples", type=int, default=120)
     parser.add_argument("--results", type=Path, default=None, help="append the raw results here (JSON lines)")
     args = parser.parse_args()
-    results = [run(args.out / ("dp-on" if dp else "dp-off"), dp=dp, rounds=args.rounds,
-                   test_examples=args.test_examples, epochs=args.epochs) for dp in (False, True)]
+    data = (bank_instructions(args.banking77, args.out) if args.data == "banking77"
+            else ["--data", "drugreview", "--partition", "column:condition"])
+    results = [run(args.out / ("dp-on" if dp else "dp-off"), data, dp=dp, rounds=args.rounds,
+                   test_examples=args.test_examples, epochs=args.epochs) | {"data": args.data} for dp in (False, True)]
     if args.results:
         with open(args.results, "a", encoding="utf-8") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in results)
