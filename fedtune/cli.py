@@ -24,6 +24,7 @@ from common.config import (
     RunSettings,
     TaskKind,
     command_line_options,
+    model_name,
     options_of,
     unit_name,
 )
@@ -265,7 +266,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
     policy.check_complete()
     print(f"== site daemon: kit {args.kit}, keys {args.keys}, data {args.data}, state {args.state}, "
           f"coordinator {args.superlink}, policy: {policy.task}"
-          f"{', labels ' + ','.join(policy.labels) if policy.labels else ''}, model {policy.model_path or 'minilm'} "
+          f"{', labels ' + ','.join(policy.labels) if policy.labels else ''}, model {model_name(policy.model_path)} "
           f"on {policy.device}, "
           f"ε ≤ {policy.max_epsilon:g} per {unit_name(policy.privacy_unit)}, "
           f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·records))'}, "

@@ -110,6 +110,9 @@ def test_a_causal_lm_run_needs_a_generative_model_and_a_site_refuses_another_tas
     SitePolicy(task="causal-lm", model_path=LLM).check_task(run)  # its own task and model: accepted
     with pytest.raises(PolicyError, match="model"):
         SitePolicy(task="causal-lm", model_path="").check_task(run)
+    classify = RunSettings.from_flat({"model-path": "minilm", "data.labels": "a,b",
+                                      "federation.secure-aggregation": False})
+    SitePolicy(labels=("a", "b"), model_path="").check_task(classify)  # '' and 'minilm' name the same model
 
 
 def test_qlora_trains_lora_b_with_dp_on_a_4bit_base_and_a_classifier_is_refused(tmp_path: Path, tokenizer) -> None:
