@@ -57,6 +57,8 @@ class EncodedChats:
     targets: torch.Tensor
     """The token to predict at each position, IGNORE outside the answer."""
     answers: tuple[str, ...]
+    questions: tuple[str, ...]
+    """The last turn before each answer, as text (what a report shows next to the answer)."""
 
     def tensors(self) -> TensorDataset:
         return TensorDataset(self.input_ids, self.attention_mask, self.targets)
@@ -84,7 +86,8 @@ def encode_chats(records: list[dict[str, str]], tokenizer: PreTrainedTokenizerBa
         input_ids[i, :len(tokens)] = tokens
         attention_mask[i, :len(tokens)] = 1
         targets[i, len(prompt) - 1:len(tokens) - 1] = torch.tensor(answer, dtype=torch.long)  # next-token targets
-    return EncodedChats(input_ids, attention_mask, targets, tuple(answer for _, answer in turns_and_answers))
+    return EncodedChats(input_ids, attention_mask, targets, tuple(answer for _, answer in turns_and_answers),
+                        tuple(turns[-1]["content"] for turns, _ in turns_and_answers))
 
 
 def answer_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -165,7 +168,7 @@ def _generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
 
 @torch.no_grad()
 def score_generation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TensorDataset,
-                     answers: tuple[str, ...], batch_size: int = 16) -> GenerationScores:
+                     answers: tuple[str, ...], questions: tuple[str, ...], batch_size: int = 16) -> GenerationScores:
     """The answer-token loss (teacher forcing) and, from greedy generation, exact match and ROUGE-L."""
     model.eval()
     input_ids, attention_mask, targets = data.tensors
@@ -184,9 +187,14 @@ def score_generation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
             exact += normalise(generated) == normalise(reference)
             rouge += rouge_l(generated, reference)
             if len(samples) < SAMPLES_SHOWN:
-                prompt = tokenizer.decode(prompts[i], skip_special_tokens=True)
-                samples.append({"prompt": prompt[-200:], "reference": reference[:200], "generated": generated[:200]})
+                samples.append({"prompt": excerpt(questions[start + i]), "reference": excerpt(reference),
+                                "generated": excerpt(generated)})
     return GenerationScores(loss_sum, tokens, exact, rouge, len(answers), samples)
+
+
+def excerpt(text: str, limit: int = 240) -> str:
+    """``text``, its middle elided past ``limit`` characters (a question's start and end both matter)."""
+    return text if len(text) <= limit else text[: limit // 2] + " … " + text[-limit // 2:]
 
 
 def most_common_answer_scores(answers: tuple[str, ...]) -> dict[str, float]:

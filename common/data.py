@@ -237,6 +237,8 @@ class EncodedData:
     task: TaskKind = "classification"
     answers: tuple[str, ...] = ()
     """Causal-lm: each row's reference answer."""
+    questions: tuple[str, ...] = ()
+    """Causal-lm: the turn each answer replies to."""
 
     def __len__(self) -> int:
         return len(self.units)
@@ -277,7 +279,7 @@ def encode(
     units = unit_indices(records, unit_column, where)
     if task == "causal-lm":
         chats = encode_chats(records, tokenizer, max_length, where)
-        return EncodedData(chats.tensors(), chats.targets.numpy(), units, task, chats.answers)
+        return EncodedData(chats.tensors(), chats.targets.numpy(), units, task, chats.answers, chats.questions)
     labels = encode_labels(records, names, where)
     batch = tokenizer(
         [row["text"] for row in records], truncation=True, max_length=max_length,

@@ -82,7 +82,8 @@ def server_test_split(settings: RunSettings, tokenizer: PreTrainedTokenizerBase)
 def test_scores(model: PeftModel, test: EncodedData, settings: RunSettings) -> dict[str, Any]:
     """The model's metrics on the server's test split: classification counts, or causal-lm generation."""
     if settings.task == "causal-lm":
-        return score_generation(model, load_tokenizer(settings.model_path), test.dataset, test.answers).metrics()
+        return score_generation(model, load_tokenizer(settings.model_path), test.dataset, test.answers,
+                                test.questions).metrics()
     return metrics(evaluate(model, test, len(settings.data.labels)))
 
 

@@ -171,6 +171,7 @@ def test_an_llm_is_instruction_tuned_with_dp_and_secure_aggregation_and_its_adap
     server = lines[-1]["server"]
     assert server["examples"] == 6 and 0 <= server["exact_match"] <= 1 and 0 <= server["rouge_l"] <= 1
     assert server["perplexity"] > 1 and len(server["samples"]) == 3
+    assert server["samples"][0]["prompt"].startswith("Drug review:")  # the question itself, not the chat template
     assert lines[-1]["server"]["loss"] != lines[0]["server"]["loss"]  # the adapter changed what the model says
     assert all(0 < eps <= 8.0 for eps in epsilons(tmp_path).values())
     assert (final / "passport.json").is_file()
