@@ -187,8 +187,9 @@ def plot(results: list[dict], path: Path) -> None:
     figure, axes = pyplot.subplots(figsize=(7, 4))
     for r in results:
         s = r["setup"]
-        label = f"{r['row']} ({s['partition']}, {s['unit']}" + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp")
-                                                                 else "") + ")"
+        label = (f"{r['row']} ({s['per_site']:,}/site, {s['partition']}, {s['unit']}"
+                 + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp") else "")
+                 + (f", {s['server']}" if s["server"] != "fedavg" and r["row"].startswith("fed") else "") + ")")
         axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", label=label)
     sizes = sorted({f"{r['setup']['sites']} sites × {r['setup']['per_site']:,} records" for r in results})
     axes.set(xlabel="round", ylabel="macro-F1 (BANKING77 test split)", ylim=(0, 1),
