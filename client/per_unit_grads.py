@@ -112,9 +112,9 @@ class LinearCapture:
         return grads
 
 
-def per_unit_norms_and_sum(grads: dict[torch.nn.Parameter, torch.Tensor], unit_of_row: torch.Tensor, units: int,
-                           max_grad_norm: float) -> tuple[torch.Tensor, dict[torch.nn.Parameter, torch.Tensor]]:
-    """(each unit's gradient norm before clipping, the sum of the clipped unit gradients)."""
+def clipped_unit_sum(grads: dict[torch.nn.Parameter, torch.Tensor], unit_of_row: torch.Tensor, units: int,
+                     max_grad_norm: float) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """The sum over units of each unit's gradient (its rows added up), clipped to ``max_grad_norm``."""
     per_unit = {}
     for param, grad in grads.items():
         if units == grad.shape[0]:
@@ -124,7 +124,7 @@ def per_unit_norms_and_sum(grads: dict[torch.nn.Parameter, torch.Tensor], unit_o
                                           ).index_add_(0, unit_of_row.to(grad.device), grad)
     norms = torch.stack([g.reshape(units, -1).norm(2, dim=1) for g in per_unit.values()], dim=1).norm(2, dim=1)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    return norms, {param: torch.einsum("u,u...->...", factor, g) for param, g in per_unit.items()}
+    return {param: torch.einsum("u,u...->...", factor, g) for param, g in per_unit.items()}
 
 
 class PerUnitDPSGD:
@@ -147,8 +147,7 @@ class PerUnitDPSGD:
             with self.capture.recording():
                 loss = loss_of(chunk)
             grads = self.capture.per_row_gradients(loss, len(chunk.labels))
-            _, clipped = per_unit_norms_and_sum(grads, chunk.unit_of_row, chunk.units, self.clip)
-            for param, grad in clipped.items():
+            for param, grad in clipped_unit_sum(grads, chunk.unit_of_row, chunk.units, self.clip).items():
                 summed[param] += grad
         for param in self.params:
             noise = torch.normal(0.0, self.sigma * self.clip, param.shape, generator=self.generator,

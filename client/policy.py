@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import TASKS, ConfigError, RunSettings, TaskKind, check_unit, model_name, option
+from common.config import DEVICES, QUANTIZE, TASKS, ConfigError, RunSettings, TaskKind, check_unit, model_name, option
 from common.files import write_json
 
 POLICY_FILE = "policy.json"
-DEVICES = ("auto", "cpu", "cuda")
-QUANTIZE = ("none", "nf4")
 ACCOUNTANTS = ("prv", "rdp")
 """Accountants whose ε is a valid upper bound (PRV and RDP with Poisson subsampling, add/remove-one)."""
 

