@@ -40,6 +40,8 @@ class LocalResult:
     steps: int
     epsilon: float | None
     """ε the site has spent in total after this round (None without DP)."""
+    optimizer_state: dict
+    """The site's AdamW state after the round, to continue from next round (it never leaves the site)."""
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,13 @@ def train_locally(
     server_round: int,
     run_id: int,
     privacy: PrivacySettings | None = None,
+    optimizer_state: dict | None = None,
 ) -> LocalResult:
     """Train ``model`` in place for one round of the site's plan; DP when ``ledger`` is given.
+
+    ``optimizer_state`` (the previous round's ``LocalResult.optimizer_state``) continues AdamW's moment
+    estimates across rounds: a fresh AdamW's first steps are sign steps of size lr, which under DP noise move
+    every coordinate at random. The state is post-processing of the site's DP steps and stays at the site.
 
     With DP the round is charged to the ledger before any step (raising BudgetExhausted), so a crash
     never leaves a trained round uncharged. All randomness (dropout, order, Poisson sampling, which rows
@@ -92,6 +99,8 @@ def train_locally(
     before = torch.cat([p.detach().flatten().clone() for p in _trainable(model)])
     model.train()
     optimizer = torch.optim.AdamW(_trainable(model), lr=plan.learning_rate, weight_decay=0.0)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     batches = UnitBatches(data, plan, settings, poisson=ledger is not None, device=next(model.parameters()).device)
     if ledger is None:
         steps = _train_plain(model, optimizer, batches)
@@ -109,7 +118,7 @@ def train_locally(
         raise TrainingError("no trainable parameter changed: the adapter is not being trained (device or freeze bug)")
     if not torch.isfinite(after).all():
         raise TrainingError("training diverged (non-finite adapter weights); lower train.learning-rate")
-    return LocalResult(get_adapter_state(model), steps, epsilon)
+    return LocalResult(get_adapter_state(model), steps, epsilon, optimizer.state_dict())
 
 
 class UnitBatches:

@@ -72,6 +72,8 @@ class Setup:
     seed: int = 0
     intents: int = 77
     """Keep only the most frequent intents (77 = all)."""
+    site_optimizer: str = "fresh"
+    """'kept': each site continues its AdamW state across rounds; 'fresh': a new AdamW every round."""
 
 
 def banking77(split: str) -> list[dict[str, str]]:
@@ -150,12 +152,14 @@ def federate(sites, test, labels, setup: Setup, privacy, train, lora) -> list[fl
     with tempfile.TemporaryDirectory() as tmp:
         ledgers = [PrivacyLedger(Path(tmp) / f"site-{i}" / "ledger.json", privacy) if privacy.enabled else None
                    for i in range(len(sites))]
+        kept: list[dict | None] = [None] * len(sites)
         for server_round in range(1, setup.rounds + 1):
             updates = []
-            for data, ledger in zip(sites, ledgers, strict=True):
+            for i, (data, ledger) in enumerate(zip(sites, ledgers, strict=True)):
                 set_adapter_state(model, state)
                 result = train_locally(model, data, train, ledger=ledger, privacy=privacy, planned_rounds=setup.rounds,
-                                       server_round=server_round, run_id=0)
+                                       server_round=server_round, run_id=0, optimizer_state=kept[i])
+                kept[i] = result.optimizer_state if setup.site_optimizer == "kept" else None
                 updates.append(delta(result.adapter, state, keys))
             state = apply_delta(state, server.step(weighted_mean(updates, [1] * len(updates))), keys)
             set_adapter_state(model, state)
@@ -173,6 +177,8 @@ def table(results: list[dict]) -> str:
         eps = s["epsilon"] if r["row"].endswith("-dp") else "-"
         ratio = f"{f1 / reference:.2f}" if reference else "-"
         server = s["server"] + (f" (η={s['server_lr']:g})" if s["server"] != "fedavg" else "")
+        if s.get("site_optimizer", "fresh") == "kept":
+            server += ", site AdamW kept"
         lines.append(f"| {r['row']} | {s['sites']} × {s['per_site']:,} | {s.get('intents', 77)} | {s['partition']} "
                      f"| {s['unit']} | {eps} | {server} | {f1:.3f} | {ratio} | {s['rounds']} | {r['cpu_s']:,} |")
     return "\n".join(lines)
@@ -189,7 +195,8 @@ def plot(results: list[dict], path: Path) -> None:
         s = r["setup"]
         label = (f"{r['row']} ({s['per_site']:,}/site, {s['partition']}, {s['unit']}"
                  + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp") else "")
-                 + (f", {s['server']}" if s["server"] != "fedavg" and r["row"].startswith("fed") else "") + ")")
+                 + (f", {s['server']}" if s["server"] != "fedavg" and r["row"].startswith("fed") else "")
+                 + (", AdamW kept" if s.get("site_optimizer", "fresh") == "kept" else "") + ")")
         axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", label=label)
     sizes = sorted({f"{r['setup']['sites']} sites × {r['setup']['per_site']:,} records" for r in results})
     axes.set(xlabel="round", ylabel="macro-F1 (BANKING77 test split)", ylim=(0, 1),
