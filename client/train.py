@@ -13,6 +13,7 @@ longest row (padding per chunk, not to the site's longest record): DP or not, th
 
 from __future__ import annotations
 
+import copy
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def train_locally(
     model.train()
     optimizer = torch.optim.AdamW(_trainable(model), lr=plan.learning_rate, weight_decay=0.0)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(copy.deepcopy(optimizer_state))  # AdamW updates its state in place
     batches = UnitBatches(data, plan, settings, poisson=ledger is not None, device=next(model.parameters()).device)
     if ledger is None:
         steps = _train_plain(model, optimizer, batches)

@@ -176,7 +176,7 @@ def table(results: list[dict]) -> str:
         s, f1 = r["setup"], r["macro_f1"][-1]
         eps = s["epsilon"] if r["row"].endswith("-dp") else "-"
         ratio = f"{f1 / reference:.2f}" if reference else "-"
-        server = s["server"] + (f" (η={s['server_lr']:g})" if s["server"] != "fedavg" else "")
+        server = s["server"] + (f" (η={s['server_lr']:g})" if s["server_lr"] != 1.0 else "")
         if s.get("site_optimizer", "fresh") == "kept":
             server += ", site AdamW kept"
         lines.append(f"| {r['row']} | {s['sites']} × {s['per_site']:,} | {s.get('intents', 77)} | {s['partition']} "
@@ -195,7 +195,8 @@ def plot(results: list[dict], path: Path) -> None:
         s = r["setup"]
         label = (f"{r['row']} ({s['per_site']:,}/site, {s['partition']}, {s['unit']}"
                  + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp") else "")
-                 + (f", {s['server']}" if s["server"] != "fedavg" and r["row"].startswith("fed") else "")
+                 + (f", {s['server']} η={s['server_lr']:g}" if (s["server"], s["server_lr"]) != ("fedavg", 1.0)
+                    and r["row"].startswith("fed") else "")
                  + (", AdamW kept" if s.get("site_optimizer", "fresh") == "kept" else "") + ")")
         axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", label=label)
     sizes = sorted({f"{r['setup']['sites']} sites × {r['setup']['per_site']:,} records" for r in results})

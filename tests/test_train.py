@@ -38,6 +38,18 @@ def test_ffa_trains_b_and_head_only_and_dp_spends_within_budget(tmp_path: Path, 
     assert ledger.spent() == pytest.approx(result.epsilon)
 
 
+def test_a_site_continues_its_adamw_moments_across_rounds(tiny_data):
+    data, labels = tiny_data
+    model = build_model("", len(labels), LoraSettings())
+    first = train_locally(model, data, TINY, ledger=None, planned_rounds=2, server_round=1, run_id=1)
+    second = train_locally(model, data, TINY, ledger=None, planned_rounds=2, server_round=2, run_id=1,
+                           optimizer_state=first.optimizer_state)
+    fresh = train_locally(model, data, TINY, ledger=None, planned_rounds=2, server_round=2, run_id=1)
+    def steps(result):
+        return {float(s["step"]) for s in result.optimizer_state["state"].values()}
+    assert steps(first) == {3.0} and steps(second) == {6.0} and steps(fresh) == {3.0}
+
+
 def test_plain_lora_trains_a_too(tiny_data):
     data, labels = tiny_data
     model = build_model("", len(labels), LoraSettings(aggregation="plain"))
