@@ -185,25 +185,28 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """One panel per records-per-site, a curve per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(7, 4))
-    for r in results:
-        s = r["setup"]
-        label = (f"{r['row']} ({s['per_site']:,}/site, {s['partition']}, {s['unit']}"
-                 + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp") else "")
-                 + (f", {s['server']} η={s['server_lr']:g}" if (s["server"], s["server_lr"]) != ("fedavg", 1.0)
-                    and r["row"].startswith("fed") else "")
-                 + (", AdamW kept" if s.get("site_optimizer", "fresh") == "kept" else "") + ")")
-        axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", label=label)
-    sizes = sorted({f"{r['setup']['sites']} sites × {r['setup']['per_site']:,} records" for r in results})
-    axes.set(xlabel="round", ylabel="macro-F1 (BANKING77 test split)", ylim=(0, 1),
-             title=f"dp-federation: {', '.join(sizes)}, MiniLM + FFA-LoRA")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    sizes = sorted({r["setup"]["per_site"] for r in results})
+    figure, panels = pyplot.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.5), squeeze=False, sharey=True)
+    for axes, size in zip(panels[0], sizes, strict=True):
+        for r in (r for r in results if r["setup"]["per_site"] == size):
+            s = r["setup"]
+            label = (f"{r['row']} ({s['partition']}, {s['unit']}"
+                     + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp") else "")
+                     + (f", {s['server']} η={s['server_lr']:g}" if (s["server"], s["server_lr"]) != ("fedavg", 1.0)
+                        and r["row"].startswith("fed") else "")
+                     + (", AdamW kept" if s.get("site_optimizer", "fresh") == "kept" else "") + ")")
+            axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", markersize=3, label=label)
+        axes.set(xlabel="round", ylim=(0, 1), title=f"{results[0]['setup']['sites']} sites × {size:,} records")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    panels[0][0].set_ylabel("macro-F1 (BANKING77 test split)")
+    figure.suptitle("dp-federation: MiniLM + FFA-LoRA, 77 intents")
     figure.savefig(path, dpi=150, bbox_inches="tight")
 
 
