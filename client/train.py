@@ -85,8 +85,8 @@ def train_locally(
     """Train ``model`` in place for one round of the site's plan; DP when ``ledger`` is given.
 
     ``optimizer_state`` (the previous round's ``LocalResult.optimizer_state``) continues AdamW's moment
-    estimates across rounds: a fresh AdamW's first steps are sign steps of size lr, which under DP noise move
-    every coordinate at random. The state is post-processing of the site's DP steps and stays at the site.
+    estimates across rounds. Measured in ``dp-federation --site-optimizer kept``, it did not help (BENCHMARKS.md),
+    so the ClientApp starts each round with a fresh AdamW.
 
     With DP the round is charged to the ledger before any step (raising BudgetExhausted), so a crash
     never leaves a trained round uncharged. All randomness (dropout, order, Poisson sampling, which rows
