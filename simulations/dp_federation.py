@@ -53,6 +53,7 @@ from server.strategy import weighted_mean
 
 BANKING77 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "banking77"
 ROWS = ("central", "fed", "fed-dp", "local-dp", "central-dp")
+SITE_OPTIMIZERS = ("fresh", "kept")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,11 @@ class Setup:
     """Keep only the most frequent intents (77 = all)."""
     site_optimizer: str = "fresh"
     """'kept': each site continues its AdamW state across rounds; 'fresh': a new AdamW every round."""
+
+    def __post_init__(self) -> None:
+        if self.site_optimizer not in SITE_OPTIMIZERS:
+            raise ValueError(f"--site-optimizer must be one of {', '.join(SITE_OPTIMIZERS)}, "
+                             f"got {self.site_optimizer!r}")
 
 
 def banking77(split: str) -> list[dict[str, str]]:
@@ -168,6 +174,12 @@ def federate(sites, test, labels, setup: Setup, privacy, train, lora) -> list[fl
     return curve
 
 
+def server_step(setup: dict) -> str:
+    """How a row combined its rounds: the server optimizer, its step when not 1, a site AdamW kept across rounds."""
+    text = setup["server"] + (f" (η={setup['server_lr']:g})" if setup["server_lr"] != 1.0 else "")
+    return text + (", site AdamW kept" if setup.get("site_optimizer", "fresh") == "kept" else "")
+
+
 def table(results: list[dict]) -> str:
     reference = next((r["macro_f1"][-1] for r in results if r["row"] == "central"), None)
     lines = ["| row | sites × records | intents | partition | unit | ε | server | macro-F1 | vs central non-DP "
@@ -176,9 +188,7 @@ def table(results: list[dict]) -> str:
         s, f1 = r["setup"], r["macro_f1"][-1]
         eps = s["epsilon"] if r["row"].endswith("-dp") else "-"
         ratio = f"{f1 / reference:.2f}" if reference else "-"
-        server = s["server"] + (f" (η={s['server_lr']:g})" if s["server_lr"] != 1.0 else "")
-        if s.get("site_optimizer", "fresh") == "kept":
-            server += ", site AdamW kept"
+        server = server_step(s)
         lines.append(f"| {r['row']} | {s['sites']} × {s['per_site']:,} | {s.get('intents', 77)} | {s['partition']} "
                      f"| {s['unit']} | {eps} | {server} | {f1:.3f} | {ratio} | {s['rounds']} | {r['cpu_s']:,} |")
     return "\n".join(lines)
@@ -196,11 +206,10 @@ def plot(results: list[dict], path: Path) -> None:
     for axes, size in zip(panels[0], sizes, strict=True):
         for r in (r for r in results if r["setup"]["per_site"] == size):
             s = r["setup"]
+            step = server_step(s)
             label = (f"{r['row']} ({s['partition']}, {s['unit']}"
                      + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp") else "")
-                     + (f", {s['server']} η={s['server_lr']:g}" if (s["server"], s["server_lr"]) != ("fedavg", 1.0)
-                        and r["row"].startswith("fed") else "")
-                     + (", AdamW kept" if s.get("site_optimizer", "fresh") == "kept" else "") + ")")
+                     + (f", {step}" if step != "fedavg" else "") + ")")
             axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", markersize=3, label=label)
         axes.set(xlabel="round", ylim=(0, 1), title=f"{results[0]['setup']['sites']} sites × {size:,} records")
         axes.grid(alpha=0.3)
@@ -218,7 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     for field in dataclasses.fields(Setup):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
-    setup = Setup(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Setup)})
+    try:
+        setup = Setup(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Setup)})
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     if not (BANKING77 / "train.csv").is_file():
         raise SystemExit(f"BANKING77 is not at {BANKING77} (see ../shared/data/banking77/README.md)")
     args.results.parent.mkdir(parents=True, exist_ok=True)

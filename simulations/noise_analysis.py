@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-rate", type=float, default=0.25)
     args = parser.parse_args(argv)
     q, k = args.sample_rate, args.sites
+    if not 0 < q < 1 or k < 1 or args.epochs < 1:
+        raise SystemExit("--sample-rate must be in (0, 1), --sites and --epochs at least 1")
     steps = math.ceil(args.epochs / q)
     gaussian = noise_multiplier_for("prv", args.epsilon, args.delta, q, steps)
     shared = general_sigma(args.epsilon, q, steps, args.delta)

@@ -3,11 +3,12 @@
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from common.data import EncodedData
-from simulations.dp_federation import concat, with_customers
+from simulations.dp_federation import Setup, concat, main, server_step, with_customers
 
 
 def test_synthetic_customers_hold_one_to_five_rows_and_are_seeded():
@@ -30,3 +31,14 @@ def test_pooling_sites_keeps_every_row_and_keeps_units_apart():
     assert len(pooled) == 5 and pooled.dataset.tensors[0].shape == (5, 6)
     assert pooled.units.tolist() == [0, 0, 1, 2, 3] and pooled.unit_count == 4
     assert pooled.dataset.tensors[1][:3, 4:].sum() == 0  # the narrower site is padded, not stretched
+
+
+def test_a_misspelt_site_optimizer_is_refused_by_name():
+    with pytest.raises(SystemExit, match="site-optimizer must be one of fresh, kept, got 'keep'"):
+        main(["--rows", "", "--site-optimizer", "keep"])
+
+
+def test_each_row_names_how_it_combined_its_rounds():
+    assert server_step(vars(Setup()) | {"server": "fedavg", "server_lr": 1.0}) == "fedavg"
+    assert server_step(vars(Setup(site_optimizer="kept")) | {"server": "fedadam", "server_lr": 0.05}) == \
+        "fedadam (η=0.05), site AdamW kept"

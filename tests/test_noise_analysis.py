@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp
 
-from simulations.noise_analysis import ORDERS, general_epsilon, general_sigma, general_subsampled_rdp
+from simulations.noise_analysis import ORDERS, general_epsilon, general_sigma, general_subsampled_rdp, main
 
 
 @pytest.mark.parametrize(("sigma", "q"), [(0.8, 0.05), (1.5, 0.25), (3.0, 0.5)])
@@ -18,3 +18,9 @@ def test_the_general_bound_is_never_below_the_sampled_gaussians_exact_rdp(sigma,
 def test_the_general_sigma_is_the_smallest_within_the_budget():
     sigma = general_sigma(8.0, 0.25, 120, 1e-5)
     assert general_epsilon(sigma, 0.25, 120, 1e-5) <= 8.0 < general_epsilon(sigma / 1.01, 0.25, 120, 1e-5)
+
+
+@pytest.mark.parametrize("rate", ["0", "1", "1.5"])
+def test_a_sample_rate_outside_zero_to_one_is_refused(rate):
+    with pytest.raises(SystemExit, match="sample-rate must be in"):
+        main(["--sample-rate", rate])
