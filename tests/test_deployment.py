@@ -3,9 +3,10 @@ daemons (SuperNodes with their kits), DP and secure aggregation, through the `fe
 
 Each site makes its own keys (`fedtune site keygen`); the coordinator provisions from their
 public enrolment files. One scenario, in order: an unregistered site is refused; a site is
-killed mid-run and the rounds go on with the others; the coordinator is SIGKILLed mid-run and
-`--resume` completes the run with a continuous checkpoint lineage; the killed site restarts and
-keeps its ε ledger; the final adapter's passport verifies and a tampered one does not. Every
+killed mid-run and the rounds go on with the others; the coordinator is SIGKILLed mid-round, after
+a site sealed its update and before any masked upload left, and `--resume` completes the run with a
+continuous checkpoint lineage, each round charged once; the killed site restarts and keeps its ε
+ledger; the final adapter's passport verifies and a tampered one does not. Every
 process is stopped.
 Slow: about 3 minutes.
 """
@@ -52,13 +53,18 @@ def kill_tree(proc: subprocess.Popen, sig: int) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, poll: float = 1.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if condition():
             return
-        time.sleep(1.0)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def released(root: Path, site: str, server_round: int, suffix: str) -> bool:
+    """Whether the site has sealed its update for the round ("npy") or its masked upload left ("uploaded")."""
+    return any((root / "state" / site / "released").glob(f"round-{server_round:06d}-*.{suffix}"))
 
 
 def checkpoints(run: Path) -> list[dict]:
@@ -140,9 +146,13 @@ def test_the_deployed_federation_survives_dropouts_and_a_coordinator_crash(world
     # Kill one site mid-run, once round 1 is checkpointed: later rounds go on with the other three.
     wait_for(lambda: any(c["round"] == 1 for c in checkpoints(run)), 400, "round 1")
     kill_tree(procs["site-d"], 9)
-    # SIGKILL the coordinator (and its SuperLink) once round 2 is checkpointed.
+    # SIGKILL the coordinator (and its SuperLink) in round 3, once a site has sealed its round-3 update but
+    # before any masked upload left: on resume the sealed updates are resent, for no new ε. (After an upload
+    # the site must train afresh, charged, which the 3-round plan cannot afford: tests/test_federation_inprocess.)
     wait_for(lambda: any(c["round"] == 2 for c in checkpoints(run)), 400, "round 2")
+    wait_for(lambda: any(released(root, site, 3, "npy") for site in SITES[:3]), 120, "a round-3 release", poll=0.05)
     kill_tree(procs["server"], 9)
+    assert not any(released(root, site, 3, "uploaded") for site in SITES), "killed too late: an upload had left"
     assert not any(c["round"] == 3 for c in checkpoints(run))
 
     # Restart: the coordinator resumes from round 2; site-d comes back with its ledger.
@@ -155,7 +165,7 @@ def test_the_deployed_federation_survives_dropouts_and_a_coordinator_crash(world
     assert by_round[1]["contributors"] == 4 and by_round[1]["secure_aggregation"]["dropped"] == []
     assert by_round[2]["model_updated"] and by_round[2]["contributors"] == 3
     assert "site-d" not in by_round[2]["secure_aggregation"]["survivors"]
-    assert by_round[3]["model_updated"]
+    assert by_round[3]["model_updated"] and by_round[3]["contributors"] == 4, by_round[3]
 
     infos = checkpoints(run)
     assert [c["round"] for c in infos] == [0, 1, 2, 3]
@@ -164,12 +174,15 @@ def test_the_deployed_federation_survives_dropouts_and_a_coordinator_crash(world
     events = [json.loads(x)["event"] for x in (run / "audit.jsonl").read_text().splitlines()]
     assert verify_chain(run / "audit.jsonl") == len(events) and "run-resumed" in events
 
-    # The restarted site kept its ledger: ε only grows, and its local audit log shows each round it trained.
-    ledger = json.loads((root / "state" / "site-d" / "privacy-ledger.json").read_text())
-    trained = [e["round"] for e in ledger["rounds"]]
-    assert trained[0] == 1 and 3 in trained and 2 not in trained
-    spent = [e["epsilon"] for e in ledger["rounds"]]
-    assert spent == sorted(spent) and spent[-1] <= 8.0
+    # Each round is charged once: the sites that had sealed round 3 resent it, and the run ends inside every
+    # site's budget. The restarted site kept its ledger; its local audit log shows each round it trained.
+    assert "round 3 was already released for this adapter" in "".join(
+        (root / "state" / site / "executor.log").read_text() for site in SITES[:3])
+    for site, rounds in {"site-a": [1, 2, 3], "site-b": [1, 2, 3], "site-c": [1, 2, 3], "site-d": [1, 3]}.items():
+        ledger = json.loads((root / "state" / site / "privacy-ledger.json").read_text())
+        assert [e["round"] for e in ledger["rounds"]] == rounds, ledger
+        spent = [e["epsilon"] for e in ledger["rounds"]]
+        assert spent == sorted(spent) and spent[-1] <= 8.0, spent
     assert verify_chain(root / "state" / "site-d" / "audit.jsonl") >= 2
 
     # Every task ran in each site's own executor with the site's installed ClientApp: the coordinator's FAB
