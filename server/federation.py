@@ -28,7 +28,7 @@ from common.config import HEADLINE_METRIC, ConfigError, DataSettings, RunSetting
 from common.data import DRUGREVIEW, EncodedData, encode, read_records
 from common.evaluation import evaluate, majority_baseline, metrics
 from common.files import file_sha256, write_json
-from common.model import base_model_sha256, build_model, load_tokenizer
+from common.model import base_model_sha256, initial_model, load_tokenizer
 from common.passport import build_passport, load_signing_key, sign_passport
 from common.registry import load_registry
 from fedtune import __version__
@@ -141,7 +141,7 @@ class Federation:
         self.test = server_test_split(settings, load_tokenizer(settings.model_path))
         self.signing_key = load_signing_key(Path(settings.passport_key)) if settings.passport_key else None
         self.base_sha = base_model_sha256(settings.model_path) if self.signing_key else ""
-        self.model = build_model(settings.model_path, len(self.labels), settings.lora, settings.task)
+        self.model = initial_model(settings.model_path, self.labels, settings.lora, settings.task)
         self.state = get_adapter_state(self.model)
         self.keys = trainable_keys(self.state, settings.lora.aggregation)
         update_size = sum(self.state[key].size for key in self.keys)

@@ -21,7 +21,7 @@ from client.site import simulation_partitions
 from client.train import train_locally
 from common.config import TASK_METRICS, RunSettings, unit_column
 from common.data import EncodedData, encode
-from common.model import build_model, load_tokenizer
+from common.model import initial_model, load_tokenizer
 from server.federation import server_test_split, test_scores
 from simulations.report import metric_text, progress_bar
 
@@ -60,7 +60,7 @@ def _train_alone(data: EncodedData, test: EncodedData, settings: RunSettings,
                  on_round: Callable[[str], None]) -> list[dict[str, float]]:
     """``rounds`` rounds of the site's plan on one data set, each followed by a test evaluation."""
     labels = settings.data.labels
-    model = build_model(settings.model_path, len(labels), settings.lora, settings.task)
+    model = initial_model(settings.model_path, labels, settings.lora, settings.task)
     curve = []
     with tempfile.TemporaryDirectory(prefix="fedtune-baseline-") as state:
         ledger = PrivacyLedger(Path(state) / "ledger.json", settings.privacy) if settings.privacy.enabled else None

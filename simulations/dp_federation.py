@@ -47,7 +47,7 @@ from common.config import (
 )
 from common.data import EncodedData, encode, label_names, partition
 from common.evaluation import evaluate, metrics
-from common.model import build_model, load_tokenizer
+from common.model import initial_model, load_tokenizer
 from server.optimizer import ServerOptimizer
 from server.strategy import weighted_mean
 
@@ -149,7 +149,7 @@ def concat(sites: list[EncodedData]) -> EncodedData:
 
 def federate(sites, test, labels, setup: Setup, privacy, train, lora) -> list[float]:
     """FedAvg (or the chosen server optimizer) over ``sites``; the test macro-F1 after every round."""
-    model = build_model("", len(labels), lora)
+    model = initial_model("", labels, lora)
     state = get_adapter_state(model)
     keys = trainable_keys(state, lora.aggregation)
     server = ServerOptimizer(ServerSettings(optimizer=setup.server, learning_rate=setup.server_lr),
