@@ -203,11 +203,11 @@ def start_head_from_label_names(model: PeftModel, labels: tuple[str, ...], model
     A zero-shot start computed from the public label names alone, before any training (LoRA's B is 0,
     so the base is untouched): it costs no privacy. A record whose features lie nearest its label's
     name is classified right before any site trained."""
-    heads = [module for module in model.modules() if isinstance(module, torch.nn.Linear)
-             and module.out_features == len(labels) and module.weight.requires_grad]
+    heads = [module for name, module in model.named_modules() if "modules_to_save" in name
+             and isinstance(module, torch.nn.Linear) and module.out_features == len(labels)]
     if len(heads) != 1:
-        raise ModelError(f"cannot find the one trainable {len(labels)}-way linear head to start from the label "
-                         f"names (found {len(heads)}); set lora.head-init = \"random\"")
+        raise ModelError(f"cannot find the one trained {len(labels)}-way linear head of {model_name(model_path)} "
+                         f"to start from the label names (found {len(heads)}); set lora.head-init = \"random\"")
     head = heads[0]
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))

@@ -75,11 +75,14 @@ class Setup:
     """Keep only the most frequent intents (77 = all)."""
     site_optimizer: str = "fresh"
     """'kept': each site continues its AdamW state across rounds; 'fresh': a new AdamW every round."""
+    head_init: str = "label-names"
+    """The classifier head's start (lora.head-init); rows measured before it existed started 'random'."""
 
     def __post_init__(self) -> None:
         if self.site_optimizer not in SITE_OPTIMIZERS:
             raise ValueError(f"--site-optimizer must be one of {', '.join(SITE_OPTIMIZERS)}, "
                              f"got {self.site_optimizer!r}")
+        LoraSettings(head_init=self.head_init)  # type: ignore[arg-type]  # refuses an unknown start by name
 
 
 def banking77(split: str) -> list[dict[str, str]]:
@@ -122,7 +125,7 @@ def run(setup: Setup, row: str) -> dict:
     dp = row.endswith("-dp")
     privacy = PrivacySettings(enabled=dp, epsilon=setup.epsilon, delta=setup.delta, unit=setup.unit)
     train = TrainSettings(local_epochs=setup.epochs)
-    lora = LoraSettings()
+    lora = LoraSettings(head_init=setup.head_init)  # type: ignore[arg-type]
     started, cpu = time.perf_counter(), time.process_time()
     if row.startswith("central"):
         pooled = [concat(sites)]
@@ -180,17 +183,23 @@ def server_step(setup: dict) -> str:
     return text + (", site AdamW kept" if setup.get("site_optimizer", "fresh") == "kept" else "")
 
 
+def head_init(setup: dict) -> str:
+    """The row's starting head; rows measured before lora.head-init existed started at random."""
+    return setup.get("head_init", "random")
+
+
 def table(results: list[dict]) -> str:
     reference = next((r["macro_f1"][-1] for r in results if r["row"] == "central"), None)
-    lines = ["| row | sites × records | intents | partition | unit | ε | server | macro-F1 | vs central non-DP "
-             "| rounds | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | sites × records | intents | partition | unit | ε | server | head | macro-F1 "
+             "| vs central non-DP | rounds | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s, f1 = r["setup"], r["macro_f1"][-1]
         eps = s["epsilon"] if r["row"].endswith("-dp") else "-"
         ratio = f"{f1 / reference:.2f}" if reference else "-"
         server = server_step(s)
         lines.append(f"| {r['row']} | {s['sites']} × {s['per_site']:,} | {s.get('intents', 77)} | {s['partition']} "
-                     f"| {s['unit']} | {eps} | {server} | {f1:.3f} | {ratio} | {s['rounds']} | {r['cpu_s']:,} |")
+                     f"| {s['unit']} | {eps} | {server} | {head_init(s)} | {f1:.3f} | {ratio} | {s['rounds']} "
+                     f"| {r['cpu_s']:,} |")
     return "\n".join(lines)
 
 
@@ -209,7 +218,8 @@ def plot(results: list[dict], path: Path) -> None:
             step = server_step(s)
             label = (f"{r['row']} ({s['partition']}, {s['unit']}"
                      + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp") else "")
-                     + (f", {step}" if step != "fedavg" else "") + ")")
+                     + (f", {step}" if step != "fedavg" else "")
+                     + (", label-name head" if head_init(s) == "label-names" else "") + ")")
             axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", markersize=3, label=label)
         axes.set(xlabel="round", ylim=(0, 1), title=f"{results[0]['setup']['sites']} sites × {size:,} records")
         axes.grid(alpha=0.3)

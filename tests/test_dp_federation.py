@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from common.data import EncodedData
-from simulations.dp_federation import Setup, concat, main, server_step, with_customers
+from simulations.dp_federation import Setup, concat, head_init, main, server_step, with_customers
 
 
 def test_synthetic_customers_hold_one_to_five_rows_and_are_seeded():
@@ -36,6 +36,13 @@ def test_pooling_sites_keeps_every_row_and_keeps_units_apart():
 def test_a_misspelt_site_optimizer_is_refused_by_name():
     with pytest.raises(SystemExit, match="site-optimizer must be one of fresh, kept, got 'keep'"):
         main(["--rows", "", "--site-optimizer", "keep"])
+
+
+def test_a_misspelt_head_init_is_refused_by_name_and_old_rows_read_as_random():
+    with pytest.raises(SystemExit, match="head-init must be one of label-names, random, got 'labels'"):
+        main(["--rows", "", "--head-init", "labels"])
+    measured_before = {key: value for key, value in vars(Setup()).items() if key != "head_init"}
+    assert head_init(measured_before) == "random" and head_init(vars(Setup())) == "label-names"
 
 
 def test_each_row_names_how_it_combined_its_rounds():

@@ -1,0 +1,57 @@
+"""The round-0 model: a classifier's head started from the public label names, or at random."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.adapter import get_adapter_state
+from common.config import ConfigError, LoraSettings, RunSettings
+from common.model import HEAD_TEMPERATURE, build_model, initial_model, load_tokenizer
+
+INTENTS = ("card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed", "pin_blocked")
+
+
+def logits_of(model, texts: list[str]) -> torch.Tensor:
+    batch = load_tokenizer("")(texts, padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_a_label_name_head_classifies_each_label_name_as_its_label_before_any_training():
+    model = initial_model("", INTENTS, LoraSettings())
+    logits = logits_of(model, [label.replace("_", " ") for label in INTENTS])
+    assert logits.argmax(dim=1).tolist() == list(range(len(INTENTS)))
+    # A logit is cosine / temperature: a label's own name scores about 1 / 0.05, no class has a bias.
+    assert torch.diagonal(logits).numpy() == pytest.approx(1 / HEAD_TEMPERATURE, rel=0.3)
+    head_bias = [value for key, value in get_adapter_state(model).items() if "classifier" in key and "bias" in key]
+    assert len(head_bias) == 1 and not head_bias[0].any()
+
+
+def test_it_classifies_unseen_queries_by_meaning_where_a_random_head_cannot():
+    queries = ["my new card still has not been delivered", "what rate do you use to convert euros to dollars",
+               "someone took my card from my bag", "the top-up of my account did not go through",
+               "I typed the wrong code too many times and now it is locked"]
+    labelled = logits_of(initial_model("", INTENTS, LoraSettings()), queries).argmax(dim=1).tolist()
+    assert labelled == list(range(len(INTENTS)))
+    random_head = initial_model("", INTENTS, LoraSettings(head_init="random"))
+    assert torch.equal(logits_of(random_head, queries), logits_of(build_model("", len(INTENTS), LoraSettings()),
+                                                                    queries))
+
+
+def test_the_start_changes_only_the_head_and_is_the_same_in_every_process():
+    started, plain = (get_adapter_state(initial_model("", INTENTS, LoraSettings(head_init=init)))
+                      for init in ("label-names", "random"))
+    changed = sorted(key for key in plain if not np.array_equal(started[key], plain[key]))
+    assert changed and all("classifier" in key for key in changed)
+    again = get_adapter_state(initial_model("", INTENTS, LoraSettings()))
+    assert all(np.array_equal(started[key], again[key]) for key in started)
+
+
+def test_an_unknown_head_init_is_refused_by_name():
+    with pytest.raises(ConfigError, match="lora.head-init must be one of label-names, random"):
+        LoraSettings(head_init="zero-shot")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="head-init"):
+        RunSettings.from_flat({"lora.head-init": "zeros"})
