@@ -68,6 +68,16 @@ def test_pyproject_defaults_are_the_dataclass_defaults():
     assert parsed == RunSettings(federation=FederationSettings(secure_aggregation=False))
 
 
+def test_every_key_the_command_line_sends_is_declared_in_pyproject():
+    """Flower refuses a run-config key the app's pyproject.toml does not declare ("Invalid run configuration"),
+    so a setting the command line can send but pyproject lacks would break every deployed run."""
+    from fedtune.cli import build_parser, default_run_config, training_run_config
+
+    parser, _ = build_parser()
+    sent = training_run_config(parser.parse_args(["server", "start", "--kit", "k", "--state", "s"]))
+    assert sorted(set(sent) - set(default_run_config())) == []
+
+
 @pytest.mark.parametrize("command", [["simulate", "--out", "x"], ["server", "start", "--kit", "k", "--state", "s"]])
 def test_each_options_default_and_help_come_from_its_setting(command):
     """The command line is built from the settings' ``option(...)`` fields: parsed with no flags, it yields
