@@ -144,7 +144,7 @@ def test_the_deployed_federation_survives_dropouts_and_a_coordinator_crash(world
     assert "the coordinator has not registered" in (world["logs"] / "site-rogue.log").read_text()
 
     # Kill one site mid-run, once round 1 is checkpointed: later rounds go on with the other three.
-    wait_for(lambda: any(c["round"] == 1 for c in checkpoints(run)), 400, "round 1")
+    wait_for(lambda: any(c["round"] == 1 for c in checkpoints(run)), 400, "round 1", poll=0.1)
     kill_tree(procs["site-d"], 9)
     # SIGKILL the coordinator (and its SuperLink) in round 3, once a site has sealed its round-3 update but
     # before any masked upload left: on resume the sealed updates are resent, for no new ε. (After an upload
@@ -178,9 +178,11 @@ def test_the_deployed_federation_survives_dropouts_and_a_coordinator_crash(world
     # site's budget. The restarted site kept its ledger; its local audit log shows each round it trained.
     assert "round 3 was already released for this adapter" in "".join(
         (root / "state" / site / "executor.log").read_text() for site in SITES[:3])
-    for site, rounds in {"site-a": [1, 2, 3], "site-b": [1, 2, 3], "site-c": [1, 2, 3], "site-d": [1, 3]}.items():
+    # (site-d may have been killed after round 2's write-ahead charge, mid-training: that round stays charged.)
+    for site, allowed in {"site-a": [[1, 2, 3]], "site-b": [[1, 2, 3]], "site-c": [[1, 2, 3]],
+                          "site-d": [[1, 3], [1, 2, 3]]}.items():
         ledger = json.loads((root / "state" / site / "privacy-ledger.json").read_text())
-        assert [e["round"] for e in ledger["rounds"]] == rounds, ledger
+        assert [e["round"] for e in ledger["rounds"]] in allowed, ledger
         spent = [e["epsilon"] for e in ledger["rounds"]]
         assert spent == sorted(spent) and spent[-1] <= 8.0, spent
     assert verify_chain(root / "state" / "site-d" / "audit.jsonl") >= 2
