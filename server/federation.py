@@ -198,7 +198,11 @@ class Federation:
         if self.updated_rounds == 0 and not self.settings.resume_from:
             self.audit.record("run-failed", run_id=self.run_id, reason="no round changed the model")
             kinds = sorted({failure.kind for failure in outcome.failures}) if outcome else []
-            raise FederationFailed(f"no round changed the model; the sites' failures were {kinds} (see metrics.jsonl)")
+            spent = ("; a site's ledger keeps the ε it spent in earlier rounds and runs and is never reset (simulated "
+                     "sites keep theirs under OUT/sites: simulate into a new --out for fresh sites)"
+                     if "budget-exhausted" in kinds else "")
+            raise FederationFailed(f"no round changed the model; the sites' failures were {kinds} (see metrics.jsonl)"
+                                   + spent)
         final = publish_final(self.out_dir, self.checkpoint)
         self.audit.record("run-finished", run_id=self.run_id, final_sha256=self.parent,
                           final_round=json.loads((self.checkpoint / "round.json").read_text())["round"])
