@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args
 ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
 TaskKind = Literal["classification", "causal-lm"]
+HeadInit = Literal["label-names", "random"]
+HEAD_INITS: tuple[str, ...] = get_args(HeadInit)
 TASKS: tuple[str, ...] = get_args(TaskKind)
 DEVICES = ("auto", "cpu", "cuda")
 """Where a site trains: 'auto' is its CUDA GPU when it has one."""
@@ -58,9 +60,6 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-HEAD_INITS = ("label-names", "random")
-
-
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA adapter shape and how sites' adapters are combined."""
@@ -73,7 +72,7 @@ class LoraSettings:
     aggregation: Literal["ffa", "plain"] = "ffa"
     """"ffa": A frozen and identical everywhere, only B + head train, so the mean is exact.
     "plain": A and B both train and are averaged separately (mean(B)·mean(A) != mean(B·A))."""
-    head_init: Literal["label-names", "random"] = option(
+    head_init: HeadInit = option(
         "label-names", "--head-init", "a classifier's starting head: 'label-names' points each class at the base "
         "model's features of its label's name (a zero-shot start, free in privacy: the names are public), "
         "'random' is the usual small random head", choices=HEAD_INITS)

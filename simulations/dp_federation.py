@@ -38,6 +38,7 @@ from client.privacy import PrivacyLedger
 from client.train import train_locally
 from common.adapter import apply_delta, delta, get_adapter_state, set_adapter_state, trainable_keys
 from common.config import (
+    HeadInit,
     LoraSettings,
     PrivacySettings,
     ServerOptimizerName,
@@ -75,14 +76,14 @@ class Setup:
     """Keep only the most frequent intents (77 = all)."""
     site_optimizer: str = "fresh"
     """'kept': each site continues its AdamW state across rounds; 'fresh': a new AdamW every round."""
-    head_init: str = "label-names"
+    head_init: HeadInit = "label-names"
     """The classifier head's start (lora.head-init); rows measured before it existed started 'random'."""
 
     def __post_init__(self) -> None:
         if self.site_optimizer not in SITE_OPTIMIZERS:
             raise ValueError(f"--site-optimizer must be one of {', '.join(SITE_OPTIMIZERS)}, "
                              f"got {self.site_optimizer!r}")
-        LoraSettings(head_init=self.head_init)  # type: ignore[arg-type]  # refuses an unknown start by name
+        LoraSettings(head_init=self.head_init)  # refuses an unknown start by name
 
 
 def banking77(split: str) -> list[dict[str, str]]:
@@ -125,7 +126,7 @@ def run(setup: Setup, row: str) -> dict:
     dp = row.endswith("-dp")
     privacy = PrivacySettings(enabled=dp, epsilon=setup.epsilon, delta=setup.delta, unit=setup.unit)
     train = TrainSettings(local_epochs=setup.epochs)
-    lora = LoraSettings(head_init=setup.head_init)  # type: ignore[arg-type]
+    lora = LoraSettings(head_init=setup.head_init)
     started, cpu = time.perf_counter(), time.process_time()
     if row.startswith("central"):
         pooled = [concat(sites)]
