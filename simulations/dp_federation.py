@@ -48,7 +48,7 @@ from common.config import (
 )
 from common.data import EncodedData, encode, label_names, partition
 from common.evaluation import evaluate, metrics
-from common.model import initial_model, load_tokenizer
+from common.model import initial_model, load_tokenizer, resolve_model_path, sentence_pooling
 from server.optimizer import ServerOptimizer
 from server.strategy import weighted_mean
 
@@ -136,9 +136,14 @@ def run(setup: Setup, row: str) -> dict:
         curve = [float(np.mean(scores)) for scores in zip(*curves, strict=True)]
     else:
         curve = federate(sites, test, labels, setup, privacy, train, lora)
-    return {"row": row, "setup": dataclasses.asdict(setup), "macro_f1": curve,
+    return {"row": row, "setup": dataclasses.asdict(setup), "features": features_of(""), "macro_f1": curve,
             "sizes": [len(s) for s in sites], "units": [s.unit_count for s in sites],
             "wall_s": round(time.perf_counter() - started), "cpu_s": round(time.process_time() - cpu)}
+
+
+def features_of(model_path: str) -> str:
+    """What the head reads: the sentence embedding's mean pooling, or the architecture's [CLS] pooler."""
+    return "mean-pooled" if sentence_pooling(resolve_model_path(model_path)) == "mean" else "[CLS] pooler"
 
 
 def concat(sites: list[EncodedData]) -> EncodedData:
