@@ -149,12 +149,19 @@ def _base_model(path: Path, task: TaskKind, num_labels: int, placement: Placemen
 def sentence_pooling(path: Path) -> str:
     """How the model was trained to turn its token states into one sentence embedding: 'mean' where its
     sentence-transformers files say so (all-MiniLM-L6-v2 does), else 'architecture' (the model's own pooler)."""
+    if not (path / "modules.json").is_file():
+        return "architecture"
     try:
         modules = json.loads((path / "modules.json").read_text())
-        pooling = next(m for m in modules if str(m.get("type", "")).endswith(".Pooling"))
-        config = json.loads((path / pooling["path"] / "config.json").read_text())
-    except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
-        return "architecture"
+        pooling = [m["path"] for m in modules if str(m["type"]).endswith(".Pooling")]
+        if not pooling:
+            return "architecture"
+        config = json.loads((path / pooling[0] / "config.json").read_text())
+        if not isinstance(config, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}'s sentence-transformers files (modules.json and its Pooling config) cannot be "
+                         f"read ({exc}); repair them, or remove modules.json to use the model's own pooler") from exc
     modes = [key for key, on in config.items() if key.startswith("pooling_mode_") and on is True]
     return "mean" if modes == ["pooling_mode_mean_tokens"] else "architecture"
 

@@ -1,6 +1,10 @@
-"""The round-0 model: a classifier's head started from the public label names, or at random."""
+"""The round-0 model: what a classifier's head reads, and its start from the public label names or at random."""
 
 from __future__ import annotations
+
+import copy
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,7 +12,16 @@ import torch
 
 from common.adapter import get_adapter_state
 from common.config import ConfigError, LoraSettings, RunSettings
-from common.model import HEAD_TEMPERATURE, build_model, initial_model, load_tokenizer
+from common.model import (
+    HEAD_TEMPERATURE,
+    MaskedMeanPooler,
+    ModelError,
+    build_model,
+    initial_model,
+    load_tokenizer,
+    resolve_model_path,
+    sentence_pooling,
+)
 
 INTENTS = ("card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed", "pin_blocked")
 
@@ -55,3 +68,29 @@ def test_an_unknown_head_init_is_refused_by_name():
         LoraSettings(head_init="zero-shot")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="head-init"):
         RunSettings.from_flat({"lora.head-init": "zeros"})
+
+
+def test_the_head_reads_the_mean_over_each_rows_own_tokens_whatever_pads_it():
+    """MiniLM's sentence embedding is a mean over real tokens; padding a row beside a longer one, or
+    copying the model (as every site does), must not change what its head reads."""
+    model = copy.deepcopy(build_model("", len(INTENTS), LoraSettings()))
+    encoder = model.base_model.model.bert
+    assert isinstance(encoder.pooler, MaskedMeanPooler)
+    assert [hook.__self__ for hook in encoder._forward_pre_hooks.values()] == [encoder.pooler]
+    alone = logits_of(model, ["pin blocked"])[0]
+    padded = logits_of(model, ["pin blocked", "my card arrived broken and the app will not let me top up at all"])
+    assert torch.allclose(alone, padded[0], atol=1e-5)
+    assert not torch.allclose(padded[0], padded[1], atol=1e-3)
+
+
+def test_the_pooling_is_read_from_the_models_sentence_transformers_files(tmp_path):
+    assert sentence_pooling(resolve_model_path("")) == "mean"
+    assert sentence_pooling(tmp_path) == "architecture"  # a plain Hugging Face directory: its own pooler
+    shutil.copytree(resolve_model_path(""), tmp_path / "cls", ignore=shutil.ignore_patterns("*.safetensors"))
+    config = tmp_path / "cls" / "1_Pooling" / "config.json"
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps(settings | {"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}))
+    assert sentence_pooling(tmp_path / "cls") == "architecture"
+    config.write_text("{not json")  # a broken file is reported, never silently read as another pooling
+    with pytest.raises(ModelError, match="Pooling config\\) cannot be read"):
+        sentence_pooling(tmp_path / "cls")
