@@ -198,6 +198,12 @@ class MaskedMeanPooler(torch.nn.Module):
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def base_model(model_path: str, num_labels: int, task: TaskKind = "classification") -> PreTrainedModel:
+    """The base model as fedtune trains on it (a classifier reading its sentence embedding), on the CPU:
+    an exported adapter loads onto it with ``PeftModel.from_pretrained(base_model(path, n), adapter_dir)``."""
+    return _base_model(resolve_model_path(model_path), task, num_labels, Placement())
+
+
 @functools.lru_cache(maxsize=2)
 def _pristine_model(model_path: str, num_labels: int, lora: LoraSettings, task: TaskKind,
                     placement: Placement) -> PeftModel:
@@ -236,8 +242,8 @@ def build_model(model_path: str, num_labels: int, lora: LoraSettings, task: Task
 
 
 HEAD_TEMPERATURE = 0.05
-"""Logits of a label-name head are the cosine similarities divided by this (measured on BANKING77's
-77 intents: cross-entropy 2.4 at the start, against 4.3 for a uniform guess)."""
+"""Logits of a label-name head are the cosine similarities divided by this (measured on 2,000 BANKING77
+training records, 77 intents: cross-entropy 1.38 at the start; 1.35 at 0.04, 1.96 at 0.1, 4.34 uniform)."""
 
 
 def initial_model(model_path: str, labels: tuple[str, ...], lora: LoraSettings,

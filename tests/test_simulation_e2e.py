@@ -132,25 +132,31 @@ def test_report_opens_in_a_headless_browser_with_its_plots_and_baselines(federat
     assert blue(shown) > 500 and blue(render(blank)) < 50
 
 
-def test_final_adapter_loads_with_plain_peft_and_changes_predictions(federation):
+def test_final_adapter_loads_with_plain_peft_and_predicts_as_the_federation_scored_it(federation):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+    from safetensors.numpy import load_file
 
-    from common.model import load_tokenizer, resolve_model_path
+    from common.adapter import set_adapter_state
+    from common.config import LoraSettings
+    from common.model import base_model, build_model, load_tokenizer
 
     out = federation["out"]
     tokenizer = load_tokenizer("")
     batch = tokenizer(["This drug made me feel awful.", "Works great, no side effects."], return_tensors="pt",
                       padding=True)
 
-    def logits(adapter: Path) -> np.ndarray:
-        base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(""), num_labels=3)
-        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    def logits(model: torch.nn.Module) -> np.ndarray:
         with torch.no_grad():
-            return model(**batch).logits.numpy()
+            return model.eval()(**batch).logits.numpy()
 
-    initial, final = logits(out / "checkpoints" / "round-0000"), logits(out / "final" / "adapter")
-    assert not np.allclose(initial, final, atol=1e-4)
+    def exported(adapter: Path) -> np.ndarray:
+        return logits(PeftModel.from_pretrained(base_model("", num_labels=3), str(adapter)))
+
+    final = out / "final" / "adapter"
+    assert not np.allclose(exported(out / "checkpoints" / "round-0000"), exported(final), atol=1e-4)
+    trained = build_model("", 3, LoraSettings())
+    set_adapter_state(trained, load_file(final / "adapter_model.safetensors"))
+    assert np.allclose(exported(final), logits(trained), atol=1e-5)  # the model the server scored, exactly
 
 
 def test_an_llm_federation_runs_from_the_cli_and_its_adapter_generates_text(tmp_path: Path):
