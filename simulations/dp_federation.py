@@ -194,18 +194,34 @@ def head_init(setup: dict) -> str:
     return setup.get("head_init", "random")
 
 
+def features(result: dict) -> str:
+    """What the row's head read; rows measured before the mean-pooled sentence embedding read the [CLS] pooler."""
+    return result.get("features", "[CLS] pooler")
+
+
+def reference(result: dict, results: list[dict]) -> tuple[float, bool] | None:
+    """The pooled non-DP macro-F1 to compare a row with: the central row of the same intents and features,
+    at the same sites × records when measured (True), else at another size (False)."""
+    s = result["setup"]
+    central = [r for r in results if r["row"] == "central" and features(r) == features(result)
+               and r["setup"].get("intents", 77) == s.get("intents", 77)]
+    same = [r for r in central if (r["setup"]["sites"], r["setup"]["per_site"]) == (s["sites"], s["per_site"])]
+    chosen = (same or central)[-1:] if central else []
+    return (chosen[0]["macro_f1"][-1], bool(same)) if chosen else None
+
+
 def table(results: list[dict]) -> str:
-    reference = next((r["macro_f1"][-1] for r in results if r["row"] == "central"), None)
-    lines = ["| row | sites × records | intents | partition | unit | ε | server | head | macro-F1 "
-             "| vs central non-DP | rounds | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | sites × records | intents | partition | unit | ε | server | head | features | macro-F1 "
+             "| vs central non-DP | rounds | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s, f1 = r["setup"], r["macro_f1"][-1]
         eps = s["epsilon"] if r["row"].endswith("-dp") else "-"
-        ratio = f"{f1 / reference:.2f}" if reference else "-"
-        server = server_step(s)
+        pooled = reference(r, results)
+        ratio = f"{f1 / pooled[0]:.2f}" + ("" if pooled[1] else "†") if pooled else "-"
         lines.append(f"| {r['row']} | {s['sites']} × {s['per_site']:,} | {s.get('intents', 77)} | {s['partition']} "
-                     f"| {s['unit']} | {eps} | {server} | {head_init(s)} | {f1:.3f} | {ratio} | {s['rounds']} "
-                     f"| {r['cpu_s']:,} |")
+                     f"| {s['unit']} | {eps} | {server_step(s)} | {head_init(s)} | {features(r)} | {f1:.3f} | {ratio} "
+                     f"| {s['rounds']} | {r['cpu_s']:,} |")
+    lines.append("\n† against the pooled reference measured at another number of records per site.")
     return "\n".join(lines)
 
 
@@ -225,7 +241,8 @@ def plot(results: list[dict], path: Path) -> None:
             label = (f"{r['row']} ({s['partition']}, {s['unit']}"
                      + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp") else "")
                      + (f", {step}" if step != "fedavg" else "")
-                     + (", label-name head" if head_init(s) == "label-names" else "") + ")")
+                     + (", label-name head" if head_init(s) == "label-names" else "")
+                     + (", mean-pooled" if features(r) == "mean-pooled" else "") + ")")
             axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", markersize=3, label=label)
         axes.set(xlabel="round", ylim=(0, 1), title=f"{results[0]['setup']['sites']} sites × {size:,} records")
         axes.grid(alpha=0.3)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from common.data import EncodedData
-from simulations.dp_federation import Setup, concat, head_init, main, server_step, with_customers
+from simulations.dp_federation import Setup, concat, head_init, main, reference, server_step, table, with_customers
 
 
 def test_synthetic_customers_hold_one_to_five_rows_and_are_seeded():
@@ -49,3 +49,18 @@ def test_each_row_names_how_it_combined_its_rounds():
     assert server_step(vars(Setup()) | {"server": "fedavg", "server_lr": 1.0}) == "fedavg"
     assert server_step(vars(Setup(site_optimizer="kept")) | {"server": "fedadam", "server_lr": 0.05}) == \
         "fedadam (η=0.05), site AdamW kept"
+
+
+def test_each_row_is_compared_with_the_pooled_reference_that_read_the_same_features():
+    def row(name: str, f1: float, per_site: int, features: str | None) -> dict:
+        result = {"row": name, "setup": vars(Setup(per_site=per_site)), "macro_f1": [f1], "cpu_s": 1}
+        return result | ({"features": features} if features else {})
+
+    old_central, old_fed_dp = row("central", 0.9, 1000, None), row("fed-dp", 0.45, 2000, None)
+    central, fed_dp = row("central", 0.8, 2000, "mean-pooled"), row("fed-dp", 0.72, 2000, "mean-pooled")
+    results = [old_central, old_fed_dp, central, fed_dp]
+    assert reference(fed_dp, results) == (0.8, True)  # same features, same size
+    assert reference(old_fed_dp, results) == (0.9, False)  # only another size measured: marked
+    assert reference(fed_dp, [old_central, fed_dp]) is None  # never against a model that read other features
+    lines = table(results).splitlines()
+    assert "| 0.900 |" in lines[2] and "| 0.50† |" in lines[3] and "| 0.90 |" in lines[5]
