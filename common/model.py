@@ -188,7 +188,7 @@ class MaskedMeanPooler(torch.nn.Module):
         encoder.register_forward_pre_hook(pooler.take_mask, with_kwargs=True)  # a bound method: deepcopy follows
 
     def take_mask(self, encoder: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)  # BertModel(input_ids, mask, ...)
         self.mask = mask if isinstance(mask, torch.Tensor) else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

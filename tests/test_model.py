@@ -81,6 +81,12 @@ def test_the_head_reads_the_mean_over_each_rows_own_tokens_whatever_pads_it():
     padded = logits_of(model, ["pin blocked", "my card arrived broken and the app will not let me top up at all"])
     assert torch.allclose(alone, padded[0], atol=1e-5)
     assert not torch.allclose(padded[0], padded[1], atol=1e-3)
+    batch = load_tokenizer("")(["pin blocked", "a much longer query that pads the first one"], padding=True,
+                               return_tensors="pt")
+    with torch.no_grad():  # the encoder called directly, the mask passed by position or by name
+        by_position = encoder(batch["input_ids"], batch["attention_mask"]).pooler_output
+        by_name = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+    assert torch.equal(by_position, by_name)
 
 
 def test_the_pooling_is_read_from_the_models_sentence_transformers_files(tmp_path):
