@@ -170,7 +170,7 @@ class MaskedMeanPooler(torch.nn.Module):
     """Replaces a BERT-like encoder's pooler (a dense + tanh over [CLS], which a sentence-transformers
     model never trained) with the mean of the last hidden states over each row's real tokens: the
     sentence embedding the model was trained for. Measured on BANKING77's 77 intents, a label-name
-    head on it starts at macro-F1 0.60, against 0.46 through the [CLS] pooler. Each row's features
+    head on it starts at macro-F1 0.61, against 0.46 through the [CLS] pooler. Each row's features
     depend on that row alone, so per-unit clipping still bounds a unit's influence."""
 
     def __init__(self) -> None:
