@@ -136,14 +136,10 @@ def run(setup: Setup, row: str) -> dict:
         curve = [float(np.mean(scores)) for scores in zip(*curves, strict=True)]
     else:
         curve = federate(sites, test, labels, setup, privacy, train, lora)
-    return {"row": row, "setup": dataclasses.asdict(setup), "features": features_of(""), "macro_f1": curve,
+    read = "mean-pooled" if sentence_pooling(resolve_model_path("")) == "mean" else "[CLS] pooler"
+    return {"row": row, "setup": dataclasses.asdict(setup), "features": read, "macro_f1": curve,
             "sizes": [len(s) for s in sites], "units": [s.unit_count for s in sites],
             "wall_s": round(time.perf_counter() - started), "cpu_s": round(time.process_time() - cpu)}
-
-
-def features_of(model_path: str) -> str:
-    """What the head reads: the sentence embedding's mean pooling, or the architecture's [CLS] pooler."""
-    return "mean-pooled" if sentence_pooling(resolve_model_path(model_path)) == "mean" else "[CLS] pooler"
 
 
 def concat(sites: list[EncodedData]) -> EncodedData:
@@ -206,7 +202,7 @@ def reference(result: dict, results: list[dict]) -> tuple[float, bool] | None:
     central = [r for r in results if r["row"] == "central" and features(r) == features(result)
                and r["setup"].get("intents", 77) == s.get("intents", 77)]
     same = [r for r in central if (r["setup"]["sites"], r["setup"]["per_site"]) == (s["sites"], s["per_site"])]
-    chosen = (same or central)[-1:] if central else []
+    chosen = (same or central)[-1:]
     return (chosen[0]["macro_f1"][-1], bool(same)) if chosen else None
 
 
