@@ -134,16 +134,18 @@ def _base_model(path: Path, task: TaskKind, num_labels: int, placement: Placemen
         raise ModelError("4-bit NF4 (QLoRA) is for causal-lm models; a classifier trains on its full-precision base")
     quantized = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=dtype)} if placement.nf4 else {}
+    mean_pooled = task == "classification" and sentence_pooling(path) == "mean"  # its own error, not wrapped below
     try:
         if task == "classification":
-            classifier = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype,
-                                                                            device_map={"": device})
-            if sentence_pooling(path) == "mean":
-                MaskedMeanPooler.replace_pooler_of(classifier)
-            return classifier
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}, **quantized)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype,
+                                                                       device_map={"": device})
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}, **quantized)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load the model in {path} for {task}: {exc}") from exc
+    if mean_pooled:
+        MaskedMeanPooler.replace_pooler_of(model)
+    return model
 
 
 def sentence_pooling(path: Path) -> str:

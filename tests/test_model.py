@@ -16,6 +16,7 @@ from common.model import (
     HEAD_TEMPERATURE,
     MaskedMeanPooler,
     ModelError,
+    base_model,
     build_model,
     initial_model,
     load_tokenizer,
@@ -100,3 +101,6 @@ def test_the_pooling_is_read_from_the_models_sentence_transformers_files(tmp_pat
     config.write_text("{not json")  # a broken file is reported, never silently read as another pooling
     with pytest.raises(ModelError, match="Pooling config\\) cannot be read"):
         sentence_pooling(tmp_path / "cls")
+    with pytest.raises(ModelError, match="Pooling config\\) cannot be read") as refused:
+        base_model(str(tmp_path / "cls"), 3)  # loading says what is wrong once, not inside "cannot load"
+    assert "cannot load" not in str(refused.value)
