@@ -222,25 +222,27 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """One panel per records-per-site, a curve per row."""
+    """One panel per records-per-site and features read (so each panel shares its reference), a curve per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    sizes = sorted({r["setup"]["per_site"] for r in results})
-    figure, panels = pyplot.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.5), squeeze=False, sharey=True)
-    for axes, size in zip(panels[0], sizes, strict=True):
-        for r in (r for r in results if r["setup"]["per_site"] == size):
+    panels_of = sorted({(r["setup"]["per_site"], features(r)) for r in results})
+    figure, panels = pyplot.subplots(1, len(panels_of), figsize=(6.5 * len(panels_of), 4.5), squeeze=False,
+                                     sharey=True)
+    for axes, (size, read) in zip(panels[0], panels_of, strict=True):
+        for r in (r for r in results if (r["setup"]["per_site"], features(r)) == (size, read)):
             s = r["setup"]
             step = server_step(s)
             label = (f"{r['row']} ({s['partition']}, {s['unit']}"
                      + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp") else "")
                      + (f", {step}" if step != "fedavg" else "")
-                     + (", label-name head" if head_init(s) == "label-names" else "")
-                     + (", mean-pooled" if features(r) == "mean-pooled" else "") + ")")
+                     + (", label-name head" if head_init(s) == "label-names" else "") + ")")
             axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", markersize=3, label=label)
-        axes.set(xlabel="round", ylim=(0, 1), title=f"{results[0]['setup']['sites']} sites × {size:,} records")
+        axes.set(xlabel="round", ylim=(0, 1),
+                 title=f"{results[0]['setup']['sites']} sites × {size:,} records, head on the "
+                       + ("mean-pooled embedding" if read == "mean-pooled" else read))
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
     panels[0][0].set_ylabel("macro-F1 (BANKING77 test split)")
