@@ -9,7 +9,7 @@ total it is divided by.
     values  u = clip_L2((w / W) · Δ, C)     w = min(declared weight, W), W = secagg.max-examples, C = secagg.clip
                                             equal weights: w = W, so u = Δ
 
-Server side: mean Δ = W · Σu / Σw. With ``b`` value bits, step = 2C/(2^b − 1), and stochastic
+Server side: mean Δ = W · Σu / Σw, its L2 norm bounded by W·s·C/Σw (what s honest inputs reach). With ``b`` value bits, step = 2C/(2^b − 1), and stochastic
 rounding, each element of the mean is within  W · s · step · (1 + 2^-16) / Σw  of the exact
 weighted mean of the (clipped) updates, for s surviving sites (common.secagg.fixedpoint).
 """
@@ -17,6 +17,7 @@ weighted mean of the (clipped) updates, for s surviving sites (common.secagg.fix
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from common.config import SecureAggSettings
 from common.secagg import AggregateResult, ParameterError, SecAggParams, clip_l2, error_bound
 from common.secagg.fixedpoint import MAX_MODULUS_BITS, MAX_VALUE_BITS
 
+log = logging.getLogger("fedtune.server")
 COUNT_SLOTS = 0  # nothing but the update is summed: weights are public, metrics on records are never released
 MAX_COUNT = (1 << 20) - 1
 
@@ -120,14 +122,43 @@ class SecureSum:
     """Per-element bound on |mean_delta − exact weighted mean of the clipped updates|."""
     clamped_elements: int
     """Elements of the sum outside the range honest inputs can reach (a hostile input), clamped into it."""
+    mean_clipped: bool = False
+    """The mean's L2 norm exceeded what honest inputs can reach (a hostile input): scaled down to it."""
+
+
+def honest_mean_norm(settings: SecureAggSettings, contributors: int, total_weight: int) -> float:
+    """The largest L2 norm honest inputs give the weighted mean: each contribution has ‖u‖ ≤ C
+    (:func:`encode_contribution`), so ‖Σu‖ ≤ s·C and ‖W·Σu/Σw‖ ≤ W·s·C/Σw (C with equal weights)."""
+    return settings.max_examples * contributors * settings.clip / total_weight
+
+
+def bounded_mean(contribution_sum: np.ndarray, settings: SecureAggSettings, contributors: int, total_weight: int,
+                 slack: float = 0.0) -> tuple[np.ndarray, bool]:
+    """(W·Σu/Σw with its L2 norm bounded by :func:`honest_mean_norm` + ``slack``, was it scaled down?).
+
+    Secure aggregation hides inputs; it does not check them. A site that skips the encoder can upload
+    any in-ring vector, and per element the sum still looks possible (n in-range inputs reach ±n·C),
+    so one site could steer the mean to a pattern of its choice with a norm growing as n·√L. Bounding
+    the mean's norm to what honest inputs can reach leaves it at most 2·honest_mean_norm of influence:
+    s times what one in-range input has (2·C·W/Σw), independent of L."""
+    if total_weight <= 0:
+        raise ValueError("the survivors carry no weight")
+    mean = contribution_sum.astype(np.float64) * (settings.max_examples / total_weight)
+    bounded, clipped = clip_l2(mean, honest_mean_norm(settings, contributors, total_weight) + slack)
+    return bounded.astype(np.float32), clipped
 
 
 def decode_sum(result: AggregateResult, settings: SecureAggSettings, params: SecAggParams,
                total_weight: int) -> SecureSum:
-    """The weighted mean from the survivors' sum and their public weights' total."""
+    """The weighted mean from the survivors' sum and their public weights' total, its norm bounded
+    (:func:`bounded_mean`; the fixed-point error of every element is slack)."""
     if total_weight <= 0:
         raise ValueError("the survivors carry no weight")
     scale = settings.max_examples / total_weight
     bound = error_bound(len(result.survivors), params.value_bits, params.clip, params.rounding) * scale
-    return SecureSum(mean_delta=(result.sum_vector * scale).astype(np.float32), total_weight=int(total_weight),
-                     error_bound=float(bound), clamped_elements=result.clamped)
+    mean, clipped = bounded_mean(result.sum_vector, settings, len(result.survivors), total_weight,
+                                 slack=bound * math.sqrt(params.vector_length))
+    if clipped:
+        log.warning("the decoded mean's L2 norm exceeded what honest inputs reach (a hostile input): scaled down")
+    return SecureSum(mean_delta=mean, total_weight=int(total_weight), error_bound=float(bound),
+                     clamped_elements=result.clamped, mean_clipped=clipped)

@@ -49,7 +49,7 @@ def choose_aggregator(settings: RunSettings, spec: RoundSpec) -> Aggregator:
     if settings.federation.secure_aggregation:
         return SecureAggregation(spec, settings.secagg, load_registry(settings.secagg.registry))
     log.warning("PLAIN AGGREGATION (federation.secure-aggregation=false): the server sees every site's update")
-    return PlainAggregation(spec)
+    return PlainAggregation(spec, settings.secagg)
 
 
 def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:

@@ -151,7 +151,8 @@ class SecureAggregation:
         details = SecureRoundDetails(
             survivors=sorted(self.registry.name_of(s) for s in result.survivors),
             dropped=sorted(self.registry.name_of(s) for s in result.dropped), total_weight=total.total_weight,
-            clamped_elements=total.clamped_elements, error_bound=total.error_bound,
+            clamped_elements=total.clamped_elements, mean_clipped=total.mean_clipped,
+            error_bound=total.error_bound,
             modulus_bits=params.modulus_bits, value_bits=params.value_bits, neighbours=params.degree,
             threshold=params.threshold, all_pairs=params.all_pairs, upload_bytes=params.packed_bytes,
             exchange_seconds=seconds)

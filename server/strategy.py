@@ -17,7 +17,9 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from common.adapter import AdapterState
+from common.config import SecureAggSettings
 from common.records import PrivacyReport, TrainReply, WireError, pack_train_request, unpack_failure, unpack_train_reply
+from common.secure_update import bounded_mean, encode_contribution
 
 log = logging.getLogger("fedtune.server")
 K = TypeVar("K")
@@ -57,6 +59,8 @@ class SecureRoundDetails:
     dropped: list[str]
     total_weight: int
     clamped_elements: int
+    mean_clipped: bool
+    """The mean's L2 norm was beyond what honest inputs reach (a hostile input) and was scaled down to it."""
     error_bound: float
     """Largest error the fixed-point sum can add to any value of the mean update."""
     modulus_bits: int
@@ -140,8 +144,8 @@ class PlainAggregation:
 
     name = "plain"
 
-    def __init__(self, spec: RoundSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec: RoundSpec, settings: SecureAggSettings) -> None:
+        self.spec, self.settings = spec, settings
 
     def run_round(self, grid: Grid, node_ids: list[int], state: AdapterState, server_round: int) -> RoundOutcome:
         spec = self.spec
@@ -167,5 +171,10 @@ class PlainAggregation:
             log.warning("round %d: %d site(s) contributed, fewer than min-sites=%d: model unchanged",
                         server_round, len(accepted), spec.min_sites)
             return RoundOutcome(None, len(accepted), failures, privacy)
-        mean = weighted_mean([r.delta for r in accepted], [r.weight for r in accepted])
+        # Each update weighted and clipped as a secure round's contribution is, the mean bounded alike.
+        contributions = [encode_contribution(r.delta, r.weight, self.settings)[0] for r in accepted]
+        mean, clipped = bounded_mean(np.sum(contributions, axis=0), self.settings, len(accepted),
+                                     sum(r.weight for r in accepted))
+        if clipped:  # cannot happen: every contribution was clipped here
+            raise AssertionError("a mean of clipped contributions exceeded the honest bound")
         return RoundOutcome(mean, len(accepted), failures, privacy)

@@ -1,6 +1,7 @@
 """Aggregation arithmetic, checked by hand: weighted means, deltas, and why FFA-LoRA is exact."""
 
 import numpy as np
+import pytest
 
 from common.adapter import apply_delta, delta, flatten, trainable_keys, unflatten
 from server.strategy import weighted_mean
@@ -103,3 +104,65 @@ def test_a_hostile_sites_out_of_range_input_is_clamped_not_allowed_to_abort_the_
     assert result.survivors == frozenset(range(5)) and result.clamped == 6
     total = decode_sum(result, settings, params, 500)
     assert np.all(np.abs(total.mean_delta) <= settings.clip + total.error_bound)
+
+
+def _steered_mean(sites: int, length: int, clip: float, target: np.ndarray, hostile_steers: bool):
+    """A secure round of ``sites`` sites with small honest updates, where the last site either sends an
+    honest zero update or skips the encoder and uploads the ring values that set each element of the
+    sum to 0.9·clip·target (it knows the others' inputs are near zero, so it can aim)."""
+    from common.config import SecureAggSettings
+    from common.secagg import LocalFederation
+    from common.secagg.fixedpoint import quantization_step
+    from common.secure_update import decode_sum, encode_contribution, round_params
+
+    settings = SecureAggSettings(registry="r.json", max_examples=100, clip=clip)
+    params = round_params(settings, run_id=1, server_round=1, site_ids=list(range(sites)), vector_length=length)
+    federation = LocalFederation.create(params)
+    if hostile_steers:
+        step = quantization_step(params.value_bits, clip)
+        honest_levels = (sites - 1) * round(clip / step)  # what the others' near-zero inputs sum to
+        wanted = np.rint((sites * 0.9 * clip * target + sites * clip) / step).astype(np.int64)
+        ring = (wanted - honest_levels) % (params.modulus_mask + 1)
+        federation.clients[sites - 1]._encode = lambda update, counts: ring.astype(np.uint64)
+    rng = np.random.default_rng(7)
+    updates = {s: encode_contribution(rng.normal(scale=1e-3, size=length), 100, settings)[0] for s in range(sites)}
+    updates[sites - 1] = np.zeros(length)
+    total = decode_sum(federation.run(updates), settings, params, 100 * sites)
+    return total
+
+
+def test_one_hostile_site_moves_the_mean_at_most_as_far_as_all_honest_sites_could():
+    """The steering attack: one site skips the encoder and sets the sum, element by element, to a pattern
+    of its choice (per element the sum stays within what n in-range inputs reach, so no element is
+    clamped). Its influence on the mean is bounded by the mean's honest L2 bound (C with equal weights):
+    at most 2C, i.e. ``sites`` times what one in-range input can do (2C / sites), however long the vector.
+    Without the bound it was 0.9·C·√L (45x one in-range input at L = 400)."""
+    sites, length, clip = 5, 400, 1.0
+    target = np.where(np.arange(length) % 3 == 0, 1.0, -1.0)
+    honest = _steered_mean(sites, length, clip, target, hostile_steers=False)
+    steered = _steered_mean(sites, length, clip, target, hostile_steers=True)
+    assert steered.clamped_elements == 0 and not honest.mean_clipped  # each element looked possible
+    assert steered.mean_clipped
+    influence = float(np.linalg.norm(steered.mean_delta - honest.mean_delta))
+    in_range = 2 * clip / sites  # the most one honest-looking input can move the mean
+    slack = steered.error_bound * np.sqrt(length)
+    assert influence <= 2 * clip + 2 * slack, influence
+    assert influence / in_range <= sites + 1e-3 + 2 * slack / in_range
+    # It still aims: what remains is the direction, within the norm honest sites could reach.
+    cosine = float(steered.mean_delta @ target / (np.linalg.norm(steered.mean_delta) * np.linalg.norm(target)))
+    assert cosine > 0.99
+
+
+def test_the_plain_mean_clips_each_update_as_a_secure_round_does():
+    """--plain-aggregation: a site's oversized update is clipped to C like a secure contribution, so the
+    mean's norm stays within the honest bound there too."""
+    from common.config import SecureAggSettings
+    from common.secure_update import bounded_mean, encode_contribution, honest_mean_norm
+
+    settings = SecureAggSettings(registry="r.json", max_examples=100, clip=1.0)
+    updates = [np.full(16, 1e3), np.zeros(16), np.zeros(16)]
+    contributions = [encode_contribution(u, 100, settings)[0] for u in updates]
+    mean, clipped = bounded_mean(np.sum(contributions, axis=0), settings, 3, 300)
+    assert not clipped
+    assert np.linalg.norm(mean) == pytest.approx(1.0 / 3, rel=1e-5)
+    assert honest_mean_norm(settings, 3, 300) == 1.0
