@@ -149,9 +149,9 @@ def _cmd_site_members(args: argparse.Namespace) -> int:
     members = load_registry(args.registry)
     print(f"{len(members.ids)} members in {args.registry}:\n{members_lines(members)}\n"
           "Confirm with every other site's officer, by phone and not through the coordinator, that these are the\n"
-          "consortium's sites (each reads its own fingerprint) and that all of you see this digest; then pin it:\n"
-          f"  fedtune site pin-members --registry {args.registry} --state STATE --digest "
-          f"{members.digest.hex()}")
+          "consortium's sites (each reads its own fingerprint) and that all of you see this digest; then pin the\n"
+          "digest you CONFIRMED (typed from the call, not copied from here):\n"
+          f"  fedtune site pin-members --registry {args.registry} --state STATE --digest 'HEX HEX ...'")
     return EXIT_OK
 
 
