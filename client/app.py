@@ -63,7 +63,7 @@ from common.records import (
     unpack_stage,
     unpack_train_request,
 )
-from common.registry import RegistryError, load_identity, load_registry
+from common.registry import RegistryError, load_identity, load_members
 from common.secagg import SecAggError
 from common.secure_update import site_weight
 
@@ -103,10 +103,12 @@ def _settings_and_site(context: Context) -> tuple[RunSettings, Site]:
     return settings, _site(settings, tuple(sorted(context.node_config.items())))
 
 
-def _keys(settings: RunSettings, site: Site) -> SiteKeys:
-    registry = load_registry(site.registry_path or settings.secagg.registry)
-    site_id, identity = load_identity(site.keys_dir, site.name, registry)
-    return SiteKeys(site_id, identity, registry)
+def _keys(site: Site) -> SiteKeys:
+    """The site's identity and the member list it pinned itself: peers are verified only against that list,
+    never against a registry the coordinator ships."""
+    members = load_members(site.state_dir)
+    site_id, identity = load_identity(site.keys_dir, site.name, members)
+    return SiteKeys(site_id, identity, members)
 
 
 @app.query("identify")
@@ -161,7 +163,7 @@ def train(msg: Message, context: Context) -> RecordDict:
         raise WireError("the train request does not match the run's aggregation mode")
     params, keys, store = None, None, SessionStore(site.state_dir)
     if secure:  # the round's parameters are checked against the site's policy BEFORE any budget is spent
-        keys = _keys(settings, site)
+        keys = _keys(site)
         size = sum(received[k].size for k in trainable_keys(received, settings.lora.aggregation))
         params = accept_params(secagg_params, site.policy, keys, store=store, run_id=run_id,
                                server_round=server_round, vector_length=size)
@@ -179,9 +181,9 @@ def train(msg: Message, context: Context) -> RecordDict:
 
 
 def _secure_stage(stage: Callable, msg: Message, context: Context) -> RecordDict:
-    settings, site = _settings_and_site(context)
+    _, site = _settings_and_site(context)
     round_id, blobs = unpack_stage(msg.content)
-    answer = stage(SessionStore(site.state_dir), round_id, _keys(settings, site), blobs)
+    answer = stage(SessionStore(site.state_dir), round_id, _keys(site), blobs)
     return pack_stage(round_id, answer if isinstance(answer, dict) else {"payload": answer})
 
 

@@ -4,9 +4,11 @@ here and keeps it loaded; the coordinator's FAB is never installed or run at the
 
 Two directories: the kit the coordinator sent (public files: CA certificate, registry, passport
 key, site.json) and the site's own keys from ``fedtune site keygen`` (identity and SuperNode keys,
-made at the site and never anywhere else). The site's data path, state directory (privacy ledger,
-secure-aggregation sessions, its own audit log), kit and ε ceiling go into the SuperNode's node
-config; the coordinator never sees them. No runtime dependency installation (air-gapped sites).
+made at the site and never anywhere else). The daemon starts only once the site's officer has
+pinned the member list every officer confirmed (``fedtune site pin-members``, in the state dir).
+The site's data path, state directory (privacy ledger, pinned members, secure-aggregation
+sessions, its own audit log), kit and ε ceiling go into the SuperNode's node config; the
+coordinator never sees them. No runtime dependency installation (air-gapped sites).
 The SuperNode retries without limit, so the daemon reconnects by itself after the coordinator
 restarts.
 """
@@ -24,7 +26,7 @@ from client.policy import SitePolicy
 from common.config import unit_column
 from common.data import encode_labels, read_records, unit_indices
 from common.files import write_private
-from common.kits import check_kit
+from common.kits import check_kit, check_members
 from common.processes import ManagedProcess, flower_env, free_port, terminate_as_interrupt
 
 log = logging.getLogger("fedtune.client")
@@ -92,7 +94,7 @@ def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: s
     if policy.task == "classification":
         encode_labels(records, policy.labels, str(data))
     unit_indices(records, unit_column(policy.privacy_unit), str(data))
-    state.mkdir(parents=True, exist_ok=True)
+    check_members(kit, keys, state)  # the peers this site's officer confirmed, pinned in its own state dir
     failing_since: float | None = None
     attempt = 0
     with terminate_as_interrupt():

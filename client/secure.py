@@ -66,6 +66,8 @@ class SiteKeys:
     site_id: int
     identity: SiteIdentity
     registry: FederationRegistry
+    """The member list this site pinned itself (common.registry.load_members), never the kit's registry:
+    peers' keys are verified, and sites counted, only against it."""
 
 
 class SessionStore:
@@ -145,7 +147,9 @@ def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: Ses
                   server_round: int, vector_length: int) -> SecAggParams:
     """The round's parameters, only if they meet THIS site's policy (never the coordinator's run config).
 
-    Checked: this site and only registered sites are invited, at least ``policy.min_sites``; the
+    Checked: this site and only members it pinned are invited, at least ``policy.min_sites`` of them,
+    and the round binds the digest of the pinned member list (so min-sites, the threshold and the
+    graph count only pinned members, and sites pinned to different lists never share a round); the
     round id is ``fedtune/run-{run_id}/round-{server_round}`` and the round is strictly later than
     any this site took part in for the run; vector length and count slots match; the modulus holds
     the sum; up to ``policy.all_pairs_up_to`` sites every pair masks, above it the degree is at
@@ -163,7 +167,10 @@ def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: Ses
     if keys.site_id not in ids:
         problems.append(f"site {keys.site_id} is not among the round's sites")
     if unknown := [s for s in ids if s not in keys.registry.keys]:
-        problems.append(f"the round invites sites {unknown[:10]} that are not in the federation's registry")
+        problems.append(f"the round invites sites {unknown[:10]} that are not among the members this site pinned")
+    if offered.members_digest != keys.registry.digest:
+        problems.append(f"the round binds member list {offered.members_digest.hex()[:16]}…, not the one this site "
+                        f"pinned ({keys.registry.digest.hex()[:16]}…)")
     if n < policy.min_sites:
         problems.append(f"the round invites {n} sites, fewer than this site's min-sites={policy.min_sites}")
     if offered.round_id != f"fedtune/run-{run_id}/round-{server_round}".encode():

@@ -1,18 +1,18 @@
 """Who this site is, what data it holds, and what it accepts: its own policy, never the coordinator's.
 
 Deployment: ``fedtune client start`` gives the SuperNode ``site-name``, ``data-path``,
-``state-dir``, ``kit-dir`` and the site's policy flags (``policy.*`` keys) in its node config;
+``state-dir``, ``keys-dir`` and the site's policy flags (``policy.*`` keys) in its node config;
 the data file never leaves the site. Simulation: Flower gives ``partition-id`` and
 ``num-partitions``; the site takes its seeded partition of the shared source, keeps its state
 under the run's output directory, and reads its policy from ``policy.json`` there (written by
-``fedtune simulate``, which plays every site). Both build the same :class:`SitePolicy`.
+``fedtune simulate``, which plays every site). Both build the same :class:`SitePolicy`. Either
+way the site's peers are the members pinned in its state dir (common.registry.load_members).
 
 Every record a site holds is a training record: there is no hold-out outside the DP guarantee.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -37,8 +37,6 @@ class Site:
     keys_dir: Path
     """Where the site's identity key is: its own key directory (deployment) or its state dir (simulation)."""
     policy: SitePolicy
-    registry_path: Path | None = None
-    """The site's own copy of the registry (deployment); None = the run config's (simulation)."""
 
     @property
     def ledger_path(self) -> Path:
@@ -60,23 +58,23 @@ def resolve_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
     return site
 
 
-def site_paths(node_config: Mapping[str, Any]) -> tuple[Path, Path]:
-    """(the site's own key folder, its copy of the registry from the kit) of a deployed site."""
-    missing = [k for k in ("site-name", "state-dir", "kit-dir", "keys-dir") if not node_config.get(k)]
+def site_keys_dir(node_config: Mapping[str, Any]) -> Path:
+    """The site's own key folder, of a deployed site. (Its peers come from the member list pinned in
+    its state dir, never from the kit's registry.)"""
+    missing = [k for k in ("site-name", "state-dir", "keys-dir") if not node_config.get(k)]
     if missing:
         raise ConfigError(f"a deployed site needs {missing} in its node config (fedtune client start sets them)")
-    return Path(str(node_config["keys-dir"])), Path(str(node_config["kit-dir"])) / "registry.json"
+    return Path(str(node_config["keys-dir"]))
 
 
 def _deployed_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:
-    keys_dir, registry = site_paths(node_config)
+    keys_dir = site_keys_dir(node_config)
     policy = SitePolicy.from_mapping({k.removeprefix("policy."): v for k, v in node_config.items()
                                       if k.startswith("policy.")}, "node config")
     policy.check_task(settings)  # before the records are read
-    site = _encode_site(str(node_config["site-name"]), Path(str(node_config["state-dir"])),
+    return _encode_site(str(node_config["site-name"]), Path(str(node_config["state-dir"])),
                         read_records(str(node_config["data-path"]), task=policy.task), settings, policy=policy,
                         keys_dir=keys_dir)
-    return dataclasses.replace(site, registry_path=registry)
 
 
 def _simulated_site(partition_id: int, num_partitions: int, settings: RunSettings) -> Site:

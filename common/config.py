@@ -245,7 +245,8 @@ class SecureAggSettings:
     """Secure aggregation: the server only ever sees the sum of the sites' masked updates."""
 
     registry: str = ""
-    """JSON file of the federation's sites and their identity public keys (provisioned)."""
+    """JSON file of the federation's sites and their identity public keys (provisioned): the server's. A site
+    verifies its peers only against the member list it pinned itself (common.registry.pin_members)."""
     clip: float = 50.0
     """L2 bound of a site's weighted update; the fixed-point range and error bound follow from it."""
     max_examples: int = 10_000

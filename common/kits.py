@@ -50,7 +50,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from common.config import BadInput
 from common.files import write_private
 from common.passport import PassportError, load_public_key, public_key_pem, signing_key_pem
-from common.registry import IDENTITY_FILE, RegistryError, load_identity, load_registry, write_registry
+from common.registry import (
+    IDENTITY_FILE,
+    FederationRegistry,
+    RegistryError,
+    load_identity,
+    load_members,
+    load_registry,
+    read_aloud,
+    write_registry,
+)
 from common.secagg import SiteIdentity
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -85,8 +94,7 @@ class ProvisionError(BadInput):
 
 def fingerprint(data: bytes) -> str:
     """SHA-256 of ``data`` as 16 groups of 4 hex digits: easy to read aloud over the phone."""
-    digest = hashlib.sha256(data).hexdigest()
-    return " ".join(digest[i:i + 4] for i in range(0, len(digest), 4))
+    return read_aloud(hashlib.sha256(data).digest())
 
 
 def supernode_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
@@ -597,3 +605,23 @@ def _check_identity(kit_dir: Path, keys_dir: Path, info: dict[str, Any]) -> None
     if site_id != info["site_id"]:
         raise ProvisionError(f"{SITE_INFO} in {kit_dir} gives site id {info['site_id']}, {REGISTRY} gives "
                              f"{site_id}; the kit mixes files from two provisionings: copy the kit again")
+
+
+def check_members(kit_dir: Path, keys_dir: Path, state_dir: Path) -> FederationRegistry:
+    """The member list this site pinned (``fedtune site pin-members``) before its daemon starts: present,
+    intact, holding this site's own identity key, and the list the kit's registry holds (a kit with
+    other members is a new consortium the officers must confirm and pin again, or a list nobody confirmed)."""
+    site = _read_site_info(kit_dir / SITE_INFO)["site"]
+    try:
+        members = load_members(state_dir)
+        load_identity(keys_dir, site, members)
+        offered = load_registry(kit_dir / REGISTRY)
+    except RegistryError as exc:
+        raise ProvisionError(f"the members pinned in {state_dir}: {exc}") from exc
+    if offered.digest != members.digest:
+        raise ProvisionError(
+            f"{REGISTRY} in {kit_dir} lists other members (digest {read_aloud(offered.digest)}) than the ones this "
+            f"site pinned in {state_dir} (digest {read_aloud(members.digest)}). If the consortium changed, every "
+            f"officer confirms the new list (`fedtune site members {kit_dir / REGISTRY}`) and you pin it again "
+            "(`fedtune site pin-members`); otherwise the coordinator sent a member list nobody confirmed: do not start")
+    return members

@@ -59,7 +59,7 @@ FAILURE_MESSAGES: dict[str, str] = {
     "site-policy": "the run asks for less protection than this site's own policy accepts",
     "bad-data": "the site's data cannot be used with this run's settings",
     "bad-config": "the run's configuration cannot be used at this site",
-    "registry": "the site's identity does not match the federation's registry",
+    "registry": "the site's identity or the member list it pinned is missing, altered or does not match",
     "protocol": "the site refused a secure-aggregation request",
     "training-failed": "local training did not produce a usable update",
     "internal": "the site hit an unexpected error",

@@ -43,8 +43,10 @@ ALL_PAIRS_UP_TO = 64
 
 
 def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int, site_ids: list[int],
-                 vector_length: int) -> SecAggParams:
+                 vector_length: int, members_digest: bytes) -> SecAggParams:
     """The coordinator's offer of a round's public parameters; each site checks it against its own policy.
+    ``members_digest``: the digest of the coordinator's registry, which a site accepts only if it is the
+    member list the site pinned.
 
     Up to :data:`ALL_PAIRS_UP_TO` sites every pair masks (``secagg.degree``/``threshold`` apply only
     with ``secagg.all-pairs`` there); larger federations use a sparse graph unless all-pairs is set.
@@ -61,6 +63,7 @@ def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int,
         degree=0 if all_pairs else settings.degree,
         threshold=settings.threshold if settings.all_pairs or not all_pairs else 0,
         all_pairs=all_pairs,
+        members_digest=members_digest,
     )
 
 
@@ -70,12 +73,13 @@ def params_to_bytes(params: SecAggParams) -> bytes:
         "clip": params.clip, "value_bits": params.value_bits, "count_slots": params.count_slots,
         "max_count": params.max_count, "degree": params.degree, "threshold": params.threshold,
         "all_pairs": params.all_pairs, "rounding": params.rounding, "modulus_bits": params.modulus_bits,
+        "members_digest": params.members_digest.hex(),
     }, sort_keys=True).encode()
 
 
 _PARAM_TYPES = {"round_id": str, "site_ids": list, "vector_length": int, "clip": float, "value_bits": int,
                 "count_slots": int, "max_count": int, "degree": int, "threshold": int, "all_pairs": bool,
-                "rounding": str, "modulus_bits": int}
+                "rounding": str, "modulus_bits": int, "members_digest": str}
 
 
 def params_from_bytes(data: bytes) -> SecAggParams:
@@ -93,6 +97,7 @@ def params_from_bytes(data: bytes) -> SecAggParams:
         if not all(type(s) is int for s in fields["site_ids"]):
             raise ValueError("site_ids must be integers")
         fields["round_id"] = bytes.fromhex(fields["round_id"])
+        fields["members_digest"] = bytes.fromhex(fields["members_digest"])
         fields["site_ids"] = tuple(fields["site_ids"])
         return SecAggParams(**fields)
     except (ValueError, TypeError, OverflowError) as exc:

@@ -1,7 +1,7 @@
 """``fedtune``: the command line. Each subcommand parses, validates, then calls one function.
 
     fedtune simulate | demo            a federation on this machine (simulations/)
-    fedtune site keygen | provision | passport
+    fedtune site keygen | members | pin-members, provision, passport
                                        site keys, deployment kits, model passports (fedtune/deploy_cli.py)
 
 
@@ -76,20 +76,24 @@ def _federation_options(p: argparse.ArgumentParser, *, simulation: bool) -> None
 
 
 def simulated_registry(out: Path, sites: int) -> Path:
-    """Identity keys for the simulated sites (each in its own state dir) and their registry.
+    """Identity keys for the simulated sites (each in its own state dir), their registry, and each site's
+    pinned member list (the person running the simulation is every site's officer, so confirms the list).
 
     Kept across re-runs into the same directory, like a real site keeps its keys.
     """
-    from common.registry import RegistryError, create_site_identities, load_registry
+    from common.registry import RegistryError, create_site_identities, load_registry, pin_members
 
     names = [f"site-{i}" for i in range(sites)]
     path = out.resolve() / "registry.json"
     try:
-        if sorted(load_registry(path).ids) == sorted(names):
-            return path
+        current = sorted(load_registry(path).ids) == sorted(names)
     except RegistryError:
-        pass
-    create_site_identities(names, {name: out.resolve() / "sites" / name for name in names}, path)
+        current = False
+    if not current:
+        create_site_identities(names, {name: out.resolve() / "sites" / name for name in names}, path)
+    digest = load_registry(path).digest.hex()
+    for name in names:
+        pin_members(path, out.resolve() / "sites" / name, digest)
     return path
 
 
@@ -176,6 +180,12 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
                           "or more, or --plain-aggregation")
     simulated_site_policies(out, args.sites, task=task, labels=run_config["data.labels"], model=args.model, dp=dp,
                             secure=not args.plain_aggregation, epsilon=args.epsilon, unit=args.privacy_unit)
+    if not args.plain_aggregation:
+        from common.registry import load_registry, read_aloud
+
+        digest = read_aloud(load_registry(run_config["secagg.registry"]).digest)
+        print(f"== playing every site's officer: pinned the {args.sites} members (digest {digest[:19]}…) in each "
+              "simulated site's state dir", flush=True)
     if not dp:
         warn("differential privacy is OFF for this run: site updates carry no DP guarantee")
     if args.plain_aggregation:
@@ -303,7 +313,8 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
                         help="this site's own keys: the directory `fedtune site keygen --out` made here")
     daemon.add_argument("--data", type=Path, required=True, help="the site's CSV/JSONL (text,label; causal-lm: "
                                                                  "prompt,response or chat messages); never leaves")
-    daemon.add_argument("--state", type=Path, required=True, help="the site's state: privacy ledger, audit log")
+    daemon.add_argument("--state", type=Path, required=True, help="the site's state: privacy ledger, audit log, the "
+                        "member list its officer pinned (`fedtune site pin-members`; the daemon needs it)")
     daemon.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")
     for opt in site_policy_options():  # the site's own policy: flag, default and help from client/policy.py
         daemon.add_argument(opt.flag, dest=opt.dest, type=opt.kind, default=opt.cli_default, required=opt.required,

@@ -1,4 +1,5 @@
-"""``fedtune site keygen``, ``fedtune provision`` and ``fedtune passport verify``: the deployment subcommands.
+"""``fedtune site keygen | members | pin-members``, ``fedtune provision`` and ``fedtune passport verify``:
+the deployment subcommands.
 
 ``fedtune.cli`` adds them with :func:`add_subcommands` and calls the handler it returns for the
 chosen command. Exit codes: 0 done / passport valid, 1 verification failed, 2 bad input.
@@ -11,8 +12,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from common.kits import ENROL_SUFFIX, MAX_DAYS, Enrolment, ProvisionError, provision, read_enrolments, site_keygen
+from common.kits import (
+    ENROL_SUFFIX,
+    MAX_DAYS,
+    REGISTRY,
+    Enrolment,
+    ProvisionError,
+    fingerprint,
+    provision,
+    read_enrolments,
+    site_keygen,
+)
 from common.passport import PassportError, key_id, load_public_key, verify_passport
+from common.registry import MEMBERS_FILE, FederationRegistry, RegistryError, load_registry, pin_members, read_aloud
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -24,9 +36,25 @@ It makes your site's own private keys; they never leave this directory:
   SITE.enrol.json     your PUBLIC keys: send this file to the coordinator
 Then read the two fingerprints it prints to the coordinator's officer over the phone: they must
 match what `fedtune provision` shows them. When the coordinator sends your kit (public files:
-ca.crt, registry.json, passport-signing.pub, site.json), start the daemon with
+ca.crt, registry.json, passport-signing.pub, site.json), confirm its members with the other sites'
+officers and pin them (`fedtune site members`, `fedtune site pin-members`), then start the daemon with
   fedtune client start --kit KIT --keys DIR ...
 Keep DIR backed up and private: lost keys mean enrolling again, leaked keys let others act as you.
+"""
+
+MEMBERS_HELP = """\
+Lists the members of a registry (each site's name, id and identity-key fingerprint) and the members
+digest. Every site's officer runs it on the registry.json of their own kit and confirms, out of band
+(by phone, with every other site's officer, not through the coordinator), that the list is the
+consortium's and that everyone sees the same digest; then pins it with `fedtune site pin-members`.
+"""
+
+PIN_HELP = f"""\
+Pins the federation's members in this site's state directory ({MEMBERS_FILE}, owner-only), only if
+their digest is the one every site's officer confirmed out of band (`fedtune site members`). The
+site then verifies its peers only against this list, never against a registry the coordinator
+sends, and refuses any round with a site not on it or bound to another list. Its daemon does not
+start without it. A new consortium (a site added or re-keyed) is a new list: confirm and pin again.
 """
 
 PROVISION_HELP = f"""\
@@ -49,6 +77,16 @@ def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argp
                         "e.g. hospital-a")
     keygen.add_argument("--out", type=Path, required=True,
                         help="new directory for the keys (created 0700; never overwritten), e.g. /etc/fedtune/keys")
+    members = site_actions.add_parser("members", help="list a registry's members, their fingerprints and the "
+                                      "members digest to confirm", description=MEMBERS_HELP,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    members.add_argument("registry", type=Path, help=f"the {REGISTRY} of your kit")
+    pin = site_actions.add_parser("pin-members", help="pin the confirmed member list in this site's state",
+                                  description=PIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pin.add_argument("--registry", type=Path, required=True, help=f"the {REGISTRY} of your kit")
+    pin.add_argument("--state", type=Path, required=True, help="the site's state directory (as `client start --state`)")
+    pin.add_argument("--digest", required=True, help="the members digest every site's officer confirmed "
+                     "(64 hex digits, spaces allowed)")
     prov = sub.add_parser("provision", help="create the CA, the server kit and one public kit per enrolled site",
                           description=PROVISION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     prov.add_argument("--enrol", required=True,
@@ -75,19 +113,54 @@ def fingerprint_lines(enrolment: Enrolment) -> str:
             f"  SuperNode key (EC P-384)   SHA-256 {enrolment.supernode_fingerprint}")
 
 
+def members_lines(members: FederationRegistry) -> str:
+    """Each member's name, id and identity-key fingerprint, then the members digest."""
+    lines = [f"  {name!r} (id {sid}): identity key SHA-256 {fingerprint(members.keys[sid].public_bytes_raw())}"
+             for sid, name in sorted((sid, name) for name, sid in members.ids.items())]
+    return "\n".join([*lines, f"members digest: {read_aloud(members.digest)}"])
+
+
 def cmd_site(args: argparse.Namespace) -> int:
-    """``fedtune site keygen``: the site's own keys, and the fingerprints to read out."""
+    """``fedtune site keygen | members | pin-members``."""
+    handlers = {"keygen": _cmd_site_keygen, "members": _cmd_site_members, "pin-members": _cmd_site_pin_members}
     try:
-        enrolment = site_keygen(args.site, args.out)
-    except ProvisionError as exc:
-        print(f"fedtune site keygen: {exc}", file=sys.stderr)
+        return handlers[args.site_command](args)
+    except (ProvisionError, RegistryError) as exc:
+        print(f"fedtune site {args.site_command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _cmd_site_keygen(args: argparse.Namespace) -> int:
+    """The site's own keys, and the fingerprints to read out."""
+    enrolment = site_keygen(args.site, args.out)
     enrol_file = args.out / f"{args.site}{ENROL_SUFFIX}"
     print(f"site {args.site!r}: private keys written to {args.out}/ (owner-only; they never leave this machine)\n"
           f"{fingerprint_lines(enrolment)}\n"
           f"Send {enrol_file} (public keys only) to the coordinator, then read these fingerprints to the\n"
-          f"coordinator's officer over the phone. When your kit arrives, start the daemon with\n"
+          f"coordinator's officer over the phone. When your kit arrives, confirm its members with every other\n"
+          f"site's officer (`fedtune site members KIT/{REGISTRY}`), pin them (`fedtune site pin-members`), and\n"
+          f"start the daemon with\n"
           f"  fedtune client start --kit KIT --keys {args.out} --data ... --state ... --superlink HOST:PORT")
+    return EXIT_OK
+
+
+def _cmd_site_members(args: argparse.Namespace) -> int:
+    """The registry's members and digest, to confirm out of band."""
+    members = load_registry(args.registry)
+    print(f"{len(members.ids)} members in {args.registry}:\n{members_lines(members)}\n"
+          "Confirm with every other site's officer, by phone and not through the coordinator, that these are the\n"
+          "consortium's sites (each reads its own fingerprint) and that all of you see this digest; then pin the\n"
+          "digest you CONFIRMED (typed from the call, not copied from here):\n"
+          f"  fedtune site pin-members --registry {args.registry} --state STATE --digest 'HEX HEX ...'")
+    return EXIT_OK
+
+
+def _cmd_site_pin_members(args: argparse.Namespace) -> int:
+    """Pin the confirmed members in the site's state dir; a digest that differs is refused, nothing written."""
+    members = pin_members(args.registry, args.state, args.digest)
+    print(f"pinned {len(members.ids)} members in {args.state / MEMBERS_FILE} (digest {read_aloud(members.digest)}):\n"
+          f"{members_lines(members)}\n"
+          "This site takes part only in rounds among these sites, bound to this list.")
     return EXIT_OK
 
 
@@ -104,6 +177,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
           f"differs, do not use {out}: delete it, and enrol that site again.")
     for site_id, enrolment in enumerate(enrolments):
         print(f"site {enrolment.site!r} (id {site_id}):\n{fingerprint_lines(enrolment)}")
+    print(f"members digest: {read_aloud(load_registry(out / 'server' / REGISTRY).digest)}\n"
+          "Every site's officer confirms this digest with the others (`fedtune site members`) and pins it\n"
+          "(`fedtune site pin-members`) before the site's daemon starts.")
     print("Hand out:")
     print(f"  {out / 'server'}/  -> the coordinator (runs the SuperLink; register each "
           f"supernode-keys/<site>.pub with `flwr supernode register`)")

@@ -103,7 +103,8 @@ class SecureAggregation:
         if len(node_of_site) < max(2, spec.min_sites):
             return self._aborted(server_round, f"{len(node_of_site)} identified site(s)", failures, privacy)
         params = round_params(self.settings, run_id=grid.run.run_id, server_round=server_round,
-                              site_ids=sorted(node_of_site), vector_length=spec.update_size)
+                              site_ids=sorted(node_of_site), vector_length=spec.update_size,
+                              members_digest=self.registry.digest)
         aggregator = ServerAggregator(params, self.registry.keys)
         weights: dict[int, int] = {}  # public by construction; the server sums them itself
 

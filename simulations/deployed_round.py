@@ -30,6 +30,7 @@ from client.privacy import CHARGE_EVENT
 from common.data import read_records, write_records
 from common.kits import check_kit
 from common.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
+from common.registry import load_registry
 
 LABELS = "negative,neutral,positive"
 
@@ -49,13 +50,16 @@ def provision(root: Path, sites: list[str]) -> None:
 
 def site_daemon(executor: str, root: Path, run: Path, site: str, superlink: str) -> ManagedProcess:
     kit, keys, data, state = root / "kits" / "sites" / site, root / "keys" / site, root / f"{site}.csv", run / site
+    # The site's officer pins the member list (here the one provisioning made, as every officer confirmed it).
+    subprocess.run(fedtune("site", "pin-members", "--registry", str(kit / "registry.json"), "--state", str(state),
+                           "--digest", load_registry(kit / "registry.json").digest.hex()), check=True,
+                   capture_output=True)
     if executor == "fedtune":
         command = fedtune("client", "start", "--kit", str(kit), "--keys", str(keys), "--data", str(data), "--state",
                           str(state), "--superlink", superlink, "--labels", LABELS, "--max-epsilon", "8")
     else:  # Flower's stock executor, with the same kit, keys and node config
         files = check_kit(kit, keys)["files"]
         policy = SitePolicy(labels=tuple(LABELS.split(",")), max_epsilon=8.0)
-        state.mkdir(parents=True)
         command = [console_script("flower-supernode"), "--superlink", superlink, "--root-certificates",
                    str(files["ca.crt"]), "--auth-supernode-private-key", str(files["supernode.key"]), "--node-config",
                    node_config(kit, keys, data, state, policy), "--isolation", "subprocess", "--host", "127.0.0.1",

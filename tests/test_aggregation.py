@@ -62,7 +62,8 @@ def test_weights_above_the_cap_count_as_the_cap_in_update_and_sum_alike():
 
     settings = SecureAggSettings(registry="r.json", max_examples=100, clip=5.0)
     delta = np.linspace(-0.5, 0.5, 12)
-    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=12)
+    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=12,
+                          members_digest=bytes(32))
     weights = {0: site_weight(20_000, settings), 1: site_weight(30_000, settings), 2: site_weight(None, settings)}
     assert weights == {0: 100, 1: 100, 2: 100}
     encoded = {site: encode_contribution(delta, w, settings)[0] for site, w in weights.items()}
@@ -79,7 +80,8 @@ def test_declared_weights_below_the_cap_weigh_the_mean():
 
     settings = SecureAggSettings(registry="r.json", max_examples=100, clip=5.0)
     deltas = {0: np.full(4, 1.0), 1: np.full(4, 0.0), 2: np.full(4, 0.0)}
-    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=4)
+    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=4,
+                          members_digest=bytes(32))
     weights = {0: 50, 1: 25, 2: 25}
     encoded = {s: encode_contribution(deltas[s], w, settings)[0] for s, w in weights.items()}
     result = LocalFederation.create(params).run(encoded)
@@ -95,7 +97,8 @@ def test_a_hostile_sites_out_of_range_input_is_clamped_not_allowed_to_abort_the_
     from common.secure_update import decode_sum, encode_contribution, round_params
 
     settings = SecureAggSettings(registry="r.json", max_examples=100, clip=1.0)
-    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2, 3, 4], vector_length=6)
+    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2, 3, 4], vector_length=6,
+                          members_digest=bytes(32))
     federation = LocalFederation.create(params)
     hostile = federation.clients[4]
     hostile._encode = lambda update, counts: np.full(params.total_length, params.modulus_mask // 2, dtype=np.uint64)

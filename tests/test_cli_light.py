@@ -20,6 +20,8 @@ print("torch" in sys.modules, code)
     ["passport", "verify", "{tmp}/no-such-adapter", "--key", "{tmp}/no.pub"],
     ["site", "keygen", "--site", "hospital-a", "--out", "{tmp}/keys"],
     ["provision", "--enrol", "{tmp}/none.enrol.json", "--server-host", "h", "--out", "{tmp}/kits"],
+    ["site", "members", "{tmp}/registry.json"],
+    ["site", "pin-members", "--registry", "{tmp}/registry.json", "--state", "{tmp}/state", "--digest", "00"],
 ])
 def test_a_command_that_does_not_train_never_imports_torch(tmp_path: Path, args: list[str]):
     argv = [arg.format(tmp=tmp_path) for arg in args]

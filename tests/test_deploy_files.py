@@ -66,6 +66,9 @@ def test_systemd_unit_runs_a_valid_client_command():
     keygen = next(line for line in unit.splitlines() if " site keygen " in line)
     argv = shlex.split(keygen.split("/opt/fedtune/.venv/bin/fedtune ", 1)[1])
     assert _accepts(argv).out == args.keys  # the unit starts from the keys its comment tells the site to make
+    pin = next(line for line in unit.splitlines() if " site pin-members " in line)
+    pinned = _accepts(shlex.split(pin.split("/opt/fedtune/.venv/bin/fedtune ", 1)[1]))
+    assert pinned.state == args.state and pinned.registry == args.kit / "registry.json"  # what the daemon reads
     assert "UMask=0077" in unit and "NoNewPrivileges=true" in unit
 
 

@@ -88,6 +88,14 @@ def world(tmp_path_factory, drug_reviews):
     done = subprocess.run(fedtune("provision", "--enrol", enrolments, "--server-host", "127.0.0.1",
                                   "--out", str(root / "kits")), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    # Every officer confirms the members digest provisioning printed, and pins it in the site's state.
+    digest = done.stdout.split("members digest: ", 1)[1].splitlines()[0]
+    for site in [*SITES, "site-rogue"]:
+        kit = root / "kits" / "sites" / (site if site in SITES else "site-d")
+        pinned = subprocess.run(fedtune("site", "pin-members", "--registry", str(kit / "registry.json"), "--state",
+                                        str(root / "state" / site), "--digest", digest),
+                                capture_output=True, text=True, timeout=120)
+        assert pinned.returncode == 0, pinned.stderr
     # A site that trusts our CA and holds a real site identity, but a SuperNode key nobody registered
     # (its kit's site.json edited to name that key, so it gets past the local check to the coordinator).
     rogue, rogue_keys = root / "rogue-kit", root / "rogue-keys"

@@ -77,20 +77,21 @@ def test_client_start_refuses_bad_input_with_exit_2(kits: Path, tmp_path: Path, 
     assert done.returncode == 2 and fragment in done.stderr, done.stderr
 
 
-def test_the_clientapp_reads_the_registry_from_the_kit_and_the_key_from_the_sites_own_folder(kits: Path,
-                                                                                            tmp_path: Path):
+def test_the_clientapp_reads_its_key_from_the_sites_own_folder_and_its_peers_from_its_pinned_members(
+        kits: Path, tmp_path: Path):
     from flwr.common.config import parse_config_args
 
     from client.daemon import node_config
     from client.policy import SitePolicy
-    from client.site import site_paths
-    from common.registry import load_identity, load_registry
+    from client.site import site_keys_dir
+    from common.registry import load_identity, load_members, load_registry, pin_members
 
     kit, keys = kits / "sites" / "site-a", kits.parent / "keys" / "site-a"
+    pin_members(kit / "registry.json", tmp_path / "state", load_registry(kit / "registry.json").digest.hex())
     config = parse_config_args([node_config(kit, keys, tmp_path / "d.csv", tmp_path / "state", SitePolicy())])
-    keys_dir, registry = site_paths(config)
-    assert keys_dir == keys.resolve() and registry == (kit / "registry.json").resolve()
-    assert load_identity(keys_dir, "site-a", load_registry(registry))[0] == 0
+    keys_dir = site_keys_dir(config)
+    assert keys_dir == keys.resolve()
+    assert load_identity(keys_dir, "site-a", load_members(Path(config["state-dir"])))[0] == 0
 
 
 def test_the_sites_policy_flags_reach_the_clientapps_policy(kits: Path, tmp_path: Path):

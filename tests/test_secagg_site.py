@@ -4,6 +4,7 @@ site's OWN policy, refuses replayed rounds, and sparse graphs are not the coordi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +29,22 @@ from common.secure_update import COUNT_SLOTS, params_to_bytes, round_params
 LENGTH = 16
 
 
-def _keys(n: int, me: int = 0) -> SiteKeys:
+@functools.cache
+def _federation(n: int) -> tuple[dict[int, SiteIdentity], FederationRegistry]:
+    """n sites' identities and the member list every one of them pinned."""
     identities = {i: SiteIdentity.generate() for i in range(n)}
-    registry = FederationRegistry({f"site-{i}": i for i in range(n)},
-                                  SiteRegistry({i: ident.public_bytes() for i, ident in identities.items()}))
-    return SiteKeys(me, identities[me], registry)
+    return identities, FederationRegistry({f"site-{i}": i for i in range(n)},
+                                          SiteRegistry({i: ident.public_bytes() for i, ident in identities.items()}))
+
+
+def _keys(n: int, me: int = 0) -> SiteKeys:
+    identities, members = _federation(n)
+    return SiteKeys(me, identities[me], members)
 
 
 def _offer(n: int, settings: SecureAggSettings | None = None, server_round: int = 3, **changes) -> bytes:
     params = round_params(settings or SecureAggSettings(registry="x"), run_id=7, server_round=server_round,
-                          site_ids=list(range(n)), vector_length=LENGTH)
+                          site_ids=list(range(n)), vector_length=LENGTH, members_digest=_federation(n)[1].digest)
     if changes:
         fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
         params = SecAggParams(**{**fields, **changes})
@@ -57,7 +64,8 @@ def test_default_offer_is_all_pairs_up_to_64_sites_and_accepted(tmp_path: Path) 
     # A run config tuned for sparse graphs does not weaken small rounds.
     sparse = SecureAggSettings(registry="x", degree=4, threshold=3)
     assert _accept(_offer(10, sparse), tmp_path / "s", 10).all_pairs
-    big = round_params(sparse, run_id=1, server_round=1, site_ids=list(range(100)), vector_length=LENGTH)
+    big = round_params(sparse, run_id=1, server_round=1, site_ids=list(range(100)), vector_length=LENGTH,
+                       members_digest=bytes(32))
     assert not big.all_pairs and big.degree == 4  # the config keys still work above 64 sites
 
 
@@ -82,7 +90,7 @@ def test_offers_below_the_site_policy_are_refused(tmp_path: Path, why: str, offe
 def test_sites_outside_the_round_or_registry_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ParamsRefused, match="not among the round's sites"):
         _accept(_offer(10), tmp_path, keys=_keys(20, me=15))
-    with pytest.raises(ParamsRefused, match="not in the federation's registry"):
+    with pytest.raises(ParamsRefused, match="not among the members this site pinned"):
         _accept(_offer(12), tmp_path, keys=_keys(10))
 
 

@@ -29,7 +29,8 @@ def round_of_three(tmp_path: Path):
     create_site_identities(names, {n: tmp_path / n for n in names}, tmp_path / "registry.json")
     registry = load_registry(tmp_path / "registry.json")
     settings = SecureAggSettings(registry=str(tmp_path / "registry.json"))
-    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=LENGTH)
+    params = round_params(settings, run_id=1, server_round=1, site_ids=[0, 1, 2], vector_length=LENGTH,
+                          members_digest=registry.digest)
     sites = {}
     bundles = {}
     for i, name in enumerate(names):

@@ -133,6 +133,8 @@ class SecAggParams:
     """Quantiser rounding; "stochastic" is unbiased, "nearest" halves the worst-case error."""
     modulus_bits: int = 0
     """m: masks live in Z_{2^m}; 0 = the smallest width that cannot wrap for these sites."""
+    members_digest: bytes = bytes(32)
+    """SHA-256 of the member list the sites pinned (common.registry); all zero = none bound (library use)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -180,6 +182,8 @@ class SecAggParams:
         if not needed <= m <= 35:
             raise ParameterError(f"modulus_bits must be in [{needed}, 35] for {n} sites, got {m}")
         set_(self, "modulus_bits", m)
+        if not isinstance(self.members_digest, bytes) or len(self.members_digest) != 32:
+            raise ParameterError("members_digest must be the 32-byte SHA-256 of the pinned member list")
 
     @cached_property
     def site_set(self) -> frozenset[int]:
@@ -217,7 +221,7 @@ class SecAggParams:
         return hashlib.sha256(encode_context(
             "params", self.round_id, len(self.site_ids), *self.site_ids, self.vector_length, self.clip.hex(),
             self.value_bits, self.count_slots, self.max_count, self.degree, self.threshold,
-            int(self.all_pairs), self.rounding, self.modulus_bits,
+            int(self.all_pairs), self.rounding, self.modulus_bits, self.members_digest,
         )).digest()
 
     def graph(self, seed: bytes = b"") -> dict[int, frozenset[int]]:
