@@ -9,9 +9,10 @@ total it is divided by.
     values  u = clip_L2((w / W) · Δ, C)     w = min(declared weight, W), W = secagg.max-examples, C = secagg.clip
                                             equal weights: w = W, so u = Δ
 
-Server side: mean Δ = W · Σu / Σw, its L2 norm bounded by W·s·C/Σw (what s honest inputs reach). With ``b`` value bits, step = 2C/(2^b − 1), and stochastic
-rounding, each element of the mean is within  W · s · step · (1 + 2^-16) / Σw  of the exact
-weighted mean of the (clipped) updates, for s surviving sites (common.secagg.fixedpoint).
+Server side: mean Δ = W · Σu / Σw, its L2 norm bounded by W·s·C/Σw (what s honest inputs reach).
+With ``b`` value bits, step = 2C/(2^b − 1), and stochastic rounding, each element of the mean is
+within  W · s · step · (1 + 2^-16) / Σw  of the exact weighted mean of the (clipped) updates, for s
+surviving sites (common.secagg.fixedpoint).
 """
 
 from __future__ import annotations

@@ -119,7 +119,8 @@ def _steered_mean(sites: int, length: int, clip: float, target: np.ndarray, host
     from common.secure_update import decode_sum, encode_contribution, round_params
 
     settings = SecureAggSettings(registry="r.json", max_examples=100, clip=clip)
-    params = round_params(settings, run_id=1, server_round=1, site_ids=list(range(sites)), vector_length=length)
+    params = round_params(settings, run_id=1, server_round=1, site_ids=list(range(sites)), vector_length=length,
+                          members_digest=bytes(32))
     federation = LocalFederation.create(params)
     if hostile_steers:
         step = quantization_step(params.value_bits, clip)
