@@ -25,6 +25,7 @@ from client.policy import POLICY_FILE, SitePolicy
 from common.config import ConfigError, DataSettings, RunSettings, TaskKind, unit_column
 from common.data import EncodedData, Record, encode, partition, read_records
 from common.files import private_dir
+from common.kits import PASSPORT_PUB
 from common.model import load_tokenizer
 
 log = logging.getLogger("fedtune.client")
@@ -39,6 +40,11 @@ class Site:
     policy: SitePolicy
     registry_path: Path | None = None
     """The site's own copy of the registry (deployment); None = the run config's (simulation)."""
+    receipts_dir: Path | None = None
+    """Where the coordinator's receipts of its charges are kept, outside the state dir; None = beside it
+    (client.rollback.default_receipts_dir)."""
+    passport_key: Path | None = None
+    """The federation's passport-signing.pub, which signs those receipts (the kit's; the simulation's own)."""
 
     @property
     def ledger_path(self) -> Path:
@@ -76,7 +82,9 @@ def _deployed_site(node_config: Mapping[str, Any], settings: RunSettings) -> Sit
     site = _encode_site(str(node_config["site-name"]), Path(str(node_config["state-dir"])),
                         read_records(str(node_config["data-path"]), task=policy.task), settings, policy=policy,
                         keys_dir=keys_dir)
-    return dataclasses.replace(site, registry_path=registry)
+    receipts = Path(str(node_config["receipts-dir"])) if node_config.get("receipts-dir") else None
+    return dataclasses.replace(site, registry_path=registry, receipts_dir=receipts,
+                               passport_key=registry.with_name(PASSPORT_PUB))
 
 
 def _simulated_site(partition_id: int, num_partitions: int, settings: RunSettings) -> Site:
@@ -91,7 +99,8 @@ def _simulated_site(partition_id: int, num_partitions: int, settings: RunSetting
     policy.check_task(settings)
     records, parts = simulation_partitions(settings.data, num_partitions, policy.task)
     mine = [records[i] for i in parts[partition_id]]
-    return _encode_site(name, state_dir, mine, settings, policy=policy, keys_dir=state_dir)
+    site = _encode_site(name, state_dir, mine, settings, policy=policy, keys_dir=state_dir)
+    return dataclasses.replace(site, passport_key=settings.out_dir.resolve() / PASSPORT_PUB)
 
 
 @functools.lru_cache(maxsize=2)
