@@ -25,8 +25,8 @@ from client.policy import POLICY_FILE, SitePolicy
 from common.config import ConfigError, DataSettings, RunSettings, TaskKind, unit_column
 from common.data import EncodedData, Record, encode, partition, read_records
 from common.files import private_dir
-from common.kits import PASSPORT_PUB
 from common.model import load_tokenizer
+from common.passport import PASSPORT_PUB
 
 log = logging.getLogger("fedtune.client")
 @dataclass(frozen=True)
