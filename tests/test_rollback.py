@@ -138,6 +138,31 @@ def test_a_wiped_ledger_and_log_are_refused_while_released_remains(tmp_path: Pat
     assert not (state_of(tmp_path) / "privacy-ledger.json").exists()
 
 
+def test_a_lowered_ledger_with_a_forged_audit_line_is_refused(tmp_path: Path, data: Path, caplog):
+    """The ledger edited to say fewer steps were taken (lower ε), and a charge line forged onto the audit
+    log with the edited ledger's sha256 (the chain links: anyone can compute it): the ledger opens, but the
+    site's own release records still show the ε it spent."""
+    from client.privacy import PrivacyLedger
+    from common.audit import AuditLog
+    from common.files import file_sha256
+
+    config = run_config(tmp_path)
+    nodes = node_config(tmp_path, SITE, data)
+    state = initial_adapter(config)
+    for server_round in (1, 2):
+        assert failure_kind(call(_train(), pack_train_request(state, server_round), config, nodes)) is None
+    ledger_path = state_of(tmp_path) / "privacy-ledger.json"
+    saved = json.loads(ledger_path.read_text())
+    saved["history"] = [[sigma, q, steps // 2] for sigma, q, steps in saved["history"]]
+    ledger_path.write_text(json.dumps(saved))
+    AuditLog(state_of(tmp_path) / "audit.jsonl").record("privacy-charged", ledger=ledger_path.name,
+                                                         ledger_sha256=file_sha256(ledger_path))
+    lowered = PrivacyLedger(ledger_path, RunSettings.from_flat(config).privacy)  # the forgery holds up
+    caplog.set_level(logging.INFO)
+    reply = call(_train(), pack_train_request(state, 3), config, nodes)
+    refused_as_rolled_back(reply, caplog, f"the ledger only {lowered.report()['epsilon']:g}")
+
+
 # ------------------------------------------------------------------ the coordinator's receipts
 
 
@@ -198,6 +223,24 @@ def test_a_forged_or_misaddressed_receipt_is_ignored_and_a_malformed_one_refused
     request["receipt"] = ConfigRecord({"run-id": 7, "round": -1, "site": SITE, "epsilon": 1.0, "delta": 1e-5,
                                        "signature": b"\0" * 64})
     assert failure_kind(call(_train(), request, config, nodes)) == "protocol"
+
+
+def test_kept_receipts_are_checked_again_and_without_the_kits_key_the_site_refuses(tmp_path: Path):
+    from client.privacy import LedgerError
+    from client.rollback import ReceiptStore
+    from common.files import write_json
+    from common.receipts import receipt_to_json
+
+    key, pub = Ed25519PrivateKey.generate(), tmp_path / "passport-signing.pub"
+    pub.write_bytes(public_key_pem(key.public_key()))
+    store = ReceiptStore(tmp_path / "receipts", SITE, pub)
+    store.keep(sign_receipt(key, ChargeReceipt(7, 1, SITE, 2.0, 1e-5)))
+    planted = sign_receipt(Ed25519PrivateKey.generate(), ChargeReceipt(7, 9, SITE, 7.9, 1e-5))
+    write_json(tmp_path / "receipts" / "run-7-round-000009.json", receipt_to_json(planted))
+    assert [(s.run_id, s.round, s.epsilon) for s in store.spends()] == [(7, 1, 2.0)]  # the planted one is ignored
+    pub.unlink()
+    with pytest.raises(LedgerError, match="cannot be checked.*passport-signing.pub.*restore the kit"):
+        store.spends()
 
 
 # ------------------------------------------------------------------ the coordinator's view
