@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 from client.policy import PolicyError
 from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger
 from client.release import ReleasedUpdates, adapter_digest
+from client.rollback import ReceiptStore, check_not_rolled_back, default_receipts_dir
 from client.secure import (
     SessionStore,
     SiteKeys,
@@ -60,6 +61,7 @@ from common.records import (
     pack_key_advertisement,
     pack_stage,
     pack_train_reply,
+    unpack_receipt,
     unpack_stage,
     unpack_train_request,
 )
@@ -118,9 +120,21 @@ def identify(msg: Message, context: Context) -> RecordDict:
     return pack_identity(site.name)
 
 
-def _released_update(site: Site, settings: RunSettings, received: AdapterState, server_round: int,
-                     run_id: int) -> tuple[np.ndarray, str, PrivacyLedger | None]:
-    """(the round's DP update, its release name, the ledger): the update already released for this
+def _opened_ledger(site: Site, settings: RunSettings, msg: Message) -> PrivacyLedger | None:
+    """The site's ledger (None without DP), once it accounts for everything the site's state and the
+    coordinator's receipts (this request's included) show it spent; LedgerError otherwise."""
+    receipts = ReceiptStore(site.receipts_dir or default_receipts_dir(site.state_dir), site.name, site.passport_key)
+    receipts.keep(unpack_receipt(msg.content))
+    if not settings.privacy.enabled:
+        return None
+    ledger = PrivacyLedger(site.ledger_path, settings.privacy)
+    check_not_rolled_back(ledger, site.state_dir, receipts)
+    return ledger
+
+
+def _released_update(site: Site, settings: RunSettings, ledger: PrivacyLedger | None, received: AdapterState,
+                     server_round: int, run_id: int) -> tuple[np.ndarray, str, bool]:
+    """(the round's DP update, its release name, whether it is resent): the update already released for this
     (round, adapter) if it never entered a secure sum, else a freshly trained one.
 
     With DP the round is charged to the ledger before training starts (write-ahead, in train_locally).
@@ -128,12 +142,11 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
     keys_order = trainable_keys(received, settings.lora.aggregation)
     digest = adapter_digest(received)
     released = ReleasedUpdates(site.state_dir)
-    ledger = PrivacyLedger(site.ledger_path, settings.privacy) if settings.privacy.enabled else None
     update = released.find(server_round, digest)
     if update is not None:
         log.info("%s: round %d was already released for this adapter; resending it (no new ε)", site.name,
                  server_round)
-        return update, released.name(server_round, digest), ledger
+        return update, released.name(server_round, digest), True
     if ledger is None:
         log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
     started = time.monotonic()
@@ -143,12 +156,12 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
     result = train_locally(model, site.train, settings.train, ledger=ledger, privacy=settings.privacy,
                            planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id)
     update = delta(result.adapter, received, keys_order)
-    name = released.seal(server_round, digest, update)
+    name = released.seal(server_round, digest, update, run_id=run_id, epsilon=result.epsilon)
     log.info("%s: trained round %d in %.2fs", site.name, server_round, time.monotonic() - started)
     AuditLog(site.state_dir / "audit.jsonl").record(
         "released", run_id=run_id, round=server_round, received_sha256=digest, examples=len(site.train),
         steps=result.steps, epsilon=result.epsilon, secure_aggregation=settings.federation.secure_aggregation)
-    return update, name, ledger
+    return update, name, False
 
 
 @app.train()
@@ -158,6 +171,7 @@ def train(msg: Message, context: Context) -> RecordDict:
     site.policy.check(settings, site.train.unit_count)  # before anything is spent
     received, server_round, secagg_params = unpack_train_request(msg.content)
     run_id = msg.metadata.run_id
+    ledger = _opened_ledger(site, settings, msg)  # a rolled-back ledger is refused before anything is spent
     secure = settings.federation.secure_aggregation
     if secure != (secagg_params is not None):
         raise WireError("the train request does not match the run's aggregation mode")
@@ -169,10 +183,11 @@ def train(msg: Message, context: Context) -> RecordDict:
                                server_round=server_round, vector_length=size)
     else:
         store.claim_round(run_id, server_round)  # rounds strictly increase per run, plain or secure
-    update, release, ledger = _released_update(site, settings, received, server_round, run_id)
+    update, release, resent = _released_update(site, settings, ledger, received, server_round, run_id)
     weight = site_weight(site.policy.declared_examples, settings.secagg)
-    privacy = (PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit)) if ledger
-               else PrivacyReport(site.name, False))
+    privacy = (PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit),
+                             resent=resent) if ledger
+               else PrivacyReport(site.name, False, resent=resent))
     if keys is None or params is None:
         log.warning("PLAIN AGGREGATION: %s sends its update in the clear to the server", site.name)
         return pack_train_reply(TrainReply(update, weight, privacy))

@@ -36,7 +36,7 @@ import numpy as np
 from client.policy import SitePolicy
 from client.release import ReleasedUpdates
 from common.config import SecureAggSettings
-from common.files import exclusive_lock, write_durably
+from common.files import exclusive_lock, private_dir, write_durably
 from common.registry import FederationRegistry
 from common.secagg import (
     ClientSession,
@@ -92,7 +92,7 @@ class SessionStore:
 
     def locked(self, round_id: bytes) -> contextlib.AbstractContextManager[None]:
         """An exclusive lock on one round's session, across processes (Flower may run a process per message)."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.directory)
         return exclusive_lock(self.directory / f".{round_id.hex()}.lock")
 
     def load(self, round_id: bytes, keys: SiteKeys) -> tuple[ClientSession, dict]:
@@ -131,7 +131,7 @@ class SessionStore:
 
     def claim_round(self, run_id: int, server_round: int) -> None:
         """Record ``server_round`` as this run's latest; refuse one that is not strictly later."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.directory)
         path = self.directory.parent / ROUNDS_FILE
         with exclusive_lock(self.directory.parent / f".{ROUNDS_FILE}.lock"):
             last = json.loads(path.read_text()) if path.exists() else {}

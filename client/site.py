@@ -13,6 +13,7 @@ Every record a site holds is a training record: there is no hold-out outside the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ from common.config import ConfigError, DataSettings, RunSettings, TaskKind, unit
 from common.data import EncodedData, Record, encode, partition, read_records
 from common.files import private_dir
 from common.model import load_tokenizer
+from common.passport import PASSPORT_PUB
 
 log = logging.getLogger("fedtune.client")
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class Site:
     keys_dir: Path
     """Where the site's identity key is: its own key directory (deployment) or its state dir (simulation)."""
     policy: SitePolicy
+    receipts_dir: Path | None = None
+    """Where the coordinator's receipts of its charges are kept, outside the state dir; None = beside it
+    (client.rollback.default_receipts_dir)."""
+    passport_key: Path | None = None
+    """The federation's passport-signing.pub, which signs those receipts (the kit's; the simulation's own)."""
 
     @property
     def ledger_path(self) -> Path:
@@ -72,9 +79,12 @@ def _deployed_site(node_config: Mapping[str, Any], settings: RunSettings) -> Sit
     policy = SitePolicy.from_mapping({k.removeprefix("policy."): v for k, v in node_config.items()
                                       if k.startswith("policy.")}, "node config")
     policy.check_task(settings)  # before the records are read
-    return _encode_site(str(node_config["site-name"]), Path(str(node_config["state-dir"])),
+    site = _encode_site(str(node_config["site-name"]), Path(str(node_config["state-dir"])),
                         read_records(str(node_config["data-path"]), task=policy.task), settings, policy=policy,
                         keys_dir=keys_dir)
+    receipts = Path(str(node_config["receipts-dir"])) if node_config.get("receipts-dir") else None
+    return dataclasses.replace(site, receipts_dir=receipts,
+                               passport_key=Path(str(node_config["kit-dir"])) / PASSPORT_PUB)
 
 
 def _simulated_site(partition_id: int, num_partitions: int, settings: RunSettings) -> Site:
@@ -89,7 +99,8 @@ def _simulated_site(partition_id: int, num_partitions: int, settings: RunSetting
     policy.check_task(settings)
     records, parts = simulation_partitions(settings.data, num_partitions, policy.task)
     mine = [records[i] for i in parts[partition_id]]
-    return _encode_site(name, state_dir, mine, settings, policy=policy, keys_dir=state_dir)
+    site = _encode_site(name, state_dir, mine, settings, policy=policy, keys_dir=state_dir)
+    return dataclasses.replace(site, passport_key=settings.out_dir.resolve() / PASSPORT_PUB)
 
 
 @functools.lru_cache(maxsize=2)

@@ -6,11 +6,15 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("fedtune.files")
 
 
 def file_sha256(path: Path) -> str:
@@ -54,8 +58,8 @@ def write_json(path: Path, payload: Any, *, mode: int = 0o600) -> None:
 
 
 def write_durably(path: Path, data: bytes) -> None:
-    """Owner-only (0600), atomic and fsynced, file and directory, before returning."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Owner-only (0600, in a 0700 directory), atomic and fsynced, file and directory, before returning."""
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -68,18 +72,34 @@ def write_durably(path: Path, data: bytes) -> None:
         raise
 
 
+def _owner_only(fd: int, path: Path, mode: int) -> None:
+    """Force ``mode`` on an open file or directory, saying so when an existing one was wider."""
+    was = stat.S_IMODE(os.fstat(fd).st_mode)
+    if was != mode:
+        os.fchmod(fd, mode)
+        if was & 0o077:
+            log.warning("%s was mode %04o, readable by others than its owner: now %04o", path, was, mode)
+
+
 def write_private(path: Path, data: bytes) -> None:
-    """A secret file, readable by its owner only (0600) from the moment it exists."""
+    """A secret file, readable by its owner only (0600) from the moment it exists; an existing file of a wider
+    mode is forced to 0600 before it is written (and logged)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _owner_only(fd, path, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
 
 
 def private_dir(path: Path) -> Path:
-    """``path`` as a directory only its owner can enter (0700), created if missing."""
+    """``path`` as a directory only its owner can enter (0700), created if missing; an existing one of a wider
+    mode is forced to 0700 (and logged)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _owner_only(fd, path, 0o700)
+    finally:
+        os.close(fd)
     return path
 
 

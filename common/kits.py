@@ -49,7 +49,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.config import BadInput
 from common.files import write_private
-from common.passport import PassportError, load_public_key, public_key_pem, signing_key_pem
+from common.passport import PASSPORT_PUB, PassportError, load_public_key, public_key_pem, signing_key_pem
 from common.registry import (
     IDENTITY_FILE,
     FederationRegistry,
@@ -73,7 +73,7 @@ CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
 REGISTRY = "registry.json"
 SUPERNODE_KEY, SUPERNODE_PUB, SUPERNODE_KEYS_DIR = "supernode.key", "supernode.pub", "supernode-keys"
-PASSPORT_KEY, PASSPORT_PUB = "passport-signing.key", "passport-signing.pub"
+PASSPORT_KEY = "passport-signing.key"
 SITE_INFO = "site.json"
 ENROL_SUFFIX = ".enrol.json"
 ENROL_FORMAT = "fedtune-enrolment-1"

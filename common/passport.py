@@ -34,6 +34,8 @@ PASSPORT_FILE = "passport.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PASSPORT_FORMAT = "fedtune-passport/1"
+PASSPORT_PUB = "passport-signing.pub"
+"""The verification key's file name, in every kit (it also checks the coordinator's receipts: common/receipts.py)."""
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _SIGNATURE_HEX = re.compile(r"^[0-9a-f]{128}$")
 

@@ -38,6 +38,9 @@ class PrivacyReport:
     accountant: str | None = None
     unit: str | None = None
     """Whom ε protects: "record", or the column naming a person ("patient_id")."""
+    resent: bool = False
+    """This reply resends an update the site released earlier for the same round and adapter: no new ε was
+    spent, so ε may stay flat (after a round the site trained, it must rise: server/ledger_watch.py)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -55,7 +58,8 @@ class TrainReply:
 
 FAILURE_MESSAGES: dict[str, str] = {
     "budget-exhausted": "this round would take the site past its privacy budget; it will not train again",
-    "ledger": "the site's privacy ledger is missing, altered or unreadable; the site's operator must restore it",
+    "ledger": "the site's privacy ledger is missing, altered, rolled back or unreadable; the site's operator must "
+              "restore it",
     "site-policy": "the run asks for less protection than this site's own policy accepts",
     "bad-data": "the site's data cannot be used with this run's settings",
     "bad-config": "the run's configuration cannot be used at this site",
@@ -127,6 +131,59 @@ def unpack_train_request(content: RecordDict) -> tuple[AdapterState, int, bytes 
     return state, server_round, (bytes(secagg["params"]) if secagg is not None else None)
 
 
+@dataclass(frozen=True)
+class ChargeReceipt:
+    """The coordinator's statement that ``site`` reported ε (rounded up, as reported) and δ after training
+    round ``round`` of run ``run_id``: signed with the passport key (common/receipts.py), kept by the site
+    outside its state directory as the anchor of its ledger (client/rollback.py)."""
+
+    run_id: int
+    round: int
+    site: str
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class SignedReceipt:
+    receipt: ChargeReceipt
+    signature: bytes
+    """Ed25519 over :func:`common.receipts.receipt_bytes` of the receipt."""
+
+
+RECEIPT_RECORD = "receipt"
+SIGNATURE_BYTES = 64
+
+
+def with_receipt(request: RecordDict, receipt: SignedReceipt | None) -> RecordDict:
+    """A train request carrying the site's latest receipt (the request itself when there is none); the
+    adapter's records are shared, not copied."""
+    if receipt is None:
+        return request
+    fields = dataclasses.asdict(receipt.receipt)
+    return RecordDict({**request, RECEIPT_RECORD: ConfigRecord({**{k.replace("_", "-"): v for k, v in fields.items()},
+                                                                "signature": receipt.signature})})
+
+
+def unpack_receipt(content: RecordDict) -> SignedReceipt | None:
+    """The train request's receipt, type-checked (its signature is the site's to check); None when absent,
+    WireError when malformed."""
+    record = content.config_records.get(RECEIPT_RECORD)
+    if record is None:
+        return None
+    run_id, server_round, site = record.get("run-id"), record.get("round"), record.get("site")
+    epsilon, delta, signature = record.get("epsilon"), record.get("delta"), record.get("signature")
+    whole = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (run_id, server_round))
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v >= 0
+                  for v in (epsilon, delta))
+    if not (whole and numbers and isinstance(site, str) and 0 < len(site) <= MAX_SITE_NAME
+            and isinstance(signature, bytes) and len(signature) == SIGNATURE_BYTES):
+        raise WireError("the train request's receipt is malformed (run-id and round whole numbers, site a name, "
+                        "epsilon and delta finite numbers >= 0, a 64-byte signature)")
+    receipt = ChargeReceipt(int(run_id), int(server_round), site, float(epsilon), float(delta))
+    return SignedReceipt(receipt, signature)
+
+
 MAX_STAGE_BLOBS = 1 << 16
 """Most blobs one stage message may carry (a site's neighbours, or every site of a sparse round)."""
 
@@ -183,7 +240,7 @@ def unpack_privacy(content: RecordDict) -> PrivacyReport | None:
     if not isinstance(site, str) or not isinstance(dp, bool):
         return None
     return PrivacyReport(site[:128], dp, number("epsilon"), number("delta"), number("budget"), text("accountant", 16),
-                         text("unit", 64))
+                         text("unit", 64), record.get("resent") is True)
 
 
 def pack_weight(weight: int) -> MetricRecord:

@@ -282,7 +282,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
           f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·records))'}, "
           f"≥ {policy.min_sites} sites per secure round, DP and secure aggregation required", flush=True)
     code = start_client(args.kit, args.keys, args.data, args.state, superlink=args.superlink, policy=policy,
-                        connect_timeout=args.connect_timeout)
+                        connect_timeout=args.connect_timeout, receipts=args.receipts)
     if code:
         log = args.state / "supernode.log"
         reasons = [line.strip() for line in log.read_text(errors="replace").splitlines()
@@ -315,6 +315,9 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
                                                                  "prompt,response or chat messages); never leaves")
     daemon.add_argument("--state", type=Path, required=True, help="the site's state: privacy ledger, audit log, the "
                         "member list its officer pinned (`fedtune site pin-members`; the daemon needs it)")
+    daemon.add_argument("--receipts", type=Path, default=None,
+                        help="where the coordinator's signed receipts of this site's ε are kept, OUTSIDE --state (a "
+                             "restored state backup older than a receipt is refused); default STATE/../STATE.receipts")
     daemon.add_argument("--superlink", required=True, help="HOST:PORT of the coordinator")
     for opt in site_policy_options():  # the site's own policy: flag, default and help from client/policy.py
         daemon.add_argument(opt.flag, dest=opt.dest, type=opt.kind, default=opt.cli_default, required=opt.required,

@@ -33,6 +33,7 @@ from common.passport import build_passport, load_signing_key, sign_passport
 from common.registry import load_registry
 from fedtune import __version__
 from server.checkpoint import append_metrics, load_optimizer_state, publish_final, save_checkpoint
+from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 from server.optimizer import ServerOptimizer
 from server.secure_agg import SecureAggregation
 from server.strategy import Aggregator, PlainAggregation, RoundOutcome, RoundSpec
@@ -45,11 +46,11 @@ class FederationFailed(RuntimeError):
     """No round changed the model (every round had too few contributing sites)."""
 
 
-def choose_aggregator(settings: RunSettings, spec: RoundSpec) -> Aggregator:
+def choose_aggregator(settings: RunSettings, spec: RoundSpec, watch: LedgerWatch) -> Aggregator:
     if settings.federation.secure_aggregation:
-        return SecureAggregation(spec, settings.secagg, load_registry(settings.secagg.registry))
+        return SecureAggregation(spec, settings.secagg, load_registry(settings.secagg.registry), watch)
     log.warning("PLAIN AGGREGATION (federation.secure-aggregation=false): the server sees every site's update")
-    return PlainAggregation(spec, settings.secagg)
+    return PlainAggregation(spec, settings.secagg, watch)
 
 
 def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -147,10 +148,11 @@ class Federation:
         update_size = sum(self.state[key].size for key in self.keys)
         spec = RoundSpec(update_size, settings.secagg.max_examples, settings.federation.min_sites,
                          settings.federation.train_timeout, settings.federation.stage_timeout)
-        self.aggregator = choose_aggregator(settings, spec)
+        self.run_id = grid.run.run_id
+        self.watch = LedgerWatch(self.out_dir, self.signing_key, self.run_id)
+        self.aggregator = choose_aggregator(settings, spec, self.watch)
         self.update_size = update_size
         self.optimizer = ServerOptimizer(settings.server, update_size)
-        self.run_id = grid.run.run_id
         self.privacy: dict[str, dict[str, Any]] = {}
         self.unit = unit_name(settings.privacy.unit)
         write_json(self.out_dir / "run.json", {
@@ -237,6 +239,10 @@ class Federation:
         outcome = self.aggregator.run_round(self.grid, nodes, self.state, server_round)
         for failure in outcome.failures:
             log.warning("round %d: site %s failed (%s): %s", server_round, failure.site, failure.kind, failure.detail)
+            if failure.kind == EPSILON_REFUSED:  # its report is in neither privacy.json nor any passport
+                self.audit.record("privacy-report-refused", run_id=self.run_id, round=server_round, site=failure.site,
+                                  reason=failure.detail)
+        self.watch.record(server_round, outcome.privacy)
         self.privacy.update({site: report.as_dict() for site, report in outcome.privacy.items()})
         details = outcome.details
         self.audit.record("round", run_id=self.run_id, round=server_round, nodes=len(nodes),

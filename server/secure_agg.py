@@ -45,6 +45,7 @@ from common.records import (
 from common.registry import FederationRegistry
 from common.secagg import RoundAborted, SecAggParams, ServerAggregator
 from common.secure_update import decode_sum, params_to_bytes, round_params
+from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 from server.strategy import (
     Failure,
     RoundOutcome,
@@ -53,6 +54,7 @@ from server.strategy import (
     exchange,
     failure_record,
     missing_replies,
+    request_for,
 )
 
 log = logging.getLogger("fedtune.server")
@@ -63,10 +65,12 @@ _SITE_KEY = re.compile(r"[0-9]{1,10}")
 class SecureAggregation:
     name = "secure"
 
-    def __init__(self, spec: RoundSpec, settings: SecureAggSettings, registry: FederationRegistry) -> None:
+    def __init__(self, spec: RoundSpec, settings: SecureAggSettings, registry: FederationRegistry,
+                 watch: LedgerWatch | None = None) -> None:
         self.spec = spec
         self.settings = settings
         self.registry = registry
+        self.watch = watch
         self.site_of_node: dict[int, int] = {}
 
     # ------------------------------------------------------------------ who is who
@@ -115,8 +119,11 @@ class SecureAggregation:
 
         try:
             request = pack_train_request(state, server_round, params_to_bytes(params))
-            adverts = self._exchange(grid, node_of_site, params, "train", lambda site: request, failures, None,
-                                     functools.partial(_advertisement, max_weight=spec.max_weight), seconds)
+            adverts = self._exchange(grid, node_of_site, params, "train",
+                                     lambda site: request_for(request, self.watch, self.registry.name_of(site)),
+                                     failures, None, functools.partial(_advertisement, max_weight=spec.max_weight),
+                                     seconds)
+            self._refuse_rolled_back(adverts, failures, server_round)
             privacy.update({self.registry.name_of(site): advert.privacy for site, advert in adverts.items()})
             weights.update({site: advert.weight for site, advert in adverts.items()})
             routed = aggregator.collect_bundles({site: advert.bundle for site, advert in adverts.items()})
@@ -193,6 +200,17 @@ class SecureAggregation:
                 failures.append(Failure(name, "protocol", detail, message_type))
                 log.warning("site %s dropped at %s: %s", name, message_type, detail)
         return answers
+
+    def _refuse_rolled_back(self, adverts: dict[int, KeyAdvertisement], failures: list[Failure],
+                            server_round: int) -> None:
+        """Reject at stage 1 the advertisement of a site whose ε fell, or stayed flat after it trained: its
+        bundle is never collected, so nobody masks with it and its update cannot enter the sum."""
+        for site, advert in sorted(adverts.items()):
+            name = self.registry.name_of(site)
+            if self.watch and (why := self.watch.refusal(name, advert.privacy)):
+                del adverts[site]
+                failures.append(Failure(name, EPSILON_REFUSED, why, "train"))
+                log.warning("round %d: site %s refused: %s", server_round, name, why)
 
     def _payloads(self, answers: dict[int, dict[str, bytes]], key: str, stage: str,
                   failures: list[Failure]) -> dict[int, bytes]:

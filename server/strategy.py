@@ -13,13 +13,22 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.adapter import AdapterState
 from common.config import SecureAggSettings
-from common.records import PrivacyReport, TrainReply, WireError, pack_train_request, unpack_failure, unpack_train_reply
+from common.records import (
+    PrivacyReport,
+    TrainReply,
+    WireError,
+    pack_train_request,
+    unpack_failure,
+    unpack_train_reply,
+    with_receipt,
+)
 from common.secure_update import bounded_mean, encode_contribution
+from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 
 log = logging.getLogger("fedtune.server")
 K = TypeVar("K")
@@ -125,6 +134,11 @@ def exchange(grid: Grid, messages: dict[K, Message], timeout: float, max_poll: f
     return replies
 
 
+def request_for(request: RecordDict, watch: LedgerWatch | None, site: str | None) -> RecordDict:
+    """The train request as sent to ``site``: with the coordinator's latest receipt of its charge, if any."""
+    return with_receipt(request, watch.receipt_for(site) if watch is not None and site is not None else None)
+
+
 def failure_record(reply: Message, site: str | None = None) -> Failure | None:
     """A reply that is a Flower error or a typed site failure, as a record; None for a real answer."""
     who = site or str(reply.metadata.src_node_id)
@@ -144,13 +158,16 @@ class PlainAggregation:
 
     name = "plain"
 
-    def __init__(self, spec: RoundSpec, settings: SecureAggSettings) -> None:
-        self.spec, self.settings = spec, settings
+    def __init__(self, spec: RoundSpec, settings: SecureAggSettings, watch: LedgerWatch | None = None) -> None:
+        self.spec, self.settings, self.watch = spec, settings, watch
+        self.site_of_node: dict[int, str] = {}
+        """The name each node's last accepted reply gave (plain rounds identify no one): where its receipt goes."""
 
     def run_round(self, grid: Grid, node_ids: list[int], state: AdapterState, server_round: int) -> RoundOutcome:
         spec = self.spec
         request = pack_train_request(state, server_round)
-        messages = {node: Message(request, dst_node_id=node, message_type="train") for node in node_ids}
+        messages = {node: Message(request_for(request, self.watch, self.site_of_node.get(node)), dst_node_id=node,
+                                  message_type="train") for node in node_ids}
         replies = exchange(grid, messages, spec.train_timeout)
         accepted: list[TrainReply] = []
         failures = missing_replies([str(n) for n in messages if n not in replies], spec.train_timeout, "train")
@@ -165,6 +182,11 @@ class PlainAggregation:
                 failures.append(Failure(str(node), "malformed-update", detail))
                 continue
             assert isinstance(decoded, TrainReply)
+            if self.watch and (why := self.watch.refusal(decoded.privacy.site, decoded.privacy)):
+                failures.append(Failure(decoded.privacy.site, EPSILON_REFUSED, why))
+                log.warning("round %d: site %s refused: %s", server_round, decoded.privacy.site, why)
+                continue
+            self.site_of_node[node] = decoded.privacy.site
             accepted.append(decoded)
         privacy = {r.privacy.site: r.privacy for r in accepted}
         if len(accepted) < spec.min_sites:

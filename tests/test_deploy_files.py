@@ -38,6 +38,7 @@ def test_each_compose_site_uses_its_own_keys_and_the_coordinator_none():
         key_mounts = [v for v in services[site]["volumes"] if v.endswith(":/keys:ro")]
         assert key_mounts == [f"./keys/{site}:/keys:ro"] and str(args.keys) == "/keys", site
         assert f"./kits/sites/{site}:/kit:ro" in services[site]["volumes"]
+        assert {f"{site}-state:{args.state}", f"{site}-receipts:{args.receipts}"} <= set(services[site]["volumes"])
 
 
 def test_the_documented_keygen_and_provision_commands_parse():
@@ -70,6 +71,10 @@ def test_systemd_unit_runs_a_valid_client_command():
     pinned = _accepts(shlex.split(pin.split("/opt/fedtune/.venv/bin/fedtune ", 1)[1]))
     assert pinned.state == args.state and pinned.registry == args.kit / "registry.json"  # what the daemon reads
     assert "UMask=0077" in unit and "NoNewPrivileges=true" in unit
+    # The coordinator's receipts are kept apart from the state (a restored backup cannot take them along),
+    # in a directory the unit lets the daemon write.
+    state_dirs = next(line for line in unit.splitlines() if line.startswith("StateDirectory=")).split("=")[1].split()
+    assert {str(args.state), str(args.receipts)} == {f"/var/lib/{name}" for name in state_dirs}
 
 
 def test_kubernetes_manifests_parse_and_run_a_valid_server_command():

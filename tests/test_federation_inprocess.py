@@ -95,6 +95,10 @@ def test_a_secure_dp_round_loop_runs_through_the_real_client_app(secure_run: Pat
         assert set(line["secure_aggregation"]["exchange_seconds"]) >= {"train", "share", "mask", "confirm", "unmask"}
     assert all(0 < eps <= 8.0 for eps in epsilons(secure_run).values())
     assert (secure_run / "final" / "adapter" / "passport.json").is_file()
+    # Round 2's request carried each site's signed receipt of its round-1 charge, kept beside its state dir.
+    for site in ("site-0", "site-1", "site-2"):
+        kept = [json.loads(p.read_text()) for p in (secure_run / "sites" / f"{site}.receipts").iterdir()]
+        assert [(r["receipt"]["site"], r["receipt"]["round"]) for r in kept] == [(site, 1)]
 
 
 def test_secure_aggregation_costs_the_model_nothing_measurable(secure_run: Path) -> None:

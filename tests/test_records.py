@@ -143,3 +143,32 @@ def _without_bundle(advert: KeyAdvertisement) -> RecordDict:
     content = pack_key_advertisement(advert)
     content["secagg"] = pack_stage(advert.round_id, {"other": b"x"}).config_records["secagg"]
     return content
+
+
+def test_a_receipt_travels_with_the_train_request_typed_and_a_malformed_one_is_refused():
+    from common.records import ChargeReceipt, SignedReceipt, unpack_receipt, with_receipt
+
+    request = pack_train_request(_state(), 7)
+    assert with_receipt(request, None) is request and unpack_receipt(request) is None
+    signed = SignedReceipt(ChargeReceipt(3, 6, "site-1", 1.5, 1e-5), b"\x07" * 64)
+    carrying = with_receipt(request, signed)
+    assert unpack_receipt(carrying) == signed and "receipt" not in request  # the shared request is untouched
+    assert unpack_train_request(carrying)[1] == 7
+    good = dict(carrying.config_records["receipt"])
+    for field, bad in [("run-id", -1), ("round", True), ("round", 1.5), ("site", ""), ("site", "x" * 200),
+                       ("epsilon", float("nan")), ("epsilon", "1.5"), ("delta", -1e-5), ("signature", b"\x07" * 63),
+                       ("signature", "07" * 64)]:
+        carrying["receipt"] = ConfigRecord(good | {field: bad})
+        with pytest.raises(WireError, match="receipt is malformed"):
+            unpack_receipt(carrying)
+
+
+def test_a_privacy_report_says_whether_it_resends_and_defaults_to_trained():
+    from common.records import pack_privacy
+
+    for resent in (True, False):
+        report = PrivacyReport("site-1", True, 1.5, 1e-5, 8.0, "prv", "record", resent)
+        assert unpack_privacy(RecordDict({"privacy": pack_privacy(report)})) == report
+    record = pack_privacy(PRIVACY)
+    record["resent"] = "yes"  # anything but True is a trained round
+    assert unpack_privacy(RecordDict({"privacy": record})).resent is False

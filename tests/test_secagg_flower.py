@@ -287,3 +287,20 @@ def test_malformed_expose_reply_drops_only_its_answer(tmp_path: Path, bad: str) 
     true = np.mean([deltas[i] for i in range(7) if i != 5], axis=0)
     assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
     assert any(f.site == "site-0" and "expose" in (f.stage or f.detail) for f in outcome.failures)
+
+
+def test_a_site_whose_epsilon_fell_is_rejected_at_stage_one_and_the_round_goes_on(tmp_path: Path) -> None:
+    """The coordinator accepted ε = 2.0 from site-1 before; its advertisement now reports 1.0 (a rolled-back
+    ledger): its bundle is never collected, nobody masks with it, and the sum is the other four's."""
+    from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
+
+    watch = LedgerWatch(tmp_path, None, RUN_ID)
+    watch.epsilon["site-1"] = 2.0
+    aggregation, grid, deltas = _federation(tmp_path, 5)
+    aggregation.watch = watch
+    outcome = aggregation.run_round(grid, grid.get_node_ids(), {"w": np.zeros(LENGTH, np.float32)}, 1)
+    assert [(f.site, f.kind, f.stage) for f in outcome.failures] == [("site-1", EPSILON_REFUSED, "train")]
+    assert "fell from 2 to 1" in outcome.failures[0].detail and "site-1" not in outcome.privacy
+    assert outcome.contributors == 4
+    true = np.mean([deltas[i] for i in (0, 2, 3, 4)], axis=0)
+    assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6

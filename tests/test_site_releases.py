@@ -84,8 +84,9 @@ def test_a_plain_reply_holds_the_update_a_public_weight_and_epsilon_only(tmp_pat
         assert set(reply.array_records) == {"update"} and set(reply.metric_records) == {"train"}
         assert dict(reply.metric_records["train"]) == {"weight": 10_000}  # equal weights: W, not 5 or 9
         privacy = dict(reply.config_records["privacy"])
-        assert set(privacy) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit"}
+        assert set(privacy) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent"}
         assert privacy["unit"] == "record" and privacy["site"] == name and privacy["dp"] is True
+        assert privacy["resent"] is False  # trained for this request: its ε must have risen
         assert 0 < privacy["epsilon"] <= 8.0
         assert set(reply.config_records) == {"privacy"}
     # Besides its name and ε, nothing in the clear tells the sites (5 and 9 records) apart.
@@ -138,6 +139,7 @@ def test_a_repeated_round_resends_the_sealed_update_and_spends_nothing(tmp_path:
     assert np.array_equal(again.array_records["update"]["delta"].numpy(), update)
     assert PrivacyLedger(ledger_path, RunSettings.from_flat(config).privacy).spent() == spent
     assert dict(again.config_records["privacy"])["epsilon"] == dict(first.config_records["privacy"])["epsilon"]
+    assert dict(again.config_records["privacy"])["resent"] is True  # so the coordinator accepts a flat ε
     # Another adapter is another release: trained and charged.
     moved = {key: value + 0.01 for key, value in state.items()}
     fresh = call(train, pack_train_request(moved, 2), config, nodes, run_id=8)

@@ -106,3 +106,31 @@ def test_a_task_left_pending_for_an_ignored_message_is_finished() -> None:
     finish_orphaned_tasks(module)
     assert module._pull_and_store_message(state=state) == 3  # type: ignore[attr-defined]
     assert len(state.get_tasks(statuses=[Status.PENDING])) == 2  # a stored message's task is left alone
+
+
+def test_an_existing_world_readable_secret_and_state_dir_are_made_owner_only(tmp_path: Path, caplog) -> None:
+    """A state dir made 0755 and an executor secret left 0644 (by hand, an old version, a restored backup) are
+    forced to 0700 / 0600 when the daemon sets up, and the fix is logged."""
+    import json
+    import stat
+
+    from client.daemon import site_processes
+    from client.policy import SitePolicy
+
+    kit, state = tmp_path / "kit", tmp_path / "state"
+    kit.mkdir()
+    (kit / "site.json").write_text(json.dumps({"site": "site-a"}))
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)
+    (state / "executor.secret").write_bytes(b"old")
+    os.chmod(state / "executor.secret", 0o644)
+    files = {"ca.crt": kit / "ca.crt", "supernode.key": tmp_path / "keys" / "supernode.key"}
+    site_processes(files, kit, tmp_path / "keys", tmp_path / "d.csv", state, superlink="127.0.0.1:1",
+                   policy=SitePolicy(labels=("a", "b")))
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "executor.secret").stat().st_mode) == 0o600
+    assert (state / "executor.secret").read_bytes() != b"old"
+    assert stat.S_IMODE((tmp_path / "state.receipts").stat().st_mode) == 0o700  # beside the state, not in it
+    fixed = [r.getMessage() for r in caplog.records if "readable by others than its owner" in r.getMessage()]
+    assert any("0755" in line and str(state) in line for line in fixed)
+    assert any("0644" in line and "executor.secret" in line for line in fixed)

@@ -95,3 +95,8 @@ def test_an_update_in_a_secure_sum_is_never_resent(round_of_three):
     # The masked upload has left: the server can now sum it, so the site trains afresh next time.
     assert released.find(1, "adapter") is None
     assert ReleasedUpdates(root / "site-1").find(1, "adapter") is not None  # site-1 has not uploaded
+    # The update itself is gone from the disk; what stays is the record that it was released and uploaded.
+    name = released.name(1, "adapter")
+    assert sorted(p.name for p in released.directory.iterdir()) == [f"{name}.json", f"{name}.uploaded"]
+    assert [(r.name, r.round) for r in released.records()] == [(name, 1)]
+    assert (root / "site-1" / "released" / f"{name}.npy").is_file()
