@@ -5,12 +5,10 @@ Message types:
     train                → check the run against the site's policy, train locally with DP (or resend
                            the update already released for this round), then either reply with the
                            update (plain aggregation) or sign round keys (secure stage 1)
-    train.secagg_share   → stage 2: Shamir shares for the mask partners, encrypted to each of them
-    train.secagg_mask    → stage 3: the masked contribution
+    train.secagg_share   → stage 2: commitments, and Shamir shares for the mask partners, encrypted to each
+    train.secagg_mask    → stage 3: the masked contribution, masked only with dealers whose shares check
     train.secagg_confirm → stage 4: sign the survivor list (consistency check)
     train.secagg_unmask  → stage 5: shares for survivors XOR dropped sites, after t signatures on one list
-    train.secagg_expose  → stage 6 (only when a site dealt shares that contradict its commitment): this
-                           site's shares of that liar's mask key, after checking the proof itself
 
 What leaves the site: the DP update (masked, under secure aggregation), a public weight, and in
 the clear its ε and δ. Every handler replies with a typed failure (a kind and a fixed message,
@@ -38,7 +36,6 @@ from client.secure import (
     accept_params,
     stage_advertise,
     stage_confirm,
-    stage_expose,
     stage_mask,
     stage_share,
     stage_unmask,
@@ -225,8 +222,3 @@ def confirm(msg: Message, context: Context) -> RecordDict:
 def unmask(msg: Message, context: Context) -> RecordDict:
     return _secure_stage(stage_unmask, msg, context)
 
-
-@app.train("secagg_expose")
-@_replying_failures
-def expose(msg: Message, context: Context) -> RecordDict:
-    return _secure_stage(stage_expose, msg, context)

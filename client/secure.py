@@ -1,20 +1,18 @@
 """A site's side of secure aggregation, stage by stage, with its session kept on the site's disk.
 
     train               accept_params (own policy) → train → stage_advertise: signed round keys
-    train.secagg_share    stage_share:   neighbours' signed keys   → encrypted, signed Shamir shares
-    train.secagg_mask     stage_mask:    shares addressed to us    → masked contribution
+    train.secagg_share    stage_share:   neighbours' signed keys   → commitments, encrypted signed shares
+    train.secagg_mask     stage_mask:    shares addressed to us    → masked contribution (+ proofs
+                                         against dealers whose shares are off their commitments)
     train.secagg_confirm  stage_confirm: the survivor set S        → our signature on S
     train.secagg_unmask   stage_unmask:  S + t signatures on S     → shares for survivors XOR dropped
-    train.secagg_expose   stage_expose:  proofs that survivors cheated → our shares of their mask keys
-                          (only sent when the server proved a dealer's self-mask shares false)
 
-Flower may run each message in a fresh process, so the session (private round keys, held shares,
-the pending contribution) is saved after every stage in the site's state dir, owner-only (0600),
-durably (fsync), and never sent. The site's own round secrets and the held self-mask shares are
-wiped from that file when unmask is answered (or at any refusal); the held mask-key shares of the
-other survivors stay until the expose stage answers or the site's NEXT round starts
-(stage_advertise closes every answered session), whichever comes first. The "answered" state is
-on disk before the reply leaves, so a crash-restart cannot answer twice. A stage out of order,
+Flower may run each message in a fresh process, so the session (private round keys, dealing key,
+held shares, the pending contribution) is saved after every stage in the site's state dir,
+owner-only (0600), durably (fsync), and never sent. Every round secret, the other sites' shares
+included, is wiped from that file when unmask is answered (or at any refusal). The "answered" state
+is on disk before the reply leaves, so a crash-restart cannot answer twice; a session restored from
+an older copy deals the same shares again (deterministic dealing, common.secagg.vss). A stage out of order,
 twice, or for parameters other than the ones the site accepted at stage 1 is refused (ProtocolError).
 """
 
@@ -83,7 +81,7 @@ class SessionStore:
     def save(self, session: ClientSession, record: dict | None = None) -> None:
         """Persist the session (and the pending contribution while the round needs it)."""
         record = dict(record or {})
-        if session.stage in (Stage.DONE, Stage.ABORTED, Stage.CLOSED):
+        if session.stage in (Stage.DONE, Stage.ABORTED):
             record.pop("values", None)  # the raw contribution never outlives the round
             record.pop("counts", None)
         record["params"] = params_to_bytes(session.params).decode()
@@ -103,25 +101,6 @@ class SessionStore:
         params = params_from_bytes(record["params"].encode())
         session = ClientSession.from_state(params, keys.identity, keys.registry.keys, record["session"].encode())
         return session, record
-
-    def close_answered(self, keys: SiteKeys) -> None:
-        """Close every session whose unmask was answered (stage DONE): its retained key shares are
-        wiped. A session file that cannot be loaded any more is deleted (it may hold secrets)."""
-        for path in sorted(self.directory.glob("*.json")):
-            try:
-                round_id = bytes.fromhex(path.stem)
-            except ValueError:  # not a session we can read: it may hold secrets, delete it
-                path.unlink(missing_ok=True)
-                continue
-            with self.locked(round_id):
-                try:
-                    session, record = self.load(round_id, keys)
-                except Exception:  # unreadable (other registry, corrupt): delete it
-                    path.unlink(missing_ok=True)
-                    continue
-                if session.stage is Stage.DONE:
-                    session.close()
-                    self.save(session, record)
 
     def prune(self, keep: int = 3) -> None:
         files = sorted(self.directory.glob("*.json"), key=lambda p: p.stat().st_mtime)
@@ -207,7 +186,6 @@ def stage_advertise(store: SessionStore, params: SecAggParams, keys: SiteKeys, d
     counts: list[int] = []
     if values.shape != (params.vector_length,) or len(counts) != params.count_slots:
         raise ProtocolError("the contribution does not have the round's vector length or count slots")
-    store.close_answered(keys)  # a new round here ends the expose window of earlier ones
     session = ClientSession(params, keys.site_id, keys.identity, keys.registry.keys)
     bundle = session.advertise_keys().to_bytes()
     store.prune()
@@ -245,16 +223,15 @@ def _payload(blobs: Mapping[str, bytes] | bytes) -> bytes:
     return payload
 
 
-def stage_share(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes]) -> dict[str, bytes]:
-    """Stage 2: bundles by site id → encrypted shares by receiver id."""
+def stage_share(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes]) -> bytes:
+    """Stage 2: bundles by site id → the deal (commitments, encrypted shares by receiver id)."""
     bundles = _by_site(blobs)
     with _stage(store, round_id, keys) as (session, _):
-        ciphertexts = session.share_keys(bundles)
-    return {str(receiver): ct for receiver, ct in ciphertexts.items()}
+        return session.share_keys(bundles).to_bytes()
 
 
 def stage_mask(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes]) -> bytes:
-    """Stage 3: ciphertexts by sender id → the masked contribution (the raw one is then deleted)."""
+    """Stage 3: ciphertext and commitments by sender id → the masked contribution (the raw one is then deleted)."""
     inbox = _by_site(blobs)
     with _stage(store, round_id, keys) as (session, record):
         if "values" not in record:
@@ -278,15 +255,8 @@ def stage_confirm(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: M
 
 def stage_unmask(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes] | bytes) -> bytes:
     """Stage 5: ``payload`` = the unmask request → the shares this site reveals. The session file
-    (secrets wiped, stage DONE) is fsynced before the answer is returned."""
+    (every secret wiped, the other sites' shares too; stage DONE) is fsynced before the answer is returned."""
     request = _payload(blobs)
     with _stage(store, round_id, keys) as (session, _):
         return session.unmask(request).to_bytes()
 
-
-def stage_expose(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes] | bytes) -> bytes:
-    """Stage 6 (only after a proven liar): ``payload`` = the proofs → this site's shares of the liars'
-    mask keys, once, after checking every proof itself. The session is then CLOSED, every secret wiped."""
-    request = _payload(blobs)
-    with _stage(store, round_id, keys) as (session, _):
-        return session.expose_liar(request).to_bytes()

@@ -35,11 +35,13 @@ from fedtune import __version__
 from server.checkpoint import append_metrics, load_optimizer_state, publish_final, save_checkpoint
 from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 from server.optimizer import ServerOptimizer
-from server.secure_agg import SecureAggregation
+from server.secure_agg import SecureAggregation, Standing
 from server.strategy import Aggregator, PlainAggregation, RoundOutcome, RoundSpec
 
 log = logging.getLogger("fedtune.server")
 NODE_WAIT_S = 120.0
+STANDING_FILE = "secagg-standing.json"
+"""Secure aggregation's proven cheats and unsettled disputes: who the run keeps out (--resume reads it)."""
 
 
 class FederationFailed(RuntimeError):
@@ -189,6 +191,8 @@ class Federation:
         restore_metrics(self.out_dir, checkpoint)
         if (self.out_dir / "privacy.json").exists():
             self.privacy = json.loads((self.out_dir / "privacy.json").read_text())["sites"]
+        if isinstance(self.aggregator, SecureAggregation) and (self.out_dir / STANDING_FILE).exists():
+            self.aggregator.standing = Standing.from_json(json.loads((self.out_dir / STANDING_FILE).read_text()))
         self.audit.record("run-resumed", run_id=self.run_id, from_round=self.last_round, checkpoint_sha256=parent)
         return checkpoint, parent
 
@@ -236,7 +240,14 @@ class Federation:
         federation = self.settings.federation
         wanted = federation.sites if server_round == self.last_round + 1 else federation.min_sites
         nodes = wait_for_sites(self.grid, wanted, NODE_WAIT_S)
+        kept_out = self._kept_out()
         outcome = self.aggregator.run_round(self.grid, nodes, self.state, server_round)
+        if isinstance(self.aggregator, SecureAggregation):  # cheats stay out of the run's later rounds
+            write_json(self.out_dir / STANDING_FILE, self.aggregator.standing.to_json())
+            for site, why in sorted(self._kept_out().items()):
+                if site not in kept_out:
+                    self.audit.record("site-kept-out", run_id=self.run_id, round=server_round, site=site, reason=why,
+                                      proof=self.aggregator.standing.proven.get(site, {}).get("proof"))
         for failure in outcome.failures:
             log.warning("round %d: site %s failed (%s): %s", server_round, failure.site, failure.kind, failure.detail)
             if failure.kind == EPSILON_REFUSED:  # its report is in neither privacy.json nor any passport
@@ -251,6 +262,9 @@ class Federation:
                           failures=[{"site": f.site, "kind": f.kind} for f in outcome.failures],
                           model_updated=outcome.mean_delta is not None)
         return outcome
+
+    def _kept_out(self) -> dict[str, str]:
+        return self.aggregator.standing.kept_out() if isinstance(self.aggregator, SecureAggregation) else {}
 
     def _metrics_line(self, server_round: int, outcome: RoundOutcome) -> dict[str, Any]:
         return {

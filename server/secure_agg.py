@@ -1,13 +1,11 @@
-"""Secure aggregation driven over Flower's Grid: five message exchanges per round (six with a proven liar).
+"""Secure aggregation driven over Flower's Grid: five message exchanges per round.
 
     train                 global adapter + round parameters → signed round keys  (sites train first)
-    train.secagg_share    signed keys (neighbours', or all)  → encrypted, signed Shamir shares
-    train.secagg_mask     shares addressed to the site       → masked contribution
+    train.secagg_share    signed keys (neighbours', or all)  → commitments, encrypted signed Shamir shares
+    train.secagg_mask     shares and commitments addressed   → masked contribution, and proofs against
+                          to the site                          dealers whose shares are off their commitments
     train.secagg_confirm  the survivor set S                 → the site's signature on S (consistency round)
     train.secagg_unmask   S + the signatures on S            → shares for survivors XOR dropped sites
-    train.secagg_expose   proofs that survivors cheated      → the holders' shares of the liars' mask keys
-                          (only when a dealer's signed self-mask shares do not open its commitment:
-                          the liar's whole upload is then removed and the round goes on without it)
 
 The server (common.secagg.ServerAggregator) learns only the sum of the surviving sites' weighted
 updates; their weights are public (equal, or declared by each site) and the server sums them
@@ -15,6 +13,19 @@ itself, so no site can fake the divisor. Every reply is untrusted: a site whose 
 late, or is malformed in any way (wrong types, missing or non-numeric keys, wrong sizes) is
 dropped with a logged reason; nothing a site sends can raise out of the round. Below the
 threshold the round ends without changing the model.
+
+Cheats are kept out of the run's later rounds (:class:`Standing`; the caller persists it and names
+them in its audit log): a site proven to have dealt a share off its own signed commitments, at
+once; a site with :data:`STRIKES_TO_KEEP_OUT` strikes, after the round of the last one. A dispute is
+a holder rejecting a dealer's shares with no proof (an AEAD failure, a bad signature): either may be
+lying, so it is one strike on EACH side, per round and counterpart (counted against the accuser
+alone, one dealer that encrypts garbage to everyone would get every honest site kept out in two
+rounds). A holder whose "proof" shows the dealer's share was good takes the strike alone. So a site
+in disputes with two peers in one round (a dealer of garbage to two holders, a holder rejecting two
+dealers) is out after that round, a refuted accuser after its second refuted proof, and a site that
+disputes the same honest peer in two rounds takes that one peer out with it: hostile sites can keep
+out at most about as many honest sites as there are of them. Sites are told nothing beyond the
+round's site list.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Collection
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -60,6 +71,48 @@ from server.strategy import (
 log = logging.getLogger("fedtune.server")
 T = TypeVar("T")
 _SITE_KEY = re.compile(r"[0-9]{1,10}")
+STRIKES_TO_KEEP_OUT = 2
+
+
+@dataclasses.dataclass
+class Standing:
+    """A run's record of proven cheats and unsettled disputes, by site name: who is kept out of its
+    later rounds, and why. JSON-serialisable (``to_json``/``from_json``), for the run's state."""
+
+    proven: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Site -> {"round", "why", "proof"}: the proof is self-contained (hex), common.secagg.proof."""
+    strikes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """Site -> one line per unsettled dispute it was party to (per round and counterpart)."""
+
+    def kept_out(self) -> dict[str, str]:
+        """Site -> why it is not invited again in this run."""
+        out = {site: f"proven cheat in round {entry['round']}: {entry['why']}" for site, entry in self.proven.items()}
+        for site, strikes in sorted(self.strikes.items()):
+            if len(strikes) >= STRIKES_TO_KEEP_OUT:
+                out.setdefault(site, f"{len(strikes)} unsettled disputes: " + "; ".join(strikes))
+        return out
+
+    def record(self, server_round: int, aggregator: ServerAggregator, name_of: Callable[[int], str]) -> None:
+        """Add what one round proved (cheats) and left unsettled (disputes, false accusations)."""
+        for site, why in sorted(aggregator.cheats.items()):
+            self.proven.setdefault(name_of(site), {"round": server_round, "why": why,
+                                                   "proof": aggregator.evidence(site)})
+
+        def strike(site: int, line: str) -> None:
+            self.strikes.setdefault(name_of(site), []).append(f"round {server_round}: {line}")
+
+        for holder, dealer in sorted(aggregator.unproven):
+            strike(holder, f"rejected the shares of {name_of(dealer)} without a proof")
+            strike(dealer, f"its shares were rejected by {name_of(holder)} without a proof")
+        for holder, dealer in sorted(aggregator.false_accusers.items()):
+            strike(holder, f"accused {name_of(dealer)} with a share that is on its commitments")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Standing:
+        return cls(dict(data["proven"]), {site: list(lines) for site, lines in data["strikes"].items()})
 
 
 class SecureAggregation:
@@ -72,6 +125,7 @@ class SecureAggregation:
         self.registry = registry
         self.watch = watch
         self.site_of_node: dict[int, int] = {}
+        self.standing = Standing()
 
     # ------------------------------------------------------------------ who is who
     def identify(self, grid: Grid, node_ids: list[int]) -> list[Failure]:
@@ -102,7 +156,15 @@ class SecureAggregation:
         started = time.perf_counter()
         failures = self.identify(grid, node_ids)
         seconds: dict[str, float] = {"identify": round(time.perf_counter() - started, 3)}  # per exchange
-        node_of_site = {self.site_of_node[n]: n for n in node_ids if n in self.site_of_node}
+        kept_out = self.standing.kept_out()
+        node_of_site = {}
+        for node in node_ids:
+            if (site := self.site_of_node.get(node)) is None:
+                continue
+            if (name := self.registry.name_of(site)) in kept_out:  # not invited: the sites learn only the site list
+                failures.append(Failure(name, "kept-out", kept_out[name]))
+                continue
+            node_of_site[site] = node
         privacy: dict[str, PrivacyReport] = {}
         if len(node_of_site) < max(2, spec.min_sites):
             return self._aborted(server_round, f"{len(node_of_site)} identified site(s)", failures, privacy)
@@ -129,7 +191,7 @@ class SecureAggregation:
             routed = aggregator.collect_bundles({site: advert.bundle for site, advert in adverts.items()})
             answers = stage("train.secagg_share", lambda site: pack_stage(
                 params.round_id, {str(peer): bundle.to_bytes() for peer, bundle in routed[site].items()}), routed)
-            inboxes = aggregator.route_shares({site: _by_site(blobs) for site, blobs in answers.items()})
+            inboxes = aggregator.route_shares(self._payloads(answers, "payload", "train.secagg_share", failures))
             answers = stage("train.secagg_mask", lambda site: pack_stage(
                 params.round_id, {str(sender): ct for sender, ct in inboxes[site].items()}), inboxes)
             survivors = aggregator.collect_masked(self._payloads(answers, "payload", "train.secagg_mask", failures))
@@ -139,18 +201,13 @@ class SecureAggregation:
                 self._payloads(answers, "payload", "train.secagg_confirm", failures))
             unmask = pack_stage(params.round_id, {"payload": unmask_request.to_bytes()})
             answers = stage("train.secagg_unmask", lambda site: unmask, unmask_request.signatures)
-            exposes = aggregator.collect_unmask(self._payloads(answers, "payload", "train.secagg_unmask", failures))
-            if exposes:  # proven liars: their holders reveal the liars' mask keys against the proofs
-                log.warning("round %d: sites %s dealt shares inconsistent with their commitments; removing them",
-                            server_round, sorted(self.registry.name_of(s) for s in aggregator.proofs))
-                answers = stage("train.secagg_expose", lambda site: pack_stage(
-                    params.round_id, {"payload": exposes[site].to_bytes()}), exposes)
-                aggregator.collect_exposures(self._payloads(answers, "payload", "train.secagg_expose", failures))
             started = time.perf_counter()
-            result = aggregator.finish()
+            result = aggregator.finish(self._payloads(answers, "payload", "train.secagg_unmask", failures))
             seconds["unmask_sum"] = round(time.perf_counter() - started, 3)
         except RoundAborted as exc:
             return self._aborted(server_round, str(exc), failures, privacy, aggregator)
+        finally:
+            self.standing.record(server_round, aggregator, self.registry.name_of)
         failures.extend(self._dropped(aggregator))
         contributors = len(result.survivors)
         if contributors < spec.min_sites:
@@ -224,7 +281,7 @@ class SecureAggregation:
         return [Failure(self.registry.name_of(s), "protocol", why)
                 for s, why in sorted(aggregator.dropped_reasons.items())] + [
                 Failure(self.registry.name_of(s), "cheated", why)
-                for s, why in sorted(aggregator.liars.items())]
+                for s, why in sorted(aggregator.cheats.items())]
 
     def _aborted(self, server_round: int, why: str, failures: list[Failure], privacy: dict[str, PrivacyReport],
                  aggregator: ServerAggregator | None = None) -> RoundOutcome:
@@ -239,7 +296,3 @@ def _advertisement(content: RecordDict, max_weight: int) -> tuple[bytes, KeyAdve
     advert = unpack_key_advertisement(content, max_weight)
     return advert.round_id, advert
 
-
-def _by_site(blobs: dict[str, bytes]) -> dict[object, bytes]:
-    """Blobs keyed by decimal site id; a non-numeric key stays a string (the aggregator drops its site)."""
-    return {int(k) if _SITE_KEY.fullmatch(k) else k: v for k, v in blobs.items()}

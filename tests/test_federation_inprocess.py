@@ -17,6 +17,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
+from common.audit import verified_entries
 from common.config import RunSettings
 from common.records import FAILURE_MESSAGES
 from fedtune.cli import default_run_config, simulated_passport_key, simulated_registry, simulated_site_policies
@@ -32,14 +33,31 @@ RUN_IDS = itertools.count(11)  # each run its own id, as Flower gives every subm
 class InProcessGrid(InstantGrid):
     """Every message answered at once by a site's real ClientApp, in its own Flower Context."""
 
-    def __init__(self, run_config: dict, run_id: int) -> None:
-        super().__init__([100 + i for i in range(SITES)], run_id)
+    def __init__(self, run_config: dict, run_id: int, sites: int = SITES, cheat: int | None = None) -> None:
+        super().__init__([100 + i for i in range(sites)], run_id)
         self.contexts = {node: Context(run_id=run_id, node_id=node, state=RecordDict(), run_config=run_config,
-                                       node_config={"partition-id": node - 100, "num-partitions": SITES})
+                                       node_config={"partition-id": node - 100, "num-partitions": sites})
                          for node in self.nodes}
+        self.out, self.cheat = Path(run_config["out-dir"]), cheat
 
     def answer(self, message: Message) -> Message:
-        return client_app(message=message, context=self.contexts[message.metadata.dst_node_id])
+        reply = client_app(message=message, context=self.contexts[message.metadata.dst_node_id])
+        if self.cheat is not None and (message.metadata.dst_node_id, message.metadata.message_type) == (
+                100 + self.cheat, "train"):
+            deal_off_commitments(self.out / "sites" / f"site-{self.cheat}")
+        return reply
+
+
+def deal_off_commitments(state_dir: Path) -> None:
+    """The site's round session, just advertised, deals signed shares of another mask key than the one
+    its signed commitments fix (issue 19, finding 5: shares that do not open its key)."""
+    for path in state_dir.rglob("secagg-sessions/*.json"):
+        record = json.loads(path.read_text())
+        session = json.loads(record["session"])
+        if session["stage"] == 1:
+            session["secrets"]["key"] = hex(int(session["secrets"]["key"], 16) + 1)
+            record["session"] = json.dumps(session)
+            path.write_text(json.dumps(record))
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +67,18 @@ def data(tmp_path_factory, drug_reviews) -> dict[str, Path]:
             "test": write_csv(root / "test.csv", drug_reviews[500:530])}
 
 
-def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = True, llm: bool = False) -> Path:
+def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = True, llm: bool = False,
+             sites: int = SITES, cheat: int | None = None, resume_from: str = "") -> Path:
     """One run into ``out``, set up as ``fedtune simulate`` does (keys, site policies, passport key).
-    ``llm``: causal-lm instruction tuning of the packaged SmolLM2 instead of classifying with MiniLM."""
+    ``llm``: causal-lm instruction tuning of the packaged SmolLM2 instead of classifying with MiniLM.
+    ``cheat``: that site deals key shares off its commitments in every round it is in."""
     task, model, labels = ("causal-lm", "smollm2", "") if llm else ("classification", "", LABELS)
-    simulated_site_policies(out, SITES, task=task, labels=labels, model=model, dp=True, secure=secure, epsilon=8.0,
+    simulated_site_policies(out, sites, task=task, labels=labels, model=model, dp=True, secure=secure, epsilon=8.0,
                             unit="record")
     run_config = default_run_config() | {
-        "out-dir": str(out), "passport-key": str(simulated_passport_key(out)),
-        "secagg.registry": str(simulated_registry(out, SITES)) if secure else "",
-        "federation.secure-aggregation": secure, "federation.rounds": rounds, "federation.sites": SITES,
+        "out-dir": str(out), "passport-key": str(simulated_passport_key(out)), "resume-from": resume_from,
+        "secagg.registry": str(simulated_registry(out, sites)) if secure else "",
+        "federation.secure-aggregation": secure, "federation.rounds": rounds, "federation.sites": sites,
         "data.source": str(data["train"]), "data.test-source": str(data["test"]), "data.labels": labels,
         "data.partition": "iid", "data.max-length": 48 if llm else 16, "train.local-epochs": 1, "train.batch-size": 8,
         "task": task, "model-path": model, "data.test-examples": 6 if llm else 0,
@@ -68,7 +88,7 @@ def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = Tr
         patch.setattr(TaskIdentity, "_run_id", run_id)
         patch.setattr(TaskIdentity, "_node_id", 1)
         patch.setattr(TaskIdentity, "_task_id", 1)
-        return run_federation(InProcessGrid(run_config, run_id), RunSettings.from_flat(run_config))
+        return run_federation(InProcessGrid(run_config, run_id, sites, cheat), RunSettings.from_flat(run_config))
 
 
 def metrics(out: Path) -> list[dict]:
@@ -138,6 +158,29 @@ def test_a_repeated_round_is_resent_for_no_new_epsilon(tmp_path: Path, data) -> 
     line = metrics(tmp_path)[-1]
     assert line["round"] == 1 and line["model_updated"] is True and line["contributors"] == 3
     assert epsilons(tmp_path) == spent and all(0 < eps <= 8.0 for eps in spent.values())
+
+
+def test_a_cheating_site_is_dropped_named_in_the_audit_log_and_kept_out_across_a_resume(tmp_path: Path, data) -> None:
+    """Issue 19, finding 5: site-3 deals mask-key shares that do not open its key. Before: every round it
+    was in ended at unmask (RoundAborted), round after round. Now its round goes on without it, it is
+    named with its proof in the coordinator's audit log, and no later round invites it, after a resume too."""
+    federate(tmp_path, data, rounds=2, sites=4, cheat=3)
+    lines = metrics(tmp_path)
+    for line in lines[1:]:
+        assert line["model_updated"] and line["contributors"] == 3
+        assert line["secure_aggregation"]["survivors"] == ["site-0", "site-1", "site-2"]
+    assert {"cheated", "protocol"} <= {f["kind"] for f in lines[1]["failures"] if f["site"] == "site-3"}
+    assert [f["kind"] for f in lines[2]["failures"] if f["site"] == "site-3"] == ["kept-out"]
+    events = verified_entries(tmp_path / "audit.jsonl")
+    (named,) = [e for e in events if e["event"] == "site-kept-out"]
+    assert named["site"] == "site-3" and named["round"] == 1 and named["proof"]["kind"] == "key"
+    # A resumed run remembers it (the honest sites spent their budget in rounds 1-2 and refuse round 3;
+    # site-3 is not even asked).
+    federate(tmp_path, data, rounds=3, sites=4, resume_from=str(tmp_path / "checkpoints" / "round-0002"))
+    line = metrics(tmp_path)[-1]
+    assert line["round"] == 3 and {f["site"]: f["kind"] for f in line["failures"]} == {
+        "site-0": "budget-exhausted", "site-1": "budget-exhausted", "site-2": "budget-exhausted",
+        "site-3": "kept-out", "*": "round-aborted"}, line["failures"]
 
 
 @pytest.fixture(scope="module")

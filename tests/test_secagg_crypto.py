@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import secrets
 
 import numpy as np
@@ -12,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.secagg import SiteIdentity, SiteRegistry
-from common.secagg.errors import DecryptionError, ParameterError, ShamirError, SignatureError
+from common.secagg.errors import DecryptionError, ParameterError, PayloadError, ShamirError, SignatureError
+from common.secagg.group import G, P, Q, element_from_bytes, element_to_bytes, exp, exp_g, new_secret
 from common.secagg.identity import (
     SignedKeyBundle,
     decrypt_from_peer,
@@ -21,9 +21,14 @@ from common.secagg.identity import (
     verify_key_bundle,
 )
 from common.secagg.prg import encode_context, expand_mask, pairwise_seed
-from common.secagg.shamir import PRIME, SHARE_BYTES, Share, combine, split
+from common.secagg.shamir import SHARE_BYTES, Share, combine, evaluate
+from common.secagg.vss import Commitments, polynomial, share_ok, shares_ok
 
-# ---------------------------------------------------------------- Shamir
+# ---------------------------------------------------------------- Shamir over Z_Q, Feldman commitments, the group
+
+
+def _polynomial(t: int, secret: int | None = None) -> list[int]:
+    return polynomial(new_secret() if secret is None else secret, secrets.token_bytes(32), DIGEST, "key", t)
 
 
 @settings(max_examples=25, deadline=None)
@@ -31,56 +36,77 @@ from common.secagg.shamir import PRIME, SHARE_BYTES, Share, combine, split
 def test_any_threshold_subset_recovers_the_secret(n: int, data: st.DataObject) -> None:
     t = data.draw(st.integers(1, n))
     ids = data.draw(st.lists(st.integers(1, 2**32 - 1), min_size=n, max_size=n, unique=True))
-    secret = secrets.token_bytes(32)
-    shares = split(secret, ids, t)
+    coefficients = _polynomial(t)
+    shares = evaluate(coefficients, ids)
     subset = data.draw(st.permutations(shares))[:t]
-    assert combine(subset, t) == secret
+    assert combine(subset, t) == coefficients[0]
 
 
-def test_too_few_duplicate_and_out_of_field_shares_rejected() -> None:
-    secret = secrets.token_bytes(32)
-    shares = split(secret, [1, 2, 3, 4, 5], 3)
+def test_too_few_duplicate_and_out_of_range_shares_rejected() -> None:
+    shares = evaluate(_polynomial(3), [1, 2, 3, 4, 5])
     with pytest.raises(ShamirError, match="needed"):
         combine(shares[:2], 3)
     with pytest.raises(ShamirError, match="duplicate"):
         combine([shares[0], shares[0], shares[1]], 3)
-    with pytest.raises(ShamirError, match="outside the field"):
-        Share(1, PRIME)
+    with pytest.raises(ShamirError, match="outside Z_Q"):
+        Share(1, Q)
     with pytest.raises(ShamirError):
         Share(0, 5)  # x = 0 would be the secret itself
     with pytest.raises(ShamirError):
-        split(secret, [1, 1, 2], 2)
+        evaluate(_polynomial(2), [1, 1, 2])
     with pytest.raises(ShamirError):
-        split(secret, [1, 2], 3)
-
-
-def test_fewer_than_threshold_shares_say_nothing_useful() -> None:
-    # With t - 1 shares every secret is equally consistent: interpolating them with a guessed
-    # extra share gives an arbitrary field element, almost never a valid 32-byte secret.
-    shares = split(secrets.token_bytes(32), [1, 2, 3], 3)
-    with pytest.raises(ShamirError, match="inconsistent"):
-        combine([shares[0], shares[1], Share(3, 12345)], 3)
-
-
-def test_garbled_share_detected() -> None:
-    # A random field element in place of a share interpolates to a value >= 2^256 (w.p. 1 - 2^-265).
-    # A small deliberate shift is not caught here: the server checks recovered secrets against
-    # the commitments of the signed key bundle instead (see the protocol tests).
-    shares = split(secrets.token_bytes(32), [1, 2, 3, 4], 3)
-    bad = Share(shares[0].x, secrets.randbelow(PRIME))
-    with pytest.raises(ShamirError, match="inconsistent"):
-        combine([bad, shares[1], shares[2]], 3)
+        evaluate([], [1, 2])
 
 
 def test_share_serialisation_is_fixed_length() -> None:
-    for share in split(secrets.token_bytes(32), [1, 2**32 - 1], 2):
+    for share in evaluate(_polynomial(2), [1, 2**32 - 1]):
         blob = share.to_bytes()
-        assert len(blob) == SHARE_BYTES == 70
+        assert len(blob) == SHARE_BYTES == 260
         assert Share.from_bytes(blob) == share
     with pytest.raises(ShamirError):
-        Share.from_bytes(b"\x00" * 69)
+        Share.from_bytes(b"\x00" * 259)
     with pytest.raises(ShamirError):
-        Share.from_bytes(b"\x00\x00\x00\x01" + b"\xff" * 66)  # y >= p
+        Share.from_bytes(b"\x00\x00\x00\x01" + b"\xff" * 256)  # y >= Q
+
+
+def test_group_is_rfc3526_group_14_of_prime_order() -> None:
+    assert P.bit_length() == 2048 and P == 2 * Q + 1 and P % 8 == 7  # so 2 is a quadratic residue
+    assert pow(G, Q, P) == 1 and exp_g(Q) == 1 and exp_g(1) == G
+    a, b = new_secret(), new_secret()
+    assert exp(exp_g(a), b) == exp(exp_g(b), a) == exp_g(a * b)  # the pairwise mask agreement
+    assert exp(P - G, a) == exp_g(a)  # x and -x are one element
+    for bad in (bytes(256), (Q + 1).to_bytes(256, "big"), (P - 1).to_bytes(256, "big"), b"\x02"):
+        with pytest.raises(PayloadError):
+            element_from_bytes(bad)
+    assert element_from_bytes(element_to_bytes(Q)) == Q
+
+
+def test_dealing_is_deterministic_per_key_round_and_kind() -> None:
+    key, secret = secrets.token_bytes(32), new_secret()
+    first = polynomial(secret, key, DIGEST, "key", 5)
+    assert polynomial(secret, key, DIGEST, "key", 5) == first and first[0] == secret
+    assert polynomial(secret, key, bytes(32), "key", 5)[1:] != first[1:]
+    assert polynomial(secret, key, DIGEST, "seed", 5)[1:] != first[1:]
+    assert polynomial(secret, secrets.token_bytes(32), DIGEST, "key", 5)[1:] != first[1:]
+
+
+def test_feldman_check_accepts_exactly_the_committed_shares() -> None:
+    seed, key = _polynomial(4), _polynomial(4)
+    commitments = Commitments.of_polynomials(seed, key)
+    assert commitments.mask_public == exp_g(key[0]) and commitments.seed[0] == exp_g(seed[0])
+    assert Commitments.from_bytes(commitments.to_bytes(), 4) == commitments
+    shares = evaluate(key, list(range(1, 8)))
+    assert all(share_ok(s, commitments.key) for s in shares)
+    assert shares_ok([(s, commitments.key) for s in shares] + [(evaluate(seed, [9])[0], commitments.seed)])
+    bad = Share(shares[3].x, (shares[3].y + 1) % Q)
+    assert not share_ok(bad, commitments.key) and not share_ok(shares[0], commitments.seed)
+    assert not shares_ok([(s, commitments.key) for s in shares[:3]] + [(bad, commitments.key)])
+    other = evaluate(_polynomial(4, key[0]), [1])[0]  # same secret, another polynomial
+    assert not share_ok(other, commitments.key)
+    with pytest.raises(PayloadError):
+        Commitments.from_bytes(commitments.to_bytes()[:-1], 4)
+    with pytest.raises(PayloadError):
+        Commitments.from_bytes(commitments.to_bytes(), 3)
 
 
 # ---------------------------------------------------------------- mask expansion
@@ -130,8 +156,7 @@ def _bundle(identity: SiteIdentity, site: int, round_id: bytes = b"r1") -> Signe
     return sign_key_bundle(
         identity, round_id=round_id, site_id=site, params_digest=DIGEST,
         share_public=X25519PrivateKey.generate().public_key().public_bytes_raw(),
-        mask_public=X25519PrivateKey.generate().public_key().public_bytes_raw(),
-        seed_commitment=secrets.token_bytes(32),
+        commitments_digest=secrets.token_bytes(32),
     )
 
 
@@ -154,9 +179,7 @@ def test_bundle_round_trip_and_verification() -> None:
     forged = _bundle(mallory, 1)  # right site id, signed by the wrong key
     with pytest.raises(SignatureError, match="bad signature"):
         verify_key_bundle(forged, registry, round_id=b"r1", site_id=1, params_digest=DIGEST)
-    swapped = SignedKeyBundle(
-        b"r1", 1, DIGEST, forged.share_public, bundle.mask_public, bundle.seed_commitment, bundle.signature
-    )
+    swapped = SignedKeyBundle(b"r1", 1, DIGEST, forged.share_public, bundle.commitments_digest, bundle.signature)
     with pytest.raises(SignatureError, match="bad signature"):
         verify_key_bundle(swapped, registry, round_id=b"r1", site_id=1, params_digest=DIGEST)
     with pytest.raises(SignatureError, match="not in the registry"):
@@ -190,10 +213,3 @@ def test_aead_binds_round_sender_and_receiver() -> None:
 def test_aead_rejects_low_order_peer_key() -> None:
     with pytest.raises(SignatureError):
         encrypt_for_peer(X25519PrivateKey.generate(), bytes(32), round_id=b"r", sender=1, receiver=2, plaintext=b"x")
-
-
-def test_all_shares_from_one_split_differ() -> None:
-    shares = split(b"\x00" * 32, list(range(1, 6)), 3)
-    assert len({s.y for s in shares}) == 5
-    for a, b in itertools.combinations(shares, 2):
-        assert a.to_bytes() != b.to_bytes()

@@ -23,7 +23,6 @@ from client.secure import (
     accept_params,
     stage_advertise,
     stage_confirm,
-    stage_expose,
     stage_mask,
     stage_share,
     stage_unmask,
@@ -42,14 +41,14 @@ from common.records import (
 )
 from common.registry import FederationRegistry
 from common.secagg import SecAggError, SiteIdentity, SiteRegistry
+from server.secure_agg import Standing
 from server.strategy import RoundSpec
 from tests.grid import InstantGrid
 
 LENGTH = 24
 RUN_ID = 7
 STAGES = {"train.secagg_share": stage_share, "train.secagg_mask": stage_mask,
-          "train.secagg_confirm": stage_confirm, "train.secagg_unmask": stage_unmask,
-          "train.secagg_expose": stage_expose}
+          "train.secagg_confirm": stage_confirm, "train.secagg_unmask": stage_unmask}
 Tamper = Callable[[int, str, RecordDict], RecordDict | None]
 
 
@@ -71,9 +70,11 @@ class FakeSite:
         self.keys = SiteKeys(site_id, identity, registry)
         self.store = SessionStore(state_dir)
         self.refusals: list[str] = []
+        self.seen: list[str] = []
 
     def handle(self, msg: Message) -> RecordDict:
         kind = msg.metadata.message_type
+        self.seen.append(kind)
         try:
             if kind == "query.identify":
                 return pack_identity(self.name)
@@ -150,21 +151,16 @@ def test_honest_round_over_flower_messages(tmp_path: Path) -> None:
     assert outcome.contributors == 5 and outcome.details.all_pairs
     true = np.mean([deltas[i] for i in range(5)], axis=0)
     assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
-    # The site's own round secrets and the raw contribution are gone from every session file; only
-    # the other survivors' mask-key shares stay, for a possible expose stage.
+    # Every round secret and the raw contribution are gone from every session file, the other sites'
+    # shares included.
     for site in grid.sites.values():
         path, record, session = _session_file(site, 1)
         assert "values" not in record and "counts" not in record
-        assert session["mask_key"] is session["share_key"] is None and not session["self_seed"]
-        assert not session["held_seed"] and set(session["held_key"]) == {str(i) for i in range(5)} - {
-            str(site.keys.site_id)}
+        assert session["share_key"] is None and not session["secrets"] and not session["dealing_key"]
+        assert not session["held_seed"] and not session["held_key"]
         assert session["stage"] == 5  # DONE: the "answered" marker, on disk before the reply left
         assert path.stat().st_mode & 0o077 == 0
-    # The site's next round closes the answered one: the retained shares are wiped.
     assert aggregation.run_round(grid, grid.get_node_ids(), {"w": np.zeros(LENGTH, np.float32)}, 2).contributors == 5
-    for site in grid.sites.values():
-        _, _, session = _session_file(site, 1)
-        assert session["stage"] == 7 and not session["held_key"]  # CLOSED
 
 
 HOSTILE = 105  # node of site-5
@@ -183,7 +179,7 @@ BAD_REPLIES: dict[str, Callable[[bytes, str], RecordDict]] = {
 }
 
 
-@pytest.mark.parametrize("stage", ["train", *(k for k in STAGES if k != "train.secagg_expose")])
+@pytest.mark.parametrize("stage", ["train", *STAGES])
 @pytest.mark.parametrize("bad", sorted(BAD_REPLIES))
 def test_any_malformed_reply_drops_only_its_site(tmp_path: Path, stage: str, bad: str) -> None:
     def tamper(node: int, kind: str, content: RecordDict) -> RecordDict | None:
@@ -224,69 +220,49 @@ def test_replayed_round_is_refused_by_sites(tmp_path: Path) -> None:
     assert aggregation.run_round(grid, grid.get_node_ids(), state, 3).contributors == 5
 
 
-LIAR = 105  # node of site-5
+CHEAT = 105  # node of site-5
 
 
-def _lie_after_stage_1(tmp_path: Path) -> Tamper:
-    """Site-5 deals shares of another self-mask seed than the one its signed bundle commits to."""
+def _deal_off_commitments_after_stage_1(tmp_path: Path) -> Tamper:
+    """Site-5 deals signed shares of another mask key than the one its signed commitments fix (the
+    issue's attack: shares that do not open its key)."""
     def tamper(node: int, kind: str, content: RecordDict) -> RecordDict | None:
-        if node == LIAR and kind == "train":
-            (path,) = (tmp_path / "site-5" / "secagg-sessions").glob("*.json")
-            record = json.loads(path.read_text())
-            session = json.loads(record["session"])
-            session["self_seed"] = "00" * 32
-            record["session"] = json.dumps(session)
-            path.write_text(json.dumps(record))
+        if node == CHEAT and kind == "train":
+            for path in (tmp_path / "site-5" / "secagg-sessions").glob("*.json"):
+                record = json.loads(path.read_text())
+                session = json.loads(record["session"])
+                if session["stage"] == 1:  # this round's session, just advertised
+                    session["secrets"]["key"] = hex(int(session["secrets"]["key"], 16) + 1)
+                    record["session"] = json.dumps(session)
+                    path.write_text(json.dumps(record))
         return None
     return tamper
 
 
-def test_liar_is_removed_over_flower_and_the_round_goes_on(tmp_path: Path) -> None:
-    # Before: site-5 was named a cheat and the round ended without a model update.
-    outcome, deltas, grid = _run(tmp_path, 7, _lie_after_stage_1(tmp_path))
-    assert outcome.mean_delta is not None, outcome.failures
-    honest = [i for i in range(7) if i != 5]
-    assert outcome.contributors == 6 and "site-5" in outcome.details.dropped
-    true = np.mean([deltas[i] for i in honest], axis=0)
-    assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
-    about_liar = [f for f in outcome.failures if f.site == "site-5"]
-    assert {f.kind for f in about_liar} == {"protocol", "cheated"}
-    assert any(f.detail == "unmask: dealt shares inconsistent with its commitment" for f in about_liar)
-    for node, site in grid.sites.items():  # every holder answered the proof once, then wiped everything
-        _, _, session = _session_file(site, 1)
-        assert node == LIAR or (session["stage"] == 7 and not session["held_key"])
-
-
-def test_liar_at_the_threshold_edge_over_flower_ends_the_round_cleanly(tmp_path: Path) -> None:
-    # 6 sites, t = 5: the liar's five holders are all needed; one refuses the expose stage.
-    lie = _lie_after_stage_1(tmp_path)
+@pytest.mark.parametrize("then", ["uploads", "silent"])
+def test_a_cheat_is_dropped_over_flower_and_not_invited_again(tmp_path: Path, then: str) -> None:
+    # Before: RoundAborted at unmask in every round site-5 was in, and it was invited to the next one.
+    cheat = _deal_off_commitments_after_stage_1(tmp_path)
 
     def tamper(node: int, kind: str, content: RecordDict) -> RecordDict | None:
-        if node == 100 and kind == "train.secagg_expose":
+        if then == "silent" and node == CHEAT and kind == "train.secagg_mask":
             return pack_failure(SiteFailure("protocol"))
-        return lie(node, kind, content)
+        return cheat(node, kind, content)
 
-    outcome, _, _ = _run(tmp_path, 6, tamper)
-    assert outcome.mean_delta is None and outcome.contributors == 0
-    assert any(f.kind == "round-aborted" and "mask key" in f.detail for f in outcome.failures)
-    assert any(f.site == "site-5" and f.kind == "cheated" for f in outcome.failures)
-
-
-@pytest.mark.parametrize("bad", sorted(BAD_REPLIES))
-def test_malformed_expose_reply_drops_only_its_answer(tmp_path: Path, bad: str) -> None:
-    # 7 sites, t = 5: the liar has six holders, so one malformed expose answer is survivable.
-    lie = _lie_after_stage_1(tmp_path)
-
-    def tamper(node: int, kind: str, content: RecordDict) -> RecordDict | None:
-        if node == 100 and kind == "train.secagg_expose":
-            return BAD_REPLIES[bad](content.config_records["secagg"]["round-id"], "payload")
-        return lie(node, kind, content)
-
-    outcome, deltas, _ = _run(tmp_path, 7, tamper)
-    assert outcome.contributors == 6, outcome.failures  # site-0's upload still counts
-    true = np.mean([deltas[i] for i in range(7) if i != 5], axis=0)
-    assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
-    assert any(f.site == "site-0" and "expose" in (f.stage or f.detail) for f in outcome.failures)
+    aggregation, grid, deltas = _federation(tmp_path, 7, tamper)
+    state = {"w": np.zeros(LENGTH, np.float32)}
+    honest = [i for i in range(7) if i != 5]
+    true = np.mean([deltas[i] for i in honest], axis=0)
+    for server_round in (1, 2):
+        outcome = aggregation.run_round(grid, grid.get_node_ids(), state, server_round)
+        assert outcome.contributors == 6, outcome.failures
+        assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
+        kinds = {f.kind for f in outcome.failures if f.site == "site-5"}
+        assert kinds == ({"cheated", "protocol"} if server_round == 1 else {"kept-out"}), outcome.failures
+    proven = aggregation.standing.proven["site-5"]
+    assert proven["round"] == 1 and proven["proof"]["kind"] == "key"
+    assert grid.sites[CHEAT].seen.count("train") == 1  # round 2 never invited it
+    assert Standing.from_json(json.loads(json.dumps(aggregation.standing.to_json()))) == aggregation.standing
 
 
 def test_a_site_whose_epsilon_fell_is_rejected_at_stage_one_and_the_round_goes_on(tmp_path: Path) -> None:

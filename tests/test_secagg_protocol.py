@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from common.secagg import (
     ClientSession,
-    ExposeRequest,
     LocalFederation,
     MaskedUpload,
     ParameterError,
@@ -29,8 +28,9 @@ from common.secagg import (
     quantize,
     unpack_bits,
 )
+from common.secagg.group import Q
 from common.secagg.identity import sign_key_bundle
-from common.secagg.shamir import PRIME, Share
+from common.secagg.shamir import SHARE_BYTES, Share
 
 STAGES = ("advertise", "share", "upload", "confirm", "unmask")
 LATE = ("confirm", "unmask")  # a site that stops answering after its upload is still counted
@@ -204,7 +204,7 @@ def _harvest(fed: LocalFederation, views: dict[int, frozenset[int]]) -> tuple[di
                 continue
             for shares, out in ((resp.self_mask_shares, seeds), (resp.key_shares, keys)):
                 for owner, blob in shares.items():
-                    out.setdefault(owner, []).append(Share.from_bytes(blob[:70]))
+                    out.setdefault(owner, []).append(Share.from_bytes(blob[:SHARE_BYTES]))
     return seeds, keys
 
 
@@ -238,16 +238,21 @@ def test_few_partners_attack_recovers_nothing(n: int) -> None:
         "split view: partners see all": {s: everyone if s in partners else everyone - partners for s in everyone},
         "split view: half and half": {s: everyone if s % 2 else everyone - partners for s in everyone},
     }
+    saved = {s: c.export_state() for s, c in fed.clients.items()}  # each attack starts from these same sessions
+
+    def fresh() -> LocalFederation:
+        clients = {s: ClientSession.from_state(fed.params, c._identity, fed.registry, saved[s])
+                   for s, c in fed.clients.items()}
+        return LocalFederation(fed.params, fed.registry, clients, fed.server)
+
     for name, views in attacks.items():
-        fed_run, _ = _few_partners_attack(n) if name != "one set without the partners" else (fed, partners)
-        seeds, keys = _harvest(fed_run, views)
+        seeds, keys = _harvest(fresh(), views)
         victim_seed = len(seeds.get(victim, [])) >= t
         partner_keys = all(len(keys.get(p, [])) >= t for p in partners)
         assert not (victim_seed and partner_keys), f"{name}: the victim's update is exposed"
     # Control: the same harvest with the honest survivor set does get every self-mask seed, so the
     # refusals above are what protects the victim.
-    fed, partners = _few_partners_attack(n)
-    seeds, keys = _harvest(fed, dict.fromkeys(everyone, everyone))
+    seeds, keys = _harvest(fresh(), dict.fromkeys(everyone, everyone))
     assert len(seeds[victim]) >= t and not any(len(keys.get(p, [])) >= t for p in partners)
 
 
@@ -342,14 +347,12 @@ def test_replayed_request_is_refused_and_secrets_are_wiped() -> None:
     request = _to_unmask(fed, _updates(params))
     response = fed.clients[0].unmask(request)
     assert set(response.self_mask_shares) == set(params.site_ids) and not response.key_shares
-    # Own secrets are gone; only the other survivors' mask-key shares stay, for a possible expose.
+    # Every secret is gone, the other sites' shares too (nothing is kept for a later stage).
     client = fed.clients[0]
-    assert not client.holds_own_secrets and b'"mask_key": null' in client.export_state()
-    assert client.retained_key_shares == frozenset(params.site_ids) - {0}
+    assert not client.holds_secrets and client.stage is Stage.DONE
+    assert b'"secrets": {}' in client.export_state() and b'"held_key": {}' in client.export_state()
     with pytest.raises(ProtocolError, match="replayed"):
         client.unmask(request)
-    client.close()
-    assert client.stage is Stage.CLOSED and not client.holds_secrets
 
 
 def test_corrupted_unmask_shares_are_discarded_one_by_one() -> None:
@@ -360,216 +363,11 @@ def test_corrupted_unmask_shares_are_discarded_one_by_one() -> None:
     responses = fed.unmask_responses(_to_unmask(fed, updates))
     for liar in range(5):
         bad = UnmaskResponse.from_bytes(responses[liar])
-        shifted = {o: Share(Share.from_bytes(b[:70]).x, (Share.from_bytes(b[:70]).y + 1) % PRIME).to_bytes() + b[70:]
-                   for o, b in bad.self_mask_shares.items()}
+        shifted = {o: Share(Share.from_bytes(b[:SHARE_BYTES]).x, (Share.from_bytes(b[:SHARE_BYTES]).y + 1) % Q)
+                   .to_bytes() + b[SHARE_BYTES:] for o, b in bad.self_mask_shares.items()}
         responses[liar] = UnmaskResponse(bad.round_id, liar, shifted, {}).to_bytes()
     responses[5] = b"garbage"
     _assert_sum(fed.server.finish(responses), updates, set(params.site_ids))
-
-
-# ---------------------------------------------------------------- proven liars (issue #7)
-
-
-def _liar_round(n: int, liar: int, all_pairs: bool = True, **kwargs: object
-                ) -> tuple[SecAggParams, LocalFederation, dict[int, np.ndarray]]:
-    """Stage 1 done; ``liar`` will deal shares of another self-mask seed than it committed to."""
-    params, fed = _setup(n, count_slots=1, all_pairs=all_pairs, **kwargs)
-    fed.routed = fed.advertise()  # type: ignore[attr-defined]
-    fed.clients[liar]._self_seed = bytes(32)
-    return params, fed, _updates(params)
-
-
-def _after_upload(fed: LocalFederation, updates: dict[int, np.ndarray],
-                  drop: frozenset[int] = frozenset()) -> UnmaskRequest:
-    inboxes = fed.share(fed.routed)  # type: ignore[attr-defined]
-    return fed.confirm(fed.upload(inboxes, updates, {s: [1] for s in fed.params.site_ids}, drop=drop))
-
-
-@pytest.mark.parametrize(("all_pairs", "drop"), [(True, set()), (True, {7}), (False, set())])
-def test_seed_liar_is_removed_and_the_round_goes_on(all_pairs: bool, drop: set[int]) -> None:
-    # Before: the liar was named but the round aborted (its self mask could not be removed).
-    params, fed, updates = _liar_round(10, liar=4, all_pairs=all_pairs)
-    request = _after_upload(fed, updates, drop)
-    exposes = fed.server.collect_unmask(fed.unmask_responses(request))
-    holders = {s for s in params.site_ids if s not in drop | {4} and 4 in fed.clients[s].masked_with}
-    assert set(exposes) == holders and all(r.proofs == (fed.server.proofs[4],) for r in exposes.values())
-    fed.server.collect_exposures(fed.expose_responses(exposes))
-    result = fed.server.finish()
-    honest = set(params.site_ids) - drop - {4}
-    _assert_sum(result, updates, honest)
-    mean = result.sum_vector / len(honest)
-    true_mean = np.mean([updates[s] for s in sorted(honest)], axis=0)
-    assert np.abs(mean - true_mean).max() <= result.error_bound / len(honest)
-    assert result.counts == [len(honest)] and 4 in result.dropped
-    assert fed.server.dropped_reasons[4] == "unmask: dealt shares inconsistent with its commitment"
-    assert 4 in fed.server.liars and fed.server.proofs[4].kind == "seed"
-    # Each holder answered once, then wiped everything; a replayed proof is refused.
-    for site in holders:
-        assert fed.clients[site].stage is Stage.CLOSED and not fed.clients[site].holds_secrets
-    with pytest.raises(ProtocolError, match="replayed"):
-        fed.clients[min(holders)].expose_liar(exposes[min(holders)].to_bytes())
-
-
-def test_liar_whose_threshold_subsets_disagree_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The liar corrupts ONE share: t-subsets without it open the commitment, those with it do not.
-    import common.secagg.client as client_module
-    params, fed = _setup(10, count_slots=1, all_pairs=True)
-    updates, liar, honest_split = _updates(params), 6, client_module.split
-    liar_seed = fed.clients[liar]._self_seed
-
-    def split(secret: bytes, xs: list[int], t: int) -> list[Share]:
-        shares = honest_split(secret, xs, t)
-        if secret == liar_seed:
-            shares[0] = Share(shares[0].x, (shares[0].y + 1) % PRIME)  # holder 0: the server's first share
-        return shares
-
-    monkeypatch.setattr(client_module, "split", split)
-    result = fed.run(updates, {s: [1] for s in params.site_ids})
-    _assert_sum(result, updates, set(params.site_ids) - {liar})
-    proof = fed.server.proofs[liar]
-    good = [Share.from_bytes(b[:70]) for h, b in sorted(proof.shares.items()) if h != 0]
-    assert fed.clients[liar].params.threshold <= len(good)
-    from common.secagg.proof import opens_commitment
-    from common.secagg.shamir import combine
-    assert opens_commitment("seed", combine(good, params.threshold), fed.server._bundles[liar])
-
-
-def test_liar_proofs_hold_against_each_holders_view() -> None:
-    from common.secagg.proof import check_proof
-    params, fed, updates = _liar_round(5, liar=2)
-    fed.unmask(_after_upload(fed, updates))
-    proof = fed.server.proofs[2]
-    check_proof(proof, params, fed.registry[2], fed.server._bundles[2])
-    # The same shares do not convict another dealer, another round, or with one share fewer than t.
-    with pytest.raises(ProtocolError):
-        check_proof(proof, params, fed.registry[2], fed.server._bundles[3])
-    with pytest.raises(ProtocolError, match="not the dealer's signed share"):
-        check_proof(proof, params, fed.registry[3], fed.server._bundles[2])
-    short = dict(list(proof.shares.items())[: params.threshold - 1])
-    with pytest.raises(ProtocolError, match="threshold"):
-        check_proof(type(proof)(2, "seed", short), params, fed.registry[2], fed.server._bundles[2])
-
-
-@pytest.mark.parametrize("victim", [3, 0])
-def test_server_cannot_forge_a_proof_against_an_honest_site(victim: int) -> None:
-    # A malicious server holds >= t seed shares of every survivor after unmask; a key share of an
-    # honest survivor would complete the pair. Every proof it can make from what it has is refused.
-    from common.secagg.identity import sign_share
-    from common.secagg.proof import LiarProof
-    params, fed = _setup(10, all_pairs=True)  # t = 7
-    t, digest = params.threshold, params.digest
-    answers = fed.unmask_responses(_to_unmask(fed, _updates(params)))
-    genuine = {h: UnmaskResponse.from_bytes(r).self_mask_shares[victim] for h, r in answers.items()}
-    assert len(genuine) >= t  # the seed shares are in the server's hands
-    mallory = SiteIdentity.generate()
-
-    def shifted(blob: bytes) -> bytes:
-        share = Share.from_bytes(blob[:70])
-        return Share(share.x, (share.y + 1) % PRIME).to_bytes()
-
-    first = dict(sorted(genuine.items())[:t])
-    low = min(first)
-    attempts = {  # what a malicious server can send, and why an honest holder refuses it
-        "consistent": ((LiarProof(victim, "seed", genuine),), "open its commitment"),
-        "consistent-t": ((LiarProof(victim, "seed", first),), "open its commitment"),
-        "forged-share": ((LiarProof(victim, "seed", {**first, low: shifted(first[low]) + first[low][70:]}),),
-                         "not the dealer's signed share"),
-        "insufficient": ((LiarProof(victim, "seed", dict(sorted(genuine.items())[: t - 1])),), "threshold is 7"),
-        "relabelled": ((LiarProof(victim, "seed", {**dict(sorted(genuine.items())[: t - 1]), 99: first[low]}),),
-                       "holder 99 is malformed"),
-        "foreign-signer": ((LiarProof(victim, "seed", {h: shifted(b) + sign_share(
-            mallory, "seed", params_digest=digest, dealer=victim, holder=h, share=shifted(b))
-            for h, b in first.items()}),), "not the dealer's signed share"),
-        "kind-key": ((LiarProof(victim, "key", first),), "for a key proof"),
-        "bad-signature": ((LiarProof(victim, "seed", {**first, low: first[low][:70] + bytes(64)}),),
-                          "not the dealer's signed share"),
-        "no-proof": ((), "carries no proof"),
-    }
-    holders = [s for s in params.site_ids if s != victim]
-    for holder, (name, (proofs, reason)) in zip(holders, attempts.items(), strict=True):
-        with pytest.raises(ProtocolError, match=reason):
-            fed.clients[holder].expose_liar(ExposeRequest(params.round_id, proofs).to_bytes())
-        assert fed.clients[holder].stage is Stage.ABORTED and not fed.clients[holder].holds_secrets, name
-        with pytest.raises(ProtocolError, match="aborted-session"):  # and there is no second try
-            fed.clients[holder].expose_liar(ExposeRequest(params.round_id, attempts["consistent"][0]))
-    # No honest holder answered, so no key share of the victim ever left a site.
-    assert fed.expose_responses({h: ExposeRequest(params.round_id, attempts["consistent"][0]) for h in holders}) == {}
-    # The victim itself keeps no share of its own key after unmask.
-    with pytest.raises(ProtocolError, match=f"no retained key share of site {victim}"):
-        fed.clients[victim].expose_liar(ExposeRequest(params.round_id, attempts["consistent"][0]))
-
-
-@pytest.mark.parametrize("edge", ["too-few-survivors", "silent-holder"])
-def test_liar_at_the_threshold_edge_aborts_cleanly(edge: str) -> None:
-    _params, fed, updates = _liar_round(5, liar=4)  # t = 4: four holders besides the liar, no spare
-    if edge == "too-few-survivors":  # site 3 drops at upload: only 3 survivors hold the liar's key
-        request = _after_upload(fed, updates, {3})
-        with pytest.raises(RoundAborted, match="only 3 survivors hold its mask-key shares"):
-            fed.unmask(request)
-        assert all(fed.clients[s].stage is Stage.DONE for s in (0, 1, 2))  # nobody was asked to reveal
-    else:
-        with pytest.raises(RoundAborted, match="only 3 valid shares of site 4's mask key"):
-            fed.unmask(_after_upload(fed, updates), expose_drop={0})
-    assert 4 in fed.server.liars and 4 in fed.server.proofs
-    with pytest.raises(RoundAborted):
-        fed.server.finish()
-
-
-def test_dropped_site_with_a_false_mask_key_is_proven_and_the_round_ends() -> None:
-    # Item 5: key shares that do not open the mask public key of the bundle prove cheating too. A
-    # dropped liar's pairwise masks with the survivors cannot be removed any other way: abort.
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    from common.secagg.proof import check_proof
-    params, fed = _setup(6)
-    updates = _updates(params)
-    routed = fed.advertise()
-    fed.clients[5]._mask_key = X25519PrivateKey.generate()  # shares a key it never advertised
-    request = fed.confirm(fed.upload(fed.share(routed), updates, drop={5}))
-    with pytest.raises(RoundAborted, match="dropped site 5 cheated"):
-        fed.unmask(request)
-    assert fed.server.proofs[5].kind == "key"
-    check_proof(fed.server.proofs[5], params, fed.registry[5], fed.server._bundles[5])
-
-
-def test_seed_liar_with_a_false_mask_key_too_ends_the_round() -> None:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    _params, fed, updates = _liar_round(6, liar=1)
-    fed.clients[1]._mask_key = X25519PrivateKey.generate()
-    with pytest.raises(RoundAborted, match="site 1 cheated on its mask key too"):
-        fed.unmask(_after_upload(fed, updates))
-    assert fed.server.proofs[1].kind == "key"
-
-
-def test_finish_shortcut_refuses_to_skip_the_expose_stage() -> None:
-    params, fed, updates = _liar_round(5, liar=0)
-    responses = fed.unmask_responses(_after_upload(fed, updates))
-    with pytest.raises(ProtocolError, match="run the expose stage"):
-        fed.server.finish(responses)
-    with pytest.raises(ProtocolError, match="out-of-order"):
-        fed.server.finish()
-    exposes = {s: ExposeRequest(params.round_id, (fed.server.proofs[0],)) for s in (1, 2, 3, 4)}
-    fed.server.collect_exposures(fed.expose_responses(exposes))
-    _assert_sum(fed.server.finish(), updates, {1, 2, 3, 4})
-
-
-def test_expose_messages_round_trip_and_reject_garbage() -> None:
-    from common.secagg import ExposeResponse, PayloadError
-    from common.secagg.proof import LiarProof
-    proof = LiarProof(3, "seed", {1: bytes(134), 2: b"\x01" * 134})
-    request = ExposeRequest(b"r", (proof, LiarProof(5, "key", {})))
-    assert ExposeRequest.from_bytes(request.to_bytes()) == request
-    response = ExposeResponse(b"r", 2, {3: bytes(134)})
-    assert ExposeResponse.from_bytes(response.to_bytes()) == response
-    blob = request.to_bytes()
-    for bad in (blob[:-1], blob + b"\x00", b"FSX1", response.to_bytes(), 5):
-        with pytest.raises(PayloadError):
-            ExposeRequest.from_bytes(bad)  # type: ignore[arg-type]
-    twice = ExposeRequest(b"r", (proof,)).to_bytes()
-    header = len(b"FSX1") + 2 + 1
-    doubled = twice[:header] + (2).to_bytes(4, "big") + twice[header + 4:] * 1 + twice[header + 4:]
-    with pytest.raises(PayloadError):
-        ExposeRequest.from_bytes(doubled)
 
 
 # ---------------------------------------------------------------- malicious relays and peers
@@ -581,8 +379,7 @@ def test_substituted_public_key_is_detected(caplog: pytest.LogCaptureFixture) ->
     routed = fed.advertise()
     mallory = SiteIdentity.generate()  # the server's own key, not in the registry
     routed[0][3] = sign_key_bundle(mallory, round_id=params.round_id, site_id=3, params_digest=params.digest,
-                                   share_public=bytes(range(32)),
-                                   mask_public=bytes(range(1, 33)), seed_commitment=bytes(32)).to_bytes()
+                                   share_public=bytes(range(32)), commitments_digest=bytes(32)).to_bytes()
     with caplog.at_level(logging.WARNING):
         result = fed.unmask(fed.confirm(fed.upload(fed.share(routed), updates)))
     assert "neighbour 3 treated as dropped" in caplog.text
@@ -591,7 +388,7 @@ def test_substituted_public_key_is_detected(caplog: pytest.LogCaptureFixture) ->
 
 
 def test_signed_low_order_key_is_rejected() -> None:
-    # A malicious site signs a bundle whose mask key is a low-order point (all-zero DH secret).
+    # A malicious site signs a bundle whose share key is a low-order point (all-zero DH secret).
     params = SecAggParams(round_id=b"r", site_ids=tuple(range(5)), vector_length=8)
     identities = {s: SiteIdentity.generate() for s in params.site_ids}
     fed = LocalFederation.create(params, identities)
@@ -599,8 +396,7 @@ def test_signed_low_order_key_is_rejected() -> None:
     up = {s: c.advertise_keys().to_bytes() for s, c in fed.clients.items()}
     good = SignedKeyBundle.from_bytes(up[3])
     up[3] = sign_key_bundle(identities[3], round_id=b"r", site_id=3, params_digest=params.digest,
-                            share_public=good.share_public,
-                            mask_public=bytes(32), seed_commitment=good.seed_commitment).to_bytes()
+                            share_public=bytes(32), commitments_digest=good.commitments_digest).to_bytes()
     routed = {s: {p: b.to_bytes() for p, b in v.items()} for s, v in fed.server.collect_bundles(up).items()}
     result = fed.unmask(fed.confirm(fed.upload(fed.share(routed), updates)))
     _assert_sum(result, updates, {0, 1, 2, 4})
@@ -719,8 +515,7 @@ def test_session_state_survives_a_process_boundary() -> None:
     saved = ClientSession.from_state(params, identities[0], fed.registry, fed.clients[0].export_state())
     with pytest.raises(ProtocolError, match="replayed"):
         saved.unmask(request)
-    assert restored.stage is Stage.MASKED and not saved.holds_own_secrets
-    assert saved.retained_key_shares == frozenset(params.site_ids) - {0}
+    assert restored.stage is Stage.MASKED and restored.holds_secrets and not saved.holds_secrets
 
 
 def test_default_degree_and_threshold() -> None:

@@ -16,7 +16,8 @@ from client.release import ReleasedUpdates
 from client.secure import SessionStore, SiteKeys, accept_params, stage_advertise, stage_mask, stage_share
 from common.config import SecureAggSettings
 from common.registry import create_site_identities, load_identity, load_registry
-from common.secagg import ClientSession, ProtocolError, ServerAggregator
+from common.secagg import ClientSession, Deal, ProtocolError, ServerAggregator
+from common.secagg.identity import decrypt_from_peer
 from common.secure_update import params_to_bytes, round_params
 
 LENGTH = 8
@@ -47,7 +48,7 @@ def round_of_three(tmp_path: Path):
     return params, sites, server, routed, tmp_path
 
 
-def _share(params, sites, routed, site: int) -> dict[str, bytes]:
+def _share(params, sites, routed, site: int) -> bytes:
     keys, store = sites[site]
     return stage_share(store, params.round_id, keys, {str(p): b.to_bytes() for p, b in routed[site].items()})
 
@@ -78,7 +79,7 @@ def test_two_copies_of_a_stage_at_once_deal_once(round_of_three, monkeypatch):
         thread.start()
     for thread in threads:
         thread.join()
-    dealt = [r for r in results if isinstance(r, dict)]
+    dealt = [r for r in results if isinstance(r, bytes)]
     refused = [r for r in results if isinstance(r, ProtocolError)]
     assert len(dealt) == 1 and len(refused) == 1, results
     assert "session is at stage SHARED" in str(refused[0])
@@ -88,7 +89,7 @@ def test_an_update_in_a_secure_sum_is_never_resent(round_of_three):
     params, sites, server, routed, root = round_of_three
     released = ReleasedUpdates(root / "site-0")
     assert released.find(1, "adapter") is not None  # sealed, not yet uploaded: a resend would be safe
-    outgoing = {site: {int(r): ct for r, ct in _share(params, sites, routed, site).items()} for site in sites}
+    outgoing = {site: _share(params, sites, routed, site) for site in sites}
     inbox = server.route_shares(outgoing)
     keys, store = sites[0]
     stage_mask(store, params.round_id, keys, {str(s): ct for s, ct in inbox[0].items()})
@@ -100,3 +101,25 @@ def test_an_update_in_a_secure_sum_is_never_resent(round_of_three):
     assert sorted(p.name for p in released.directory.iterdir()) == [f"{name}.json", f"{name}.uploaded"]
     assert [(r.name, r.round) for r in released.records()] == [(name, 1)]
     assert (root / "site-1" / "released" / f"{name}.npy").is_file()
+
+
+def test_a_restored_session_directory_deals_the_same_shares_again(round_of_three):
+    """Issue 19, finding 7 (its last part): a coordinator that restores a site's session directory to its
+    state after stage 1 and sends the share stage again used to get a second, different deal (fresh
+    random coefficients), which it could mix with the first to frame the site. Dealing is now a function
+    of the dealing key saved at stage 1: the same shares (and signatures) come back."""
+    params, sites, _, routed, _ = round_of_three
+    keys, store = sites[0]
+    saved = {path: path.read_bytes() for path in store.directory.glob("*.json")}
+    first = Deal.from_bytes(_share(params, sites, routed, 0))
+    for path, content in saved.items():
+        path.write_bytes(content)
+    second = Deal.from_bytes(_share(params, sites, routed, 0))
+    assert first.commitments == second.commitments
+    sender = store.load(params.round_id, keys)[0]._own_bundle.share_public
+    for holder in (1, 2):
+        holder_keys, holder_store = sites[holder]
+        share_key = holder_store.load(params.round_id, holder_keys)[0]._share_key
+        opened = [decrypt_from_peer(share_key, sender, round_id=params.round_id, sender=0, receiver=holder,
+                                    ciphertext=deal.ciphertexts[holder]) for deal in (first, second)]
+        assert opened[0] == opened[1]

@@ -1,13 +1,14 @@
 """Secure aggregation (SecAgg+-style: Bonawitz et al. 2017, Bell et al. 2020), Flower-free.
 
 Sites mask quantised updates so the server learns only their sum. Pairwise masks come from
-authenticated X25519 agreement over a sparse neighbour graph; self masks and mask keys are
-Shamir-shared so dropouts at any stage are survivable while ``threshold`` sites remain.
+authenticated Diffie-Hellman agreement in a prime-order group over a sparse neighbour graph; self
+masks and mask keys are Shamir-shared with Feldman commitments (verifiable before anyone masks with
+the dealer), so dropouts at any stage are survivable while ``threshold`` sites remain and a dealer
+of bad shares is simply dropped, with its own signed share as the proof.
 
 Typical use: the server offers a :class:`SecAggParams` that each site checks against its own
 policy; each site runs a :class:`ClientSession` (five stages: advertise, share, mask, confirm the
-survivor set, unmask; a sixth, expose, only when a site is proven to have dealt bad shares), the
-server a :class:`ServerAggregator`;
+survivor set, unmask), the server a :class:`ServerAggregator`;
 :class:`LocalFederation` wires them in one process for tests.
 """
 
@@ -38,14 +39,13 @@ from common.secagg.fixedpoint import (
 from common.secagg.identity import SignedKeyBundle, SiteIdentity, SiteRegistry
 from common.secagg.local import LocalFederation
 from common.secagg.messages import (
-    ExposeRequest,
-    ExposeResponse,
+    Deal,
     MaskedUpload,
     SurvivorSet,
     UnmaskRequest,
     UnmaskResponse,
 )
-from common.secagg.proof import LiarProof, check_proof
+from common.secagg.proof import CheatProof, check_proof
 from common.secagg.protocol import (
     SecAggParams,
     Stage,
@@ -59,11 +59,10 @@ from common.secagg.server import AggregateResult, ServerAggregator
 __all__ = [
     "MAX_MODULUS_BITS",
     "AggregateResult",
+    "CheatProof",
     "ClientSession",
+    "Deal",
     "DecryptionError",
-    "ExposeRequest",
-    "ExposeResponse",
-    "LiarProof",
     "LocalFederation",
     "MaskedUpload",
     "ModulusError",

@@ -1,34 +1,31 @@
-"""Client side of the protocol: one :class:`ClientSession` per site and round, five stages and
-an optional sixth.
+"""Client side of the protocol: one :class:`ClientSession` per site and round, five stages.
 
     NEW --advertise_keys--> ADVERTISED --share_keys--> SHARED --masked_input--> MASKED
-        --confirm_survivors--> CONFIRMED --unmask--> DONE --expose_liar | close--> CLOSED
-                                                                   (any refusal: ABORTED)
+        --confirm_survivors--> CONFIRMED --unmask--> DONE          (any refusal: ABORTED)
 
 Stages must be called in order, each at most once. A peer that misbehaves (bad signature,
-tampered share) is logged and treated as dropped; a server request that could leak an input
-(another round or parameters, a survivor set other than the one this site signed, too few
-signatures or survivors, a proof that does not prove) is refused with :class:`ProtocolError`,
-after which the session is over and every secret wiped.
+tampered share, a share off its commitments) is logged and treated as dropped; a server request
+that could leak an input (another round or parameters, a survivor set other than the one this site
+signed, too few signatures or survivors) is refused with :class:`ProtocolError`, after which the
+session is over and every secret wiped.
 
-Secret lifetime: the site's own private keys, its self seed and every held self-mask share are
-wiped when unmask is answered. The held mask-key shares of the OTHER survivors are kept (stage
-DONE) until :meth:`expose_liar` answers or :meth:`close` runs (client/secure.py closes every DONE
-session when the site's next round starts): they are what lets a proven liar be removed, and they
-leave the site only against a proof that their owner cheated.
+Verifiable shares (common.secagg.vss): at stage 1 a site fixes both sharing polynomials (its
+secrets drawn with :mod:`secrets`, the other coefficients from a dealing key kept in the session)
+and signs the digest of their Feldman commitments; at stage 3 each holder checks every share
+against its dealer's commitments BEFORE masking with the dealer (whose mask public key is the
+commitments' first key element), masks only with dealers whose shares check, and uploads the
+dealer's own signed share as the proof against each dealer whose share does not
+(common.secagg.proof). Hence any ``threshold`` shares an honest holder reveals open exactly the
+committed secret: a dealer cannot make the round fail at unmask.
 
-Expose (stage 6): a dealer whose signed self-mask shares do not open its signed seed commitment
-is proven dishonest by those shares alone (common.secagg.proof). Its upload is in the sum but its
-self mask cannot be removed, so the server removes its whole upload and needs its mask key to
-strip the pairwise masks it shares with the survivors. Each holder checks the proof ITSELF and
-only then reveals its share of the liar's mask key, once. An honest dealer's shares always open
-its commitment, so no server can obtain both secrets of an honest site this way.
+Secret lifetime: every round secret (private keys, dealing key, every held share) is wiped when
+unmask is answered, or at any refusal.
 
 Why the consistency round is enough (Bonawitz et al. 2017, round 3): a site reveals shares only
 for the ONE survivor set S it signed, backed by ``threshold`` signatures of its own share holders
 on that same S, and it derives "survived" and "dropped" itself (S ∩ its mask partners, partners −
-S). Every honest holder therefore answers for the same S, so no site's self-mask seed and mask key
-are both revealed; and to strip a victim's pairwise masks a server must leave ALL the victim's
+S). Every honest holder therefore answers for the same S, so no site's self-mask secret and mask
+key are both revealed; and to strip a victim's pairwise masks a server must leave ALL the victim's
 partners (at least t − 1) out of S, which leaves at most h − t < t holders able to return the
 victim's seed share (t > h/2 for h holders; t > 2h/3 against colluders, see default_threshold).
 """
@@ -37,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -47,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from common.secagg.errors import ParameterError, PayloadError, ProtocolError, SecAggError
 from common.secagg.fixedpoint import clip_l2, pack_bits, quantize
+from common.secagg.group import element_to_bytes, exp, new_secret
 from common.secagg.identity import (
     SIGNATURE_BYTES,
     SignedKeyBundle,
@@ -60,34 +59,28 @@ from common.secagg.identity import (
     sign_survivors,
     survivors_signature_ok,
     verify_key_bundle,
-    x25519_shared_secret,
 )
 from common.secagg.messages import (
-    ExposeRequest,
-    ExposeResponse,
+    SHARE_CIPHERTEXT_BYTES,
+    SHARE_PLAINTEXT_BYTES,
+    Deal,
     MaskedUpload,
     SurvivorSet,
     UnmaskRequest,
     UnmaskResponse,
 )
-from common.secagg.prg import (
-    expand_mask,
-    new_self_seed,
-    pairwise_mask_context,
-    pairwise_seed,
-    seed_commitment,
-    self_mask_context,
-)
-from common.secagg.proof import check_proof
+from common.secagg.prg import expand_mask, pairwise_mask_context, pairwise_seed, self_mask_context, self_mask_seed
+from common.secagg.proof import CheatProof
 from common.secagg.protocol import SecAggParams, Stage, graph_seed
-from common.secagg.shamir import SHARE_BYTES, Share, split
+from common.secagg.shamir import SHARE_BYTES, Share, evaluate
+from common.secagg.vss import KINDS, Commitments, commitments_digest, polynomial, share_ok, shares_ok
 
 __all__ = ["ClientSession"]
 
 log = logging.getLogger(__name__)
 
 _Held = tuple[Share, bytes]  # a share dealt to this site and its dealer's signature on it
-_PLAINTEXT = 8 + 2 * (SHARE_BYTES + SIGNATURE_BYTES)
+_DEALING_KEY_BYTES = 32
 
 
 class ClientSession:
@@ -109,8 +102,9 @@ class ClientSession:
         self._registry = registry
         self._stage = Stage.NEW
         self._share_key: X25519PrivateKey | None = X25519PrivateKey.generate()
-        self._mask_key: X25519PrivateKey | None = X25519PrivateKey.generate()
-        self._self_seed = new_self_seed()
+        self._secrets: dict[str, int] = {kind: new_secret() for kind in KINDS}  # self-mask secret b, mask key s
+        self._dealing_key = secrets.token_bytes(_DEALING_KEY_BYTES)
+        self._commitments: Commitments | None = None
         self._own_bundle: SignedKeyBundle | None = None
         self._neighbours: frozenset[int] = frozenset()
         self._peers: dict[int, SignedKeyBundle] = {}
@@ -136,21 +130,16 @@ class ClientSession:
 
     @property
     def holds_secrets(self) -> bool:
-        """Whether any round secret (private keys, self seed, held shares) is still in memory."""
-        return bool(self._share_key or self._mask_key or self._self_seed or self._held_seed or self._held_key)
+        """Whether any round secret (private keys, dealing key, held shares) is still in memory."""
+        return self.holds_own_secrets or bool(self._held_seed or self._held_key)
 
     @property
     def holds_own_secrets(self) -> bool:
-        """Whether this site's own round secrets (private keys, self seed) are still in memory."""
-        return bool(self._share_key or self._mask_key or self._self_seed)
-
-    @property
-    def retained_key_shares(self) -> frozenset[int]:
-        """Owners whose mask-key shares this site still holds (after unmask: the other survivors)."""
-        return frozenset(self._held_key)
+        """Whether this site's own round secrets (private keys, dealing key) are still in memory."""
+        return bool(self._share_key or self._secrets or self._dealing_key)
 
     @contextmanager
-    def _stage_guard(self, expected: Stage, name: str, after: Stage | None = None) -> Iterator[None]:
+    def _stage_guard(self, expected: Stage, name: str) -> Iterator[None]:
         if self._stage is not expected:
             kind = ("aborted-session" if self._stage is Stage.ABORTED
                     else "replayed" if self._stage > expected else "out-of-order")
@@ -161,57 +150,54 @@ class ClientSession:
         except BaseException:
             self._abort()
             raise
-        self._stage = Stage(expected + 1) if after is None else after
+        self._stage = Stage(expected + 1)
 
     def _abort(self) -> None:
         self._stage = Stage.ABORTED
         self._forget_secrets()
 
-    def _forget_secrets(self, keep_key_shares_of: frozenset[int] = frozenset()) -> None:
+    def _forget_secrets(self) -> None:
         self._held_seed.clear()
-        self._held_key = {o: h for o, h in self._held_key.items() if o in keep_key_shares_of and o != self.site_id}
-        self._self_seed = b""
-        self._share_key = self._mask_key = None
-
-    def close(self) -> None:
-        """End the session for good: wipe every secret (the retained key shares too). A DONE session
-        becomes CLOSED, an unfinished one ABORTED; a closed or aborted one is left as it is."""
-        if self._stage is Stage.DONE:
-            self._stage = Stage.CLOSED
-            self._forget_secrets()
-        elif self._stage not in (Stage.CLOSED, Stage.ABORTED):
-            self._abort()
+        self._held_key.clear()
+        self._secrets.clear()
+        self._dealing_key = b""
+        self._share_key = None
 
     def _refuse(self, what: str, problem: str) -> None:
         log.warning("site %d refused %s: %s", self.site_id, what, problem)
         raise ProtocolError(f"{what} refused: {problem}")
 
+    def _polynomial(self, kind: str) -> list[int]:
+        """This site's ``kind`` sharing polynomial: the same every time it is asked for (deterministic dealing)."""
+        return polynomial(self._secrets[kind], self._dealing_key, self.params.digest, kind, self.params.threshold)
+
     # ------------------------------------------------------------------ stage 1
     def advertise_keys(self) -> SignedKeyBundle:
-        """Stage 1: this round's two X25519 public keys, signed with the identity key over the
-        digest of all round parameters."""
+        """Stage 1: fix both sharing polynomials and commit to them; sign the X25519 share key and the
+        commitments' digest with the identity key over the digest of all round parameters."""
         with self._stage_guard(Stage.NEW, "advertise_keys"):
-            assert self._share_key is not None and self._mask_key is not None
+            assert self._share_key is not None
+            self._commitments = Commitments.of_polynomials(self._polynomial("seed"), self._polynomial("key"))
             self._own_bundle = sign_key_bundle(
                 self._identity,
                 round_id=self.params.round_id,
                 site_id=self.site_id,
                 params_digest=self.params.digest,
                 share_public=self._share_key.public_key().public_bytes_raw(),
-                mask_public=self._mask_key.public_key().public_bytes_raw(),
-                seed_commitment=seed_commitment(self._self_seed, self.params.round_id, self.site_id),
+                commitments_digest=self._commitments.digest,
             )
             return self._own_bundle
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ stage 2
-    def share_keys(self, bundles: Mapping[int, SignedKeyBundle | bytes]) -> dict[int, bytes]:
-        """Stage 2: verify the bundles, derive the graph, Shamir-share the self-mask seed and the
-        mask key among the neighbours, each share signed by this site.
+    def share_keys(self, bundles: Mapping[int, SignedKeyBundle | bytes]) -> Deal:
+        """Stage 2: verify the bundles, derive the graph, deal the shares of both secrets to the
+        neighbours, each share signed by this site together with its commitments' digest.
 
         Complete graph: neighbours with a missing or invalid bundle are logged and treated as
         dropped. Sparse graph: the bundles of EVERY invited site are needed (their hash seeds the
-        graph), else the stage is refused. Returns one AEAD ciphertext per valid neighbour.
+        graph), else the stage is refused. Returns the commitments and one AEAD ciphertext per valid
+        neighbour.
         """
         with self._stage_guard(Stage.ADVERTISED, "share_keys"):
             params = self.params
@@ -252,18 +238,17 @@ class ClientSession:
                           params_digest=self.params.digest, check_keys=False)
         return bundle
 
-    def _deal(self, holders: list[int]) -> dict[int, bytes]:
+    def _deal(self, holders: list[int]) -> Deal:
         params = self.params
-        assert self._mask_key is not None and self._share_key is not None
+        assert self._share_key is not None and self._commitments is not None
         xs = [h + 1 for h in holders]
-        seed_shares = split(self._self_seed, xs, params.threshold)
-        key_shares = split(self._mask_key.private_bytes_raw(), xs, params.threshold)
+        dealt = {kind: evaluate(self._polynomial(kind), xs) for kind in KINDS}
         out: dict[int, bytes] = {}
-        for holder, seed_share, key_share in zip(holders, seed_shares, key_shares, strict=True):
+        for i, holder in enumerate(holders):
             signed = [
                 (share, sign_share(self._identity, kind, params_digest=params.digest, dealer=self.site_id,
-                                   holder=holder, share=share.to_bytes()))
-                for kind, share in (("seed", seed_share), ("key", key_share))
+                                   holder=holder, commitments_digest=self._commitments.digest, share=share.to_bytes()))
+                for kind, share in ((kind, dealt[kind][i]) for kind in KINDS)
             ]
             if holder == self.site_id:
                 self._held_seed[holder], self._held_key[holder] = signed
@@ -274,7 +259,7 @@ class ClientSession:
                 self._share_key, self._peers[holder].share_public, round_id=params.round_id,
                 sender=self.site_id, receiver=holder, plaintext=plaintext,
             )
-        return out
+        return Deal(params.round_id, self._commitments.to_bytes(), out)
 
     def _require_holders(self, count: int, what: str) -> None:
         if count < self.params.threshold:
@@ -285,42 +270,46 @@ class ClientSession:
 
     # ------------------------------------------------------------------ stage 3
     def masked_input(
-        self, ciphertexts: Mapping[int, bytes], update: npt.ArrayLike, counts: Sequence[int] = ()
+        self, inbox: Mapping[int, bytes], update: npt.ArrayLike, counts: Sequence[int] = ()
     ) -> bytes:
-        """Stage 3: decrypt and check received shares, then quantise, mask and pack the contribution.
+        """Stage 3: check every received share against its dealer's commitments, then quantise, mask
+        and pack the contribution.
 
-        ``update`` has ``vector_length`` floats and is L2-clipped to ``clip`` here if needed
-        (callers should already have clipped it); ``counts`` has ``count_slots`` integers in
-        ``[0, max_count]``. Pairwise masks are added only for neighbours whose shares arrived
-        intact and correctly signed (the returned upload lists them).
+        ``inbox`` maps each dealer to its ciphertext followed by its commitments (as the server
+        relays them). ``update`` has ``vector_length`` floats and is L2-clipped to ``clip`` here if
+        needed (callers should already have clipped it); ``counts`` has ``count_slots`` integers in
+        ``[0, max_count]``. Pairwise masks are added only for dealers whose shares arrived intact,
+        correctly signed and on their committed polynomials (the returned upload lists them); a
+        dealer whose signed share is off its commitments is accused, with that share as the proof.
         """
         with self._stage_guard(Stage.SHARED, "masked_input"):
             params = self.params
             values = self._encode(update, counts)
-            for sender in sorted(ciphertexts):
+            received: dict[int, tuple[list[_Held], Commitments]] = {}
+            for sender in sorted(inbox):
                 if sender not in self._peers:
                     log.warning("site %d: ignoring shares from non-peer %r", self.site_id, sender)
                     continue
                 try:
-                    self._accept_shares(sender, ciphertexts[sender])
+                    received[sender] = self._open_shares(sender, inbox[sender])
                 except SecAggError as exc:
                     log.warning("site %d: shares of %d rejected, treated as dropped: %s", self.site_id, sender, exc)
-            partners = frozenset(self._held_seed) - {self.site_id}
+            accusations = self._check_commitments(received)
+            for sender, (held, _) in received.items():
+                self._held_seed[sender], self._held_key[sender] = held
+            partners = frozenset(received)
             self._require_holders(len(partners) + 1, "neighbours with valid shares")
-            assert self._mask_key is not None
-            mask = np.uint64(params.modulus_mask)
-            length, bits = params.total_length, params.modulus_bits
-            masked = values + expand_mask(
-                self._self_seed, length, bits, self_mask_context(params.round_id, self.site_id)
-            )
+            length, bits, round_id = params.total_length, params.modulus_bits, params.round_id
+            own_seed = self_mask_seed(element_to_bytes(self._secrets["seed"]), round_id, self.site_id)
+            masked = values + expand_mask(own_seed, length, bits, self_mask_context(round_id, self.site_id))
             for peer in sorted(partners):
-                shared = x25519_shared_secret(self._mask_key, self._peers[peer].mask_public)
-                seed = pairwise_seed(shared, params.round_id, self.site_id, peer)
-                pair = expand_mask(seed, length, bits, pairwise_mask_context(params.round_id, self.site_id, peer))
+                shared = exp(received[peer][1].mask_public, self._secrets["key"])
+                seed = pairwise_seed(element_to_bytes(shared), round_id, self.site_id, peer)
+                pair = expand_mask(seed, length, bits, pairwise_mask_context(round_id, self.site_id, peer))
                 masked = masked + pair if self.site_id < peer else masked - pair
-            masked &= mask
+            masked &= np.uint64(params.modulus_mask)
             self._masked_with = partners
-            return MaskedUpload(self.site_id, partners, pack_bits(masked, bits)).to_bytes(params)
+            return MaskedUpload(self.site_id, partners, pack_bits(masked, bits), accusations).to_bytes(params)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _encode(self, update: npt.ArrayLike, counts: Sequence[int]) -> npt.NDArray[np.uint64]:
@@ -338,30 +327,55 @@ class ClientSession:
         q = quantize(clipped, value_bits=params.value_bits, clip=params.clip, rounding=params.rounding)
         return np.concatenate([q, np.asarray([int(c) for c in counts], dtype=np.uint64)])
 
-    def _accept_shares(self, sender: int, ciphertext: bytes) -> None:
-        if not isinstance(ciphertext, bytes):
-            raise PayloadError("share ciphertext is not bytes")
+    def _open_shares(self, sender: int, blob: bytes) -> tuple[list[_Held], Commitments]:
+        """Decrypt one dealer's shares, check their signatures and the commitments' digest (not yet
+        whether the shares are on the commitments: see :meth:`_check_commitments`)."""
+        if not isinstance(blob, bytes) or len(blob) != SHARE_CIPHERTEXT_BYTES + Commitments.size(self.params.threshold):
+            raise PayloadError("shares and commitments have the wrong size")
+        ciphertext, raw = blob[:SHARE_CIPHERTEXT_BYTES], blob[SHARE_CIPHERTEXT_BYTES:]
+        digest = self._peers[sender].commitments_digest
+        if commitments_digest(raw) != digest:
+            raise PayloadError("the relayed commitments are not the ones the dealer signed")
         assert self._share_key is not None
         plaintext = decrypt_from_peer(
             self._share_key, self._peers[sender].share_public, round_id=self.params.round_id,
             sender=sender, receiver=self.site_id, ciphertext=ciphertext,
         )
-        if len(plaintext) != _PLAINTEXT:
+        if len(plaintext) != SHARE_PLAINTEXT_BYTES:
             raise PayloadError("share plaintext has the wrong length")
         if plaintext[:8] != sender.to_bytes(4, "big") + self.site_id.to_bytes(4, "big"):
             raise PayloadError("share plaintext names the wrong sender or receiver")
         held: list[_Held] = []
         step = SHARE_BYTES + SIGNATURE_BYTES
-        for i, kind in enumerate(("seed", "key")):
+        for i, kind in enumerate(KINDS):
             chunk = plaintext[8 + i * step:8 + (i + 1) * step]
             share, sig = Share.from_bytes(chunk[:SHARE_BYTES]), chunk[SHARE_BYTES:]
             if share.x != self.site_id + 1:
                 raise PayloadError("share is not addressed to this site's x-coordinate")
             if not share_signature_ok(self._registry[sender], sig, kind, params_digest=self.params.digest,
-                                      dealer=sender, holder=self.site_id, share=share.to_bytes()):
+                                      dealer=sender, holder=self.site_id, commitments_digest=digest,
+                                      share=share.to_bytes()):
                 raise PayloadError(f"{kind} share is not signed by its dealer")
             held.append((share, sig))
-        self._held_seed[sender], self._held_key[sender] = held
+        return held, Commitments.from_bytes(raw, self.params.threshold)
+
+    def _check_commitments(self, received: dict[int, tuple[list[_Held], Commitments]]) -> tuple[CheatProof, ...]:
+        """Drop from ``received`` every dealer with a share off its commitments; return the proofs.
+        One batch check for all shares; share by share only when the batch fails."""
+        checks = [(share, c.of(kind)) for held, c in received.values()
+                  for kind, (share, _) in zip(KINDS, held, strict=True)]
+        if not checks or shares_ok(checks):
+            return ()
+        proofs = []
+        for sender, (held, c) in sorted(received.items()):
+            for kind, (share, sig) in zip(KINDS, held, strict=True):
+                if not share_ok(share, c.of(kind)):
+                    log.warning("site %d: the %s share of %d is not on its commitments: proven cheat, not masked "
+                                "with", self.site_id, kind, sender)
+                    proofs.append(CheatProof(sender, self.site_id, kind, share.to_bytes(), sig))
+                    del received[sender]
+                    break
+        return tuple(proofs)
 
     # ------------------------------------------------------------------ stage 4
     def confirm_survivors(self, survivors: SurvivorSet | bytes | frozenset[int]) -> bytes:
@@ -396,7 +410,8 @@ class ClientSession:
 
     # ------------------------------------------------------------------ stage 5
     def unmask(self, request: UnmaskRequest | bytes) -> UnmaskResponse:
-        """Stage 5: reveal, per mask partner, the self-mask share (survived) OR the key share (dropped).
+        """Stage 5: reveal, per mask partner, the self-mask share (survived) OR the key share (dropped),
+        then wipe every secret of the round.
 
         Answered at most once, only for the survivor set this site signed at stage 4, and only when
         the request carries at least ``threshold`` valid signatures on that same set by distinct
@@ -425,64 +440,30 @@ class ClientSession:
                 self_mask_shares={o: sh.to_bytes() + sig for o, (sh, sig) in self._held_seed.items() if o in survived},
                 key_shares={o: sh.to_bytes() + sig for o, (sh, sig) in self._held_key.items() if o in dropped},
             )
-            self._forget_secrets(keep_key_shares_of=survived)  # only for a proven liar (expose_liar)
-            return response
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    # ------------------------------------------------------------------ stage 6 (only with a proven liar)
-    def expose_liar(self, request: ExposeRequest | bytes) -> ExposeResponse:
-        """Stage 6: reveal this site's share of each proven liar's MASK KEY, once, then wipe everything.
-
-        Every proof in the request must be checked here (check_proof: the liar's registered identity
-        key, this round's digest, at least ``threshold`` distinct holders, shares that do not open the
-        commitment in the liar's bundle as THIS site received it) and be about a survivor whose key
-        share this site retained; otherwise the whole request is refused (and the session aborted).
-        Only self-mask-seed proofs are accepted: their owner's seed shares were revealed at unmask.
-        """
-        with self._stage_guard(Stage.DONE, "expose_liar", after=Stage.CLOSED):
-            req = ExposeRequest.from_bytes(request) if isinstance(request, bytes) else request
-            if req.round_id != self.params.round_id:
-                self._refuse("expose request", "it is for another round")
-            if not req.proofs:
-                self._refuse("expose request", "it carries no proof")
-            for proof in req.proofs:
-                if proof.kind != "seed" or proof.dealer not in self._held_key:
-                    self._refuse("expose request", f"no retained key share of site {proof.dealer} to reveal "
-                                                   f"for a {proof.kind} proof")
-                try:
-                    check_proof(proof, self.params, self._registry[proof.dealer], self._peers[proof.dealer])
-                except ProtocolError as exc:
-                    self._refuse("expose request", f"the proof against site {proof.dealer} fails: {exc}")
-            log.warning("site %d reveals its mask-key shares of proven liars %s", self.site_id,
-                        sorted(p.dealer for p in req.proofs))
-            response = ExposeResponse(self.params.round_id, self.site_id, {
-                p.dealer: self._held_key[p.dealer][0].to_bytes() + self._held_key[p.dealer][1] for p in req.proofs})
             self._forget_secrets()
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ persistence
     def export_state(self) -> bytes:
-        """Serialise the session for local storage between stages; secrets only while the round runs
-        (private keys until unmask, the other survivors' mask-key shares until CLOSED).
+        """Serialise the session for local storage between stages; secrets only until unmask is answered.
 
-        The blob holds secrets until the session is closed: keep it on the site, never send it.
-        Persist it after every stage (durably before an unmask answer leaves), or a replay check is lost.
+        The blob holds secrets until then: keep it on the site, never send it. Persist it after
+        every stage (durably before an unmask answer leaves), or a replay check is lost. A session
+        restored from any saved state deals exactly the shares it dealt (or would have).
         """
         def shares(d: dict[int, _Held]) -> dict[str, list[str]]:
             return {str(k): [s.to_bytes().hex(), sig.hex()] for k, (s, sig) in d.items()}
-
-        def key(k: X25519PrivateKey | None) -> str | None:
-            return None if k is None else k.private_bytes_raw().hex()
 
         return json.dumps({
             "round_id": self.params.round_id.hex(),
             "params_digest": self.params.digest.hex(),
             "site_id": self.site_id,
             "stage": int(self._stage),
-            "share_key": key(self._share_key),
-            "mask_key": key(self._mask_key),
-            "self_seed": self._self_seed.hex(),
+            "share_key": None if self._share_key is None else self._share_key.private_bytes_raw().hex(),
+            "secrets": {kind: hex(value) for kind, value in self._secrets.items()},
+            "dealing_key": self._dealing_key.hex(),
+            "commitments": self._commitments.to_bytes().hex() if self._commitments else None,
             "own_bundle": self._own_bundle.to_bytes().hex() if self._own_bundle else None,
             "neighbours": sorted(self._neighbours),
             "peers": {str(k): v.to_bytes().hex() for k, v in self._peers.items()},
@@ -504,13 +485,14 @@ class ClientSession:
         def shares(d: dict[str, list[str]]) -> dict[int, _Held]:
             return {int(k): (Share.from_bytes(bytes.fromhex(s)), bytes.fromhex(sig)) for k, (s, sig) in d.items()}
 
-        def key(raw: str | None) -> X25519PrivateKey | None:
-            return None if raw is None else X25519PrivateKey.from_private_bytes(bytes.fromhex(raw))
-
         session = cls(params, int(data["site_id"]), identity, registry)
         session._stage = Stage(data["stage"])
-        session._share_key, session._mask_key = key(data["share_key"]), key(data["mask_key"])
-        session._self_seed = bytes.fromhex(data["self_seed"])
+        share_key = data["share_key"] and X25519PrivateKey.from_private_bytes(bytes.fromhex(data["share_key"]))
+        session._share_key = share_key or None
+        session._secrets = {kind: int(value, 16) for kind, value in data["secrets"].items()}
+        session._dealing_key = bytes.fromhex(data["dealing_key"])
+        raw = data["commitments"]
+        session._commitments = Commitments.from_bytes(bytes.fromhex(raw), params.threshold) if raw else None
         own = data["own_bundle"]
         session._own_bundle = SignedKeyBundle.from_bytes(bytes.fromhex(own)) if own else None
         session._neighbours = frozenset(data["neighbours"])

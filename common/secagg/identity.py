@@ -2,10 +2,11 @@
 
 Each site holds a long-term Ed25519 identity key provisioned out of band; the server and every
 site know all identity public keys through a :class:`SiteRegistry`. Per round, a site signs its
-two fresh X25519 public keys (share encryption, mask agreement) together with the round id, its
-site id and the digest of all round parameters, so a server relaying keys can neither substitute
-its own nor show two sites different parameters. Sites also sign each Shamir share they deal and
-the survivor set of the consistency round.
+fresh X25519 share-encryption key and the digest of its Feldman commitments (whose first key
+element is its mask-agreement public key, common.secagg.vss) together with the round id, its site
+id and the digest of all round parameters, so a server relaying keys can neither substitute its
+own nor show two sites different parameters. Sites also sign each Shamir share they deal (bound to
+that commitments digest) and the survivor set of the consistency round.
 """
 
 from __future__ import annotations
@@ -118,28 +119,28 @@ class SiteRegistry(Mapping[int, Ed25519PublicKey]):
 
 @dataclass(frozen=True)
 class SignedKeyBundle:
-    """A site's two X25519 public keys for one round and a commitment to its self-mask seed,
-    signed by its identity key together with the digest of ALL the round's parameters (a bundle
-    signed over other parameters is invalid). The commitment lets the server check a recovered seed."""
+    """A site's X25519 share-encryption public key for one round and the digest of its Feldman
+    commitments (both sharing polynomials, its mask public key among them), signed by its identity
+    key together with the digest of ALL the round's parameters (a bundle signed over other
+    parameters is invalid). Small on purpose: a sparse round sends every bundle to every site."""
 
     round_id: bytes
     site_id: int
     params_digest: bytes
     share_public: bytes
-    mask_public: bytes
-    seed_commitment: bytes
+    commitments_digest: bytes
     signature: bytes
 
     def signed_message(self) -> bytes:
         """The exact bytes covered by the signature."""
         return _bundle_message(self.round_id, self.site_id, self.params_digest, self.share_public,
-                               self.mask_public, self.seed_commitment)
+                               self.commitments_digest)
 
     def to_bytes(self) -> bytes:
         """Wire encoding."""
         return (
             len(self.round_id).to_bytes(2, "big") + self.round_id + self.site_id.to_bytes(4, "big")
-            + self.params_digest + self.share_public + self.mask_public + self.seed_commitment + self.signature
+            + self.params_digest + self.share_public + self.commitments_digest + self.signature
         )
 
     @classmethod
@@ -148,32 +149,31 @@ class SignedKeyBundle:
         if not isinstance(data, bytes) or len(data) < 2:
             raise PayloadError("key bundle is not bytes or is truncated")
         n = int.from_bytes(data[:2], "big")
-        expected = 2 + n + 4 + 4 * _KEY + _SIG
+        expected = 2 + n + 4 + 3 * _KEY + _SIG
         if len(data) != expected:
             raise PayloadError(f"key bundle has {len(data)} bytes, expected {expected}")
         body = data[2 + n:]
-        digest, share_public, mask_public, commitment = (body[4 + i * _KEY:4 + (i + 1) * _KEY] for i in range(4))
-        return cls(data[2:2 + n], int.from_bytes(body[:4], "big"), digest, share_public, mask_public, commitment,
-                   body[4 + 4 * _KEY:])
+        digest, share_public, commitments = (body[4 + i * _KEY:4 + (i + 1) * _KEY] for i in range(3))
+        return cls(data[2:2 + n], int.from_bytes(body[:4], "big"), digest, share_public, commitments,
+                   body[4 + 3 * _KEY:])
 
 
 def _bundle_message(
-    round_id: bytes, site_id: int, params_digest: bytes, share_public: bytes, mask_public: bytes,
-    seed_commitment: bytes,
+    round_id: bytes, site_id: int, params_digest: bytes, share_public: bytes, commitments_digest: bytes,
 ) -> bytes:
-    return encode_context("key-bundle", round_id, site_id, params_digest, share_public, mask_public, seed_commitment)
+    return encode_context("key-bundle", round_id, site_id, params_digest, share_public, commitments_digest)
 
 
 def sign_key_bundle(
     identity: SiteIdentity, *, round_id: bytes, site_id: int, params_digest: bytes, share_public: bytes,
-    mask_public: bytes, seed_commitment: bytes,
+    commitments_digest: bytes,
 ) -> SignedKeyBundle:
     """Sign a round's key bundle (bound to the round's parameter digest) with the identity key."""
     if len(round_id) > _MAX_ROUND_ID:
         raise PayloadError("round id is too long")
-    message = _bundle_message(round_id, site_id, params_digest, share_public, mask_public, seed_commitment)
+    message = _bundle_message(round_id, site_id, params_digest, share_public, commitments_digest)
     signature = identity.private_key.sign(message)
-    return SignedKeyBundle(round_id, site_id, params_digest, share_public, mask_public, seed_commitment, signature)
+    return SignedKeyBundle(round_id, site_id, params_digest, share_public, commitments_digest, signature)
 
 
 def verify_key_bundle(
@@ -184,7 +184,7 @@ def verify_key_bundle(
     by its registered key.
 
     Raises :class:`SignatureError` otherwise (wrong round, parameters or site, unknown site, bad
-    signature, malformed or identical keys). ``check_keys=False`` skips the X25519 key probe.
+    signature, malformed fields). ``check_keys=False`` skips the X25519 key probe.
     """
     if bundle.round_id != round_id:
         raise SignatureError(f"bundle of site {site_id} is for another round")
@@ -194,10 +194,8 @@ def verify_key_bundle(
         raise SignatureError(f"bundle relayed as site {site_id} claims site {bundle.site_id}")
     if site_id not in registry:
         raise SignatureError(f"site {site_id} is not in the registry")
-    if len(bundle.share_public) != _KEY or len(bundle.mask_public) != _KEY or len(bundle.seed_commitment) != _KEY:
-        raise SignatureError(f"bundle of site {site_id} has malformed keys")
-    if bundle.share_public == bundle.mask_public:
-        raise SignatureError(f"bundle of site {site_id} reuses one key for both purposes")
+    if len(bundle.share_public) != _KEY or len(bundle.commitments_digest) != _KEY:
+        raise SignatureError(f"bundle of site {site_id} has malformed fields")
     try:
         registry[site_id].verify(bundle.signature, bundle.signed_message())
     except InvalidSignature as exc:
@@ -206,22 +204,27 @@ def verify_key_bundle(
         check_bundle_keys(bundle)
 
 
-def _share_message(kind: str, params_digest: bytes, dealer: int, holder: int, share: bytes) -> bytes:
-    return encode_context("dealt-share", kind, params_digest, dealer, holder, share)
+def _share_message(kind: str, params_digest: bytes, dealer: int, holder: int, commitments_digest: bytes,
+                   share: bytes) -> bytes:
+    return encode_context("dealt-share", kind, params_digest, dealer, holder, commitments_digest, share)
 
 
 def sign_share(identity: SiteIdentity, kind: str, *, params_digest: bytes, dealer: int, holder: int,
-               share: bytes) -> bytes:
-    """The dealer's signature on one Shamir share (``kind`` "seed" or "key"), so that a holder who
-    returns a different share is caught share by share, and a dealer's bad shares are its own proof."""
-    return identity.private_key.sign(_share_message(kind, params_digest, dealer, holder, share))
+               commitments_digest: bytes, share: bytes) -> bytes:
+    """The dealer's signature on one Shamir share (``kind`` "seed" or "key") and on the commitments
+    it claims to lie on, so that a holder who returns a different share is caught share by share,
+    and a share off those commitments is its dealer's own proof of cheating (common.secagg.proof):
+    two deals of one round (a restored session) cannot be mixed to frame an honest dealer."""
+    return identity.private_key.sign(_share_message(kind, params_digest, dealer, holder, commitments_digest, share))
 
 
 def share_signature_ok(public_key: Ed25519PublicKey, signature: bytes, kind: str, *, params_digest: bytes,
-                       dealer: int, holder: int, share: bytes) -> bool:
-    """Whether ``signature`` is the dealer's on this share."""
+                       dealer: int, holder: int, commitments_digest: bytes, share: bytes) -> bool:
+    """Whether ``signature`` is the dealer's on this share and these commitments."""
+    if not isinstance(signature, bytes) or len(signature) != _SIG:
+        return False
     try:
-        public_key.verify(signature, _share_message(kind, params_digest, dealer, holder, share))
+        public_key.verify(signature, _share_message(kind, params_digest, dealer, holder, commitments_digest, share))
     except InvalidSignature:
         return False
     return True
@@ -250,10 +253,8 @@ def survivors_signature_ok(public_key: Ed25519PublicKey, signature: bytes, param
 
 
 def check_bundle_keys(bundle: SignedKeyBundle) -> None:
-    """Raise :class:`SignatureError` unless both X25519 keys give a usable (non-zero) secret."""
-    probe = X25519PrivateKey.generate()
-    for key in (bundle.share_public, bundle.mask_public):
-        x25519_shared_secret(probe, key)
+    """Raise :class:`SignatureError` unless the X25519 share key gives a usable (non-zero) secret."""
+    x25519_shared_secret(X25519PrivateKey.generate(), bundle.share_public)
 
 
 def x25519_shared_secret(private_key: X25519PrivateKey, peer_public: bytes) -> bytes:

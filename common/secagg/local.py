@@ -17,7 +17,7 @@ import numpy.typing as npt
 from common.secagg.client import ClientSession
 from common.secagg.errors import SecAggError
 from common.secagg.identity import SiteIdentity, SiteRegistry
-from common.secagg.messages import ExposeRequest, SurvivorSet, UnmaskRequest
+from common.secagg.messages import SurvivorSet, UnmaskRequest
 from common.secagg.protocol import SecAggParams
 from common.secagg.server import AggregateResult, ServerAggregator
 
@@ -54,12 +54,12 @@ class LocalFederation:
 
     def share_outgoing(
         self, routed: Mapping[int, Mapping[int, bytes]], drop: Collection[int] = ()
-    ) -> dict[int, dict[int, bytes]]:
-        """Stage 2, client side: each live site's ciphertexts by receiver."""
+    ) -> dict[int, bytes]:
+        """Stage 2, client side: each live site's deal (commitments and ciphertexts by receiver), as bytes."""
         out = {}
         for site, view in routed.items():
-            if site not in drop and (cts := self._call(site, ClientSession.share_keys, dict(view))) is not None:
-                out[site] = cts
+            if site not in drop and (deal := self._call(site, ClientSession.share_keys, dict(view))) is not None:
+                out[site] = deal.to_bytes()
         return out
 
     def share(
@@ -124,24 +124,9 @@ class LocalFederation:
                 answers[site] = resp.to_bytes()
         return answers
 
-    def expose_responses(self, requests: Mapping[int, ExposeRequest | bytes],
-                         drop: Collection[int] = ()) -> dict[int, bytes]:
-        """Stage 6, client side: each live holder's answer to the proofs it is sent."""
-        answers = {}
-        for site, req in sorted(requests.items()):
-            blob = req if isinstance(req, bytes) else req.to_bytes()
-            if site not in drop and (resp := self._call(site, ClientSession.expose_liar, blob)) is not None:
-                answers[site] = resp.to_bytes()
-        return answers
-
-    def unmask(self, request: UnmaskRequest | bytes, drop: Collection[int] = (),
-               expose_drop: Collection[int] = ()) -> AggregateResult:
-        """Stage 5: signers answer the unmask request; with proven liars, stage 6 (holders not in
-        ``expose_drop`` answer the proofs); the server finishes the round."""
-        requests = self.server.collect_unmask(self.unmask_responses(request, drop))
-        if requests:
-            self.server.collect_exposures(self.expose_responses(requests, expose_drop))
-        return self.server.finish()
+    def unmask(self, request: UnmaskRequest | bytes, drop: Collection[int] = ()) -> AggregateResult:
+        """Stage 5: signers answer the unmask request; the server finishes the round."""
+        return self.server.finish(self.unmask_responses(request, drop))
 
     def run(
         self,
@@ -149,13 +134,13 @@ class LocalFederation:
         counts: Mapping[int, Sequence[int]] | None = None,
         drop: Mapping[str, Collection[int]] | None = None,
     ) -> AggregateResult:
-        """All stages; ``drop`` maps "advertise"/"share"/"upload"/"confirm"/"unmask"/"expose" to silent sites."""
+        """All stages; ``drop`` maps "advertise"/"share"/"upload"/"confirm"/"unmask" to silent sites."""
         drop = drop or {}
         routed = self.advertise(drop.get("advertise", ()))
         inboxes = self.share(routed, drop.get("share", ()))
         survivors = self.upload(inboxes, updates, counts, drop.get("upload", ()))
         request = self.confirm(survivors, drop.get("confirm", ()))
-        return self.unmask(request, drop.get("unmask", ()), drop.get("expose", ()))
+        return self.unmask(request, drop.get("unmask", ()))
 
     def _call(self, site: int, stage: Callable[..., _T], *args: Any) -> _T | None:
         """Run a client stage; a typed failure means the site drops out (logged)."""

@@ -1,12 +1,12 @@
 """Wire formats of the messages that client and server exchange (one place packs and unpacks).
 
-Stage 1 sends a :class:`~common.secagg.identity.SignedKeyBundle`; stage 2 sends opaque AEAD
-ciphertexts; stage 3 a :class:`MaskedUpload`; stage 4 (consistency) a :class:`SurvivorSet` down and
-a 64-byte signature up; stage 5 one :class:`UnmaskRequest` (the same for every site) down and an
-:class:`UnmaskResponse` up; stage 6, only when a dealer was proven to cheat, an :class:`ExposeRequest`
-(the proofs) down and an :class:`ExposeResponse` (the liars' mask-key shares) up. All integers
-are big-endian; id lists are sorted and unique. Every parser takes untrusted input: a non-bytes
-value or any malformation is a :class:`PayloadError`.
+Stage 1 sends a :class:`~common.secagg.identity.SignedKeyBundle`; stage 2 a :class:`Deal` up (the
+dealer's commitments and one opaque AEAD ciphertext per holder) and, to each holder, each dealer's
+ciphertext followed by its commitments; stage 3 a :class:`MaskedUpload` (with proofs against
+dealers whose shares failed their commitments); stage 4 (consistency) a :class:`SurvivorSet` down
+and a 64-byte signature up; stage 5 one :class:`UnmaskRequest` (the same for every site) down and
+an :class:`UnmaskResponse` up. All integers are big-endian; id lists are sorted and unique. Every
+parser takes untrusted input: a non-bytes value or any malformation is a :class:`PayloadError`.
 """
 
 from __future__ import annotations
@@ -18,23 +18,27 @@ from dataclasses import dataclass
 from common.secagg.errors import PayloadError
 from common.secagg.fixedpoint import check_packed
 from common.secagg.identity import SIGNATURE_BYTES
-from common.secagg.proof import KINDS, LiarProof
+from common.secagg.proof import CheatProof
 from common.secagg.protocol import SecAggParams
 from common.secagg.shamir import SHARE_BYTES
+from common.secagg.vss import KINDS
 
 __all__ = [
-    "SIGNED_SHARE_BYTES", "ExposeRequest", "ExposeResponse", "MaskedUpload", "SurvivorSet", "UnmaskRequest",
-    "UnmaskResponse",
+    "SHARE_CIPHERTEXT_BYTES", "SHARE_PLAINTEXT_BYTES", "SIGNED_SHARE_BYTES", "Deal", "MaskedUpload", "SurvivorSet",
+    "UnmaskRequest", "UnmaskResponse",
 ]
 
-_UPLOAD_MAGIC = b"FSU1"
+_DEAL_MAGIC = b"FSD1"
+_UPLOAD_MAGIC = b"FSU2"
 _SURVIVORS_MAGIC = b"FSS1"
-_REQUEST_MAGIC = b"FSQ2"
-_RESPONSE_MAGIC = b"FSR2"
-_EXPOSE_MAGIC = b"FSX1"
-_EXPOSED_MAGIC = b"FSY1"
+_REQUEST_MAGIC = b"FSQ3"
+_RESPONSE_MAGIC = b"FSR3"
 SIGNED_SHARE_BYTES = SHARE_BYTES + SIGNATURE_BYTES
 """A revealed share: the Shamir share then its dealer's signature."""
+SHARE_PLAINTEXT_BYTES = 8 + len(KINDS) * SIGNED_SHARE_BYTES
+"""What a dealer encrypts to one holder: dealer and holder ids, then its signed seed and key shares."""
+SHARE_CIPHERTEXT_BYTES = 12 + SHARE_PLAINTEXT_BYTES + 16
+"""Exact size of one stage-2 ciphertext: nonce, plaintext, AEAD tag."""
 
 
 def _ids_to_bytes(ids: Iterable[int]) -> bytes:
@@ -93,32 +97,76 @@ class _Reader:
 
 
 @dataclass(frozen=True)
+class Deal:
+    """Stage-2 reply: the dealer's Feldman commitments (encoded, common.secagg.vss.Commitments) and
+    one :data:`SHARE_CIPHERTEXT_BYTES` ciphertext per holder."""
+
+    round_id: bytes
+    commitments: bytes
+    ciphertexts: Mapping[int, bytes]
+
+    def to_bytes(self) -> bytes:
+        """Wire encoding: holders in id order."""
+        out = bytearray(_head(_DEAL_MAGIC, self.round_id))
+        out += len(self.commitments).to_bytes(4, "big") + self.commitments + len(self.ciphertexts).to_bytes(4, "big")
+        for holder in sorted(self.ciphertexts):
+            out += holder.to_bytes(4, "big") + self.ciphertexts[holder]
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Deal:
+        """Parse :meth:`to_bytes` output (the commitments are parsed and checked by their users)."""
+        reader = _Reader(data, "deal")
+        round_id = reader.head(_DEAL_MAGIC)
+        commitments = reader.take(reader.uint())
+        ciphertexts: dict[int, bytes] = {}
+        for _ in range(reader.uint()):
+            holder = reader.uint()
+            if ciphertexts and holder <= max(ciphertexts):
+                raise PayloadError("deal has unsorted or repeated holder ids")
+            ciphertexts[holder] = reader.take(SHARE_CIPHERTEXT_BYTES)
+        reader.end()
+        return cls(round_id, commitments, ciphertexts)
+
+
+@dataclass(frozen=True)
 class MaskedUpload:
-    """Stage-3 upload: the packed masked vector and the neighbours whose pairwise masks it holds."""
+    """Stage-3 upload: the packed masked vector, the neighbours whose pairwise masks it holds, and
+    a proof against each dealer whose shares this site rejected because they failed the dealer's
+    commitments (the proofs' holder is ``site_id``)."""
 
     site_id: int
     masked_with: frozenset[int]
     body: bytes
+    accusations: tuple[CheatProof, ...] = ()
 
     def to_bytes(self, params: SecAggParams) -> bytes:
-        """Header (magic, round tag, site id, neighbour ids) then the packed vector."""
-        return (
-            _UPLOAD_MAGIC + params.round_tag + self.site_id.to_bytes(4, "big")
-            + _ids_to_bytes(self.masked_with) + self.body
-        )
+        """Header (magic, round tag, site id, neighbour ids, proofs by dealer) then the packed vector."""
+        out = bytearray(_UPLOAD_MAGIC + params.round_tag + self.site_id.to_bytes(4, "big"))
+        out += _ids_to_bytes(self.masked_with) + len(self.accusations).to_bytes(4, "big")
+        for proof in sorted(self.accusations, key=lambda p: p.dealer):
+            out += proof.dealer.to_bytes(4, "big") + bytes([KINDS.index(proof.kind)]) + proof.share + proof.signature
+        return bytes(out + self.body)
 
     @classmethod
     def from_bytes(cls, data: bytes, params: SecAggParams) -> MaskedUpload:
-        """Parse and check header and size; the body is unpacked later by the server."""
+        """Parse and check header and size; the body is unpacked later by the server, the proofs checked."""
         reader = _Reader(data, "masked upload")
         reader.magic(_UPLOAD_MAGIC)
         if reader.take(16) != params.round_tag:
             raise PayloadError("masked upload is for another round")
         site_id = reader.uint()
         masked_with = reader.ids()
+        proofs: list[CheatProof] = []
+        for _ in range(reader.uint()):
+            dealer, kind = reader.uint(), reader.uint(1)
+            if kind >= len(KINDS) or (proofs and dealer <= proofs[-1].dealer):
+                raise PayloadError("masked upload has a proof of a bad kind, or unsorted or repeated dealers")
+            proofs.append(CheatProof(dealer, site_id, KINDS[kind], reader.take(SHARE_BYTES),
+                                     reader.take(SIGNATURE_BYTES)))
         body = reader.rest()
         check_packed(body, params.total_length, params.modulus_bits)
-        return cls(site_id, masked_with, body)
+        return cls(site_id, masked_with, body, tuple(proofs))
 
 
 @dataclass(frozen=True)
@@ -213,77 +261,3 @@ class UnmaskResponse:
         if parts[0].keys() & parts[1].keys():
             raise PayloadError("unmask response reveals both secrets of one owner")
         return cls(round_id, site_id, parts[0], parts[1])
-
-
-def _signed_shares_to_bytes(shares: Mapping[int, bytes]) -> bytes:
-    out = bytearray(len(shares).to_bytes(4, "big"))
-    for key in sorted(shares):
-        out += key.to_bytes(4, "big") + shares[key]
-    return bytes(out)
-
-
-def _signed_shares(reader: _Reader) -> dict[int, bytes]:
-    """A map of site id to signed share; ids strictly increasing."""
-    shares: dict[int, bytes] = {}
-    for _ in range(reader.uint()):
-        key = reader.uint()
-        if shares and key <= max(shares):
-            raise PayloadError(f"{reader.what} has unsorted or repeated site ids")
-        shares[key] = reader.take(SIGNED_SHARE_BYTES)
-    return shares
-
-
-@dataclass(frozen=True)
-class ExposeRequest:
-    """Stage 6 (only after proven cheating): one :class:`~common.secagg.proof.LiarProof` per liar
-    whose mask-key share the receiving site holds; each proof names a distinct dealer."""
-
-    round_id: bytes
-    proofs: tuple[LiarProof, ...]
-
-    def to_bytes(self) -> bytes:
-        """Wire encoding: proofs in dealer order."""
-        out = bytearray(_head(_EXPOSE_MAGIC, self.round_id))
-        out += len(self.proofs).to_bytes(4, "big")
-        for proof in sorted(self.proofs, key=lambda p: p.dealer):
-            out += proof.dealer.to_bytes(4, "big") + bytes([KINDS.index(proof.kind)])
-            out += _signed_shares_to_bytes(proof.shares)
-        return bytes(out)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ExposeRequest:
-        """Parse :meth:`to_bytes` output (the proofs are checked by each holder later)."""
-        reader = _Reader(data, "expose request")
-        round_id = reader.head(_EXPOSE_MAGIC)
-        proofs: list[LiarProof] = []
-        for _ in range(reader.uint()):
-            dealer, kind = reader.uint(), reader.uint(1)
-            if kind >= len(KINDS) or (proofs and dealer <= proofs[-1].dealer):
-                raise PayloadError("expose request has a bad kind or unsorted or repeated dealers")
-            proofs.append(LiarProof(dealer, KINDS[kind], _signed_shares(reader)))
-        reader.end()
-        return cls(round_id, tuple(proofs))
-
-
-@dataclass(frozen=True)
-class ExposeResponse:
-    """Stage-6 answer: ``site_id``'s share of each proven liar's mask key, with the liar's signature."""
-
-    round_id: bytes
-    site_id: int
-    key_shares: Mapping[int, bytes]
-
-    def to_bytes(self) -> bytes:
-        """Wire encoding."""
-        return (_head(_EXPOSED_MAGIC, self.round_id)
-                + self.site_id.to_bytes(4, "big") + _signed_shares_to_bytes(self.key_shares))
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ExposeResponse:
-        """Parse :meth:`to_bytes` output (shares and signatures are checked by the server later)."""
-        reader = _Reader(data, "expose response")
-        round_id = reader.head(_EXPOSED_MAGIC)
-        site_id = reader.uint()
-        shares = _signed_shares(reader)
-        reader.end()
-        return cls(round_id, site_id, shares)

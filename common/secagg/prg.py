@@ -6,9 +6,6 @@ Every derivation binds a *context* (protocol version, purpose, round id, site id
 
 from __future__ import annotations
 
-import hashlib
-import secrets
-
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives import hashes
@@ -22,11 +19,10 @@ __all__ = [
     "encode_context",
     "expand_mask",
     "hkdf",
-    "new_self_seed",
     "pairwise_mask_context",
     "pairwise_seed",
-    "seed_commitment",
     "self_mask_context",
+    "self_mask_seed",
 ]
 
 SEED_BYTES = 32
@@ -75,13 +71,13 @@ def expand_mask(seed: bytes, length: int, modulus_bits: int, context: bytes) -> 
     return words
 
 
-def new_self_seed() -> bytes:
-    """A fresh self-mask seed from the OS CSPRNG."""
-    return secrets.token_bytes(SEED_BYTES)
+def self_mask_seed(secret: bytes, round_id: bytes, site_id: int) -> bytes:
+    """Seed of a site's self mask from its (encoded) self-mask secret, the one it shares."""
+    return hkdf(secret, encode_context("self-seed", round_id, site_id))
 
 
 def pairwise_seed(shared_secret: bytes, round_id: bytes, site_a: int, site_b: int) -> bytes:
-    """Seed of the pairwise mask of two sites from their full X25519 shared secret.
+    """Seed of the pairwise mask of two sites from their full (encoded) Diffie-Hellman secret.
 
     Symmetric in ``(site_a, site_b)``: both sides derive the same seed.
     """
@@ -99,7 +95,3 @@ def self_mask_context(round_id: bytes, site_id: int) -> bytes:
     """Context of a site's self mask."""
     return encode_context("self-mask", round_id, site_id)
 
-
-def seed_commitment(seed: bytes, round_id: bytes, site_id: int) -> bytes:
-    """SHA-256 commitment to a self-mask seed (hiding: the seed has 256 bits of entropy)."""
-    return hashlib.sha256(encode_context("seed-commitment", round_id, site_id, seed)).digest()

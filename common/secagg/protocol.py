@@ -49,8 +49,7 @@ MAX_SITE_ID = (1 << 32) - 2
 class Stage(enum.IntEnum):
     """Client stages, in order. A session only moves forward, or to ``ABORTED``.
 
-    ``DONE``: unmask answered; only the held mask-key shares of OTHER survivors are kept, for a
-    possible expose stage. ``CLOSED``: the round is over at this site and every secret is wiped.
+    ``DONE``: unmask answered, every secret of the round wiped (so are they at ``ABORTED``).
     """
 
     NEW = 0
@@ -60,7 +59,6 @@ class Stage(enum.IntEnum):
     CONFIRMED = 4
     DONE = 5
     ABORTED = 6
-    CLOSED = 7
 
 
 def default_degree(n_sites: int) -> int:
@@ -72,7 +70,7 @@ def default_degree(n_sites: int) -> int:
 def default_threshold(holders: int) -> int:
     """``floor(2h / 3) + 1`` for ``h`` share holders (a site's ``k`` neighbours and itself).
 
-    Privacy: an honest holder reveals only one of a site's two secrets (self-mask seed or mask
+    Privacy: an honest holder reveals only one of a site's two secrets (self-mask secret or mask
     key), so a server needs ``t`` holders for each; with ``c`` colluding holders that needs
     ``2t - c <= h``, impossible while ``c < h / 3`` because ``t > 2h / 3``. Liveness: the round
     survives up to ``h - t`` (about ``h / 3``) dropped holders per neighbourhood.

@@ -2,70 +2,67 @@
 
     BUNDLES --collect_bundles--> SHARES --route_shares--> MASKED --collect_masked--> CONFIRM
         --collect_confirmations--> UNMASK --collect_unmask--> READY --finish--> DONE
-                         proven liars: UNMASK --collect_unmask--> EXPOSE --collect_exposures--> READY
                                                                   (too few sites: ABORTED)
 
-It relays keys and ciphertexts, keeps each accepted masked vector (packed) until the end, fixes
-the survivor set S, collects the survivors' signatures on S (consistency round), sends ONE unmask
-request (S and the signatures) to every signer, and removes the masks from the shares they
-reveal. Every input is untrusted: a malformed or misbehaving site is dropped with a logged reason
-(never an exception out of the round); when fewer than ``threshold`` sites remain for some
+It relays keys, commitments and ciphertexts, keeps each accepted masked vector (packed) until the
+end, fixes the survivor set S, collects the survivors' signatures on S (consistency round), sends
+ONE unmask request (S and the signatures) to every signer, and removes the masks from the shares
+they reveal. Every input is untrusted: a malformed or misbehaving site is dropped with a logged
+reason (never an exception out of the round); when fewer than ``threshold`` sites remain for some
 secret, the round raises :class:`RoundAborted`.
 
-Revealed shares carry their dealer's signature and are checked one by one, so a holder's corrupt
-share is discarded (and named) without any combinatorial search; a set of correctly signed shares
-that does not open the dealer's commitment proves the DEALER cheated (:attr:`liars`, :attr:`proofs`).
-A survivor L proven to have dealt a bad self-mask seed is removed, not fatal: the server sends the
-proof to L's share holders among the survivors (expose stage), each checks it and reveals its
-share of L's mask key; the server then leaves L's whole upload out of the sum and strips the
-pairwise masks between L and the survivors, as for a dropped site. A liar whose mask key cannot be
-recovered (fewer than t holders, or key shares that do not open its mask public key) ends the round.
+Cheats (common.secagg.proof): a dealer's commitments must match the digest it signed (else it is
+dropped when it deals); a holder that rejects a dealer's shares because they are off the dealer's
+commitments uploads the dealer's signed share, and the server, which holds the same commitments,
+checks it: the dealer is then a proven cheat (:attr:`cheats`, :attr:`proofs`), dropped, its pairwise
+masks removed with its mask key like any dropped site's. A rejection without a proof that checks is
+an :attr:`unproven` dispute between holder and dealer (:attr:`false_accusers` when the "proof" shows
+the share was good); the caller keeps count across rounds. Revealed shares carry their dealer's
+signature (checked one by one, so a holder's forged share is named and skipped), and the recovered
+secret is checked against the dealer's commitment; only a dealer that colludes with a holder that
+skipped its stage-3 check can get past that, and then its own signed share is the proof and the
+remaining shares still open the committed secret.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from common.secagg.errors import ProtocolError, RoundAborted, SecAggError, ShamirError
+from common.secagg.errors import PayloadError, ProtocolError, RoundAborted, SecAggError, ShamirError
 from common.secagg.fixedpoint import decode_sum, error_bound, unpack_bits
+from common.secagg.group import element_to_bytes, exp, exp_g
 from common.secagg.identity import (
-    SIGNATURE_BYTES,
     SignedKeyBundle,
     check_bundle_keys,
     share_signature_ok,
     survivors_signature_ok,
     verify_key_bundle,
-    x25519_shared_secret,
 )
 from common.secagg.messages import (
-    ExposeRequest,
-    ExposeResponse,
+    SHARE_CIPHERTEXT_BYTES,
+    Deal,
     MaskedUpload,
     SurvivorSet,
     UnmaskRequest,
     UnmaskResponse,
 )
-from common.secagg.prg import expand_mask, pairwise_mask_context, pairwise_seed, self_mask_context
-from common.secagg.proof import LiarProof, check_proof, opens_commitment
+from common.secagg.prg import expand_mask, pairwise_mask_context, pairwise_seed, self_mask_context, self_mask_seed
+from common.secagg.proof import CheatProof, check_proof
 from common.secagg.protocol import SecAggParams, graph_seed
 from common.secagg.shamir import SHARE_BYTES, Share, combine
+from common.secagg.vss import Commitments, share_ok
 
-__all__ = ["SHARE_CIPHERTEXT_BYTES", "AggregateResult", "ServerAggregator"]
+__all__ = ["AggregateResult", "ServerAggregator"]
 
-_R = TypeVar("_R", ExposeResponse, UnmaskResponse)
 log = logging.getLogger(__name__)
-
-SHARE_CIPHERTEXT_BYTES = 12 + 8 + 2 * (SHARE_BYTES + SIGNATURE_BYTES) + 16
-"""Exact size of one stage-2 ciphertext: nonce, (dealer, holder, 2 signed shares), AEAD tag."""
 
 
 @dataclass(frozen=True)
@@ -90,14 +87,12 @@ class _Stage(enum.IntEnum):
     MASKED = 2
     CONFIRM = 3
     UNMASK = 4
-    DONE = 5
-    ABORTED = 6
-    EXPOSE = 7
-    READY = 8
+    READY = 5
+    DONE = 6
+    ABORTED = 7
 
 
 _Signed = dict[int, bytes]  # holder -> a share of one owner's secret, then the owner's signature on it
-_LIAR_REASON = "dealt shares inconsistent with its commitment"
 
 
 def _site_id(params: SecAggParams, key: object) -> int | None:
@@ -113,6 +108,7 @@ class ServerAggregator:
         self._registry = registry
         self._stage = _Stage.BUNDLES
         self._bundles: dict[int, SignedKeyBundle] = {}
+        self._commitments: dict[int, Commitments] = {}
         self._graph: dict[int, frozenset[int]] = {}
         self._live: set[int] = set()
         self._sent_to: dict[int, frozenset[int]] = {}
@@ -122,15 +118,19 @@ class ServerAggregator:
         self._to_unmask: frozenset[int] = frozenset()
         self._request: UnmaskRequest | None = None
         self._uploads: dict[int, bytes] = {}
-        self._seeds: dict[int, bytes] = {}
-        self._keys: dict[int, bytes] = {}
-        self._expose_to: dict[int, frozenset[int]] = {}
+        self._seeds: dict[int, int] = {}
+        self._keys: dict[int, int] = {}
         self.dropped_reasons: dict[int, str] = {}
         """Why each site left the round or had an answer ignored (first reason), for failure reports."""
-        self.liars: dict[int, str] = {}
+        self.cheats: dict[int, str] = {}
         """Sites proven to have cheated (their own signatures are the proof)."""
-        self.proofs: dict[int, LiarProof] = {}
-        """The proof against each liar: its own signed shares that do not open its commitment."""
+        self.proofs: dict[int, CheatProof] = {}
+        """The proof against each cheat: its own signed share, off its own signed commitments."""
+        self.unproven: set[tuple[int, int]] = set()
+        """(holder, dealer): the holder rejected the dealer's shares without a proof (AEAD failure,
+        bad signature...): either side may be lying. The dealer is no proven cheat."""
+        self.false_accusers: dict[int, int] = {}
+        """Holder -> the dealer it accused with a "proof" that shows the dealer's share was good."""
 
     def _enter(self, stage: _Stage, name: str) -> None:
         if self._stage is _Stage.ABORTED:
@@ -152,6 +152,25 @@ class ServerAggregator:
     def _drop(self, site: int, stage: str, why: object) -> None:
         log.warning("site %d dropped at %s: %s", site, stage, why)
         self.dropped_reasons.setdefault(site, f"{stage}: {why}")
+
+    def _prove(self, proof: CheatProof) -> None:
+        """Record a proof (checked by the caller) against its dealer: a cheat for the rest of the run."""
+        dealer = proof.dealer
+        if dealer in self.cheats:
+            return
+        self.proofs[dealer] = proof
+        self.cheats[dealer] = (f"its signed {proof.kind} share to site {proof.holder} is not on the polynomial "
+                               "its signed commitments fix")
+        log.error("site %d cheated: %s", dealer, self.cheats[dealer])
+
+    def evidence(self, cheat: int) -> dict[str, str | int]:
+        """The proof against a proven cheat, self-contained (hex): with the cheat's REGISTERED identity
+        key, anyone can check it (common.secagg.proof.check_proof)."""
+        proof = self.proofs[cheat]
+        return {"dealer": cheat, "holder": proof.holder, "kind": proof.kind, "share": proof.share.hex(),
+                "signature": proof.signature.hex(), "params_digest": self.params.digest.hex(),
+                "key_bundle": self._bundles[cheat].to_bytes().hex(),
+                "commitments": self._commitments[cheat].to_bytes().hex()}
 
     def neighbours(self, site: int) -> frozenset[int]:
         """The site's neighbours (known after :meth:`collect_bundles`)."""
@@ -202,32 +221,41 @@ class ServerAggregator:
 
     # ------------------------------------------------------------------ stage 2
     def route_shares(self, outgoing: Mapping[Any, object]) -> dict[int, dict[int, bytes]]:
-        """Stage 2: route encrypted shares to per-receiver inboxes.
+        """Stage 2: check each dealer's commitments, route its encrypted shares to per-receiver inboxes.
 
-        A ciphertext from ``a`` to ``b`` is delivered only if ``b`` also sent one to ``a``, so
-        both sides of a pair agree on whether to mask with each other. A site whose reply is not
-        a map of neighbour ids to ciphertexts of the exact size is dropped.
+        A dealer whose reply is not a :class:`Deal` of exact-size ciphertexts to its neighbours, or
+        whose commitments are not the ones its signed bundle names, is dropped. A ciphertext from
+        ``a`` to ``b`` is delivered (followed by ``a``'s commitments, the same bytes to every
+        holder) only if ``b`` also sent one to ``a``, so both sides of a pair agree on whether to
+        mask with each other.
         """
         self._enter(_Stage.SHARES, "route_shares")
-        clean: dict[int, dict[int, bytes]] = {}
-        for key, cts in outgoing.items():
-            site = _site_id(self.params, key)
+        params = self.params
+        deals: dict[int, Deal] = {}
+        for key, raw in outgoing.items():
+            site = _site_id(params, key)
             if site is None or site not in self._live:
                 log.warning("ignoring shares from site %r, which advertised no valid keys", key)
                 continue
-            allowed = self._graph[site] & self._live
-            if not isinstance(cts, Mapping) or not all(
-                    _site_id(self.params, r) in allowed and isinstance(c, bytes) and len(c) == SHARE_CIPHERTEXT_BYTES
-                    for r, c in cts.items()):
-                self._drop(site, "share exchange", "malformed share ciphertexts")
+            try:
+                deal = raw if isinstance(raw, Deal) else Deal.from_bytes(raw)  # type: ignore[arg-type]
+                if deal.round_id != params.round_id or not deal.ciphertexts.keys() <= self._graph[site] & self._live:
+                    raise ProtocolError("shares for another round or for sites that are not its live neighbours")
+                if any(len(c) != SHARE_CIPHERTEXT_BYTES for c in deal.ciphertexts.values()):
+                    raise PayloadError("share ciphertexts of the wrong size")
+                commitments = Commitments.from_bytes(deal.commitments, params.threshold)
+                if commitments.digest != self._bundles[site].commitments_digest:
+                    raise ProtocolError("its commitments are not the ones its signed key bundle names")
+            except SecAggError as exc:
+                self._drop(site, "share exchange", exc)
                 continue
-            clean[site] = dict(cts)
-            self._sent_to[site] = frozenset(clean[site])
+            deals[site], self._commitments[site] = deal, commitments
+            self._sent_to[site] = frozenset(deal.ciphertexts)
         inbox: dict[int, dict[int, bytes]] = {site: {} for site in self._sent_to}
         for site, receivers in self._sent_to.items():
             for receiver in receivers:
                 if site in self._sent_to.get(receiver, ()):
-                    inbox[receiver][site] = clean[site][receiver]
+                    inbox[receiver][site] = deals[site].ciphertexts[receiver] + deals[site].commitments
         self._partners = {site: frozenset(box) for site, box in inbox.items()}
         self._require(len(self._sent_to), "after share exchange")
         self._stage = _Stage.MASKED
@@ -235,11 +263,15 @@ class ServerAggregator:
 
     # ------------------------------------------------------------------ stage 3
     def collect_masked(self, uploads: Mapping[Any, object]) -> SurvivorSet:
-        """Stage 3: validate and sum masked vectors; return the survivor set S to send to all of S.
+        """Stage 3: validate masked vectors and the proofs they carry; return the survivor set S to
+        send to all of S.
 
-        A malformed upload (wrong round, wrong size, bad padding, impossible mask list) drops its
-        sender. When only one side of a pair masked (the other rejected its shares), the sender
-        of the rejected shares is dropped; sites whose masks could then not be removed follow.
+        A malformed upload (wrong round, wrong size, bad padding, impossible mask list, a proof
+        about a dealer it masked with or never got shares from) drops its sender. A proof that
+        checks makes its dealer a proven cheat, dropped; one that does not drops its sender (a false
+        accuser). When only one side of a pair masked and the other has no proof, the dispute is
+        recorded (:attr:`unproven`) and the sender of the rejected shares is dropped (see
+        :meth:`_settle`); sites whose masks could then not be removed follow.
         """
         self._enter(_Stage.MASKED, "collect_masked")
         accepted: dict[int, MaskedUpload] = {}
@@ -250,14 +282,25 @@ class ServerAggregator:
                 continue
             try:
                 upload = MaskedUpload.from_bytes(raw, self.params)  # type: ignore[arg-type]
+                rejected = self._partners[site] - upload.masked_with
                 if upload.site_id != site or not upload.masked_with <= self._partners[site]:
                     raise ProtocolError("upload names the wrong site or impossible mask partners")
+                if not {proof.dealer for proof in upload.accusations} <= rejected:
+                    raise ProtocolError("upload accuses a site it masked with or got no shares from")
             except SecAggError as exc:
                 self._drop(site, "masked input", exc)
                 continue
             accepted[site] = upload
+            for proof in upload.accusations:
+                self._judge(proof)
+        for site, upload in sorted(accepted.items()):
+            accused = {proof.dealer for proof in upload.accusations}
+            self.unproven |= {(site, dealer) for dealer in self._partners[site] - upload.masked_with - accused
+                              if dealer not in self.cheats}
+        for cheat in sorted(self.cheats):
+            self._drop(cheat, "masked input", f"proven cheat: {self.cheats[cheat]}")
         self._masked_with = {s: up.masked_with for s, up in accepted.items()}
-        survivors = self._settle(set(accepted))
+        survivors = self._settle(set(accepted) - self.cheats.keys() - self.false_accusers.keys())
         self._require(len(survivors), "after masked input")
         self._survivors = frozenset(survivors)
         self._masked_with = {s: self._masked_with[s] for s in survivors}
@@ -266,8 +309,19 @@ class ServerAggregator:
         self._stage = _Stage.CONFIRM
         return SurvivorSet(self.params.round_id, self._survivors)
 
+    def _judge(self, proof: CheatProof) -> None:
+        """A proof that checks convicts its dealer; one that does not makes its holder a false accuser."""
+        try:
+            check_proof(proof, self.params, self._registry[proof.dealer], self._bundles[proof.dealer],
+                        self._commitments[proof.dealer])
+        except ProtocolError as exc:
+            self.false_accusers.setdefault(proof.holder, proof.dealer)
+            self._drop(proof.holder, "masked input", f"its accusation of site {proof.dealer} proves nothing: {exc}")
+            return
+        self._prove(proof)
+
     def _held_by(self, among: set[int] | frozenset[int]) -> dict[int, set[int]]:
-        """Owner -> the sites in ``among`` that masked with it, hence hold its shares intact."""
+        """Owner -> the sites in ``among`` that masked with it, hence hold its checked shares."""
         held: dict[int, set[int]] = {}
         for holder in among:
             for owner in self._masked_with[holder]:
@@ -275,8 +329,8 @@ class ServerAggregator:
         return held
 
     def _settle(self, alive: set[int]) -> set[int]:
-        """Resolve pairs where only one side masked (the receiver rejected the sender's shares), then
-        drop sites whose self-mask or whose partners' masks could not be removed.
+        """Resolve pairs where only one side masked (the receiver rejected the sender's shares without
+        proof), then drop sites whose self-mask or whose partners' masks could not be removed.
 
         The sender of rejected shares is dropped, unless some (but fewer than ``threshold``) sites
         accepted its shares: then its mask key could not be recovered, and the rejecting receivers
@@ -345,115 +399,68 @@ class ServerAggregator:
         return self._request
 
     # ------------------------------------------------------------------ stage 5
-    def collect_unmask(self, responses: Mapping[Any, object]) -> dict[int, ExposeRequest]:
-        """Stage 5: check each revealed share's dealer signature and recover every needed secret.
-
-        Returns the expose request for each holder of a proven liar's shares (stage 6), or ``{}``
-        when nothing was proven (then call :meth:`finish`). Aborts when some secret has fewer than
-        ``threshold`` valid shares, when a dropped site's key shares are proven bad (the pairwise
-        masks it shares with survivors cannot be removed), or when fewer than ``threshold``
-        survivors hold a liar's mask-key shares.
-        """
+    def collect_unmask(self, responses: Mapping[Any, object]) -> None:
+        """Stage 5: check each revealed share's dealer signature and recover every needed secret:
+        each survivor's self-mask secret, each dropped partner's mask key. Aborts when some secret
+        has fewer than ``threshold`` shares on its dealer's committed polynomial."""
         self._enter(_Stage.UNMASK, "collect_unmask")
         seed_shares, key_shares = self._collect_shares(responses)
         for site in sorted(self._survivors):
-            if (seed := self._open(site, "seed", seed_shares.get(site, {}))) is not None:
-                self._seeds[site] = seed
+            self._seeds[site] = self._open(site, "seed", seed_shares.get(site, {}))
         for dropped in sorted(self._to_unmask):
-            if (key := self._open(dropped, "key", key_shares.get(dropped, {}))) is None:
-                raise self._abort(f"dropped site {dropped} cheated: {self.liars[dropped]}; the pairwise masks "
-                                  "it shares with the survivors cannot be removed")
-            self._keys[dropped] = key
-        liars = sorted(self._survivors - self._seeds.keys())
-        for liar in liars:
-            holders = frozenset(s for s in self._survivors if s != liar and liar in self._masked_with[s])
-            if len(holders) < self.params.threshold:
-                raise self._abort(f"site {liar} cheated ({self.liars[liar]}) and only {len(holders)} survivors hold "
-                                  f"its mask-key shares; threshold is {self.params.threshold}")
-            for holder in holders:
-                self._expose_to[holder] = self._expose_to.get(holder, frozenset()) | {liar}
-        self._stage = _Stage.EXPOSE if liars else _Stage.READY
-        return {holder: ExposeRequest(self.params.round_id, tuple(self.proofs[liar] for liar in sorted(owners)))
-                for holder, owners in sorted(self._expose_to.items())}
-
-    # ------------------------------------------------------------------ stage 6 (only with proven liars)
-    def collect_exposures(self, responses: Mapping[Any, object]) -> None:
-        """Stage 6: recover each liar's mask key from its holders' signed shares; aborts when fewer
-        than ``threshold`` valid shares arrive or they do not open the liar's mask public key."""
-        self._enter(_Stage.EXPOSE, "collect_exposures")
-        digest = self.params.digest
-        shares: dict[int, dict[int, bytes]] = {}
-        for key, raw in responses.items():
-            if (parsed := self._response(key, raw, ExposeResponse, self._expose_to, "expose")) is None:
-                continue
-            site, resp = parsed
-            for owner, blob in resp.key_shares.items():
-                if owner in self._expose_to[site] and self._share_ok(site, owner, "key", blob, digest):
-                    shares.setdefault(owner, {})[site] = blob
-                else:
-                    self._drop(site, "expose", f"unrequested, misaddressed or forged key share of site {owner} "
-                                               "(skipped)")
-        for liar in sorted(self._survivors - self._seeds.keys()):
-            if (key := self._open(liar, "key", shares.get(liar, {}))) is None:
-                raise self._abort(f"site {liar} cheated on its mask key too: it cannot be removed from the sum")
-            self._keys[liar] = key
+            self._keys[dropped] = self._open(dropped, "key", key_shares.get(dropped, {}))
         self._stage = _Stage.READY
 
     def finish(self, responses: Mapping[Any, object] | None = None) -> AggregateResult:
-        """Remove every mask and decode the sum over the honest survivors.
-
-        Called when READY; or at UNMASK with the unmask responses, as a shortcut for
-        :meth:`collect_unmask` that raises :class:`ProtocolError` (state kept) if it proves a liar.
-        """
-        if self._stage is _Stage.UNMASK and responses is not None and self.collect_unmask(responses):
-            raise ProtocolError(f"sites {sorted(self._survivors - self._seeds.keys())} were proven to cheat: "
-                                "run the expose stage (collect_exposures) before finish")
+        """Remove every mask and decode the sum over the survivors (called when READY; or at UNMASK
+        with the unmask responses, as a shortcut for :meth:`collect_unmask` then this)."""
+        if self._stage is _Stage.UNMASK and responses is not None:
+            self.collect_unmask(responses)
         self._enter(_Stage.READY, "finish")
         params = self.params
-        honest = frozenset(self._seeds)
         modmask = np.uint64(params.modulus_mask)
         length, bits, round_id = params.total_length, params.modulus_bits, params.round_id
         total = np.zeros(length, dtype=np.uint64)
-        for site in sorted(honest):
+        for site in sorted(self._survivors):
+            seed = self_mask_seed(element_to_bytes(self._seeds[site]), round_id, site)
             total = (total + unpack_bits(self._uploads[site], length, bits)
-                     - expand_mask(self._seeds[site], length, bits, self_mask_context(round_id, site))) & modmask
-        for gone, raw in sorted(self._keys.items()):  # dropped sites and removed liars
-            key = X25519PrivateKey.from_private_bytes(raw)
-            for site in sorted(s for s in honest if gone in self._masked_with[s]):
-                shared = x25519_shared_secret(key, self._bundles[site].mask_public)
-                seed = pairwise_seed(shared, round_id, site, gone)
+                     - expand_mask(seed, length, bits, self_mask_context(round_id, site))) & modmask
+        for gone, key in sorted(self._keys.items()):  # dropped sites, proven cheats among them
+            for site in sorted(s for s in self._survivors if gone in self._masked_with[s]):
+                shared = exp(self._commitments[site].mask_public, key)
+                seed = pairwise_seed(element_to_bytes(shared), round_id, site, gone)
                 pair = expand_mask(seed, length, bits, pairwise_mask_context(round_id, site, gone))
                 total = (total - pair if site < gone else total + pair) & modmask
-        return self._decode(total, honest)
+        return self._decode(total, self._survivors)
 
-    def _share_ok(self, holder: int, owner: int, kind: str, blob: bytes, digest: bytes) -> bool:
+    def _share_ok(self, holder: int, owner: int, kind: str, blob: bytes) -> bool:
         """Whether ``blob`` is ``owner``'s signed ``kind`` share at ``holder``'s x-coordinate."""
         try:
             share = Share.from_bytes(blob[:SHARE_BYTES])
         except ShamirError:
             return False
         return share.x == holder + 1 and share_signature_ok(
-            self._registry[owner], blob[SHARE_BYTES:], kind, params_digest=digest, dealer=owner, holder=holder,
-            share=blob[:SHARE_BYTES])
+            self._registry[owner], blob[SHARE_BYTES:], kind, params_digest=self.params.digest, dealer=owner,
+            holder=holder, commitments_digest=self._bundles[owner].commitments_digest, share=blob[:SHARE_BYTES])
 
-    def _response(self, key: object, raw: object, kind: type[_R], eligible: Collection[int],
-                  stage: str) -> tuple[int, _R] | None:
+    def _response(self, key: object, raw: object) -> tuple[int, UnmaskResponse] | None:
         """(site, parsed response) of a site that was asked; None when ignored or dropped (logged)."""
         site = _site_id(self.params, key)
-        if site is None or site not in eligible:
-            log.warning("ignoring %s response from %r, which was not asked for one", stage, key)
+        signers = self._request.signatures if self._request is not None else {}
+        if site is None or site not in signers:
+            log.warning("ignoring unmask response from %r, which was not asked for one", key)
             return None
         try:
-            if isinstance(raw, kind):
+            if isinstance(raw, UnmaskResponse):
                 resp = raw
             elif isinstance(raw, bytes):
-                resp = kind.from_bytes(raw)
+                resp = UnmaskResponse.from_bytes(raw)
             else:
                 raise ProtocolError(f"response is {type(raw).__name__}, not bytes")
             if resp.round_id != self.params.round_id or resp.site_id != site:
                 raise ProtocolError("response is for another round or site")
         except SecAggError as exc:
-            self._drop(site, stage, f"response rejected: {exc}")
+            self._drop(site, "unmask", f"response rejected: {exc}")
             return None
         return site, resp
 
@@ -461,10 +468,8 @@ class ServerAggregator:
         """Shares whose dealer signature verifies, by owner then holder; anything else is logged and skipped."""
         seeds: dict[int, _Signed] = {}
         keys: dict[int, _Signed] = {}
-        digest = self.params.digest
-        signers = self._request.signatures if self._request is not None else {}
         for key, raw in responses.items():
-            if (parsed := self._response(key, raw, UnmaskResponse, signers, "unmask")) is None:
+            if (parsed := self._response(key, raw)) is None:
                 continue
             site, resp = parsed
             partners = self._masked_with[site]
@@ -472,32 +477,34 @@ class ServerAggregator:
             for kind, shares, allowed, out in (("seed", resp.self_mask_shares, survived, seeds),
                                                ("key", resp.key_shares, dropped, keys)):
                 for owner, blob in shares.items():
-                    if owner not in allowed or not self._share_ok(site, owner, kind, blob, digest):
+                    if owner not in allowed or not self._share_ok(site, owner, kind, blob):
                         self._drop(site, "unmask", f"unrequested, misaddressed or forged {kind} share of site "
                                                    f"{owner} (skipped)")
                         continue
                     out.setdefault(owner, {})[site] = blob
         return seeds, keys
 
-    def _open(self, owner: int, kind: str, shares: _Signed) -> bytes | None:
-        """The secret of ``threshold`` dealer-signed shares (no subset search is ever needed), or None
-        when they do not open the owner's commitment: then the shares are the proof (:attr:`proofs`)."""
-        t, what = self.params.threshold, "self-mask seed" if kind == "seed" else "mask key"
+    def _open(self, owner: int, kind: str, shares: _Signed) -> int:
+        """The committed secret of ``owner`` from ``threshold`` of its dealer-signed shares.
+
+        The first ``threshold`` shares open it unless one is off the committed polynomial, which only
+        a holder that skipped its stage-3 check can return: then each share is checked, the bad
+        ones are proofs against the dealer (:attr:`proofs`), and the good ones open the secret."""
+        t, what = self.params.threshold, "self-mask secret" if kind == "seed" else "mask key"
         if len(shares) < t:
             raise self._abort(f"only {len(shares)} valid shares of site {owner}'s {what}; threshold is {t}")
-        try:
-            secret = combine([Share.from_bytes(shares[h][:SHARE_BYTES]) for h in sorted(shares)], t)
-        except ShamirError:
-            secret = None
-        if secret is not None and opens_commitment(kind, secret, self._bundles[owner]):
+        committed = self._commitments[owner].of(kind)
+        points = {holder: Share.from_bytes(blob[:SHARE_BYTES]) for holder, blob in sorted(shares.items())}
+        secret = combine(list(points.values()), t)
+        if exp_g(secret) == committed[0]:
             return secret
-        proof = LiarProof(owner, kind, dict(shares))
-        check_proof(proof, self.params, self._registry[owner], self._bundles[owner])  # holds by construction
-        self.proofs[owner] = proof
-        self.liars[owner] = f"dealt signed {what} shares inconsistent with its signed commitment"
-        self.dropped_reasons[owner] = f"unmask: {_LIAR_REASON}"
-        log.error("site %d %s", owner, self.liars[owner])
-        return None
+        good = {holder: point for holder, point in points.items() if share_ok(point, committed)}
+        for holder in sorted(points.keys() - good.keys()):
+            self._prove(CheatProof(owner, holder, kind, shares[holder][:SHARE_BYTES], shares[holder][SHARE_BYTES:]))
+        if len(good) < t:
+            raise self._abort(f"only {len(good)} shares of site {owner}'s {what} are on its commitments; "
+                              f"threshold is {t}")
+        return combine(list(good.values()), t)
 
     def _decode(self, total: npt.NDArray[np.uint64], honest: frozenset[int]) -> AggregateResult:
         params, n = self.params, len(honest)

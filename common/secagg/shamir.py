@@ -1,26 +1,23 @@
-"""Shamir secret sharing of 32-byte secrets over the prime field of the Mersenne prime 2^521 - 1.
+"""Shamir secret sharing over ``Z_Q``, the exponents of the round's group (common.secagg.group), so
+that every share can be checked against Feldman commitments (common.secagg.vss) to its polynomial.
 
-The field is far larger than the secrets, which buys a free integrity check: interpolating a
-set of shares that contains a corrupted one yields a uniformly random field element, which is
-below 2^256 (a valid secret) with probability about 2^-265. :func:`combine` rejects it.
+A dealer fixes its polynomial (secret and coefficients) once per round; :func:`evaluate` gives each
+holder its point, :func:`combine` recovers the secret from any ``threshold`` points.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.secagg.errors import ShamirError
+from common.secagg.group import ELEMENT_BYTES, Q
 
-__all__ = ["PRIME", "SECRET_BYTES", "SHARE_BYTES", "Share", "combine", "consistent_secret", "split"]
+__all__ = ["SHARE_BYTES", "Share", "combine", "evaluate"]
 
-PRIME = (1 << 521) - 1
-SECRET_BYTES = 32
 _X_BYTES = 4
-_Y_BYTES = (PRIME.bit_length() + 7) // 8
-SHARE_BYTES = _X_BYTES + _Y_BYTES
-"""Serialised size of one share: a 4-byte x-coordinate and a 66-byte field element."""
+SHARE_BYTES = _X_BYTES + ELEMENT_BYTES
+"""Serialised size of one share: a 4-byte x-coordinate and a 256-byte value modulo Q."""
 
 
 @dataclass(frozen=True)
@@ -33,12 +30,12 @@ class Share:
     def __post_init__(self) -> None:
         if not 1 <= self.x < 1 << (8 * _X_BYTES):
             raise ShamirError(f"share x-coordinate {self.x} is outside [1, 2^32)")
-        if not 0 <= self.y < PRIME:
-            raise ShamirError("share value is outside the field")
+        if not 0 <= self.y < Q:
+            raise ShamirError("share value is outside Z_Q")
 
     def to_bytes(self) -> bytes:
         """Fixed-length big-endian encoding (:data:`SHARE_BYTES` bytes)."""
-        return self.x.to_bytes(_X_BYTES, "big") + self.y.to_bytes(_Y_BYTES, "big")
+        return self.x.to_bytes(_X_BYTES, "big") + self.y.to_bytes(ELEMENT_BYTES, "big")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Share:
@@ -48,35 +45,27 @@ class Share:
         return cls(int.from_bytes(data[:_X_BYTES], "big"), int.from_bytes(data[_X_BYTES:], "big"))
 
 
-def split(secret: bytes, share_ids: Sequence[int], threshold: int) -> list[Share]:
-    """Share ``secret`` among the x-coordinates ``share_ids``; any ``threshold`` of them recover it.
-
-    Coefficients are drawn with :mod:`secrets`. Shares come back in the order of ``share_ids``.
-    """
-    if len(secret) != SECRET_BYTES:
-        raise ShamirError(f"secret must be {SECRET_BYTES} bytes, got {len(secret)}")
+def evaluate(coefficients: Sequence[int], share_ids: Sequence[int]) -> list[Share]:
+    """The points at ``share_ids`` of the polynomial ``sum(c_k x^k)`` (``coefficients[0]`` is the
+    secret; ``len(coefficients)`` is the threshold). Shares come back in the order of ``share_ids``."""
     if len(set(share_ids)) != len(share_ids):
         raise ShamirError("duplicate share ids")
-    if not 1 <= threshold <= len(share_ids):
-        raise ShamirError(f"threshold {threshold} must be in [1, {len(share_ids)} share ids]")
-    coefficients = [int.from_bytes(secret, "big")]
-    coefficients += [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    if not coefficients:
+        raise ShamirError("a sharing polynomial needs at least its secret")
     shares = []
     for x in share_ids:
-        if not 1 <= x < 1 << (8 * _X_BYTES):
-            raise ShamirError(f"share id {x} is outside [1, 2^32)")
         y = 0
         for c in reversed(coefficients):
-            y = (y * x + c) % PRIME
+            y = (y * x + c) % Q
         shares.append(Share(x, y))
     return shares
 
 
-def combine(shares: Sequence[Share], threshold: int) -> bytes:
-    """Recover the secret from the first ``threshold`` shares by Lagrange interpolation at 0.
+def combine(shares: Sequence[Share], threshold: int) -> int:
+    """The secret of the first ``threshold`` shares, by Lagrange interpolation at 0.
 
-    Raises :class:`ShamirError` for too few or duplicate shares, and when the interpolated
-    value is not a valid 32-byte secret (some share was corrupted).
+    Raises :class:`ShamirError` for too few or duplicate shares. It cannot tell a wrong share:
+    check shares against the dealer's commitments (common.secagg.vss) first, or the result after.
     """
     if threshold < 1:
         raise ShamirError(f"threshold must be >= 1, got {threshold}")
@@ -91,48 +80,7 @@ def combine(shares: Sequence[Share], threshold: int) -> bytes:
         num, den = 1, 1
         for j, xj in enumerate(xs):
             if j != i:
-                num = num * xj % PRIME
-                den = den * (xj - share.x) % PRIME
-        secret = (secret + share.y * num * pow(den, -1, PRIME)) % PRIME
-    if secret >> (8 * SECRET_BYTES):
-        raise ShamirError("shares are inconsistent (interpolated value is not a valid secret)")
-    return secret.to_bytes(SECRET_BYTES, "big")
-
-
-def _evaluate(points: Sequence[Share], weights: Sequence[int], z: int) -> int:
-    """Value at ``z`` of the polynomial of degree < len(points) through ``points`` (Lagrange form,
-    precomputed barycentric ``weights``; prefix/suffix products, so O(len) per point)."""
-    diffs = [(z - p.x) % PRIME for p in points]
-    suffix = [1] * (len(points) + 1)
-    for i in range(len(points) - 1, -1, -1):
-        suffix[i] = suffix[i + 1] * diffs[i] % PRIME
-    total, prefix = 0, 1
-    for i, point in enumerate(points):
-        total = (total + point.y * weights[i] % PRIME * prefix % PRIME * suffix[i + 1]) % PRIME
-        prefix = prefix * diffs[i] % PRIME
-    return total
-
-
-def consistent_secret(shares: Sequence[Share], threshold: int) -> bytes | None:
-    """The secret of the ONE polynomial of degree < ``threshold`` through ALL ``shares``, or None
-    when no such polynomial exists (some ``threshold``-subsets disagree) or its constant is not a
-    valid 32-byte secret. An honest dealer's shares always give its secret.
-
-    Raises :class:`ShamirError` for fewer than ``threshold`` shares or duplicate x-coordinates.
-    """
-    if threshold < 1 or len(shares) < threshold:
-        raise ShamirError(f"{len(shares)} shares given, {threshold} needed")
-    if len({s.x for s in shares}) != len(shares):
-        raise ShamirError("duplicate share x-coordinates")
-    base = list(shares[:threshold])
-    weights = []
-    for i, share in enumerate(base):
-        den = 1
-        for j, other in enumerate(base):
-            if j != i:
-                den = den * (share.x - other.x) % PRIME
-        weights.append(pow(den, -1, PRIME))
-    if any(_evaluate(base, weights, extra.x) != extra.y for extra in shares[threshold:]):
-        return None
-    secret = _evaluate(base, weights, 0)
-    return None if secret >> (8 * SECRET_BYTES) else secret.to_bytes(SECRET_BYTES, "big")
+                num = num * xj % Q
+                den = den * (xj - share.x) % Q
+        secret = (secret + share.y * num * pow(den, -1, Q)) % Q
+    return secret
