@@ -131,7 +131,7 @@ class CoordinatorsSite:
         round_id, blobs = unpack_stage(msg.content)
         by_site = {int(k): v for k, v in blobs.items() if k != "payload"}
         if kind == "train.secagg_share":
-            answer = {str(r): ct for r, ct in self.session.share_keys(by_site).items()}
+            answer = {"payload": self.session.share_keys(by_site).to_bytes()}
         elif kind == "train.secagg_mask":
             answer = {"payload": self.session.masked_input(by_site, np.zeros(self.session.params.vector_length), [])}
         elif kind == "train.secagg_confirm":

@@ -84,12 +84,14 @@ def refused_as_rolled_back(reply: RecordDict, caplog: pytest.LogCaptureFixture, 
 def test_a_ledger_and_log_restored_together_are_refused_while_releases_or_sessions_remain(
         tmp_path: Path, data: Path, caplog, left: str):
     """Secure rounds 1 and 2 trained; ledger and audit log restored from the backup taken after round 1."""
-    from common.registry import create_site_identities
+    from common.registry import create_site_identities, load_registry, pin_members
     from common.secure_update import params_to_bytes, round_params
 
     names = [SITE, "site-b", "site-c"]
     kit = state_of(tmp_path) / "kit"
     create_site_identities(names, {n: tmp_path / n / "keys" for n in names}, kit / "registry.json")
+    members = load_registry(kit / "registry.json").digest
+    pin_members(kit / "registry.json", state_of(tmp_path), members.hex())  # the site's officer confirmed them
     config = run_config(tmp_path, **{"federation.secure-aggregation": True, "federation.rounds": 4,
                                      "secagg.registry": str(kit / "registry.json")})
     nodes = node_config(tmp_path, SITE, data, **{"require-secure-aggregation": True})
@@ -99,7 +101,7 @@ def test_a_ledger_and_log_restored_together_are_refused_while_releases_or_sessio
 
     def secure_request(server_round: int) -> RecordDict:
         params = round_params(settings.secagg, run_id=7, server_round=server_round, site_ids=[0, 1, 2],
-                              vector_length=size)
+                              vector_length=size, members_digest=members)
         return pack_train_request(state, server_round, params_to_bytes(params))
 
     assert failure_kind(call(_train(), secure_request(1), config, nodes)) is None
