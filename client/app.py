@@ -43,7 +43,7 @@ from client.secure import (
     stage_unmask,
 )
 from client.site import Site, resolve_site
-from client.train import TrainingError, train_locally
+from client.train import TrainingError, public_size, train_locally
 from common.adapter import AdapterState, delta, set_adapter_state, trainable_keys
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_name
@@ -117,21 +117,20 @@ def identify(msg: Message, context: Context) -> RecordDict:
 
 
 def _released_update(site: Site, settings: RunSettings, received: AdapterState, server_round: int,
-                     run_id: int) -> tuple[np.ndarray, str, PrivacyLedger | None]:
-    """(the round's DP update, its release name, the ledger): the update already released for this
-    (round, adapter) if it never entered a secure sum, else a freshly trained one.
+                     run_id: int, ledger: PrivacyLedger | None, public_units: int) -> tuple[np.ndarray, str]:
+    """(the round's DP update, its release name): the update already released for this (round, adapter) if it
+    never entered a secure sum, else a freshly trained one, planned from the site's public size.
 
     With DP the round is charged to the ledger before training starts (write-ahead, in train_locally).
     """
     keys_order = trainable_keys(received, settings.lora.aggregation)
     digest = adapter_digest(received)
     released = ReleasedUpdates(site.state_dir)
-    ledger = PrivacyLedger(site.ledger_path, settings.privacy) if settings.privacy.enabled else None
     update = released.find(server_round, digest)
     if update is not None:
         log.info("%s: round %d was already released for this adapter; resending it (no new ε)", site.name,
                  server_round)
-        return update, released.name(server_round, digest), ledger
+        return update, released.name(server_round, digest)
     if ledger is None:
         log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
     started = time.monotonic()
@@ -139,23 +138,28 @@ def _released_update(site: Site, settings: RunSettings, received: AdapterState, 
                         Placement(resolve_device(site.policy.device), nf4=site.policy.quantize == "nf4"))
     set_adapter_state(model, received)
     result = train_locally(model, site.train, settings.train, ledger=ledger, privacy=settings.privacy,
-                           planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id)
+                           planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id,
+                           public_units=public_units)
     update = delta(result.adapter, received, keys_order)
     name = released.seal(server_round, digest, update)
     log.info("%s: trained round %d in %.2fs", site.name, server_round, time.monotonic() - started)
     AuditLog(site.state_dir / "audit.jsonl").record(
         "released", run_id=run_id, round=server_round, received_sha256=digest, examples=len(site.train),
         steps=result.steps, epsilon=result.epsilon, secure_aggregation=settings.federation.secure_aggregation)
-    return update, name, ledger
+    return update, name
 
 
 @app.train()
 @_replying_failures
 def train(msg: Message, context: Context) -> RecordDict:
     settings, site = _settings_and_site(context)
-    site.policy.check(settings, site.train.unit_count)  # before anything is spent
+    site.policy.check(settings)  # everything the site's size does not decide: before anything is spent
     received, server_round, secagg_params = unpack_train_request(msg.content)
     run_id = msg.metadata.run_id
+    ledger = PrivacyLedger(site.ledger_path, settings.privacy) if settings.privacy.enabled else None
+    units = public_size(site.train.unit_count, site.policy.declared_examples, ledger, run_id=run_id,
+                        server_round=server_round)  # declared, or the DP estimate (drawn once, charged)
+    site.policy.check_plan(settings, units)  # δ's default ceiling and the steps, from the public size only
     secure = settings.federation.secure_aggregation
     if secure != (secagg_params is not None):
         raise WireError("the train request does not match the run's aggregation mode")
@@ -167,7 +171,7 @@ def train(msg: Message, context: Context) -> RecordDict:
                                server_round=server_round, vector_length=size)
     else:
         store.claim_round(run_id, server_round)  # rounds strictly increase per run, plain or secure
-    update, release, ledger = _released_update(site, settings, received, server_round, run_id)
+    update, release = _released_update(site, settings, received, server_round, run_id, ledger, units)
     weight = site_weight(site.policy.declared_examples, settings.secagg)
     privacy = (PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit)) if ledger
                else PrivacyReport(site.name, False))
