@@ -54,7 +54,7 @@ class SitePolicy:
                                                           "size m: declared, or its DP estimate)", kind=float)
     max_rounds: int = option(100, "--max-rounds", "the most rounds a run may plan (the site's budget is spread over "
                                                   "them)")
-    max_steps_per_round: int = option(2000, "--max-steps-per-round", "the most DP-SGD steps a round may take (the "
+    max_steps_per_round: int = option(2000, "--max-steps-per-round", "the most training steps a round may take (the "
                                       "run's batch size and epochs set them, from the site's public size)")
     accountants: tuple[str, ...] = ACCOUNTANTS
     require_dp: bool = True
