@@ -41,7 +41,7 @@ from client.secure import (
     stage_unmask,
 )
 from client.site import Site, resolve_site
-from client.train import TrainingError, train_locally
+from client.train import TrainingError, public_size, train_locally
 from common.adapter import AdapterState, delta, set_adapter_state, trainable_keys
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_name
@@ -130,9 +130,10 @@ def _opened_ledger(site: Site, settings: RunSettings, msg: Message) -> PrivacyLe
 
 
 def _released_update(site: Site, settings: RunSettings, ledger: PrivacyLedger | None, received: AdapterState,
-                     server_round: int, run_id: int) -> tuple[np.ndarray, str, bool]:
+                     server_round: int, run_id: int, public_units: int) -> tuple[np.ndarray, str, bool]:
     """(the round's DP update, its release name, whether it is resent): the update already released for this
-    (round, adapter) if it never entered a secure sum, else a freshly trained one.
+    (round, adapter) if it never entered a secure sum, else a freshly trained one, planned from the site's
+    public size.
 
     With DP the round is charged to the ledger before training starts (write-ahead, in train_locally).
     """
@@ -151,7 +152,8 @@ def _released_update(site: Site, settings: RunSettings, ledger: PrivacyLedger | 
                         Placement(resolve_device(site.policy.device), nf4=site.policy.quantize == "nf4"))
     set_adapter_state(model, received)
     result = train_locally(model, site.train, settings.train, ledger=ledger, privacy=settings.privacy,
-                           planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id)
+                           planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id,
+                           public_units=public_units)
     update = delta(result.adapter, received, keys_order)
     name = released.seal(server_round, digest, update, run_id=run_id, epsilon=result.epsilon)
     log.info("%s: trained round %d in %.2fs", site.name, server_round, time.monotonic() - started)
@@ -165,10 +167,13 @@ def _released_update(site: Site, settings: RunSettings, ledger: PrivacyLedger | 
 @_replying_failures
 def train(msg: Message, context: Context) -> RecordDict:
     settings, site = _settings_and_site(context)
-    site.policy.check(settings, site.train.unit_count)  # before anything is spent
+    site.policy.check(settings)  # everything the site's size does not decide: before anything is spent
     received, server_round, secagg_params = unpack_train_request(msg.content)
     run_id = msg.metadata.run_id
     ledger = _opened_ledger(site, settings, msg)  # a rolled-back ledger is refused before anything is spent
+    units = public_size(site.train.unit_count, site.policy.declared_examples, ledger, run_id=run_id,
+                        server_round=server_round)  # declared, or the DP estimate (drawn once, charged)
+    site.policy.check_plan(settings, units)  # δ's default ceiling and the steps, from the public size only
     secure = settings.federation.secure_aggregation
     if secure != (secagg_params is not None):
         raise WireError("the train request does not match the run's aggregation mode")
@@ -180,7 +185,7 @@ def train(msg: Message, context: Context) -> RecordDict:
                                server_round=server_round, vector_length=size)
     else:
         store.claim_round(run_id, server_round)  # rounds strictly increase per run, plain or secure
-    update, release, resent = _released_update(site, settings, ledger, received, server_round, run_id)
+    update, release, resent = _released_update(site, settings, ledger, received, server_round, run_id, units)
     weight = site_weight(site.policy.declared_examples, settings.secagg)
     privacy = (PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit),
                              resent=resent) if ledger

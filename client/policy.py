@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.plan import plan_training
 from common.config import DEVICES, QUANTIZE, TASKS, ConfigError, RunSettings, TaskKind, check_unit, model_name, option
 from common.files import write_json
 
 POLICY_FILE = "policy.json"
 ACCOUNTANTS = ("prv", "rdp")
 """Accountants whose ε is a valid upper bound (PRV and RDP with Poisson subsampling, add/remove-one)."""
+LARGEST_DEFAULT_DELTA = 1e-5
+"""The default δ ceiling of a site of any size (:func:`default_max_delta`): checked before the site's size is."""
 
 
 class PolicyError(RuntimeError):
@@ -46,8 +49,13 @@ class SitePolicy:
                            "(bitsandbytes; causal-lm models only), about a third of the memory", choices=QUANTIZE)
     max_epsilon: float = option(8.0, "--max-epsilon", "the most ε (total over the whole federation) this site will "
                                                       "ever agree to")
-    max_delta: float | None = option(None, "--max-delta", "the largest δ accepted (default: min(1e-5, 1/(10·n)) "
-                                                          "rounded down to a power of ten, for n units)", kind=float)
+    max_delta: float | None = option(None, "--max-delta", "the largest δ accepted (default: min(1e-5, 1/(10·m)) "
+                                                          "rounded down to a power of ten, for the site's public "
+                                                          "size m: declared, or its DP estimate)", kind=float)
+    max_rounds: int = option(100, "--max-rounds", "the most rounds a run may plan (the site's budget is spread over "
+                                                  "them)")
+    max_steps_per_round: int = option(2000, "--max-steps-per-round", "the most training steps a round may take (the "
+                                      "run's batch size and epochs set them, from the site's public size)")
     accountants: tuple[str, ...] = ACCOUNTANTS
     require_dp: bool = True
     require_secure_aggregation: bool = True
@@ -58,8 +66,10 @@ class SitePolicy:
     min_degree: int = 0
     """Fewest mask partners per site in a larger round; 0 = 2·ceil(log2 n) (SecAgg+)."""
     declared_examples: int | None = option(
-        None, "--declared-examples", "a public weight this site declares for averaging (default: equal weights); it "
-        "is released, so never put the true record count here unless it is public", kind=int)
+        None, "--declared-examples", "this site's public size, in privacy units (records, or persons with a column "
+        "unit): its weight in averaging (default: equal weights) and the size its training plan is computed from "
+        "(default: a DP estimate of its number of units, drawn once for ε/50 of the budget); it is public, so "
+        "never put the true count here unless it is public", kind=int)
     privacy_unit: str = option("record", "--privacy-unit", "whom ε protects: 'record', or 'column:NAME' (e.g. "
                                "column:patient_id: all of a patient's rows are one unit); the run must name the same "
                                "unit, so the coordinator can never turn a per-patient site into a per-row one")
@@ -82,6 +92,8 @@ class SitePolicy:
             problems.append(f"max-delta must be in (0, 1), got {self.max_delta}")
         if not set(self.accountants) <= set(ACCOUNTANTS) or not self.accountants:
             problems.append(f"accountants must be among {ACCOUNTANTS}, got {self.accountants}")
+        if self.max_rounds < 1 or self.max_steps_per_round < 1:
+            problems.append("max-rounds and max-steps-per-round must be >= 1")
         if self.min_sites < 2:
             problems.append(f"min-sites must be >= 2, got {self.min_sites}")
         if self.all_pairs_up_to < 0 or self.min_degree < 0:
@@ -111,8 +123,9 @@ class SitePolicy:
             raise PolicyError(f"the run's model {settings.model_path!r} is not the one this site trains "
                               f"{self.model_path!r}")
 
-    def check(self, settings: RunSettings, num_units: int) -> None:
-        """Refuse a run that asks for less protection than this policy (before anything is spent)."""
+    def check(self, settings: RunSettings) -> None:
+        """Refuse a run that asks for less protection than this policy, on everything the site's size does not
+        decide: before the site draws its size estimate, and before anything is spent."""
         self.check_task(settings)
         privacy = settings.privacy
         if not privacy.enabled:
@@ -121,17 +134,34 @@ class SitePolicy:
         else:
             if privacy.unit != self.privacy_unit:
                 raise PolicyError(f"the run's privacy unit {privacy.unit!r} is not this site's {self.privacy_unit!r}")
-            max_delta = self.max_delta if self.max_delta is not None else default_max_delta(num_units)
             if privacy.epsilon > self.max_epsilon:
                 raise PolicyError(f"the run asks for a budget ε={privacy.epsilon:g}; this site allows at most "
                                   f"ε={self.max_epsilon:g}")
-            if privacy.delta > max_delta:
-                raise PolicyError(f"the run asks for δ={privacy.delta:g}; this site allows at most δ={max_delta:.3g}")
+            self._check_delta(privacy.delta, self.max_delta if self.max_delta is not None else LARGEST_DEFAULT_DELTA)
             if privacy.accountant not in self.accountants:
                 raise PolicyError(f"the run asks for the {privacy.accountant!r} accountant; this site accepts "
                                   f"{', '.join(self.accountants)}")
+        if settings.federation.rounds > self.max_rounds:
+            raise PolicyError(f"the run plans {settings.federation.rounds} rounds; this site allows at most "
+                              f"{self.max_rounds} (policy max-rounds)")
         if self.require_secure_aggregation and not settings.federation.secure_aggregation:
             raise PolicyError("the run turns secure aggregation off; this site requires it")
+
+    def check_plan(self, settings: RunSettings, public_units: int) -> None:
+        """Refuse a run whose plan, at the site's public size (declared, or its DP estimate: never its true count),
+        passes the default δ ceiling or the most steps per round; before any round is charged."""
+        if settings.privacy.enabled and self.max_delta is None:
+            self._check_delta(settings.privacy.delta, default_max_delta(public_units))
+        plan = plan_training(public_units, settings.train, settings.privacy, settings.federation.rounds)
+        if plan.steps > self.max_steps_per_round:
+            raise PolicyError(f"the run's plan takes {plan.steps} steps per round; this site allows at most "
+                              f"{self.max_steps_per_round} (policy max-steps-per-round): raise train.batch-size, "
+                              "lower train.local-epochs, or plan more rounds")
+
+    @staticmethod
+    def _check_delta(delta: float, most: float) -> None:
+        if delta > most:
+            raise PolicyError(f"the run asks for δ={delta:g}; this site allows at most δ={most:.3g}")
 
     def weakened(self) -> list[str]:
         """The protections this policy turns off, for a loud warning."""
@@ -175,10 +205,10 @@ class SitePolicy:
                 for f in dataclasses.fields(self)}
 
 
-def default_max_delta(num_records: int) -> float:
-    """min(1e-5, 1/(10·n) rounded down to a power of ten): never above 1/(10·n), and a refusal it causes
-    tells the coordinator at most the order of magnitude of n, and nothing below 10,000 records."""
-    return min(1e-5, 10.0 ** math.floor(math.log10(1 / (10 * max(1, num_records)))))
+def default_max_delta(public_units: int) -> float:
+    """min(1e-5, 1/(10·m) rounded down to a power of ten), for the site's public size m (declared, or its DP
+    estimate ñ: never its true count, so a refusal it causes is a function of public values)."""
+    return min(LARGEST_DEFAULT_DELTA, 10.0 ** math.floor(math.log10(1 / (10 * max(1, public_units)))))
 
 
 def write_policy(state_dir: Path, policy: SitePolicy) -> Path:

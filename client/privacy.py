@@ -5,6 +5,11 @@ across rounds and process restarts. σ is planned ONCE from the site's total bud
 planned rounds × epochs. A round is charged BEFORE it trains (write-ahead), under an exclusive
 lock, and a round that would take the site past its budget is refused.
 
+A site that declares no size plans from ñ, a DP estimate of its number of units drawn once and kept
+here (:meth:`PrivacyLedger.estimated_units`): pure ε_n-DP with ε_n = ε/50, composed with DP-SGD's ε
+by basic composition, so the ε the site reports is ε_n + ε_DP-SGD(σ, q, steps, δ), a function of
+public values only.
+
 The ledger is bound to the site's hash-chained audit log (``audit.jsonl`` next to it): every
 charge logs the ledger file's new sha256, so a deleted, edited or swapped ledger is refused,
 never restarted at zero. Noise and Poisson sampling draw from fresh OS entropy every round, so
@@ -18,6 +23,7 @@ import json
 import math
 import secrets
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -33,6 +39,10 @@ AUDIT_FILE = "audit.jsonl"
 CHARGE_EVENT = "privacy-charged"
 EPSILON_SLACK = 1e-6
 """Numerical slack when comparing ε with the budget (accountants differ in the last digits)."""
+ESTIMATE_SHARE = Fraction(1, 50)
+"""The share of the budget ε a site spends, once, on its DP estimate ñ of its number of units (when it declares
+no size). 2 % raises σ by about 2 %; ñ is off by 1/ε_n = 50/ε units on average (the plan's q and steps hardly
+move with n: only the update's scale, n/ñ, does). A site whose size is public declares it and spends nothing."""
 
 History = list[tuple[float, float, int]]
 
@@ -53,6 +63,34 @@ def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_r
     evaluations takes several seconds)."""
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=accountant))
+
+
+def discrete_laplace(epsilon: Fraction) -> int:
+    """Y with P(Y = y) ∝ exp(−ε·|y|), exactly, from OS entropy (Canonne, Kamath & Steinke 2020, Algorithm 2):
+    n + Y is ε-DP for a count n that one unit moves by at most 1. ε is rational, so no floating point is involved."""
+    s, t = epsilon.numerator, epsilon.denominator  # scale t/s
+    while True:
+        u = secrets.randbelow(t)
+        if not _bernoulli_exp(Fraction(u, t)):
+            continue
+        v = 0
+        while _bernoulli_exp(Fraction(1)):
+            v += 1
+        magnitude, negative = (u + t * v) // s, secrets.randbits(1)
+        if not (negative and magnitude == 0):  # else −0 and +0 would both count 0
+            return -magnitude if negative else magnitude
+
+
+def _bernoulli_exp(gamma: Fraction) -> bool:
+    """True with probability exp(−γ), exactly, for a rational γ ≥ 0 (CKS 2020, Algorithm 1)."""
+    while gamma > 1:
+        if not _bernoulli_exp(Fraction(1)):
+            return False
+        gamma -= 1
+    k = 1
+    while secrets.randbelow(gamma.denominator * k) < gamma.numerator:  # Bernoulli(γ/k)
+        k += 1
+    return k % 2 == 1
 
 
 def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -87,6 +125,14 @@ class NoisePlan:
 
 
 @dataclass(frozen=True)
+class SizeEstimate:
+    """ñ = max(1, n + discrete Laplace of scale 1/ε): the site's public size when it declares none."""
+
+    units: int
+    epsilon: float
+
+
+@dataclass(frozen=True)
 class RoundEntry:
     round: int
     run_id: int
@@ -111,6 +157,7 @@ class PrivacyLedger:
         self.plan: NoisePlan | None = None
         self.history: History = []
         self.rounds: list[RoundEntry] = []
+        self.estimate: SizeEstimate | None = None
         private_dir(path.parent)
         with exclusive_lock(self._lock):
             self._load()
@@ -141,7 +188,7 @@ class PrivacyLedger:
                     f"{len(charges)} charge(s); restore the ledger from "
                     "backup. The site will not start again at zero"
                 )
-            self.plan, self.history, self.rounds = None, [], []
+            self.plan, self.history, self.rounds, self.estimate = None, [], [], None
             return
         if last_sha is None:
             raise LedgerError(
@@ -162,13 +209,14 @@ class PrivacyLedger:
             plan = NoisePlan(**saved["plan"]) if saved.get("plan") else None
             history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
             rounds = [RoundEntry(**entry) for entry in saved["rounds"]]
+            estimate = SizeEstimate(**saved["estimate"]) if saved.get("estimate") else None
             accountant = saved["accountant"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LedgerError(
                 f"privacy ledger {self.path} is unreadable ({exc}); restore it from backup. "
                 "Deleting it would forget the ε this site already spent"
             ) from exc
-        if (budget["epsilon"], budget["delta"], accountant) != (
+        if budget is not None and (budget["epsilon"], budget["delta"], accountant) != (
             self.settings.epsilon, self.settings.delta, self.settings.accountant
         ):
             raise LedgerError(
@@ -177,18 +225,40 @@ class PrivacyLedger:
                 f"δ={self.settings.delta} ({self.settings.accountant}). A budget cannot change silently: "
                 "restore the original settings, or start a new ledger (state dir) under a new data-use approval"
             )
-        self.plan, self.history, self.rounds = plan, history, rounds
+        self.plan, self.history, self.rounds, self.estimate = plan, history, rounds, estimate
 
     def _epsilon(self, history: History) -> float:
-        return epsilon_of(self.settings.accountant, tuple(tuple(entry) for entry in history), self.settings.delta)
+        """ε_n of the size estimate (pure DP) + DP-SGD's ε of ``history``: basic composition."""
+        dp_sgd = epsilon_of(self.settings.accountant, tuple(tuple(entry) for entry in history), self.settings.delta)
+        return (self.estimate.epsilon if self.estimate else 0.0) + dp_sgd
 
     def spent(self) -> float:
         return self._epsilon(self.history)
 
+    def estimated_units(self, units: int, *, run_id: int, server_round: int) -> int:
+        """ñ = max(1, n + discrete Laplace of scale 1/ε_n), ε_n = ε/50: the site's DP estimate of its ``units``,
+        drawn ONCE from OS entropy and charged before anyone uses it. Every later call (another round, process
+        or run) returns the same ñ whatever n is by then: a redraw would release a fresh estimate, and the mean
+        of many pins n."""
+        with exclusive_lock(self._lock):
+            self._load()
+            if self.estimate is None:
+                epsilon = ESTIMATE_SHARE * Fraction(self.settings.epsilon)
+                would_be = self.spent() + float(epsilon)
+                if would_be > self.settings.epsilon + EPSILON_SLACK:
+                    raise BudgetExhausted(budget=self.settings.epsilon, spent=self.spent(), would_be=would_be)
+                estimate = SizeEstimate(max(1, units + discrete_laplace(epsilon)), float(epsilon))
+                self._commit(self.plan, self.history, self.rounds, estimate, epsilon=would_be, run_id=run_id,
+                             server_round=server_round)
+            assert self.estimate is not None
+            return self.estimate.units
+
     def plan_noise(self, *, sample_rate: float, steps_per_round: int, rounds: int) -> NoisePlan:
-        """σ for the whole budget over ``rounds`` rounds; computed once (it persists with the first charge)."""
+        """σ for the budget left after the size estimate, over ``rounds`` rounds; computed once (it persists with
+        the first charge)."""
         if self.plan is None:
-            sigma = noise_multiplier_for(self.settings.accountant, self.settings.epsilon, self.settings.delta,
+            epsilon = self.settings.epsilon - (self.estimate.epsilon if self.estimate else 0.0)
+            sigma = noise_multiplier_for(self.settings.accountant, epsilon, self.settings.delta,
                                          sample_rate, steps_per_round * rounds)
             self.plan = NoisePlan(sigma, sample_rate, steps_per_round, rounds, self.settings.max_grad_norm)
         return self.plan
@@ -212,30 +282,35 @@ class PrivacyLedger:
             if would_be > self.settings.epsilon + EPSILON_SLACK:
                 raise BudgetExhausted(budget=self.settings.epsilon, spent=self.spent(), would_be=would_be)
             entry = RoundEntry(server_round, run_id, steps, sample_rate, would_be)
-            self._commit(plan, history, [*self.rounds, entry])
+            self._commit(plan, history, [*self.rounds, entry], self.estimate, epsilon=would_be, run_id=run_id,
+                         server_round=server_round)
         return entry
 
-    def _commit(self, plan: NoisePlan, history: History, rounds: list[RoundEntry]) -> None:
+    def _commit(self, plan: NoisePlan | None, history: History, rounds: list[RoundEntry],
+                estimate: SizeEstimate | None, *, epsilon: float, run_id: int, server_round: int) -> None:
         """Write-ahead: the new ledger beside the old, its sha256 in the audit log, then the rename.
-        A crash at any point leaves either the old ledger (charge not logged) or one :meth:`_load` completes."""
+        A crash at any point leaves either the old ledger (charge not logged) or one :meth:`_load` completes.
+        The budget binds at the first round (a size estimate alone binds nothing: the run that drew it may still
+        be refused on its δ or steps)."""
         write_json(self._pending, {
             "version": LEDGER_VERSION,
-            "budget": {"epsilon": self.settings.epsilon, "delta": self.settings.delta},
+            "budget": {"epsilon": self.settings.epsilon, "delta": self.settings.delta} if rounds else None,
             "accountant": self.settings.accountant,
-            "plan": asdict(plan),
+            "plan": asdict(plan) if plan else None,
             "history": [list(entry) for entry in history],
             "rounds": [asdict(entry) for entry in rounds],
-            "epsilon_spent": rounds[-1].epsilon,
+            "estimate": asdict(estimate) if estimate else None,
+            "epsilon_spent": epsilon,
         })
         AuditLog(self.audit_path).record(CHARGE_EVENT, ledger=self.path.name, ledger_sha256=file_sha256(self._pending),
-                                         epsilon=rounds[-1].epsilon, run_id=rounds[-1].run_id,
-                                         round=rounds[-1].round)
+                                         epsilon=epsilon, run_id=run_id, round=server_round)
         replace_durably(self._pending, self.path)
-        self.plan, self.history, self.rounds = plan, history, rounds
+        self.plan, self.history, self.rounds, self.estimate = plan, history, rounds, estimate
 
     def report(self) -> dict:
-        """What the site tells the coordinator, in the clear: ε (rounded UP to 4 decimals), δ, budget, accountant.
-        Never σ, q, steps or rounds: together they pin the site's number of records."""
+        """What the site tells the coordinator, in the clear: ε (rounded UP to 4 decimals; ε_n of the size estimate
+        included), δ, budget, accountant. ε is a function of public values only (the public size, the run's
+        settings): sites of n and n + 1 units with the same public size report the same bits."""
         return {
             "epsilon": math.ceil(self.spent() * 1e4) / 1e4,
             "delta": self.settings.delta,

@@ -1,7 +1,8 @@
 """Local training at a site: plain functions, no Flower.
 
 Each round follows the site's :class:`client.plan.TrainingPlan` (``plan.steps`` logical steps of
-expected size ``plan.batch_size`` units). With DP on, a step is DP-SGD: every privacy unit joins the
+expected size ``plan.batch_size`` units), computed from its public size (:func:`public_size`), never from
+its true number of units. With DP on, a step is DP-SGD: every privacy unit the site holds joins the
 batch independently with probability q (Poisson), each row's gradient of the trainable linear layers
 (LoRA's B, a head) is formed exactly from one backward pass (client/per_unit_grads.py), each UNIT's summed
 gradient is clipped to C (a person with ten rows moves the update no more than a person with one), and
@@ -70,6 +71,17 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def public_size(units: int, declared: int | None, ledger: PrivacyLedger | None, *, run_id: int,
+                server_round: int) -> int:
+    """The size a site plans from: the size it declares (public on purpose; free), else with DP its estimate ñ of
+    its ``units`` (drawn once, charged to ``ledger``), else ``units`` itself (without DP nothing is protected)."""
+    if declared is not None:
+        return declared
+    if ledger is None:
+        return units
+    return ledger.estimated_units(units, run_id=run_id, server_round=server_round)
+
+
 def train_locally(
     model: torch.nn.Module,
     data: EncodedData,
@@ -81,9 +93,11 @@ def train_locally(
     run_id: int,
     privacy: PrivacySettings | None = None,
     optimizer_state: dict | None = None,
+    public_units: int | None = None,
 ) -> LocalResult:
     """Train ``model`` in place for one round of the site's plan; DP when ``ledger`` is given.
 
+    ``public_units``: the size the plan is computed from (:func:`public_size`; by default the ledger's estimate).
     ``optimizer_state`` (the previous round's ``LocalResult.optimizer_state``) continues AdamW's moment
     estimates across rounds. Measured in ``dp-federation --site-optimizer kept``, it did not help (BENCHMARKS.md),
     so the ClientApp starts each round with a fresh AdamW.
@@ -95,7 +109,9 @@ def train_locally(
     if len(data) == 0:
         raise TrainingError("the site has no training examples")
     privacy = ledger.settings if ledger is not None else (privacy or PrivacySettings(enabled=False))
-    plan = plan_training(data.unit_count, settings, privacy, planned_rounds)
+    if public_units is None:
+        public_units = public_size(data.unit_count, None, ledger, run_id=run_id, server_round=server_round)
+    plan = plan_training(public_units, settings, privacy, planned_rounds)
     torch.manual_seed(secrets.randbits(63))  # dropout: torch's default seed is a public constant
     before = torch.cat([p.detach().flatten().clone() for p in _trainable(model)])
     model.train()
@@ -125,7 +141,8 @@ def train_locally(
 class UnitBatches:
     """The round's logical batches, each a list of chunks; units drawn with OS entropy.
 
-    DP: each step, every unit joins independently with probability q (Poisson; a batch may be empty).
+    DP: each step, every unit the site holds joins independently with probability q (Poisson; a batch may be
+    empty, or larger than the plan's B when the site holds more units than its public size).
     Without DP: epochs of shuffled units cut into batches of B. A unit with more than
     ``max_rows_per_unit`` rows contributes that many of them, drawn afresh each step.
     """
@@ -135,6 +152,7 @@ class UnitBatches:
         self.data, self.plan, self.poisson, self.device = data, plan, poisson, torch.device(device)
         self.physical, self.cap = settings.physical_batch_size, settings.max_rows_per_unit
         self.rows = data.rows_by_unit()
+        self.units = data.unit_count
         self.lengths = data.dataset.tensors[1].sum(1).numpy()  # tokens per row (attention mask)
         self.generator = fresh_generator()
         self.rng = np.random.default_rng(secrets.randbits(128))
@@ -143,11 +161,11 @@ class UnitBatches:
         order: list[int] = []
         for _ in range(self.plan.steps):
             if self.poisson:
-                drawn = torch.rand(self.plan.units, generator=self.generator) < self.plan.sample_rate
+                drawn = torch.rand(self.units, generator=self.generator) < self.plan.sample_rate
                 units = drawn.nonzero().flatten().tolist()
             else:
                 if len(order) < self.plan.batch_size:
-                    order += torch.randperm(self.plan.units, generator=self.generator).tolist()
+                    order += torch.randperm(self.units, generator=self.generator).tolist()
                 units, order = order[:self.plan.batch_size], order[self.plan.batch_size:]
             yield self.chunks(units)
 

@@ -138,7 +138,7 @@ class PrivacySettings:
 @dataclass(frozen=True)
 class TrainSettings:
     """Local training at a site, per round. 0 = the automatic plan (client/plan.py), computed at each site
-    from its own number of units, which never leaves it."""
+    from its public size (the size it declares, or a DP estimate of its number of units), within its policy."""
 
     learning_rate: float = option(0.0, "--learning-rate",
                                   "sites' learning rate; 0 = the automatic plan (README: 'The training plan')")

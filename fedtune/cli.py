@@ -279,7 +279,7 @@ def cmd_client_start(args: argparse.Namespace) -> int:
           f"{', labels ' + ','.join(policy.labels) if policy.labels else ''}, model {model_name(policy.model_path)} "
           f"on {policy.device}, "
           f"ε ≤ {policy.max_epsilon:g} per {unit_name(policy.privacy_unit)}, "
-          f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·records))'}, "
+          f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·public size))'}, "
           f"≥ {policy.min_sites} sites per secure round, DP and secure aggregation required", flush=True)
     code = start_client(args.kit, args.keys, args.data, args.state, superlink=args.superlink, policy=policy,
                         connect_timeout=args.connect_timeout, receipts=args.receipts)

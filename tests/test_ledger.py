@@ -150,3 +150,38 @@ def test_write_json_makes_the_rename_durable(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(files, "fsync_dir", synced.append)
     files.write_json(tmp_path / "x.json", {"a": 1})
     assert synced == [tmp_path]
+
+
+def test_the_size_estimate_is_drawn_once_charged_and_never_redrawn(tmp_path: Path):
+    """ñ is a DP release of n: each fresh draw would leak ε_n more (and the mean of many pins n), so it is drawn
+    once, logged as a charge, and every later open, round or run (whatever n is then) gets the same ñ."""
+    path = tmp_path / "state" / "privacy-ledger.json"
+    first = PrivacyLedger(path, BUDGET)
+    estimate = first.estimated_units(1_000, run_id=7, server_round=1)
+    assert first.spent() == pytest.approx(BUDGET.epsilon / 50)  # ε_n, before any round
+    for units in (1_000, 1_001, 5, 10**6):
+        assert PrivacyLedger(path, BUDGET).estimated_units(units, run_id=8, server_round=2) == estimate
+    audit = [json.loads(line) for line in (path.parent / "audit.jsonl").read_text().splitlines()]
+    assert [(entry["event"], entry["round"]) for entry in audit] == [("privacy-charged", 1)]
+    assert abs(estimate - 1_000) < 50 * 50  # scale 1/ε_n = 25 units: 100 scales out has probability e^-100
+    # The estimate alone binds no budget (the run that drew it may still be refused on its δ or steps) ...
+    other = PrivacySettings(epsilon=3.0, delta=1e-6, max_grad_norm=0.5)
+    assert PrivacyLedger(path, other).estimated_units(3, run_id=9, server_round=1) == estimate
+    # ... the first round does, and ε after it includes ε_n: ε = ε_n + ε_DP-SGD by basic composition.
+    ledger = PrivacyLedger(path, BUDGET)
+    entry = _charge(ledger, 1)
+    dp_sgd = privacy.epsilon_of(BUDGET.accountant, tuple(ledger.history), BUDGET.delta)
+    assert entry.epsilon == ledger.spent() == ledger.estimate.epsilon + dp_sgd
+    with pytest.raises(LedgerError, match="A budget cannot change silently"):
+        PrivacyLedger(path, other)
+
+
+def test_no_estimate_is_drawn_past_the_budget(spent: Path):
+    from client.privacy import BudgetExhausted
+
+    ledger = PrivacyLedger(spent, PrivacySettings(epsilon=2.0, delta=1e-5, max_grad_norm=0.5))
+    for server_round in (3, 4):  # spend the rest of the budget planned for 4 rounds
+        _charge(ledger, server_round)
+    with pytest.raises(BudgetExhausted):
+        ledger.estimated_units(100, run_id=7, server_round=5)
+    assert PrivacyLedger(spent, BUDGET).estimate is None

@@ -1,9 +1,23 @@
-"""The automatic training plan: the documented rule, computed from the site's own size; overrides win."""
+"""The automatic training plan: the documented rule, computed from the site's public size (declared, or its DP
+estimate), never its true count; overrides win, within the site's policy."""
+
+from pathlib import Path
 
 import pytest
 
 from client.plan import AUTO_LEARNING_RATE, plan_training
-from common.config import ConfigError, PrivacySettings, TrainSettings
+from client.policy import PolicyError, SitePolicy
+from client.privacy import PrivacyLedger
+from client.train import public_size
+from common.config import (
+    ConfigError,
+    DataSettings,
+    FederationSettings,
+    PrivacySettings,
+    RunSettings,
+    SecureAggSettings,
+    TrainSettings,
+)
 
 AUTO = TrainSettings()
 
@@ -38,3 +52,33 @@ def test_bad_plan_settings_are_refused_by_name():
         TrainSettings(max_rows_per_unit=0)
     with pytest.raises(ConfigError, match="privacy.unit must be 'record' or 'column:NAME'"):
         PrivacySettings(unit="patient_id")
+
+
+def test_the_public_size_is_the_declared_one_else_the_ledgers_estimate_and_the_true_count_only_without_dp(
+        tmp_path: Path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacySettings(epsilon=8.0))
+    assert public_size(40, 500, ledger, run_id=1, server_round=1) == 500
+    assert ledger.estimate is None and not ledger.path.exists()  # a declared size is free: nothing drawn or spent
+    estimate = public_size(40, None, ledger, run_id=1, server_round=1)
+    assert estimate == ledger.estimate.units >= 1 and ledger.spent() == pytest.approx(8.0 / 50)
+    assert public_size(41, None, PrivacyLedger(ledger.path, ledger.settings), run_id=1, server_round=2) == estimate
+    assert public_size(40, None, None, run_id=1, server_round=1) == 40  # no DP: nothing to protect
+
+
+def _settings(rounds: int = 4, **train) -> RunSettings:
+    return RunSettings(train=TrainSettings(**train), data=DataSettings(labels=("a",)),
+                       federation=FederationSettings(rounds=rounds), secagg=SecureAggSettings(registry="r.json"))
+
+
+def test_the_coordinators_plan_settings_are_bounded_by_the_sites_policy():
+    policy = SitePolicy(labels=("a",), max_rounds=10, max_steps_per_round=500)
+    policy.check(_settings())
+    with pytest.raises(PolicyError, match="11 rounds; this site allows at most 10 .policy max-rounds"):
+        policy.check(_settings(rounds=11))
+    # Steps follow from the run's batch size and epochs at the site's public size: 100 epochs of 1 unit per step.
+    policy.check_plan(_settings(), public_units=2_000)
+    with pytest.raises(PolicyError, match="takes 1000 steps per round; this site allows at most 500"):
+        policy.check_plan(_settings(batch_size=1, local_epochs=100), public_units=10)
+    policy.check_plan(_settings(batch_size=1, local_epochs=100), public_units=5)
+    with pytest.raises(ConfigError, match="max-rounds and max-steps-per-round must be >= 1"):
+        SitePolicy(labels=("a",), max_steps_per_round=0)

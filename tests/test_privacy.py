@@ -1,6 +1,8 @@
 """DP-SGD and the per-site ε ledger: exact against a manual reference, composed, persisted, enforced."""
 
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,30 @@ def test_poisson_sampling_takes_exactly_the_charged_steps_at_rate_q(units: int, 
     mean, spread = np.mean(sizes), np.sqrt(batch * (1 - plan.sample_rate) / steps)
     assert abs(mean - batch) < 5 * spread + 1e-9
     assert batch == units or len(set(sizes)) > 1
+
+
+@pytest.mark.parametrize("epsilon", [Fraction(1), Fraction(4, 25), Fraction(0.3)])
+def test_the_size_noise_is_the_discrete_laplace_distribution(epsilon: Fraction):
+    """P(Y = y) = (1 − e^−ε)/(1 + e^−ε)·e^−ε|y|: n + Y is ε-DP for a count (one unit moves it by 1)."""
+    from client.privacy import discrete_laplace
+
+    draws = np.array([discrete_laplace(epsilon) for _ in range(4_000)])
+    r = math.exp(-float(epsilon))
+    p0, variance = (1 - r) / (1 + r), 2 * r / (1 - r) ** 2
+    assert abs(np.mean(draws == 0) - p0) < 5 * math.sqrt(p0 * (1 - p0) / len(draws))
+    assert abs(draws.mean()) < 5 * math.sqrt(variance / len(draws))
+    assert abs(draws.var() / variance - 1) < 0.15
+    assert abs(np.mean(draws > 0) - np.mean(draws < 0)) < 0.05
+
+
+def test_sigma_is_planned_for_the_budget_left_after_the_size_estimate(tmp_path: Path):
+    from client.privacy import noise_multiplier_for
+
+    ledger = PrivacyLedger(tmp_path / "l.json", BUDGET)
+    ledger.estimated_units(500, run_id=1, server_round=1)
+    last = None
+    for server_round in (1, 2):
+        last = ledger.charge_round(run_id=1, server_round=server_round, sample_rate=0.25, steps=8, planned_rounds=2)
+    assert ledger.plan.noise_multiplier == noise_multiplier_for(BUDGET.accountant, BUDGET.epsilon * 49 / 50,
+                                                                BUDGET.delta, 0.25, 16)
+    assert 0.9 * BUDGET.epsilon < last.epsilon <= BUDGET.epsilon + 1e-6  # ε_n + DP-SGD's ε land at the budget

@@ -9,6 +9,7 @@ new ε; a run asking for less than the site's policy is refused before anything 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def test_a_declared_weight_is_the_sites_own_choice_capped_at_w(tmp_path: Path, t
     config = run_config(tmp_path, **{"secagg.max-examples": 100})
     request = pack_train_request(initial_adapter(config), 1)
     reply = call(train, request, config, node_config(tmp_path, "site-a", two_sites["site-a"],
-                                                      **{"declared-examples": 5000}))
+                                                      **{"declared-examples": 500}))
     assert dict(reply.metric_records["train"]) == {"weight": 100}
 
 
@@ -185,18 +186,24 @@ def test_a_site_whose_data_lacks_its_privacy_unit_column_says_so_locally_and_sen
 def test_policy_default_delta_is_not_an_oracle_for_the_record_count():
     from client.policy import PolicyError, default_max_delta
 
-    # The default δ ceiling never exceeds 1/(10·n), and below 10,000 records it does not depend on n at all,
-    # so a refusal cannot be used to binary-search a site's record count.
+    # The default δ ceiling never exceeds 1/(10·m) for the site's public size m (declared, or its DP estimate),
+    # and below 10,000 it does not depend on m at all; it never reads the true count.
     assert {default_max_delta(n) for n in (1, 50, 999, 10_000)} == {1e-5}
     assert default_max_delta(12_345) == 1e-6 and default_max_delta(10**6) == 1e-7
     assert all(default_max_delta(n) <= 1 / (10 * n) for n in (1, 7, 10_001, 99_999, 123_456_789))
     settings = RunSettings.from_flat(default_run_config() | {"privacy.delta": 2e-5, "secagg.registry": "r.json",
                                                              "data.labels": LABELS})
     policy = SitePolicy(labels=tuple(LABELS.split(",")))
-    for n in (50, 500, 5_000):
-        with pytest.raises(PolicyError, match="δ"):
-            policy.check(settings, num_units=n)
-    SitePolicy(labels=policy.labels, max_delta=1e-4).check(settings, num_units=5_000)
+    with pytest.raises(PolicyError, match="δ"):  # above every size's ceiling: refused before the size is known
+        policy.check(settings)
+    loose = SitePolicy(labels=policy.labels, max_delta=1e-4)
+    loose.check(settings)
+    loose.check_plan(settings, public_units=50_000)
+    usual = dataclasses.replace(settings, privacy=dataclasses.replace(settings.privacy, delta=1e-5))
+    policy.check(usual)
+    policy.check_plan(usual, public_units=5_000)
+    with pytest.raises(PolicyError, match="δ=1e-05; this site allows at most δ=1e-06"):
+        policy.check_plan(usual, public_units=12_345)
     with pytest.raises(ValueError, match="unknown site policy setting"):
         SitePolicy.from_mapping({"max-epsilom": 3}, "node config")
     with pytest.raises(ValueError, match="min-sites must be >= 2"):

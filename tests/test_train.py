@@ -33,7 +33,8 @@ def test_ffa_trains_b_and_head_only_and_dp_spends_within_budget(tmp_path: Path, 
     changed = {key for key in before if not np.array_equal(before[key], after[key])}
     assert changed == set(trainable_keys(before, "ffa"))  # every lora_B and the head moved; no lora_A
     assert any("lora_B" in key for key in changed) and any("classifier" in key for key in changed)
-    assert result.steps == 3 and 0 < result.epsilon <= 8.0
+    assert result.steps == -(-ledger.estimate.units // 4)  # one epoch of the site's public size ñ, B = 4
+    assert 0 < result.epsilon <= 8.0
     ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacySettings(epsilon=8.0))
     assert ledger.spent() == pytest.approx(result.epsilon)
 
@@ -68,7 +69,7 @@ def test_empty_poisson_batches_are_survived_and_still_counted(tmp_path: Path, ti
                              max_rows_per_unit=3)
     ledger = PrivacyLedger(tmp_path / "l.json", PrivacySettings(epsilon=8.0))
     result = train_locally(build_model("", len(labels), LoraSettings()), small, settings, ledger=ledger,
-                           planned_rounds=1, server_round=1, run_id=1)
+                           planned_rounds=1, server_round=1, run_id=1, public_units=3)  # a site that declares 3
     # q = 1/3, 30 logical steps, one chunk each: a step without a forward pass had an empty batch,
     # and it still counted (noise added, accountant advanced). A batch is empty with probability
     # (2/3)³ ≈ 0.30, so 30 steps all non-empty (or all empty) has probability below 3·10⁻⁵.
