@@ -20,7 +20,7 @@ from client.per_unit_grads import PerUnitDPSGD
 from client.plan import TrainingPlan
 from client.train import UnitBatches, forward_loss
 from common.config import LoraSettings, TrainSettings
-from common.data import encode, label_names
+from common.data import encode
 from common.model import build_model, load_tokenizer
 from common.records import pack_train_request
 from tests.conftest import write_csv
@@ -38,7 +38,8 @@ def _others(drug_reviews, n: int) -> list[dict[str, str]]:
 def _features(texts: list[str]) -> torch.Tensor:
     """What the head reads for each text on the pristine model: the coordinator knows the candidate record."""
     model = build_model("", len(LABELS), LoraSettings())
-    head = next(m for n, m in model.named_modules() if "modules_to_save.default" in n and isinstance(m, torch.nn.Linear))
+    head = next(module for name, module in model.named_modules()
+                if "modules_to_save.default" in name and isinstance(module, torch.nn.Linear))
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))
     batch = load_tokenizer("")(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
@@ -67,7 +68,7 @@ def test_a_record_whose_logits_overflow_cannot_decide_the_reply(tmp_path: Path, 
     from client.app import train
 
     config = run_config(tmp_path, **{"data.labels": ",".join(LABELS), "train.batch-size": batch_size,
-                                     "train.local-epochs": epochs, "privacy.accountant": "rdp"})  # rdp: the faster to plan σ
+                                     "train.local-epochs": epochs, "privacy.accountant": "rdp"})  # rdp: σ planned fast
     request = pack_train_request(hostile_head(initial_adapter(config)), 1)
     others = _others(drug_reviews, 7)
     replies, zeroed = {}, {}
