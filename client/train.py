@@ -41,6 +41,7 @@ from common.data import EncodedData
 
 log = logging.getLogger("fedtune.client")
 
+
 class TrainingError(RuntimeError):
     """Local training did not produce a usable update."""
 
@@ -228,6 +229,7 @@ def _train_private(model, optimizer, batches: UnitBatches, ledger: PrivacyLedger
     dp_sgd = PerUnitDPSGD(model, optimizer, noise_multiplier=ledger.plan.noise_multiplier,
                           max_grad_norm=batches.plan.max_grad_norm, expected_batch_size=batches.plan.batch_size,
                           generator=fresh_generator(next(model.parameters()).device))
+
     def loss_of(chunk: Chunk) -> torch.Tensor:
         return forward_loss(model, chunk)
 
