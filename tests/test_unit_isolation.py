@@ -185,9 +185,12 @@ def test_passes_are_cut_by_a_token_budget_and_a_unit_is_never_split(drug_reviews
     assert max(int(chunk.unit_of_row.bincount().max()) for chunk in chunks) == 3  # p0's three rows share a pass
 
 
-def test_the_site_policy_owns_max_rows_per_unit_and_a_run_can_only_lower_it():
-    from client.policy import SitePolicy
+def test_the_site_policy_owns_max_rows_per_unit_and_a_run_can_only_lower_it(tmp_path: Path):
+    import json
+
+    from client.policy import POLICY_FILE, SitePolicy
     from common.config import ConfigError, RunSettings
+    from fedtune.cli import simulated_site_policies
 
     policy = SitePolicy.from_mapping({"labels": ",".join(LABELS), "max-rows-per-unit": "2"}, "node config")
     for asked, trained in ((8, 2), (64, 2), (1, 1)):
@@ -196,3 +199,7 @@ def test_the_site_policy_owns_max_rows_per_unit_and_a_run_can_only_lower_it():
         assert policy.train_settings(settings).max_rows_per_unit == trained
     with pytest.raises(ConfigError, match="max-rows-per-unit must be >= 1"):
         SitePolicy(labels=LABELS, max_rows_per_unit=0)
+    # A simulation plays every site: its --max-rows-per-unit becomes each simulated site's policy.
+    simulated_site_policies(tmp_path, 1, task="classification", labels=",".join(LABELS), model="", dp=True,
+                            secure=True, epsilon=8.0, unit="record", max_rows_per_unit=3)
+    assert json.loads((tmp_path / "sites" / "site-0" / POLICY_FILE).read_text())["max-rows-per-unit"] == 3
