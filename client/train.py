@@ -131,6 +131,8 @@ def train_locally(
             raise TrainingError("bug: the steps taken differ from the round charged to the ledger")
         epsilon = entry.epsilon
     model.eval()
+    # Under DP both checks read only the weights after the noised steps (post-processing of what ε covers): a
+    # unit's gradient entered them clipped to C or as zero, so neither check can turn on one unit.
     after = torch.cat([p.detach().flatten() for p in _trainable(model)])
     if torch.equal(before, after):
         raise TrainingError("no trainable parameter changed: the adapter is not being trained (device or freeze bug)")
