@@ -70,6 +70,15 @@ log = logging.getLogger("fedtune.client")
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # the site's log
 app = ClientApp()
 
+# The kinds a reply can carry. None depends on any single unit (so none is a channel past ε): each is a
+# function of the site's policy, the run config, the ledger (what was charged, from the plan), the protocol
+# messages, or the whole data file's validity (checked when the site starts and before anything is spent). Under
+# DP, training cannot fail on one unit: a unit whose gradient is not finite contributes zero, a pass that raises
+# is retried unit by unit (a unit that raises alone contributes zero), passes are bounded by a token budget and
+# the site's max-rows-per-unit, and a pass on public rows first makes a model that cannot train fail as a whole.
+# What remains of "training-failed" — no data, no parameter changed, non-finite weights after the round — is a
+# function of the data's size and of the noised steps alone (post-processing of the DP release, covered by ε);
+# "internal" is what fails outside any unit's pass (code, device, files).
 _FAILURE_KINDS: tuple[tuple[type[Exception], str], ...] = (
     (BudgetExhausted, "budget-exhausted"), (LedgerError, "ledger"), (PolicyError, "site-policy"),
     (DataError, "bad-data"), (ConfigError, "bad-config"), (ModelError, "bad-config"), (RegistryError, "registry"),
@@ -151,9 +160,9 @@ def _released_update(site: Site, settings: RunSettings, ledger: PrivacyLedger | 
     model = build_model(site.policy.model_path, len(site.labels), settings.lora, site.policy.task,
                         Placement(resolve_device(site.policy.device), nf4=site.policy.quantize == "nf4"))
     set_adapter_state(model, received)
-    result = train_locally(model, site.train, settings.train, ledger=ledger, privacy=settings.privacy,
-                           planned_rounds=settings.federation.rounds, server_round=server_round, run_id=run_id,
-                           public_units=public_units)
+    result = train_locally(model, site.train, site.policy.train_settings(settings), ledger=ledger,
+                           privacy=settings.privacy, planned_rounds=settings.federation.rounds,
+                           server_round=server_round, run_id=run_id, public_units=public_units)
     update = delta(result.adapter, received, keys_order)
     name = released.seal(server_round, digest, update, run_id=run_id, epsilon=result.epsilon)
     log.info("%s: trained round %d in %.2fs", site.name, server_round, time.monotonic() - started)

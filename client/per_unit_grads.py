@@ -11,16 +11,28 @@ The step is DP-SGD as the ledger charges it: rows of one unit are added up, each
 clipped to C (factor min(1, C / (‖g‖ + 1e-6)), as Opacus), the clipped sum gets N(0, σ²C²) noise from
 OS entropy, and is divided by the expected batch size. tests/test_per_unit_grads.py checks the per-row
 gradients against Opacus' hooks and the step against Opacus' DPOptimizer.
+
+Per-unit isolation: nothing one unit holds can change what the step does beyond its own clipped
+contribution (norm ≤ C), or make the step fail. A unit whose gradient is not finite (a record whose
+logits overflow under a hostile adapter) contributes zero, decided per unit, never per pass; a pass that
+raises (out of memory, ...) is retried unit by unit, and a unit that still raises contributes zero. Both
+are logged at the site only. Gradients, norms, clip factors and noise are fp32 whatever the base's dtype.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+
+log = logging.getLogger("fedtune.client")
+
+
+Rows = TypeVar("Rows", bound="RowBatch")
 
 
 class RowBatch(Protocol):
@@ -32,13 +44,14 @@ class RowBatch(Protocol):
     def unit_of_row(self) -> torch.Tensor: ...
     @property
     def units(self) -> int: ...
-
-
-Rows = TypeVar("Rows", bound=RowBatch)
+    def each_unit(self: Rows) -> list[Rows]:
+        """The same rows as one pass per unit."""
+        ...
 
 
 class UnsupportedLayer(ValueError):
-    """A trainable parameter outside a linear layer: its per-unit gradient is not computed here."""
+    """A model whose per-unit gradients are not computed here: a trainable parameter outside a linear layer,
+    or not fp32, or a layer whose inputs are not batch-first."""
 
 
 def refuse_row_mixing(model: torch.nn.Module) -> None:
@@ -93,14 +106,18 @@ class LinearCapture:
                 handle.remove()
 
     def per_row_gradients(self, loss: torch.Tensor, rows: int) -> dict[torch.nn.Parameter, torch.Tensor]:
-        """Each row's gradient of every trainable parameter, [rows, *shape], for ``loss`` = the mean over rows
-        of each row's own loss (hence the factor ``rows``). A layer called twice adds both calls up."""
-        outputs = [output for _, _, output in self.calls]
-        backprops = torch.autograd.grad(loss, outputs)
+        """Each row's gradient of every trainable parameter, [rows, *shape] in fp32, for ``loss`` = the mean over
+        rows of each row's own loss (hence the factor ``rows``). A layer called twice adds both calls up.
+
+        Attributing a layer's input to rows needs batch-first tensors ([rows, features] or [rows, tokens,
+        features]); any other layout is refused (UnsupportedLayer), never silently reshaped."""
+        calls, self.calls = self.calls, []
+        backprops = torch.autograd.grad(loss, [output for _, _, output in calls])
         grads: dict[torch.nn.Parameter, torch.Tensor] = {}
-        for (layer, inputs, _), backprop in zip(self.calls, backprops, strict=True):
-            g = backprop.reshape(rows, -1, backprop.shape[-1]) * rows
-            x = inputs.reshape(rows, -1, inputs.shape[-1])
+        for (layer, inputs, output), backprop in zip(calls, backprops, strict=True):
+            _check_batch_first(layer, inputs, output, rows)
+            g = backprop.float().reshape(rows, -1, backprop.shape[-1]) * rows
+            x = inputs.float().reshape(rows, -1, inputs.shape[-1])
             parts = []
             if layer.weight.requires_grad:
                 parts.append((layer.weight, torch.einsum("bto,bti->boi", g, x)))
@@ -108,23 +125,34 @@ class LinearCapture:
                 parts.append((layer.bias, g.sum(1)))
             for param, grad in parts:
                 grads[param] = grads[param] + grad if param in grads else grad
-        self.calls = []
         return grads
 
 
+def _check_batch_first(layer: torch.nn.Linear, inputs: torch.Tensor, output: torch.Tensor, rows: int) -> None:
+    if not (inputs.dim() in (2, 3) and inputs.shape[0] == rows and output.shape[:-1] == inputs.shape[:-1]):
+        raise UnsupportedLayer(f"{layer} saw an input of shape {tuple(inputs.shape)} (output {tuple(output.shape)}) "
+                               f"in a pass of {rows} rows: per-unit gradients need batch-first inputs [rows, "
+                               "features] or [rows, tokens, features], so this model's layout cannot be attributed "
+                               "to rows; use a batch-first model")
+
+
 def clipped_unit_sum(grads: dict[torch.nn.Parameter, torch.Tensor], unit_of_row: torch.Tensor, units: int,
-                     max_grad_norm: float) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """The sum over units of each unit's gradient (its rows added up), clipped to ``max_grad_norm``."""
+                     max_grad_norm: float) -> tuple[dict[torch.nn.Parameter, torch.Tensor], int]:
+    """(the sum over units of each unit's gradient (its rows added up), clipped to ``max_grad_norm``, in fp32;
+    how many units contributed zero because their gradient's norm is not finite)."""
     per_unit = {}
-    for param, grad in grads.items():
+    for param, grad in grads.items():  # fp32, from per_row_gradients
         if units == grad.shape[0]:
             per_unit[param] = grad  # one row per unit: nothing to add up
         else:
             per_unit[param] = torch.zeros((units, *grad.shape[1:]), dtype=grad.dtype, device=grad.device
                                           ).index_add_(0, unit_of_row.to(grad.device), grad)
     norms = torch.stack([g.reshape(units, -1).norm(2, dim=1) for g in per_unit.values()], dim=1).norm(2, dim=1)
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    return {param: torch.einsum("u,u...->...", factor, g) for param, g in per_unit.items()}
+    finite = torch.isfinite(norms)  # NaN or inf anywhere in a unit's gradient makes its norm so
+    factor = torch.where(finite, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
+    clipped = {param: torch.einsum("u,u...->...", factor, g.masked_fill(~finite.view(-1, *[1] * (g.dim() - 1)), 0))
+               for param, g in per_unit.items()}
+    return clipped, int((~finite).sum())
 
 
 class PerUnitDPSGD:
@@ -137,21 +165,65 @@ class PerUnitDPSGD:
         self.capture = LinearCapture(trainable_linears(model))
         self.params = [p for layer in self.capture.layers for p in layer.parameters(recurse=False)
                        if p.requires_grad]
+        wide = [tuple(p.shape) for p in self.params if p.dtype != torch.float32]
+        if wide:
+            raise UnsupportedLayer(f"trainable parameters of shapes {wide[:3]} are not fp32: the DP step adds fp32 "
+                                   "gradients and noise to them; build the model with common.model.build_model, "
+                                   "which trains every layer in fp32")
         self.optimizer, self.sigma, self.clip = optimizer, noise_multiplier, max_grad_norm
         self.expected_batch_size, self.generator = expected_batch_size, generator
+        self.zeroed_units = 0
+        """Units that contributed zero so far (a gradient not finite, or a pass that raised on them alone)."""
 
-    def step(self, chunks: Sequence[Rows], loss_of: Callable[[Rows], torch.Tensor]) -> None:
-        """One noised step over a logical batch (an empty batch still adds the noise: the step was charged)."""
-        summed = {p: torch.zeros_like(p) for p in self.params}
-        for chunk in chunks:
+    def check_trains(self, probe: Rows, loss_of: Callable[[Rows], torch.Tensor]) -> None:
+        """One pass on public rows, exceptions uncaught: a model or code that cannot train at all fails loudly
+        here, before any unit's pass, so a step never takes a bug for a unit's failure and trains on noise."""
+        self._clipped(probe, loss_of)
+
+    def _clipped(self, chunk: Rows, loss_of: Callable[[Rows], torch.Tensor]
+                 ) -> tuple[dict[torch.nn.Parameter, torch.Tensor], int]:
+        try:
             with self.capture.recording():
                 loss = loss_of(chunk)
             grads = self.capture.per_row_gradients(loss, len(chunk.labels))
-            for param, grad in clipped_unit_sum(grads, chunk.unit_of_row, chunk.units, self.clip).items():
-                summed[param] += grad
+        finally:
+            self.capture.calls = []  # the pass's graph, also when it raised
+        return clipped_unit_sum(grads, chunk.unit_of_row, chunk.units, self.clip)
+
+    def _contained(self, chunk: Rows, loss_of: Callable[[Rows], torch.Tensor]
+                   ) -> dict[torch.nn.Parameter, torch.Tensor] | None:
+        """The chunk's clipped sum, or None when its pass raised."""
+        try:
+            clipped, zeroed = self._clipped(chunk, loss_of)
+        except UnsupportedLayer:
+            raise  # the model's layout, the same for every unit
+        except Exception as exc:  # which exception one unit's rows raise must not reach the reply
+            log.warning("a pass of %d unit(s) raised %s: %s", chunk.units, type(exc).__name__, exc)
+            return None
+        if zeroed:
+            log.warning("%d unit(s) had a gradient that is not finite: each contributed zero to this step", zeroed)
+            self.zeroed_units += zeroed
+        return clipped
+
+    def step(self, chunks: Sequence[Rows], loss_of: Callable[[Rows], torch.Tensor]) -> None:
+        """One noised step over a logical batch (an empty batch still adds the noise: the step was charged)."""
+        summed = {p: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params}
+        for chunk in chunks:
+            passes = [chunk]
+            while passes:
+                current = passes.pop()
+                clipped = self._contained(current, loss_of)  # returned outside ``except``: the failed pass is freed
+                if clipped is None and current.units > 1:
+                    passes.extend(current.each_unit())
+                elif clipped is None:
+                    self.zeroed_units += 1
+                    log.warning("a unit's pass raised on its own: it contributed zero to this step")
+                else:
+                    for param, grad in clipped.items():
+                        summed[param] += grad
         for param in self.params:
             noise = torch.normal(0.0, self.sigma * self.clip, param.shape, generator=self.generator,
-                                 device=param.device, dtype=param.dtype)
+                                 device=param.device, dtype=torch.float32)
             param.grad = (summed[param] + noise) / self.expected_batch_size
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from client.plan import plan_training
-from common.config import DEVICES, QUANTIZE, TASKS, ConfigError, RunSettings, TaskKind, check_unit, model_name, option
+from common.config import (
+    DEVICES,
+    QUANTIZE,
+    TASKS,
+    ConfigError,
+    RunSettings,
+    TaskKind,
+    TrainSettings,
+    check_unit,
+    model_name,
+    option,
+)
 from common.files import write_json
 
 POLICY_FILE = "policy.json"
@@ -73,6 +84,9 @@ class SitePolicy:
     privacy_unit: str = option("record", "--privacy-unit", "whom ε protects: 'record', or 'column:NAME' (e.g. "
                                "column:patient_id: all of a patient's rows are one unit); the run must name the same "
                                "unit, so the coordinator can never turn a per-patient site into a per-row one")
+    max_rows_per_unit: int = option(8, "--max-rows-per-unit", "with a per-person unit: at most this many of a "
+                                    "person's rows (drawn afresh) train per step; a run may ask for fewer, never "
+                                    "more. It bounds one unit's forward pass (rows × data.max-length tokens)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -100,6 +114,8 @@ class SitePolicy:
             problems.append("all-pairs-up-to and min-degree must be >= 0")
         if len(set(self.labels)) != len(self.labels):
             problems.append(f"labels must name each label once, got {self.labels}")
+        if self.max_rows_per_unit < 1:
+            problems.append(f"max-rows-per-unit must be >= 1, got {self.max_rows_per_unit}")
         if self.declared_examples is not None and self.declared_examples < 1:
             problems.append(f"declared-examples must be >= 1, got {self.declared_examples}")
         if problems:
@@ -162,6 +178,12 @@ class SitePolicy:
     def _check_delta(delta: float, most: float) -> None:
         if delta > most:
             raise PolicyError(f"the run asks for δ={delta:g}; this site allows at most δ={most:.3g}")
+
+    def train_settings(self, settings: RunSettings) -> TrainSettings:
+        """The run's training settings within this policy: the site owns how many of a unit's rows one pass
+        may hold (the coordinator may lower it, which costs only utility): no unit's pass grows past it."""
+        return dataclasses.replace(settings.train,
+                                   max_rows_per_unit=min(settings.train.max_rows_per_unit, self.max_rows_per_unit))
 
     def weakened(self) -> list[str]:
         """The protections this policy turns off, for a loud warning."""

@@ -10,11 +10,20 @@ Gaussian noise σ·C is added to the sum.
 
 A logical batch is split into physical chunks of rows sorted by length, each trimmed to its own
 longest row (padding per chunk, not to the site's longest record): DP or not, the same arithmetic.
+A chunk holds at most ``physical_batch_tokens`` tokens (rows × its padded width), except a unit whose rows
+alone exceed it (a unit is never split): with at most the site's max-rows-per-unit rows of at most
+data.max-length tokens, no unit can make a pass larger than the site's policy allows.
+
+Under DP no failure of a round depends on one unit (client/per_unit_grads.py): a unit whose gradient is not
+finite contributes zero, and a pass that raises is retried unit by unit, a unit that raises alone
+contributing zero. A pass on public rows first (``UnitBatches.probe``) keeps a model that cannot train at
+all from being mistaken for such units.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +39,8 @@ from common.adapter import AdapterState, get_adapter_state
 from common.causal_lm import answer_loss
 from common.config import PrivacySettings, TaskKind, TrainSettings
 from common.data import EncodedData
+
+log = logging.getLogger("fedtune.client")
 
 
 class TrainingError(RuntimeError):
@@ -57,6 +68,12 @@ class Chunk:
     unit_of_row: torch.Tensor
     units: int
     task: TaskKind = "classification"
+
+    def each_unit(self) -> list[Chunk]:
+        """The same rows as one pass per unit (a pass that raised is retried so: a unit's failure stays its own)."""
+        alone = [(self.unit_of_row == unit).nonzero().flatten() for unit in range(self.units)]
+        return [Chunk(self.input_ids[rows], self.attention_mask[rows], self.labels[rows],
+                      torch.zeros_like(rows), 1, self.task) for rows in alone]
 
 
 def forward_loss(model: torch.nn.Module, chunk: Chunk) -> torch.Tensor:
@@ -130,6 +147,8 @@ def train_locally(
             raise TrainingError("bug: the steps taken differ from the round charged to the ledger")
         epsilon = entry.epsilon
     model.eval()
+    # Under DP both checks read only the weights after the noised steps (post-processing of what ε covers): a
+    # unit's gradient entered them clipped to C or as zero, so neither check can turn on one unit.
     after = torch.cat([p.detach().flatten() for p in _trainable(model)])
     if torch.equal(before, after):
         raise TrainingError("no trainable parameter changed: the adapter is not being trained (device or freeze bug)")
@@ -150,7 +169,7 @@ class UnitBatches:
     def __init__(self, data: EncodedData, plan: TrainingPlan, settings: TrainSettings, *, poisson: bool,
                  device: torch.device | str = "cpu") -> None:
         self.data, self.plan, self.poisson, self.device = data, plan, poisson, torch.device(device)
-        self.physical, self.cap = settings.physical_batch_size, settings.max_rows_per_unit
+        self.tokens, self.cap = settings.physical_batch_tokens, settings.max_rows_per_unit
         self.rows = data.rows_by_unit()
         self.units = data.unit_count
         self.lengths = data.dataset.tensors[1].sum(1).numpy()  # tokens per row (attention mask)
@@ -170,7 +189,9 @@ class UnitBatches:
             yield self.chunks(units)
 
     def chunks(self, units: list[int]) -> list[Chunk]:
-        """Units packed, longest first, into passes of at most ``physical`` rows (a unit never split)."""
+        """Units packed, longest first, into passes of at most ``tokens`` tokens: rows × the pass's padded
+        width, the length of its first (longest) row. A unit is never split: one that alone exceeds the
+        budget has a pass of its own."""
         members = []
         for unit in units:
             rows = self.rows[unit]
@@ -181,13 +202,21 @@ class UnitBatches:
         chunks: list[Chunk] = []
         current: list[np.ndarray] = []
         for rows in members:
-            if current and sum(map(len, current)) + len(rows) > self.physical:
+            width = int(self.lengths[current[0]].max()) if current else 0
+            if current and (sum(map(len, current)) + len(rows)) * width > self.tokens:
                 chunks.append(self._chunk(current))
                 current = []
             current.append(rows)
         if current:
             chunks.append(self._chunk(current))
         return chunks
+
+    def probe(self) -> Chunk:
+        """One public row (token 0, class or target 0): what ``PerUnitDPSGD.check_trains`` runs first."""
+        token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        target = token if self.data.task == "causal-lm" else token[0]
+        return Chunk(token, torch.ones_like(token), target, torch.zeros(1, dtype=torch.long, device=self.device), 1,
+                     self.data.task)
 
     def _chunk(self, members: list[np.ndarray]) -> Chunk:
         index = torch.from_numpy(np.concatenate(members))
@@ -220,8 +249,16 @@ def _train_private(model, optimizer, batches: UnitBatches, ledger: PrivacyLedger
     dp_sgd = PerUnitDPSGD(model, optimizer, noise_multiplier=ledger.plan.noise_multiplier,
                           max_grad_norm=batches.plan.max_grad_norm, expected_batch_size=batches.plan.batch_size,
                           generator=fresh_generator(next(model.parameters()).device))
+
+    def loss_of(chunk: Chunk) -> torch.Tensor:
+        return forward_loss(model, chunk)
+
+    dp_sgd.check_trains(batches.probe(), loss_of)
     steps = 0
     for chunks in batches:
-        dp_sgd.step(chunks, lambda chunk: forward_loss(model, chunk))
+        dp_sgd.step(chunks, loss_of)
         steps += 1
+    if dp_sgd.zeroed_units:
+        log.warning("%d unit passes contributed zero this round (a gradient not finite, or a pass that raised on "
+                    "the unit alone: see above); the update is DP as charged", dp_sgd.zeroed_units)
     return steps

@@ -145,19 +145,19 @@ class TrainSettings:
     local_epochs: int = option(0, "--local-epochs", "passes over a site's units per round; 0 = the automatic plan")
     batch_size: int = option(0, "--batch-size", "expected units per step under Poisson sampling (large batches "
                                                 "suit DP); 0 = the automatic plan (about a quarter of the site)")
-    physical_batch_size: int = 32
-    """Memory bound: rows per forward pass (a unit's rows always share one pass, even past this bound)."""
+    physical_batch_tokens: int = 4096
+    """Memory bound: tokens per forward pass, rows × the pass's padded width (a unit's rows always share one
+    pass, even past this bound; the site's max-rows-per-unit bounds that pass)."""
     max_rows_per_unit: int = option(8, "--max-rows-per-unit", "with a per-person unit: at most this many of a "
-                                                              "person's rows (drawn afresh) train per step")
+                                                              "person's rows (drawn afresh) train per step; a "
+                                                              "site's own policy may allow fewer")
 
     def __post_init__(self) -> None:
         _require(self.learning_rate >= 0, f"train.learning-rate must be >= 0 (0 = automatic), got {self.learning_rate}")
         _require(self.local_epochs >= 0, f"train.local-epochs must be >= 0 (0 = automatic), got {self.local_epochs}")
         _require(self.batch_size >= 0, f"train.batch-size must be >= 0 (0 = automatic), got {self.batch_size}")
-        _require(
-            self.physical_batch_size >= 1,
-            f"train.physical-batch-size must be >= 1, got {self.physical_batch_size}",
-        )
+        _require(self.physical_batch_tokens >= 1,
+                 f"train.physical-batch-tokens must be >= 1, got {self.physical_batch_tokens}")
         _require(self.max_rows_per_unit >= 1, f"train.max-rows-per-unit must be >= 1, got {self.max_rows_per_unit}")
 
 

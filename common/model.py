@@ -120,16 +120,23 @@ def resolve_device(choice: str) -> torch.device:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where and how a site holds the frozen base model: its device, and whether in 4-bit NF4 (QLoRA)."""
+    """Where and how a site holds the frozen base model: its device, whether in 4-bit NF4 (QLoRA), and its
+    dtype (None: bf16 on a GPU that has it, else fp32). Whatever the base, what trains is fp32."""
 
     device: torch.device = CPU
     nf4: bool = False
+    base_dtype: torch.dtype | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.base_dtype is not None:
+            return self.base_dtype
+        return torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def _base_model(path: Path, task: TaskKind, num_labels: int, placement: Placement) -> PreTrainedModel:
     """The frozen base, loaded onto its device (bf16 on a GPU that has it, or NF4; the adapter stays fp32)."""
-    device = placement.device
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    device, dtype = placement.device, placement.dtype
     if placement.nf4 and task != "causal-lm":
         raise ModelError("4-bit NF4 (QLoRA) is for causal-lm models; a classifier trains on its full-precision base")
     quantized = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -223,8 +230,24 @@ def _pristine_model(model_path: str, num_labels: int, lora: LoraSettings, task: 
         model = get_peft_model(base, config)
     except ValueError as exc:
         raise ModelError(f"LoRA cannot adapt {model_name(model_path)}: {exc}; set lora.targets") from exc
+    train_in_fp32(model)
     model.eval()
     return model
+
+
+def train_in_fp32(model: torch.nn.Module) -> None:
+    """Every trainable layer holds fp32 weights and computes in fp32 whatever the base's dtype: peft keeps
+    LoRA in fp32 already, but a classifier's trained head is a copy of the base's (bf16 on a GPU). Its
+    input is cast up, so a head's logits and every per-unit gradient are fp32 (client/per_unit_grads.py)."""
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own and any(p.dtype != torch.float32 for p in own):
+            module.float()
+            module.register_forward_pre_hook(_inputs_to_fp32)
+
+
+def _inputs_to_fp32(module: torch.nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def build_model(model_path: str, num_labels: int, lora: LoraSettings, task: TaskKind = "classification",

@@ -98,7 +98,7 @@ def simulated_registry(out: Path, sites: int) -> Path:
 
 
 def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: str, model: str, dp: bool,
-                            secure: bool, epsilon: float, unit: str) -> None:
+                            secure: bool, epsilon: float, unit: str, max_rows_per_unit: int = 8) -> None:
     """Each simulated site's own policy file (the person running the simulation plays every site).
 
     Weaker protection than the defaults exists only because this command was asked for it by name.
@@ -107,7 +107,7 @@ def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: st
 
     policy = SitePolicy(task=task, labels=tuple(filter(None, labels.split(","))), model_path=model,
                         max_epsilon=epsilon, require_dp=dp,
-                        require_secure_aggregation=secure, privacy_unit=unit)
+                        require_secure_aggregation=secure, privacy_unit=unit, max_rows_per_unit=max_rows_per_unit)
     for i in range(sites):
         write_policy(out.resolve() / "sites" / f"site-{i}", policy)
 
@@ -179,7 +179,8 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
                           "site could subtract its own update from the sum and read the other's. Use --sites 3 "
                           "or more, or --plain-aggregation")
     simulated_site_policies(out, args.sites, task=task, labels=run_config["data.labels"], model=args.model, dp=dp,
-                            secure=not args.plain_aggregation, epsilon=args.epsilon, unit=args.privacy_unit)
+                            secure=not args.plain_aggregation, epsilon=args.epsilon, unit=args.privacy_unit,
+                            max_rows_per_unit=settings.train.max_rows_per_unit)
     if not args.plain_aggregation:
         from common.registry import load_registry, read_aloud
 

@@ -89,7 +89,7 @@ def dp_throughput(repeats: int = 2) -> None:
         labels = label_names(records) if task == "classification" else ()
         data = encode(records, labels, load_tokenizer(model_name), length, "bench", task=task)  # type: ignore[arg-type]
         plan = TrainingPlan(batch_size=rows, units=len(data), steps=steps, learning_rate=1e-3, max_grad_norm=1.0)
-        chunks = list(UnitBatches(data, plan, TrainSettings(physical_batch_size=physical), poisson=False))
+        chunks = list(UnitBatches(data, plan, TrainSettings(physical_batch_tokens=physical * length), poisson=False))
         speed: dict[str, list[float]] = {"plain": [], "opacus": [], "fedtune": []}
         for _ in range(repeats):  # interleaved, so drift on a shared machine hits every engine alike
             for engine in speed:
@@ -217,7 +217,7 @@ def dp_utility(sizes: tuple[int, ...] = (250, 1000, 4000), epochs: int = 5) -> N
         scores = {}
         for dp in (False, True):
             settings = TrainSettings(learning_rate=0.02, local_epochs=epochs, batch_size=max(32, n // 4),
-                                     physical_batch_size=64)
+                                     physical_batch_tokens=64 * 48)
             model = build_model("", len(labels), LoraSettings())
             with tempfile.TemporaryDirectory() as tmp:
                 ledger = PrivacyLedger(Path(tmp) / "l.json", PrivacySettings(epsilon=8.0)) if dp else None
@@ -233,12 +233,13 @@ def padding(records: int = 1000, repeats: int = 2) -> None:
     from client.privacy import PrivacyLedger
 
     class PaddedToLongest(train.UnitBatches):
-        """Record units in drawn order, chunks of ``physical`` rows at the site's full padded width."""
+        """Record units in drawn order, chunks of the token budget's rows at the site's full padded width."""
 
         def chunks(self, units):
             rows = np.array([self.rows[u][0] for u in units], dtype=np.int64)
             ids, mask, labels = self.data.dataset.tensors
-            parts = [torch.from_numpy(rows[i:i + self.physical]) for i in range(0, len(rows), self.physical)]
+            physical = max(1, self.tokens // ids.shape[1])
+            parts = [torch.from_numpy(rows[i:i + physical]) for i in range(0, len(rows), physical)]
             return [train.Chunk(ids[p], mask[p], labels[p], torch.arange(len(p)), len(p)) for p in parts]
 
     rows = [{"text": r["text"], "label": r["category"]} for r in _rows(BANKING77 / "train.csv")]

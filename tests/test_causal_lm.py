@@ -131,7 +131,7 @@ def test_qlora_trains_lora_b_with_dp_on_a_4bit_base_and_a_classifier_is_refused(
     data = encode(read_records("drugreview", task="causal-lm")[:6], (), tokenizer, 32, "t", task="causal-lm")
     ledger = PrivacyLedger(tmp_path / "ledger.json", PrivacySettings(epsilon=8.0))
     result = train_locally(model, data, TrainSettings(learning_rate=0.02, local_epochs=1, batch_size=3,
-                                                      physical_batch_size=3), ledger=ledger, planned_rounds=1,
+                                                      physical_batch_tokens=3 * 32), ledger=ledger, planned_rounds=1,
                            server_round=1, run_id=1)
     changed = {k for k in before if not np.array_equal(before[k], result.adapter[k])}
     assert changed and all("lora_B" in k for k in changed)

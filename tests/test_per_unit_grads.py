@@ -26,7 +26,7 @@ def _chunks(model_name: str, task: str, *, rows: int = 8, patients: bool = False
     data = encode(records, labels, load_tokenizer(model_name), 32, "t", task=task,
                   unit_column="patient" if patients else "")
     plan = TrainingPlan(batch_size=rows, units=data.unit_count, steps=1, learning_rate=1.0, max_grad_norm=1.0)
-    return UnitBatches(data, plan, TrainSettings(physical_batch_size=4, max_rows_per_unit=8),
+    return UnitBatches(data, plan, TrainSettings(physical_batch_tokens=4 * 32, max_rows_per_unit=8),
                        poisson=False).chunks(list(range(data.unit_count)))
 
 

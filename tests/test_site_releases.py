@@ -31,7 +31,7 @@ def run_config(tmp_path: Path, **overrides) -> dict:
     return default_run_config() | {
         "out-dir": str(tmp_path / "coordinator"), "data.labels": LABELS, "data.max-length": 16,
         "federation.secure-aggregation": False, "federation.rounds": 2, "train.local-epochs": 1,
-        "train.batch-size": 4, "train.physical-batch-size": 4,
+        "train.batch-size": 4, "train.physical-batch-tokens": 4 * 16,
     } | overrides
 
 

@@ -14,7 +14,8 @@ from common.config import LoraSettings, PrivacySettings, TrainSettings
 from common.data import encode, label_names
 from common.model import build_model, load_tokenizer
 
-TINY = TrainSettings(learning_rate=0.02, local_epochs=1, batch_size=4, physical_batch_size=4, max_rows_per_unit=4)
+TINY = TrainSettings(learning_rate=0.02, local_epochs=1, batch_size=4, physical_batch_tokens=4 * 16,
+                     max_rows_per_unit=4)
 
 
 @pytest.fixture()
@@ -65,7 +66,7 @@ def test_empty_poisson_batches_are_survived_and_still_counted(tmp_path: Path, ti
     forwards = []
     real_forward = train_module.forward_loss
     monkeypatch.setattr(train_module, "forward_loss", lambda m, c: forwards.append(len(c.labels)) or real_forward(m, c))
-    settings = TrainSettings(learning_rate=0.02, local_epochs=10, batch_size=1, physical_batch_size=3,
+    settings = TrainSettings(learning_rate=0.02, local_epochs=10, batch_size=1, physical_batch_tokens=3 * 16,
                              max_rows_per_unit=3)
     ledger = PrivacyLedger(tmp_path / "l.json", PrivacySettings(epsilon=8.0))
     result = train_locally(build_model("", len(labels), LoraSettings()), small, settings, ledger=ledger,
@@ -74,7 +75,8 @@ def test_empty_poisson_batches_are_survived_and_still_counted(tmp_path: Path, ti
     # and it still counted (noise added, accountant advanced). A batch is empty with probability
     # (2/3)³ ≈ 0.30, so 30 steps all non-empty (or all empty) has probability below 3·10⁻⁵.
     assert result.steps == 30 and ledger.history[-1][2] == 30
-    assert 0 < len(forwards) < 30
+    assert forwards[0] == 1  # the public probe pass, before any step
+    assert 0 < len(forwards[1:]) < 30
 
 
 def encode_subset(data, n):
@@ -148,7 +150,7 @@ def _one_dp_step(model, data, units: list[int], clip: float) -> float:
     dp_sgd = PerUnitDPSGD(model, torch.optim.SGD(trainable, lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
                           expected_batch_size=1, generator=torch.Generator())
     plan = TrainingPlan(batch_size=1, units=data.unit_count, steps=1, learning_rate=1.0, max_grad_norm=clip)
-    batches = UnitBatches(data, plan, TrainSettings(physical_batch_size=4, max_rows_per_unit=4), poisson=True)
+    batches = UnitBatches(data, plan, TrainSettings(physical_batch_tokens=4 * 16, max_rows_per_unit=4), poisson=True)
     dp_sgd.step(batches.chunks(units), lambda chunk: forward_loss(model, chunk))
     after = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
     return float((after - before).norm())
@@ -182,7 +184,7 @@ def test_a_large_unit_trains_at_most_max_rows_per_unit_rows_per_step(drug_review
     from client.train import UnitBatches
 
     plan = TrainingPlan(batch_size=3, units=3, steps=1, learning_rate=0.1, max_grad_norm=1.0)
-    chunks = UnitBatches(data, plan, TrainSettings(physical_batch_size=4, max_rows_per_unit=4),
+    chunks = UnitBatches(data, plan, TrainSettings(physical_batch_tokens=4 * 16, max_rows_per_unit=4),
                          poisson=True).chunks([0, 1, 2])
     assert sorted(len(c.labels) for c in chunks) == [2, 4]  # the 10-row unit capped at 4; two 1-row units
     assert sum(c.units for c in chunks) == 3
@@ -198,7 +200,7 @@ def test_padding_is_per_chunk_so_short_rows_train_on_short_tensors(drug_reviews)
     from client.train import UnitBatches
 
     plan = TrainingPlan(batch_size=1, units=2, steps=1, learning_rate=0.1, max_grad_norm=1.0)
-    batches = UnitBatches(data, plan, TrainSettings(physical_batch_size=1, max_rows_per_unit=1), poisson=True)
+    batches = UnitBatches(data, plan, TrainSettings(physical_batch_tokens=1, max_rows_per_unit=1), poisson=True)
     widths = sorted(chunk.input_ids.shape[1] for chunk in batches.chunks([0, 1]))
     assert widths[0] <= 4 and widths[1] == data.dataset.tensors[0].shape[1] > 50
 
