@@ -26,7 +26,7 @@ PLANS = {"batch 16, one epoch, rdp": {"train.batch-size": 16, "train.local-epoch
 
 def _config(tmp_path: Path, plan: dict) -> dict:
     """A 30-round run (the automatic plan: one epoch per round, so a short test), of which two rounds are tried."""
-    return run_config(tmp_path, **plan, **{"train.physical-batch-size": 32, "federation.rounds": 30})
+    return run_config(tmp_path, **plan, **{"train.physical-batch-tokens": 4096, "federation.rounds": 30})
 
 
 def _epsilons(tmp_path: Path, config: dict, name: str, data: Path, **policy) -> list[float]:
