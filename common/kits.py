@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.config import BadInput
-from common.files import write_private
+from common.files import private_dir, write_private
 from common.passport import PASSPORT_PUB, PassportError, load_public_key, public_key_pem, signing_key_pem
 from common.registry import (
     IDENTITY_FILE,
@@ -161,7 +161,7 @@ def site_keygen(site: str, out: Path) -> Enrolment:
     identity = SiteIdentity.generate()
     supernode = ec.generate_private_key(ec.SECP384R1())
     enrolment = Enrolment(site, identity.private_key.public_key(), supernode.public_key())
-    _private_dir(out)
+    private_dir(out)
     _write_new(out / IDENTITY_FILE, identity.to_pem())
     _write_new(out / SUPERNODE_KEY, supernode.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
@@ -362,8 +362,8 @@ def _write_provisioning(root: Path, enrolments: list[Enrolment], hosts: list[str
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     passport_pub = public_key_pem(signing_key.public_key())
 
-    write_private(_private_dir(root / "ca") / CA_KEY, _pkcs8(ca_key))
-    server = _private_dir(root / "server")
+    write_private(private_dir(root / "ca") / CA_KEY, _pkcs8(ca_key))
+    server = private_dir(root / "server")
     write_private(server / CA_CERT, ca_pem)
     write_private(server / SERVER_CERT, server_certificate(server_key.public_key(), ca_key, ca_cert, hosts,
                                                            now=now, days=days).public_bytes(serialization.Encoding.PEM))
@@ -371,13 +371,13 @@ def _write_provisioning(root: Path, enrolments: list[Enrolment], hosts: list[str
     _write_registry(server / REGISTRY, registry)
     write_private(server / PASSPORT_KEY, signing_key_pem(signing_key))
     write_private(server / PASSPORT_PUB, passport_pub)
-    keys_dir = _private_dir(server / SUPERNODE_KEYS_DIR)
+    keys_dir = private_dir(server / SUPERNODE_KEYS_DIR)
     for enrolment in enrolments:
         write_private(keys_dir / f"{enrolment.site}.pub", enrolment.supernode_openssh)
 
-    _private_dir(root / "sites")
+    private_dir(root / "sites")
     for site_id, enrolment in enumerate(enrolments):
-        kit = _private_dir(root / "sites" / enrolment.site)
+        kit = private_dir(root / "sites" / enrolment.site)
         write_private(kit / CA_CERT, ca_pem)
         write_private(kit / REGISTRY, (server / REGISTRY).read_bytes())
         write_private(kit / PASSPORT_PUB, passport_pub)
@@ -444,12 +444,6 @@ def _utc(moment: datetime) -> datetime:
 def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.chmod(0o700)  # whatever the umask
-    return path
 
 
 def _write_registry(path: Path, identities: dict[str, tuple[int, bytes]]) -> None:
