@@ -179,21 +179,21 @@ def train(msg: Message, context: Context) -> RecordDict:
     site.policy.check(settings)  # everything the site's size does not decide: before anything is spent
     received, server_round, secagg_params = unpack_train_request(msg.content)
     run_id = msg.metadata.run_id
-    ledger = _opened_ledger(site, settings, msg)  # a rolled-back ledger is refused before anything is spent
-    units = public_size(site.train.unit_count, site.policy.declared_examples, ledger, run_id=run_id,
-                        server_round=server_round)  # declared, or the DP estimate (drawn once, charged)
-    site.policy.check_plan(settings, units)  # δ's default ceiling and the steps, from the public size only
     secure = settings.federation.secure_aggregation
     if secure != (secagg_params is not None):
         raise WireError("the train request does not match the run's aggregation mode")
+    ledger = _opened_ledger(site, settings, msg)  # a rolled-back ledger is refused before anything is spent
     params, keys, store = None, None, SessionStore(site.state_dir)
-    if secure:  # the round's parameters are checked against the site's policy BEFORE any budget is spent
+    if secure:  # the round's parameters (members, graph, threshold) meet the site's policy BEFORE any budget is spent
         keys = _keys(site)
         size = sum(received[k].size for k in trainable_keys(received, settings.lora.aggregation))
         params = accept_params(secagg_params, site.policy, keys, store=store, run_id=run_id,
                                server_round=server_round, vector_length=size)
     else:
         store.claim_round(run_id, server_round)  # rounds strictly increase per run, plain or secure
+    units = public_size(site.train.unit_count, site.policy.declared_examples, ledger, run_id=run_id,
+                        server_round=server_round)  # declared, or the DP estimate (drawn once, charged)
+    site.policy.check_plan(settings, units)  # δ's default ceiling and the steps, from the public size only
     update, release, resent = _released_update(site, settings, ledger, received, server_round, run_id, units)
     weight = site_weight(site.policy.declared_examples, settings.secagg)
     privacy = (PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit),
