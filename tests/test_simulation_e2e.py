@@ -97,7 +97,7 @@ def test_every_site_spent_at_most_its_budget(federation):
         assert 0 < report["epsilon"] <= 8.0
         assert report["budget"] == 8.0 and report["delta"] == 1e-5 and report["unit"] == "condition"
         # σ, the sampling rate and the step count would pin a site's record count: never reported.
-        assert set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit"}
+        assert set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent"}
 
 
 def test_report_opens_in_a_headless_browser_with_its_plots_and_baselines(federation, tmp_path: Path):
