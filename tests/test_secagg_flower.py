@@ -40,7 +40,9 @@ from common.records import (
     unpack_train_request,
 )
 from common.registry import FederationRegistry
-from common.secagg import SecAggError, SiteIdentity, SiteRegistry
+from common.secagg import Deal, SecAggError, SiteIdentity, SiteRegistry
+from common.secagg.dleq import prove_key
+from common.secagg.group import exp_g
 from server.secure_agg import Standing
 from server.strategy import RoundSpec
 from tests.grid import InstantGrid
@@ -225,16 +227,27 @@ CHEAT = 105  # node of site-5
 
 def _deal_off_commitments_after_stage_1(tmp_path: Path) -> Tamper:
     """Site-5 deals signed shares of another mask key than the one its signed commitments fix (the
-    issue's attack: shares that do not open its key)."""
+    issue's attack: shares that do not open its key), and proves, as a hostile site would, that it
+    knows the key it committed to (else it is dropped when it deals, unproven)."""
+    committed: dict[str, tuple[int, bytes, int]] = {}
+
     def tamper(node: int, kind: str, content: RecordDict) -> RecordDict | None:
         if node == CHEAT and kind == "train":
             for path in (tmp_path / "site-5" / "secagg-sessions").glob("*.json"):
                 record = json.loads(path.read_text())
                 session = json.loads(record["session"])
                 if session["stage"] == 1:  # this round's session, just advertised
-                    session["secrets"]["key"] = hex(int(session["secrets"]["key"], 16) + 1)
+                    key = int(session["secrets"]["key"], 16)
+                    committed["key"] = key, bytes.fromhex(session["params_digest"]), session["site_id"]
+                    session["secrets"]["key"] = hex(key + 1)
                     record["session"] = json.dumps(session)
                     path.write_text(json.dumps(record))
+        if node == CHEAT and kind == "train.secagg_share" and "key" in committed:
+            key, digest, site = committed.pop("key")
+            round_id, blobs = unpack_stage(content)
+            deal = Deal.from_bytes(blobs["payload"])
+            deal = dataclasses.replace(deal, key_proof=prove_key(key, exp_g(key), digest, site))
+            return pack_stage(round_id, {"payload": deal.to_bytes()})
         return None
     return tamper
 
