@@ -23,15 +23,17 @@ from common.secagg import (
     LocalFederation,
     MaskedUpload,
     PayloadError,
+    ProtocolError,
     RoundAborted,
     SecAggParams,
+    SignedKeyBundle,
     SiteIdentity,
     UnmaskRequest,
     UnmaskResponse,
     decode_sum,
     quantize,
 )
-from common.secagg.dleq import KeyReveal, key_proof_ok, prove_key, prove_shared, shared_proof_ok
+from common.secagg.dleq import KeyReveal, check_reveal, key_proof_ok, prove_key, prove_shared, shared_proof_ok
 from common.secagg.group import ELEMENT_BYTES, G, Q, element_to_bytes, exp, exp_g, new_secret, product
 from common.secagg.identity import decrypt_from_peer
 from common.secagg.messages import SHARE_CIPHERTEXT_BYTES, ProvenCheat
@@ -171,11 +173,23 @@ def test_a_wrong_element_is_refused_and_proves_its_revealer_a_cheat(monkeypatch:
     with pytest.raises(RoundAborted, match="mask key"):
         fed.unmask(request)
     assert set(fed.server.cheats) == {2, 3} and set(fed.server.bad_reveals) == {3}
+    # The evidence is self-contained: with site 3's registered key anyone can check it; an honest
+    # reveal, or one checked against other commitments than the signed ones, proves nothing.
     evidence = fed.server.evidence(3)
-    reveal = KeyReveal.from_bytes(bytes.fromhex(str(evidence["reveal"])), 3, 2)
-    pk_3, pk_2 = (Commitments.from_bytes(bytes.fromhex(str(evidence[k])), params.threshold).mask_public
-                  for k in ("commitments", "dealer_commitments"))
-    assert reveal.signature_ok(fed.registry[3], params.digest) and not reveal.proof_ok(pk_3, pk_2, params.digest)
+
+    def raw(key: str) -> bytes:
+        return bytes.fromhex(str(evidence[key]))
+
+    reveal = KeyReveal.from_bytes(raw("reveal"), 3, 2)
+    bundles = (SignedKeyBundle.from_bytes(raw("key_bundle")), SignedKeyBundle.from_bytes(raw("dealer_key_bundle")))
+    commitments = (Commitments.from_bytes(raw("commitments"), params.threshold),
+                   Commitments.from_bytes(raw("dealer_commitments"), params.threshold))
+    check_reveal(reveal, params, fed.registry[3], bundles, commitments)
+    with pytest.raises(ProtocolError, match="did not sign"):
+        check_reveal(reveal, params, fed.registry[3], bundles, (commitments[1], commitments[0]))
+    honest = KeyReveal.make(fed.clients[4]._identity, 7, exp_g(7), commitments[1].mask_public, params.digest, 3, 2)
+    with pytest.raises(ProtocolError):
+        check_reveal(honest, params, fed.registry[3], bundles, commitments)
 
 
 def test_a_wrong_element_falls_back_to_the_cheats_key_when_enough_shares_exist(monkeypatch: pytest.MonkeyPatch) -> None:

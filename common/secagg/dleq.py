@@ -25,11 +25,13 @@ Why it is safe:
   its key (:func:`prove_key`, a Schnorr proof bound to its site id and the round) with its deal; the
   server drops a dealer whose proof fails, and a holder reveals only when the proof checks.
 * The server verifies each reveal. An invalid one (the signature checks, the proof does not) is
-  non-repudiable evidence that ``h`` is dishonest (an honest site's proof always checks): ``h`` is
+  non-repudiable evidence that ``h`` is dishonest (an honest site's proof always checks; anyone can
+  check it: :func:`check_reveal`): ``h`` is
   a proven cheat, and the mask between ``h`` and ``c`` is removed with ``c``'s key if ``threshold``
-  of its key shares were revealed; else the round ends, with ``h`` proven. So ending a round now
-  takes a second hostile site: one that accepted the cheat's shares and then reveals a bad element,
-  withholds it, or goes silent at unmask.
+  of its key shares were revealed; else the round ends, with ``h`` proven. So a cheat alone no
+  longer ends a round: that also takes a holder that accepted its shares and then reveals a bad
+  element, withholds it, or drops out at unmask, while fewer than ``threshold`` holders can rebuild
+  the cheat's key (a withheld element or a dropout is not provable, like any silence).
 """
 
 from __future__ import annotations
@@ -42,12 +44,17 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.secagg.errors import PayloadError
+from common.secagg.errors import PayloadError, ProtocolError
 from common.secagg.group import ELEMENT_BYTES, G, P, Q, element_from_bytes, element_to_bytes, exp, exp_g, product
-from common.secagg.identity import SIGNATURE_BYTES, SiteIdentity
+from common.secagg.identity import SIGNATURE_BYTES, SignedKeyBundle, SiteIdentity
 from common.secagg.prg import encode_context
+from common.secagg.protocol import SecAggParams
+from common.secagg.vss import Commitments
 
-__all__ = ["PROOF_BYTES", "REVEAL_BYTES", "KeyReveal", "key_proof_ok", "prove_key", "prove_shared", "shared_proof_ok"]
+__all__ = [
+    "PROOF_BYTES", "REVEAL_BYTES", "KeyReveal", "check_reveal", "key_proof_ok", "prove_key", "prove_shared",
+    "shared_proof_ok",
+]
 
 _CHALLENGE_BYTES = 32
 PROOF_BYTES = _CHALLENGE_BYTES + ELEMENT_BYTES
@@ -165,3 +172,22 @@ class KeyReveal:
         shared = element_from_bytes(data[:ELEMENT_BYTES])
         return cls(holder, dealer, shared, data[ELEMENT_BYTES:ELEMENT_BYTES + PROOF_BYTES],
                    data[ELEMENT_BYTES + PROOF_BYTES:])
+
+
+def check_reveal(reveal: KeyReveal, params: SecAggParams, holder_key: Ed25519PublicKey,
+                 bundles: tuple[SignedKeyBundle, SignedKeyBundle],
+                 commitments: tuple[Commitments, Commitments]) -> None:
+    """Raise :class:`ProtocolError` unless ``reveal`` proves its holder dishonest in this round: signed
+    with ``holder_key`` (its REGISTERED identity key), with a proof that fails between the mask public
+    keys of the holder's and the dealer's signed commitments. ``bundles`` and ``commitments`` are the
+    holder's then the dealer's; both bundles already verified against their sites' registered keys."""
+    for site, bundle, committed in zip((reveal.holder, reveal.dealer), bundles, commitments, strict=True):
+        if bundle.site_id != site or bundle.params_digest != params.digest:
+            raise ProtocolError("reveal is checked against another site's or round's key bundle")
+        if committed.digest != bundle.commitments_digest:
+            raise ProtocolError("reveal is checked against commitments the site did not sign")
+    if not reveal.signature_ok(holder_key, params.digest):
+        raise ProtocolError(f"the reveal is not signed by site {reveal.holder}")
+    if reveal.proof_ok(commitments[0].mask_public, commitments[1].mask_public, params.digest):
+        raise ProtocolError(f"site {reveal.holder}'s reveal of the element it shares with site {reveal.dealer} "
+                            "checks: no cheating proven")

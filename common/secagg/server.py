@@ -174,13 +174,14 @@ class ServerAggregator:
 
     def evidence(self, cheat: int) -> dict[str, str | int]:
         """The proof against a proven cheat, self-contained (hex): with the cheat's REGISTERED identity
-        key, anyone can check it (common.secagg.proof.check_proof; for a bad key reveal, its signature
-        checks and its proof does not, between the two sites' signed mask public keys)."""
+        key, anyone can check it (common.secagg.proof.check_proof; for a bad key reveal,
+        common.secagg.dleq.check_reveal, with both sites' bundles checked against their registered keys)."""
         if cheat in self.bad_reveals:
             reveal = self.bad_reveals[cheat]
             return {"holder": cheat, "dealer": reveal.dealer, "kind": "key-reveal", "reveal": reveal.to_bytes().hex(),
                     "params_digest": self.params.digest.hex(), "key_bundle": self._bundles[cheat].to_bytes().hex(),
                     "commitments": self._commitments[cheat].to_bytes().hex(),
+                    "dealer_key_bundle": self._bundles[reveal.dealer].to_bytes().hex(),
                     "dealer_commitments": self._commitments[reveal.dealer].to_bytes().hex()}
         proof = self.proofs[cheat]
         return {"dealer": cheat, "holder": proof.holder, "kind": proof.kind, "share": proof.share.hex(),
