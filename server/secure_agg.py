@@ -15,17 +15,18 @@ dropped with a logged reason; nothing a site sends can raise out of the round. B
 threshold the round ends without changing the model.
 
 Cheats are kept out of the run's later rounds (:class:`Standing`; the caller persists it and names
-them in its audit log): a site proven to have dealt a share off its own signed commitments, at
-once; a site with :data:`STRIKES_TO_KEEP_OUT` strikes, after the round of the last one. A dispute is
-a holder rejecting a dealer's shares with no proof (an AEAD failure, a bad signature): either may be
-lying, so it is one strike on EACH side, per round and counterpart (counted against the accuser
-alone, one dealer that encrypts garbage to everyone would get every honest site kept out in two
-rounds). A holder whose "proof" shows the dealer's share was good takes the strike alone. So a site
-in disputes with two peers in one round (a dealer of garbage to two holders, a holder rejecting two
-dealers) is out after that round, a refuted accuser after its second refuted proof, and a site that
-disputes the same honest peer in two rounds takes that one peer out with it: hostile sites can keep
-out at most about as many honest sites as there are of them. Sites are told nothing beyond the
-round's site list.
+them in its audit log): a site proven to have dealt a share off its own signed commitments, or to
+have signed a key reveal whose proof fails (common.secagg.dleq), at once; a site with
+:data:`STRIKES_TO_KEEP_OUT` strikes, after the round of the last one. A dispute is a holder
+rejecting a dealer's shares with no proof (an AEAD failure, a bad signature): either may be lying,
+so it is one strike on EACH side, per round and counterpart (counted against the accuser alone, one
+dealer that encrypts garbage to everyone would get every honest site kept out in two rounds). A
+holder whose "proof" shows the dealer's share was good takes the strike alone. So a site in disputes
+with two peers in one round (a dealer of garbage to two holders, a holder rejecting two dealers) is
+out after that round, a refuted accuser after its second refuted proof, and a site that disputes the
+same honest peer in two rounds takes that one peer out with it: hostile sites can keep out at most
+about as many honest sites as there are of them. Sites are told nothing beyond the round's site
+list.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Standing:
     later rounds, and why. JSON-serialisable (``to_json``/``from_json``), for the run's state."""
 
     proven: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    """Site -> {"round", "why", "proof"}: the proof is self-contained (hex), common.secagg.proof."""
+    """Site -> {"round", "why", "proof"}: the proof is self-contained (hex), common.secagg.proof or .dleq."""
     strikes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     """Site -> one line per unsettled dispute it was party to (per round and counterpart)."""
 

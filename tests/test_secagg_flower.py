@@ -14,6 +14,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+import common.secagg.client as client_module
 import server.secure_agg as secure_agg
 from client.policy import SitePolicy
 from client.release import ReleasedUpdates
@@ -40,7 +41,10 @@ from common.records import (
     unpack_train_request,
 )
 from common.registry import FederationRegistry
-from common.secagg import SecAggError, SiteIdentity, SiteRegistry
+from common.secagg import Deal, SecAggError, SiteIdentity, SiteRegistry
+from common.secagg.dleq import prove_key
+from common.secagg.group import Q, exp_g
+from common.secagg.shamir import Share
 from server.secure_agg import Standing
 from server.strategy import RoundSpec
 from tests.grid import InstantGrid
@@ -225,16 +229,27 @@ CHEAT = 105  # node of site-5
 
 def _deal_off_commitments_after_stage_1(tmp_path: Path) -> Tamper:
     """Site-5 deals signed shares of another mask key than the one its signed commitments fix (the
-    issue's attack: shares that do not open its key)."""
+    issue's attack: shares that do not open its key), and proves, as a hostile site would, that it
+    knows the key it committed to (else it is dropped when it deals, unproven)."""
+    committed: dict[str, tuple[int, bytes, int]] = {}
+
     def tamper(node: int, kind: str, content: RecordDict) -> RecordDict | None:
         if node == CHEAT and kind == "train":
             for path in (tmp_path / "site-5" / "secagg-sessions").glob("*.json"):
                 record = json.loads(path.read_text())
                 session = json.loads(record["session"])
                 if session["stage"] == 1:  # this round's session, just advertised
-                    session["secrets"]["key"] = hex(int(session["secrets"]["key"], 16) + 1)
+                    key = int(session["secrets"]["key"], 16)
+                    committed["key"] = key, bytes.fromhex(session["params_digest"]), session["site_id"]
+                    session["secrets"]["key"] = hex(key + 1)
                     record["session"] = json.dumps(session)
                     path.write_text(json.dumps(record))
+        if node == CHEAT and kind == "train.secagg_share" and "key" in committed:
+            key, digest, site = committed.pop("key")
+            round_id, blobs = unpack_stage(content)
+            deal = Deal.from_bytes(blobs["payload"])
+            deal = dataclasses.replace(deal, key_proof=prove_key(key, exp_g(key), digest, site))
+            return pack_stage(round_id, {"payload": deal.to_bytes()})
         return None
     return tamper
 
@@ -263,6 +278,39 @@ def test_a_cheat_is_dropped_over_flower_and_not_invited_again(tmp_path: Path, th
     assert proven["round"] == 1 and proven["proof"]["kind"] == "key"
     assert grid.sites[CHEAT].seen.count("train") == 1  # round 2 never invited it
     assert Standing.from_json(json.loads(json.dumps(aggregation.standing.to_json()))) == aggregation.standing
+
+
+def test_a_cheat_few_holders_accept_is_dropped_over_flower_and_its_masks_come_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The former limit, through the real handlers: site-5's key shares to site-0 and site-1 are off its
+    # commitments, so only four of its six holders (t = 5) accept and mask with it: too few to rebuild
+    # its key. Before: RoundAborted. Now those four reveal, at unmask, the element each shares with it
+    # (signed, with a proof) and the round completes with the six honest updates.
+    honest_evaluate = client_module.evaluate
+    cheat_key: list[int] = []
+
+    def evaluate(coefficients: list[int], xs: list[int]) -> list[Share]:
+        shares = honest_evaluate(coefficients, xs)
+        if coefficients[0] not in cheat_key:
+            return shares
+        return [Share(s.x, (s.y + 1) % Q) if s.x - 1 in (0, 1) else s for s in shares]
+
+    def tamper(node: int, kind: str, content: RecordDict) -> RecordDict | None:
+        if node == CHEAT and kind == "train":
+            for path in (tmp_path / "site-5" / "secagg-sessions").glob("*.json"):
+                session = json.loads(json.loads(path.read_text())["session"])
+                if session["stage"] == 1:
+                    cheat_key.append(int(session["secrets"]["key"], 16))
+        return None
+
+    monkeypatch.setattr(client_module, "evaluate", evaluate)
+    aggregation, grid, deltas = _federation(tmp_path, 7, tamper)
+    outcome = aggregation.run_round(grid, grid.get_node_ids(), {"w": np.zeros(LENGTH, np.float32)}, 1)
+    assert cheat_key and outcome.contributors == 6, outcome.failures
+    true = np.mean([deltas[i] for i in range(7) if i != 5], axis=0)
+    assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
+    assert {f.kind for f in outcome.failures if f.site == "site-5"} == {"cheated", "protocol"}
+    assert set(aggregation.standing.kept_out()) == {"site-5"} and not aggregation.standing.strikes
 
 
 def test_a_site_whose_epsilon_fell_is_rejected_at_stage_one_and_the_round_goes_on(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ made every round it was in abort at unmask (RoundAborted), and nothing kept it o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Collection, Iterator
 
@@ -22,17 +23,23 @@ from common.secagg import (
     LocalFederation,
     MaskedUpload,
     PayloadError,
+    ProtocolError,
     RoundAborted,
     SecAggParams,
+    SignedKeyBundle,
     SiteIdentity,
+    UnmaskRequest,
+    UnmaskResponse,
     decode_sum,
     quantize,
 )
-from common.secagg.group import Q
+from common.secagg.dleq import KeyReveal, check_reveal, key_proof_ok, prove_key, prove_shared, shared_proof_ok
+from common.secagg.group import ELEMENT_BYTES, G, Q, element_to_bytes, exp, exp_g, new_secret, product
 from common.secagg.identity import decrypt_from_peer
-from common.secagg.messages import SHARE_CIPHERTEXT_BYTES
+from common.secagg.messages import SHARE_CIPHERTEXT_BYTES, ProvenCheat
 from common.secagg.proof import check_proof
 from common.secagg.shamir import Share
+from common.secagg.vss import Commitments
 from server.secure_agg import Standing
 
 
@@ -120,17 +127,139 @@ def test_a_dealer_cheating_only_some_holders_is_dropped_and_its_key_recovered(mo
     assert fed.server.proofs[2].holder == 0 and 2 in fed.clients[1].masked_with
 
 
-def test_limit_a_dealer_cheating_too_many_holders_ends_one_round_and_is_proven(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Limit, stated in the README: bad shares to two of six holders (t = 5) leave four that masked with
-    # the cheat and hold too few shares of its key; they must go too, and the round ends. The cheat is
-    # proven all the same, so it ends at most this one round of the run.
+@pytest.mark.parametrize("kind", ["key", "seed"])
+def test_a_dealer_cheating_too_many_holders_is_proven_and_its_masks_come_off_by_reveals(
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    # The former limit: bad shares to two of six holders (t = 5) leave four that masked with the cheat
+    # and hold too few shares of its key. Before: RoundAborted at stage 3 (their masks with it could
+    # not come off). Now each of the four reveals the element it shares with the proven cheat, with
+    # a proof, and the round completes with exactly the honest sites' sum.
     params, fed = _setup(7)
+    updates = _updates(params)
     routed = fed.advertise()
-    with _dealing_off_commitments(monkeypatch, fed, 2, "key", holders={0, 1}):
+    with _dealing_off_commitments(monkeypatch, fed, 2, kind, holders={0, 1}):
         inboxes = fed.share(routed)
+    request = fed.confirm(fed.upload(inboxes, updates, {s: [1] for s in params.site_ids}))
+    assert [cheat.proof.dealer for cheat in request.cheats] == [2]
+    responses = fed.unmask_responses(request)
+    revealers = {s for s, raw in responses.items() if UnmaskResponse.from_bytes(raw).reveals}
+    assert revealers == {3, 4, 5, 6} == {s for s in range(7) if 2 in fed.clients[s].masked_with} - {2}
+    _assert_exact(fed.server.finish(responses), params, updates, set(params.site_ids) - {2})
+    assert set(fed.server.cheats) == {2} and not fed.server.bad_reveals
+    standing = Standing()
+    standing.record(1, fed.server, _name)
+    assert set(standing.kept_out()) == {"site-2"} and not standing.strikes
+
+
+def _limit_round(monkeypatch: pytest.MonkeyPatch, bad_holders: set[int], silent: Collection[int] = ()
+                 ) -> tuple[SecAggParams, LocalFederation, dict[int, np.ndarray], UnmaskRequest]:
+    """Site 2 deals bad key shares to ``bad_holders``; the round up to its unmask request (``silent``
+    sites do not upload)."""
+    params, fed = _setup(7)
+    updates = _updates(params)
+    routed = fed.advertise()
+    with _dealing_off_commitments(monkeypatch, fed, 2, "key", holders=bad_holders):
+        inboxes = fed.share(routed)
+    return params, fed, updates, fed.confirm(fed.upload(inboxes, updates, {s: [1] for s in params.site_ids},
+                                                        drop=silent))
+
+
+def test_a_wrong_element_is_refused_and_proves_its_revealer_a_cheat(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Holder 3 reveals, signed, an element that is not the one it shares with the cheat (and a proof made
+    # with another key): the server refuses it, and its own signature on it proves site 3 dishonest. Too
+    # few key shares of site 2 exist to remove that mask otherwise, so this round ends: with both proven.
+    params, fed, _, request = _limit_round(monkeypatch, {0, 1})
+    fed.clients[3]._secrets["key"] += 1
+    with pytest.raises(RoundAborted, match="mask key"):
+        fed.unmask(request)
+    assert set(fed.server.cheats) == {2, 3} and set(fed.server.bad_reveals) == {3}
+    # The evidence is self-contained: with site 3's registered key anyone can check it; an honest
+    # reveal, or one checked against other commitments than the signed ones, proves nothing.
+    evidence = fed.server.evidence(3)
+
+    def raw(key: str) -> bytes:
+        return bytes.fromhex(str(evidence[key]))
+
+    reveal = KeyReveal.from_bytes(raw("reveal"), 3, 2)
+    bundles = (SignedKeyBundle.from_bytes(raw("key_bundle")), SignedKeyBundle.from_bytes(raw("dealer_key_bundle")))
+    commitments = (Commitments.from_bytes(raw("commitments"), params.threshold),
+                   Commitments.from_bytes(raw("dealer_commitments"), params.threshold))
+    check_reveal(reveal, params, fed.registry[3], bundles, commitments)
+    with pytest.raises(ProtocolError, match="did not sign"):
+        check_reveal(reveal, params, fed.registry[3], bundles, (commitments[1], commitments[0]))
+    honest = KeyReveal.make(fed.clients[4]._identity, 7, exp_g(7), commitments[1].mask_public, params.digest, 3, 2)
+    with pytest.raises(ProtocolError):
+        check_reveal(honest, params, fed.registry[3], bundles, commitments)
+
+
+def test_a_wrong_element_falls_back_to_the_cheats_key_when_enough_shares_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Site 2 cheats holder 0 only: five holders (t = 5) hold its key shares, so holder 3's wrong element
+    # costs nothing: the mask comes off with site 2's rebuilt key, and site 3 is proven all the same.
+    params, fed, updates, request = _limit_round(monkeypatch, {0})
+    fed.clients[3]._secrets["key"] += 1
+    _assert_exact(fed.unmask(request), params, updates, set(params.site_ids) - {2})
+    assert set(fed.server.cheats) == {2, 3}
+
+
+@pytest.mark.parametrize("forged", ["challenge", "signature", "unrequested"])
+def test_a_forged_reveal_is_refused_without_framing_its_site(monkeypatch: pytest.MonkeyPatch, forged: str) -> None:
+    # A reveal altered on its way (its signature no longer checks) or for a site that is no proven cheat
+    # is skipped: it proves nothing against the site named in it, and no mask comes off with it.
+    _, fed, _, request = _limit_round(monkeypatch, {0, 1})
+    responses = fed.unmask_responses(request)
+    answer = UnmaskResponse.from_bytes(responses[3])
+    blob = bytearray(answer.reveals[2])
+    if forged == "challenge":
+        blob[ELEMENT_BYTES] ^= 1
+    elif forged == "signature":
+        blob[-1] ^= 1
+    reveals = {5: bytes(blob)} if forged == "unrequested" else {2: bytes(blob)}
+    responses[3] = UnmaskResponse(answer.round_id, 3, answer.self_mask_shares, answer.key_shares, reveals).to_bytes()
     with pytest.raises(RoundAborted):
-        fed.upload(inboxes, _updates(params), {s: [1] for s in params.site_ids})
-    assert set(fed.server.cheats) == {2}
+        fed.server.finish(responses)
+    assert set(fed.server.cheats) == {2} and 3 in fed.server.dropped_reasons and not fed.server.bad_reveals
+
+
+def test_no_honest_site_reveals_for_a_dealer_that_is_not_proven(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server that wants the element two honest sites share names an honest, dropped dealer (site 5) a
+    # cheat, with no proof that checks: a genuine share of it (on its commitments), a share altered after
+    # it was signed, a proven cheat's proof passed off as site 5's, or a real proof of another cheat with
+    # site 5's key proof. No honest site reveals anything for site 5.
+    params, fed, _, request = _limit_round(monkeypatch, {0, 1}, silent={5})
+    assert 5 not in request.survivors and all(5 in fed.clients[s].masked_with for s in (3, 4, 6))
+    genuine_share, signature = fed.clients[3]._held_key[5]
+    real = request.cheats[0]
+    forged = {
+        "genuine": CheatProof(5, 3, "key", genuine_share.to_bytes(), signature),
+        "altered": CheatProof(5, 3, "key", Share(genuine_share.x, genuine_share.y + 1).to_bytes(), signature),
+        "other-dealer's": dataclasses.replace(real.proof, dealer=5),
+    }
+    notices = [ProvenCheat(proof, fed.server._commitments[5].to_bytes(), fed.server._key_proofs[5])
+               for proof in forged.values()]
+    notices.append(ProvenCheat(real.proof, real.commitments, fed.server._key_proofs[5]))
+    for notice in notices:
+        lying = dataclasses.replace(request, survivors=request.survivors, cheats=(notice,))
+        for site in (3, 4, 6):  # fresh sessions each time: restore them from before the unmask answer
+            saved = fed.clients[site].export_state()
+            answer = fed.clients[site].unmask(lying)
+            assert not answer.reveals, notice.proof
+            fed.clients[site] = ClientSession.from_state(params, fed.clients[site]._identity, fed.registry, saved)
+    assert all(not fed.clients[s].unmask(dataclasses.replace(request, cheats=())).reveals for s in (3, 4, 6))
+
+
+def test_a_dealer_that_cannot_prove_it_knows_its_key_is_dropped_when_it_deals() -> None:
+    # Feldman commitments do not show that the dealer knows its key: a dealer committing to another
+    # site's mask public key could make holders reveal the element they share with THAT site. Each
+    # dealer proves knowledge of its key with its deal; one that cannot (here: another site's proof) goes.
+    params, fed = _setup(6)
+    updates = _updates(params)
+    deals = fed.share_outgoing(fed.advertise())
+    mine, other = Deal.from_bytes(deals[4]), Deal.from_bytes(deals[3])
+    deals[4] = Deal(mine.round_id, mine.commitments, mine.ciphertexts, other.key_proof).to_bytes()
+    inboxes = fed.server.route_shares(deals)
+    result = fed.unmask(fed.confirm(fed.upload(inboxes, updates, {s: [1] for s in params.site_ids})))
+    _assert_exact(result, params, updates, set(params.site_ids) - {4})
+    assert "proof that it knows its mask key" in fed.server.dropped_reasons[4]
 
 
 def test_a_cheat_helped_by_a_holder_that_skips_its_check_is_caught_at_unmask(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,7 +392,7 @@ def test_a_dealer_whose_commitments_are_not_the_signed_ones_is_dropped_when_it_d
     updates = _updates(params)
     deals = fed.share_outgoing(fed.advertise())
     mine, other = Deal.from_bytes(deals[4]), Deal.from_bytes(deals[3])
-    deals[4] = Deal(mine.round_id, other.commitments, mine.ciphertexts).to_bytes()
+    deals[4] = Deal(mine.round_id, other.commitments, mine.ciphertexts, mine.key_proof).to_bytes()
     inboxes = fed.server.route_shares(deals)
     result = fed.unmask(fed.confirm(fed.upload(inboxes, updates, {s: [1] for s in params.site_ids})))
     _assert_exact(result, params, updates, set(params.site_ids) - {4})
@@ -275,7 +404,7 @@ def test_deal_and_accusation_messages_round_trip_and_reject_garbage() -> None:
     deal = fed.clients[0].share_keys(fed.advertise()[0])
     assert Deal.from_bytes(deal.to_bytes()) == deal and len(deal.ciphertexts) == 4
     blob = deal.to_bytes()
-    for bad in (blob[:-1], blob + b"\x00", b"FSD1", 5):
+    for bad in (blob[:-1], blob + b"\x00", b"FSD2", 5):
         with pytest.raises(PayloadError):
             Deal.from_bytes(bad)  # type: ignore[arg-type]
     proof = CheatProof(3, 0, "seed", bytes(260), bytes(64))
@@ -285,3 +414,50 @@ def test_deal_and_accusation_messages_round_trip_and_reject_garbage() -> None:
     kind_at = raw.index(bytes([0, 0, 0, 3])) + 4
     with pytest.raises(PayloadError, match="bad kind"):
         MaskedUpload.from_bytes(raw[:kind_at] + b"\x07" + raw[kind_at + 1:], params)
+
+
+def test_equal_log_proofs_check_only_the_true_statement() -> None:
+    digest = bytes(32)
+    s_h, s_c = new_secret(), new_secret()
+    pk_h, pk_c = exp_g(s_h), exp_g(s_c)
+    shared, proof = prove_shared(s_h, pk_h, pk_c, digest, 3, 2)
+    assert shared == exp(pk_h, s_c)  # the Diffie-Hellman element, from either side
+    assert shared_proof_ok(proof, shared, pk_h, pk_c, digest, 3, 2)
+    tampered_challenge = bytes([proof[0] ^ 1]) + proof[1:]
+    big_response = proof[:32] + element_to_bytes(Q)
+    for bad in (
+        shared_proof_ok(proof, product([shared, G]), pk_h, pk_c, digest, 3, 2),  # wrong element
+        shared_proof_ok(proof, shared, pk_h, exp_g(new_secret()), digest, 3, 2),  # wrong base
+        shared_proof_ok(proof, shared, exp_g(new_secret()), pk_c, digest, 3, 2),  # wrong public key
+        shared_proof_ok(tampered_challenge, shared, pk_h, pk_c, digest, 3, 2),
+        shared_proof_ok(big_response, shared, pk_h, pk_c, digest, 3, 2),
+        shared_proof_ok(proof, shared, pk_h, pk_c, digest, 3, 4),  # another pair of sites
+        shared_proof_ok(proof, shared, pk_h, pk_c, bytes([1]) * 32, 3, 2),  # another round
+        shared_proof_ok(proof[:-1], shared, pk_h, pk_c, digest, 3, 2),
+    ):
+        assert not bad
+    # A proof for the wrong element made with another key does not check either.
+    wrong, forged = prove_shared(s_h + 1, pk_h, pk_c, digest, 3, 2)
+    assert not shared_proof_ok(forged, wrong, pk_h, pk_c, digest, 3, 2)
+    key_proof = prove_key(s_c, pk_c, digest, 2)
+    assert key_proof_ok(key_proof, pk_c, digest, 2)
+    assert not key_proof_ok(key_proof, pk_c, digest, 3) and not key_proof_ok(key_proof, pk_h, digest, 2)
+    assert not key_proof_ok(prove_key(s_c + 1, pk_c, digest, 2), pk_c, digest, 2)
+
+
+def test_unmask_messages_with_proven_cheats_and_reveals_round_trip_and_reject_garbage() -> None:
+    proof = CheatProof(3, 0, "seed", bytes(260), bytes(64))
+    request = UnmaskRequest(b"r", frozenset({0, 1}), {0: bytes(64)}, (ProvenCheat(proof, bytes(7), bytes(288)),))
+    assert UnmaskRequest.from_bytes(request.to_bytes()) == request
+    for bad in (request.to_bytes()[:-1], request.to_bytes() + b"\x00"):
+        with pytest.raises(PayloadError):
+            UnmaskRequest.from_bytes(bad)
+    reveal = KeyReveal(1, 3, 5, bytes(288), bytes(64)).to_bytes()
+    response = UnmaskResponse(b"r", 1, {0: bytes(324)}, {3: bytes(324)}, {3: reveal})
+    assert UnmaskResponse.from_bytes(response.to_bytes()) == response
+    for bad in (response.to_bytes()[:-1], response.to_bytes() + b"\x00",
+                UnmaskResponse(b"r", 1, {3: bytes(324)}, {}, {3: reveal}).to_bytes()):
+        with pytest.raises(PayloadError):
+            UnmaskResponse.from_bytes(bad)
+    with pytest.raises(PayloadError):
+        KeyReveal.from_bytes(bytes(256) + reveal[256:], 1, 3)  # 0 is no element

@@ -16,7 +16,11 @@ against its dealer's commitments BEFORE masking with the dealer (whose mask publ
 commitments' first key element), masks only with dealers whose shares check, and uploads the
 dealer's own signed share as the proof against each dealer whose share does not
 (common.secagg.proof). Hence any ``threshold`` shares an honest holder reveals open exactly the
-committed secret: a dealer cannot make the round fail at unmask.
+committed secret: a dealer cannot make the round fail at unmask. A dealer proven at stage 3 that
+dealt good shares to fewer than ``threshold`` holders leaves a key nobody can rebuild: each holder
+that masked with it reveals, at unmask, the Diffie-Hellman element they share, with a proof and
+signed (common.secagg.dleq), but only for a dealer whose proof (its own signed share off its own
+signed commitments) and proof of knowledge of its key this site checks itself.
 
 Secret lifetime: every round secret (private keys, dealing key, every held share) is wiped when
 unmask is answered, or at any refusal.
@@ -43,6 +47,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from common.secagg.dleq import KeyReveal, key_proof_ok, prove_key
 from common.secagg.errors import ParameterError, PayloadError, ProtocolError, SecAggError
 from common.secagg.fixedpoint import clip_l2, pack_bits, quantize
 from common.secagg.group import element_to_bytes, exp, new_secret
@@ -65,12 +70,13 @@ from common.secagg.messages import (
     SHARE_PLAINTEXT_BYTES,
     Deal,
     MaskedUpload,
+    ProvenCheat,
     SurvivorSet,
     UnmaskRequest,
     UnmaskResponse,
 )
 from common.secagg.prg import expand_mask, pairwise_mask_context, pairwise_seed, self_mask_context, self_mask_seed
-from common.secagg.proof import CheatProof
+from common.secagg.proof import CheatProof, check_proof
 from common.secagg.protocol import SecAggParams, Stage, graph_seed
 from common.secagg.shamir import SHARE_BYTES, Share, evaluate
 from common.secagg.vss import KINDS, Commitments, commitments_digest, polynomial, share_ok, shares_ok
@@ -259,7 +265,8 @@ class ClientSession:
                 self._share_key, self._peers[holder].share_public, round_id=params.round_id,
                 sender=self.site_id, receiver=holder, plaintext=plaintext,
             )
-        return Deal(params.round_id, self._commitments.to_bytes(), out)
+        key_proof = prove_key(self._secrets["key"], self._commitments.mask_public, params.digest, self.site_id)
+        return Deal(params.round_id, self._commitments.to_bytes(), out, key_proof)
 
     def _require_holders(self, count: int, what: str) -> None:
         if count < self.params.threshold:
@@ -411,7 +418,8 @@ class ClientSession:
     # ------------------------------------------------------------------ stage 5
     def unmask(self, request: UnmaskRequest | bytes) -> UnmaskResponse:
         """Stage 5: reveal, per mask partner, the self-mask share (survived) OR the key share (dropped),
-        then wipe every secret of the round.
+        and for each dropped partner that the request PROVES a cheat (checked here, :meth:`_proven`)
+        the element this site shares with it (common.secagg.dleq); then wipe every secret of the round.
 
         Answered at most once, only for the survivor set this site signed at stage 4, and only when
         the request carries at least ``threshold`` valid signatures on that same set by distinct
@@ -434,15 +442,45 @@ class ClientSession:
                 self._refuse("unmask request", f"only {len(signers)} valid survivor-set signatures from this "
                                                f"site's share holders; threshold is {self.params.threshold}")
             survived, dropped = self._local_view(s, "unmask request")
+            assert self._commitments is not None
+            reveals = {
+                cheat: KeyReveal.make(self._identity, self._secrets["key"], self._commitments.mask_public, pk,
+                                      self.params.digest, self.site_id, cheat).to_bytes()
+                for cheat, pk in self._proven(req.cheats, dropped).items()
+            }
             response = UnmaskResponse(
                 round_id=self.params.round_id,
                 site_id=self.site_id,
                 self_mask_shares={o: sh.to_bytes() + sig for o, (sh, sig) in self._held_seed.items() if o in survived},
                 key_shares={o: sh.to_bytes() + sig for o, (sh, sig) in self._held_key.items() if o in dropped},
+                reveals=reveals,
             )
             self._forget_secrets()
             return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _proven(self, cheats: Sequence[ProvenCheat], dropped: frozenset[int]) -> dict[int, int]:
+        """Dropped mask partner -> its mask public key, for each one whose evidence this site checks
+        itself: its own signed share off the commitments it signed, and its proof that it knows the
+        key of those commitments. Anything else is logged and gets no reveal."""
+        proven: dict[int, int] = {}
+        for cheat in cheats:
+            dealer = cheat.proof.dealer
+            if dealer not in dropped:
+                continue  # the request is the same for every site: not this site's mask partner
+            try:
+                bundle = self._peers[dealer]
+                if commitments_digest(cheat.commitments) != bundle.commitments_digest:
+                    raise ProtocolError("the commitments are not the ones it signed")
+                commitments = Commitments.from_bytes(cheat.commitments, self.params.threshold)
+                check_proof(cheat.proof, self.params, self._registry[dealer], bundle, commitments)
+                if not key_proof_ok(cheat.key_proof, commitments.mask_public, self.params.digest, dealer):
+                    raise ProtocolError("its proof of knowledge of its mask key does not check")
+            except SecAggError as exc:
+                log.warning("site %d: no key reveal for site %d: %s", self.site_id, dealer, exc)
+                continue
+            proven[dealer] = commitments.mask_public
+        return proven
 
     # ------------------------------------------------------------------ persistence
     def export_state(self) -> bytes:

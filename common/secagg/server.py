@@ -14,8 +14,12 @@ secret, the round raises :class:`RoundAborted`.
 Cheats (common.secagg.proof): a dealer's commitments must match the digest it signed (else it is
 dropped when it deals); a holder that rejects a dealer's shares because they are off the dealer's
 commitments uploads the dealer's signed share, and the server, which holds the same commitments,
-checks it: the dealer is then a proven cheat (:attr:`cheats`, :attr:`proofs`), dropped, its pairwise
-masks removed with its mask key like any dropped site's. A rejection without a proof that checks is
+checks it: the dealer is then a proven cheat (:attr:`cheats`, :attr:`proofs`), dropped, and its
+pairwise masks removed with the elements the survivors that masked with it reveal at unmask, each
+signed and proven (common.secagg.dleq), so it does not matter how few holders accepted its shares;
+its key, rebuilt from ``threshold`` key shares, serves only for a reveal that is missing or fails
+(a signed reveal that fails proves its sender a cheat: :attr:`bad_reveals`). Every dealer proves
+with its deal that it knows its mask key, or is dropped. A rejection without a proof that checks is
 an :attr:`unproven` dispute between holder and dealer (:attr:`false_accusers` when the "proof" shows
 the share was good); the caller keeps count across rounds. Revealed shares carry their dealer's
 signature (checked one by one, so a holder's forged share is named and skipped), and the recovered
@@ -36,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.secagg.dleq import KeyReveal, key_proof_ok
 from common.secagg.errors import PayloadError, ProtocolError, RoundAborted, SecAggError, ShamirError
 from common.secagg.fixedpoint import decode_sum, error_bound, unpack_bits
 from common.secagg.group import element_to_bytes, exp, exp_g
@@ -50,6 +55,7 @@ from common.secagg.messages import (
     SHARE_CIPHERTEXT_BYTES,
     Deal,
     MaskedUpload,
+    ProvenCheat,
     SurvivorSet,
     UnmaskRequest,
     UnmaskResponse,
@@ -117,15 +123,18 @@ class ServerAggregator:
         self._survivors: frozenset[int] = frozenset()
         self._to_unmask: frozenset[int] = frozenset()
         self._request: UnmaskRequest | None = None
+        self._key_proofs: dict[int, bytes] = {}
         self._uploads: dict[int, bytes] = {}
         self._seeds: dict[int, int] = {}
-        self._keys: dict[int, int] = {}
+        self._shared: dict[tuple[int, int], int] = {}  # (survivor, dropped partner) -> their DH element
         self.dropped_reasons: dict[int, str] = {}
         """Why each site left the round or had an answer ignored (first reason), for failure reports."""
         self.cheats: dict[int, str] = {}
         """Sites proven to have cheated (their own signatures are the proof)."""
         self.proofs: dict[int, CheatProof] = {}
         """The proof against each cheat: its own signed share, off its own signed commitments."""
+        self.bad_reveals: dict[int, KeyReveal] = {}
+        """The proof against each cheat that revealed, signed, an element its proof does not show."""
         self.unproven: set[tuple[int, int]] = set()
         """(holder, dealer): the holder rejected the dealer's shares without a proof (AEAD failure,
         bad signature...): either side may be lying. The dealer is no proven cheat."""
@@ -142,7 +151,7 @@ class ServerAggregator:
         self._stage = _Stage.ABORTED
         self._uploads.clear()
         self._seeds.clear()
-        self._keys.clear()
+        self._shared.clear()
         return RoundAborted(why)
 
     def _require(self, alive: int, when: str) -> None:
@@ -165,7 +174,15 @@ class ServerAggregator:
 
     def evidence(self, cheat: int) -> dict[str, str | int]:
         """The proof against a proven cheat, self-contained (hex): with the cheat's REGISTERED identity
-        key, anyone can check it (common.secagg.proof.check_proof)."""
+        key, anyone can check it (common.secagg.proof.check_proof; for a bad key reveal,
+        common.secagg.dleq.check_reveal, with both sites' bundles checked against their registered keys)."""
+        if cheat in self.bad_reveals:
+            reveal = self.bad_reveals[cheat]
+            return {"holder": cheat, "dealer": reveal.dealer, "kind": "key-reveal", "reveal": reveal.to_bytes().hex(),
+                    "params_digest": self.params.digest.hex(), "key_bundle": self._bundles[cheat].to_bytes().hex(),
+                    "commitments": self._commitments[cheat].to_bytes().hex(),
+                    "dealer_key_bundle": self._bundles[reveal.dealer].to_bytes().hex(),
+                    "dealer_commitments": self._commitments[reveal.dealer].to_bytes().hex()}
         proof = self.proofs[cheat]
         return {"dealer": cheat, "holder": proof.holder, "kind": proof.kind, "share": proof.share.hex(),
                 "signature": proof.signature.hex(), "params_digest": self.params.digest.hex(),
@@ -223,8 +240,9 @@ class ServerAggregator:
     def route_shares(self, outgoing: Mapping[Any, object]) -> dict[int, dict[int, bytes]]:
         """Stage 2: check each dealer's commitments, route its encrypted shares to per-receiver inboxes.
 
-        A dealer whose reply is not a :class:`Deal` of exact-size ciphertexts to its neighbours, or
-        whose commitments are not the ones its signed bundle names, is dropped. A ciphertext from
+        A dealer whose reply is not a :class:`Deal` of exact-size ciphertexts to its neighbours, whose
+        commitments are not the ones its signed bundle names, or whose proof that it knows its mask
+        key does not check (common.secagg.dleq), is dropped. A ciphertext from
         ``a`` to ``b`` is delivered (followed by ``a``'s commitments, the same bytes to every
         holder) only if ``b`` also sent one to ``a``, so both sides of a pair agree on whether to
         mask with each other.
@@ -246,10 +264,12 @@ class ServerAggregator:
                 commitments = Commitments.from_bytes(deal.commitments, params.threshold)
                 if commitments.digest != self._bundles[site].commitments_digest:
                     raise ProtocolError("its commitments are not the ones its signed key bundle names")
+                if not key_proof_ok(deal.key_proof, commitments.mask_public, params.digest, site):
+                    raise ProtocolError("its proof that it knows its mask key does not check")
             except SecAggError as exc:
                 self._drop(site, "share exchange", exc)
                 continue
-            deals[site], self._commitments[site] = deal, commitments
+            deals[site], self._commitments[site], self._key_proofs[site] = deal, commitments, deal.key_proof
             self._sent_to[site] = frozenset(deal.ciphertexts)
         inbox: dict[int, dict[int, bytes]] = {site: {} for site in self._sent_to}
         for site, receivers in self._sent_to.items():
@@ -362,7 +382,7 @@ class ServerAggregator:
                     alive.discard(site)
                     changed = True
             held = self._held_by(alive)
-            for gone in sorted(held.keys() - alive):
+            for gone in sorted(held.keys() - alive - self.cheats.keys()):  # a cheat's masks come off by reveals
                 holders = held[gone]
                 if len(holders) < t:
                     for site in sorted(holders):
@@ -393,22 +413,40 @@ class ServerAggregator:
             self._require(len(held.get(site, set()) | ({site} & responders)),
                           f"to reveal site {site}'s self-mask shares")
         for gone in sorted(self._to_unmask):
+            if gone in self.cheats and self._holders_of(gone) <= responders:
+                continue  # every survivor that masked with this proven cheat is asked for their element
             self._require(len(held.get(gone, ())), f"to reveal dropped site {gone}'s key shares")
-        self._request = UnmaskRequest(self.params.round_id, self._survivors, valid)
+        cheats = tuple(ProvenCheat(self.proofs[c], self._commitments[c].to_bytes(), self._key_proofs[c])
+                       for c in sorted(self.cheats.keys() & self._to_unmask))
+        self._request = UnmaskRequest(self.params.round_id, self._survivors, valid, cheats)
         self._stage = _Stage.UNMASK
         return self._request
 
+    def _holders_of(self, gone: int) -> frozenset[int]:
+        """The survivors that masked with ``gone``."""
+        return frozenset(s for s in self._survivors if gone in self._masked_with[s])
+
     # ------------------------------------------------------------------ stage 5
     def collect_unmask(self, responses: Mapping[Any, object]) -> None:
-        """Stage 5: check each revealed share's dealer signature and recover every needed secret:
-        each survivor's self-mask secret, each dropped partner's mask key. Aborts when some secret
-        has fewer than ``threshold`` shares on its dealer's committed polynomial."""
+        """Stage 5: check each revealed share's dealer signature and each key reveal's signature and
+        proof, and recover every needed secret: each survivor's self-mask secret, and the element each
+        survivor shares with each dropped partner: revealed by the survivor when the partner is a cheat
+        proven at stage 3 (common.secagg.dleq), else from the partner's mask key. Aborts when some
+        secret has fewer than ``threshold`` shares on its dealer's committed polynomial."""
         self._enter(_Stage.UNMASK, "collect_unmask")
-        seed_shares, key_shares = self._collect_shares(responses)
+        seed_shares, key_shares, revealed = self._collect_shares(responses)
         for site in sorted(self._survivors):
             self._seeds[site] = self._open(site, "seed", seed_shares.get(site, {}))
-        for dropped in sorted(self._to_unmask):
-            self._keys[dropped] = self._open(dropped, "key", key_shares.get(dropped, {}))
+        for gone in sorted(self._to_unmask):
+            holders = self._holders_of(gone)
+            if gone in self.cheats and all((site, gone) in revealed for site in holders):
+                self._shared.update({(site, gone): revealed[site, gone] for site in holders})
+                continue
+            for site in sorted(holders):
+                if gone in self.cheats and (site, gone) not in revealed:
+                    self._drop(site, "unmask", f"no valid element shared with proven cheat {gone}: its key is needed")
+            key = self._open(gone, "key", key_shares.get(gone, {}))
+            self._shared.update({(site, gone): exp(self._commitments[site].mask_public, key) for site in holders})
         self._stage = _Stage.READY
 
     def finish(self, responses: Mapping[Any, object] | None = None) -> AggregateResult:
@@ -425,12 +463,10 @@ class ServerAggregator:
             seed = self_mask_seed(element_to_bytes(self._seeds[site]), round_id, site)
             total = (total + unpack_bits(self._uploads[site], length, bits)
                      - expand_mask(seed, length, bits, self_mask_context(round_id, site))) & modmask
-        for gone, key in sorted(self._keys.items()):  # dropped sites, proven cheats among them
-            for site in sorted(s for s in self._survivors if gone in self._masked_with[s]):
-                shared = exp(self._commitments[site].mask_public, key)
-                seed = pairwise_seed(element_to_bytes(shared), round_id, site, gone)
-                pair = expand_mask(seed, length, bits, pairwise_mask_context(round_id, site, gone))
-                total = (total - pair if site < gone else total + pair) & modmask
+        for (site, gone), shared in sorted(self._shared.items()):  # survivor, dropped partner (or proven cheat)
+            seed = pairwise_seed(element_to_bytes(shared), round_id, site, gone)
+            pair = expand_mask(seed, length, bits, pairwise_mask_context(round_id, site, gone))
+            total = (total - pair if site < gone else total + pair) & modmask
         return self._decode(total, self._survivors)
 
     def _share_ok(self, holder: int, owner: int, kind: str, blob: bytes) -> bool:
@@ -464,10 +500,14 @@ class ServerAggregator:
             return None
         return site, resp
 
-    def _collect_shares(self, responses: Mapping[Any, object]) -> tuple[dict[int, _Signed], dict[int, _Signed]]:
-        """Shares whose dealer signature verifies, by owner then holder; anything else is logged and skipped."""
+    def _collect_shares(self, responses: Mapping[Any, object]
+                        ) -> tuple[dict[int, _Signed], dict[int, _Signed], dict[tuple[int, int], int]]:
+        """Shares whose dealer signature verifies, by owner then holder, and the elements survivors
+        share with proven cheats whose reveals verify; anything else is logged and skipped."""
         seeds: dict[int, _Signed] = {}
         keys: dict[int, _Signed] = {}
+        revealed: dict[tuple[int, int], int] = {}
+        asked = {cheat.proof.dealer for cheat in self._request.cheats} if self._request is not None else set()
         for key, raw in responses.items():
             if (parsed := self._response(key, raw)) is None:
                 continue
@@ -482,7 +522,30 @@ class ServerAggregator:
                                                    f"{owner} (skipped)")
                         continue
                     out.setdefault(owner, {})[site] = blob
-        return seeds, keys
+            for cheat, blob in resp.reveals.items():
+                if (shared := self._revealed(site, cheat, blob, cheat in asked and cheat in dropped)) is not None:
+                    revealed[site, cheat] = shared
+        return seeds, keys, revealed
+
+    def _revealed(self, site: int, cheat: int, blob: bytes, asked: bool) -> int | None:
+        """The element ``site`` shares with ``cheat`` if its reveal was asked for and its signature and
+        proof check; a signed reveal whose proof fails proves ``site`` a cheat (:attr:`bad_reveals`)."""
+        try:
+            reveal = KeyReveal.from_bytes(blob, site, cheat) if asked else None
+        except PayloadError:
+            reveal = None
+        if reveal is None or not reveal.signature_ok(self._registry[site], self.params.digest):
+            self._drop(site, "unmask", f"unrequested, malformed or forged element shared with site {cheat} (skipped)")
+            return None
+        if not reveal.proof_ok(self._commitments[site].mask_public, self._commitments[cheat].mask_public,
+                               self.params.digest):
+            if site not in self.cheats:
+                self.bad_reveals[site] = reveal
+                self.cheats[site] = (f"its signed element shared with proven cheat site {cheat} is not the one its "
+                                     "proof shows")
+                log.error("site %d cheated: %s", site, self.cheats[site])
+            return None
+        return reveal.shared
 
     def _open(self, owner: int, kind: str, shares: _Signed) -> int:
         """The committed secret of ``owner`` from ``threshold`` of its dealer-signed shares.
@@ -519,7 +582,7 @@ class ServerAggregator:
         values, counts = np.minimum(values, value_cap), np.minimum(counts, count_cap)
         self._uploads.clear()
         self._seeds.clear()
-        self._keys.clear()
+        self._shared.clear()
         self._stage = _Stage.DONE
         return AggregateResult(
             sum_vector=decode_sum(values, n, value_bits=params.value_bits, clip=params.clip),
