@@ -7,6 +7,7 @@ instead of Flower's engine (which tests/test_simulation_e2e.py and tests/test_de
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -19,7 +20,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import app as client_app
 from common.audit import verified_entries
 from common.config import RunSettings
-from common.records import FAILURE_MESSAGES
+from common.records import FAILURE_MESSAGES, pack_stage, unpack_stage
+from common.secagg import Deal
+from common.secagg.dleq import prove_key
+from common.secagg.group import exp_g
 from fedtune.cli import default_run_config, simulated_passport_key, simulated_registry, simulated_site_policies
 from server.federation import FederationFailed, run_federation
 from tests.conftest import write_csv
@@ -39,25 +43,40 @@ class InProcessGrid(InstantGrid):
                                        node_config={"partition-id": node - 100, "num-partitions": sites})
                          for node in self.nodes}
         self.out, self.cheat = Path(run_config["out-dir"]), cheat
+        self.committed: tuple[int, bytes, int] | None = None
 
     def answer(self, message: Message) -> Message:
         reply = client_app(message=message, context=self.contexts[message.metadata.dst_node_id])
-        if self.cheat is not None and (message.metadata.dst_node_id, message.metadata.message_type) == (
-                100 + self.cheat, "train"):
-            deal_off_commitments(self.out / "sites" / f"site-{self.cheat}")
+        if self.cheat is None or message.metadata.dst_node_id != 100 + self.cheat:
+            return reply
+        if message.metadata.message_type == "train":
+            self.committed = deal_off_commitments(self.out / "sites" / f"site-{self.cheat}")
+        elif message.metadata.message_type == "train.secagg_share" and self.committed is not None:
+            # As a hostile site would, it still proves it knows the key it committed to (else it is
+            # dropped when it deals, unproven, and never kept out).
+            key, digest, site = self.committed
+            round_id, blobs = unpack_stage(reply.content)
+            deal = Deal.from_bytes(blobs["payload"])
+            deal = dataclasses.replace(deal, key_proof=prove_key(key, exp_g(key), digest, site))
+            reply = Message(pack_stage(round_id, {"payload": deal.to_bytes()}), reply_to=message)
         return reply
 
 
-def deal_off_commitments(state_dir: Path) -> None:
+def deal_off_commitments(state_dir: Path) -> tuple[int, bytes, int] | None:
     """The site's round session, just advertised, deals signed shares of another mask key than the one
-    its signed commitments fix (issue 19, finding 5: shares that do not open its key)."""
+    its signed commitments fix (issue 19, finding 5: shares that do not open its key). Returns the
+    committed key, the params digest and the site id, which its key proof needs."""
+    committed = None
     for path in state_dir.rglob("secagg-sessions/*.json"):
         record = json.loads(path.read_text())
         session = json.loads(record["session"])
         if session["stage"] == 1:
-            session["secrets"]["key"] = hex(int(session["secrets"]["key"], 16) + 1)
+            key = int(session["secrets"]["key"], 16)
+            committed = key, bytes.fromhex(session["params_digest"]), session["site_id"]
+            session["secrets"]["key"] = hex(key + 1)
             record["session"] = json.dumps(session)
             path.write_text(json.dumps(record))
+    return committed
 
 
 @pytest.fixture(scope="module")
