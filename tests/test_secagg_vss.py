@@ -247,19 +247,24 @@ def test_no_honest_site_reveals_for_a_dealer_that_is_not_proven(monkeypatch: pyt
     assert all(not fed.clients[s].unmask(dataclasses.replace(request, cheats=())).reveals for s in (3, 4, 6))
 
 
-def test_a_dealer_that_cannot_prove_it_knows_its_key_is_dropped_when_it_deals() -> None:
-    # Feldman commitments do not show that the dealer knows its key: a dealer committing to another
-    # site's mask public key could make holders reveal the element they share with THAT site. Each
-    # dealer proves knowledge of its key with its deal; one that cannot (here: another site's proof) goes.
+@pytest.mark.parametrize(("borrowed", "reason"), [
+    ("key_proof", "proof that it knows its mask key"),
+    ("commitments", "not the ones its signed key bundle names"),
+])
+def test_a_dealer_whose_deal_is_not_its_own_is_dropped_when_it_deals(borrowed: str, reason: str) -> None:
+    # key_proof: Feldman commitments do not show that the dealer knows its key: a dealer committing to
+    # another site's mask public key could make holders reveal the element they share with THAT site, so
+    # each dealer proves knowledge of its key with its deal; one that cannot (another site's proof) goes.
+    # commitments: commitments other than the ones its signed bundle names go too.
     params, fed = _setup(6)
     updates = _updates(params)
     deals = fed.share_outgoing(fed.advertise())
     mine, other = Deal.from_bytes(deals[4]), Deal.from_bytes(deals[3])
-    deals[4] = Deal(mine.round_id, mine.commitments, mine.ciphertexts, other.key_proof).to_bytes()
+    deals[4] = dataclasses.replace(mine, **{borrowed: getattr(other, borrowed)}).to_bytes()
     inboxes = fed.server.route_shares(deals)
     result = fed.unmask(fed.confirm(fed.upload(inboxes, updates, {s: [1] for s in params.site_ids})))
     _assert_exact(result, params, updates, set(params.site_ids) - {4})
-    assert "proof that it knows its mask key" in fed.server.dropped_reasons[4]
+    assert reason in fed.server.dropped_reasons[4]
 
 
 def test_a_cheat_helped_by_a_holder_that_skips_its_check_is_caught_at_unmask(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -387,16 +392,6 @@ def test_commitments_relayed_differently_to_two_holders_are_detected(caplog: pyt
     assert not fed.server.cheats  # the dealer's signature convicts nobody here: the relay lied
 
 
-def test_a_dealer_whose_commitments_are_not_the_signed_ones_is_dropped_when_it_deals() -> None:
-    params, fed = _setup(6)
-    updates = _updates(params)
-    deals = fed.share_outgoing(fed.advertise())
-    mine, other = Deal.from_bytes(deals[4]), Deal.from_bytes(deals[3])
-    deals[4] = Deal(mine.round_id, other.commitments, mine.ciphertexts, mine.key_proof).to_bytes()
-    inboxes = fed.server.route_shares(deals)
-    result = fed.unmask(fed.confirm(fed.upload(inboxes, updates, {s: [1] for s in params.site_ids})))
-    _assert_exact(result, params, updates, set(params.site_ids) - {4})
-    assert "not the ones its signed key bundle names" in fed.server.dropped_reasons[4]
 
 
 def test_deal_and_accusation_messages_round_trip_and_reject_garbage() -> None:
