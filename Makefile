@@ -38,7 +38,7 @@ browser:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null)
 
 bench: $(STAMP)
-	$(BIN)/python -m simulations.benchmark
+	$(BIN)/python -m simulations.benchmarks.benchmark
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,1 +1,5 @@
-__version__ = "0.1.0"
+"""fedtune outside the Flower app: the command line and the deployment runtime (fedtune/runtime/)."""
+
+from common import __version__
+
+__all__ = ["__version__"]

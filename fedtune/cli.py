@@ -29,7 +29,7 @@ from common.config import (
     unit_name,
 )
 from fedtune.deploy_cli import add_subcommands
-from server.control import RunFailed, project_dir
+from fedtune.runtime.control import RunFailed, project_dir
 from simulations.runner import run_simulation
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -241,7 +241,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_server_start(args: argparse.Namespace) -> None:
     """The coordinator: SuperLink with TLS + site auth, the fedtune run, streamed rounds."""
     from common.data import label_names, read_records
-    from server.orchestrator import ServerKit, start_server
+    from fedtune.runtime.orchestrator import ServerKit, start_server
     from simulations.report import round_line
 
     if not args.test_data:
@@ -269,8 +269,8 @@ def site_policy_options() -> tuple[CommandLineOption, ...]:
 
 def cmd_client_start(args: argparse.Namespace) -> int:
     """The on-premise site daemon (a SuperNode and the site's executor); runs until stopped."""
-    from client.daemon import start_client
     from client.policy import SitePolicy
+    from fedtune.runtime.daemon import start_client
 
     policy = SitePolicy.from_mapping({opt.key: getattr(args, opt.dest) for opt in site_policy_options()},
                                      "the command line")

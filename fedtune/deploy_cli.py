@@ -12,7 +12,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from common.kits import (
+from common.passport import PassportError, key_id, load_public_key, verify_passport
+from common.registry import MEMBERS_FILE, FederationRegistry, RegistryError, load_registry, pin_members, read_aloud
+from fedtune.runtime.kits import (
     ENROL_SUFFIX,
     MAX_DAYS,
     REGISTRY,
@@ -23,8 +25,6 @@ from common.kits import (
     read_enrolments,
     site_keygen,
 )
-from common.passport import PassportError, key_id, load_public_key, verify_passport
-from common.registry import MEMBERS_FILE, FederationRegistry, RegistryError, load_registry, pin_members, read_aloud
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 

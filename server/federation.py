@@ -21,6 +21,7 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import PreTrainedTokenizerBase
 
+from common import __version__
 from common.adapter import AdapterState, apply_delta, get_adapter_state, set_adapter_state, trainable_keys
 from common.audit import AuditLog
 from common.causal_lm import most_common_answer_scores, score_generation
@@ -31,7 +32,6 @@ from common.files import file_sha256, write_json
 from common.model import base_model_sha256, initial_model, load_tokenizer
 from common.passport import build_passport, load_signing_key, sign_passport
 from common.registry import load_registry
-from fedtune import __version__
 from server.checkpoint import append_metrics, load_optimizer_state, publish_final, save_checkpoint
 from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 from server.optimizer import ServerOptimizer

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError
-from common.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
-from server.control import Control, wait_healthy
+from fedtune.runtime.control import Control, wait_healthy
+from fedtune.runtime.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
 
 START_TIMEOUT_S = 60.0
 

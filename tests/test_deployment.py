@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.audit import verify_chain
-from common.kits import supernode_fingerprint
-from common.processes import free_port
+from fedtune.runtime.kits import supernode_fingerprint
+from fedtune.runtime.processes import free_port
 from tests.conftest import write_csv
 
 pytestmark = pytest.mark.slow
@@ -225,7 +225,8 @@ def test_every_process_is_stopped(world):
             proc.send_signal(15)
     for proc in world["procs"].values():
         proc.wait(timeout=120)
-    names = ("flower-superlink", "flower-supernode", "client.supernode", "client.executor", "flwr-serverapp",
+    names = ("flower-superlink", "flower-supernode", "fedtune.runtime.supernode", "fedtune.runtime.executor",
+             "flwr-serverapp",
              "flwr-clientapp", "flower-superexec")
     leftovers = [p for p in psutil.process_iter(["cmdline", "create_time", "status"])
                  if p.info["create_time"] >= world["started"] and p.info["status"] != psutil.STATUS_ZOMBIE

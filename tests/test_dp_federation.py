@@ -8,7 +8,16 @@ import torch
 from torch.utils.data import TensorDataset
 
 from common.data import EncodedData
-from simulations.dp_federation import Setup, concat, head_init, main, reference, server_step, table, with_customers
+from simulations.benchmarks.dp_federation import (
+    Setup,
+    concat,
+    head_init,
+    main,
+    reference,
+    server_step,
+    table,
+    with_customers,
+)
 
 
 def test_synthetic_customers_hold_one_to_five_rows_and_are_seeded():

@@ -28,12 +28,10 @@ from flwr.common.config import parse_config_args
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
-from client.daemon import node_config
 from client.policy import SitePolicy
 from client.secure import ParamsRefused, SessionStore, SiteKeys, accept_params
 from common.adapter import AdapterState, get_adapter_state, trainable_keys
 from common.config import RunSettings
-from common.kits import ProvisionError, check_members, provision, site_keygen
 from common.model import initial_model
 from common.records import (
     KeyAdvertisement,
@@ -59,6 +57,8 @@ from common.secagg import ClientSession, ParameterError, SecAggParams, SiteIdent
 from common.secure_update import params_from_bytes, params_to_bytes, round_params
 from fedtune.cli import simulated_registry
 from fedtune.deploy_cli import add_subcommands
+from fedtune.runtime.daemon import node_config
+from fedtune.runtime.kits import ProvisionError, check_members, provision, site_keygen
 from server.secure_agg import SecureAggregation
 from server.strategy import RoundSpec
 from tests.conftest import write_csv

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp
 
-from simulations.noise_analysis import ORDERS, general_epsilon, general_sigma, general_subsampled_rdp, main
+from simulations.benchmarks.noise_analysis import ORDERS, general_epsilon, general_sigma, general_subsampled_rdp, main
 
 
 @pytest.mark.parametrize(("sigma", "q"), [(0.8, 0.05), (1.5, 0.25), (3.0, 0.5)])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.kits import provision, site_keygen
-from server.control import RunFailed
-from server.orchestrator import KitError, ServerKit, start_server
+from fedtune.runtime.control import RunFailed
+from fedtune.runtime.kits import provision, site_keygen
+from fedtune.runtime.orchestrator import KitError, ServerKit, start_server
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +81,10 @@ def test_the_clientapp_reads_its_key_from_the_sites_own_folder_and_its_peers_fro
         kits: Path, tmp_path: Path):
     from flwr.common.config import parse_config_args
 
-    from client.daemon import node_config
     from client.policy import SitePolicy
     from client.site import site_keys_dir
     from common.registry import load_identity, load_members, load_registry, pin_members
+    from fedtune.runtime.daemon import node_config
 
     kit, keys = kits / "sites" / "site-a", kits.parent / "keys" / "site-a"
     pin_members(kit / "registry.json", tmp_path / "state", load_registry(kit / "registry.json").digest.hex())
@@ -98,8 +98,8 @@ def test_the_sites_policy_flags_reach_the_clientapps_policy(kits: Path, tmp_path
     """The node config the daemon writes is the one the ClientApp's site policy reads."""
     from flwr.common.config import parse_config_args
 
-    from client.daemon import node_config
     from client.policy import SitePolicy
+    from fedtune.runtime.daemon import node_config
 
     wanted = SitePolicy(labels=("no", "yes"), model_path="/opt/models/bert", max_epsilon=2.5, max_delta=1e-6,
                         min_sites=4, declared_examples=300)

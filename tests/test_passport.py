@@ -180,7 +180,7 @@ def test_pem_keys_round_trip(tmp_path: Path, adapter: Path, key: Ed25519PrivateK
 
 
 def test_provisioned_keys_sign_and_verify(tmp_path: Path, adapter: Path) -> None:
-    from common.kits import provision, site_keygen
+    from fedtune.runtime.kits import provision, site_keygen
 
     fed = provision([site_keygen(s, tmp_path / "keys" / s) for s in ("a", "b")], ["localhost"], tmp_path / "fed")
     signed(adapter, load_signing_key(fed / "server" / "passport-signing.key"))

@@ -24,7 +24,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.kits import (
+from common.registry import IDENTITY_FILE, load_identity, load_registry
+from fedtune.deploy_cli import add_subcommands
+from fedtune.runtime.kits import (
     SITE_KEY_FILES,
     SITE_KIT_FILES,
     SITE_NAME,
@@ -37,8 +39,6 @@ from common.kits import (
     site_keygen,
     validate_request,
 )
-from common.registry import IDENTITY_FILE, load_identity, load_registry
-from fedtune.deploy_cli import add_subcommands
 
 SITES = ["hospital-a", "hospital-b", "clinic-3"]
 HOSTS = ["superlink.example.org", "10.0.0.5"]

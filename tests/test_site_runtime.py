@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.executor import claim_task, runtime_client, task_claimer
 from common import flower_internals
 from common.flower_internals import FlowerVersionError, ShortSleeps, check_flower_version, shorten_sleeps
-from common.processes import ManagedProcess, flower_env, free_port, port_in_use
+from fedtune.runtime.executor import claim_task, runtime_client, task_claimer
+from fedtune.runtime.processes import ManagedProcess, flower_env, free_port, port_in_use
 
 
 def test_flowers_fixed_waits_are_shortened_in_that_module_only() -> None:
@@ -52,7 +52,7 @@ def supernode(tmp_path: Path):
     secret.write_bytes(os.urandom(32))
     port = free_port()
     node = ManagedProcess(
-        [sys.executable, "-m", "client.supernode", "--superlink", f"127.0.0.1:{free_port()}", "--insecure",
+        [sys.executable, "-m", "fedtune.runtime.supernode", "--superlink", f"127.0.0.1:{free_port()}", "--insecure",
          "--isolation", "process", "--superexec-auth-secret-file", str(secret), "--host", "127.0.0.1",
          "--port", str(port)], flower_env(tmp_path / "flwr"), tmp_path / "supernode.log")
     node.start()
@@ -82,7 +82,7 @@ def test_a_task_left_pending_for_an_ignored_message_is_finished() -> None:
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
-    from client.supernode import finish_orphaned_tasks
+    from fedtune.runtime.supernode import finish_orphaned_tasks
 
     state = InMemoryNodeState(ObjectStoreFactory().store())
     kept = state.create_task(task_type="flwr-clientapp", run_id=1, fab_hash="f")
@@ -114,8 +114,8 @@ def test_an_existing_world_readable_secret_and_state_dir_are_made_owner_only(tmp
     import json
     import stat
 
-    from client.daemon import site_processes
     from client.policy import SitePolicy
+    from fedtune.runtime.daemon import site_processes
 
     kit, state = tmp_path / "kit", tmp_path / "state"
     kit.mkdir()

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from common.config import BadInput
-from common.processes import ManagedProcess, console_script, flower_env, port_in_use, terminate_as_interrupt
+from fedtune.runtime.control import CONNECTION, Control, RunFailed, wait_healthy
+from fedtune.runtime.processes import ManagedProcess, console_script, flower_env, port_in_use, terminate_as_interrupt
 from server.checkpoint import latest_checkpoint
-from server.control import CONNECTION, Control, RunFailed, wait_healthy
 
 log = logging.getLogger("fedtune.server")
 START_TIMEOUT_S = 60.0

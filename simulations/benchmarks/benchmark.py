@@ -1,14 +1,15 @@
 """Benchmarks: every number is a ratio or a size measured side by side in one run (shared, noisy machines).
+Run as `python -m simulations.benchmarks.NAME`:
 
-    python -m simulations.benchmark dp-throughput  DP-SGD vs plain LoRA steps, fedtune vs Opacus (MiniLM, SmolLM2)
-    python -m simulations.benchmark secagg         server unmasking time at 10/100/1,000 sites; upload bytes
-    python -m simulations.benchmark round-time     a 10-site round, secure vs plain aggregation (Flower simulation)
-    python -m simulations.benchmark simulation-actors   a 10-site simulated round, 2 cores per site vs 1
-    python -m simulations.benchmark dp-utility     macro-F1 under DP as records per site grow (BANKING77)
-    python -m simulations.benchmark padding        padding per chunk vs to the site's longest record (BANKING77)
-    python -m simulations.deployed_round            a deployed round's overhead, fedtune's site runtime vs Flower's
-    python -m simulations.dp_federation ...         federated DP vs pooled data and sites alone (BANKING77; hours
-                                                    on 2 cores, so not part of `make bench`)
+    benchmark dp-throughput  DP-SGD vs plain LoRA steps, fedtune vs Opacus (MiniLM, SmolLM2)
+    benchmark secagg         server unmasking time at 10/100/1,000 sites; upload bytes
+    benchmark round-time     a 10-site round, secure vs plain aggregation (Flower simulation)
+    benchmark simulation-actors   a 10-site simulated round, 2 cores per site vs 1
+    benchmark dp-utility     macro-F1 under DP as records per site grow (BANKING77)
+    benchmark padding        padding per chunk vs to the site's longest record (BANKING77)
+    deployed_round           a deployed round's overhead, fedtune's site runtime vs Flower's
+    dp_federation ...        federated DP vs pooled data and sites alone (BANKING77; hours on 2 cores,
+                             so not part of `make bench`)
 
 Each prints a Markdown table; BENCHMARKS.md holds the results and the machine they came from.
 """
@@ -33,7 +34,7 @@ from common.config import LoraSettings, PrivacySettings, TrainSettings
 from common.data import encode, label_names, read_records, write_records
 from common.model import build_model, load_tokenizer, resolve_model_path
 
-BANKING77 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "banking77"
+BANKING77 = Path(__file__).resolve().parents[3] / "shared" / "data" / "banking77"
 
 
 def _steps_per_second(model_name: str, task: str, engine: str, chunks: list, rows: int) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 import tomli_w
 from flwr.common.config import unflatten_dict
 
-from common.processes import ManagedProcess, console_script, flower_env
+from fedtune.runtime.processes import ManagedProcess, console_script, flower_env
 
 CONNECTION = "fedtune"
 POLL_S = 2.0
@@ -33,7 +33,7 @@ class RunFailed(RuntimeError):
 
 def project_dir() -> Path:
     """The Flower app directory (holds pyproject.toml with [tool.flwr.app])."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").is_file():
         raise RunFailed(f"no pyproject.toml in {root}: install fedtune from its source tree (pip install -e .)")
     return root

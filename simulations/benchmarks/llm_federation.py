@@ -1,6 +1,6 @@
 """Federated instruction tuning of the packaged SmolLM2-135M-Instruct, DP on and off (``llm-federation``).
 
-    python -m simulations.llm_federation --data banking77|drugreview --out runs/llm-federation [--rounds 3]
+    python -m simulations.benchmarks.llm_federation --data banking77|drugreview --out runs/llm-federation [--rounds 3]
 
 ``banking77``: three banks hold customer queries of BANKING77's 6 most frequent intents (Dirichlet
 α = 0.5 by intent, as in the demo), asked as instructions: 'A bank customer wrote: "..." Which
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.data import read_records, write_records
 from fedtune.cli import build_parser, simulate_once
-from simulations.benchmark import BANKING77
+from simulations.benchmarks.benchmark import BANKING77
 from simulations.demo import prepare_bank_data
 
 

@@ -11,7 +11,7 @@ installed nor imported; the run config it carries is checked by the ClientApp li
 It relies on Flower internals (the Runtime API's task calls, ``run_clientapp``'s pull/push helpers),
 so it runs only on the Flower version it was written for (common.flower_internals) and refuses any other.
 
-    python -m client.executor --runtime-api-address 127.0.0.1:PORT --secret-file FILE
+    python -m fedtune.runtime.executor --runtime-api-address 127.0.0.1:PORT --secret-file FILE
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common import __version__
 from common.flower_internals import FlowerVersionError, short_object_pull_backoff
-from fedtune import __version__
 
 if TYPE_CHECKING:
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -153,7 +153,7 @@ class SiteExecutor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.executor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fedtune.runtime.executor", description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (host:port)")
     parser.add_argument("--secret-file", type=Path, required=True,
                         help="the secret shared with the SuperNode (--superexec-auth-secret-file)")

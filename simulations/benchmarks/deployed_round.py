@@ -1,6 +1,6 @@
 """Deployed round overhead on loopback: 4 site daemons, TLS, site authentication, DP, secure aggregation.
 
-    python -m simulations.deployed_round [--sites 4] [--rounds 3] [--executors fedtune,flower]
+    python -m simulations.benchmarks.deployed_round [--sites 4] [--rounds 3] [--executors fedtune,flower]
 
 The same federation runs once per executor, one after the other in one run:
 - ``fedtune``: ``fedtune client start`` (a SuperNode with short idle polls, and the site's own executor
@@ -24,13 +24,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from client.daemon import node_config
 from client.policy import SitePolicy
 from client.privacy import CHARGE_EVENT
 from common.data import read_records, write_records
-from common.kits import check_kit
-from common.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
 from common.registry import load_registry
+from fedtune.runtime.daemon import node_config
+from fedtune.runtime.kits import check_kit
+from fedtune.runtime.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
 
 LABELS = "negative,neutral,positive"
 

@@ -1,4 +1,4 @@
-"""Flower's SuperNode with short waits: ``python -m client.supernode [flower-supernode arguments]``.
+"""Flower's SuperNode with short waits: ``python -m fedtune.runtime.supernode [flower-supernode arguments]``.
 
 Flower 1.42's SuperNode sleeps a fixed 3 s after each pull from the coordinator that brought no
 message, and 0.5 s between looks at its own memory while it waits for the executor's reply; in secure

@@ -13,7 +13,7 @@ fixed-point rounding, bounded and negligible: tests/test_simulation_e2e.py). Row
     local-dp       each site alone with the same DP budget (mean over sites)
     central-dp     all records pooled at one site, DP
 
-    python -m simulations.dp_federation --rows central,fed,fed-dp,local-dp,central-dp --results r.jsonl
+    python -m simulations.benchmarks.dp_federation --rows central,fed,fed-dp,local-dp,central-dp --results r.jsonl
 
 Each row appends a JSON line to --results; the table (and a plot with --plot) is printed from all of them.
 """
@@ -52,7 +52,7 @@ from common.model import initial_model, load_tokenizer, resolve_model_path, sent
 from server.optimizer import ServerOptimizer
 from server.strategy import weighted_mean
 
-BANKING77 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "banking77"
+BANKING77 = Path(__file__).resolve().parents[3] / "shared" / "data" / "banking77"
 ROWS = ("central", "fed", "fed-dp", "local-dp", "central-dp")
 SITE_OPTIMIZERS = ("fresh", "kept")
 

@@ -13,7 +13,7 @@ a base mechanism with ε(α) = α/(2σ²), integer α:
 This script prints σ for each (PRV for the Gaussian, the bound above for shared discrete noise)
 and the noise on the mean gradient in units of C/(K·n):
 
-    python -m simulations.noise_analysis --sites 5 --epsilon 8 --epochs 30 --sample-rate 0.25
+    python -m simulations.benchmarks.noise_analysis --sites 5 --epsilon 8 --epochs 30 --sample-rate 0.25
 """
 
 from __future__ import annotations

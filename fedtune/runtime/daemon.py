@@ -1,5 +1,5 @@
 """``fedtune client start``: the on-premise daemon — a Flower SuperNode with TLS and the site key, and
-the site's own task executor (client.executor), which runs every message with the ClientApp installed
+the site's own task executor (fedtune.runtime.executor), which runs every message with the ClientApp installed
 here and keeps it loaded; the coordinator's FAB is never installed or run at the site.
 
 Two directories: the kit the coordinator sent (public files: CA certificate, registry, passport
@@ -30,8 +30,8 @@ from client.rollback import default_receipts_dir
 from common.config import unit_column
 from common.data import encode_labels, read_records, unit_indices
 from common.files import private_dir, write_private
-from common.kits import check_kit, check_members
-from common.processes import ManagedProcess, flower_env, free_port, terminate_as_interrupt
+from fedtune.runtime.kits import check_kit, check_members
+from fedtune.runtime.processes import ManagedProcess, flower_env, free_port, terminate_as_interrupt
 
 log = logging.getLogger("fedtune.client")
 
@@ -53,7 +53,7 @@ CONNECTED_AFTER_S = 60.0
 
 def site_processes(files: dict[str, Path], kit: Path, keys: Path, data: Path, state: Path, *, superlink: str,
                    policy: SitePolicy, receipts: Path | None = None) -> tuple[ManagedProcess, ManagedProcess]:
-    """The SuperNode (short idle polls, ``client.supernode``) and the site's executor, which runs every
+    """The SuperNode (short idle polls, ``fedtune.runtime.supernode``) and the site's executor, which runs every
     task with the site's own ClientApp and shares a fresh secret with the SuperNode to claim them.
     The state and receipts directories are made (or forced) 0700, the secret 0600."""
     port = free_port()
@@ -63,12 +63,13 @@ def site_processes(files: dict[str, Path], kit: Path, keys: Path, data: Path, st
     write_private(secret, secrets.token_bytes(32))
     env = flower_env(state / "flwr")
     supernode = ManagedProcess(
-        [sys.executable, "-m", "client.supernode", "--superlink", superlink, "--root-certificates",
+        [sys.executable, "-m", "fedtune.runtime.supernode", "--superlink", superlink, "--root-certificates",
          str(files["ca.crt"]), "--auth-supernode-private-key", str(files["supernode.key"]), "--node-config",
          node_config(kit, keys, data, state, policy, receipts), "--isolation", "process",
          "--superexec-auth-secret-file", str(secret), "--host", "127.0.0.1", "--port", str(port)], env,
         state / "supernode.log")
-    executor = ManagedProcess([sys.executable, "-m", "client.executor", "--runtime-api-address", f"127.0.0.1:{port}",
+    executor = ManagedProcess([sys.executable, "-m", "fedtune.runtime.executor",
+                                "--runtime-api-address", f"127.0.0.1:{port}",
                                "--secret-file", str(secret)], env, state / "executor.log")
     return supernode, executor
 
