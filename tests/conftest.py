@@ -16,6 +16,30 @@ ROOT = Path(__file__).resolve().parent.parent
 BANKING77 = ROOT.parent / "shared" / "data" / "banking77"
 
 
+class UnmarkedTier(AssertionError):
+    """A test does what only a marked tier may: `make test-fast` runs the unmarked tests alone."""
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit tier stays fast by construction: an unmarked test that loads pre-trained weights or starts a
+    process fails, naming the marker it needs (tiny models built in the test need neither)."""
+    import subprocess
+
+    import common.model
+
+    name = request.node.nodeid
+    if request.node.get_closest_marker("model") is None and request.node.get_closest_marker("slow") is None:
+        def refuse_weights(path, *args, **kwargs):
+            raise UnmarkedTier(f"{name} loads the model weights in {path}: mark it @pytest.mark.model")
+        monkeypatch.setattr(common.model, "_base_model", refuse_weights)
+        monkeypatch.setattr(common.model, "_pristine_model", refuse_weights)  # cached: loaded by an earlier test
+    if request.node.get_closest_marker("process") is None and request.node.get_closest_marker("slow") is None:
+        def refuse_process(self, args, *more, **kwargs):
+            raise UnmarkedTier(f"{name} starts a process ({args!r:.80}): mark it @pytest.mark.process")
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse_process)
+
+
 @pytest.fixture(scope="session")
 def drug_reviews() -> list[dict[str, str]]:
     from common.data import read_records

@@ -62,6 +62,7 @@ def test_chat_messages_encode_like_a_prompt_and_response(tmp_path: Path, tokeniz
         assert torch.equal(a, b)
 
 
+@pytest.mark.model
 def test_the_loss_is_each_answers_mean_then_the_mean_over_rows_whatever_the_padding(tokenizer) -> None:
     """A long answer does not outweigh a short one, and padding a row to its batch changes nothing: per-row
     means computed one row at a time agree with the batched loss (DP-SGD clips this per-row loss's gradient)."""
@@ -115,6 +116,7 @@ def test_a_causal_lm_run_needs_a_generative_model_and_a_site_refuses_another_tas
     SitePolicy(labels=("a", "b"), model_path="").check_task(classify)  # '' and 'minilm' name the same model
 
 
+@pytest.mark.model
 def test_qlora_trains_lora_b_with_dp_on_a_4bit_base_and_a_classifier_is_refused(tmp_path: Path, tokenizer) -> None:
     """A site may hold the frozen base in 4-bit NF4 (bitsandbytes): the adapter stays fp32 and trains with DP."""
     import numpy as np

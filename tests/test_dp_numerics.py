@@ -21,6 +21,7 @@ from common.model import Placement, build_model, load_tokenizer
 BF16 = Placement(base_dtype=torch.bfloat16)
 
 
+@pytest.mark.model
 def test_a_dp_classifier_trains_on_a_bf16_base(tmp_path: Path, drug_reviews):
     labels = label_names(drug_reviews)
     model = build_model("", len(labels), LoraSettings(), "classification", BF16)
@@ -44,6 +45,7 @@ def _padded(chunk_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, u
     return Chunk(torch.cat([chunk_ids, pad], 1), torch.cat([mask, pad], 1), labels, units, int(units.max()) + 1)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("clip", [1e-3, 0.1])
 def test_one_units_clipped_contribution_stays_within_c_at_every_padding_width_on_a_bf16_base(drug_reviews, clip):
     """A patient's two rows, padded to 12-32 tokens (as passes beside longer rows pad them): in bf16 the raw

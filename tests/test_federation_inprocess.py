@@ -29,7 +29,7 @@ from server.federation import FederationFailed, run_federation
 from tests.conftest import write_csv
 from tests.grid import InstantGrid
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.model
 SITES, LABELS = 3, "negative,neutral,positive"
 RUN_IDS = itertools.count(11)  # each run its own id, as Flower gives every submitted run
 

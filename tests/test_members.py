@@ -196,7 +196,7 @@ def victim_failure(outcome) -> str:
 
 # ----------------------------------------------------------------------------- the attacks
 
-@pytest.mark.integration  # the victim is the real ClientApp (MiniLM, DP-SGD)
+@pytest.mark.model  # the victim is the real ClientApp (MiniLM, DP-SGD)
 def test_a_registry_whose_other_entries_are_the_coordinators_keys_recovers_nothing(world, adapter, tmp_path):
     """(a) The victim's kit lists its real peers' names and ids with the coordinator's keys, and the
     coordinator claims the digest of the real member list. The victim trains (it cannot know its
@@ -215,7 +215,7 @@ def test_a_registry_whose_other_entries_are_the_coordinators_keys_recovers_nothi
     assert not list((state / "released").glob("*.uploaded"))  # no masked upload of the victim ever left
 
 
-@pytest.mark.integration  # the victim is the real ClientApp (MiniLM, DP-SGD)
+@pytest.mark.model  # the victim is the real ClientApp (MiniLM, DP-SGD)
 @pytest.mark.parametrize("claimed", ["its own registry's", "the pinned list's"])
 def test_sybils_are_refused_before_any_budget_is_spent(world, adapter, tmp_path, claimed):
     """(b) The coordinator enrols two made-up sites (`fedtune site keygen` on its own machine),
@@ -355,6 +355,7 @@ def test_a_tampered_or_missing_pin_and_a_kit_with_other_members_are_refused(worl
         check_members(kit, keys, tmp_path / "without")
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("problem, says", [
     ("not-pinned", "fedtune site pin-members --registry KIT/registry.json --state"),
     ("tampered", "was altered"),
@@ -372,7 +373,7 @@ def test_client_start_refuses_without_intact_pinned_members(world, tmp_path, pro
     assert done.returncode == 2 and says in done.stderr, done.stderr
 
 
-@pytest.mark.integration  # the victim is the real ClientApp (MiniLM, DP-SGD)
+@pytest.mark.model  # the victim is the real ClientApp (MiniLM, DP-SGD)
 def test_the_clientapp_refuses_a_round_without_pinned_members(world, adapter, tmp_path):
     """A site whose pin is gone (a daemon started on an old version, a state dir restored without it)
     answers `registry` and spends nothing; it never falls back to the kit's registry."""

@@ -34,6 +34,7 @@ def logits_of(model, texts: list[str]) -> torch.Tensor:
         return model(**batch).logits
 
 
+@pytest.mark.model
 def test_a_label_name_head_classifies_each_label_name_as_its_label_before_any_training():
     model = initial_model("", INTENTS, LoraSettings())
     logits = logits_of(model, [label.replace("_", " ") for label in INTENTS])
@@ -44,6 +45,7 @@ def test_a_label_name_head_classifies_each_label_name_as_its_label_before_any_tr
     assert len(head_bias) == 1 and not head_bias[0].any()
 
 
+@pytest.mark.model
 def test_it_classifies_unseen_queries_by_meaning_where_a_random_head_cannot():
     queries = ["my new card still has not been delivered", "what rate do you use to convert euros to dollars",
                "someone took my card from my bag", "the top-up of my account did not go through",
@@ -55,6 +57,7 @@ def test_it_classifies_unseen_queries_by_meaning_where_a_random_head_cannot():
                                                                     queries))
 
 
+@pytest.mark.model
 def test_the_start_changes_only_the_head_and_is_the_same_in_every_process():
     started, plain = (get_adapter_state(initial_model("", INTENTS, LoraSettings(head_init=init)))
                       for init in ("label-names", "random"))
@@ -71,6 +74,7 @@ def test_an_unknown_head_init_is_refused_by_name():
         RunSettings.from_flat({"lora.head-init": "zeros"})
 
 
+@pytest.mark.model
 def test_the_head_reads_the_mean_over_each_rows_own_tokens_whatever_pads_it():
     """MiniLM's sentence embedding is a mean over real tokens; padding a row beside a longer one, or
     copying the model (as every site does), must not change what its head reads."""
@@ -90,6 +94,7 @@ def test_the_head_reads_the_mean_over_each_rows_own_tokens_whatever_pads_it():
     assert torch.equal(by_position, by_name)
 
 
+@pytest.mark.model
 def test_the_pooling_is_read_from_the_models_sentence_transformers_files(tmp_path):
     assert sentence_pooling(resolve_model_path("")) == "mean"
     assert sentence_pooling(tmp_path) == "architecture"  # a plain Hugging Face directory: its own pooler

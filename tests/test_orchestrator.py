@@ -56,6 +56,7 @@ def test_an_existing_run_needs_resume(kits: Path, tmp_path: Path):
                      run_config={}, resume=False, on_round=print)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("problem, fragment", [
     ("no-data", "does not exist"),
     ("no-kit", "startup kit (--kit)"),

@@ -39,6 +39,7 @@ def _model(model_name: str, task: str, aggregation: str) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(("model_name", "task", "aggregation"), CASES)
 def test_per_row_gradients_equal_opacus_hooks(model_name: str, task: str, aggregation: str) -> None:
     model = _model(model_name, task, aggregation)
@@ -58,6 +59,7 @@ def test_per_row_gradients_equal_opacus_hooks(model_name: str, task: str, aggreg
     reference._close()
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("patients", [False, True])
 def test_a_clipped_step_equals_opacus_dp_optimizer(patients: bool) -> None:
     """Noise off, C small enough that every unit is clipped: the same step as Opacus' DPOptimizer over the same

@@ -56,6 +56,7 @@ def _pin_estimate(tmp_path: Path, config: dict, units: int, *names: str) -> int:
     return estimate
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("plan", PLANS, ids=list(PLANS))
 @pytest.mark.parametrize("public", ["declared", "estimated"])
 def test_sites_of_n_and_n_plus_1_with_the_same_public_size_report_the_same_epsilon(tmp_path: Path, drug_reviews,
@@ -73,6 +74,7 @@ def test_sites_of_n_and_n_plus_1_with_the_same_public_size_report_the_same_epsil
     assert 0 < reported[0][0] < reported[0][1] <= 8.0
 
 
+@pytest.mark.model
 def test_the_estimate_is_charged_and_a_site_whose_data_changes_keeps_its_plan(tmp_path: Path, drug_reviews):
     """ñ is drawn once, by the first round (ε after it includes ε_n = ε/50), and kept: a site whose data grows
     or shrinks between rounds trains every round at the same q and steps, and spends what it would have."""

@@ -80,6 +80,7 @@ def refused_as_rolled_back(reply: RecordDict, caplog: pytest.LogCaptureFixture, 
 # ------------------------------------------------------------------ the site's own state
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("left", ["released and sessions", "sessions only", "released only"])
 def test_a_ledger_and_log_restored_together_are_refused_while_releases_or_sessions_remain(
         tmp_path: Path, data: Path, caplog, left: str):
@@ -126,6 +127,7 @@ def _train():
     return train
 
 
+@pytest.mark.model
 def test_a_wiped_ledger_and_log_are_refused_while_released_remains(tmp_path: Path, data: Path, caplog):
     config = run_config(tmp_path)
     nodes = node_config(tmp_path, SITE, data)
@@ -140,6 +142,7 @@ def test_a_wiped_ledger_and_log_are_refused_while_released_remains(tmp_path: Pat
     assert not (state_of(tmp_path) / "privacy-ledger.json").exists()
 
 
+@pytest.mark.model
 def test_a_lowered_ledger_with_a_forged_audit_line_is_refused(tmp_path: Path, data: Path, caplog):
     """The ledger edited to say fewer steps were taken (lower ε), and a charge line forged onto the audit
     log with the edited ledger's sha256 (the chain links: anyone can compute it): the ledger opens, but the
@@ -186,6 +189,7 @@ def _round(watch: LedgerWatch, state, server_round: int, config: dict, nodes: di
     return reply
 
 
+@pytest.mark.model
 def test_a_whole_state_dir_restored_from_backup_is_refused_by_the_coordinators_receipt(
         tmp_path: Path, data: Path, passport_key, caplog):
     config = run_config(tmp_path, **{"federation.rounds": 4})
@@ -206,6 +210,7 @@ def test_a_whole_state_dir_restored_from_backup_is_refused_by_the_coordinators_r
                                                                        "charged")
 
 
+@pytest.mark.model
 def test_a_forged_or_misaddressed_receipt_is_ignored_and_a_malformed_one_refused(tmp_path: Path, data: Path,
                                                                                  passport_key, caplog):
     config = run_config(tmp_path)
@@ -268,7 +273,7 @@ class HostileSites:
         return Message(pack_train_reply(TrainReply(update, 10_000, report)), dst_node_id=0, message_type="train")
 
 
-@pytest.mark.integration
+@pytest.mark.model
 def test_the_coordinator_refuses_a_site_whose_epsilon_falls_or_stays_flat_after_training(tmp_path: Path,
                                                                                        drug_reviews):
     """Round 1: site-2 reports 7.995. Round 2: 5.220 (its ledger was restored from a backup). Round 3: 7.995

@@ -73,6 +73,7 @@ def two_sites(tmp_path: Path, drug_reviews) -> dict[str, Path]:
             "site-b": write_csv(tmp_path / "b.csv", drug_reviews[5:14])}
 
 
+@pytest.mark.model
 def test_a_plain_reply_holds_the_update_a_public_weight_and_epsilon_only(tmp_path: Path, two_sites):
     from client.app import train
 
@@ -96,6 +97,7 @@ def test_a_plain_reply_holds_the_update_a_public_weight_and_epsilon_only(tmp_pat
     assert a == b and dict(replies["site-a"].metric_records["train"]) == dict(replies["site-b"].metric_records["train"])
 
 
+@pytest.mark.model
 def test_a_declared_weight_is_the_sites_own_choice_capped_at_w(tmp_path: Path, two_sites):
     from client.app import train
 
@@ -106,6 +108,7 @@ def test_a_declared_weight_is_the_sites_own_choice_capped_at_w(tmp_path: Path, t
     assert dict(reply.metric_records["train"]) == {"weight": 100}
 
 
+@pytest.mark.model
 def test_a_failure_reply_carries_a_kind_and_a_fixed_message_never_the_record(tmp_path: Path):
     """A record whose label the site never agreed to is the site's own problem (found locally): the
     coordinator learns a kind and a fixed text, never the record, its line or its label."""
@@ -123,6 +126,7 @@ def test_a_failure_reply_carries_a_kind_and_a_fixed_message_never_the_record(tmp
         assert leak not in text
 
 
+@pytest.mark.model
 def test_a_repeated_round_resends_the_sealed_update_and_spends_nothing(tmp_path: Path, two_sites):
     """A coordinator that crashed after the sites trained round 1 and resumed (a new Flower run)
     asks again: the site resends what it released, and its ε is what it would be without the crash."""
@@ -148,6 +152,7 @@ def test_a_repeated_round_resends_the_sealed_update_and_spends_nothing(tmp_path:
     assert PrivacyLedger(ledger_path, RunSettings.from_flat(config).privacy).spent() > spent
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(("overrides", "policy"), [
     ({"privacy.delta": 0.5}, {}),
     ({"privacy.epsilon": 20.0}, {"max-epsilon": 8}),
@@ -170,6 +175,7 @@ def test_a_run_below_the_sites_policy_is_refused_before_anything_is_spent(tmp_pa
     assert not (tmp_path / "site-a" / "released").exists()
 
 
+@pytest.mark.model
 def test_a_site_whose_data_lacks_its_privacy_unit_column_says_so_locally_and_sends_a_kind(tmp_path: Path,
                                                                                          two_sites):
     from client.app import train

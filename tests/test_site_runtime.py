@@ -66,6 +66,7 @@ def supernode(tmp_path: Path):
         node.stop()
 
 
+@pytest.mark.process
 def test_only_the_holder_of_the_sites_secret_can_claim_its_tasks(supernode) -> None:
     address, secret = supernode
     assert claim_task(task_claimer(address, secret)) is None  # authorised; nothing to run yet

@@ -24,6 +24,7 @@ def tiny_data(drug_reviews):
     return encode(drug_reviews[:12], labels, load_tokenizer(""), 16, "test"), labels
 
 
+@pytest.mark.model
 def test_ffa_trains_b_and_head_only_and_dp_spends_within_budget(tmp_path: Path, tiny_data):
     data, labels = tiny_data
     model = build_model("", len(labels), LoraSettings())
@@ -40,6 +41,7 @@ def test_ffa_trains_b_and_head_only_and_dp_spends_within_budget(tmp_path: Path, 
     assert ledger.spent() == pytest.approx(result.epsilon)
 
 
+@pytest.mark.model
 def test_a_site_continues_its_adamw_moments_across_rounds(tiny_data):
     data, labels = tiny_data
     model = build_model("", len(labels), LoraSettings())
@@ -52,6 +54,7 @@ def test_a_site_continues_its_adamw_moments_across_rounds(tiny_data):
     assert steps(first) == {3.0} and steps(second) == {6.0} and steps(fresh) == {3.0}
 
 
+@pytest.mark.model
 def test_plain_lora_trains_a_too(tiny_data):
     data, labels = tiny_data
     model = build_model("", len(labels), LoraSettings(aggregation="plain"))
@@ -60,6 +63,7 @@ def test_plain_lora_trains_a_too(tiny_data):
     assert any("lora_A" in key and not np.array_equal(before[key], after[key]) for key in before)
 
 
+@pytest.mark.model
 def test_empty_poisson_batches_are_survived_and_still_counted(tmp_path: Path, tiny_data, monkeypatch):
     data, labels = tiny_data
     small = encode_subset(data, 3)
@@ -87,6 +91,7 @@ def encode_subset(data, n):
     return EncodedData(TensorDataset(*(t[:n] for t in data.dataset.tensors)), data.labels[:n], data.units[:n])
 
 
+@pytest.mark.model
 def test_a_site_at_its_budget_refuses_before_training(tmp_path: Path, tiny_data):
     data, labels = tiny_data
     settings = PrivacySettings(epsilon=1.0)
@@ -101,6 +106,7 @@ def test_a_site_at_its_budget_refuses_before_training(tmp_path: Path, tiny_data)
     assert all(np.array_equal(untouched[k], v) for k, v in get_adapter_state(model).items())
 
 
+@pytest.mark.model
 def test_the_coordinator_cannot_replay_a_dp_update(tmp_path: Path, tiny_data):
     # The coordinator knows the config, data seed, site, round and run id, and here even picks torch's
     # global seed: the same site trained twice, and its replay on a fresh ledger, all give different updates.
@@ -156,6 +162,7 @@ def _one_dp_step(model, data, units: list[int], clip: float) -> float:
     return float((after - before).norm())
 
 
+@pytest.mark.model
 def test_clipping_is_per_unit_a_patient_with_many_rows_moves_the_update_no_more_than_one(drug_reviews):
     labels = label_names(drug_reviews)
     tokenizer, clip = load_tokenizer(""), 1e-3  # far below any gradient's norm: every unit is clipped

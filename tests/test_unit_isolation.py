@@ -62,6 +62,7 @@ def hostile_head(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return state | {"base_model.model.classifier.weight": weight, "base_model.model.classifier.bias": bias}
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(("batch_size", "epochs"), [(8, 1), (2, 2)])  # q = 1; q = 0.25 (2/7 without the canary)
 def test_a_record_whose_logits_overflow_cannot_decide_the_reply(tmp_path: Path, drug_reviews, caplog, batch_size,
                                                                  epochs):
@@ -118,6 +119,7 @@ def _noiseless_step(state: dict[str, np.ndarray], data, units: list[int], *, tok
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, dp_sgd.zeroed_units
 
 
+@pytest.mark.model
 def test_a_unit_whose_gradient_is_not_finite_adds_zero_and_leaves_the_other_units_of_its_pass_alone(drug_reviews):
     """The canary and three other records share one pass: its logits overflow (its loss and gradient are NaN),
     the others' contributions are exactly what they are without it."""
@@ -133,6 +135,7 @@ def test_a_unit_whose_gradient_is_not_finite_adds_zero_and_leaves_the_other_unit
     assert any(not torch.equal(value, torch.zeros_like(value)) for n, value in without.items() if "lora_B" in n)
 
 
+@pytest.mark.model
 def test_a_pass_that_raises_is_retried_unit_by_unit_and_a_unit_that_raises_alone_adds_zero(drug_reviews):
     """A device that cannot hold a row of more than 12 tokens (out of memory): the pass holding the long record
     raises, its units are retried one by one, and the long one alone contributes zero."""
@@ -152,6 +155,7 @@ def test_a_pass_that_raises_is_retried_unit_by_unit_and_a_unit_that_raises_alone
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.model
 def test_a_model_that_cannot_train_fails_loudly_before_any_unit(tmp_path: Path, drug_reviews):
     """A failure that is no unit's (here every pass raises) is not mistaken for units: the public probe pass
     raises it before the first step, so the site never releases noise as if it had trained."""
