@@ -25,8 +25,9 @@ demo: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The unit tier: no pre-trained weights, no processes (tests/conftest.py enforces it), about 2 min on 2 cores.
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not model and not process and not slow"
 
 # Lint and types (strict for the secure-aggregation protocol and the wire records): part of `make test`.
 lint: $(STAMP)
