@@ -2,7 +2,8 @@
 
 RFC 3526 group 14: the 2048-bit safe prime ``P = 2Q + 1`` (``Q`` prime), about 112-bit security,
 the smallest MODP group NIST still allows; a larger one would cost every exponentiation of the
-round (Python's ``pow``, no new dependency) about (size ratio)^2.6 more time.
+round about (size ratio)^2.6 more time. Exponentiations run in GMP's constant-time ``mpz_powm_sec``
+(gmpy2): the time does not depend on a secret exponent, and it is about 6x faster than Python's ``pow``.
 
 Elements are the classes ``{x, -x}`` of ``Z_P^*``: the quotient group ``Z_P^* / {±1}`` has prime
 order ``Q`` and is isomorphic to the quadratic residues (``{±x} -> x^2``; Hofheinz-Kiltz "signed"
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from functools import cache
+import gmpy2
 
 from common.secagg.errors import PayloadError
 from common.secagg.prg import hkdf
@@ -54,7 +55,6 @@ Q = (P - 1) // 2
 G = 2
 ELEMENT_BYTES = 256
 SECRET_BITS = 256
-_WINDOW = 4
 
 
 def _canonical(x: int) -> int:
@@ -62,33 +62,15 @@ def _canonical(x: int) -> int:
 
 
 def exp(base: int, exponent: int) -> int:
-    """``base ** exponent`` in the group (``base`` a representative, any exponent >= 0)."""
-    return _canonical(pow(base, exponent, P))
-
-
-@cache
-def _g_table() -> tuple[tuple[int, ...], ...]:
-    """``G ** (j * 16**i)`` for every 4-bit window ``i`` and digit ``j`` (about 2 MB, built once)."""
-    rows, base = [], G
-    for _ in range((Q.bit_length() + _WINDOW - 1) // _WINDOW):
-        row = [1]
-        for _ in range((1 << _WINDOW) - 1):
-            row.append(row[-1] * base % P)
-        rows.append(tuple(row))
-        base = row[-1] * base % P
-    return tuple(rows)
+    """``base ** exponent`` in the group (``base`` a representative, any exponent >= 0), in time that does
+    not depend on the exponent's value."""
+    exponent %= Q  # the group has order Q; GMP's constant-time power needs a positive exponent
+    return _canonical(int(gmpy2.powmod_sec(base, exponent, P))) if exponent else 1
 
 
 def exp_g(exponent: int) -> int:
-    """``G ** exponent`` with a fixed-base table: about three times faster than :func:`exp`."""
-    exponent %= Q
-    table, acc, i = _g_table(), 1, 0
-    while exponent:
-        if digit := exponent & ((1 << _WINDOW) - 1):
-            acc = acc * table[i][digit] % P
-        exponent >>= _WINDOW
-        i += 1
-    return _canonical(acc)
+    """``G ** exponent``."""
+    return exp(G, exponent)
 
 
 def product(elements: Sequence[int]) -> int:
