@@ -375,6 +375,22 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
                         help="give up after failing to connect for this many seconds (unregistered site?)")
     _metrics_options(daemon, "this site's ε spent and left (from its own ledger), rounds trained, refusals by "
                              "kind, last contact; /readyz: the SuperNode and executor run")
+    ready = sub.add_parser("wait-ready", help="wait until a daemon started with --metrics-port is ready (a service "
+                           "manager's health check)", formatter_class=HelpFormatter)
+    ready.add_argument("--port", type=int, required=True, help="the daemon's --metrics-port")
+    ready.add_argument("--host", default="127.0.0.1", help="the daemon's --metrics-host")
+    ready.add_argument("--timeout", type=float, default=300.0, help="give up (exit 1) after this many seconds")
+
+
+def cmd_wait_ready(args: argparse.Namespace) -> int:
+    """``fedtune wait-ready``: 0 once the daemon's /readyz answers, 1 if it does not within --timeout."""
+    from fedtune.runtime.monitoring import wait_ready
+
+    if wait_ready(args.host, args.port, args.timeout):
+        return 0
+    print(f"fedtune wait-ready: http://{args.host}:{args.port}/readyz did not answer 200 in {args.timeout:.0f}s; "
+          "see the daemon's own log (and that it runs with this --metrics-port)", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _tracking_options(p: argparse.ArgumentParser) -> None:
@@ -427,7 +443,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     demo.set_defaults(partition="dirichlet", rounds=5, max_length=64)
     _deployment_parsers(sub)
     handlers: dict[str, Callable[[argparse.Namespace], int | None]] = {
-        "simulate": cmd_simulate, "demo": cmd_demo, "server": cmd_server_start, "client": cmd_client_start}
+        "simulate": cmd_simulate, "demo": cmd_demo, "server": cmd_server_start, "client": cmd_client_start,
+        "wait-ready": cmd_wait_ready}
     handlers |= add_subcommands(sub)
     return parser, handlers
 

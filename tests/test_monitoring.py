@@ -279,6 +279,22 @@ def test_a_site_exports_epsilon_spent_and_left_from_its_own_ledger(tmp_path: Pat
         metrics.close()
 
 
+def test_wait_ready_follows_the_daemons_readiness(tmp_path: Path, policy, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedtune.cli import main
+    from fedtune.runtime.monitoring import SiteMetrics
+
+    metrics = SiteMetrics(tmp_path / "state", policy, host="127.0.0.1", port=free_port())
+    port = metrics.server.server.server_port
+    try:
+        assert main(["wait-ready", "--port", str(port), "--timeout", "0"]) == 1
+        assert f"http://127.0.0.1:{port}/readyz did not answer 200 in 0s" in capsys.readouterr().err
+        metrics.set_serving(True)
+        assert main(["wait-ready", "--port", str(port), "--timeout", "300"]) == 0
+    finally:
+        metrics.close()
+    assert main(["wait-ready", "--port", str(port), "--timeout", "0"]) == 1, "nothing listens any more"
+
+
 # ------------------------------------------------------------------ the real daemons, with their endpoints
 
 
@@ -337,9 +353,11 @@ def test_a_site_daemon_serves_its_metrics_health_and_readiness(deployment: dict[
                    "--state", str(root / "state" / "site-a"), "--superlink", f"127.0.0.1:{free_port()}",
                    "--labels", "negative,neutral,positive", "--max-epsilon", "5", "--metrics-port", str(port)],
                   root / "site-a.log")
-    try:
-        wait_until(lambda: answers(address, "/readyz") == 200, "the site's readiness", proc)
-        assert answers(address, "/healthz") == 200
+    try:  # as systemd's ExecStartPost checks it
+        check = subprocess.run([sys.executable, "-m", "fedtune.cli", "wait-ready", "--port", str(port), "--timeout",
+                                "300"], capture_output=True, text=True, timeout=400)
+        assert check.returncode == 0, check.stderr
+        assert answers(address, "/readyz") == 200 and answers(address, "/healthz") == 200
         samples = scrape(address)
         assert samples[("fedtune_site_epsilon_left", ())] == 5 and samples[("fedtune_site_serving", ())] == 1
     finally:

@@ -99,6 +99,25 @@ def _safely(ready: Callable[[], bool]) -> bool:
         return False
 
 
+def wait_ready(host: str, port: int, timeout: float) -> bool:
+    """Whether ``http://HOST:PORT/readyz`` answers 200 within ``timeout`` seconds (``fedtune wait-ready``: the
+    health check of a service manager, e.g. systemd's ExecStartPost)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=5) as answer:
+                if answer.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass  # not listening yet, or 503: not ready yet
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+
+
 def superlink_ready(url: str, verify: str | bool) -> Callable[[], bool]:
     """Whether the SuperLink answers its health check (as ``server start`` waits for it)."""
     def ready() -> bool:
