@@ -403,3 +403,41 @@ def test_the_metrics_and_tracking_flags_reach_the_commands() -> None:
         9100, "127.0.0.1", "http://mlflow:5000", Path("tb"))
     simulate = parse(["simulate", "--out", "o"])
     assert (simulate.mlflow, simulate.tensorboard) == (None, None) and not hasattr(simulate, "metrics_port")
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@pytest.mark.process
+def test_a_simulated_run_is_logged_to_mlflow_and_tensorboard(tmp_path: Path, drug_reviews) -> None:
+    """`fedtune simulate --mlflow --tensorboard` end to end, on Flower's engine with the real model."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import write_csv
+
+    train, test = write_csv(tmp_path / "train.csv", drug_reviews[:36]), write_csv(tmp_path / "test.csv",
+                                                                                 drug_reviews[500:520])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", "--out", str(tmp_path / "run"),
+                           "--sites", "3", "--rounds", "2", "--data", str(train), "--test-data", str(test),
+                           "--partition", "iid", "--max-length", "16", "--local-epochs", "1", "--batch-size", "8",
+                           "--mlflow", uri, "--tensorboard", str(tmp_path / "tb")],
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "mlflow" not in (done.stdout + done.stderr).lower(), "MLflow's own lines stay out of the terminal"
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fedtune").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["federation.rounds"] == "2"
+    accuracy = client.get_metric_history(run.info.run_id, "server/accuracy")
+    assert sorted(m.step for m in accuracy) == [0, 1, 2]
+    for site in ("site-0", "site-1", "site-2"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, f"epsilon/{site}")) == [1, 2]
+    assert {"adapter", "passport.json", "run"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.value for m in sorted(accuracy, key=lambda m: m.step)] == [x["server"]["accuracy"] for x in metrics]
+
+    events = EventAccumulator(str(tmp_path / "tb" / "run"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("server/accuracy")] == [0, 1, 2]
+    assert {f"epsilon/site-{i}" for i in range(3)} <= set(events.Tags()["scalars"])
