@@ -36,6 +36,8 @@ from common.files import exclusive_lock, file_sha256, private_dir, replace_durab
 
 LEDGER_VERSION = 2
 AUDIT_FILE = "audit.jsonl"
+LEDGER_FILE = "privacy-ledger.json"
+"""The ledger's name in the site's state dir (its exporter reads it there too: fedtune.runtime.monitoring)."""
 CHARGE_EVENT = "privacy-charged"
 EPSILON_SLACK = 1e-6
 """Numerical slack when comparing ε with the budget (accountants differ in the last digits)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from client.policy import POLICY_FILE, SitePolicy
+from client.privacy import LEDGER_FILE
 from common.config import ConfigError, DataSettings, RunSettings, TaskKind, unit_column
 from common.data import EncodedData, Record, encode, partition, read_records
 from common.files import private_dir
@@ -47,7 +48,7 @@ class Site:
 
     @property
     def ledger_path(self) -> Path:
-        return self.state_dir / "privacy-ledger.json"
+        return self.state_dir / LEDGER_FILE
 
 
 def resolve_site(node_config: Mapping[str, Any], settings: RunSettings) -> Site:

@@ -15,7 +15,7 @@ import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import (
     BadInput,
@@ -31,6 +31,9 @@ from common.config import (
 from fedtune.deploy_cli import add_subcommands
 from fedtune.runtime.control import RunFailed, project_dir
 from simulations.runner import run_simulation
+
+if TYPE_CHECKING:
+    from fedtune.runtime.tracking import RunTracker
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -162,7 +165,7 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     from common.config import unit_column
     from common.data import label_names, partition, read_records, unit_indices
     from server.federation import test_source
-    from simulations.report import load_summary, round_line, summary_text, write_report
+    from simulations.report import load_summary, summary_text, write_report
 
     run_config = simulate_run_config(args, out, dp=dp)
     settings = RunSettings.from_flat(default_run_config() | run_config)
@@ -195,8 +198,11 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     print(f"== {title}: {args.sites} sites (examples per site: {sizes}), {args.rounds} rounds, "
           f"{f'DP ε={args.epsilon:g} per {unit_name(args.privacy_unit)}' if dp else 'DP OFF'}, {aggregation}, "
           f"out {out}", flush=True)
-    run_simulation(run_config, sites=args.sites, cpus_per_site=args.cpus_per_site, out_dir=out,
-                   on_round=lambda line: print("  " + round_line(line, args.rounds, args.task), flush=True))
+    with run_tracker(args, out.resolve().name) as tracker:
+        tracker.log_settings(run_config)
+        run_simulation(run_config, sites=args.sites, cpus_per_site=args.cpus_per_site, out_dir=out,
+                       on_round=lambda line: report_round(line, args, tracker))
+        tracker.log_outputs(out)
     baselines = parse_baselines(getattr(args, "baselines", ""))
     if baselines:
         from common.files import write_json
@@ -211,6 +217,27 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     print(summary_text(summary), flush=True)
     print(f"report: {report}", flush=True)
     return summary
+
+
+def run_tracker(args: argparse.Namespace, run_name: str, *, ready: Callable[[], bool] | None = None) -> RunTracker:
+    """The run's tracking and monitoring as asked for (--mlflow, --tensorboard, --metrics-port), opened now, before
+    any process starts: a bad URI or a port in use is bad input."""
+    from fedtune.runtime.tracking import Tracker, open_trackers
+
+    openers: list[Callable[[], Tracker]] = []
+    if getattr(args, "metrics_port", None) is not None and ready is not None:
+        from fedtune.runtime.monitoring import CoordinatorMetrics
+
+        openers.append(lambda: CoordinatorMetrics(host=args.metrics_host, port=args.metrics_port, ready=ready))
+    return open_trackers(mlflow_uri=getattr(args, "mlflow", None), tensorboard_dir=getattr(args, "tensorboard", None),
+                         run_name=run_name, openers=openers)
+
+
+def report_round(line: dict[str, Any], args: argparse.Namespace, tracker: RunTracker) -> None:
+    from simulations.report import round_line
+
+    print("  " + round_line(line, args.rounds, args.task), flush=True)
+    tracker.log_round(line)
 
 
 def parse_baselines(text: str) -> tuple[str, ...]:
@@ -241,8 +268,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_server_start(args: argparse.Namespace) -> None:
     """The coordinator: SuperLink with TLS + site auth, the fedtune run, streamed rounds."""
     from common.data import label_names, read_records
+    from fedtune.runtime.monitoring import superlink_ready
     from fedtune.runtime.orchestrator import ServerKit, start_server
-    from simulations.report import round_line
 
     if not args.test_data:
         raise ConfigError("--test-data: the coordinator evaluates every round on its own held-out file (CSV/JSONL)")
@@ -253,10 +280,16 @@ def cmd_server_start(args: argparse.Namespace) -> None:
     if args.plain_aggregation:
         warn("secure aggregation is OFF (--plain-aggregation): the server sees every site's update")
     RunSettings.from_flat(default_run_config() | run_config | {"secagg.registry": str(kit.registry)})
+    if args.metrics_port == args.port and args.metrics_host in (args.host, "0.0.0.0"):
+        raise ConfigError(f"--metrics-port {args.metrics_port} is the SuperLink's --port: choose another")
     print(f"== coordinator on {args.host}:{args.port} (TLS, site authentication), {len(kit.supernode_keys)} "
           f"registered sites, state {args.state}{', resuming' if args.resume else ''}", flush=True)
-    start_server(kit, args.state, host=args.host, port=args.port, run_config=run_config, resume=args.resume,
-                 on_round=lambda line: print("  " + round_line(line, args.rounds, args.task), flush=True))
+    ready = superlink_ready(f"https://{args.host}:{args.port}/health", str(kit.ca))
+    with run_tracker(args, args.state.resolve().name, ready=ready) as tracker:
+        tracker.log_settings(run_config)
+        start_server(kit, args.state, host=args.host, port=args.port, run_config=run_config, resume=args.resume,
+                     on_round=lambda line: report_round(line, args, tracker))
+        tracker.log_outputs(args.state / "run")
     print(f"final adapter: {args.state / 'run' / 'final' / 'adapter'} (signed passport inside); "
           f"audit log: {args.state / 'run' / 'audit.jsonl'}")
 
@@ -282,8 +315,20 @@ def cmd_client_start(args: argparse.Namespace) -> int:
           f"ε ≤ {policy.max_epsilon:g} per {unit_name(policy.privacy_unit)}, "
           f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·public size))'}, "
           f"≥ {policy.min_sites} sites per secure round, DP and secure aggregation required", flush=True)
-    code = start_client(args.kit, args.keys, args.data, args.state, superlink=args.superlink, policy=policy,
-                        connect_timeout=args.connect_timeout, receipts=args.receipts)
+    metrics = None
+    if args.metrics_port is not None:
+        from fedtune.runtime.monitoring import SiteMetrics
+
+        metrics = SiteMetrics(args.state, policy, host=args.metrics_host, port=args.metrics_port)
+        print(f"== metrics of this site (its own ledger and activity) on http://{metrics.server.address}/metrics",
+              flush=True)
+    try:
+        code = start_client(args.kit, args.keys, args.data, args.state, superlink=args.superlink, policy=policy,
+                            connect_timeout=args.connect_timeout, receipts=args.receipts,
+                            on_serving=metrics.set_serving if metrics else lambda serving: None)
+    finally:
+        if metrics is not None:
+            metrics.close()
     if code:
         log = args.state / "supernode.log"
         reasons = [line.strip() for line in log.read_text(errors="replace").splitlines()
@@ -305,6 +350,9 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--port", type=int, default=9092)
     start.add_argument("--resume", action="store_true", help="continue from the newest checkpoint after a crash")
     _federation_options(start, simulation=False)
+    _tracking_options(start)
+    _metrics_options(start, "the coordinator's rounds, exchange seconds, failures by kind, contributing sites; "
+                            "/readyz: the SuperLink answers")
     client = sub.add_parser("client", help="a site's daemon (deployment)").add_subparsers(dest="action", required=True)
     daemon = client.add_parser("start", help="the on-premise SuperNode with TLS and the site key",
                                formatter_class=HelpFormatter)
@@ -325,6 +373,41 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
                             help=f"site policy: {opt.help}")
     daemon.add_argument("--connect-timeout", type=float, default=600.0,
                         help="give up after failing to connect for this many seconds (unregistered site?)")
+    _metrics_options(daemon, "this site's ε spent and left (from its own ledger), rounds trained, refusals by "
+                             "kind, last contact; /readyz: the SuperNode and executor run")
+    ready = sub.add_parser("wait-ready", help="wait until a daemon started with --metrics-port is ready (a service "
+                           "manager's health check)", formatter_class=HelpFormatter)
+    ready.add_argument("--port", type=int, required=True, help="the daemon's --metrics-port")
+    ready.add_argument("--host", default="127.0.0.1", help="the daemon's --metrics-host")
+    ready.add_argument("--timeout", type=float, default=300.0, help="give up (exit 1) after this many seconds")
+
+
+def cmd_wait_ready(args: argparse.Namespace) -> int:
+    """``fedtune wait-ready``: 0 once the daemon's /readyz answers, 1 if it does not within --timeout."""
+    from fedtune.runtime.monitoring import wait_ready
+
+    if wait_ready(args.host, args.port, args.timeout):
+        return 0
+    print(f"fedtune wait-ready: http://{args.host}:{args.port}/readyz did not answer 200 in {args.timeout:.0f}s; "
+          "see the daemon's own log (and that it runs with this --metrics-port)", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _tracking_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mlflow", metavar="URI", default=None,
+                   help="log the run to MLflow (experiment 'fedtune'): its settings, each round's metrics and each "
+                        "site's ε, the final adapter and its passport; a tracking server http://HOST:PORT or a "
+                        "local store sqlite:///PATH/mlflow.db (pip install -e '.[ops]')")
+    p.add_argument("--tensorboard", metavar="DIR", type=Path, default=None,
+                   help="write each round's metrics as TensorBoard scalars under DIR/RUN (pip install -e '.[ops]')")
+
+
+def _metrics_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help=f"serve Prometheus metrics on this port at /metrics ({what}), and /healthz, /readyz "
+                        "(pip install -e '.[ops]')")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="the address the metrics endpoint binds (0.0.0.0 for a scraper or probe on another host)")
 
 
 def failure_hint(exc: RunFailed) -> str:
@@ -349,6 +432,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
                           help="also train 'local' (each site alone) and/or 'central' (all data pooled), comma-"
                                "separated, under the same plan and DP budget; they appear in report.html")
     _federation_options(simulate, simulation=True)
+    _tracking_options(simulate)
     demo = sub.add_parser("demo", help="the README demo: a bank consortium under DP vs each bank alone",
                           formatter_class=HelpFormatter)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
@@ -359,7 +443,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     demo.set_defaults(partition="dirichlet", rounds=5, max_length=64)
     _deployment_parsers(sub)
     handlers: dict[str, Callable[[argparse.Namespace], int | None]] = {
-        "simulate": cmd_simulate, "demo": cmd_demo, "server": cmd_server_start, "client": cmd_client_start}
+        "simulate": cmd_simulate, "demo": cmd_demo, "server": cmd_server_start, "client": cmd_client_start,
+        "wait-ready": cmd_wait_ready}
     handlers |= add_subcommands(sub)
     return parser, handlers
 

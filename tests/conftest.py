@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BANKING77 = ROOT.parent / "shared" / "data" / "banking77"
 
 
+LIBRARY_PROBES = (["uname"],)
+"""Commands libraries run to describe the machine (``platform.processor()`` runs ``uname -p``)."""
+
+
 class UnmarkedTier(AssertionError):
     """A test does what only a marked tier may: `make test-fast` runs the unmarked tests alone."""
 
@@ -35,7 +39,11 @@ def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setattr(common.model, "_base_model", refuse_weights)
         monkeypatch.setattr(common.model, "_pristine_model", refuse_weights)  # cached: loaded by an earlier test
     if request.node.get_closest_marker("process") is None and request.node.get_closest_marker("slow") is None:
+        popen = subprocess.Popen.__init__
+
         def refuse_process(self, args, *more, **kwargs):
+            if [*args][:1] in LIBRARY_PROBES:  # a library asking the OS about the machine, not a test's process
+                return popen(self, args, *more, **kwargs)
             raise UnmarkedTier(f"{name} starts a process ({args!r:.80}): mark it @pytest.mark.process")
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse_process)
 

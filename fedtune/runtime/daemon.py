@@ -23,6 +23,7 @@ import logging
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from client.policy import SitePolicy
@@ -69,30 +70,35 @@ def site_processes(files: dict[str, Path], kit: Path, keys: Path, data: Path, st
          "--superexec-auth-secret-file", str(secret), "--host", "127.0.0.1", "--port", str(port)], env,
         state / "supernode.log")
     executor = ManagedProcess([sys.executable, "-m", "fedtune.runtime.executor",
-                                "--runtime-api-address", f"127.0.0.1:{port}",
-                               "--secret-file", str(secret)], env, state / "executor.log")
+                                "--runtime-api-address", f"127.0.0.1:{port}", "--secret-file", str(secret),
+                                "--state-dir", str(state)], env, state / "executor.log")
     return supernode, executor
 
 
 def run_site_processes(files: dict[str, Path], kit: Path, keys: Path, data: Path, state: Path, *,
-                       superlink: str, policy: SitePolicy, receipts: Path | None = None) -> int:
-    """Run the SuperNode and its executor until either stops; return the exit code of the one that did."""
+                       superlink: str, policy: SitePolicy, receipts: Path | None = None,
+                       on_serving: Callable[[bool], None] = lambda serving: None) -> int:
+    """Run the SuperNode and its executor until either stops; return the exit code of the one that did.
+    ``on_serving`` hears when both run, and when they stop (the site's readiness)."""
     supernode, executor = site_processes(files, kit, keys, data, state, superlink=superlink, policy=policy,
                                          receipts=receipts)
     try:
         supernode.start()
         executor.start()
+        on_serving(True)
         while (code := supernode.exited()) is None and (code := executor.exited()) is None:
             supernode.track()
             time.sleep(1.0)
         return code
     finally:
+        on_serving(False)
         executor.stop()
         supernode.stop()
 
 
 def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: str, policy: SitePolicy,
-                 connect_timeout: float = 600.0, receipts: Path | None = None) -> int:
+                 connect_timeout: float = 600.0, receipts: Path | None = None,
+                 on_serving: Callable[[bool], None] = lambda serving: None) -> int:
     """Keep the site's SuperNode running until the daemon is stopped (Ctrl-C, SIGTERM).
 
     A SuperNode that stops is started again (the coordinator may be restarting, or may not have
@@ -114,7 +120,7 @@ def start_client(kit: Path, keys: Path, data: Path, state: Path, *, superlink: s
         while True:
             started = time.monotonic()
             code = run_site_processes(files, kit, keys, data, state, superlink=superlink, policy=policy,
-                                      receipts=receipts)
+                                      receipts=receipts, on_serving=on_serving)
             now = time.monotonic()
             if now - started >= CONNECTED_AFTER_S:
                 failing_since, attempt = None, 0

@@ -11,7 +11,10 @@ installed nor imported; the run config it carries is checked by the ClientApp li
 It relies on Flower internals (the Runtime API's task calls, ``run_clientapp``'s pull/push helpers),
 so it runs only on the Flower version it was written for (common.flower_internals) and refuses any other.
 
-    python -m fedtune.runtime.executor --runtime-api-address 127.0.0.1:PORT --secret-file FILE
+With ``--state-dir`` it keeps what it did in the site's state (tasks, refusals by kind, the last
+contact: fedtune.runtime.monitoring.SiteActivity), which the site's own metrics endpoint reports.
+
+    python -m fedtune.runtime.executor --runtime-api-address 127.0.0.1:PORT --secret-file FILE [--state-dir STATE]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from common import __version__
 from common.flower_internals import FlowerVersionError, short_object_pull_backoff
+from fedtune.runtime.monitoring import SiteActivity
 
 if TYPE_CHECKING:
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -39,6 +43,9 @@ class TaskOutcome:
     message_type: str
     ok: bool
     seconds: dict[str, float]  # pull (the task's input), run (the ClientApp), push (its reply and status)
+    refusal: str | None = None
+    """The failure kind the site answered with (budget-exhausted, site-policy, ...; "unreadable" for a task it
+    could not read), None for an answer."""
 
 
 def runtime_client(address: str, *interceptors: object, retry: bool = True) -> RuntimeHttpClient:
@@ -81,13 +88,15 @@ class SiteExecutor:
     """Look for the next task 20 ms after the last one (a lock-step round's next stage comes within a second),
     backing off to 0.25 s while the site is idle."""
 
-    def __init__(self, runtime_api_address: str, secret: bytes) -> None:
+    def __init__(self, runtime_api_address: str, secret: bytes, state_dir: Path | None = None) -> None:
         short_object_pull_backoff()  # checks the Flower version first
         import client.app  # the site's installed ClientApp, imported once (torch, transformers, peft with it)
 
         self.app = client.app.app
         self.address = runtime_api_address
         self.tasks = task_claimer(runtime_api_address, secret)
+        self.state_dir = state_dir
+        self.activity = SiteActivity.read(state_dir) if state_dir else None
 
     def serve(self) -> None:
         """Run tasks until the process is stopped."""
@@ -99,7 +108,9 @@ class SiteExecutor:
                 time.sleep(poll)
                 poll = min(slowest, poll * 1.5)
             else:
-                self.run_task(token)
+                outcome = self.run_task(token)
+                if self.state_dir is not None and self.activity is not None:
+                    self.activity = self.activity.record(self.state_dir, outcome.refusal)
                 poll = fastest
 
     def run_task(self, token: str) -> TaskOutcome:
@@ -110,6 +121,8 @@ class SiteExecutor:
         from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        from common.records import unpack_failure
 
         clock = [time.monotonic()]
         seconds: dict[str, float] = {}
@@ -122,6 +135,7 @@ class SiteExecutor:
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(task))
         heartbeat.start()
         message_type, context, status, details = "?", None, SubStatus.FAILED, "the task could not be read"
+        refusal: str | None = "unreadable"
         try:
             message, context, run, _fab = pull_task_input(task)  # the FAB is not installed: its code never runs
             message_type = message.metadata.message_type
@@ -138,6 +152,8 @@ class SiteExecutor:
                                       "failed (see the site's executor log)"), reply_to=message)
                 details = f"{type(exc).__name__}"
             lap("run")
+            failure = None if reply.has_error() else unpack_failure(reply.content)
+            refusal = "internal" if reply.has_error() else failure.kind if failure else None
             push_message(task, reply, context)
         except Exception:  # one broken task must not stop the site
             log.exception("task %s could not be completed", message_type)
@@ -146,7 +162,7 @@ class SiteExecutor:
             heartbeat.stop()
             task.close()
             lap("push")
-        outcome = TaskOutcome(message_type, status == SubStatus.COMPLETED, seconds)
+        outcome = TaskOutcome(message_type, status == SubStatus.COMPLETED, seconds, refusal)
         log.info("task %s %s in %.2fs %s", message_type, "done" if outcome.ok else "FAILED",
                  clock[-1] - clock[0], json.dumps(seconds))
         return outcome
@@ -157,11 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (host:port)")
     parser.add_argument("--secret-file", type=Path, required=True,
                         help="the secret shared with the SuperNode (--superexec-auth-secret-file)")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="the site's state dir: keep the site's activity there for its metrics endpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     try:
-        executor = SiteExecutor(args.runtime_api_address, args.secret_file.read_bytes())
+        executor = SiteExecutor(args.runtime_api_address, args.secret_file.read_bytes(), args.state_dir)
     except (FlowerVersionError, OSError) as exc:
         print(f"fedtune site executor: {exc}", file=sys.stderr)
         return 2
