@@ -177,7 +177,7 @@ def test_cli_keygen_prints_the_fingerprints_provision_shows(tmp_path: Path,
 # ----------------------------------------------------------------------------- contents and modes
 
 def test_kits_hold_exactly_the_listed_files(federation: Path) -> None:
-    assert sorted(p.name for p in federation.iterdir()) == ["ca", "server", "sites"]
+    assert sorted(p.name for p in federation.iterdir()) == ["README.md", "ca", "server", "sites"]
     assert [p.name for p in (federation / "ca").iterdir()] == ["ca.key"]
     assert {p.name for p in (federation / "server").iterdir()} == SERVER_FILES
     assert sorted(p.name for p in (federation / "server" / "supernode-keys").iterdir()) == \
@@ -325,7 +325,7 @@ def test_an_existing_provisioning_is_never_overwritten(tmp_path: Path) -> None:
     with pytest.raises(ProvisionError, match="refusing to overwrite its keys"):
         provision(sites, ["localhost"], out)
     assert {p: p.read_bytes() for p in all_files(out)} == before
-    assert sorted(p.name for p in out.iterdir()) == ["ca", "server", "sites"]  # no staging left behind
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "ca", "server", "sites"]  # no staging left
 
 
 def _ssh_line(key) -> str:
