@@ -631,8 +631,9 @@ def check_kit(kit_dir: Path, keys_dir: Path, *, now: datetime | None = None) -> 
 
     Checks that every file is there, that the kit holds no private key (a coordinator's, or a
     site key someone else made), that the keys are owner-only, that the CA certificate is the one
-    the kit was issued with and is valid ``now``, that the SuperNode key pair matches and is the
-    one enrolled, and that the identity key is the one the registry holds for the site.
+    the kit was issued with and is valid ``now`` (a warning within 30 days of its expiry), that the
+    SuperNode key pair matches and is the one enrolled, and that the identity key is the one the
+    registry holds for the site.
 
     Returns
     -------
@@ -729,7 +730,7 @@ def _check_ca(path: Path, expected_sha256: str, now: datetime) -> x509.Certifica
         raise ProvisionError(f"{CA_CERT} in {path.parent} is not the CA this kit was issued with (fingerprint "
                              f"{certificate_sha256(cert)[:16]}…, {SITE_INFO} says {expected_sha256[:16]}…); "
                              "the kit mixes files from two provisionings: copy the kit again")
-    check_validity(cert, path, now, renew=SITE_RENEWAL)
+    _check_validity(cert, path, now, how_to_renew=SITE_RENEWAL)
     return cert
 
 
@@ -737,19 +738,19 @@ SITE_RENEWAL = "ask the coordinator for the renewed ca.crt and site.json (`fedtu
 SERVER_RENEWAL = "renew it: `fedtune provision --renew PROVISIONING --out NEW` (README.md of the provisioning)"
 
 
-def check_validity(cert: x509.Certificate, path: Path, now: datetime, *, renew: str) -> None:
+def _check_validity(cert: x509.Certificate, path: Path, now: datetime, *, how_to_renew: str) -> None:
     """Refuse a certificate that is not valid ``now``; warn (one log line) when it expires within
-    :data:`EXPIRY_WARNING`. ``renew`` says how to get a new one."""
+    :data:`EXPIRY_WARNING`. ``how_to_renew`` says how to get a new one."""
     if now < cert.not_valid_before_utc:
         raise ProvisionError(f"{path.name} in {path.parent} is not valid before "
                              f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock")
     if now > cert.not_valid_after_utc:
         raise ProvisionError(f"{path.name} in {path.parent} expired on {cert.not_valid_after_utc:%Y-%m-%d} "
-                             f"(certificate expired); {renew}")
+                             f"(certificate expired); {how_to_renew}")
     left = cert.not_valid_after_utc - now
     if left < EXPIRY_WARNING:
         log.warning("WARNING: %s in %s expires on %s UTC (in %d days); %s", path.name, path.parent,
-                    f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M}", left.days, renew)
+                    f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M}", left.days, how_to_renew)
 
 
 def check_server_certificates(kit_dir: Path, *, now: datetime | None = None) -> None:
@@ -764,7 +765,7 @@ def check_server_certificates(kit_dir: Path, *, now: datetime | None = None) -> 
         raise ProvisionError(f"the certificates or key in the server kit {kit_dir} are unreadable ({exc}); use the "
                              "server/ directory `fedtune provision` wrote") from exc
     for cert, name in ((ca_cert, CA_CERT), (server_cert, SERVER_CERT)):
-        check_validity(cert, kit_dir / name, when, renew=SERVER_RENEWAL)
+        _check_validity(cert, kit_dir / name, when, how_to_renew=SERVER_RENEWAL)
     try:
         server_cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature) as exc:
