@@ -16,6 +16,7 @@ from common.passport import PassportError, key_id, load_public_key, verify_passp
 from common.registry import MEMBERS_FILE, FederationRegistry, RegistryError, load_registry, pin_members, read_aloud
 from fedtune.runtime.kits import (
     ENROL_SUFFIX,
+    KIT_README,
     MAX_DAYS,
     REGISTRY,
     Enrolment,
@@ -23,6 +24,7 @@ from fedtune.runtime.kits import (
     fingerprint,
     provision,
     read_enrolments,
+    renew,
     site_keygen,
 )
 
@@ -63,6 +65,11 @@ SITE{ENROL_SUFFIX}. Writes the CA, the SuperLink's TLS certificate, the passport
 registry of the sites' public identity keys, the coordinator's kit (OUT/server/) and one kit of
 public files per site (OUT/sites/SITE/). It never makes or sees a site's private key. Confirm the
 fingerprints it prints with each site's officer by phone before handing out any kit.
+
+With --renew OLD it issues new certificates instead, into the new OUT: a new server certificate and
+key (signed by OLD/ca/ca.key), and with --new-ca a new CA too (then every site needs its new ca.crt
+and site.json). Site keys, the registry (so the members digest the sites pinned) and the passport
+keys are copied byte for byte. OUT/README.md says how to roll them out.
 """
 
 
@@ -89,11 +96,17 @@ def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argp
                      "(64 hex digits, spaces allowed)")
     prov = sub.add_parser("provision", help="create the CA, the server kit and one public kit per enrolled site",
                           description=PROVISION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    prov.add_argument("--enrol", required=True,
-                      help=f"comma-separated SITE{ENROL_SUFFIX} files and/or directories of them (one per site; a "
-                           "site's id is its position, a directory's files in name order)")
-    prov.add_argument("--server-host", required=True,
-                      help="comma-separated DNS names / IP addresses the sites use to reach the SuperLink")
+    source = prov.add_mutually_exclusive_group(required=True)
+    source.add_argument("--enrol",
+                        help=f"comma-separated SITE{ENROL_SUFFIX} files and/or directories of them (one per site; "
+                             "a site's id is its position, a directory's files in name order)")
+    source.add_argument("--renew", type=Path, metavar="OLD",
+                        help="an earlier provisioning (its --out): issue new certificates for it, same sites and keys")
+    prov.add_argument("--server-host",
+                      help="comma-separated DNS names / IP addresses the sites use to reach the SuperLink "
+                           "(with --enrol; a renewal keeps the hosts)")
+    prov.add_argument("--new-ca", action="store_true", help="with --renew: a new CA as well (every site needs its "
+                      "new ca.crt and site.json)")
     prov.add_argument("--out", type=Path, required=True, help="new directory for the kits (never overwritten)")
     prov.add_argument("--days", type=int, default=365, help=f"certificate validity, 1..{MAX_DAYS} (default 365)")
     passport = sub.add_parser("passport", help="check a global adapter's signed model passport")
@@ -165,7 +178,14 @@ def _cmd_site_pin_members(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    """``fedtune provision``: read the enrolments, write the kits, show the fingerprints to confirm."""
+    """``fedtune provision``: read the enrolments, write the kits, show the fingerprints to confirm
+    (or, with ``--renew``, new certificates for an earlier provisioning)."""
+    if args.renew is not None:
+        return _cmd_renew(args)
+    if args.server_host is None or args.new_ca:
+        print("fedtune provision: --enrol needs --server-host (the SuperLink's DNS names / IP addresses); --new-ca "
+              "is for --renew", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         enrolments = read_enrolments([Path(p) for p in _split(args.enrol)])
         out = provision(enrolments, _split(args.server_host), args.out, days=args.days)
@@ -188,6 +208,36 @@ def cmd_provision(args: argparse.Namespace) -> int:
               "keeps its own keys)")
     print(f"  {out / 'ca' / 'ca.key'}  -> offline storage (only needed to issue new certificates); "
           "it belongs in no kit")
+    return EXIT_OK
+
+
+def _cmd_renew(args: argparse.Namespace) -> int:
+    """``fedtune provision --renew OLD``: new certificates into OUT, and who needs which changed file."""
+    if args.server_host is not None:
+        print("fedtune provision: --renew keeps the server hosts of the certificate it renews; to change them, "
+              "provision anew (--enrol)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        changed = renew(args.renew, args.out, days=args.days, new_ca=args.new_ca)
+    except ProvisionError as exc:
+        print(f"fedtune provision --renew: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = args.out
+    print(f"renewed {args.renew} into {out}: {'a new CA and ' if args.new_ca else ''}a new server certificate, "
+          f"valid {args.days} days. Site keys, registry.json (members digest unchanged: nothing to pin again), "
+          "supernode-keys and passport keys are copied unchanged.\nChanged:")
+    for path in changed:
+        print(f"  {path}")
+    site_files = sorted({Path(p).name for p in changed if p.startswith("sites/")})
+    print(f"Hand out (steps in {out / KIT_README}):\n"
+          f"  {out / 'server'}/  -> the coordinator: restart `fedtune server start` with it")
+    if site_files:
+        print(f"  {out / 'sites'}/SITE/{{{','.join(site_files)}}}  -> each site, into its kit (public files; read "
+              "the new CA fingerprint, ca_sha256 in site.json, to its officer by phone); sites cannot connect until "
+              "they have them, and old kits cannot connect to the new server certificate")
+    else:
+        print("  the sites: nothing (same CA; their kits are unchanged)")
+    print(f"  {out / 'ca' / 'ca.key'}  -> offline storage")
     return EXIT_OK
 
 

@@ -21,6 +21,7 @@ print("torch" in sys.modules, code)
     ["passport", "verify", "{tmp}/no-such-adapter", "--key", "{tmp}/no.pub"],
     ["site", "keygen", "--site", "hospital-a", "--out", "{tmp}/keys"],
     ["provision", "--enrol", "{tmp}/none.enrol.json", "--server-host", "h", "--out", "{tmp}/kits"],
+    ["provision", "--renew", "{tmp}/kits", "--out", "{tmp}/renewed"],
     ["site", "members", "{tmp}/registry.json"],
     ["site", "pin-members", "--registry", "{tmp}/registry.json", "--state", "{tmp}/state", "--digest", "00"],
 ])

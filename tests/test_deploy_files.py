@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.compose import DEPLOY, as_command, compose, documented_commands
 from tests.conftest import ROOT
 
-DEPLOY = ROOT / "deploy"
+COMPOSE_SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 
 def _accepts(argv: list[str]) -> argparse.Namespace:
@@ -20,21 +21,31 @@ def _accepts(argv: list[str]) -> argparse.Namespace:
 
 
 def test_compose_services_run_valid_fedtune_commands():
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert {"coordinator", "hospital-a", "hospital-b"} <= set(services)
+    services = compose()["services"]
+    assert set(services) == {"coordinator", *COMPOSE_SITES}
     for name, service in services.items():
         args = _accepts(service["command"])
         assert args.command in ("server", "client"), name
         kit_mounts = [v for v in service["volumes"] if v.endswith(":/kit:ro")]
         assert len(kit_mounts) == 1, f"{name} must mount exactly its own kit, read-only"
-    assert services["hospital-a"]["volumes"][0] != services["hospital-b"]["volumes"][0]
+    assert len({services[site]["volumes"][0] for site in COMPOSE_SITES}) == len(COMPOSE_SITES)
+
+
+def test_the_compose_trial_has_the_sites_every_site_policy_needs():
+    """Each site refuses a secure round with fewer than its --min-sites (default 3): the trial must have them."""
+    from client.policy import SitePolicy
+
+    services = compose()["services"]
+    coordinator = _accepts(services["coordinator"]["command"])
+    for site in COMPOSE_SITES:
+        args = _accepts(services[site]["command"])
+        assert coordinator.sites == len(COMPOSE_SITES) >= args.min_sites == SitePolicy().min_sites, site
 
 
 def test_each_compose_site_uses_its_own_keys_and_the_coordinator_none():
-    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    services = compose()["services"]
     assert not any(v.endswith(":/keys:ro") or "keys/" in v for v in services["coordinator"]["volumes"])
-    for site in ("hospital-a", "hospital-b"):
+    for site in COMPOSE_SITES:
         args = _accepts(services[site]["command"])
         key_mounts = [v for v in services[site]["volumes"] if v.endswith(":/keys:ro")]
         assert key_mounts == [f"./keys/{site}:/keys:ro"] and str(args.keys) == "/keys", site
@@ -43,18 +54,15 @@ def test_each_compose_site_uses_its_own_keys_and_the_coordinator_none():
 
 
 def test_the_documented_keygen_and_provision_commands_parse():
-    """The compose file's header shows how sites make keys and the coordinator provisions from them."""
-    header = [line.removeprefix("#").strip() for line in (DEPLOY / "docker-compose.yml").read_text().splitlines()
-              if line.startswith("#")]
-    keygens = [shlex.split(line.split("fedtune:0.1.0 ", 1)[1]) for line in header if " site keygen " in line]
-    assert len(keygens) == 2 and all(_accepts(argv).site_command == "keygen" for argv in keygens)
-    first = next(i for i, line in enumerate(header) if line.startswith("fedtune provision "))
-    command = header[first]
-    while command.endswith("\\"):
-        first += 1
-        command = command[:-1] + header[first]
-    args = _accepts(shlex.split(command)[1:])
-    assert args.enrol.split(",") == [f"keys/{s}/{s}.enrol.json" for s in ("hospital-a", "hospital-b")]
+    """The compose file's header shows how sites make keys and the coordinator provisions from them
+    (tests/test_compose_trial.py runs them)."""
+    commands = [command for argv in documented_commands() if (command := as_command(argv))]
+    parsed = [_accepts(list(command.args)) for command in commands]
+    keygens = [args for args in parsed if args.command == "site" and args.site_command == "keygen"]
+    assert [args.site for args in keygens] == list(COMPOSE_SITES)
+    [provision] = [args for args in parsed if args.command == "provision"]
+    assert provision.enrol.split(",") == [f"/keys/{s}/{s}.enrol.json" for s in COMPOSE_SITES]
+    assert {args.site_command for args in parsed if args.command == "site"} == {"keygen", "members", "pin-members"}
 
 
 def test_systemd_unit_runs_a_valid_client_command():

@@ -9,10 +9,17 @@ import ipaddress
 import json
 import re
 import shutil
+import socket
+import ssl
 import stat
+import subprocess
+import sys
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psutil
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -24,7 +31,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.registry import IDENTITY_FILE, load_identity, load_registry
+from common.registry import IDENTITY_FILE, load_identity, load_registry, pin_members
 from fedtune.deploy_cli import add_subcommands
 from fedtune.runtime.kits import (
     SITE_KEY_FILES,
@@ -33,9 +40,12 @@ from fedtune.runtime.kits import (
     Enrolment,
     ProvisionError,
     check_kit,
+    check_members,
+    check_server_certificates,
     provision,
     read_enrolment,
     read_enrolments,
+    renew,
     site_keygen,
     validate_request,
 )
@@ -177,7 +187,7 @@ def test_cli_keygen_prints_the_fingerprints_provision_shows(tmp_path: Path,
 # ----------------------------------------------------------------------------- contents and modes
 
 def test_kits_hold_exactly_the_listed_files(federation: Path) -> None:
-    assert sorted(p.name for p in federation.iterdir()) == ["ca", "server", "sites"]
+    assert sorted(p.name for p in federation.iterdir()) == ["README.md", "ca", "server", "sites"]
     assert [p.name for p in (federation / "ca").iterdir()] == ["ca.key"]
     assert {p.name for p in (federation / "server").iterdir()} == SERVER_FILES
     assert sorted(p.name for p in (federation / "server" / "supernode-keys").iterdir()) == \
@@ -325,7 +335,7 @@ def test_an_existing_provisioning_is_never_overwritten(tmp_path: Path) -> None:
     with pytest.raises(ProvisionError, match="refusing to overwrite its keys"):
         provision(sites, ["localhost"], out)
     assert {p: p.read_bytes() for p in all_files(out)} == before
-    assert sorted(p.name for p in out.iterdir()) == ["ca", "server", "sites"]  # no staging left behind
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "ca", "server", "sites"]  # no staging left
 
 
 def _ssh_line(key) -> str:
@@ -551,3 +561,230 @@ def test_cli_provision_has_no_way_to_make_site_keys() -> None:
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     with pytest.raises(SystemExit):  # the old `--sites` (provisioning made the site keys) is gone
         parser.parse_args(["provision", "--sites", "a,b", "--server-host", "h", "--out", "x"])
+
+
+# ----------------------------------------------------------------------------- renewal
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in all_files(root)}
+
+
+@pytest.fixture()
+def fresh(tmp_path: Path) -> Path:
+    """Three enrolled sites (keys under tmp_path/keys) and a provisioning valid 365 days, for 127.0.0.1."""
+    return provision(enrol(tmp_path, SITES), ["127.0.0.1"], tmp_path / "fed")
+
+
+def test_renewal_changes_only_the_server_certificate_and_key(fresh: Path, tmp_path: Path) -> None:
+    before, keys = files_of(fresh), files_of(tmp_path / "keys")
+    assert run_cli(["provision", "--renew", str(fresh), "--out", str(tmp_path / "new"), "--days", "90"]) == 0
+    new = files_of(tmp_path / "new")
+    assert files_of(fresh) == before and files_of(tmp_path / "keys") == keys  # the old one and the sites' keys
+    assert sorted(name for name in new if new[name] != before.get(name)) == \
+        ["README.md", "server/server.crt", "server/server.key"]
+    assert new.keys() == before.keys()
+    for path in (tmp_path / "new").rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+    ca = x509.load_pem_x509_certificate(new["server/ca.crt"])
+    leaf = x509.load_pem_x509_certificate(new["server/server.crt"])
+    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    verifier = PolicyBuilder().store(Store([ca])).build_server_verifier(loopback)
+    assert verifier.verify(leaf, [])[-1] == ca and (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days == 90
+    for site in SITES:  # every site's kit is unchanged and still checks with its own keys
+        check_kit(tmp_path / "new" / "sites" / site, tmp_path / "keys" / site)
+
+
+def test_renewal_with_a_new_ca_changes_ca_crt_and_site_json_in_every_kit(fresh: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state-a"
+    pin_members(fresh / "sites" / "hospital-a" / "registry.json", state,
+                load_registry(fresh / "server" / "registry.json").digest.hex())
+    before, keys = files_of(fresh), files_of(tmp_path / "keys")
+    new = renew(fresh, tmp_path / "new", new_ca=True, days=200)
+    assert new == ["README.md", "ca/ca.key", "server/ca.crt", "server/server.crt", "server/server.key",
+                   *[f"sites/{site}/{name}" for site in sorted(SITES) for name in ("ca.crt", "site.json")]]
+    after = files_of(tmp_path / "new")
+    for name in ("server/registry.json", "server/passport-signing.key", "server/passport-signing.pub",
+                 *[f"server/supernode-keys/{site}.pub" for site in SITES]):
+        assert after[name] == before[name], name
+    assert files_of(tmp_path / "keys") == keys
+    assert load_registry(tmp_path / "new" / "server" / "registry.json").digest == \
+        load_registry(fresh / "server" / "registry.json").digest
+    for site in SITES:
+        check_kit(tmp_path / "new" / "sites" / site, tmp_path / "keys" / site)
+    # The members this site pinned before still match the renewed kit: nothing to confirm or pin again.
+    check_members(tmp_path / "new" / "sites" / "hospital-a", tmp_path / "keys" / "hospital-a", state)
+    # A site that installs only one of the two new files is told its kit is mixed.
+    half = copy_kit(fresh, tmp_path)
+    shutil.copy2(tmp_path / "new" / "sites" / "hospital-a" / "ca.crt", half / "ca.crt")
+    with pytest.raises(ProvisionError, match="not the CA this kit was issued with"):
+        check_kit(half, tmp_path / "keys" / "hospital-a")
+    # The coordinator's kit with only a new server certificate (old ca.crt) is refused before any start.
+    mixed = Path(shutil.copytree(tmp_path / "new" / "server", tmp_path / "mixed"))
+    shutil.copy2(fresh / "server" / "ca.crt", mixed / "ca.crt")
+    with pytest.raises(ProvisionError, match="server.crt .* was not issued by its ca.crt"):
+        check_server_certificates(mixed)
+
+
+def _handshake(port: int, ca_file: Path) -> bytes:
+    """A TLS client that trusts only ``ca_file``, verifying 127.0.0.1: the server's certificate (DER)."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        return tls.getpeercert(binary_form=True)
+
+
+def test_a_site_kit_completes_a_tls_handshake_with_the_renewed_certificate(fresh: Path, tmp_path: Path) -> None:
+    """A real TLS server on loopback with the renewed server.crt: the renewed site kit's ca.crt verifies it,
+    an old kit's ca.crt (the CA replaced) does not."""
+    renew(fresh, tmp_path / "new", new_ca=True)
+    server_kit = tmp_path / "new" / "server"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server_kit / "server.crt", server_kit / "server.key")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve(connections: int) -> None:
+            for _ in range(connections):
+                conn, _ = listener.accept()
+                with conn:
+                    try:
+                        context.wrap_socket(conn, server_side=True).close()
+                    except (ssl.SSLError, OSError):
+                        pass  # the client refused our certificate
+
+        server = threading.Thread(target=serve, args=(2,), daemon=True)
+        server.start()
+        der = _handshake(port, tmp_path / "new" / "sites" / "hospital-b" / "ca.crt")
+        assert der == x509.load_pem_x509_certificate((server_kit / "server.crt").read_bytes()).public_bytes(
+            serialization.Encoding.DER)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _handshake(port, fresh / "sites" / "hospital-b" / "ca.crt")
+        server.join(timeout=30)
+
+
+def test_renewal_refusals(fresh: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ProvisionError, match=r"before the 400 days asked .* \(--new-ca\)"):
+        renew(fresh, tmp_path / "a", days=400)
+    with pytest.raises(ProvisionError, match="not a provisioning"):
+        renew(fresh / "server", tmp_path / "a")
+    with pytest.raises(ProvisionError, match="already holds a provisioning"):
+        renew(fresh, fresh)
+    offline = Path(shutil.copytree(fresh, tmp_path / "offline"))
+    (offline / "ca" / "ca.key").unlink()
+    with pytest.raises(ProvisionError, match="ca.key is missing: bring the CA key back from offline storage"):
+        renew(offline, tmp_path / "a")
+    assert renew(offline, tmp_path / "b", new_ca=True)  # a new CA needs no old CA key
+    assert not (tmp_path / "a").exists()
+    assert run_cli(["provision", "--renew", str(fresh), "--out", str(tmp_path / "c"), "--server-host", "h"]) == 2
+    assert "keeps the server hosts" in capsys.readouterr().err
+    assert run_cli(["provision", "--enrol", str(tmp_path / "keys"), "--out", str(tmp_path / "c"), "--new-ca",
+                    "--server-host", "h"]) == 2
+    assert "--new-ca is for --renew" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli(["provision", "--renew", str(fresh), "--enrol", "x", "--out", str(tmp_path / "c")])
+
+
+def test_kit_checks_warn_30_days_before_a_certificate_expires(fresh: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A renewal with short validity, through the CLI: the coordinator's and the sites' kit checks warn, once,
+    on one line (`fedtune server start` prints it: test_the_coordinator_serves_a_renewed_certificate)."""
+    with caplog.at_level("WARNING", logger="fedtune.kits"):
+        check_server_certificates(fresh / "server")
+        check_kit(fresh / "sites" / "hospital-a", tmp_path / "keys" / "hospital-a")
+    assert caplog.records == []  # 365 days left: quiet
+    assert run_cli(["provision", "--renew", str(fresh), "--out", str(tmp_path / "soon"), "--days", "10"]) == 0
+    with caplog.at_level("WARNING", logger="fedtune.kits"):
+        check_server_certificates(tmp_path / "soon" / "server")
+    [line] = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"WARNING: server\.crt in \S+ expires on \S+ \S+ UTC \(in 9 days\); renew it: "
+                        r"`fedtune provision --renew .*", line), line
+    caplog.clear()
+    assert run_cli(["provision", "--renew", str(fresh), "--out", str(tmp_path / "ca-soon"), "--days", "10",
+                    "--new-ca"]) == 0
+    with caplog.at_level("WARNING", logger="fedtune.kits"):
+        check_kit(tmp_path / "ca-soon" / "sites" / "hospital-a", tmp_path / "keys" / "hospital-a")
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "ca.crt in" in line and "(in 9 days); ask the coordinator for the renewed ca.crt" in line
+    assert "\n" not in line
+    past = datetime.now(UTC) - timedelta(days=3)
+    renew(fresh, tmp_path / "expired", days=1, issued_at=past)
+    with pytest.raises(ProvisionError, match=r"server\.crt in \S+ expired on .* renew it: `fedtune provision --renew"):
+        check_server_certificates(tmp_path / "expired" / "server")
+
+
+def fedtune_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, timeout=300,
+                          **kwargs)
+
+
+@pytest.mark.process
+def test_start_refuses_an_expired_certificate(tmp_path: Path, drug_reviews) -> None:
+    """`fedtune server start` and `fedtune client start` stop at the kit check, before any process starts."""
+    from tests.conftest import write_csv
+
+    past = datetime.now(UTC) - timedelta(days=3)
+    old = provision(enrol(tmp_path, SITES), ["127.0.0.1"], tmp_path / "old", days=1, issued_at=past)
+    data = write_csv(tmp_path / "data.csv", drug_reviews[:6])
+    client = fedtune_cli("client", "start", "--kit", str(old / "sites" / "hospital-a"), "--keys",
+                         str(tmp_path / "keys" / "hospital-a"), "--data", str(data), "--state", str(tmp_path / "state"),
+                         "--superlink", "127.0.0.1:1", "--labels", "negative,neutral,positive", "--max-epsilon", "8")
+    assert client.returncode == 2 and re.search(
+        r"ca\.crt in \S+ expired on \S+ \(certificate expired\); ask the coordinator for the renewed", client.stderr)
+    # An expired server certificate under a valid CA: renewed in the past with one day's validity.
+    fed = provision(enrol(tmp_path / "b", SITES), ["127.0.0.1"], tmp_path / "fed", issued_at=past)
+    renew(fed, tmp_path / "expired", days=1, issued_at=past)
+    server = fedtune_cli("server", "start", "--kit", str(tmp_path / "expired" / "server"), "--state",
+                         str(tmp_path / "s"), "--test-data", str(data), "--port", "1")
+    assert server.returncode == 2 and re.search(
+        r"server\.crt in \S+ expired on .* renew it: `fedtune provision --renew", server.stderr)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "state").exists()
+
+
+@pytest.mark.process
+def test_the_coordinator_serves_a_renewed_certificate(fresh: Path, tmp_path: Path, drug_reviews) -> None:
+    """End to end on loopback: provision, renew with a new CA (10 days, through the CLI), start the coordinator
+    (`fedtune server start`: its SuperLink) from the renewed kit. It warns, on one stderr line, that its
+    certificates expire within 30 days; the renewed site kit's ca.crt completes a TLS handshake with it and
+    receives the renewed certificate; an old kit's ca.crt is refused. Site keys and members are unchanged."""
+    from fedtune.runtime.processes import free_port
+    from tests.conftest import write_csv
+
+    keys = files_of(tmp_path / "keys")
+    renewed = fedtune_cli("provision", "--renew", str(fresh), "--out", str(tmp_path / "new"), "--new-ca",
+                          "--days", "10")
+    assert renewed.returncode == 0, renewed.stderr
+    assert files_of(tmp_path / "keys") == keys
+    assert (tmp_path / "new" / "server" / "registry.json").read_bytes() == \
+        (fresh / "sites" / "hospital-a" / "registry.json").read_bytes()
+    port = free_port()
+    test_data = write_csv(tmp_path / "test.csv", drug_reviews[500:520])
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "server", "start", "--kit",
+                                   str(tmp_path / "new" / "server"), "--state", str(tmp_path / "state"), "--host",
+                                   "127.0.0.1", "--port", str(port), "--sites", "3", "--rounds", "1",
+                                   "--test-data", str(test_data), "--labels", "negative,neutral,positive"],
+                                  stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until the SuperLink listens: refused connections only, any TLS failure fails the test
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                der = _handshake(port, tmp_path / "new" / "sites" / "hospital-a" / "ca.crt")
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "the SuperLink did not listen within 300 s"
+                time.sleep(0.2)
+        assert der == x509.load_pem_x509_certificate(
+            (tmp_path / "new" / "server" / "server.crt").read_bytes()).public_bytes(serialization.Encoding.DER)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _handshake(port, fresh / "sites" / "hospital-a" / "ca.crt")
+    finally:
+        family = psutil.Process(server.pid).children(recursive=True) if server.poll() is None else []
+        server.terminate()  # SIGTERM: fedtune stops its SuperLink and everything it started
+        server.wait(timeout=120)
+        psutil.wait_procs(family, timeout=60)
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    warnings = [line for line in log.read_text().splitlines() if "expires on" in line]
+    assert [w.split(" in ")[0] for w in warnings] == ["WARNING: ca.crt", "WARNING: server.crt"], warnings
+    assert all("(in 9 days)" in w for w in warnings)

@@ -17,7 +17,11 @@ The coordinator is not trusted, so no site private key is ever made by, or passe
     DIR/sites/<site>/          one kit per site, public material only: ca.crt, registry.json,
                                passport-signing.pub, site.json
 
-Every file is 0600 and every directory 0700. The Flower 1.42 flags these files feed:
+    DIR/README.md              who gets what, and how to roll the certificates
+
+Every file is 0600 and every directory 0700. ``fedtune provision --renew DIR --out NEW [--new-ca]``
+(:func:`renew`) issues new certificates into a new provisioning from DIR, copying every key and the
+registry byte for byte. The Flower 1.42 flags these files feed:
 SuperLink ``--ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key
 --enable-supernode-auth``; ``flwr supernode register supernode-keys/<site>.pub CONN --name <site>``;
 SuperNode ``--root-certificates KIT/ca.crt --auth-supernode-private-key KEYS/supernode.key``.
@@ -30,11 +34,13 @@ import base64
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,6 +74,7 @@ DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(?:\.{_DNS_LABEL})*$")
 MIN_SITES = 2  # secure aggregation needs at least two sites
 MAX_DAYS = 3650
 CLOCK_SKEW = timedelta(minutes=5)  # certificates are valid from a little before issue time
+EXPIRY_WARNING = timedelta(days=30)  # `server start` / `client start` warn this long before a certificate expires
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
@@ -82,6 +89,9 @@ SITE_KEY_FILES = (IDENTITY_FILE, SUPERNODE_KEY, SUPERNODE_PUB)  # what `fedtune 
 SITE_SECRETS = (IDENTITY_FILE, SUPERNODE_KEY)
 NOT_IN_SITE_KIT = (CA_KEY, SERVER_KEY, PASSPORT_KEY, *SITE_SECRETS)  # a kit holding one of these is wrong
 PARTS = ("ca", "server", "sites")
+KIT_README = "README.md"
+
+log = logging.getLogger("fedtune.kits")
 SUPERNODE_KEY_TYPE = "ecdsa-sha2-nistp384"
 
 
@@ -308,7 +318,7 @@ def _host_name(host: str) -> x509.GeneralName:
 def _refuse_existing(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ProvisionError(f"--out {out} is a file, not a directory; choose a new directory")
-    existing = [part for part in PARTS if (out / part).exists()]
+    existing = [part for part in (*PARTS, KIT_README) if (out / part).exists()]
     if existing:
         raise ProvisionError(f"{out} already holds a provisioning ({', '.join(existing)}/); refusing to overwrite "
                              "its keys. Choose a new --out directory, or move the old one away if you really "
@@ -342,15 +352,21 @@ def provision(enrolments: list[Enrolment], server_hosts: list[str], out: Path, *
     _check_distinct_keys(enrolments)
     _refuse_existing(out)
     now = _utc(issued_at or datetime.now(UTC))
+    _write_staged(out, lambda root: _write_provisioning(root, enrolments, server_hosts, now, days))
+    return out
+
+
+def _write_staged(out: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a whole provisioning into a staging directory, then move its parts into ``out``: nothing
+    half-written is ever in place."""
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".provisioning-", dir=out))  # nothing half-written is ever in place
+    staging = Path(tempfile.mkdtemp(prefix=".provisioning-", dir=out))
     try:
-        _write_provisioning(staging, enrolments, server_hosts, now, days)
-        for part in PARTS:
+        write(staging)
+        for part in (*PARTS, KIT_README):
             os.replace(staging / part, out / part)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 def _write_provisioning(root: Path, enrolments: list[Enrolment], hosts: list[str], now: datetime, days: int) -> None:
@@ -386,6 +402,161 @@ def _write_provisioning(root: Path, enrolments: list[Enrolment], hosts: list[str
                 "ca_sha256": certificate_sha256(ca_cert),
                 "supernode_sha256": enrolment.supernode_fingerprint}
         write_private(kit / SITE_INFO, (json.dumps(info, indent=2) + "\n").encode())
+    _write_readme(root, ca_cert)
+
+
+def renew(old: Path, out: Path, *, days: int = 365, new_ca: bool = False,
+          issued_at: datetime | None = None) -> list[str]:
+    """Issue new certificates for the provisioning ``old`` into the new directory ``out``; returns the files
+    that differ from ``old`` (paths relative to ``out``).
+
+    Always a new server certificate and key (same hosts, valid ``days``). With ``new_ca`` also a new CA key and
+    certificate: then ``ca.crt`` and ``site.json`` (its fingerprint) change in every site's kit. Everything else
+    (each site's registered keys, ``registry.json`` and so its members digest, the passport signing keys) is
+    copied byte for byte: no site makes keys, enrols or pins members again. Without ``new_ca`` the CA key in
+    ``old/ca/`` signs, and must stay valid for the ``days`` asked. ``old`` is never changed.
+    """
+    old, out = Path(old), Path(out)
+    sites, hosts = _read_provisioning(old)
+    validate_request(sites, hosts, days)
+    _refuse_existing(out)
+    now = _utc(issued_at or datetime.now(UTC))
+    if new_ca:
+        ca_key = ec.generate_private_key(ec.SECP384R1())
+        ca_cert = ca_certificate(ca_key, now=now, days=days)
+    else:
+        ca_key, ca_cert = _read_ca(old)
+        if now + timedelta(days=days) > ca_cert.not_valid_after_utc:
+            raise ProvisionError(f"the CA in {old} expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}, before the "
+                                 f"{days} days asked for the server certificate: renew the CA too (--new-ca), or "
+                                 f"ask for fewer --days")
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = server_certificate(server_key.public_key(), ca_key, ca_cert, hosts, now=now, days=days)
+
+    def write(root: Path) -> None:
+        for part in PARTS:  # copy2 keeps every mode: 0600 files, 0700 directories
+            shutil.copytree(old / part, root / part, copy_function=shutil.copy2)
+        write_private(root / "server" / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM))
+        write_private(root / "server" / SERVER_KEY, _pkcs8(server_key))
+        if new_ca:
+            write_private(root / "ca" / CA_KEY, _pkcs8(ca_key))
+            ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+            write_private(root / "server" / CA_CERT, ca_pem)
+            for site in sites:
+                kit = root / "sites" / site
+                write_private(kit / CA_CERT, ca_pem)
+                info = _read_site_info(kit / SITE_INFO) | {"ca_sha256": certificate_sha256(ca_cert),
+                                                          "renewed": now.isoformat(timespec="seconds")}
+                write_private(kit / SITE_INFO, (json.dumps(info, indent=2) + "\n").encode())
+        _write_readme(root, ca_cert)
+
+    _write_staged(out, write)
+    return sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file()
+                  and not ((old / path.relative_to(out)).is_file()
+                           and (old / path.relative_to(out)).read_bytes() == path.read_bytes()))
+
+
+def _read_provisioning(old: Path) -> tuple[list[str], list[str]]:
+    """The sites (by id) and server hosts of an earlier provisioning, checked to be complete and consistent."""
+    if not all((old / part).is_dir() for part in PARTS):
+        raise ProvisionError(f"--renew {old} is not a provisioning (it needs ca/, server/ and sites/ as "
+                             "`fedtune provision --out` wrote them)")
+    server = old / "server"
+    for name in (CA_CERT, SERVER_CERT, REGISTRY, PASSPORT_KEY, PASSPORT_PUB):
+        if not (server / name).is_file():
+            raise ProvisionError(f"{name} is missing from {server}; give the whole provisioning `fedtune provision` "
+                                 "wrote (its registry and keys are copied unchanged)")
+    try:
+        registry = load_registry(server / REGISTRY)
+        cert = x509.load_pem_x509_certificate((server / SERVER_CERT).read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (RegistryError, ValueError, x509.ExtensionNotFound) as exc:
+        raise ProvisionError(f"{server} is damaged ({exc}); renew from an intact copy of the provisioning") from exc
+    sites = [name for name, _ in sorted(registry.ids.items(), key=lambda item: item[1])]
+    registry_bytes = (server / REGISTRY).read_bytes()
+    for site in sites:
+        kit = old / "sites" / site
+        if not (server / SUPERNODE_KEYS_DIR / f"{site}.pub").is_file() or not all(
+                (kit / name).is_file() for name in SITE_KIT_FILES):
+            raise ProvisionError(f"the provisioning {old} lacks site {site!r}'s kit or its registered SuperNode key; "
+                                 "renew from an intact copy of the provisioning")
+        if (kit / REGISTRY).read_bytes() != registry_bytes:
+            raise ProvisionError(f"{kit / REGISTRY} differs from {server / REGISTRY}: the provisioning mixes two "
+                                 "federations; renew from an intact copy")
+    return sites, [str(name.value) for name in san]
+
+
+def _read_ca(old: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    path = old / "ca" / CA_KEY
+    if not path.is_file():
+        raise ProvisionError(f"{path} is missing: bring the CA key back from offline storage to renew the server "
+                             "certificate, or make a new CA (--new-ca; every site then needs its new ca.crt)")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate((old / "server" / CA_CERT).read_bytes())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ProvisionError(f"{path} or {old / 'server' / CA_CERT} is unreadable ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise ProvisionError(f"{path} is not the key of the CA in {old / 'server' / CA_CERT}; give the CA key of "
+                             "this provisioning, or make a new CA (--new-ca)")
+    return key, cert
+
+
+def _write_readme(root: Path, ca_cert: x509.Certificate) -> None:
+    server_cert = x509.load_pem_x509_certificate((root / "server" / SERVER_CERT).read_bytes())
+    text = KIT_README_TEXT.format(server_expires=f"{server_cert.not_valid_after_utc:%Y-%m-%d}",
+                                  ca_expires=f"{ca_cert.not_valid_after_utc:%Y-%m-%d}",
+                                  warning_days=EXPIRY_WARNING.days, days=MAX_DAYS)
+    write_private(root / KIT_README, text.encode())
+
+
+KIT_README_TEXT = """\
+# fedtune provisioning
+
+- `ca/ca.key`: the CA's private key. Offline storage; only `fedtune provision --renew` needs it.
+- `server/`: the coordinator's kit (`ca.crt`, `server.crt`, `server.key`, `registry.json`,
+  `supernode-keys/`, passport keys), for `fedtune server start --kit` on the coordinator's machine.
+- `sites/SITE/`: SITE's kit, public files only (`ca.crt`, `registry.json`, `passport-signing.pub`,
+  `site.json`), for `fedtune client start --kit` at that site. A site's own keys never pass here.
+
+The server certificate expires on {server_expires}, the CA on {ca_expires}. `fedtune server start` and
+`fedtune client start` warn {warning_days} days before a certificate they load expires, and refuse an
+expired one.
+
+## Rolling the certificates
+
+Renewal writes a new provisioning next to this one, which stays as it is (keep it until the new one
+runs). Each site's keys, `registry.json` (so the members digest every site pinned), `supernode-keys/`
+and the passport signing keys are copied byte for byte: no site makes keys, enrols or pins members again.
+
+**The server certificate** (the CA stays; every site's kit is unchanged):
+
+1. Coordinator: bring `ca/ca.key` back from offline storage and run
+   `fedtune provision --renew THIS_DIR --out NEW_DIR --days 365`
+   (new `server/server.crt` and `server/server.key`; nothing else changes). Put `NEW_DIR/ca/ca.key` back
+   offline.
+2. Coordinator: stop `fedtune server start`, start it again with `--kit NEW_DIR/server` (and `--resume`
+   if a run is under way). The sites' daemons reconnect by themselves.
+3. Sites: nothing to do.
+
+**A new CA** (the CA expires, or its key is lost or leaked):
+
+1. Coordinator: `fedtune provision --renew THIS_DIR --out NEW_DIR --new-ca --days 365`. New: `ca/ca.key`,
+   `server/ca.crt`, `server/server.crt`, `server/server.key`, and in every `sites/SITE/`: `ca.crt` and
+   `site.json` (the new CA's fingerprint). Send each site those two public files; read the new CA's
+   fingerprint (`ca_sha256` in `site.json`) to its officer by phone.
+2. Agree a switch time with every site, between runs if possible. There is no overlap: a site trusts one
+   CA, so from the coordinator's switch until a site has installed its new files, that site cannot
+   connect (its daemon keeps retrying until `--connect-timeout`; a service manager restarts it). A run
+   under way is resumed afterwards (`--resume`); each completed round stays.
+3. At the switch, coordinator: stop `fedtune server start`, start it again with `--kit NEW_DIR/server`
+   (`--resume` if a run is under way).
+4. At the switch, each site: stop its daemon, replace `ca.crt` and `site.json` in its kit with the new ones
+   (keys directory and pinned members stay as they are), start the daemon again. `fedtune client start`
+   refuses a kit whose `ca.crt` and `site.json` come from different provisionings.
+
+Validity: `--days` (1 to {days}). Without `--new-ca` the server certificate cannot outlive the CA.
+"""
 
 
 def ca_certificate(key: ec.EllipticCurvePrivateKey, *, now: datetime, days: int) -> x509.Certificate:
@@ -460,8 +631,9 @@ def check_kit(kit_dir: Path, keys_dir: Path, *, now: datetime | None = None) -> 
 
     Checks that every file is there, that the kit holds no private key (a coordinator's, or a
     site key someone else made), that the keys are owner-only, that the CA certificate is the one
-    the kit was issued with and is valid ``now``, that the SuperNode key pair matches and is the
-    one enrolled, and that the identity key is the one the registry holds for the site.
+    the kit was issued with and is valid ``now`` (a warning within 30 days of its expiry), that the
+    SuperNode key pair matches and is the one enrolled, and that the identity key is the one the
+    registry holds for the site.
 
     Returns
     -------
@@ -558,13 +730,51 @@ def _check_ca(path: Path, expected_sha256: str, now: datetime) -> x509.Certifica
         raise ProvisionError(f"{CA_CERT} in {path.parent} is not the CA this kit was issued with (fingerprint "
                              f"{certificate_sha256(cert)[:16]}…, {SITE_INFO} says {expected_sha256[:16]}…); "
                              "the kit mixes files from two provisionings: copy the kit again")
+    _check_validity(cert, path, now, how_to_renew=SITE_RENEWAL)
+    return cert
+
+
+SITE_RENEWAL = "ask the coordinator for the renewed ca.crt and site.json (`fedtune provision --renew --new-ca`)"
+SERVER_RENEWAL = "renew it: `fedtune provision --renew PROVISIONING --out NEW` (README.md of the provisioning)"
+
+
+def _check_validity(cert: x509.Certificate, path: Path, now: datetime, *, how_to_renew: str) -> None:
+    """Refuse a certificate that is not valid ``now``; warn (one log line) when it expires within
+    :data:`EXPIRY_WARNING`. ``how_to_renew`` says how to get a new one."""
     if now < cert.not_valid_before_utc:
-        raise ProvisionError(f"{CA_CERT} in {path.parent} is not valid before "
+        raise ProvisionError(f"{path.name} in {path.parent} is not valid before "
                              f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock")
     if now > cert.not_valid_after_utc:
-        raise ProvisionError(f"{CA_CERT} in {path.parent} expired on {cert.not_valid_after_utc:%Y-%m-%d} "
-                             "(certificate chain expired); ask the coordinator to re-provision the federation")
-    return cert
+        raise ProvisionError(f"{path.name} in {path.parent} expired on {cert.not_valid_after_utc:%Y-%m-%d} "
+                             f"(certificate expired); {how_to_renew}")
+    left = cert.not_valid_after_utc - now
+    if left < EXPIRY_WARNING:
+        log.warning("WARNING: %s in %s expires on %s UTC (in %d days); %s", path.name, path.parent,
+                    f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M}", left.days, how_to_renew)
+
+
+def check_server_certificates(kit_dir: Path, *, now: datetime | None = None) -> None:
+    """The coordinator's CA and server certificates before the SuperLink starts from them: each valid now
+    (a warning when one expires soon), the server certificate issued by this CA and matching ``server.key``."""
+    when = _utc(now or datetime.now(UTC))
+    try:
+        ca_cert = x509.load_pem_x509_certificate((kit_dir / CA_CERT).read_bytes())
+        server_cert = x509.load_pem_x509_certificate((kit_dir / SERVER_CERT).read_bytes())
+        server_key = serialization.load_pem_private_key((kit_dir / SERVER_KEY).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ProvisionError(f"the certificates or key in the server kit {kit_dir} are unreadable ({exc}); use the "
+                             "server/ directory `fedtune provision` wrote") from exc
+    for cert, name in ((ca_cert, CA_CERT), (server_cert, SERVER_CERT)):
+        _check_validity(cert, kit_dir / name, when, how_to_renew=SERVER_RENEWAL)
+    try:
+        server_cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ProvisionError(f"{SERVER_CERT} in {kit_dir} was not issued by its {CA_CERT}: the kit mixes files from "
+                             "two provisionings (a renewal half installed?); install ca.crt, server.crt and "
+                             "server.key from one server/ directory") from exc
+    if server_key.public_key() != server_cert.public_key():
+        raise ProvisionError(f"{SERVER_KEY} in {kit_dir} is not the key of {SERVER_CERT}: install both from one "
+                             "server/ directory `fedtune provision` wrote")
 
 
 def _check_supernode_keys(keys_dir: Path, info: dict[str, Any]) -> None:

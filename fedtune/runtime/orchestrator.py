@@ -16,6 +16,7 @@ from typing import Any
 
 from common.config import BadInput
 from fedtune.runtime.control import CONNECTION, Control, RunFailed, wait_healthy
+from fedtune.runtime.kits import check_server_certificates
 from fedtune.runtime.processes import ManagedProcess, console_script, flower_env, port_in_use, terminate_as_interrupt
 from server.checkpoint import latest_checkpoint
 
@@ -49,6 +50,7 @@ class ServerKit:
                 raise KitError(f"{files[secret]} is readable by others: chmod 600 it")
         if (directory / "ca.key").exists():
             raise KitError(f"{directory} holds ca.key: keep the CA key offline, not in the server kit")
+        check_server_certificates(directory)  # valid now (a warning 30 days before expiry), one provisioning's
         keys = {path.stem: path for path in sorted((directory / "supernode-keys").glob("*.pub"))}
         if not keys:
             raise KitError(f"server kit {directory} has no supernode-keys/*.pub: no site could authenticate")
