@@ -54,7 +54,8 @@ def federation(tmp_path_factory, drug_reviews):
     args = ["--sites", "3", "--rounds", "2", "--epsilon", "8", "--data", str(train), "--test-data", str(test),
             "--partition", "iid", "--max-length", "16", "--local-epochs", "1", "--batch-size", "8",
             "--privacy-unit", "column:condition"]
-    done = fedtune("simulate", "--out", str(out), *args, "--baselines", "local,central")
+    tracking = ["--mlflow", f"sqlite:///{root / 'mlflow.db'}", "--tensorboard", str(root / "tb")]
+    done = fedtune("simulate", "--out", str(out), *args, "--baselines", "local,central", *tracking)
     return {"out": out, "done": done, "started": started, "args": args, "root": root}
 
 
@@ -75,6 +76,26 @@ def test_simulation_completes_and_writes_its_outputs(federation):
     assert all(line["contributors"] == 3 and line["model_updated"] for line in lines[1:])
     assert all("federated" not in line and "train_loss" not in line for line in lines)  # nothing on sites' records
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_the_run_is_logged_to_mlflow_and_tensorboard_and_neither_prints_to_the_terminal(federation):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    done, root = federation["done"], federation["root"]
+    assert done.returncode == 0 and "mlflow" not in (done.stdout + done.stderr).lower()
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fedtune").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["federation.rounds"] == "2"
+    accuracy = sorted(client.get_metric_history(run.info.run_id, "server/accuracy"), key=lambda m: m.step)
+    assert [m.value for m in accuracy] == [line["server"]["accuracy"] for line in _metrics(federation["out"])]
+    for site in ("site-0", "site-1", "site-2"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, f"epsilon/{site}")) == [1, 2]
+    assert {"adapter", "passport.json", "run"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    events = EventAccumulator(str(root / "tb" / "run"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("server/accuracy")] == [0, 1, 2]
+    assert {f"epsilon/site-{i}" for i in range(3)} <= set(events.Tags()["scalars"])
 
 
 def test_secure_aggregation_is_the_default_and_only_sums_are_seen(federation):
