@@ -272,6 +272,9 @@ def drop_partial_metrics_line(out_dir: Path) -> None:
 
 
 def _jsonable(value: Any) -> Any:
+    """A NumPy scalar as its Python value (a bool stays a bool); anything else as text."""
+    if hasattr(value, "item"):
+        return value.item()
     return float(value) if hasattr(value, "__float__") else str(value)
 
 
