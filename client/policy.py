@@ -25,6 +25,7 @@ from common.config import (
     option,
 )
 from common.files import write_json
+from common.typed import from_mapping
 
 POLICY_FILE = "policy.json"
 ACCOUNTANTS = ("prv", "rdp")
@@ -194,33 +195,7 @@ class SitePolicy:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str) -> SitePolicy:
         """Parse ``{"max-epsilon": 8, ...}`` (node config ``policy.*`` keys or policy.json)."""
-        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ConfigError(f"{where}: unknown site policy setting(s) {unknown}; known: {sorted(fields)}")
-        kwargs: dict[str, Any] = {}
-        try:
-            for key, value in values.items():
-                name = fields[key].name
-                default = getattr(cls, name, None)
-                if name in ("accountants", "labels"):
-                    parts = str(value).split(",") if isinstance(value, str) else value
-                    kwargs[name] = tuple(str(part).strip() for part in parts if str(part).strip())
-                elif isinstance(default, bool):
-                    if not isinstance(value, bool):
-                        raise ValueError(f"{key} must be true or false")
-                    kwargs[name] = value
-                elif name in ("model_path", "privacy_unit", "task", "device", "quantize"):
-                    kwargs[name] = str(value)
-                elif value is None or value == "":
-                    kwargs[name] = None
-                elif name in ("max_epsilon", "max_delta"):
-                    kwargs[name] = float(value)
-                else:
-                    kwargs[name] = int(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: {exc}") from exc
-        return cls(**kwargs)
+        return from_mapping(cls, values, where, what="site policy setting", text_values=True)
 
     def to_mapping(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): (",".join(v) if isinstance(v := getattr(self, f.name), tuple) else v)

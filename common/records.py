@@ -9,41 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.adapter import AdapterState
+from common.run_files import PrivacyReport as PrivacyReport  # a site's report is also what privacy.json keeps
 
 
 class WireError(ValueError):
     """A message does not have the shape this protocol version sends."""
-
-
-@dataclass(frozen=True)
-class PrivacyReport:
-    """What a site says about its privacy, in the clear: ε spent and δ, and the budget they count against.
-
-    Nothing else: the noise multiplier, the sampling rate and the step count would pin the site's
-    number of records, which is not released.
-    """
-
-    site: str
-    dp: bool
-    epsilon: float | None = None
-    """ε spent in total so far (rounded up), under add/remove-one neighbouring of the privacy unit."""
-    delta: float | None = None
-    budget: float | None = None
-    accountant: str | None = None
-    unit: str | None = None
-    """Whom ε protects: "record", or the column naming a person ("patient_id")."""
-    resent: bool = False
-    """This reply resends an update the site released earlier for the same round and adapter: no new ε was
-    spent, so ε may stay flat (after a round the site trained, it must rise: server/ledger_watch.py)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

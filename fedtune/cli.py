@@ -33,7 +33,9 @@ from fedtune.runtime.control import RunFailed, project_dir
 from simulations.runner import run_simulation
 
 if TYPE_CHECKING:
+    from common.run_files import MetricsLine
     from fedtune.runtime.tracking import RunTracker
+    from simulations.report import Summary
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -160,8 +162,8 @@ def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dic
     }
 
 
-def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) -> dict[str, Any]:
-    """Validate, run one federation, print its rounds and summary; the summary dict."""
+def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) -> Summary:
+    """Validate, run one federation, print its rounds and summary; its summary."""
     from common.config import unit_column
     from common.data import label_names, partition, read_records, unit_indices
     from server.federation import test_source
@@ -205,13 +207,12 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
         tracker.log_outputs(out)
     baselines = parse_baselines(getattr(args, "baselines", ""))
     if baselines:
-        from common.files import write_json
+        from common.run_files import write_baselines
         from simulations.baselines import run_baselines
 
         print(f"== baselines ({', '.join(baselines)}): the same plan, DP setting and rounds, trained here", flush=True)
         final = RunSettings.from_flat(default_run_config() | run_config)
-        write_json(out / "baselines.json", run_baselines(baselines, final,
-                                                          on_round=lambda text: print("  " + text, flush=True)))
+        write_baselines(out, run_baselines(baselines, final, on_round=lambda text: print("  " + text, flush=True)))
     report = write_report(out)
     summary = load_summary(out)
     print(summary_text(summary), flush=True)
@@ -233,7 +234,7 @@ def run_tracker(args: argparse.Namespace, run_name: str, *, ready: Callable[[], 
                          run_name=run_name, openers=openers)
 
 
-def report_round(line: dict[str, Any], args: argparse.Namespace, tracker: RunTracker) -> None:
+def report_round(line: MetricsLine, args: argparse.Namespace, tracker: RunTracker) -> None:
     from simulations.report import round_line
 
     print("  " + round_line(line, args.rounds, args.task), flush=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,11 +27,26 @@ from common.causal_lm import most_common_answer_scores, score_generation
 from common.config import HEADLINE_METRIC, ConfigError, DataSettings, RunSettings, unit_name
 from common.data import DRUGREVIEW, EncodedData, encode, read_records
 from common.evaluation import evaluate, majority_baseline, metrics
-from common.files import file_sha256, write_json
+from common.files import file_sha256
 from common.model import base_model_sha256, initial_model, load_tokenizer
 from common.passport import build_passport, load_signing_key, sign_passport
 from common.registry import load_registry
-from server.checkpoint import append_metrics, load_optimizer_state, publish_final, save_checkpoint
+from common.run_files import (
+    MetricsLine,
+    PrivacyFile,
+    PrivacyReport,
+    RunInfo,
+    append_metrics,
+    drop_partial_metrics_line,
+    read_metrics,
+    read_privacy,
+    read_record,
+    read_round_info,
+    write_privacy,
+    write_record,
+    write_run_info,
+)
+from server.checkpoint import checkpoint_name, load_optimizer_state, publish_final, save_checkpoint
 from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 from server.optimizer import ServerOptimizer
 from server.secure_agg import SecureAggregation, Standing
@@ -92,14 +106,14 @@ def test_scores(model: PeftModel, test: EncodedData, settings: RunSettings) -> d
 
 def resume_point(checkpoint: Path, state: AdapterState) -> tuple[AdapterState, int, str]:
     """(adapter state, its round, its sha256) of a checkpoint to continue from; checked against the model."""
-    info = json.loads((checkpoint / "round.json").read_text())
+    info = read_round_info(checkpoint)
     weights = checkpoint / "adapter_model.safetensors"
-    if file_sha256(weights) != info["adapter_sha256"]:
+    if file_sha256(weights) != info.adapter_sha256:
         raise ConfigError(f"checkpoint {checkpoint} does not match its round.json checksum: it was altered")
     saved = {key: value.astype(np.float32) for key, value in load_file(str(weights)).items()}
     if set(saved) != set(state) or any(saved[k].shape != state[k].shape for k in state):
         raise ConfigError(f"checkpoint {checkpoint} is not an adapter of this model and LoRA configuration")
-    return saved, int(info["round"]), info["adapter_sha256"]
+    return saved, info.round, info.adapter_sha256
 
 
 def seal_passport(key, base_sha: str, server_round: int, contributors: int, epsilon: dict, unit: str,
@@ -112,15 +126,10 @@ def seal_passport(key, base_sha: str, server_round: int, contributors: int, epsi
 
 def restore_metrics(out_dir: Path, checkpoint: Path) -> None:
     """A crash between a checkpoint and its metrics line loses the line, not the round: write it back."""
-    path = out_dir / "metrics.jsonl"
-    info = json.loads((checkpoint / "round.json").read_text())
-    lines = path.read_text().splitlines() if path.exists() else []
-    text = path.read_text() if path.exists() else ""
-    if text and not text.endswith("\n"):  # a half-written last line from the crash
-        path.write_text(text[: text.rfind("\n") + 1])
-        lines = lines[:-1]
-    if "metrics" in info and all(json.loads(x)["round"] != info["round"] for x in lines):
-        append_metrics(out_dir, info["metrics"])
+    info = read_round_info(checkpoint)
+    drop_partial_metrics_line(out_dir)  # a half-written last line from the crash
+    if info.metrics is not None and all(line.round != info.round for line in read_metrics(out_dir)):
+        append_metrics(out_dir, info.metrics)
 
 
 class Federation:
@@ -155,23 +164,21 @@ class Federation:
         self.aggregator = choose_aggregator(settings, spec, self.watch)
         self.update_size = update_size
         self.optimizer = ServerOptimizer(settings.server, update_size)
-        self.privacy: dict[str, dict[str, Any]] = {}
+        self.privacy: dict[str, PrivacyReport] = {}
         self.unit = unit_name(settings.privacy.unit)
-        write_json(self.out_dir / "run.json", {
-            "task": settings.task, "labels": self.labels, "majority_baseline": self._floor(),
-            "aggregation": self.aggregator.name, "lora": settings.lora.aggregation, "dp": settings.privacy.enabled,
-            "update_values": update_size, "sites": settings.federation.sites, "rounds": settings.federation.rounds,
-            "privacy_unit": settings.privacy.unit, "server_optimizer": settings.server.optimizer,
-            "epsilon_budget": settings.privacy.epsilon if settings.privacy.enabled else None,
-        })
+        write_run_info(self.out_dir, RunInfo(
+            task=settings.task, labels=self.labels, majority_baseline=self._floor(),
+            aggregation=self.aggregator.name, lora=settings.lora.aggregation, dp=settings.privacy.enabled,
+            update_values=update_size, sites=settings.federation.sites, rounds=settings.federation.rounds,
+            privacy_unit=settings.privacy.unit, server_optimizer=settings.server.optimizer,
+            epsilon_budget=settings.privacy.epsilon if settings.privacy.enabled else None))
         self.last_round, self.updated_rounds = 0, 0
         self.checkpoint, self.parent = self._resume() if settings.resume_from else self._start()
 
     def _start(self) -> tuple[Path, str]:
         """Round 0: the initial adapter, evaluated and checkpointed."""
-        append_metrics(self.out_dir, {"round": 0, "server": self._evaluate()})
-        checkpoint = save_checkpoint(self.out_dir, 0, self.model, self.state,
-                                     {"contributors": 0, "parent_sha256": None})
+        append_metrics(self.out_dir, MetricsLine(round=0, server=self._evaluate()))
+        checkpoint = save_checkpoint(self.out_dir, 0, self.model, self.state, contributors=0, parent_sha256=None)
         parent = file_sha256(checkpoint / "adapter_model.safetensors")
         self.audit.record("run-started", run_id=self.run_id, aggregation=self.aggregator.name,
                           dp=self.settings.privacy.enabled, rounds=self.settings.federation.rounds,
@@ -189,10 +196,10 @@ class Federation:
         except ValueError as exc:
             raise ConfigError(f"checkpoint {checkpoint}: {exc}") from exc
         restore_metrics(self.out_dir, checkpoint)
-        if (self.out_dir / "privacy.json").exists():
-            self.privacy = json.loads((self.out_dir / "privacy.json").read_text())["sites"]
+        if (privacy := read_privacy(self.out_dir)) is not None:
+            self.privacy = dict(privacy.sites)
         if isinstance(self.aggregator, SecureAggregation) and (self.out_dir / STANDING_FILE).exists():
-            self.aggregator.standing = Standing.from_json(json.loads((self.out_dir / STANDING_FILE).read_text()))
+            self.aggregator.standing = read_record(self.out_dir / STANDING_FILE, Standing)
         self.audit.record("run-resumed", run_id=self.run_id, from_round=self.last_round, checkpoint_sha256=parent)
         return checkpoint, parent
 
@@ -211,7 +218,7 @@ class Federation:
                                    + spent)
         final = publish_final(self.out_dir, self.checkpoint)
         self.audit.record("run-finished", run_id=self.run_id, final_sha256=self.parent,
-                          final_round=json.loads((self.checkpoint / "round.json").read_text())["round"])
+                          final_round=read_round_info(self.checkpoint).round)
         return final
 
     def play_round(self, server_round: int) -> RoundOutcome:
@@ -221,17 +228,15 @@ class Federation:
             self.state = apply_delta(self.state, self.optimizer.step(outcome.mean_delta), self.keys)
             set_adapter_state(self.model, self.state)
             self.updated_rounds += 1
-        line = self._metrics_line(server_round, outcome)
-        line["server"] = self._evaluate()
-        line["duration_s"] = round(time.monotonic() - started, 2)
+        line = self._metrics_line(server_round, outcome, self._evaluate(), round(time.monotonic() - started, 2))
         if outcome.mean_delta is not None:
             self._commit(server_round, outcome, line)
-        line["checkpoint"] = self.checkpoint.name
+        line = dataclasses.replace(line, checkpoint=self.checkpoint.name)
         append_metrics(self.out_dir, line)
-        write_json(self.out_dir / "privacy.json", {"dp": self.settings.privacy.enabled, "sites": self.privacy})
+        write_privacy(self.out_dir, PrivacyFile(self.settings.privacy.enabled, self.privacy))
         name = HEADLINE_METRIC[self.settings.task]
         log.info("round %d: %d site(s), server %s %.3f", server_round, outcome.contributors, name,
-                 line["server"][name])
+                 line.server[name])
         return outcome
 
     def _collect(self, server_round: int) -> RoundOutcome:
@@ -243,7 +248,7 @@ class Federation:
         kept_out = self._kept_out()
         outcome = self.aggregator.run_round(self.grid, nodes, self.state, server_round)
         if isinstance(self.aggregator, SecureAggregation):  # cheats stay out of the run's later rounds
-            write_json(self.out_dir / STANDING_FILE, self.aggregator.standing.to_json())
+            write_record(self.out_dir / STANDING_FILE, self.aggregator.standing)
             for site, why in sorted(self._kept_out().items()):
                 if site not in kept_out:
                     self.audit.record("site-kept-out", run_id=self.run_id, round=server_round, site=site, reason=why,
@@ -254,7 +259,7 @@ class Federation:
                 self.audit.record("privacy-report-refused", run_id=self.run_id, round=server_round, site=failure.site,
                                   reason=failure.detail)
         self.watch.record(server_round, outcome.privacy)
-        self.privacy.update({site: report.as_dict() for site, report in outcome.privacy.items()})
+        self.privacy.update(outcome.privacy)
         details = outcome.details
         self.audit.record("round", run_id=self.run_id, round=server_round, nodes=len(nodes),
                           contributors=outcome.contributors, survivors=details.survivors if details else None,
@@ -266,21 +271,16 @@ class Federation:
     def _kept_out(self) -> dict[str, str]:
         return self.aggregator.standing.kept_out() if isinstance(self.aggregator, SecureAggregation) else {}
 
-    def _metrics_line(self, server_round: int, outcome: RoundOutcome) -> dict[str, Any]:
-        return {
-            "round": server_round,
-            "aggregation": self.aggregator.name,
-            "contributors": outcome.contributors,
-            "failures": [failure.as_dict() for failure in outcome.failures],
-            "model_updated": outcome.mean_delta is not None,
-            "secure_aggregation": dataclasses.asdict(outcome.details) if outcome.details else None,
-            "dp": self.settings.privacy.enabled,
-            "privacy_unit": self.unit,
-            "epsilon": self._epsilon(),
-        }
+    def _metrics_line(self, server_round: int, outcome: RoundOutcome, server: dict[str, Any],
+                      duration_s: float) -> MetricsLine:
+        return MetricsLine(round=server_round, server=server, aggregation=self.aggregator.name,
+                           contributors=outcome.contributors, failures=tuple(outcome.failures),
+                           model_updated=outcome.mean_delta is not None, secure_aggregation=outcome.details,
+                           dp=self.settings.privacy.enabled, privacy_unit=self.unit, epsilon=self._epsilon(),
+                           duration_s=duration_s)
 
-    def _epsilon(self) -> dict[str, Any]:
-        return {site: report.get("epsilon") for site, report in sorted(self.privacy.items())}
+    def _epsilon(self) -> dict[str, float | None]:
+        return {site: report.epsilon for site, report in sorted(self.privacy.items())}
 
     def _evaluate(self) -> dict[str, Any]:
         """The server's own test split only: nothing computed on a site's records leaves it outside DP."""
@@ -292,15 +292,14 @@ class Federation:
             return most_common_answer_scores(self.test.answers)
         return majority_baseline(self.test.labels, len(self.labels))
 
-    def _commit(self, server_round: int, outcome: RoundOutcome, line: dict[str, Any]) -> None:
+    def _commit(self, server_round: int, outcome: RoundOutcome, line: MetricsLine) -> None:
         """The checkpoint is the commit point: it carries the round's metrics line and its signed passport."""
         seal = functools.partial(seal_passport, self.signing_key, self.base_sha, server_round, outcome.contributors,
                                  self._epsilon(), self.unit) if self.signing_key else None
         self.checkpoint = save_checkpoint(
-            self.out_dir, server_round, self.model, self.state,
-            {"contributors": outcome.contributors, "parent_sha256": self.parent,
-             "metrics": line | {"checkpoint": f"round-{server_round:04d}"}}, seal,
-            optimizer_state=self.optimizer.state() if self.settings.server.optimizer != "fedavg" else None)
+            self.out_dir, server_round, self.model, self.state, contributors=outcome.contributors,
+            parent_sha256=self.parent, metrics=dataclasses.replace(line, checkpoint=checkpoint_name(server_round)),
+            seal=seal, optimizer_state=self.optimizer.state() if self.settings.server.optimizer != "fedavg" else None)
         self.parent = file_sha256(self.checkpoint / "adapter_model.safetensors")
         self.audit.record("checkpoint", round=server_round, adapter_sha256=self.parent,
                           passport=self.signing_key is not None)

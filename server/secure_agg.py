@@ -78,7 +78,7 @@ STRIKES_TO_KEEP_OUT = 2
 @dataclasses.dataclass
 class Standing:
     """A run's record of proven cheats and unsettled disputes, by site name: who is kept out of its
-    later rounds, and why. JSON-serialisable (``to_json``/``from_json``), for the run's state."""
+    later rounds, and why. Kept in the run's state as a JSON record (common.run_files.write_record, read_record)."""
 
     proven: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """Site -> {"round", "why", "proof"}: the proof is self-contained (hex), common.secagg.proof or .dleq."""
@@ -107,13 +107,6 @@ class Standing:
             strike(dealer, f"its shares were rejected by {name_of(holder)} without a proof")
         for holder, dealer in sorted(aggregator.false_accusers.items()):
             strike(holder, f"accused {name_of(dealer)} with a share that is on its commitments")
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Standing:
-        return cls(dict(data["proven"]), {site: list(lines) for site, lines in data["strikes"].items()})
 
 
 class SecureAggregation:

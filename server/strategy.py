@@ -6,7 +6,6 @@ whether it saw individual updates (plain) or only their sum (secure, server/secu
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from common.records import (
     unpack_train_reply,
     with_receipt,
 )
+from common.run_files import Failure as Failure  # metrics.jsonl's records of a round
+from common.run_files import SecureRoundDetails as SecureRoundDetails
 from common.secure_update import bounded_mean, encode_contribution
 from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 
@@ -44,42 +45,6 @@ class RoundSpec:
     min_sites: int
     train_timeout: float
     stage_timeout: float
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A site that did not contribute to a round, and why: one entry of metrics.jsonl's "failures"."""
-
-    site: str
-    kind: str
-    detail: str
-    stage: str = ""
-    """The exchange it failed at, when that is not the training exchange."""
-
-    def as_dict(self) -> dict[str, str]:
-        return {key: value for key, value in dataclasses.asdict(self).items() if value or key != "stage"}
-
-
-@dataclass(frozen=True)
-class SecureRoundDetails:
-    """What a secure round publishes about itself (metrics.jsonl's "secure_aggregation")."""
-
-    survivors: list[str]
-    dropped: list[str]
-    total_weight: int
-    clamped_elements: int
-    mean_clipped: bool
-    """The mean's L2 norm was beyond what honest inputs reach (a hostile input) and was scaled down to it."""
-    error_bound: float
-    """Largest error the fixed-point sum can add to any value of the mean update."""
-    modulus_bits: int
-    value_bits: int
-    neighbours: int
-    threshold: int
-    all_pairs: bool
-    upload_bytes: int
-    exchange_seconds: dict[str, float]
-    """Wall time of each exchange (identify, train, share, mask, confirm, unmask) as the coordinator waited."""
 
 
 @dataclass(frozen=True)

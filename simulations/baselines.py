@@ -22,6 +22,7 @@ from client.train import train_locally
 from common.config import TASK_METRICS, RunSettings, unit_column
 from common.data import EncodedData, encode
 from common.model import initial_model, load_tokenizer
+from common.run_files import BaselinePoint, Baselines
 from server.federation import server_test_split, test_scores
 from simulations.report import metric_text, progress_bar
 
@@ -29,8 +30,8 @@ BASELINES = ("local", "central")
 
 
 def run_baselines(which: tuple[str, ...], settings: RunSettings,
-                  on_round: Callable[[str], None] = lambda text: None) -> dict[str, list[dict[str, float]]]:
-    """Per-round server-test metrics of each requested baseline: {"local": [{"round", <the task's metrics>}]}.
+                  on_round: Callable[[str], None] = lambda text: None) -> Baselines:
+    """Per-round server-test metrics of each requested baseline: {"local": [BaselinePoint(round, scores)]}.
 
     ``on_round`` gets a progress line after every round of every baseline."""
     labels, length, task = settings.data.labels, settings.data.max_length, settings.task
@@ -38,7 +39,7 @@ def run_baselines(which: tuple[str, ...], settings: RunSettings,
     records, parts = simulation_partitions(settings.data, settings.federation.sites, task)
     column = unit_column(settings.privacy.unit)
     test = server_test_split(settings, tokenizer)
-    curves: dict[str, list[dict[str, float]]] = {}
+    curves: Baselines = {}
     if "local" in which:
         def progress(n: int) -> Callable[[str], None]:
             return lambda text: on_round(f"site-{n} alone ({n + 1}/{len(parts)}), {text}")
@@ -46,8 +47,8 @@ def run_baselines(which: tuple[str, ...], settings: RunSettings,
         per_site = [_train_alone(encode([records[i] for i in part], labels, tokenizer, length, f"site {n}",
                                         unit_column=column, task=task), test, settings, progress(n))
                     for n, part in enumerate(parts)]
-        curves["local"] = [{"round": r + 1, **{k: float(np.mean([site[r][k] for site in per_site]))
-                                                for k, _ in TASK_METRICS[task]}} for r in range(len(per_site[0]))]
+        curves["local"] = [BaselinePoint(r + 1, {k: float(np.mean([site[r].scores[k] for site in per_site]))
+                                                 for k, _ in TASK_METRICS[task]}) for r in range(len(per_site[0]))]
     if "central" in which:
         pooled = [records[i] for part in parts for i in part]
         curves["central"] = _train_alone(encode(pooled, labels, tokenizer, length, "pooled data", unit_column=column,
@@ -57,7 +58,7 @@ def run_baselines(which: tuple[str, ...], settings: RunSettings,
 
 
 def _train_alone(data: EncodedData, test: EncodedData, settings: RunSettings,
-                 on_round: Callable[[str], None]) -> list[dict[str, float]]:
+                 on_round: Callable[[str], None]) -> list[BaselinePoint]:
     """``rounds`` rounds of the site's plan on one data set, each followed by a test evaluation."""
     labels = settings.data.labels
     model = initial_model(settings.model_path, labels, settings.lora, settings.task)
@@ -68,7 +69,7 @@ def _train_alone(data: EncodedData, test: EncodedData, settings: RunSettings,
             train_locally(model, data, settings.train, ledger=ledger, privacy=settings.privacy,
                           planned_rounds=settings.federation.rounds, server_round=server_round, run_id=0)
             scores = test_scores(model, test, settings)
-            curve.append({"round": server_round, **{key: scores[key] for key, _ in TASK_METRICS[settings.task]}})
+            curve.append(BaselinePoint(server_round, {key: scores[key] for key, _ in TASK_METRICS[settings.task]}))
             rounds = settings.federation.rounds
             on_round(f"{progress_bar(server_round, rounds)} round {server_round}/{rounds}  "
                      + metric_text(scores, settings.task))

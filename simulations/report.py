@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import base64
 import html
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import TASK_METRICS
+from common.config import TASK_METRICS, unit_name
+from common.run_files import (
+    METRICS_FILE,
+    Baselines,
+    MetricsLine,
+    PrivacyFile,
+    RunFileError,
+    RunInfo,
+    read_baselines,
+    read_metrics,
+    read_privacy,
+    read_run_info,
+)
 
 BAR_WIDTH = 20
 FLOOR_TITLES = {"classification": "majority-class", "causal-lm": "most-common-answer"}
@@ -25,83 +37,100 @@ def metric_text(scores: dict[str, Any], task: str) -> str:
     return "  ".join(f"{name} {scores[key]:.3f}" for key, name in TASK_METRICS[task])
 
 
-def round_line(line: dict[str, Any], rounds: int, task: str = "classification") -> str:
+def round_line(line: MetricsLine, rounds: int, task: str = "classification") -> str:
     """One round in the terminal, with a progress bar; says why a round left the model unchanged."""
-    server = line["server"]
-    head = f"{progress_bar(line['round'], rounds)} round {line['round']}/{rounds}"
-    if line["round"] == 0:
+    server = line.server
+    head = f"{progress_bar(line.round, rounds)} round {line.round}/{rounds}"
+    if line.round == 0:
         return f"{head}  initial adapter       {metric_text(server, task)}"
-    eps = [v for v in line.get("epsilon", {}).values() if isinstance(v, (int, float))]
-    kinds = sorted({failure["kind"] for failure in line["failures"]})
-    if line.get("dp") is False:
+    eps = line.spent()
+    kinds = sorted({failure.kind for failure in line.failures})
+    if line.dp is False:
         privacy = "DP OFF"
     elif eps:
-        privacy = f"ε max {max(eps):.2f}" + (f" per {line['privacy_unit']}" if line.get("privacy_unit") else "")
+        privacy = f"ε max {max(eps):.2f}" + (f" per {line.privacy_unit}" if line.privacy_unit else "")
     else:
         privacy = "no site spent ε"
-    failed = f"  {len(line['failures'])} failed ({', '.join(kinds)})" if line["failures"] else ""
-    kept = "" if line["model_updated"] else (
-        f"  (model unchanged: {'every site refused' if not line['contributors'] else 'too few sites'})")
-    return (f"{head}  {line['contributors']} site(s){failed}  {metric_text(server, task)}  "
+    failed = f"  {len(line.failures)} failed ({', '.join(kinds)})" if line.failures else ""
+    kept = "" if line.model_updated else (
+        f"  (model unchanged: {'every site refused' if not line.contributors else 'too few sites'})")
+    return (f"{head}  {line.contributors} site(s){failed}  {metric_text(server, task)}  "
             f"loss {server['loss']:.3f}  {privacy}  "
-            f"[{line['aggregation']} aggregation, {line['duration_s']:.0f}s]{kept}")
+            f"[{line.aggregation} aggregation, {line.duration_s:.0f}s]{kept}")
 
 
-def load_summary(out_dir: Path) -> dict[str, Any]:
-    run = json.loads((out_dir / "run.json").read_text())
-    lines = [json.loads(text) for text in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    privacy_path = out_dir / "privacy.json"
-    privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else {"sites": {}}
-    baselines_path = out_dir / "baselines.json"
-    return {
-        "out_dir": str(out_dir),
-        "task": run.get("task", "classification"),
-        "rounds": lines,
-        "final": lines[-1]["server"],
-        "majority": run["majority_baseline"],
-        "epsilon": {site: report.get("epsilon") for site, report in sorted(privacy["sites"].items())},
-        "budget": run.get("epsilon_budget"),
-        "unit": run.get("privacy_unit", "record").removeprefix("column:"),
-        "dp": run["dp"],
-        "aggregation": run["aggregation"],
-        "baselines": json.loads(baselines_path.read_text()) if baselines_path.exists() else {},
-    }
+@dataclass(frozen=True)
+class Summary:
+    """A finished run, from the files it wrote."""
+
+    out_dir: Path
+    run: RunInfo
+    rounds: list[MetricsLine]
+    privacy: PrivacyFile | None
+    baselines: Baselines
+
+    @property
+    def task(self) -> str:
+        return self.run.task
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The server's scores of the last round's model."""
+        return self.rounds[-1].server
+
+    @property
+    def epsilon(self) -> dict[str, float | None]:
+        """Each site's ε spent, from privacy.json."""
+        sites = self.privacy.sites if self.privacy else {}
+        return {site: report.epsilon for site, report in sorted(sites.items())}
+
+    @property
+    def unit(self) -> str:
+        return unit_name(self.run.privacy_unit)
 
 
-def summary_text(summary: dict[str, Any]) -> str:
-    final, majority, task = summary["final"], summary["majority"], summary["task"]
+def load_summary(out_dir: Path) -> Summary:
+    rounds = read_metrics(out_dir)
+    if not rounds:
+        raise RunFileError(f"{out_dir / METRICS_FILE} holds no round: the run never evaluated its initial adapter")
+    return Summary(out_dir, read_run_info(out_dir), rounds, read_privacy(out_dir), read_baselines(out_dir))
+
+
+def summary_text(summary: Summary) -> str:
+    final, majority, task = summary.final, summary.run.majority_baseline, summary.task
     perplexity = f", perplexity {final['perplexity']:.2f}" if "perplexity" in final else ""
     rows = [
         f"final global adapter: {metric_text(final, task)}{perplexity} on {final['examples']} test examples",
         f"{FLOOR_TITLES[task]} baseline: {metric_text(majority, task)}",
     ]
-    for name, curve in summary["baselines"].items():
-        rows.append(f"{BASELINE_TITLES[name]}: {metric_text(curve[-1], task)}")
-    if summary["dp"]:
-        spent = ", ".join(f"{site} ε={eps:.2f}" for site, eps in summary["epsilon"].items() if eps is not None)
-        rows.append(f"privacy spent per {summary['unit']} (budget ε={summary['budget']}): {spent or 'none'}")
+    for name, curve in summary.baselines.items():
+        rows.append(f"{BASELINE_TITLES[name]}: {metric_text(curve[-1].scores, task)}")
+    if summary.run.dp:
+        spent = ", ".join(f"{site} ε={eps:.2f}" for site, eps in summary.epsilon.items() if eps is not None)
+        rows.append(f"privacy spent per {summary.unit} (budget ε={summary.run.epsilon_budget}): {spent or 'none'}")
     else:
         rows.append("privacy: DP was OFF — these updates carry no differential-privacy guarantee")
-    rows.append(f"outputs: {summary['out_dir']}/report.html, metrics.jsonl, privacy.json, final/adapter/")
+    rows.append(f"outputs: {summary.out_dir}/report.html, metrics.jsonl, privacy.json, final/adapter/")
     return "\n".join(rows)
 
 
-def comparison_text(with_dp: dict[str, Any], without_dp: dict[str, Any] | None = None) -> str:
+def comparison_text(with_dp: Summary, without_dp: Summary | None = None) -> str:
     """The privacy/utility trade-off side by side: the majority-class floor, the baselines, the federation."""
-    columns = TASK_METRICS[with_dp["task"]]
-    eps = [v for v in with_dp["epsilon"].values() if v is not None]
-    budget = f"ε ≤ {max(eps) if eps else float('nan'):.2f} per {with_dp['unit']} (budget {with_dp['budget']:g})"
+    columns = TASK_METRICS[with_dp.task]
+    eps = [v for v in with_dp.epsilon.values() if v is not None]
+    budget = (f"ε ≤ {max(eps) if eps else float('nan'):.2f} per {with_dp.unit} "
+              f"(budget {with_dp.run.epsilon_budget or float('nan'):g})")
 
     def row(title: str, scores: dict[str, Any], privacy: str) -> str:
         return f"{title:36}" + "".join(f"{scores[key]:>12.3f}" for key, _ in columns) + f"   {privacy}"
 
     rows = [f"{'':36}" + "".join(f"{name:>12}" for _, name in columns) + "   privacy",
-            row(f"{FLOOR_TITLES[with_dp['task']]} (floor)", with_dp["majority"], "-")]
-    for name, curve in with_dp["baselines"].items():
-        rows.append(row(BASELINE_TITLES[name] + ", DP on", curve[-1], budget))
+            row(f"{FLOOR_TITLES[with_dp.task]} (floor)", with_dp.run.majority_baseline, "-")]
+    for name, curve in with_dp.baselines.items():
+        rows.append(row(BASELINE_TITLES[name] + ", DP on", curve[-1].scores, budget))
     if without_dp is not None:
-        rows.append(row("federated, DP off", without_dp["final"], "none"))
-    rows.append(row("federated, DP on", with_dp["final"], budget))
+        rows.append(row("federated, DP off", without_dp.final, "none"))
+    rows.append(row("federated, DP on", with_dp.final, budget))
     return "\n".join(rows)
 
 
@@ -138,53 +167,52 @@ def _figure():
     return figure, axes
 
 
-def _utility_plot(summary: dict[str, Any]):
+def _utility_plot(summary: Summary):
     figure, axes = _figure()
-    (second, second_name), (key, name) = TASK_METRICS[summary["task"]]
-    rounds = [line["round"] for line in summary["rounds"]]
-    axes.plot(rounds, [line["server"][key] for line in summary["rounds"]], "o-", label=f"federation {name}")
-    axes.plot(rounds, [line["server"][second] for line in summary["rounds"]], "s--",
-              label=f"federation {second_name}")
-    for title, curve in summary["baselines"].items():
-        axes.plot([p["round"] for p in curve], [p[key] for p in curve], "^:", label=f"{BASELINE_TITLES[title]} {name}")
-    axes.axhline(summary["majority"][key], color="grey", lw=1, label=f"{FLOOR_TITLES[summary['task']]} {name}")
+    (second, second_name), (key, name) = TASK_METRICS[summary.task]
+    rounds = [line.round for line in summary.rounds]
+    axes.plot(rounds, [line.server[key] for line in summary.rounds], "o-", label=f"federation {name}")
+    axes.plot(rounds, [line.server[second] for line in summary.rounds], "s--", label=f"federation {second_name}")
+    for title, curve in summary.baselines.items():
+        axes.plot([p.round for p in curve], [p.scores[key] for p in curve], "^:",
+                  label=f"{BASELINE_TITLES[title]} {name}")
+    axes.axhline(summary.run.majority_baseline[key], color="grey", lw=1, label=f"{FLOOR_TITLES[summary.task]} {name}")
     axes.set(xlabel="round", ylabel="server test split", title="Utility per round", ylim=(0, 1))
     axes.legend(fontsize=7)
     return figure
 
 
-def _privacy_plot(summary: dict[str, Any]):
-    if not summary["dp"]:
+def _privacy_plot(summary: Summary):
+    if not summary.run.dp:
         return None
     figure, axes = _figure()
-    sites = sorted({site for line in summary["rounds"] for site in line.get("epsilon", {})})
+    sites = sorted({site for line in summary.rounds for site in line.epsilon})
     for site in sites:
-        points = [(line["round"], line["epsilon"][site]) for line in summary["rounds"]
-                  if isinstance(line.get("epsilon", {}).get(site), (int, float))]
+        points = [(line.round, eps) for line in summary.rounds if (eps := line.epsilon.get(site)) is not None]
         axes.plot([r for r, _ in points], [e for _, e in points], "o-", label=site)
-    if summary["budget"]:
-        axes.axhline(summary["budget"], color="red", lw=1, ls="--", label=f"budget ε={summary['budget']:g}")
-    axes.set(xlabel="round", ylabel=f"ε spent per {summary['unit']}", title="Each site's privacy spend")
+    if budget := summary.run.epsilon_budget:
+        axes.axhline(budget, color="red", lw=1, ls="--", label=f"budget ε={budget:g}")
+    axes.set(xlabel="round", ylabel=f"ε spent per {summary.unit}", title="Each site's privacy spend")
     axes.legend(fontsize=7)
     return figure
 
 
-def _html(summary: dict[str, Any], images: list[str]) -> str:
+def _html(summary: Summary, images: list[str]) -> str:
     e = html.escape
-    columns = TASK_METRICS[summary["task"]]
+    columns = TASK_METRICS[summary.task]
     rows = []
-    for line in summary["rounds"][1:]:
-        failures = ", ".join(f"{f['site']}: {f['kind']}" for f in line["failures"]) or "-"
-        eps = [v for v in line.get("epsilon", {}).values() if isinstance(v, (int, float))]
-        rows.append(f"<tr><td>{line['round']}</td><td>{line['contributors']}</td><td>{e(failures)}</td>"
-                    + "".join(f"<td>{line['server'][key]:.3f}</td>" for key, _ in columns)
+    for line in summary.rounds[1:]:
+        failures = ", ".join(f"{f.site}: {f.kind}" for f in line.failures) or "-"
+        eps = line.spent()
+        rows.append(f"<tr><td>{line.round}</td><td>{line.contributors}</td><td>{e(failures)}</td>"
+                    + "".join(f"<td>{line.server[key]:.3f}</td>" for key, _ in columns)
                     + f"<td>{f'{max(eps):.2f}' if eps else '-'}</td>"
-                    f"<td>{'yes' if line['model_updated'] else 'no'}</td></tr>")
+                    f"<td>{'yes' if line.model_updated else 'no'}</td></tr>")
     samples = "".join(f"<tr><td>{e(s['prompt'])}</td><td>{e(s['reference'])}</td><td>{e(s['generated'])}</td></tr>"
-                      for s in summary["final"].get("samples", []))
+                      for s in summary.final.get("samples", []))
     examples = (f'<h2>Answers of the final adapter</h2><table id="samples"><tr><th>prompt (end)</th>'
                 f"<th>reference</th><th>generated</th></tr>{samples}</table>" if samples else "")
-    privacy = (f"DP on: budget ε = {summary['budget']} per {e(summary['unit'])} at every site" if summary["dp"]
+    privacy = (f"DP on: budget ε = {summary.run.epsilon_budget} per {e(summary.unit)} at every site" if summary.run.dp
                else "<strong>DP was OFF</strong>: the updates carry no differential-privacy guarantee")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fedtune report</title>
@@ -192,7 +220,7 @@ def _html(summary: dict[str, Any], images: list[str]) -> str:
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head>
 <body><h1>fedtune federation report</h1>
 <p id="summary">{e(summary_text(summary)).replace(chr(10), '<br>')}</p>
-<p id="privacy">{privacy}; aggregation: {e(summary['aggregation'])}.</p>
+<p id="privacy">{privacy}; aggregation: {e(summary.run.aggregation)}.</p>
 {''.join(images)}
 <h2>Rounds</h2>
 <table id="rounds"><tr><th>round</th><th>sites</th><th>failures</th>{''.join(f"<th>{e(n)}</th>" for _, n in columns)}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError
+from common.run_files import METRICS_FILE, MetricsLine
 from fedtune.runtime.control import Control, wait_healthy
 from fedtune.runtime.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
 
@@ -21,7 +22,7 @@ START_TIMEOUT_S = 60.0
 
 
 def run_simulation(run_config: dict[str, Any], *, sites: int, out_dir: Path,
-                   on_round: Callable[[dict[str, Any]], None], cpus_per_site: int = 1) -> dict[str, Any]:
+                   on_round: Callable[[MetricsLine], None], cpus_per_site: int = 1) -> dict[str, Any]:
     """Run the fedtune app on ``sites`` virtual SuperNodes; returns Flower's final run record.
 
     Each site's Ray actor reserves ``cpus_per_site`` cores (and torch uses as many threads), so with 1
@@ -31,9 +32,8 @@ def run_simulation(run_config: dict[str, Any], *, sites: int, out_dir: Path,
     if cpus_per_site < 1:
         raise ConfigError(f"--cpus-per-site must be at least 1, got {cpus_per_site}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.jsonl"
     if not run_config.get("resume-from"):
-        metrics_path.unlink(missing_ok=True)
+        (out_dir / METRICS_FILE).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedtune-flwr-") as flwr_home, terminate_as_interrupt():
         port = free_port()
         control = Control(Path(flwr_home), f"127.0.0.1:{port}")
@@ -47,7 +47,7 @@ def run_simulation(run_config: dict[str, Any], *, sites: int, out_dir: Path,
             wait_healthy(superlink, f"http://127.0.0.1:{port}/health", START_TIMEOUT_S)
             run_id = control.submit(run_config, f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site}")
             follower = control.stream_log(run_id, out_dir / "flower.log")
-            return control.follow(run_id, metrics_path, on_round, out_dir / "flower.log", (superlink,))
+            return control.follow(run_id, out_dir, on_round, out_dir / "flower.log", (superlink,))
         finally:
             if follower is not None:
                 follower.stop()

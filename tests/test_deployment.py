@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.audit import verify_chain
+from common.run_files import ROUND_FILE, RoundInfo, read_metrics, read_round_info
 from fedtune.runtime.kits import supernode_fingerprint
 from fedtune.runtime.processes import free_port
 from tests.conftest import write_csv
@@ -67,10 +68,8 @@ def released(root: Path, site: str, server_round: int, suffix: str) -> bool:
     return any((root / "state" / site / "released").glob(f"round-{server_round:06d}-*.{suffix}"))
 
 
-def checkpoints(run: Path) -> list[dict]:
-    infos = [json.loads((p / "round.json").read_text()) for p in sorted((run / "checkpoints").glob("round-*"))
-             if (p / "round.json").exists()]
-    return infos
+def checkpoints(run: Path) -> list[RoundInfo]:
+    return [read_round_info(p) for p in sorted((run / "checkpoints").glob("round-*")) if (p / ROUND_FILE).exists()]
 
 
 @pytest.fixture(scope="module")
@@ -152,33 +151,32 @@ def test_the_deployed_federation_survives_dropouts_and_a_coordinator_crash(world
     assert "the coordinator has not registered" in (world["logs"] / "site-rogue.log").read_text()
 
     # Kill one site mid-run, once round 1 is checkpointed: later rounds go on with the other three.
-    wait_for(lambda: any(c["round"] == 1 for c in checkpoints(run)), 400, "round 1", poll=0.1)
+    wait_for(lambda: any(c.round == 1 for c in checkpoints(run)), 400, "round 1", poll=0.1)
     kill_tree(procs["site-d"], 9)
     # SIGKILL the coordinator (and its SuperLink) in round 3, once a site has sealed its round-3 update but
     # before any masked upload left: on resume the sealed updates are resent, for no new ε. (After an upload
     # the site must train afresh, charged, which the 3-round plan cannot afford: tests/test_federation_inprocess.)
-    wait_for(lambda: any(c["round"] == 2 for c in checkpoints(run)), 400, "round 2")
+    wait_for(lambda: any(c.round == 2 for c in checkpoints(run)), 400, "round 2")
     wait_for(lambda: any(released(root, site, 3, "npy") for site in SITES[:3]), 120, "a round-3 release", poll=0.05)
     kill_tree(procs["server"], 9)
     assert not any(released(root, site, 3, "uploaded") for site in SITES), "killed too late: an upload had left"
-    assert not any(c["round"] == 3 for c in checkpoints(run))
+    assert not any(c.round == 3 for c in checkpoints(run))
 
     # Restart: the coordinator resumes from round 2; site-d comes back with its ledger.
     world["start"]("server", world["server_args"] + ["--resume"])
     world["start_site"]("site-d")
     assert procs["server"].wait(timeout=600) == 0, (world["logs"] / "server.log").read_text()[-3000:]
 
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    by_round = {line["round"]: line for line in lines}
-    assert by_round[1]["contributors"] == 4 and by_round[1]["secure_aggregation"]["dropped"] == []
-    assert by_round[2]["model_updated"] and by_round[2]["contributors"] == 3
-    assert "site-d" not in by_round[2]["secure_aggregation"]["survivors"]
-    assert by_round[3]["model_updated"] and by_round[3]["contributors"] == 4, by_round[3]
+    by_round = {line.round: line for line in read_metrics(run)}
+    assert by_round[1].contributors == 4 and by_round[1].secure_aggregation.dropped == []
+    assert by_round[2].model_updated and by_round[2].contributors == 3
+    assert "site-d" not in by_round[2].secure_aggregation.survivors
+    assert by_round[3].model_updated and by_round[3].contributors == 4, by_round[3]
 
     infos = checkpoints(run)
-    assert [c["round"] for c in infos] == [0, 1, 2, 3]
+    assert [c.round for c in infos] == [0, 1, 2, 3]
     for parent, child in itertools.pairwise(infos):
-        assert child["parent_sha256"] == parent["adapter_sha256"]
+        assert child.parent_sha256 == parent.adapter_sha256
     events = [json.loads(x)["event"] for x in (run / "audit.jsonl").read_text().splitlines()]
     assert verify_chain(run / "audit.jsonl") == len(events) and "run-resumed" in events
 

@@ -48,7 +48,7 @@ def test_a_misspelt_site_optimizer_is_refused_by_name():
 
 
 def test_a_misspelt_head_init_is_refused_by_name_and_old_rows_read_as_random():
-    with pytest.raises(SystemExit, match="head-init must be one of label-names, random, got 'labels'"):
+    with pytest.raises(SystemExit, match="--head-init must be 'label-names' or 'random', got 'labels'"):
         main(["--rows", "", "--head-init", "labels"])
     measured_before = {key: value for key, value in vars(Setup()).items() if key != "head_init"}
     assert head_init(measured_before) == "random" and head_init(vars(Setup())) == "label-names"

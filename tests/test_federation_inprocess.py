@@ -21,6 +21,7 @@ from client.app import app as client_app
 from common.audit import verified_entries
 from common.config import RunSettings
 from common.records import FAILURE_MESSAGES, pack_stage, unpack_stage
+from common.run_files import MetricsLine, read_metrics, read_privacy
 from common.secagg import Deal
 from common.secagg.dleq import prove_key
 from common.secagg.group import exp_g
@@ -110,12 +111,12 @@ def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = Tr
         return run_federation(InProcessGrid(run_config, run_id, sites, cheat), RunSettings.from_flat(run_config))
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def metrics(out: Path) -> list[MetricsLine]:
+    return read_metrics(out)
 
 
 def epsilons(out: Path) -> dict[str, float]:
-    return {site: r["epsilon"] for site, r in json.loads((out / "privacy.json").read_text())["sites"].items()}
+    return {site: report.epsilon for site, report in read_privacy(out).sites.items()}
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +128,11 @@ def secure_run(tmp_path_factory, data) -> Path:
 
 def test_a_secure_dp_round_loop_runs_through_the_real_client_app(secure_run: Path) -> None:
     lines = metrics(secure_run)
-    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert [line.round for line in lines] == [0, 1, 2]
     for line in lines[1:]:
-        assert line["contributors"] == 3 and line["model_updated"] and line["failures"] == []
-        assert line["secure_aggregation"]["survivors"] == ["site-0", "site-1", "site-2"]
-        assert set(line["secure_aggregation"]["exchange_seconds"]) >= {"train", "share", "mask", "confirm", "unmask"}
+        assert line.contributors == 3 and line.model_updated and line.failures == ()
+        assert line.secure_aggregation.survivors == ["site-0", "site-1", "site-2"]
+        assert set(line.secure_aggregation.exchange_seconds) >= {"train", "share", "mask", "confirm", "unmask"}
     assert all(0 < eps <= 8.0 for eps in epsilons(secure_run).values())
     assert (secure_run / "final" / "adapter" / "passport.json").is_file()
     # Round 2's request carried each site's signed receipt of its round-1 charge, kept beside its state dir.
@@ -149,7 +150,7 @@ def test_secure_aggregation_costs_the_model_nothing_measurable(secure_run: Path)
     final = load_file(secure_run / "final" / "adapter" / "adapter_model.safetensors")
     initial = load_file(secure_run / "checkpoints" / "round-0000" / "adapter_model.safetensors")
     moved = max(float(np.abs(final[k] - initial[k]).max()) for k in final)
-    bound = sum(line["secure_aggregation"]["error_bound"] for line in metrics(secure_run)[1:])
+    bound = sum(line.secure_aggregation.error_bound for line in metrics(secure_run)[1:])
     assert 0 < bound < 0.01 * moved, (bound, moved)
 
 
@@ -161,10 +162,10 @@ def test_an_update_already_in_a_secure_sum_is_not_resent_and_spent_ledgers_refus
     with pytest.raises(FederationFailed, match=r"budget-exhausted.*never reset.*a new --out"):
         federate(secure_run, data, rounds=1)
     line = metrics(secure_run)[-1]
-    assert line["model_updated"] is False and line["contributors"] == 0
-    refusals = [failure for failure in line["failures"] if failure["kind"] == "budget-exhausted"]
-    assert sorted(failure["site"] for failure in refusals) == ["site-0", "site-1", "site-2"], line["failures"]
-    assert all(failure["detail"] == FAILURE_MESSAGES["budget-exhausted"] for failure in refusals)
+    assert line.model_updated is False and line.contributors == 0
+    refusals = [failure for failure in line.failures if failure.kind == "budget-exhausted"]
+    assert sorted(failure.site for failure in refusals) == ["site-0", "site-1", "site-2"], line.failures
+    assert all(failure.detail == FAILURE_MESSAGES["budget-exhausted"] for failure in refusals)
     assert len(ledgers) == 3 and all(path.read_bytes() == saved for path, saved in ledgers.items())
 
 
@@ -175,7 +176,7 @@ def test_a_repeated_round_is_resent_for_no_new_epsilon(tmp_path: Path, data) -> 
     spent = epsilons(tmp_path)
     federate(tmp_path, data, rounds=1, secure=False)
     line = metrics(tmp_path)[-1]
-    assert line["round"] == 1 and line["model_updated"] is True and line["contributors"] == 3
+    assert line.round == 1 and line.model_updated is True and line.contributors == 3
     assert epsilons(tmp_path) == spent and all(0 < eps <= 8.0 for eps in spent.values())
 
 
@@ -186,10 +187,10 @@ def test_a_cheating_site_is_dropped_named_in_the_audit_log_and_kept_out_across_a
     federate(tmp_path, data, rounds=2, sites=4, cheat=3)
     lines = metrics(tmp_path)
     for line in lines[1:]:
-        assert line["model_updated"] and line["contributors"] == 3
-        assert line["secure_aggregation"]["survivors"] == ["site-0", "site-1", "site-2"]
-    assert {"cheated", "protocol"} <= {f["kind"] for f in lines[1]["failures"] if f["site"] == "site-3"}
-    assert [f["kind"] for f in lines[2]["failures"] if f["site"] == "site-3"] == ["kept-out"]
+        assert line.model_updated and line.contributors == 3
+        assert line.secure_aggregation.survivors == ["site-0", "site-1", "site-2"]
+    assert {"cheated", "protocol"} <= {f.kind for f in lines[1].failures if f.site == "site-3"}
+    assert [f.kind for f in lines[2].failures if f.site == "site-3"] == ["kept-out"]
     events = verified_entries(tmp_path / "audit.jsonl")
     (named,) = [e for e in events if e["event"] == "site-kept-out"]
     assert named["site"] == "site-3" and named["round"] == 1 and named["proof"]["kind"] == "key"
@@ -197,9 +198,9 @@ def test_a_cheating_site_is_dropped_named_in_the_audit_log_and_kept_out_across_a
     # site-3 is not even asked).
     federate(tmp_path, data, rounds=3, sites=4, resume_from=str(tmp_path / "checkpoints" / "round-0002"))
     line = metrics(tmp_path)[-1]
-    assert line["round"] == 3 and {f["site"]: f["kind"] for f in line["failures"]} == {
+    assert line.round == 3 and {f.site: f.kind for f in line.failures} == {
         "site-0": "budget-exhausted", "site-1": "budget-exhausted", "site-2": "budget-exhausted",
-        "site-3": "kept-out", "*": "round-aborted"}, line["failures"]
+        "site-3": "kept-out", "*": "round-aborted"}, line.failures
 
 
 @pytest.fixture(scope="module")
@@ -230,15 +231,15 @@ def test_an_llm_is_instruction_tuned_with_dp_and_secure_aggregation_and_its_adap
 
     final = federate(tmp_path, chats, rounds=2, llm=True)
     lines = metrics(tmp_path)
-    assert [line["round"] for line in lines] == [0, 1, 2]
+    assert [line.round for line in lines] == [0, 1, 2]
     for line in lines[1:]:
-        assert line["contributors"] == 3 and line["model_updated"] and line["failures"] == []
-        assert line["secure_aggregation"]["survivors"] == ["site-0", "site-1", "site-2"]
-    server = lines[-1]["server"]
+        assert line.contributors == 3 and line.model_updated and line.failures == ()
+        assert line.secure_aggregation.survivors == ["site-0", "site-1", "site-2"]
+    server = lines[-1].server
     assert server["examples"] == 6 and 0 <= server["exact_match"] <= 1 and 0 <= server["rouge_l"] <= 1
     assert server["perplexity"] > 1 and len(server["samples"]) == 3
     assert server["samples"][0]["prompt"].startswith("Drug review:")  # the question itself, not the chat template
-    assert lines[-1]["server"]["loss"] != lines[0]["server"]["loss"]  # the adapter changed what the model says
+    assert lines[-1].server["loss"] != lines[0].server["loss"]  # the adapter changed what the model says
     assert all(0 < eps <= 8.0 for eps in epsilons(tmp_path).values())
     assert (final / "passport.json").is_file()
 

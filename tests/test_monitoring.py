@@ -1,7 +1,7 @@
 """Experiment tracking (MLflow, TensorBoard) and Prometheus metrics, against the real libraries and stores.
 
-The metrics lines are the ServerApp's own: built by ``Federation._metrics_line`` from real round outcomes
-and written by ``append_metrics``, then followed as the CLI follows them. MLflow is a real sqlite store read
+The metrics lines are typed records (common.run_files.MetricsLine, the one definition the ServerApp writes)
+written by ``append_metrics`` and read back as the CLI follows them. MLflow is a real sqlite store read
 back with MlflowClient; TensorBoard's event files are read with its EventAccumulator; each exporter is
 scraped over HTTP and parsed with prometheus_client's own parser. The site's ε comes from a real
 PrivacyLedger on disk. The process tests start the real `fedtune client start` / `server start`.
@@ -19,11 +19,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from common.run_files import MetricsLine, read_metrics
 from fedtune.runtime.processes import free_port, port_in_use
 from fedtune.runtime.tracking import TrackingError, final_adapter, open_trackers, round_scalars
 
@@ -35,33 +35,30 @@ SETTINGS = {"federation.rounds": 2, "privacy.epsilon": 8.0, "train.learning-rate
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory as the ServerApp leaves it: metrics.jsonl (round 0, a round of 3 sites, a round where one
     timed out and one ran out of budget), privacy.json, run.json and the final adapter with its passport."""
-    from server.checkpoint import append_metrics
-    from server.federation import Federation
-    from server.strategy import Failure, RoundOutcome, SecureRoundDetails
+    from common.run_files import Failure, MetricsLine, SecureRoundDetails, append_metrics
 
     run = tmp_path_factory.mktemp("run")
-    epsilon = {"site-a": 2.5, "site-b": 2.75, "site-c": 3.0}
-    federation = SimpleNamespace(aggregator=SimpleNamespace(name="secure"), unit="record",
-                                 settings=SimpleNamespace(privacy=SimpleNamespace(enabled=True)),
-                                 _epsilon=lambda: dict(epsilon))
 
     def details(survivors: list[str], dropped: list[str], train_s: float) -> SecureRoundDetails:
         return SecureRoundDetails(survivors, dropped, 3000, 0, False, 9.3e-08, 32, 30, 2, 2, True, 152076,
                                   {"identify": 0.5, "train": train_s, "share": 1.25, "unmask": 0.75})
 
-    append_metrics(run, {"round": 0, "server": {"accuracy": 0.25, "macro_f1": 0.2, "loss": 1.1, "examples": 30}})
-    outcomes = [
-        RoundOutcome(None, 3, [], details=details(list(SITES), [], 20.0)),
-        RoundOutcome(None, 1, [Failure("site-b", "timeout", "no answer to train in 90s", "train"),
-                               Failure("site-c", "budget-exhausted", "the site will not train again")],
-                     details=details(["site-a"], ["site-b", "site-c"], 90.0)),
+    def scores(accuracy: float) -> dict[str, Any]:
+        return {"accuracy": accuracy, "macro_f1": accuracy / 2, "loss": 0.9, "examples": 30}
+
+    append_metrics(run, MetricsLine(round=0, server={"accuracy": 0.25, "macro_f1": 0.2, "loss": 1.1, "examples": 30}))
+    rounds = [
+        (3, (), details(list(SITES), [], 20.0), 0.5, 3.5),
+        (1, (Failure("site-b", "timeout", "no answer to train in 90s", "train"),
+             Failure("site-c", "budget-exhausted", "the site will not train again")),
+         details(["site-a"], ["site-b", "site-c"], 90.0), 0.625, 4.5),
     ]
-    for server_round, (outcome, accuracy) in enumerate(zip(outcomes, (0.5, 0.625), strict=True), start=1):
-        epsilon["site-a"] += 1.0
-        line = Federation._metrics_line(federation, server_round, outcome)  # the ServerApp's own line
-        line |= {"server": {"accuracy": accuracy, "macro_f1": accuracy / 2, "loss": 0.9, "examples": 30},
-                 "duration_s": 30.0 * server_round, "checkpoint": f"round-{server_round:04d}"}
-        append_metrics(run, line)
+    for server_round, (contributors, failures, secure, accuracy, epsilon_a) in enumerate(rounds, start=1):
+        append_metrics(run, MetricsLine(
+            round=server_round, server=scores(accuracy), aggregation="secure", contributors=contributors,
+            failures=failures, model_updated=False, secure_aggregation=secure, dp=True, privacy_unit="record",
+            epsilon={"site-a": epsilon_a, "site-b": 2.75, "site-c": 3.0}, duration_s=30.0 * server_round,
+            checkpoint=f"round-{server_round:04d}"))
     adapter = final_adapter(run)
     adapter.mkdir(parents=True)
     for name in ("adapter_model.safetensors", "adapter_config.json", "round.json", "passport.json"):
@@ -72,11 +69,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lines(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def lines(run_dir: Path) -> list[MetricsLine]:
+    return read_metrics(run_dir)
 
 
-def test_each_number_of_a_metrics_line_is_a_named_scalar(lines: list[dict[str, Any]]) -> None:
+def test_each_number_of_a_metrics_line_is_a_named_scalar(lines: list[MetricsLine]) -> None:
     first, second = round_scalars(lines[1]), round_scalars(lines[2])
     assert first["server/accuracy"] == 0.5 and first["contributors"] == 3 and first["failures/total"] == 0
     assert first["epsilon/site-a"] == 3.5 and first["secure_aggregation/exchange_seconds/train"] == 20.0
@@ -86,12 +83,13 @@ def test_each_number_of_a_metrics_line_is_a_named_scalar(lines: list[dict[str, A
     assert second["secure_aggregation/dropped"] == 2 and second["duration_s"] == 60.0
     assert set(round_scalars(lines[0])) == {"server/accuracy", "server/macro_f1", "server/loss", "server/examples"}
     assert not any(name in ("round", "aggregation", "checkpoint", "privacy_unit") for name in second)
-    assert round_scalars({"round": 1, "epsilon": {"bad site\n": 1.0, "none": None}}) == {"epsilon/bad site_": 1.0}
+    odd = round_scalars(MetricsLine(round=1, server={}, epsilon={"bad site\n": 1.0, "none": None}))
+    assert odd["epsilon/bad site_"] == 1.0 and "epsilon/none" not in odd
 
 
 @pytest.mark.slow  # a new MLflow store migrates its schema: 5 to 20 s on a busy machine
 def test_mlflow_records_settings_each_round_each_sites_epsilon_and_the_outputs(
-        tmp_path: Path, run_dir: Path, lines: list[dict[str, Any]], capfd: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, run_dir: Path, lines: list[MetricsLine], capfd: pytest.CaptureFixture[str]) -> None:
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'tracking' / 'mlflow.db'}"
@@ -128,7 +126,7 @@ def test_mlflow_records_settings_each_round_each_sites_epsilon_and_the_outputs(
     assert (tmp_path / "tracking" / "mlartifacts").is_dir(), "artifacts beside the database, not in the cwd"
 
 
-def test_tensorboard_writes_the_same_scalars(tmp_path: Path, lines: list[dict[str, Any]]) -> None:
+def test_tensorboard_writes_the_same_scalars(tmp_path: Path, lines: list[MetricsLine]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with open_trackers(mlflow_uri=None, tensorboard_dir=tmp_path / "tb", run_name="hospitals") as tracker:
@@ -140,7 +138,7 @@ def test_tensorboard_writes_the_same_scalars(tmp_path: Path, lines: list[dict[st
     expected: dict[str, list[tuple[int, float]]] = {}
     for line in lines:
         for name, value in round_scalars(line).items():
-            expected.setdefault(name, []).append((int(line["round"]), value))
+            expected.setdefault(name, []).append((line.round, value))
     assert set(events.Tags()["scalars"]) == set(expected)
     for name, points in expected.items():
         scalars = events.Scalars(name)
@@ -186,7 +184,7 @@ def status(address: str, path: str) -> int:
         return exc.code
 
 
-def test_the_coordinator_exports_rounds_exchanges_failures_and_readiness(lines: list[dict[str, Any]]) -> None:
+def test_the_coordinator_exports_rounds_exchanges_failures_and_readiness(lines: list[MetricsLine]) -> None:
     from fedtune.runtime.monitoring import CoordinatorMetrics, superlink_ready
 
     port = free_port()

@@ -1,17 +1,33 @@
 """What a user reads: round lines (a progress bar; refusals named, never "DP off" for a DP run), report.html."""
 
-import json
+import dataclasses
 from pathlib import Path
 
+from common.run_files import (
+    BaselinePoint,
+    Failure,
+    MetricsLine,
+    PrivacyFile,
+    PrivacyReport,
+    RunInfo,
+    append_metrics,
+    write_baselines,
+    write_privacy,
+    write_run_info,
+)
 from simulations.report import comparison_text, load_summary, round_line, write_report
 
 SERVER = {"accuracy": 0.5, "macro_f1": 0.4, "loss": 1.2, "examples": 30}
 
 
-def line(round_: int, **fields) -> dict:
-    return {"round": round_, "server": SERVER, "aggregation": "secure", "contributors": 3, "failures": [],
-            "model_updated": True, "duration_s": 12.0, "dp": True, "privacy_unit": "patient_id",
-            "epsilon": {"site-0": 2.5, "site-1": 3.0}} | fields
+def line(round_: int, **fields) -> MetricsLine:
+    return dataclasses.replace(MetricsLine(
+        round=round_, server=SERVER, aggregation="secure", contributors=3, failures=(), model_updated=True,
+        duration_s=12.0, dp=True, privacy_unit="patient_id", epsilon={"site-0": 2.5, "site-1": 3.0}), **fields)
+
+
+def privacy(dp: bool, **epsilon: float) -> PrivacyFile:
+    return PrivacyFile(dp, {site: PrivacyReport(site, dp, eps) for site, eps in epsilon.items()})
 
 
 def test_a_round_line_has_a_progress_bar_and_names_the_unit():
@@ -20,7 +36,7 @@ def test_a_round_line_has_a_progress_bar_and_names_the_unit():
 
 
 def test_a_dp_round_every_site_refused_says_so_and_never_dp_off():
-    refused = [{"site": f"site-{i}", "kind": "budget-exhausted", "detail": "..."} for i in range(3)]
+    refused = tuple(Failure(f"site-{i}", "budget-exhausted", "...") for i in range(3))
     text = round_line(line(3, contributors=0, failures=refused, model_updated=False, epsilon={}), 3)
     assert "DP OFF" not in text and "DP off" not in text
     assert "3 failed (budget-exhausted)" in text and "model unchanged: every site refused" in text
@@ -28,18 +44,16 @@ def test_a_dp_round_every_site_refused_says_so_and_never_dp_off():
 
 
 def _run_dir(tmp_path: Path, dp: bool = True, baselines: bool = True) -> Path:
-    (tmp_path / "run.json").write_text(json.dumps({
-        "majority_baseline": {"accuracy": 0.3, "macro_f1": 0.1}, "dp": dp, "aggregation": "secure",
-        "privacy_unit": "column:patient_id", "epsilon_budget": 8.0 if dp else None}))
-    lines = [{"round": 0, "server": SERVER}, line(1), line(2, failures=[{"site": "site-1", "kind": "bad-data",
-                                                                         "detail": "x"}], contributors=2)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (tmp_path / "privacy.json").write_text(json.dumps({"dp": dp, "sites": {
-        "site-0": {"epsilon": 2.5}, "site-1": {"epsilon": 3.0}}}))
+    write_run_info(tmp_path, RunInfo(majority_baseline={"accuracy": 0.3, "macro_f1": 0.1}, dp=dp,
+                                      aggregation="secure", privacy_unit="column:patient_id",
+                                      epsilon_budget=8.0 if dp else None))
+    for each in (MetricsLine(0, SERVER), line(1), line(2, failures=(Failure("site-1", "bad-data", "x"),),
+                                                       contributors=2)):
+        append_metrics(tmp_path, each)
+    write_privacy(tmp_path, privacy(dp, **{"site-0": 2.5, "site-1": 3.0}))
     if baselines:
-        (tmp_path / "baselines.json").write_text(json.dumps({
-            "local": [{"round": 1, "accuracy": 0.2, "macro_f1": 0.15},
-                      {"round": 2, "accuracy": 0.25, "macro_f1": 0.2}]}))
+        write_baselines(tmp_path, {"local": [BaselinePoint(1, {"accuracy": 0.2, "macro_f1": 0.15}),
+                                             BaselinePoint(2, {"accuracy": 0.25, "macro_f1": 0.2})]})
     return tmp_path
 
 
@@ -67,12 +81,12 @@ def test_the_comparison_puts_the_baselines_between_the_floor_and_the_federation(
 def test_a_causal_lm_report_shows_its_own_metrics_and_the_final_answers_escaped(tmp_path: Path):
     scores = {"exact_match": 0.6, "rouge_l": 0.7, "loss": 0.9, "perplexity": 2.46, "examples": 10,
               "samples": [{"prompt": "Is <b>this</b> good?", "reference": "yes", "generated": "yes <script>"}]}
-    (tmp_path / "run.json").write_text(json.dumps({
-        "task": "causal-lm", "majority_baseline": {"exact_match": 0.3, "rouge_l": 0.35}, "dp": True,
-        "aggregation": "secure", "privacy_unit": "record", "epsilon_budget": 8.0}))
-    lines = [{"round": 0, "server": scores | {"exact_match": 0.1}}, line(1, server=scores)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (tmp_path / "privacy.json").write_text(json.dumps({"dp": True, "sites": {"site-0": {"epsilon": 2.5}}}))
+    write_run_info(tmp_path, RunInfo(task="causal-lm", majority_baseline={"exact_match": 0.3, "rouge_l": 0.35},
+                                      dp=True, aggregation="secure", privacy_unit="record", epsilon_budget=8.0))
+    lines = [MetricsLine(0, scores | {"exact_match": 0.1}), line(1, server=scores)]
+    for each in lines:
+        append_metrics(tmp_path, each)
+    write_privacy(tmp_path, privacy(True, **{"site-0": 2.5}))
     page = write_report(tmp_path).read_text()
     assert "exact match" in page and "ROUGE-L" in page and "macro-F1" not in page
     assert "perplexity 2.46" in page and "most-common-answer baseline: exact match 0.300" in page

@@ -24,6 +24,7 @@ from common.config import RunSettings
 from common.passport import public_key_pem
 from common.receipts import sign_receipt
 from common.records import ChargeReceipt, pack_train_request, unpack_privacy, with_receipt
+from common.run_files import read_metrics
 from server.ledger_watch import LedgerWatch
 from tests.conftest import write_csv
 from tests.test_site_releases import call, initial_adapter, node_config
@@ -308,13 +309,13 @@ def test_the_coordinator_refuses_a_site_whose_epsilon_falls_or_stays_flat_after_
         for name in ("_run_id", "_node_id", "_task_id"):
             patch.setattr(TaskIdentity, name, 1)
         run_federation(Grid([100, 101, 102], 7), settings)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(out)
     for line in lines[2:4]:  # rounds 2 and 3: site-2 refused, its update not used
-        assert [(f["site"], f["kind"]) for f in line["failures"]] == [("site-2", "epsilon-rollback")], line
-        assert line["contributors"] == 2 and line["epsilon"]["site-2"] == 7.995
-    assert "fell from 7.995 to 5.22" in lines[2]["failures"][0]["detail"]
-    assert "stayed at 7.995 after a round it trained" in lines[3]["failures"][0]["detail"]
-    assert lines[4]["failures"] == [] and lines[4]["contributors"] == 3  # a resend may keep ε flat
+        assert [(f.site, f.kind) for f in line.failures] == [("site-2", "epsilon-rollback")], line
+        assert line.contributors == 2 and line.epsilon["site-2"] == 7.995
+    assert "fell from 7.995 to 5.22" in lines[2].failures[0].detail
+    assert "stayed at 7.995 after a round it trained" in lines[3].failures[0].detail
+    assert lines[4].failures == () and lines[4].contributors == 3  # a resend may keep ε flat
     adapters = [load_file(out / "checkpoints" / f"round-{r:04d}" / "adapter_model.safetensors") for r in (1, 2, 3)]
     for later in adapters[1:]:  # the others' updates are zero: site-2's was left out of rounds 2 and 3
         assert all(np.array_equal(adapters[0][k], later[k]) for k in later)

@@ -41,6 +41,7 @@ from common.records import (
     unpack_train_request,
 )
 from common.registry import FederationRegistry
+from common.run_files import read_record, write_record
 from common.secagg import Deal, SecAggError, SiteIdentity, SiteRegistry
 from common.secagg.dleq import prove_key
 from common.secagg.group import Q, exp_g
@@ -277,7 +278,8 @@ def test_a_cheat_is_dropped_over_flower_and_not_invited_again(tmp_path: Path, th
     proven = aggregation.standing.proven["site-5"]
     assert proven["round"] == 1 and proven["proof"]["kind"] == "key"
     assert grid.sites[CHEAT].seen.count("train") == 1  # round 2 never invited it
-    assert Standing.from_json(json.loads(json.dumps(aggregation.standing.to_json()))) == aggregation.standing
+    write_record(tmp_path / "standing.json", aggregation.standing)
+    assert read_record(tmp_path / "standing.json", Standing) == aggregation.standing
 
 
 def test_a_cheat_few_holders_accept_is_dropped_over_flower_and_its_masks_come_off(

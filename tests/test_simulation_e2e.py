@@ -24,6 +24,15 @@ import psutil
 import pytest
 import torch
 
+from common.run_files import (
+    PRIVACY_FILE,
+    MetricsLine,
+    RoundInfo,
+    read_metrics,
+    read_privacy,
+    read_round_info,
+    read_run_info,
+)
 from tests.conftest import write_csv
 
 pytestmark = pytest.mark.slow
@@ -59,8 +68,8 @@ def federation(tmp_path_factory, drug_reviews):
     return {"out": out, "done": done, "started": started, "args": args, "root": root}
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def _metrics(out: Path) -> list[MetricsLine]:
+    return read_metrics(out)
 
 
 def test_simulation_completes_and_writes_its_outputs(federation):
@@ -72,8 +81,8 @@ def test_simulation_completes_and_writes_its_outputs(federation):
     assert "ε max" in round_one and "per condition" in round_one
     assert "privacy spent per condition" in done.stdout and "report.html" in done.stdout
     lines = _metrics(out)
-    assert [line["round"] for line in lines] == [0, 1, 2]
-    assert all(line["contributors"] == 3 and line["model_updated"] for line in lines[1:])
+    assert [line.round for line in lines] == [0, 1, 2]
+    assert all(line.contributors == 3 and line.model_updated for line in lines[1:])
     assert all("federated" not in line and "train_loss" not in line for line in lines)  # nothing on sites' records
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()
 
@@ -101,24 +110,26 @@ def test_the_run_is_logged_to_mlflow_and_tensorboard_and_neither_prints_to_the_t
 def test_secure_aggregation_is_the_default_and_only_sums_are_seen(federation):
     out = federation["out"]
     for line in _metrics(out)[1:]:
-        assert line["aggregation"] == "secure"
-        secure = line["secure_aggregation"]
-        assert secure["survivors"] == ["site-0", "site-1", "site-2"] and secure["dropped"] == []
-        values = json.loads((out / "run.json").read_text())["update_values"]
-        assert secure["upload_bytes"] <= 1.1 * 4 * values
+        assert line.aggregation == "secure"
+        secure = line.secure_aggregation
+        assert secure.survivors == ["site-0", "site-1", "site-2"] and secure.dropped == []
+        values = read_run_info(out).update_values
+        assert secure.upload_bytes <= 1.1 * 4 * values
     for site in ("site-0", "site-1", "site-2"):
         secrets = [out / "sites" / site / "identity.pem", *(out / "sites" / site / "secagg-sessions").iterdir()]
         assert all(path.stat().st_mode & 0o077 == 0 for path in secrets)  # owner-only
 
 
 def test_every_site_spent_at_most_its_budget(federation):
-    privacy = json.loads((federation["out"] / "privacy.json").read_text())
-    assert privacy["dp"] is True and sorted(privacy["sites"]) == ["site-0", "site-1", "site-2"]
-    for report in privacy["sites"].values():
-        assert 0 < report["epsilon"] <= 8.0
-        assert report["budget"] == 8.0 and report["delta"] == 1e-5 and report["unit"] == "condition"
-        # σ, the sampling rate and the step count would pin a site's record count: never reported.
-        assert set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent"}
+    privacy = read_privacy(federation["out"])
+    assert privacy.dp is True and sorted(privacy.sites) == ["site-0", "site-1", "site-2"]
+    for report in privacy.sites.values():
+        assert 0 < report.epsilon <= 8.0
+        assert report.budget == 8.0 and report.delta == 1e-5 and report.unit == "condition"
+    # σ, the sampling rate and the step count would pin a site's record count: never written to the file.
+    written = json.loads((federation["out"] / PRIVACY_FILE).read_text())["sites"].values()
+    assert all(set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent"}
+               for report in written)
 
 
 def test_report_opens_in_a_headless_browser_with_its_plots_and_baselines(federation, tmp_path: Path):
@@ -199,7 +210,7 @@ def test_an_llm_federation_runs_from_the_cli_and_its_adapter_generates_text(tmp_
     assert "round 2/2" in done.stdout and "exact match" in done.stdout and "DP ε=8 per record" in done.stdout
     assert "most-common-answer baseline" in done.stdout and "secure aggregation" in done.stdout
     lines = _metrics(out)
-    assert all(line["contributors"] == 3 and line["model_updated"] for line in lines[1:])
+    assert all(line.contributors == 3 and line.model_updated for line in lines[1:])
     assert "Answers of the final adapter" in (out / "report.html").read_text()
 
     tokenizer = load_tokenizer("smollm2")
@@ -216,11 +227,11 @@ def test_no_flower_process_outlives_the_command(federation):
     assert our_flower_processes(federation["started"]) == []
 
 
-def _lineage(out: Path) -> list[dict]:
+def _lineage(out: Path) -> list[RoundInfo]:
     """round.json of every checkpoint, oldest first, each checked to name its parent's checksum."""
-    infos = [json.loads((p / "round.json").read_text()) for p in sorted((out / "checkpoints").glob("round-*"))]
+    infos = [read_round_info(p) for p in sorted((out / "checkpoints").glob("round-*"))]
     for parent, child in itertools.pairwise(infos):
-        assert child["parent_sha256"] == parent["adapter_sha256"], (parent["round"], child["round"])
+        assert child.parent_sha256 == parent.adapter_sha256, (parent.round, child.round)
     return infos
 
 
@@ -242,7 +253,7 @@ def test_passport_audit_and_lineage(federation, tmp_path: Path):
     assert verify_chain(out / "audit.jsonl") >= 5
     events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
     assert events[:5] == ["run-started", "round", "checkpoint", "round", "checkpoint"]
-    assert [info["round"] for info in _lineage(out)] == [0, 1, 2]
+    assert [info.round for info in _lineage(out)] == [0, 1, 2]
 
 
 def test_bad_input_exits_2_before_starting_anything(tmp_path: Path):
@@ -275,16 +286,16 @@ def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, dr
     resumed = fedtune(*args, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     lines = _metrics(out)
-    assert lines[-1]["round"] == 3 and sorted({line["round"] for line in lines}) == [0, 1, 2, 3]
+    assert lines[-1].round == 3 and sorted({line.round for line in lines}) == [0, 1, 2, 3]
     lineage = _lineage(out)  # every checkpoint names its parent: no gap, no fork
-    assert all((out / "checkpoints" / f"round-{info['round']:04d}" / "server_optimizer.safetensors").is_file()
+    assert all((out / "checkpoints" / f"round-{info.round:04d}" / "server_optimizer.safetensors").is_file()
                for info in lineage[1:])  # FedAdam's moments travel with each checkpoint into the resume
-    assert lineage[-1]["round"] == max(line["round"] for line in lines if line.get("model_updated"))
+    assert lineage[-1].round == max(line.round for line in lines if line.model_updated)
     # A round the interrupt cut short was paid for in ε by the sites that trained it; re-running it
     # spends again, so a site may reach its budget before the last round. That refusal is the ledger
     # doing its job (a typed failure), never a crash.
     for line in lines[-3:]:
-        if not line.get("model_updated", True):
-            kinds = {failure["kind"] for failure in line["failures"]}
-            assert "budget-exhausted" in kinds and kinds <= {"budget-exhausted", "round-aborted"}, line["failures"]
+        if line.round and not line.model_updated:
+            kinds = {failure.kind for failure in line.failures}
+            assert "budget-exhausted" in kinds and kinds <= {"budget-exhausted", "round-aborted"}, line.failures
     assert our_flower_processes(started) == []

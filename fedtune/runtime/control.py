@@ -17,6 +17,7 @@ from typing import Any
 import tomli_w
 from flwr.common.config import unflatten_dict
 
+from common.run_files import MetricsLine, read_metrics
 from fedtune.runtime.processes import ManagedProcess, console_script, flower_env
 
 CONNECTION = "fedtune"
@@ -78,10 +79,11 @@ class Control:
         follower.start()
         return follower
 
-    def follow(self, run_id: str, metrics_path: Path, on_round: Callable[[dict[str, Any]], None], log_path: Path,
+    def follow(self, run_id: str, out_dir: Path, on_round: Callable[[MetricsLine], None], log_path: Path,
                daemons: tuple[ManagedProcess, ...] = ()) -> dict[str, Any]:
-        """Report new metrics lines until Flower says the run finished; its final record."""
-        reported = len(_complete_lines(metrics_path))  # a resumed run appends; report only what is new
+        """Report the new lines of ``out_dir``'s metrics.jsonl until Flower says the run finished; its final
+        record."""
+        reported = len(read_metrics(out_dir))  # a resumed run appends; report only what is new
         while True:
             time.sleep(POLL_S)
             for daemon in daemons:
@@ -91,22 +93,14 @@ class Control:
                                     daemon.log_path)
             runs = self.flwr("ls", CONNECTION, "--run-id", run_id).get("runs") or []
             status = runs[0].get("status", "") if runs else ""
-            lines = _complete_lines(metrics_path)
-            for line in lines[reported:]:
-                on_round(json.loads(line))
-            reported = len(lines)
+            lines = read_metrics(out_dir, start=reported)  # complete lines: a half-written one waits
+            for line in lines:
+                on_round(line)
+            reported += len(lines)
             if status.startswith("finished"):
                 if status != "finished:completed":
                     raise RunFailed(f"the run ended as {status!r}; see {log_path}", log_path)
                 return runs[0]
-
-
-def _complete_lines(path: Path) -> list[str]:
-    """Lines the ServerApp has finished writing (a half-written last line waits for the next poll)."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    return text[: text.rfind("\n") + 1].splitlines()
 
 
 def wait_healthy(daemon: ManagedProcess, url: str, timeout: float, verify: str | bool = True) -> None:

@@ -27,6 +27,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from common.config import BadInput
 from common.files import write_json
+from common.run_files import MetricsLine
 from fedtune.runtime.tracking import OPS_EXTRA, round_scalars
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ class CoordinatorMetrics:
     def log_settings(self, settings: Mapping[str, Any]) -> None:
         """Settings are no time series (they are in MLflow and the run's run.json)."""
 
-    def log_round(self, line: Mapping[str, Any]) -> None:
+    def log_round(self, line: MetricsLine) -> None:
         scalars = round_scalars(line)
         for name, value in scalars.items():
             section, _, key = name.partition("/")
@@ -178,10 +179,10 @@ class CoordinatorMetrics:
                 self.failures.labels(key).inc(value)
             elif name.startswith("secure_aggregation/exchange_seconds/"):
                 self.exchange_seconds.labels(name.rsplit("/", 1)[1]).observe(value)
-        if int(line["round"]) == 0:  # the initial model's evaluation, no round
+        if line.round == 0:  # the initial model's evaluation, no round
             return
         self.rounds.inc()
-        self.last_round.set(int(line["round"]))
+        self.last_round.set(line.round)
         self.last_round_time.set_to_current_time()
         self.contributors.set(scalars.get("contributors", 0.0))
         self.model_updated.set(scalars.get("model_updated", 0.0))

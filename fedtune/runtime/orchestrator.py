@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import BadInput
+from common.run_files import MetricsLine
 from fedtune.runtime.control import CONNECTION, Control, RunFailed, wait_healthy
 from fedtune.runtime.kits import check_server_certificates
 from fedtune.runtime.processes import ManagedProcess, console_script, flower_env, port_in_use, terminate_as_interrupt
@@ -59,7 +60,7 @@ class ServerKit:
 
 
 def start_server(kit: ServerKit, state: Path, *, host: str, port: int, run_config: dict[str, Any], resume: bool,
-                 on_round: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+                 on_round: Callable[[MetricsLine], None]) -> dict[str, Any]:
     """Run the SuperLink and one federated run to its end; Flower's final run record."""
     if port_in_use(host, port):
         raise RunFailed(f"port {port} on {host} is already in use: stop what holds it or pass --port")
@@ -92,7 +93,7 @@ def start_server(kit: ServerKit, state: Path, *, host: str, port: int, run_confi
             run_id = control.submit(run_config)
             log.info("submitted run %s", run_id)
             follower = control.stream_log(run_id, state / "flower.log")
-            return control.follow(run_id, out_dir / "metrics.jsonl", on_round, state / "flower.log", (superlink,))
+            return control.follow(run_id, out_dir, on_round, state / "flower.log", (superlink,))
         finally:
             if follower is not None:
                 follower.stop()

@@ -10,6 +10,7 @@ TensorBoard are imported only when asked for, and their loggers are kept out of 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from common.config import BadInput
+from common.run_files import MetricsLine
 
 log = logging.getLogger("fedtune.tracking")
 EXPERIMENT = "fedtune"
@@ -41,15 +43,15 @@ class Tracker(Protocol):
 
     def log_settings(self, settings: Mapping[str, Any]) -> None: ...
 
-    def log_round(self, line: Mapping[str, Any]) -> None: ...
+    def log_round(self, line: MetricsLine) -> None: ...
 
     def log_outputs(self, run_dir: Path) -> None: ...
 
     def close(self, succeeded: bool) -> None: ...
 
 
-def round_scalars(line: Mapping[str, Any]) -> dict[str, float]:
-    """Every number a metrics.jsonl line holds, by name: nested sections joined with "/" (server/accuracy,
+def round_scalars(line: MetricsLine) -> dict[str, float]:
+    """Every number a metrics line holds, by name: nested sections joined with "/" (server/accuracy,
     secure_aggregation/exchange_seconds/train, epsilon/SITE), booleans as 0/1, lists of names as their
     length (secure_aggregation/survivors), failures counted in all and by kind (failures/KIND). The round
     itself is the step, and text (aggregation, checkpoint) is no scalar."""
@@ -64,14 +66,17 @@ def round_scalars(line: Mapping[str, Any]) -> dict[str, float]:
         elif isinstance(value, Mapping):
             for key, item in value.items():
                 walk(f"{prefix}/{key}" if prefix else str(key), item)
-        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        elif isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
             scalars[prefix] = float(len(value))
 
-    walk("", {key: value for key, value in line.items() if key not in ("round", "failures")})
-    if "failures" in line:
-        kinds = Counter(str(failure.get("kind", "unknown")) for failure in line["failures"])
-        scalars["failures/total"] = float(sum(kinds.values()))
-        scalars |= {f"failures/{kind}": float(count) for kind, count in sorted(kinds.items())}
+    if line.round == 0:  # the initial adapter: its scores, no round was played
+        walk("server", line.server)
+        return {_metric_name(name): value for name, value in scalars.items()}
+    fields = dataclasses.asdict(line)
+    walk("", {key: value for key, value in fields.items() if key not in ("round", "failures")})
+    kinds = Counter(failure.kind for failure in line.failures)
+    scalars["failures/total"] = float(sum(kinds.values()))
+    scalars |= {f"failures/{kind}": float(count) for kind, count in sorted(kinds.items())}
     return {_metric_name(name): value for name, value in scalars.items()}
 
 
@@ -110,8 +115,8 @@ class RunTracker:
     def log_settings(self, settings: Mapping[str, Any]) -> None:
         self._each(lambda tracker: tracker.log_settings(settings), "the settings")
 
-    def log_round(self, line: Mapping[str, Any]) -> None:
-        self._each(lambda tracker: tracker.log_round(line), f"round {line.get('round')}")
+    def log_round(self, line: MetricsLine) -> None:
+        self._each(lambda tracker: tracker.log_round(line), f"round {line.round}")
 
     def log_outputs(self, run_dir: Path) -> None:
         self._each(lambda tracker: tracker.log_outputs(run_dir), "the final adapter")
@@ -207,11 +212,11 @@ class MlflowTracker:
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[start:start + 100])
 
-    def log_round(self, line: Mapping[str, Any]) -> None:
+    def log_round(self, line: MetricsLine) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name, value, now, int(line["round"])) for name, value in round_scalars(line).items()]
+        metrics = [Metric(name, value, now, line.round) for name, value in round_scalars(line).items()]
         with _quiet(*MLFLOW_LOGGERS):
             for start in range(0, len(metrics), 1000):
                 self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
@@ -266,10 +271,10 @@ class TensorBoardTracker:
         table = "\n".join(f"| {key} | {value} |" for key, value in sorted(settings.items()))
         self._write(0, list(text_pb("settings", f"| setting | value |\n|---|---|\n{table}").value))
 
-    def log_round(self, line: Mapping[str, Any]) -> None:
+    def log_round(self, line: MetricsLine) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        self._write(int(line["round"]), [Summary.Value(tag=name, simple_value=value)
+        self._write(line.round, [Summary.Value(tag=name, simple_value=value)
                                          for name, value in round_scalars(line).items()])
 
     def log_outputs(self, run_dir: Path) -> None:

@@ -17,7 +17,6 @@ Each prints a Markdown table; BENCHMARKS.md holds the results and the machine th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ from common.adapter import get_adapter_state, trainable_keys
 from common.config import LoraSettings, PrivacySettings, TrainSettings
 from common.data import encode, label_names, read_records, write_records
 from common.model import build_model, load_tokenizer, resolve_model_path
+from common.run_files import MetricsLine, read_metrics, read_run_info
 
 BANKING77 = Path(__file__).resolve().parents[3] / "shared" / "data" / "banking77"
 
@@ -143,7 +143,7 @@ def secagg(sizes: tuple[int, ...] = (10, 100, 1000), length: int = 74_883) -> No
               f"{summed:.3f} | {unmask:.3f} | {per_site:.3f} |")
 
 
-def _simulated_rounds(root: Path, name: str, sites: int, extra: list[str]) -> list[dict]:
+def _simulated_rounds(root: Path, name: str, sites: int, extra: list[str]) -> list[MetricsLine]:
     """The metrics lines of a 3-round simulation of ``sites`` sites (20 reviews each), after its first round
     (which starts the Ray actors)."""
     from fedtune.cli import main as fedtune
@@ -158,28 +158,28 @@ def _simulated_rounds(root: Path, name: str, sites: int, extra: list[str]) -> li
             "--batch-size", "10", "--epsilon", "50", *extra]
     if fedtune(args) != 0:
         sys.exit(f"the simulation {name} failed")
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][2:]
+    return read_metrics(out)[2:]
 
 
 def round_time(sites: int = 10, repeats: int = 2) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         durations: dict[str, list[float]] = {"plain": [], "secure": []}
-        uploads = {}
+        upload_bytes = 0
         for attempt in range(repeats):
             for mode in ("plain", "secure"):
                 lines = _simulated_rounds(root, f"{mode}-{attempt}", sites,
                                           ["--plain-aggregation"] if mode == "plain" else [])
-                durations[mode] += [line["duration_s"] for line in lines]
-                if mode == "secure":
-                    uploads = lines[-1]["secure_aggregation"]
-        values = json.loads((root / "secure-0" / "run.json").read_text())["update_values"]
+                durations[mode] += [line.duration_s for line in lines]
+                if mode == "secure" and (details := lines[-1].secure_aggregation) is not None:
+                    upload_bytes = details.upload_bytes
+        values = read_run_info(root / "secure-0").update_values
     plain, secure = statistics.median(durations["plain"]), statistics.median(durations["secure"])
     print(f"| {sites} sites, MiniLM FFA adapter ({values:,} values) | round time (s, median of "
           f"{len(durations['plain'])} warm rounds) |\n|---|---|")
     print(f"| plain aggregation | {plain:.1f} |\n| secure aggregation | {secure:.1f} |")
     print(f"| **secure / plain** | **{secure / plain:.2f}** |")
-    print(f"| upload per site / fp32 update bytes | {uploads['upload_bytes'] / (4 * values):.3f} |")
+    print(f"| upload per site / fp32 update bytes | {upload_bytes / (4 * values):.3f} |")
 
 
 def simulation_actors(sites: int = 10, repeats: int = 2) -> None:
@@ -189,7 +189,7 @@ def simulation_actors(sites: int = 10, repeats: int = 2) -> None:
         for attempt in range(repeats):
             for cpus in durations:
                 lines = _simulated_rounds(Path(tmp), f"cpus{cpus}-{attempt}", sites, ["--cpus-per-site", str(cpus)])
-                durations[cpus] += [line["duration_s"] for line in lines]
+                durations[cpus] += [line.duration_s for line in lines]
     before, after = statistics.median(durations[2]), statistics.median(durations[1])
     print(f"| {sites} sites, secure aggregation, {os.cpu_count()} cores | round time (s, median of "
           f"{len(durations[1])} warm rounds) |\n|---|---|")

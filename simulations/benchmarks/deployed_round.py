@@ -28,6 +28,7 @@ from client.policy import SitePolicy
 from client.privacy import CHARGE_EVENT
 from common.data import read_records, write_records
 from common.registry import load_registry
+from common.run_files import RUN_FILE, read_metrics
 from fedtune.runtime.daemon import node_config
 from fedtune.runtime.kits import check_kit
 from fedtune.runtime.processes import ManagedProcess, console_script, flower_env, free_port, terminate_as_interrupt
@@ -88,7 +89,7 @@ def federation(executor: str, root: Path, sites: list[str], rounds: int) -> list
         try:
             server.start()
             if executor == "flower":  # a stock SuperNode gives up if the sites are not registered yet
-                wait_for(run / "server" / "run" / "run.json", server)
+                wait_for(run / "server" / "run" / RUN_FILE, server)
             for daemon in daemons:
                 daemon.start()
             if server.wait(timeout=1800) != 0:
@@ -106,16 +107,17 @@ def federation(executor: str, root: Path, sites: list[str], rounds: int) -> list
             elif entry["event"] == "released":
                 trained[entry["round"]] = max(trained.get(entry["round"], 0.0), when - charged[entry["round"]])
     rows = []
-    for line in (run / "server" / "run" / "metrics.jsonl").read_text().splitlines():
-        metrics = json.loads(line)
-        if metrics["round"] == 0:
+    for line in read_metrics(run / "server" / "run"):
+        if line.round == 0:  # the initial adapter
             continue
-        exchanges = metrics["secure_aggregation"]["exchange_seconds"]
+        if line.secure_aggregation is None:
+            raise RuntimeError(f"round {line.round} was not a secure round: see {run}")
+        exchanges = line.secure_aggregation.exchange_seconds
         total = sum(exchanges.values())
-        if metrics["round"] not in trained:
-            raise RuntimeError(f"no site logged its training for round {metrics['round']}: see {run}")
-        rows.append({"round": metrics["round"], "exchanges": exchanges, "total": total,
-                     "training": trained[metrics["round"]], "overhead": total - trained[metrics["round"]]})
+        if line.round not in trained:
+            raise RuntimeError(f"no site logged its training for round {line.round}: see {run}")
+        rows.append({"round": line.round, "exchanges": exchanges, "total": total,
+                     "training": trained[line.round], "overhead": total - trained[line.round]})
     return rows
 
 

@@ -49,6 +49,7 @@ from common.config import (
 from common.data import EncodedData, encode, label_names, partition
 from common.evaluation import evaluate, metrics
 from common.model import initial_model, load_tokenizer, resolve_model_path, sentence_pooling
+from common.typed import from_mapping, kebab
 from server.optimizer import ServerOptimizer
 from server.strategy import weighted_mean
 
@@ -256,10 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=Path("runs/dp-federation.jsonl"))
     parser.add_argument("--plot", type=Path, default=None)
     for field in dataclasses.fields(Setup):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", default=None)
     args = parser.parse_args(argv)
+    given = {kebab(f.name): value for f in dataclasses.fields(Setup) if (value := getattr(args, f.name)) is not None}
     try:
-        setup = Setup(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Setup)})
+        setup = from_mapping(Setup, given, "the command line", prefix="--", text_values=True)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     if not (BANKING77 / "train.csv").is_file():

@@ -51,10 +51,10 @@ def run(out: Path, data: list[str], *, dp: bool, rounds: int, test_examples: int
     started = time.perf_counter()
     summary = simulate_once(args, out, dp=dp, title=f"SmolLM2 instruction tuning, DP {'on' if dp else 'off'}")
     return {"dp": dp, "rounds": rounds, "epochs_per_round": epochs, "test_examples": test_examples,
-            "seconds": round(time.perf_counter() - started, 1), "floor": summary["majority"],
-            "curve": [{k: line["server"][k] for k in ("exact_match", "rouge_l", "loss", "perplexity")}
-                      for line in summary["rounds"]],
-            "epsilon": summary["epsilon"], "samples": summary["final"].get("samples", [])}
+            "seconds": round(time.perf_counter() - started, 1), "floor": summary.run.majority_baseline,
+            "curve": [{k: line.server[k] for k in ("exact_match", "rouge_l", "loss", "perplexity")}
+                      for line in summary.rounds],
+            "epsilon": summary.epsilon, "samples": summary.final.get("samples", [])}
 
 
 def table(results: list[dict]) -> str:
