@@ -28,11 +28,14 @@ from common.config import (
     options_of,
     unit_name,
 )
+from common.flower_internals import check_flower_version
 from fedtune.deploy_cli import add_subcommands
 from server.control import RunFailed, project_dir
 from simulations.runner import run_simulation
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+FLOWER_COMMANDS = frozenset({"simulate", "demo", "server", "client"})
+"""The commands that run Flower: the installed release is checked before they start any process."""
 
 
 
@@ -368,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in FLOWER_COMMANDS:
+            check_flower_version()
         return handlers[args.command](args) or 0
     except BadInput as exc:  # config, data, model, kit (torch-heavy modules load only when a command needs them)
         print(f"fedtune: {exc}", file=sys.stderr)
