@@ -27,7 +27,6 @@ SuperNode ``--root-certificates KIT/ca.crt --auth-supernode-private-key KEYS/sup
 from __future__ import annotations
 
 import base64
-import hashlib
 import ipaddress
 import json
 import os
@@ -54,6 +53,7 @@ from common.registry import (
     IDENTITY_FILE,
     FederationRegistry,
     RegistryError,
+    fingerprint,
     load_identity,
     load_members,
     load_registry,
@@ -91,11 +91,6 @@ class ProvisionError(BadInput):
 
 
 # ----------------------------------------------------------------------------- fingerprints, enrolment
-
-def fingerprint(data: bytes) -> str:
-    """SHA-256 of ``data`` as 16 groups of 4 hex digits: easy to read aloud over the phone."""
-    return read_aloud(hashlib.sha256(data).digest())
-
 
 def supernode_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
     """SHA-256 of a SuperNode key's SSH wire encoding (the base64 field of ``supernode.pub``)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from common.config import (
 from common.flower_internals import check_flower_version
 from fedtune.deploy_cli import add_subcommands
 from server.control import RunFailed, project_dir
-from simulations.runner import run_simulation
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 FLOWER_COMMANDS = frozenset({"simulate", "demo", "server", "client"})
@@ -40,6 +38,8 @@ FLOWER_COMMANDS = frozenset({"simulate", "demo", "server", "client"})
 
 
 def default_run_config() -> dict[str, Any]:
+    import tomllib
+
     from flwr.common.config import flatten_dict
 
     with open(project_dir() / "pyproject.toml", "rb") as handle:
@@ -166,6 +166,7 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     from common.data import label_names, partition, read_records, unit_indices
     from server.federation import test_source
     from simulations.report import load_summary, round_line, summary_text, write_report
+    from simulations.runner import run_simulation
 
     run_config = simulate_run_config(args, out, dp=dp)
     settings = RunSettings.from_flat(default_run_config() | run_config)

@@ -11,22 +11,25 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.kits import (
-    ENROL_SUFFIX,
-    MAX_DAYS,
-    REGISTRY,
-    Enrolment,
-    ProvisionError,
-    fingerprint,
-    provision,
-    read_enrolments,
-    site_keygen,
-)
+from common.config import BadInput
 from common.passport import PassportError, key_id, load_public_key, verify_passport
-from common.registry import MEMBERS_FILE, FederationRegistry, RegistryError, load_registry, pin_members, read_aloud
+from common.registry import (
+    MEMBERS_FILE,
+    FederationRegistry,
+    RegistryError,
+    fingerprint,
+    load_registry,
+    pin_members,
+    read_aloud,
+)
+
+if TYPE_CHECKING:
+    from common.kits import Enrolment
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# common.kits (X.509, certificates) loads only in the commands that make keys or kits (tests/test_cli_light.py).
 
 KEYGEN_HELP = """\
 Run this at your site, on the machine that will run the site daemon, as the user the daemon runs as.
@@ -57,9 +60,9 @@ sends, and refuses any round with a site not on it or bound to another list. Its
 start without it. A new consortium (a site added or re-keyed) is a new list: confirm and pin again.
 """
 
-PROVISION_HELP = f"""\
+PROVISION_HELP = """\
 Run on the coordinator's trusted machine, after every site ran `fedtune site keygen` and sent its
-SITE{ENROL_SUFFIX}. Writes the CA, the SuperLink's TLS certificate, the passport signing key, the
+SITE.enrol.json. Writes the CA, the SuperLink's TLS certificate, the passport signing key, the
 registry of the sites' public identity keys, the coordinator's kit (OUT/server/) and one kit of
 public files per site (OUT/sites/SITE/). It never makes or sees a site's private key. Confirm the
 fingerprints it prints with each site's officer by phone before handing out any kit.
@@ -80,22 +83,22 @@ def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argp
     members = site_actions.add_parser("members", help="list a registry's members, their fingerprints and the "
                                       "members digest to confirm", description=MEMBERS_HELP,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    members.add_argument("registry", type=Path, help=f"the {REGISTRY} of your kit")
+    members.add_argument("registry", type=Path, help="the registry.json of your kit")
     pin = site_actions.add_parser("pin-members", help="pin the confirmed member list in this site's state",
                                   description=PIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    pin.add_argument("--registry", type=Path, required=True, help=f"the {REGISTRY} of your kit")
+    pin.add_argument("--registry", type=Path, required=True, help="the registry.json of your kit")
     pin.add_argument("--state", type=Path, required=True, help="the site's state directory (as `client start --state`)")
     pin.add_argument("--digest", required=True, help="the members digest every site's officer confirmed "
                      "(64 hex digits, spaces allowed)")
     prov = sub.add_parser("provision", help="create the CA, the server kit and one public kit per enrolled site",
                           description=PROVISION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     prov.add_argument("--enrol", required=True,
-                      help=f"comma-separated SITE{ENROL_SUFFIX} files and/or directories of them (one per site; a "
+                      help="comma-separated SITE.enrol.json files and/or directories of them (one per site; a "
                            "site's id is its position, a directory's files in name order)")
     prov.add_argument("--server-host", required=True,
                       help="comma-separated DNS names / IP addresses the sites use to reach the SuperLink")
     prov.add_argument("--out", type=Path, required=True, help="new directory for the kits (never overwritten)")
-    prov.add_argument("--days", type=int, default=365, help=f"certificate validity, 1..{MAX_DAYS} (default 365)")
+    prov.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
     passport = sub.add_parser("passport", help="check a global adapter's signed model passport")
     actions = passport.add_subparsers(dest="passport_command", required=True)
     verify = actions.add_parser("verify", help="verify PATH/passport.json against the federation's key")
@@ -125,13 +128,15 @@ def cmd_site(args: argparse.Namespace) -> int:
     handlers = {"keygen": _cmd_site_keygen, "members": _cmd_site_members, "pin-members": _cmd_site_pin_members}
     try:
         return handlers[args.site_command](args)
-    except (ProvisionError, RegistryError) as exc:
+    except (BadInput, RegistryError) as exc:  # a bad key directory (ProvisionError) or registry
         print(f"fedtune site {args.site_command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 def _cmd_site_keygen(args: argparse.Namespace) -> int:
     """The site's own keys, and the fingerprints to read out."""
+    from common.kits import ENROL_SUFFIX, REGISTRY, site_keygen
+
     enrolment = site_keygen(args.site, args.out)
     enrol_file = args.out / f"{args.site}{ENROL_SUFFIX}"
     print(f"site {args.site!r}: private keys written to {args.out}/ (owner-only; they never leave this machine)\n"
@@ -166,6 +171,8 @@ def _cmd_site_pin_members(args: argparse.Namespace) -> int:
 
 def cmd_provision(args: argparse.Namespace) -> int:
     """``fedtune provision``: read the enrolments, write the kits, show the fingerprints to confirm."""
+    from common.kits import REGISTRY, ProvisionError, provision, read_enrolments
+
     try:
         enrolments = read_enrolments([Path(p) for p in _split(args.enrol)])
         out = provision(enrolments, _split(args.server_host), args.out, days=args.days)
