@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.flower_internals import FlowerVersionError, short_object_pull_backoff
+from common.library_noise import silence_library_noise
 from fedtune import __version__
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secret-file", type=Path, required=True,
                         help="the secret shared with the SuperNode (--superexec-auth-secret-file)")
     args = parser.parse_args(argv)
+    silence_library_noise()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     try:

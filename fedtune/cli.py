@@ -28,6 +28,7 @@ from common.config import (
     unit_name,
 )
 from common.flower_internals import check_flower_version
+from common.library_noise import silence_library_noise
 from fedtune.deploy_cli import add_subcommands
 from server.control import RunFailed, project_dir
 
@@ -369,6 +370,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_library_noise()
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
     try:

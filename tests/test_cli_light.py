@@ -98,3 +98,14 @@ def test_every_command_either_runs_flower_or_is_checked_light_here() -> None:
     assert not unclassified, f"add {unclassified} to LIGHT (or to fedtune.cli.FLOWER_COMMANDS if it runs Flower)"
     assert {" ".join(argv[:-1]) for argv in HELP} >= set(commands), "add each new command's --help to HELP"
 
+
+@pytest.mark.process
+def test_a_flower_command_refusing_bad_input_prints_only_why(tmp_path) -> None:
+    """`fedtune simulate` loads Flower (its release is checked first), then refuses a missing data file: the
+    terminal shows that reason and no library warning."""
+    done = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", "--out", str(tmp_path / "run"), "--data",
+                           str(tmp_path / "missing.csv"), "--test-data", str(tmp_path / "missing.csv")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("fedtune: data file") and "missing.csv" in done.stderr, done.stderr
+    assert not [line for line in done.stderr.splitlines() if "Warning" in line], done.stderr
