@@ -4,13 +4,17 @@ Flower 1.42's deployment runtime waits on fixed timers that a lock-step protocol
 exchange: a SuperNode sleeps 3 s after a pull that brought nothing and 0.5 s while it waits for a
 reply, and a component that sees a message before its content has arrived retries the content after
 1 s, then 2 s, 4 s... These helpers shorten those waits in our own processes (the SuperNode we
-launch, the site executor, the ServerApp). Each checks the Flower version first and refuses another.
+launch, the site executor, the ServerApp). Each checks the Flower version first and refuses another, and
+``fedtune`` checks it before a command that runs Flower starts anything. tests/test_flower_contract.py
+names the internal that changed when the pinned release is raised.
 """
 
 from __future__ import annotations
 
 import time
 from types import ModuleType
+
+from common.config import BadInput
 
 FLOWER_VERSION = "1.42.0"
 
@@ -20,16 +24,20 @@ OBJECT_PULL_TRIES = 20_000
 """Retries per object at the shorter backoff: still hours of patience, as Flower's 500 tries at 10 s."""
 
 
-class FlowerVersionError(RuntimeError):
+class FlowerVersionError(BadInput):
     """The installed Flower is not the release these internals were read in."""
 
 
 def check_flower_version() -> None:
+    """Refuse any Flower but the release these internals were read in (tests/test_flower_contract.py pins them),
+    with the command that installs it."""
     from flwr.supercore.version import package_version
 
     if package_version != FLOWER_VERSION:
-        raise FlowerVersionError(f"fedtune's deployment runtime needs flwr {FLOWER_VERSION} (it uses Flower "
-                                 f"internals), found {package_version}: install the versions in constraints.txt")
+        raise FlowerVersionError(f"fedtune needs flwr {FLOWER_VERSION} (it patches and calls Flower internals read "
+                                 f"in that release), found {package_version}. Install it in this environment: "
+                                 f"pip install 'flwr[simulation]=={FLOWER_VERSION}' (or, from fedtune's source "
+                                 "tree, pip install -c constraints.txt -e .)")
 
 
 class ShortSleeps:

@@ -63,6 +63,11 @@ def read_aloud(digest: bytes) -> str:
     return " ".join(text[i:i + 4] for i in range(0, len(text), 4))
 
 
+def fingerprint(data: bytes) -> str:
+    """SHA-256 of ``data`` (a public key) as 16 groups of 4 hex digits: easy to read aloud over the phone."""
+    return read_aloud(hashlib.sha256(data).digest())
+
+
 def _members(sites: Any, where: str) -> FederationRegistry:
     try:
         ids = {name: int(entry["id"]) for name, entry in sites.items()}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,9 +27,10 @@ from common.config import (
     options_of,
     unit_name,
 )
+from common.flower_internals import check_flower_version
+from common.library_noise import silence_library_noise
 from fedtune.deploy_cli import add_subcommands
 from fedtune.runtime.control import RunFailed, project_dir
-from simulations.runner import run_simulation
 
 if TYPE_CHECKING:
     from common.run_files import MetricsLine
@@ -38,10 +38,14 @@ if TYPE_CHECKING:
     from simulations.report import Summary
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+FLOWER_COMMANDS = frozenset({"simulate", "demo", "server", "client"})
+"""The commands that run Flower: the installed release is checked before they start any process."""
 
 
 
 def default_run_config() -> dict[str, Any]:
+    import tomllib
+
     from flwr.common.config import flatten_dict
 
     with open(project_dir() / "pyproject.toml", "rb") as handle:
@@ -168,6 +172,7 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     from common.data import label_names, partition, read_records, unit_indices
     from server.federation import test_source
     from simulations.report import load_summary, summary_text, write_report
+    from simulations.runner import run_simulation
 
     run_config = simulate_run_config(args, out, dp=dp)
     settings = RunSettings.from_flat(default_run_config() | run_config)
@@ -451,9 +456,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_library_noise()
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in FLOWER_COMMANDS:
+            check_flower_version()
         return handlers[args.command](args) or 0
     except BadInput as exc:  # config, data, model, kit (torch-heavy modules load only when a command needs them)
         print(f"fedtune: {exc}", file=sys.stderr)

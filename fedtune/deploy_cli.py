@@ -11,24 +11,26 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from common.config import BadInput
 from common.passport import PassportError, key_id, load_public_key, verify_passport
-from common.registry import MEMBERS_FILE, FederationRegistry, RegistryError, load_registry, pin_members, read_aloud
-from fedtune.runtime.kits import (
-    ENROL_SUFFIX,
-    KIT_README,
-    MAX_DAYS,
-    REGISTRY,
-    Enrolment,
-    ProvisionError,
+from common.registry import (
+    MEMBERS_FILE,
+    FederationRegistry,
+    RegistryError,
     fingerprint,
-    provision,
-    read_enrolments,
-    renew,
-    site_keygen,
+    load_registry,
+    pin_members,
+    read_aloud,
 )
 
+if TYPE_CHECKING:
+    from fedtune.runtime.kits import Enrolment
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# fedtune.runtime.kits (X.509, certificates) loads only in the commands that make keys or kits
+# (tests/test_cli_light.py).
 
 KEYGEN_HELP = """\
 Run this at your site, on the machine that will run the site daemon, as the user the daemon runs as.
@@ -59,9 +61,9 @@ sends, and refuses any round with a site not on it or bound to another list. Its
 start without it. A new consortium (a site added or re-keyed) is a new list: confirm and pin again.
 """
 
-PROVISION_HELP = f"""\
+PROVISION_HELP = """\
 Run on the coordinator's trusted machine, after every site ran `fedtune site keygen` and sent its
-SITE{ENROL_SUFFIX}. Writes the CA, the SuperLink's TLS certificate, the passport signing key, the
+SITE.enrol.json. Writes the CA, the SuperLink's TLS certificate, the passport signing key, the
 registry of the sites' public identity keys, the coordinator's kit (OUT/server/) and one kit of
 public files per site (OUT/sites/SITE/). It never makes or sees a site's private key. Confirm the
 fingerprints it prints with each site's officer by phone before handing out any kit.
@@ -87,10 +89,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argp
     members = site_actions.add_parser("members", help="list a registry's members, their fingerprints and the "
                                       "members digest to confirm", description=MEMBERS_HELP,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    members.add_argument("registry", type=Path, help=f"the {REGISTRY} of your kit")
+    members.add_argument("registry", type=Path, help="the registry.json of your kit")
     pin = site_actions.add_parser("pin-members", help="pin the confirmed member list in this site's state",
                                   description=PIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    pin.add_argument("--registry", type=Path, required=True, help=f"the {REGISTRY} of your kit")
+    pin.add_argument("--registry", type=Path, required=True, help="the registry.json of your kit")
     pin.add_argument("--state", type=Path, required=True, help="the site's state directory (as `client start --state`)")
     pin.add_argument("--digest", required=True, help="the members digest every site's officer confirmed "
                      "(64 hex digits, spaces allowed)")
@@ -98,7 +100,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argp
                           description=PROVISION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = prov.add_mutually_exclusive_group(required=True)
     source.add_argument("--enrol",
-                        help=f"comma-separated SITE{ENROL_SUFFIX} files and/or directories of them (one per site; "
+                        help="comma-separated SITE.enrol.json files and/or directories of them (one per site; "
                              "a site's id is its position, a directory's files in name order)")
     source.add_argument("--renew", type=Path, metavar="OLD",
                         help="an earlier provisioning (its --out): issue new certificates for it, same sites and keys")
@@ -108,7 +110,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argp
     prov.add_argument("--new-ca", action="store_true", help="with --renew: a new CA as well (every site needs its "
                       "new ca.crt and site.json)")
     prov.add_argument("--out", type=Path, required=True, help="new directory for the kits (never overwritten)")
-    prov.add_argument("--days", type=int, default=365, help=f"certificate validity, 1..{MAX_DAYS} (default 365)")
+    prov.add_argument("--days", type=int, default=365, help="the server certificate's validity in days (default 365)")
+    prov.add_argument("--ca-days", type=int, default=3650,
+                      help="a new CA's validity in days (default 3650: renewals keep the CA, and the sites change "
+                           "nothing)")
     passport = sub.add_parser("passport", help="check a global adapter's signed model passport")
     actions = passport.add_subparsers(dest="passport_command", required=True)
     verify = actions.add_parser("verify", help="verify PATH/passport.json against the federation's key")
@@ -138,13 +143,15 @@ def cmd_site(args: argparse.Namespace) -> int:
     handlers = {"keygen": _cmd_site_keygen, "members": _cmd_site_members, "pin-members": _cmd_site_pin_members}
     try:
         return handlers[args.site_command](args)
-    except (ProvisionError, RegistryError) as exc:
+    except (BadInput, RegistryError) as exc:  # a bad key directory (ProvisionError) or registry
         print(f"fedtune site {args.site_command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 def _cmd_site_keygen(args: argparse.Namespace) -> int:
     """The site's own keys, and the fingerprints to read out."""
+    from fedtune.runtime.kits import ENROL_SUFFIX, REGISTRY, site_keygen
+
     enrolment = site_keygen(args.site, args.out)
     enrol_file = args.out / f"{args.site}{ENROL_SUFFIX}"
     print(f"site {args.site!r}: private keys written to {args.out}/ (owner-only; they never leave this machine)\n"
@@ -186,9 +193,11 @@ def cmd_provision(args: argparse.Namespace) -> int:
         print("fedtune provision: --enrol needs --server-host (the SuperLink's DNS names / IP addresses); --new-ca "
               "is for --renew", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from fedtune.runtime.kits import REGISTRY, ProvisionError, provision, read_enrolments
+
     try:
         enrolments = read_enrolments([Path(p) for p in _split(args.enrol)])
-        out = provision(enrolments, _split(args.server_host), args.out, days=args.days)
+        out = provision(enrolments, _split(args.server_host), args.out, days=args.days, ca_days=args.ca_days)
     except ProvisionError as exc:
         print(f"fedtune provision: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -213,12 +222,14 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def _cmd_renew(args: argparse.Namespace) -> int:
     """``fedtune provision --renew OLD``: new certificates into OUT, and who needs which changed file."""
+    from fedtune.runtime.kits import KIT_README, ProvisionError, renew
+
     if args.server_host is not None:
         print("fedtune provision: --renew keeps the server hosts of the certificate it renews; to change them, "
               "provision anew (--enrol)", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        changed = renew(args.renew, args.out, days=args.days, new_ca=args.new_ca)
+        changed = renew(args.renew, args.out, days=args.days, new_ca=args.new_ca, ca_days=args.ca_days)
     except ProvisionError as exc:
         print(f"fedtune provision --renew: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunSettings
 from common.flower_internals import short_object_pull_backoff
+from common.library_noise import silence_library_noise
 from server.federation import run_federation
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -19,6 +20,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    silence_library_noise()
     settings = RunSettings.from_flat(context.run_config)
     final = run_federation(grid, settings)
     logging.getLogger("fedtune.server").info("final adapter: %s", final)

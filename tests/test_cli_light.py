@@ -1,33 +1,114 @@
-"""Commands that do not train never import torch (they answer in well under a second)."""
+"""Commands that do not talk to Flower import neither Flower nor torch (they answer in a fraction of a second).
+
+Each command runs in a fresh interpreter, on real keys and kits, and reports which heavy modules it
+loaded. The time itself is measured, not asserted: `python -m simulations.benchmarks.cli_startup`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from common.registry import load_registry
+from fedtune.cli import FLOWER_COMMANDS, build_parser
+from fedtune.runtime.kits import provision, read_enrolments, site_keygen
+
 PROBE = """
-import sys
+import json, sys
 from fedtune.cli import main
-code = main(sys.argv[1:])
-print("torch" in sys.modules, code)
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:  # --help
+    code = exit.code
+print(json.dumps({"code": code, "loaded": sorted(name for name in sys.modules if name in json.loads(%r))}))
 """
+
+FLOWER_AND_TORCH = ("flwr", "httpx", "grpc", "torch", "transformers", "peft", "opacus")
+HEAVY = (*FLOWER_AND_TORCH, "numpy", "psutil", "cryptography.x509")
+"""What a command that reads a passport or a registry, or prints help, never loads."""
+
+HELP = [["--help"], ["simulate", "--help"], ["demo", "--help"], ["server", "start", "--help"],
+        ["client", "start", "--help"], ["site", "--help"], ["site", "keygen", "--help"], ["site", "members", "--help"],
+        ["site", "pin-members", "--help"], ["provision", "--help"], ["passport", "verify", "--help"],
+        ["wait-ready", "--help"]]
+LIGHT = {  # command -> its arguments ({tmp}: a directory with two enrolled sites and their kits) and exit codes
+    "passport verify": (["passport", "verify", "{tmp}/no-such-adapter", "--key", "{tmp}/no.pub"], {2}),
+    "passport verify (no passport)": (["passport", "verify", "{tmp}", "--key",
+                                       "{tmp}/kits/server/passport-signing.pub"], {1}),
+    "site members": (["site", "members", "{tmp}/kits/server/registry.json"], {0}),
+    "site pin-members": (["site", "pin-members", "--registry", "{tmp}/kits/server/registry.json", "--state",
+                          "{tmp}/state", "--digest", "{digest}"], {0}),
+    "site keygen": (["site", "keygen", "--site", "hospital-c", "--out", "{tmp}/keys-c"], {0}),
+    "provision": (["provision", "--enrol", "{tmp}/keys-a,{tmp}/keys-b", "--server-host", "localhost", "--out",
+                   "{tmp}/kits-again"], {0}),
+    "provision (renew)": (["provision", "--renew", "{tmp}/kits", "--out", "{tmp}/kits-renewed"], {0}),
+    "wait-ready": (["wait-ready", "--port", "9", "--timeout", "0.2"], {1}),  # nothing listens on the discard port
+}
+MAKES_KEYS = {"site keygen", "provision", "provision (renew)"}  # need X.509 and the key formats
+
+
+@pytest.fixture(scope="module")
+def enrolled(tmp_path_factory) -> dict[str, str]:
+    """Two sites' keys and the kits provisioned from them, made in this process."""
+    tmp = tmp_path_factory.mktemp("light")
+    for site in ("a", "b"):
+        site_keygen(f"hospital-{site}", tmp / f"keys-{site}")
+    provision(read_enrolments([tmp / "keys-a", tmp / "keys-b"]), ["localhost"], tmp / "kits")
+    return {"tmp": str(tmp), "digest": load_registry(tmp / "kits" / "server" / "registry.json").digest.hex()}
+
+
+def run_command(argv: list[str], forbidden: tuple[str, ...]) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE % json.dumps(forbidden), *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 @pytest.mark.process
-@pytest.mark.parametrize("args", [
-    ["passport", "verify", "{tmp}/no-such-adapter", "--key", "{tmp}/no.pub"],
-    ["site", "keygen", "--site", "hospital-a", "--out", "{tmp}/keys"],
-    ["provision", "--enrol", "{tmp}/none.enrol.json", "--server-host", "h", "--out", "{tmp}/kits"],
-    ["provision", "--renew", "{tmp}/kits", "--out", "{tmp}/renewed"],
-    ["site", "members", "{tmp}/registry.json"],
-    ["site", "pin-members", "--registry", "{tmp}/registry.json", "--state", "{tmp}/state", "--digest", "00"],
-])
-def test_a_command_that_does_not_train_never_imports_torch(tmp_path: Path, args: list[str]):
-    argv = [arg.format(tmp=tmp_path) for arg in args]
-    done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
-    imported, code = done.stdout.splitlines()[-1].split()
-    assert imported == "False", done.stderr
-    assert code in ("0", "2")  # done, or bad input named on stderr
+@pytest.mark.parametrize("name", sorted(LIGHT))
+def test_a_command_that_does_not_talk_to_flower_loads_neither_flower_nor_torch(name: str, enrolled) -> None:
+    args, codes = LIGHT[name]
+    forbidden = FLOWER_AND_TORCH if name in MAKES_KEYS else HEAVY
+    answer = run_command([arg.format(**enrolled) for arg in args], forbidden)
+    assert answer["code"] in codes, answer
+    assert answer["loaded"] == [], f"`fedtune {' '.join(args)}` imported {answer['loaded']}"
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("argv", HELP, ids=" ".join)
+def test_every_help_answers_without_flower_torch_or_numpy(argv: list[str]) -> None:
+    answer = run_command(argv, HEAVY)
+    assert answer == {"code": 0, "loaded": []}, f"`fedtune {' '.join(argv)}` imported {answer['loaded']}"
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
+    """Every runnable command of ``parser`` ("site keygen", "simulate", ...)."""
+    actions = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if not actions:
+        return [prefix.strip()]
+    return [command for name, sub in actions[0].choices.items() for command in _commands(sub, f"{prefix} {name}")]
+
+
+def test_every_command_either_runs_flower_or_is_checked_light_here() -> None:
+    commands = _commands(build_parser()[0])
+    light = {name.split(" (")[0] for name in LIGHT}
+    unclassified = [command for command in commands if command.split()[0] not in FLOWER_COMMANDS
+                    and command not in light]
+    assert not unclassified, f"add {unclassified} to LIGHT (or to fedtune.cli.FLOWER_COMMANDS if it runs Flower)"
+    assert {" ".join(argv[:-1]) for argv in HELP} >= set(commands), "add each new command's --help to HELP"
+
+
+@pytest.mark.process
+def test_a_flower_command_refusing_bad_input_prints_only_why(tmp_path) -> None:
+    """`fedtune simulate` loads Flower (its release is checked first), then refuses a missing data file: the
+    terminal shows that reason and no library warning."""
+    done = subprocess.run([sys.executable, "-m", "fedtune.cli", "simulate", "--out", str(tmp_path / "run"), "--data",
+                           str(tmp_path / "missing.csv"), "--test-data", str(tmp_path / "missing.csv")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("fedtune: data file") and "missing.csv" in done.stderr, done.stderr
+    assert not [line for line in done.stderr.splitlines() if "Warning" in line], done.stderr

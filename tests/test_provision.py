@@ -489,8 +489,8 @@ def test_check_kit_refuses_a_ca_from_another_provisioning(federation: Path, keys
 def test_check_kit_refuses_an_expired_certificate(federation: Path, keys: Path, tmp_path: Path) -> None:
     with pytest.raises(ProvisionError, match="expired"):
         check_kit(federation / "sites" / "hospital-a", keys / "hospital-a",
-                  now=datetime.now(UTC) + timedelta(days=31))
-    old = provision(enrol(tmp_path, ["a", "b"]), ["localhost"], tmp_path / "old", days=1,
+                  now=datetime.now(UTC) + timedelta(days=3651))
+    old = provision(enrol(tmp_path, ["a", "b"]), ["localhost"], tmp_path / "old", days=1, ca_days=1,
                     issued_at=datetime.now(UTC) - timedelta(days=2))
     with pytest.raises(ProvisionError, match="ca.crt .* expired"):
         check_kit(old / "sites" / "a", tmp_path / "keys" / "a")
@@ -663,8 +663,10 @@ def test_a_site_kit_completes_a_tls_handshake_with_the_renewed_certificate(fresh
 
 
 def test_renewal_refusals(fresh: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(ProvisionError, match=r"before the 400 days asked .* \(--new-ca\)"):
-        renew(fresh, tmp_path / "a", days=400)
+    with pytest.raises(ProvisionError, match=r"before the 3650 days asked .* \(--new-ca\)"):
+        renew(fresh, tmp_path / "a", days=3650)  # the CA (3650 days) was issued before now
+    with pytest.raises(ProvisionError, match=r"--ca-days must be .* between --days \(30\) and 3650"):
+        renew(fresh, tmp_path / "a", days=30, new_ca=True, ca_days=10)
     with pytest.raises(ProvisionError, match="not a provisioning"):
         renew(fresh / "server", tmp_path / "a")
     with pytest.raises(ProvisionError, match="already holds a provisioning"):
@@ -700,7 +702,7 @@ def test_kit_checks_warn_30_days_before_a_certificate_expires(fresh: Path, tmp_p
                         r"`fedtune provision --renew .*", line), line
     caplog.clear()
     assert run_cli(["provision", "--renew", str(fresh), "--out", str(tmp_path / "ca-soon"), "--days", "10",
-                    "--new-ca"]) == 0
+                    "--new-ca", "--ca-days", "10"]) == 0
     with caplog.at_level("WARNING", logger="fedtune.kits"):
         check_kit(tmp_path / "ca-soon" / "sites" / "hospital-a", tmp_path / "keys" / "hospital-a")
     [line] = [r.getMessage() for r in caplog.records]
@@ -723,7 +725,7 @@ def test_start_refuses_an_expired_certificate(tmp_path: Path, drug_reviews) -> N
     from tests.conftest import write_csv
 
     past = datetime.now(UTC) - timedelta(days=3)
-    old = provision(enrol(tmp_path, SITES), ["127.0.0.1"], tmp_path / "old", days=1, issued_at=past)
+    old = provision(enrol(tmp_path, SITES), ["127.0.0.1"], tmp_path / "old", days=1, ca_days=1, issued_at=past)
     data = write_csv(tmp_path / "data.csv", drug_reviews[:6])
     client = fedtune_cli("client", "start", "--kit", str(old / "sites" / "hospital-a"), "--keys",
                          str(tmp_path / "keys" / "hospital-a"), "--data", str(data), "--state", str(tmp_path / "state"),
@@ -751,7 +753,7 @@ def test_the_coordinator_serves_a_renewed_certificate(fresh: Path, tmp_path: Pat
 
     keys = files_of(tmp_path / "keys")
     renewed = fedtune_cli("provision", "--renew", str(fresh), "--out", str(tmp_path / "new"), "--new-ca",
-                          "--days", "10")
+                          "--days", "10", "--ca-days", "10")
     assert renewed.returncode == 0, renewed.stderr
     assert files_of(tmp_path / "keys") == keys
     assert (tmp_path / "new" / "server" / "registry.json").read_bytes() == \

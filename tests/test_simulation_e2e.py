@@ -132,6 +132,18 @@ def test_every_site_spent_at_most_its_budget(federation):
                for report in written)
 
 
+LIBRARY_WARNING = re.compile(r"\w+Warning: |warnings\.warn\(")
+"""A line Python's warnings module prints (``file.py:12: FutureWarning: ...``): never a sentence of ours."""
+
+
+def test_no_library_warning_reaches_the_terminal(federation):
+    """The run trains in this command too (the baselines, as `fedtune demo`); Flower's processes log to files."""
+    done = federation["done"]
+    assert done.returncode == 0
+    leaked = [line for line in (done.stdout + done.stderr).splitlines() if LIBRARY_WARNING.search(line)]
+    assert not leaked, "library warnings on the terminal:\n" + "\n".join(leaked)
+
+
 def test_report_opens_in_a_headless_browser_with_its_plots_and_baselines(federation, tmp_path: Path):
     """report.html is self-contained (no network, no file beside it needed): Chromium renders its plots."""
     chromium = shutil.which("chromium")

@@ -6,13 +6,17 @@ Every derivation binds a *context* (protocol version, purpose, round id, site id
 
 from __future__ import annotations
 
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
+
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.secagg.errors import ParameterError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "SEED_BYTES",
@@ -58,6 +62,8 @@ def expand_mask(seed: bytes, length: int, modulus_bits: int, context: bytes) -> 
     as little-endian uint64 and reduced by masking, which is exactly uniform because
     ``2**modulus_bits`` divides ``2**64``.
     """
+    import numpy as np  # here, not at import: the key and registry commands load this module without numpy
+
     if len(seed) != SEED_BYTES:
         raise ParameterError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
     if not 1 <= modulus_bits <= 64:

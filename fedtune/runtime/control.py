@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from flwr.common.config import unflatten_dict
 
 from common.run_files import MetricsLine, read_metrics
 from fedtune.runtime.processes import ManagedProcess, console_script, flower_env
@@ -65,6 +64,8 @@ class Control:
 
     def submit(self, run_config: dict[str, Any], federation_config: str | None = None) -> str:
         """Submit the fedtune app with these run-config values; the run id."""
+        from flwr.common.config import unflatten_dict
+
         # One TOML file: repeated --run-config "a.b=1" "a.c=2" flags would replace table a, not merge it.
         overrides = self.home / "run-config.toml"
         overrides.write_text(tomli_w.dumps(unflatten_dict(run_config)))

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from common import __version__
 from common.flower_internals import FlowerVersionError, short_object_pull_backoff
+from common.library_noise import silence_library_noise
 from fedtune.runtime.monitoring import SiteActivity
 
 if TYPE_CHECKING:
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="the site's state dir: keep the site's activity there for its metrics endpoint")
     args = parser.parse_args(argv)
+    silence_library_noise()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     try:

@@ -31,7 +31,6 @@ SuperNode ``--root-certificates KIT/ca.crt --auth-supernode-private-key KEYS/sup
 from __future__ import annotations
 
 import base64
-import hashlib
 import ipaddress
 import json
 import logging
@@ -60,6 +59,7 @@ from common.registry import (
     IDENTITY_FILE,
     FederationRegistry,
     RegistryError,
+    fingerprint,
     load_identity,
     load_members,
     load_registry,
@@ -73,6 +73,9 @@ _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(?:\.{_DNS_LABEL})*$")
 MIN_SITES = 2  # secure aggregation needs at least two sites
 MAX_DAYS = 3650
+CA_DAYS = MAX_DAYS
+"""The CA outlives the server certificates it signs (ten years), so a renewal needs no new CA and no site
+changes anything; a new CA (`--renew --new-ca`) is for a lost or leaked key."""
 CLOCK_SKEW = timedelta(minutes=5)  # certificates are valid from a little before issue time
 EXPIRY_WARNING = timedelta(days=30)  # `server start` / `client start` warn this long before a certificate expires
 
@@ -101,11 +104,6 @@ class ProvisionError(BadInput):
 
 
 # ----------------------------------------------------------------------------- fingerprints, enrolment
-
-def fingerprint(data: bytes) -> str:
-    """SHA-256 of ``data`` as 16 groups of 4 hex digits: easy to read aloud over the phone."""
-    return read_aloud(hashlib.sha256(data).digest())
-
 
 def supernode_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
     """SHA-256 of a SuperNode key's SSH wire encoding (the base64 field of ``supernode.pub``)."""
@@ -328,7 +326,7 @@ def _refuse_existing(out: Path) -> None:
 # ----------------------------------------------------------------------------- provisioning
 
 def provision(enrolments: list[Enrolment], server_hosts: list[str], out: Path, *, days: int = 365,
-              issued_at: datetime | None = None) -> Path:
+              ca_days: int = CA_DAYS, issued_at: datetime | None = None) -> Path:
     """Create the CA, the server kit and one public kit per enrolled site under ``out``; returns ``out``.
 
     Parameters
@@ -341,7 +339,9 @@ def provision(enrolments: list[Enrolment], server_hosts: list[str], out: Path, *
     out
         Directory to write; must not hold an earlier provisioning.
     days
-        Validity of the CA and server certificates (1 to 3650).
+        Validity of the server certificate (1 to 3650).
+    ca_days
+        Validity of the CA (at least ``days``; default ten years, so renewals keep the CA).
     issued_at
         Issue time (UTC); default now. Tests pass a past time to make expired kits.
     """
@@ -349,10 +349,11 @@ def provision(enrolments: list[Enrolment], server_hosts: list[str], out: Path, *
         raise ProvisionError("provision takes a list of Enrolment (read_enrolments) and a list of host names")
     enrolments, server_hosts, out = list(enrolments), list(server_hosts), Path(out)
     validate_request([e.site for e in enrolments], server_hosts, days)
+    _check_ca_days(ca_days, days)
     _check_distinct_keys(enrolments)
     _refuse_existing(out)
     now = _utc(issued_at or datetime.now(UTC))
-    _write_staged(out, lambda root: _write_provisioning(root, enrolments, server_hosts, now, days))
+    _write_staged(out, lambda root: _write_provisioning(root, enrolments, server_hosts, now, days, ca_days))
     return out
 
 
@@ -369,9 +370,16 @@ def _write_staged(out: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_provisioning(root: Path, enrolments: list[Enrolment], hosts: list[str], now: datetime, days: int) -> None:
+def _check_ca_days(ca_days: int, days: int) -> None:
+    if isinstance(ca_days, bool) or not isinstance(ca_days, int) or not days <= ca_days <= MAX_DAYS:
+        raise ProvisionError(f"--ca-days must be a whole number of days between --days ({days}) and {MAX_DAYS}, "
+                             f"got {ca_days!r}: the CA must outlive the server certificate it signs")
+
+
+def _write_provisioning(root: Path, enrolments: list[Enrolment], hosts: list[str], now: datetime, days: int,
+                        ca_days: int) -> None:
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_cert = ca_certificate(ca_key, now=now, days=days)
+    ca_cert = ca_certificate(ca_key, now=now, days=ca_days)
     server_key = ec.generate_private_key(ec.SECP384R1())
     signing_key = Ed25519PrivateKey.generate()
     registry = {e.site: (site_id, e.identity_raw) for site_id, e in enumerate(enrolments)}
@@ -405,13 +413,14 @@ def _write_provisioning(root: Path, enrolments: list[Enrolment], hosts: list[str
     _write_readme(root, ca_cert)
 
 
-def renew(old: Path, out: Path, *, days: int = 365, new_ca: bool = False,
+def renew(old: Path, out: Path, *, days: int = 365, new_ca: bool = False, ca_days: int = CA_DAYS,
           issued_at: datetime | None = None) -> list[str]:
     """Issue new certificates for the provisioning ``old`` into the new directory ``out``; returns the files
     that differ from ``old`` (paths relative to ``out``).
 
     Always a new server certificate and key (same hosts, valid ``days``). With ``new_ca`` also a new CA key and
-    certificate: then ``ca.crt`` and ``site.json`` (its fingerprint) change in every site's kit. Everything else
+    certificate (valid ``ca_days``): then ``ca.crt`` and ``site.json`` (its fingerprint) change in every site's
+    kit. Everything else
     (each site's registered keys, ``registry.json`` and so its members digest, the passport signing keys) is
     copied byte for byte: no site makes keys, enrols or pins members again. Without ``new_ca`` the CA key in
     ``old/ca/`` signs, and must stay valid for the ``days`` asked. ``old`` is never changed.
@@ -419,11 +428,13 @@ def renew(old: Path, out: Path, *, days: int = 365, new_ca: bool = False,
     old, out = Path(old), Path(out)
     sites, hosts = _read_provisioning(old)
     validate_request(sites, hosts, days)
+    if new_ca:
+        _check_ca_days(ca_days, days)
     _refuse_existing(out)
     now = _utc(issued_at or datetime.now(UTC))
     if new_ca:
         ca_key = ec.generate_private_key(ec.SECP384R1())
-        ca_cert = ca_certificate(ca_key, now=now, days=days)
+        ca_cert = ca_certificate(ca_key, now=now, days=ca_days)
     else:
         ca_key, ca_cert = _read_ca(old)
         if now + timedelta(days=days) > ca_cert.not_valid_after_utc:

@@ -16,8 +16,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:
+    import psutil  # loaded when a process is tracked: the commands that start none stay light
 
 
 def console_script(name: str) -> str:
@@ -79,6 +81,8 @@ class ManagedProcess:
         """Remember the daemon's descendants now, so they can be stopped even if re-parented later."""
         if self.process is None:
             return
+        import psutil
+
         try:
             for child in psutil.Process(self.process.pid).children(recursive=True):
                 self.seen.setdefault(child.pid, child)
@@ -94,6 +98,8 @@ class ManagedProcess:
             os.killpg(self.process.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+        import psutil
+
         victims = [p for p in self.seen.values() if p.is_running()]
         for proc in victims:
             _signal(proc, signal.SIGTERM)
@@ -109,6 +115,8 @@ class ManagedProcess:
 
 
 def _signal(proc: psutil.Process, sig: int) -> None:
+    import psutil
+
     try:
         proc.send_signal(sig)
     except psutil.NoSuchProcess:
