@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test test-fast lint bench browser clean
+.PHONY: demo test test-fast test-busy lint bench browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: lint
 # The unit tier: no pre-trained weights, no processes (tests/conftest.py enforces it), about 2 min on 2 cores.
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not model and not process and not slow"
+
+# The tests that start processes and servers, BUSY_TIMES times while a busy loop runs on every core
+# (tests/busy.py starts the loops and stops exactly those): they must wait for states, never for times.
+BUSY_TIMES ?= 3
+BUSY_TESTS ?= -m process
+test-busy: $(STAMP)
+	$(BIN)/python -m tests.busy --times $(BUSY_TIMES) -q $(BUSY_TESTS)
 
 # Lint and types (strict for the secure-aggregation protocol and the wire records): part of `make test`.
 lint: $(STAMP)

@@ -224,9 +224,13 @@ class FederationSettings:
                                                              "dropped from the round")
     stage_timeout: float = option(120.0, "--stage-timeout", "seconds a site has to answer each secure-aggregation "
                                                             "stage")
+    site_wait: float = option(120.0, "--site-wait", "seconds a round waits for its sites to connect (every expected "
+                                                    "site before the first round, min-sites later) before it starts "
+                                                    "with those present")
 
     def __post_init__(self) -> None:
-        _require(self.train_timeout > 0 and self.stage_timeout > 0, "federation timeouts must be > 0 seconds")
+        _require(self.train_timeout > 0 and self.stage_timeout > 0 and self.site_wait > 0,
+                 "federation timeouts must be > 0 seconds")
         _require(self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}")
         _require(self.sites >= 1, f"federation.sites must be >= 1, got {self.sites}")
         _require(

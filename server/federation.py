@@ -53,7 +53,6 @@ from server.secure_agg import SecureAggregation, Standing
 from server.strategy import Aggregator, PlainAggregation, RoundOutcome, RoundSpec
 
 log = logging.getLogger("fedtune.server")
-NODE_WAIT_S = 120.0
 STANDING_FILE = "secagg-standing.json"
 """Secure aggregation's proven cheats and unsettled disputes: who the run keeps out (--resume reads it)."""
 
@@ -244,7 +243,7 @@ class Federation:
         exchanges, and keep what each site reported about its privacy."""
         federation = self.settings.federation
         wanted = federation.sites if server_round == self.last_round + 1 else federation.min_sites
-        nodes = wait_for_sites(self.grid, wanted, NODE_WAIT_S)
+        nodes = wait_for_sites(self.grid, wanted, federation.site_wait)
         kept_out = self._kept_out()
         outcome = self.aggregator.run_round(self.grid, nodes, self.state, server_round)
         if isinstance(self.aggregator, SecureAggregation):  # cheats stay out of the run's later rounds

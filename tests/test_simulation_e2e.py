@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
@@ -34,23 +33,19 @@ from common.run_files import (
     read_run_info,
 )
 from tests.conftest import write_csv
+from tests.processes import ProcessFamily, described
 
-pytestmark = pytest.mark.slow
-
-
-def fedtune(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 
-def our_flower_processes(since: float) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "create_time", "status"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.info["create_time"] >= since and proc.info["status"] != psutil.STATUS_ZOMBIE and (
-                "flower-superlink" in cmd or "flwr-simulation" in cmd or "ray::" in cmd or "raylet" in cmd):
-            found.append(proc)
-    return found
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedtune.cli", *args]
+
+
+def fedtune(*args: str, timeout: int = 1800, family: ProcessFamily | None = None) -> subprocess.CompletedProcess:
+    """The command's result (``timeout``: a safety net against a hang); with ``family``, every process it
+    started is recorded there while it runs."""
+    return (family or ProcessFamily()).run(command(*args), timeout)
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +54,14 @@ def federation(tmp_path_factory, drug_reviews):
     train = write_csv(root / "train.csv", drug_reviews[:60])
     test = write_csv(root / "test.csv", drug_reviews[500:530])
     out = root / "run"
-    started = time.time()
+    family = ProcessFamily()
     args = ["--sites", "3", "--rounds", "2", "--epsilon", "8", "--data", str(train), "--test-data", str(test),
             "--partition", "iid", "--max-length", "16", "--local-epochs", "1", "--batch-size", "8",
             "--privacy-unit", "column:condition"]
     tracking = ["--mlflow", f"sqlite:///{root / 'mlflow.db'}", "--tensorboard", str(root / "tb")]
-    done = fedtune("simulate", "--out", str(out), *args, "--baselines", "local,central", *tracking)
-    return {"out": out, "done": done, "started": started, "args": args, "root": root}
+    done = fedtune("simulate", "--out", str(out), *args, "--baselines", "local,central", *tracking, family=family)
+    yield {"out": out, "done": done, "family": family, "args": args, "root": root}
+    family.stop()
 
 
 def _metrics(out: Path) -> list[MetricsLine]:
@@ -236,7 +232,10 @@ def test_an_llm_federation_runs_from_the_cli_and_its_adapter_generates_text(tmp_
 
 
 def test_no_flower_process_outlives_the_command(federation):
-    assert our_flower_processes(federation["started"]) == []
+    """The SuperLink, flwr-simulation and Ray's processes the command started (recorded while it ran) are gone."""
+    family = federation["family"]
+    assert len(family.seen) > 3, described(list(family.seen.values()))
+    assert described(family.alive()) == []
 
 
 def _lineage(out: Path) -> list[RoundInfo]:
@@ -278,24 +277,27 @@ def test_bad_input_exits_2_before_starting_anything(tmp_path: Path):
     assert no_test.returncode == 2 and "data.test-source must name the server's test file" in no_test.stderr
 
 
-def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, drug_reviews):
-    started = time.time()
+def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, drug_reviews, started_processes):
     train = write_csv(tmp_path / "train.csv", drug_reviews[:30])
     out = tmp_path / "run"
     args = ["simulate", "--out", str(out), "--data", str(train), "--test-data", str(train), "--partition", "iid",
             "--max-length", "16", "--rounds", "3", "--local-epochs", "1", "--batch-size", "8",
             "--server-optimizer", "fedadam", "--server-learning-rate", "0.01"]
-    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (out / "checkpoints" / "round-0001").exists():
-        time.sleep(0.5)  # interrupt once round 1 is checkpointed, mid-run
+    with open(tmp_path / "stderr.log", "wb") as errors:  # a file: an unread pipe could fill and block the run
+        proc = started_processes.start(command(*args), stdout=subprocess.DEVNULL, stderr=errors)
+    deadline = time.monotonic() + 1800  # a safety net: the wait is for round 1's checkpoint
+    while proc.poll() is None and not (out / "checkpoints" / "round-0001").exists():
+        assert time.monotonic() < deadline, "no round-1 checkpoint"
+        started_processes.snapshot()
+        time.sleep(0.2)  # interrupt once round 1 is checkpointed, mid-run
+    started_processes.snapshot()
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "every process it started was stopped" in stderr
-    assert our_flower_processes(started) == []
+    started_processes.wait(proc, 600)
+    stderr = (tmp_path / "stderr.log").read_text()
+    assert proc.returncode == 130 and "every process it started was stopped" in stderr, stderr[-3000:]
+    assert len(started_processes.seen) > 1 and described(started_processes.alive()) == []
 
-    resumed = fedtune(*args, "--resume")
+    resumed = fedtune(*args, "--resume", family=started_processes)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     lines = _metrics(out)
     assert lines[-1].round == 3 and sorted({line.round for line in lines}) == [0, 1, 2, 3]
@@ -310,4 +312,4 @@ def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, dr
         if line.round and not line.model_updated:
             kinds = {failure.kind for failure in line.failures}
             assert "budget-exhausted" in kinds and kinds <= {"budget-exhausted", "round-aborted"}, line.failures
-    assert our_flower_processes(started) == []
+    assert described(started_processes.alive()) == []

@@ -27,7 +27,7 @@ def test_flowers_fixed_waits_are_shortened_in_that_module_only() -> None:
     shorten_sleeps(module, {3.0: 0.05})
     started = time.monotonic()
     module.time.sleep(3.0)  # type: ignore[attr-defined]
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0  # not Flower's 3 s (however busy the machine, 50 ms is well below)
     started = time.monotonic()
     module.time.sleep(0.3)  # type: ignore[attr-defined]  # a wait we did not name is Flower's own
     assert time.monotonic() - started >= 0.3
@@ -57,7 +57,7 @@ def supernode(tmp_path: Path):
          "--port", str(port)], flower_env(tmp_path / "flwr"), tmp_path / "supernode.log")
     node.start()
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600  # a safety net: the wait is for the port
         while not port_in_use("127.0.0.1", port):
             assert node.exited() is None and time.monotonic() < deadline, (tmp_path / "supernode.log").read_text()
             time.sleep(0.2)
