@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
@@ -46,6 +46,7 @@ from common.adapter import AdapterState, delta, set_adapter_state, trainable_key
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
+from common.library_noise import start_process_log
 from common.model import ModelError, Placement, build_model, resolve_device
 from common.records import (
     KeyAdvertisement,
@@ -67,8 +68,13 @@ from common.secagg import SecAggError
 from common.secure_update import site_weight
 
 log = logging.getLogger("fedtune.client")
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # the site's log
 app = ClientApp()
+
+
+@app.lifespan()
+def lifespan(context: Context) -> Iterator[None]:
+    start_process_log()  # the site's log: where Flower sends this process's stderr
+    yield
 
 # The kinds a reply can carry. None depends on any single unit (so none is a channel past ε): each is a
 # function of the site's policy, the run config, the ledger (what was charged, from the plan), the protocol

