@@ -3,6 +3,7 @@ Run as `python -m simulations.benchmarks.NAME`:
 
     benchmark dp-throughput  DP-SGD vs plain LoRA steps, fedtune vs Opacus (MiniLM, SmolLM2)
     benchmark secagg         server unmasking time at 10/100/1,000 sites; upload bytes
+    benchmark group-exp      a whole secure round: GMP's constant-time exponentiation vs Python's pow
     benchmark round-time     a 10-site round, secure vs plain aggregation (Flower simulation)
     benchmark simulation-actors   a 10-site simulated round, 2 cores per site vs 1
     benchmark dp-utility     macro-F1 under DP as records per site grow (BANKING77)
@@ -143,6 +144,37 @@ def secagg(sizes: tuple[int, ...] = (10, 100, 1000), length: int = 74_883) -> No
               f"{summed:.3f} | {unmask:.3f} | {per_site:.3f} |")
 
 
+def group_exponentiation(sizes: tuple[int, ...] = (10, 40), length: int = 1_000, repeats: int = 2) -> None:
+    """A whole secure round in one process (commitments, share checks, masks, unmask) with the group's
+    exponentiation in GMP's constant-time powmod (as shipped) against Python's pow, interleaved."""
+    import types
+
+    import gmpy2
+
+    from common.secagg import LocalFederation, SecAggParams, group
+    from common.secure_update import ALL_PAIRS_UP_TO, COUNT_SLOTS, value_bits_for
+
+    engines = {"gmpy2.powmod_sec": gmpy2, "Python pow": types.SimpleNamespace(powmod_sec=pow)}
+    print("| sites | Python pow (s) | gmpy2.powmod_sec (s) | ratio |\n|---|---|---|---|")
+    for n in sizes:
+        params = SecAggParams(round_id=f"group-{n}".encode(), site_ids=tuple(range(n)), vector_length=length,
+                              clip=50.0, value_bits=value_bits_for(n), count_slots=COUNT_SLOTS,
+                              all_pairs=n <= ALL_PAIRS_UP_TO)
+        update = np.full(length, 0.01)
+        times: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(repeats):
+            for name, engine in engines.items():
+                group.gmpy2 = engine
+                try:
+                    started = time.perf_counter()
+                    LocalFederation.create(params).run(dict.fromkeys(params.site_ids, update))
+                    times[name].append(time.perf_counter() - started)
+                finally:
+                    group.gmpy2 = gmpy2
+        slow, fast = min(times["Python pow"]), min(times["gmpy2.powmod_sec"])
+        print(f"| {n} | {slow:.2f} | {fast:.2f} | {slow / fast:.1f}× |")
+
+
 def _simulated_rounds(root: Path, name: str, sites: int, extra: list[str]) -> list[MetricsLine]:
     """The metrics lines of a 3-round simulation of ``sites`` sites (20 reviews each), after its first round
     (which starts the Ray actors)."""
@@ -277,13 +309,13 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="*", default=["dp-throughput", "secagg", "round-time", "simulation-actors",
-                                                      "dp-utility", "padding"])
+    parser.add_argument("which", nargs="*", default=["dp-throughput", "secagg", "group-exp", "round-time",
+                                                      "simulation-actors", "dp-utility", "padding"])
     for which in parser.parse_args().which:
         print(f"\n### {which}\n", flush=True)
         runs: dict[str, Callable[[], None]] = {
             "dp-throughput": dp_throughput, "secagg": secagg, "round-time": round_time, "dp-utility": dp_utility,
-            "padding": padding, "simulation-actors": simulation_actors}
+            "padding": padding, "simulation-actors": simulation_actors, "group-exp": group_exponentiation}
         runs[which]()
 
 
