@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common.run_files import read_metrics
 from fedtune.runtime.processes import free_port
 from tests.compose import COMPOSE_FILE, Loopback, as_command, compose, documented_commands, service_command
 from tests.conftest import write_csv
@@ -101,11 +102,10 @@ def test_the_compose_trial_runs_its_rounds_on_loopback(tmp_path: Path, drug_revi
     assert leftovers == []
 
     run_dir = tmp_path / "volumes" / "coordinator-state" / "run"
-    lines = [line for text in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if (line := json.loads(text))["round"] >= 1]  # round 0: the coordinator's baseline evaluation
-    assert [line["round"] for line in lines] == [1, 2]
-    assert lines[0]["contributors"] == len(sites) and lines[0]["model_updated"]  # round 1 waits for every site
-    assert all(line["contributors"] == len(sites) for line in lines if line["model_updated"])  # policy: ≥ 3
+    lines = read_metrics(run_dir, start=1)  # round 0: the coordinator's baseline evaluation
+    assert [line.round for line in lines] == [1, 2]
+    assert lines[0].contributors == len(sites) and lines[0].model_updated  # round 1 waits for every site
+    assert all(line.contributors == len(sites) for line in lines if line.model_updated)  # policy: ≥ 3
     assert (run_dir / "final" / "adapter" / "passport.json").is_file()
     for site in sites:  # each site trained in its own executor and kept its ledger in its own state volume
         ledger = json.loads((tmp_path / "volumes" / f"{site}-state" / "privacy-ledger.json").read_text())
