@@ -22,19 +22,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/fedtune demo --out runs/demo
 
-test: lint
-	$(BIN)/python -m pytest -q
+# Every tier: the unit tier first (fast failures), then the marked ones (real weights, processes, end to end).
+test: test-fast
+	$(BIN)/python -m pytest -q -m "model or process or slow"
 
-# The unit tier: no pre-trained weights, no processes (tests/conftest.py enforces it), about 2 min on 2 cores.
+# The unit tier: no pre-trained weights, no processes (tests/conftest.py enforces it); pure CPU, so on 2 workers.
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not model and not process and not slow"
-
-# The tests that start processes and servers, BUSY_TIMES times while a busy loop runs on every core
-# (tests/busy.py starts the loops and stops exactly those): they must wait for states, never for times.
-BUSY_TIMES ?= 3
-BUSY_TESTS ?= -m process
-test-busy: $(STAMP)
-	$(BIN)/python -m tests.busy --times $(BUSY_TIMES) -q $(BUSY_TESTS)
+	$(BIN)/python -m pytest -q -n 2 -m "not model and not process and not slow"
 
 # Lint and types (strict for the secure-aggregation protocol and the wire records): part of `make test`.
 lint: $(STAMP)

@@ -30,6 +30,7 @@ class UnmarkedTier(AssertionError):
 def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """The unit tier stays fast by construction: an unmarked test that loads pre-trained weights or starts a
     process fails, naming the marker it needs (tiny models built in the test need neither)."""
+    import multiprocessing.process
     import subprocess
 
     import common.model
@@ -48,6 +49,8 @@ def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
                 return popen(self, args, *more, **kwargs)
             raise UnmarkedTier(f"{name} starts a process ({args!r:.80}): mark it @pytest.mark.process")
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse_process)
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, "start",
+                            lambda self: refuse_process(self, [f"multiprocessing: {self.name}"]))
 
 
 @pytest.fixture(scope="session")

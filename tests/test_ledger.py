@@ -86,6 +86,7 @@ def _charge_slowly(path: str, server_round: int, barrier) -> None:
     _charge(ledger, server_round)
 
 
+@pytest.mark.process
 def test_concurrent_charges_from_two_processes_are_both_kept(tmp_path: Path):
     path = tmp_path / "privacy-ledger.json"
     context = multiprocessing.get_context("spawn")

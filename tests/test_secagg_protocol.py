@@ -89,6 +89,7 @@ def test_masks_cancel_exactly(site_ids: list[int], length: int, all_pairs: bool,
     assert result.counts == [sum(c[i] for c in counts.values()) for i in range(2)]
 
 
+@pytest.mark.slow  # 15 whole rounds of 5-9 sites (about 5 s); test_dropout_at_each_stage covers each stage fast
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(5, 9), stage=st.sampled_from(STAGES), data=st.data())
 def test_any_single_dropout_is_survived(n: int, stage: str, data: st.DataObject) -> None:
@@ -100,7 +101,7 @@ def test_any_single_dropout_is_survived(n: int, stage: str, data: st.DataObject)
     _assert_sum(result, updates, set(params.site_ids) - ({victim} if stage not in LATE else set()))
 
 
-@pytest.mark.parametrize("n", [5, 10, 40])
+@pytest.mark.parametrize("n", [5, 10, pytest.param(40, marks=pytest.mark.slow)])
 def test_aggregate_equals_plain_sum_within_error_bound(n: int) -> None:
     params, fed = _setup(n, length=500, count_slots=1)
     updates = _updates(params)
@@ -223,7 +224,7 @@ def _few_partners_attack(n: int, victim: int = 0) -> tuple[LocalFederation, set[
     return fed, partners
 
 
-@pytest.mark.parametrize("n", [20, 40])
+@pytest.mark.parametrize("n", [20, pytest.param(40, marks=pytest.mark.slow)])  # 40 sites: about 25 s
 def test_few_partners_attack_recovers_nothing(n: int) -> None:
     # Before the consistency round, a server with NO colluder recovered the victim's update: it
     # named each partner "dropped" to exactly t of its holders (rebuilding the partners' mask keys)
@@ -355,6 +356,7 @@ def test_replayed_request_is_refused_and_secrets_are_wiped() -> None:
         client.unmask(request)
 
 
+@pytest.mark.slow  # a recovery per corrupted share (about 6 s)
 def test_corrupted_unmask_shares_are_discarded_one_by_one() -> None:
     # Each revealed share carries its dealer's signature: the server drops bad ones individually,
     # with no subset search (which 3 corrupt holders at t = 15 used to exhaust).
