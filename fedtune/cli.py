@@ -30,7 +30,7 @@ from common.config import (
 from common.flower_internals import check_flower_version
 from common.library_noise import silence_library_noise
 from fedtune.deploy_cli import add_subcommands
-from fedtune.runtime.control import RunFailed, project_dir
+from fedtune.runtime.project import RunFailed, project_dir
 
 if TYPE_CHECKING:
     from common.run_files import MetricsLine

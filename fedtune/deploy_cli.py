@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.config import BadInput
-from common.passport import PassportError, key_id, load_public_key, verify_passport
 from common.registry import (
     MEMBERS_FILE,
     FederationRegistry,
@@ -259,6 +258,8 @@ def cmd_passport(args: argparse.Namespace) -> int:
 
 
 def _cmd_passport_verify(args: argparse.Namespace) -> int:
+    from common.passport import PassportError, key_id, load_public_key, verify_passport
+
     if not args.path.is_dir():
         print(f"fedtune passport verify: {args.path} is not a directory; give the adapter directory",
               file=sys.stderr)

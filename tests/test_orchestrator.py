@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.runtime.control import RunFailed
 from fedtune.runtime.kits import provision, site_keygen
 from fedtune.runtime.orchestrator import KitError, ServerKit, start_server
+from fedtune.runtime.project import RunFailed
 
 
 @pytest.fixture(scope="module")

@@ -18,25 +18,10 @@ import tomli_w
 
 from common.run_files import MetricsLine, read_metrics
 from fedtune.runtime.processes import ManagedProcess, console_script, flower_env
+from fedtune.runtime.project import RunFailed, project_dir
 
 CONNECTION = "fedtune"
 POLL_S = 2.0
-
-
-class RunFailed(RuntimeError):
-    """The federated run did not complete; ``log_path`` holds Flower's log of the run, if any."""
-
-    def __init__(self, message: str, log_path: Path | None = None) -> None:
-        super().__init__(message)
-        self.log_path = log_path
-
-
-def project_dir() -> Path:
-    """The Flower app directory (holds pyproject.toml with [tool.flwr.app])."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "pyproject.toml").is_file():
-        raise RunFailed(f"no pyproject.toml in {root}: install fedtune from its source tree (pip install -e .)")
-    return root
 
 
 class Control:

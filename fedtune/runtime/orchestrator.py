@@ -16,9 +16,10 @@ from typing import Any
 
 from common.config import BadInput
 from common.run_files import MetricsLine
-from fedtune.runtime.control import CONNECTION, Control, RunFailed, wait_healthy
+from fedtune.runtime.control import CONNECTION, Control, wait_healthy
 from fedtune.runtime.kits import check_server_certificates
 from fedtune.runtime.processes import ManagedProcess, console_script, flower_env, port_in_use, terminate_as_interrupt
+from fedtune.runtime.project import RunFailed
 from server.checkpoint import latest_checkpoint
 
 log = logging.getLogger("fedtune.server")
