@@ -130,24 +130,16 @@ def convert(value: Any, annotation: Any, name: str, where: str, *, key: typing.C
         if isinstance(value, bool):
             return value
         raise wrong("true or false")
-    if annotation is int:
+    if annotation in (int, float):  # an int is a float's value too; a bool is neither
+        what, accepted = ("a whole number", int) if annotation is int else ("a number", (int, float))
         if text_values and isinstance(value, str):
             try:
-                return int(value)
+                return annotation(value)
             except ValueError:
-                raise wrong("a whole number") from None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise wrong("a whole number")
-    if annotation is float:
-        if text_values and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise wrong("a number") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise wrong("a number")
+                raise wrong(what) from None
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return annotation(value)
+        raise wrong(what)
     if annotation is str:
         if isinstance(value, str):
             return value
