@@ -41,14 +41,10 @@ def run_simulation(run_config: dict[str, Any], *, sites: int, out_dir: Path,
             [console_script("flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1",
              "--port", str(port), "--isolation", "subprocess", "--disable-runtime-dependency-installation"],
             flower_env(Path(flwr_home)), out_dir / "superlink.log")
-        follower: ManagedProcess | None = None
         try:
             superlink.start()
             wait_healthy(superlink, f"http://127.0.0.1:{port}/health", START_TIMEOUT_S)
-            run_id = control.submit(run_config, f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site}")
-            follower = control.stream_log(run_id, out_dir / "flower.log")
-            return control.follow(run_id, out_dir, on_round, out_dir / "flower.log", (superlink,))
+            return control.run_to_end(run_config, out_dir, on_round, out_dir / "flower.log", superlink,
+                                      f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site}")
         finally:
-            if follower is not None:
-                follower.stop()
             superlink.stop()

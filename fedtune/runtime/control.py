@@ -8,6 +8,7 @@ from the metrics.jsonl the ServerApp writes.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from fedtune.runtime.processes import ManagedProcess, console_script, flower_env
 from fedtune.runtime.project import RunFailed, project_dir
 
 CONNECTION = "fedtune"
+log = logging.getLogger("fedtune.control")
 POLL_S = 2.0
 
 
@@ -64,6 +66,18 @@ class Control:
         follower = ManagedProcess([console_script("flwr"), "log", run_id, CONNECTION, "--stream"], self.env(), path)
         follower.start()
         return follower
+
+    def run_to_end(self, run_config: dict[str, Any], out_dir: Path, on_round: Callable[[MetricsLine], None],
+                   log_path: Path, superlink: ManagedProcess, federation_config: str | None = None) -> dict[str, Any]:
+        """Submit the app to the running ``superlink``, stream Flower's log of the run to ``log_path`` and
+        follow the run to its end (the log's follower stopped whatever happens); Flower's final run record."""
+        run_id = self.submit(run_config, federation_config)
+        log.info("submitted run %s", run_id)
+        follower = self.stream_log(run_id, log_path)
+        try:
+            return self.follow(run_id, out_dir, on_round, log_path, (superlink,))
+        finally:
+            follower.stop()
 
     def follow(self, run_id: str, out_dir: Path, on_round: Callable[[MetricsLine], None], log_path: Path,
                daemons: tuple[ManagedProcess, ...] = ()) -> dict[str, Any]:

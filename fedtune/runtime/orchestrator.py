@@ -85,19 +85,13 @@ def start_server(kit: ServerKit, state: Path, *, host: str, port: int, run_confi
          "--disable-runtime-dependency-installation"],
         flower_env(flwr_home), state / "superlink.log")
     control = Control(flwr_home, f"{host}:{port}", root_certificates=kit.ca)
-    follower: ManagedProcess | None = None
     with terminate_as_interrupt():
         try:
             superlink.start()
             wait_healthy(superlink, f"https://{host}:{port}/health", START_TIMEOUT_S, verify=str(kit.ca))
             register_sites(control, kit)
-            run_id = control.submit(run_config)
-            log.info("submitted run %s", run_id)
-            follower = control.stream_log(run_id, state / "flower.log")
-            return control.follow(run_id, out_dir, on_round, state / "flower.log", (superlink,))
+            return control.run_to_end(run_config, out_dir, on_round, state / "flower.log", superlink)
         finally:
-            if follower is not None:
-                follower.stop()
             superlink.stop()
 
 
