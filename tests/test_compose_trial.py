@@ -16,13 +16,13 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from common.run_files import read_metrics
 from fedtune.runtime.processes import free_port
 from tests.compose import COMPOSE_FILE, Loopback, as_command, compose, documented_commands, service_command
 from tests.conftest import write_csv
+from tests.processes import described
 
 TRIAL_SIZES = ["--rounds", "2", "--max-length", "16", "--batch-size", "8", "--local-epochs", "1",
                "--site-wait", "1800"]  # round 1 waits for all 3 sites however slowly a busy machine starts them
@@ -38,25 +38,9 @@ def run(loopback: Loopback, argv: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-def stop(procs: dict[str, subprocess.Popen]) -> list[psutil.Process]:
-    """SIGTERM each service (what `docker compose down` sends); what is left of their process trees after."""
-    family: list[psutil.Process] = []
-    for proc in procs.values():
-        try:
-            family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs.values():
-        proc.wait(timeout=180)
-    psutil.wait_procs(family, timeout=60)
-    return [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
 @pytest.mark.slow
 @pytest.mark.process
-def test_the_compose_trial_runs_its_rounds_on_loopback(tmp_path: Path, drug_reviews) -> None:
+def test_the_compose_trial_runs_its_rounds_on_loopback(tmp_path: Path, drug_reviews, started_processes) -> None:
     loopback = Loopback(tmp_path, free_port())
     services = compose()["services"]
     sites = [name for name in services if name != "coordinator"]
@@ -83,23 +67,27 @@ def test_the_compose_trial_runs_its_rounds_on_loopback(tmp_path: Path, drug_revi
 
     # `docker compose up -d`: the coordinator first (depends_on), then the sites.
     (tmp_path / "logs").mkdir()
+    family = started_processes  # every process below the services is recorded while the trial runs
     procs: dict[str, subprocess.Popen] = {}
-    try:
-        for name in ["coordinator", *sites]:
-            args, env, cwd = loopback.argv(service_command(name))
-            args += TRIAL_SIZES if name == "coordinator" else []
-            with open(tmp_path / "logs" / f"{name}.log", "wb") as out:
-                procs[name] = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + RUN_DEADLINE_S
-        while procs["coordinator"].poll() is None:  # the run ends after its rounds: the coordinator exits
-            assert time.monotonic() < deadline, "the trial did not finish"
-            for site in sites:
-                assert procs[site].poll() is None, (tmp_path / "logs" / f"{site}.log").read_text()[-3000:]
-            time.sleep(1)
-        assert procs["coordinator"].returncode == 0, (tmp_path / "logs" / "coordinator.log").read_text()[-3000:]
-    finally:
-        leftovers = stop(procs)
-    assert leftovers == []
+    for name in ["coordinator", *sites]:
+        args, env, cwd = loopback.argv(service_command(name))
+        args += TRIAL_SIZES if name == "coordinator" else []
+        with open(tmp_path / "logs" / f"{name}.log", "wb") as out:
+            procs[name] = family.start(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + RUN_DEADLINE_S
+    while procs["coordinator"].poll() is None:  # the run ends after its rounds: the coordinator exits
+        assert time.monotonic() < deadline, "the trial did not finish"
+        for site in sites:
+            assert procs[site].poll() is None, (tmp_path / "logs" / f"{site}.log").read_text()[-3000:]
+        family.snapshot()
+        time.sleep(1)
+    assert procs["coordinator"].returncode == 0, (tmp_path / "logs" / "coordinator.log").read_text()[-3000:]
+    for proc in procs.values():  # SIGTERM each service, as `docker compose down` does
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs.values():
+        family.wait(proc, 180)
+    assert described(family.alive()) == []
 
     run_dir = tmp_path / "volumes" / "coordinator-state" / "run"
     lines = read_metrics(run_dir, start=1)  # round 0: the coordinator's baseline evaluation
