@@ -19,7 +19,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psutil
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -49,6 +48,7 @@ from fedtune.runtime.kits import (
     site_keygen,
     validate_request,
 )
+from tests.processes import described
 
 SITES = ["hospital-a", "hospital-b", "clinic-3"]
 HOSTS = ["superlink.example.org", "10.0.0.5"]
@@ -743,7 +743,8 @@ def test_start_refuses_an_expired_certificate(tmp_path: Path, drug_reviews) -> N
 
 
 @pytest.mark.process
-def test_the_coordinator_serves_a_renewed_certificate(fresh: Path, tmp_path: Path, drug_reviews) -> None:
+def test_the_coordinator_serves_a_renewed_certificate(fresh: Path, tmp_path: Path, drug_reviews,
+                                                     started_processes) -> None:
     """End to end on loopback: provision, renew with a new CA (10 days, through the CLI), start the coordinator
     (`fedtune server start`: its SuperLink) from the renewed kit. It warns, on one stderr line, that its
     certificates expire within 30 days; the renewed site kit's ca.crt completes a TLS handshake with it and
@@ -762,7 +763,7 @@ def test_the_coordinator_serves_a_renewed_certificate(fresh: Path, tmp_path: Pat
     test_data = write_csv(tmp_path / "test.csv", drug_reviews[500:520])
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "server", "start", "--kit",
+        server = started_processes.start([sys.executable, "-m", "fedtune.cli", "server", "start", "--kit",
                                    str(tmp_path / "new" / "server"), "--state", str(tmp_path / "state"), "--host",
                                    "127.0.0.1", "--port", str(port), "--sites", "3", "--rounds", "1",
                                    "--test-data", str(test_data), "--labels", "negative,neutral,positive"],
@@ -776,17 +777,17 @@ def test_the_coordinator_serves_a_renewed_certificate(fresh: Path, tmp_path: Pat
                 break
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline, "the SuperLink did not listen within 300 s"
+                started_processes.snapshot()
                 time.sleep(0.2)
         assert der == x509.load_pem_x509_certificate(
             (tmp_path / "new" / "server" / "server.crt").read_bytes()).public_bytes(serialization.Encoding.DER)
         with pytest.raises(ssl.SSLCertVerificationError):
             _handshake(port, fresh / "sites" / "hospital-a" / "ca.crt")
     finally:
-        family = psutil.Process(server.pid).children(recursive=True) if server.poll() is None else []
+        started_processes.snapshot()
         server.terminate()  # SIGTERM: fedtune stops its SuperLink and everything it started
-        server.wait(timeout=120)
-        psutil.wait_procs(family, timeout=60)
-    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        started_processes.wait(server, 120)
+    assert described(started_processes.alive()) == []
     warnings = [line for line in log.read_text().splitlines() if "expires on" in line]
     assert [w.split(" in ")[0] for w in warnings] == ["WARNING: ca.crt", "WARNING: server.crt"], warnings
     assert all("(in 9 days)" in w for w in warnings)
