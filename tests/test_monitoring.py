@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 from common.run_files import MetricsLine, read_metrics
 from fedtune.runtime.processes import free_port, port_in_use
 from fedtune.runtime.tracking import TrackingError, final_adapter, open_trackers, round_scalars
+from tests.processes import ProcessFamily, described
 
 SITES = ("site-a", "site-b", "site-c")
 SETTINGS = {"federation.rounds": 2, "privacy.epsilon": 8.0, "train.learning-rate": 0.02, "task": "classification"}
@@ -329,29 +329,32 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, drug_reviews) -> dict[s
     return {"root": root, "kits": kits}
 
 
-def daemon(argv: list[str], log: Path) -> subprocess.Popen:
+def daemon(family: ProcessFamily, argv: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *argv], stdout=out, stderr=subprocess.STDOUT,
-                                env=os.environ | {"FLWR_TELEMETRY_ENABLED": "0"}, start_new_session=True)
+        return family.start([sys.executable, "-m", "fedtune.cli", *argv], stdout=out, stderr=subprocess.STDOUT,
+                            env=os.environ | {"FLWR_TELEMETRY_ENABLED": "0"})
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(family: ProcessFamily, proc: subprocess.Popen) -> None:
     """SIGTERM, as a service manager stops it; the daemon stops everything it started."""
+    family.snapshot()
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=120)
+        proc.terminate()
+    family.wait(proc, 120)
 
 
 @pytest.mark.process
-def test_a_site_daemon_serves_its_metrics_health_and_readiness(deployment: dict[str, Path]) -> None:
+def test_a_site_daemon_serves_its_metrics_health_and_readiness(deployment: dict[str, Path],
+                                                               started_processes: ProcessFamily) -> None:
     root, port = deployment["root"], free_port()
     address = f"127.0.0.1:{port}"
-    proc = daemon(["client", "start", "--kit", str(deployment["kits"] / "sites" / "site-a"),
-                   "--keys", str(root / "keys" / "site-a"), "--data", str(root / "train.csv"),
-                   "--state", str(root / "state" / "site-a"), "--superlink", f"127.0.0.1:{free_port()}",
-                   "--labels", "negative,neutral,positive", "--max-epsilon", "5", "--metrics-port", str(port)],
-                  root / "site-a.log")
+    argv = ["client", "start", "--kit", str(deployment["kits"] / "sites" / "site-a"),
+            "--keys", str(root / "keys" / "site-a"), "--data", str(root / "train.csv"),
+            "--state", str(root / "state" / "site-a"), "--superlink", f"127.0.0.1:{free_port()}",
+            "--labels", "negative,neutral,positive", "--max-epsilon", "5", "--metrics-port", str(port)]
+    proc = daemon(started_processes, argv, root / "site-a.log")
     try:  # as systemd's ExecStartPost checks it
+        started_processes.snapshot()
         check = subprocess.run([sys.executable, "-m", "fedtune.cli", "wait-ready", "--port", str(port), "--timeout",
                                 "300"], capture_output=True, text=True, timeout=400)
         assert check.returncode == 0, check.stderr
@@ -359,26 +362,29 @@ def test_a_site_daemon_serves_its_metrics_health_and_readiness(deployment: dict[
         samples = scrape(address)
         assert samples[("fedtune_site_epsilon_left", ())] == 5 and samples[("fedtune_site_serving", ())] == 1
     finally:
-        stop(proc)
-    assert not port_in_use("127.0.0.1", port)
+        stop(started_processes, proc)
+    assert not port_in_use("127.0.0.1", port) and described(started_processes.alive()) == []
     assert "on http://127.0.0.1:" in (root / "site-a.log").read_text()
 
 
 @pytest.mark.process
-def test_the_coordinator_is_ready_once_its_superlink_answers(deployment: dict[str, Path], tmp_path: Path) -> None:
+def test_the_coordinator_is_ready_once_its_superlink_answers(deployment: dict[str, Path], tmp_path: Path,
+                                                             started_processes: ProcessFamily) -> None:
     root, port, superlink = deployment["root"], free_port(), free_port()
     address = f"127.0.0.1:{port}"
-    proc = daemon(["server", "start", "--kit", str(deployment["kits"] / "server"), "--state", str(tmp_path / "state"),
-                   "--port", str(superlink), "--test-data", str(root / "test.csv"),
-                   "--labels", "negative,neutral,positive", "--metrics-port", str(port),
-                   "--mlflow", f"sqlite:///{tmp_path / 'mlflow.db'}"], tmp_path / "server.log")
+    argv = ["server", "start", "--kit", str(deployment["kits"] / "server"), "--state", str(tmp_path / "state"),
+            "--port", str(superlink), "--test-data", str(root / "test.csv"),
+            "--labels", "negative,neutral,positive", "--metrics-port", str(port),
+            "--mlflow", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    proc = daemon(started_processes, argv, tmp_path / "server.log")
     try:
         wait_until(lambda: answers(address, "/readyz") == 200, "the SuperLink's health check", proc)
         assert answers(address, "/healthz") == 200
         assert scrape(address)[("fedtune_coordinator_rounds_total", ())] == 0
     finally:
-        stop(proc)
+        stop(started_processes, proc)
     assert not port_in_use("127.0.0.1", port) and not port_in_use("127.0.0.1", superlink)
+    assert described(started_processes.alive()) == []
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
