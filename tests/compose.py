@@ -60,6 +60,14 @@ def service_command(name: str, args: list[str] | None = None) -> Command:
                    service.get("working_dir", ""), {k: str(v) for k, v in env.items()})
 
 
+def renamed(command: Command, site: str, other: str) -> Command:
+    """The same service for another site: every mention of ``site`` (its kit, keys, volumes, data) names ``other``."""
+    def swap(text: str) -> str:
+        return text.replace(site, other)
+    return Command(swap(command.service), tuple(map(swap, command.volumes)), tuple(map(swap, command.args)),
+                   command.workdir, {name: swap(value) for name, value in command.environment.items()})
+
+
 def documented_commands() -> list[list[str]]:
     """The shell commands the compose file's header shows (lines joined at a trailing backslash), as argv."""
     lines = [line.removeprefix("#").strip() for line in COMPOSE_FILE.read_text().splitlines() if line.startswith("#")]

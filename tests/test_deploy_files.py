@@ -2,12 +2,14 @@
 
 import argparse
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.compose import DEPLOY, as_command, compose, documented_commands
+from tests.compose import COMPOSE_FILE, DEPLOY, as_command, compose, documented_commands
 from tests.conftest import ROOT
 
 COMPOSE_SITES = ("hospital-a", "hospital-b", "hospital-c")
@@ -55,7 +57,7 @@ def test_each_compose_site_uses_its_own_keys_and_the_coordinator_none():
 
 def test_the_documented_keygen_and_provision_commands_parse():
     """The compose file's header shows how sites make keys and the coordinator provisions from them
-    (tests/test_compose_trial.py runs them)."""
+    (tests/test_deployment.py runs them)."""
     commands = [command for argv in documented_commands() if (command := as_command(argv))]
     parsed = [_accepts(list(command.args)) for command in commands]
     keygens = [args for args in parsed if args.command == "site" and args.site_command == "keygen"]
@@ -157,3 +159,17 @@ def test_the_app_bundle_carries_only_what_runs_inside_flower(tmp_path: Path) -> 
     loaded = [Path(f) for f in ast.literal_eval(done.stdout.strip().splitlines()[-1])]
     outside = [f for f in loaded if not f.is_relative_to(tmp_path)]
     assert loaded and not outside, outside
+
+
+@pytest.mark.process
+def test_docker_compose_accepts_the_file() -> None:
+    """Where Docker Compose is installed, it accepts the file (elsewhere skipped, saying so: the trial's commands
+    are still run on loopback by tests/test_deployment.py)."""
+    if shutil.which("docker") is None:
+        pytest.skip("docker is not on PATH: `docker compose config` not run")
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60).returncode != 0:
+        pytest.skip("docker has no compose plugin here (`docker compose version` fails): `docker compose config` "
+                    "not run")
+    done = subprocess.run(["docker", "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
