@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from common.files import private_dir, write_json
-from common.privacy_audit import AuditError, AuditResult, audit
+from common.privacy_audit import AuditError, AuditResult, audit, write_audit_result
 
 CANARY_DIR = "privacy-audit"
 
@@ -91,8 +91,9 @@ class RunCanaries:
     """The site's canaries for one run and the canary coordinates of each global adapter it received:
     ``STATE/privacy-audit/run-<id>.json`` (0600, in a 0700 directory). The secrets the audit needs."""
 
-    def __init__(self, path: Path, canaries: tuple[Canary, ...], observed: dict[int, list[float]]) -> None:
-        self.path, self.canaries, self.observed = path, canaries, observed
+    def __init__(self, path: Path, run_id: int, canaries: tuple[Canary, ...], observed: dict[int, list[float]]
+                 ) -> None:
+        self.path, self.run_id, self.canaries, self.observed = path, run_id, canaries, observed
 
     @classmethod
     def open(cls, state_dir: Path, run_id: int, model: torch.nn.Module, count: int) -> RunCanaries:
@@ -100,12 +101,12 @@ class RunCanaries:
         in the run keeps the drawn ones: changing them mid-run would void the audit)."""
         path = private_dir(state_dir / CANARY_DIR) / f"run-{run_id}.json"
         if not path.exists():
-            found = cls(path, draw_canaries(model, count), {})
+            found = cls(path, run_id, draw_canaries(model, count), {})
             found._save()
             return found
         try:
             saved = json.loads(path.read_text())
-            found = cls(path, tuple(Canary(**c) for c in saved["canaries"]),
+            found = cls(path, run_id, tuple(Canary(**c) for c in saved["canaries"]),
                         {int(r): [float(x) for x in values] for r, values in saved["observed"].items()})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise AuditError(f"the audit's canaries {path} are unreadable ({exc}); delete the file to audit this "
@@ -130,8 +131,22 @@ class RunCanaries:
         rounds = sorted(self.observed)
         return audit(scores(self.observed[rounds[0]], self.observed[rounds[-1]]),
                      [c.included for c in self.canaries], delta, epsilon_accounted=epsilon_accounted,
-                     rounds=rounds[-1] - rounds[0])
+                     rounds=rounds[-1] - rounds[0], run_id=self.run_id)
 
     def _save(self) -> None:
         write_json(self.path, {"canaries": [asdict(c) for c in self.canaries],
                                "observed": {str(r): values for r, values in self.observed.items()}})
+
+
+def audit_round(state_dir: Path, *, run_id: int, server_round: int, model: torch.nn.Module, count: int,
+                delta: float, epsilon_accounted: float) -> tuple[Canary, ...]:
+    """A site's audit at one round, before it trains on the global adapter loaded in ``model``: keep that adapter's
+    canary coordinates, write the audit of the run so far (``audit-result.json``, from the second round on: the
+    latest adapter against the first), and return the run's canaries to train with. ``epsilon_accounted``: what the
+    site's ledger says it spent before this round (what the adapters audited can have cost)."""
+    canaries = RunCanaries.open(state_dir, run_id, model, count)
+    canaries.observe(server_round, model)
+    result = canaries.audit(delta, epsilon_accounted)
+    if result is not None:
+        write_audit_result(state_dir, result)
+    return canaries.canaries

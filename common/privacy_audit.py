@@ -21,8 +21,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.files import write_json
+from common.typed import BadInput
 
 AUDIT_RESULT_FILE = "audit-result.json"
 """A site's latest audit, in its state dir: what it may release (synthetic canaries: nothing about records)."""
@@ -31,7 +33,7 @@ GUESS_FRACTIONS = (0.05, 0.1, 0.25, 0.5)
 """k (guesses "in", and as many "out") as a share of the canaries: the grid the bound is chosen from."""
 
 
-class AuditError(ValueError):
+class AuditError(BadInput):
     """An audit's inputs or its result file are not what an audit needs."""
 
 
@@ -130,17 +132,24 @@ class AuditResult:
     epsilon_accounted: float | None = None
     """What the site's accountant says it spent when the audit was computed."""
     rounds: int = 0
-    """Rounds whose global adapters the scores come from."""
+    """Rounds of training between the two global adapters the scores compare."""
+    run_id: int | None = None
+
+    def report(self) -> dict[str, Any]:
+        """What the site's PrivacyReport carries of it (common/run_files.py)."""
+        return {"audited_epsilon": self.epsilon, "audit_canaries": self.canaries, "audit_guesses": self.guesses,
+                "audit_correct": self.correct}
 
     def line(self) -> str:
         accounted = f"{self.epsilon_accounted:.2f}" if self.epsilon_accounted is not None else "n/a"
-        return (f"ε accounted {accounted} — ε audited ≥ {self.epsilon:.2f} at {self.confidence:.0%} "
+        return (f"ε accounted {accounted} — ε audited ≥ {self.epsilon:.2f} at {self.confidence * 100:.0f} % "
                 f"({self.canaries} canaries, {self.guesses} guesses, {self.correct} correct; "
                 f"membership AUC {self.auc:.2f})")
 
 
 def audit(scores: Sequence[float], included: Sequence[bool], delta: float, *,
-          significance: float = SIGNIFICANCE, epsilon_accounted: float | None = None, rounds: int = 0) -> AuditResult:
+          significance: float = SIGNIFICANCE, epsilon_accounted: float | None = None, rounds: int = 0,
+          run_id: int | None = None) -> AuditResult:
     """The one-run audit of canaries' ``scores`` (higher = more likely included): the best bound over the k grid
     (:data:`GUESS_FRACTIONS`), each k tested at ``significance`` / (grid size), so the result holds at
     1 − ``significance`` whichever k it picked."""
@@ -150,7 +159,7 @@ def audit(scores: Sequence[float], included: Sequence[bool], delta: float, *,
                          f"{len(included)} bits")
     grid = sorted({max(1, min(m // 2, round(fraction * m))) for fraction in GUESS_FRACTIONS})
     best = AuditResult(m, 0, 0, 0.0, delta, 1 - significance, membership_auc(scores, included), epsilon_accounted,
-                       rounds)
+                       rounds, run_id)
     for k in grid:
         guesses, correct = guess_counts(scores, included, k)
         epsilon = epsilon_lower_bound(m, guesses, correct, delta, significance / len(grid))
@@ -176,3 +185,12 @@ def read_audit_result(state_dir: Path) -> AuditResult:
         return AuditResult(**{f.name: saved[f.name] for f in dataclasses.fields(AuditResult) if f.name in saved})
     except (OSError, ValueError, TypeError) as exc:
         raise AuditError(f"{path} is unreadable ({exc}); it is rewritten at the site's next round") from exc
+
+
+def run_audit(state_dir: Path, run_id: int) -> AuditResult | None:
+    """The site's latest audit of run ``run_id`` (None when it has none yet, or only of another run)."""
+    try:
+        result = read_audit_result(state_dir)
+    except AuditError:
+        return None
+    return result if result.run_id == run_id else None

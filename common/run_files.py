@@ -58,6 +58,13 @@ class PrivacyReport:
     resent: bool = False
     """This reply resends an update the site released earlier for the same round and adapter: no new ε was
     spent, so ε may stay flat (after a round the site trained, it must rise: server/ledger_watch.py)."""
+    audited_epsilon: float | None = None
+    """The site's privacy audit of this run so far (client/canaries.py): a lower bound on its ε at 95 %, from
+    gradient canaries only it knows; None without an audit. Canaries are synthetic: this and the counts below
+    say nothing about records."""
+    audit_canaries: int | None = None
+    audit_guesses: int | None = None
+    audit_correct: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

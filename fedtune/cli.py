@@ -107,7 +107,8 @@ def simulated_registry(out: Path, sites: int) -> Path:
 
 
 def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: str, model: str, dp: bool,
-                            secure: bool, epsilon: float, unit: str, max_rows_per_unit: int = 8) -> None:
+                            secure: bool, epsilon: float, unit: str, max_rows_per_unit: int = 8,
+                            audit_canaries: int = 0) -> None:
     """Each simulated site's own policy file (the person running the simulation plays every site).
 
     Weaker protection than the defaults exists only because this command was asked for it by name.
@@ -116,7 +117,8 @@ def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: st
 
     policy = SitePolicy(task=task, labels=tuple(filter(None, labels.split(","))), model_path=model,
                         max_epsilon=epsilon, require_dp=dp,
-                        require_secure_aggregation=secure, privacy_unit=unit, max_rows_per_unit=max_rows_per_unit)
+                        require_secure_aggregation=secure, privacy_unit=unit, max_rows_per_unit=max_rows_per_unit,
+                        audit_canaries=audit_canaries)
     for i in range(sites):
         write_policy(out.resolve() / "sites" / f"site-{i}", policy)
 
@@ -346,6 +348,13 @@ def cmd_client_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    """A site's privacy audit: what its ledger accounts and what its canaries show, from its state dir."""
+    from common.privacy_audit import read_audit_result
+
+    print(read_audit_result(args.state).line())
+
+
 def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
     server = sub.add_parser("server", help="the coordinator (deployment)").add_subparsers(dest="action", required=True)
     start = server.add_parser("start", help="SuperLink with TLS and site authentication + the fedtune run",
@@ -448,9 +457,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     _federation_options(demo, simulation=True)
     demo.set_defaults(partition="dirichlet", rounds=5, max_length=64)
     _deployment_parsers(sub)
+    audit = sub.add_parser("audit", help="a site's privacy audit: the ε its ledger accounts and the empirical lower "
+                           "bound its canaries show (`fedtune client start --audit-canaries`)",
+                           formatter_class=HelpFormatter)
+    audit.add_argument("state", type=Path, help="the site's state directory (its --state)")
     handlers: dict[str, Callable[[argparse.Namespace], int | None]] = {
         "simulate": cmd_simulate, "demo": cmd_demo, "server": cmd_server_start, "client": cmd_client_start,
-        "wait-ready": cmd_wait_ready}
+        "wait-ready": cmd_wait_ready, "audit": cmd_audit}
     handlers |= add_subcommands(sub)
     return parser, handlers
 
