@@ -29,6 +29,8 @@ from common.typed import BadInput
 AUDIT_RESULT_FILE = "audit-result.json"
 """A site's latest audit, in its state dir: what it may release (synthetic canaries: nothing about records)."""
 SIGNIFICANCE = 0.05
+AUDIT_FIELDS = ("audited_epsilon", "audit_canaries", "audit_guesses", "audit_correct")
+"""What a site releases of its audit, as its PrivacyReport and the passport name them (see AuditResult.report)."""
 GUESS_FRACTIONS = (0.05, 0.1, 0.25, 0.5)
 """k (guesses "in", and as many "out") as a share of the canaries: the grid the bound is chosen from."""
 
@@ -137,14 +139,19 @@ class AuditResult:
 
     def report(self) -> dict[str, Any]:
         """What the site's PrivacyReport carries of it (common/run_files.py)."""
-        return {"audited_epsilon": self.epsilon, "audit_canaries": self.canaries, "audit_guesses": self.guesses,
-                "audit_correct": self.correct}
+        return dict(zip(AUDIT_FIELDS, (self.epsilon, self.canaries, self.guesses, self.correct), strict=True))
 
     def line(self) -> str:
-        accounted = f"{self.epsilon_accounted:.2f}" if self.epsilon_accounted is not None else "n/a"
-        return (f"ε accounted {accounted} — ε audited ≥ {self.epsilon:.2f} at {self.confidence * 100:.0f} % "
-                f"({self.canaries} canaries, {self.guesses} guesses, {self.correct} correct; "
-                f"membership AUC {self.auc:.2f})")
+        return (audit_line(self.epsilon_accounted, self.report(), self.confidence)
+                + f" — membership AUC {self.auc:.2f}, run {self.run_id}")
+
+
+def audit_line(accounted: float | None, released: dict[str, Any], confidence: float = 1 - SIGNIFICANCE) -> str:
+    """"ε accounted X — ε audited ≥ Y at 95 % (m canaries, r guesses, v correct)", from what a site releases
+    (:meth:`AuditResult.report`)."""
+    return (f"ε accounted {'n/a' if accounted is None else f'{accounted:.2f}'} — ε audited ≥ "
+            f"{released['audited_epsilon']:.2f} at {confidence * 100:.0f} % ({released['audit_canaries']} canaries, "
+            f"{released['audit_guesses']} guesses, {released['audit_correct']} correct)")
 
 
 def audit(scores: Sequence[float], included: Sequence[bool], delta: float, *,

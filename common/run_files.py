@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.files import write_json
+from common.privacy_audit import AUDIT_FIELDS
 from common.typed import BadInput, ConfigError, from_mapping, snake
 
 RUN_FILE = "run.json"
@@ -68,6 +69,10 @@ class PrivacyReport:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def released_audit(self) -> dict[str, Any] | None:
+        """The site's privacy audit as it released it (``AuditResult.report``), or None without one."""
+        return {key: getattr(self, key) for key in AUDIT_FIELDS} if self.audited_epsilon is not None else None
 
 
 @dataclass(frozen=True)
