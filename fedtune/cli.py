@@ -192,7 +192,8 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
                           "or more, or --plain-aggregation")
     simulated_site_policies(out, args.sites, task=task, labels=run_config["data.labels"], model=args.model, dp=dp,
                             secure=not args.plain_aggregation, epsilon=args.epsilon, unit=args.privacy_unit,
-                            max_rows_per_unit=settings.train.max_rows_per_unit)
+                            max_rows_per_unit=settings.train.max_rows_per_unit,
+                            audit_canaries=getattr(args, "audit_canaries", 0))
     if not args.plain_aggregation:
         from common.registry import load_registry, read_aloud
 
@@ -447,6 +448,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
                           help="also train 'local' (each site alone) and/or 'central' (all data pooled), comma-"
                                "separated, under the same plan and DP budget; they appear in report.html")
     _federation_options(simulate, simulation=True)
+    canaries = next(opt for opt in site_policy_options() if opt.key == "audit-canaries")
+    simulate.add_argument(canaries.flag, dest=canaries.dest, type=canaries.kind, default=canaries.default,
+                          help=f"every simulated site's policy: {canaries.help}")
     _tracking_options(simulate)
     demo = sub.add_parser("demo", help="the README demo: a bank consortium under DP vs each bank alone",
                           formatter_class=HelpFormatter)
