@@ -160,3 +160,17 @@ def test_the_audit_fails_a_dp_step_whose_noise_is_off(one_thread: None) -> None:
     result = audited_training(BROKEN, claimed_epsilon=claimed).result
     assert result.epsilon > claimed + 1.0, result.line()
     assert result.auc > 0.9
+
+
+def test_the_sites_policy_turns_the_audit_on_and_refuses_a_single_canary() -> None:
+    from client.policy import SitePolicy
+    from common.config import ConfigError
+    from fedtune.cli import build_parser, site_policy_options
+
+    args = build_parser()[0].parse_args(["client", "start", "--kit", "k", "--keys", "k", "--data", "d", "--state",
+                                         "s", "--superlink", "h:1", "--labels", "no,yes", "--audit-canaries", "200"])
+    policy = SitePolicy.from_mapping({opt.key: getattr(args, opt.dest) for opt in site_policy_options()}, "test")
+    assert policy.audit_canaries == 200 and SitePolicy().audit_canaries == 0  # off unless the site asks
+    assert SitePolicy.from_mapping(policy.to_mapping(), "node config") == policy
+    with pytest.raises(ConfigError, match="audit-canaries must be 0"):
+        SitePolicy(audit_canaries=1)
