@@ -4,14 +4,17 @@ A frozen random layer and a trainable head (the shape of LoRA: only linear layer
 10-class task with the site's PerUnitDPSGD and AdamW, Poisson sampling at rate q, and m white-box gradient
 canaries (client/canaries.py): half included at random, each joining a step with rate q. The audited lower
 bound is set against the ε the site's accountant claims for the same (σ, q, steps); with the noise off, the
-same claim is false and the audit must say so. No pre-trained weights: a run takes well under a second.
+same claim is false and the audit must say so. The utility cost of the canaries: each run is paired with a twin
+trained without them (same task and initial head, fresh noise). No pre-trained weights: a run takes about a second.
 
-    python -m simulations.benchmarks.privacy_audit --epsilon 1 3 8 --runs 5 --canaries 200
+    python -m simulations.benchmarks.privacy_audit --epsilon 1 3 8 --runs 5 --canaries 200 [--separation 0.6]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import statistics
 from dataclasses import dataclass
 
@@ -38,6 +41,8 @@ class Setting:
     canaries: int = 200
     max_grad_norm: float = 1.0
     learning_rate: float = 0.01
+    separation: float = 1.5
+    """Scale of the class centres (rows are unit-variance around them): lower is a harder task."""
 
     def claimed_epsilon(self, noise_multiplier: float | None = None) -> float:
         """What the site's accountant says these steps cost at σ (by default this setting's own)."""
@@ -69,6 +74,8 @@ class Outcome:
     result: AuditResult
     accuracy: float
     """Of the trained head on fresh rows of the same task."""
+    accuracy_without: float | None = None
+    """Of its twin: the same task and initial head trained without canaries (a paired run), if asked for."""
 
 
 def _task(rows: int, centres: torch.Tensor, generator: torch.Generator) -> Rows:
@@ -76,17 +83,10 @@ def _task(rows: int, centres: torch.Tensor, generator: torch.Generator) -> Rows:
     return Rows(centres[labels] + torch.randn(rows, FEATURES, generator=generator), labels)
 
 
-def audited_training(setting: Setting, *, claimed_epsilon: float, with_canaries: bool = True) -> Outcome:
-    """Train with the site's DP step (and, unless told otherwise, its canaries) and audit the run against
-    ``claimed_epsilon``. Everything random comes from OS entropy, as at a site."""
-    generator = fresh_generator()
-    centres = 1.5 * torch.randn(CLASSES, FEATURES, generator=generator)
-    data, fresh = _task(setting.units, centres, generator), _task(2000, centres, generator)
-    model = torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, CLASSES))
-    model[0].requires_grad_(False)  # frozen, as a base model; the head trains, as LoRA's B
-    canaries = draw_canaries(model, setting.canaries)
-    first = coordinates(model, canaries)
-    included = included_coordinates(model, canaries) if with_canaries else []
+def _train(model: torch.nn.Module, data: Rows, setting: Setting, canaries: list[tuple[torch.nn.Parameter, int]],
+           generator: torch.Generator) -> torch.nn.Module:
+    """The site's DP-SGD (PerUnitDPSGD, AdamW) over Poisson batches, with the included ``canaries`` joining each
+    step at the same rate as units."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=setting.learning_rate,
                                   weight_decay=0.0)
     dp_sgd = PerUnitDPSGD(model, optimizer, noise_multiplier=setting.noise_multiplier,
@@ -99,12 +99,32 @@ def audited_training(setting: Setting, *, claimed_epsilon: float, with_canaries:
     for _ in range(setting.steps):
         drawn = (torch.rand(setting.units, generator=generator) < setting.sample_rate).nonzero().flatten()
         chunks = [Rows(data.features[drawn], data.labels[drawn])] if len(drawn) else []
-        dp_sgd.step(chunks, loss_of, joining(included, setting.sample_rate, generator))
+        dp_sgd.step(chunks, loss_of, joining(canaries, setting.sample_rate, generator))
+    return model
+
+
+def _accuracy(model: torch.nn.Module, rows: Rows) -> float:
     with torch.no_grad():
-        accuracy = float((model(fresh.features).argmax(1) == fresh.labels).float().mean())
+        return float((model(rows.features).argmax(1) == rows.labels).float().mean())
+
+
+def audited_training(setting: Setting, *, claimed_epsilon: float, paired: bool = False) -> Outcome:
+    """Train with the site's DP step and its canaries and audit the run against ``claimed_epsilon``; ``paired``:
+    also train a twin without canaries (same task and initial head, fresh noise). All randomness is OS entropy,
+    as at a site."""
+    generator = fresh_generator()
+    centres = setting.separation * torch.randn(CLASSES, FEATURES, generator=generator)
+    data, fresh = _task(setting.units, centres, generator), _task(2000, centres, generator)
+    model = torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, CLASSES))
+    model[0].requires_grad_(False)  # frozen, as a base model; the head trains, as LoRA's B
+    twin = copy.deepcopy(model) if paired else None
+    canaries = draw_canaries(model, setting.canaries)
+    first = coordinates(model, canaries)
+    _train(model, data, setting, included_coordinates(model, canaries), generator)
     result = audit(scores(first, coordinates(model, canaries)), [c.included for c in canaries], DELTA,
                    epsilon_accounted=claimed_epsilon)
-    return Outcome(result, accuracy)
+    without = _accuracy(_train(twin, data, setting, [], generator), fresh) if twin is not None else None
+    return Outcome(result, _accuracy(model, fresh), without)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,25 +133,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--canaries", type=int, default=200)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--separation", type=float, default=Setting.separation,
+                        help="scale of the class centres: lower is a harder task")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny tensors: more threads only wait on each other
-    print("| claimed ε | σ | audited ε (mean, max of runs) | membership AUC | accuracy with canaries | without |")
-    print("|---|---|---|---|---|---|")
+    print("| claimed ε | σ | audited ε (mean, max of runs) | membership AUC | accuracy with canaries | without "
+          "(paired) | difference (mean ± s.e.) |")
+    print("|---|---|---|---|---|---|---|")
+    base = Setting(0.0, canaries=args.canaries, steps=args.steps, separation=args.separation)
     for epsilon in [*args.epsilon, None]:
-        base = Setting(0.0, canaries=args.canaries, steps=args.steps)
-        sigma = (noise_multiplier_for(ACCOUNTANT, epsilon, DELTA, base.sample_rate, base.steps)
-                 if epsilon is not None else 0.0)
-        setting = Setting(sigma, canaries=args.canaries, steps=args.steps)
-        claimed = epsilon if epsilon is not None else setting.claimed_epsilon(
-            noise_multiplier_for(ACCOUNTANT, 1.0, DELTA, base.sample_rate, base.steps))
-        runs = [audited_training(setting, claimed_epsilon=claimed) for _ in range(args.runs)]
-        plain = [audited_training(setting, claimed_epsilon=claimed, with_canaries=False) for _ in range(args.runs)]
+        planned = noise_multiplier_for(ACCOUNTANT, epsilon or 1.0, DELTA, base.sample_rate, base.steps)
+        setting = dataclasses.replace(base, noise_multiplier=planned if epsilon is not None else 0.0)
+        claimed = setting.claimed_epsilon(planned)
+        runs = [audited_training(setting, claimed_epsilon=claimed, paired=True) for _ in range(args.runs)]
         audited = [run.result.epsilon for run in runs]
-        print(f"| {'off (claims ε=1)' if epsilon is None else f'{epsilon:g}'} | {sigma:.3f} | "
+        costs = [run.accuracy - (run.accuracy_without or 0.0) for run in runs]
+        spread = statistics.stdev(costs) / len(costs) ** 0.5 if len(costs) > 1 else float("nan")
+        print(f"| {'off (claims ε=1)' if epsilon is None else f'{epsilon:g}'} | {setting.noise_multiplier:.3f} | "
               f"{statistics.mean(audited):.2f}, {max(audited):.2f} | "
               f"{statistics.mean(run.result.auc for run in runs):.2f} | "
               f"{statistics.mean(run.accuracy for run in runs):.3f} | "
-              f"{statistics.mean(run.accuracy for run in plain):.3f} |", flush=True)
+              f"{statistics.mean(run.accuracy_without or 0.0 for run in runs):.3f} | "
+              f"{statistics.mean(costs):+.3f} ± {spread:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
