@@ -323,7 +323,8 @@ def cmd_client_start(args: argparse.Namespace) -> int:
           f"on {policy.device}, "
           f"ε ≤ {policy.max_epsilon:g} per {unit_name(policy.privacy_unit)}, "
           f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·public size))'}, "
-          f"≥ {policy.min_sites} sites per secure round, DP and secure aggregation required", flush=True)
+          f"≥ {policy.min_sites} sites per secure round, DP and secure aggregation required"
+          f"{f', privacy audit with {policy.audit_canaries} canaries' if policy.audit_canaries else ''}", flush=True)
     metrics = None
     if args.metrics_port is not None:
         from fedtune.runtime.monitoring import SiteMetrics
