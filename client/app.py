@@ -26,6 +26,7 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.canaries import audit_round
 from client.policy import PolicyError
 from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger
 from client.release import ReleasedUpdates, adapter_digest
@@ -48,6 +49,7 @@ from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
 from common.library_noise import start_process_log
 from common.model import ModelError, Placement, build_model, resolve_device
+from common.privacy_audit import AuditError, run_audit
 from common.records import (
     KeyAdvertisement,
     PrivacyReport,
@@ -88,7 +90,7 @@ def lifespan(context: Context) -> Iterator[None]:
 _FAILURE_KINDS: tuple[tuple[type[Exception], str], ...] = (
     (BudgetExhausted, "budget-exhausted"), (LedgerError, "ledger"), (PolicyError, "site-policy"),
     (DataError, "bad-data"), (ConfigError, "bad-config"), (ModelError, "bad-config"), (RegistryError, "registry"),
-    (WireError, "protocol"), (SecAggError, "protocol"), (TrainingError, "training-failed"),
+    (WireError, "protocol"), (SecAggError, "protocol"), (TrainingError, "training-failed"), (AuditError, "bad-config"),
 )
 
 
@@ -162,13 +164,19 @@ def _released_update(site: Site, settings: RunSettings, ledger: PrivacyLedger | 
         return update, released.name(server_round, digest), True
     if ledger is None:
         log.warning("DIFFERENTIAL PRIVACY IS OFF at %s (privacy.enabled=false): the update is not DP", site.name)
+        if site.policy.audit_canaries:
+            log.warning("%s: no privacy audit in a run without DP (its canaries go in the DP-SGD step)", site.name)
     started = time.monotonic()
     model = build_model(site.policy.model_path, len(site.labels), settings.lora, site.policy.task,
                         Placement(resolve_device(site.policy.device), nf4=site.policy.quantize == "nf4"))
     set_adapter_state(model, received)
+    canaries = (audit_round(site.state_dir, run_id=run_id, server_round=server_round, model=model,
+                            count=site.policy.audit_canaries, delta=settings.privacy.delta,
+                            epsilon_accounted=ledger.spent())
+                if site.policy.audit_canaries and ledger is not None else ())
     result = train_locally(model, site.train, site.policy.train_settings(settings), ledger=ledger,
                            privacy=settings.privacy, planned_rounds=settings.federation.rounds,
-                           server_round=server_round, run_id=run_id, public_units=public_units)
+                           server_round=server_round, run_id=run_id, public_units=public_units, canaries=canaries)
     update = delta(result.adapter, received, keys_order)
     name = released.seal(server_round, digest, update, run_id=run_id, epsilon=result.epsilon)
     log.info("%s: trained round %d in %.2fs", site.name, server_round, time.monotonic() - started)
@@ -202,8 +210,9 @@ def train(msg: Message, context: Context) -> RecordDict:
     site.policy.check_plan(settings, units)  # δ's default ceiling and the steps, from the public size only
     update, release, resent = _released_update(site, settings, ledger, received, server_round, run_id, units)
     weight = site_weight(site.policy.declared_examples, settings.secagg)
+    audit = run_audit(site.state_dir, run_id)  # the site's privacy audit of the adapters received so far
     privacy = (PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit),
-                             resent=resent) if ledger
+                             resent=resent, **(audit.report() if audit else {})) if ledger
                else PrivacyReport(site.name, False, resent=resent))
     if keys is None or params is None:
         log.warning("PLAIN AGGREGATION: %s sends its update in the clear to the server", site.name)

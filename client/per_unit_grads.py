@@ -205,9 +205,15 @@ class PerUnitDPSGD:
             self.zeroed_units += zeroed
         return clipped
 
-    def step(self, chunks: Sequence[Rows], loss_of: Callable[[Rows], torch.Tensor]) -> None:
-        """One noised step over a logical batch (an empty batch still adds the noise: the step was charged)."""
+    def step(self, chunks: Sequence[Rows], loss_of: Callable[[Rows], torch.Tensor],
+             canaries: Sequence[tuple[torch.nn.Parameter, int]] = ()) -> None:
+        """One noised step over a logical batch (an empty batch still adds the noise: the step was charged).
+
+        ``canaries``: the privacy audit's gradient canaries that joined this batch (client/canaries.py), each
+        (parameter, flat index) one more unit whose clipped gradient is C·e_j, added before the noise."""
         summed = {p: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params}
+        for param, index in canaries:
+            summed[param].view(-1)[index] += self.clip
         for chunk in chunks:
             passes = [chunk]
             while passes:

@@ -88,6 +88,11 @@ class SitePolicy:
     max_rows_per_unit: int = option(8, "--max-rows-per-unit", "with a per-person unit: at most this many of a "
                                     "person's rows (drawn afresh) train per step; a run may ask for fewer, never "
                                     "more. It bounds one unit's forward pass (rows × data.max-length tokens)")
+    audit_canaries: int = option(0, "--audit-canaries", "audit this site's privacy in every DP run with this many "
+                                 "gradient canaries (e.g. 200; half included at random, known only to the site): "
+                                 "after each round it computes an empirical lower bound on its ε from the global "
+                                 "adapters (`fedtune audit STATE`) and reports it with its ε; 0 = no audit. "
+                                 "Canaries cost some utility, never budget")
 
     def __post_init__(self) -> None:
         problems = []
@@ -117,6 +122,8 @@ class SitePolicy:
             problems.append(f"labels must name each label once, got {self.labels}")
         if self.max_rows_per_unit < 1:
             problems.append(f"max-rows-per-unit must be >= 1, got {self.max_rows_per_unit}")
+        if self.audit_canaries < 0 or self.audit_canaries == 1:
+            problems.append(f"audit-canaries must be 0 (no audit) or >= 2, got {self.audit_canaries}")
         if self.declared_examples is not None and self.declared_examples < 1:
             problems.append(f"declared-examples must be >= 1, got {self.declared_examples}")
         if problems:

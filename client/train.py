@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from client.canaries import Canary, included_coordinates, joining
 from client.per_unit_grads import PerUnitDPSGD
 from client.plan import TrainingPlan, plan_training
 from client.privacy import PrivacyLedger, fresh_generator
@@ -111,10 +112,13 @@ def train_locally(
     privacy: PrivacySettings | None = None,
     optimizer_state: dict | None = None,
     public_units: int | None = None,
+    canaries: tuple[Canary, ...] = (),
 ) -> LocalResult:
     """Train ``model`` in place for one round of the site's plan; DP when ``ledger`` is given.
 
     ``public_units``: the size the plan is computed from (:func:`public_size`; by default the ledger's estimate).
+    ``canaries``: the site's privacy-audit canaries (client/canaries.py); the included ones join each DP-SGD step
+    at rate q, as units do. Only under DP: there is no DP-SGD step to put them in otherwise.
     ``optimizer_state`` (the previous round's ``LocalResult.optimizer_state``) continues AdamW's moment
     estimates across rounds. Measured in ``dp-federation --site-optimizer kept``, it did not help (BENCHMARKS.md),
     so the ClientApp starts each round with a fresh AdamW.
@@ -125,6 +129,8 @@ def train_locally(
     """
     if len(data) == 0:
         raise TrainingError("the site has no training examples")
+    if canaries and ledger is None:
+        raise ValueError("audit canaries go in the DP-SGD step: a run without DP has none to audit")
     privacy = ledger.settings if ledger is not None else (privacy or PrivacySettings(enabled=False))
     if public_units is None:
         public_units = public_size(data.unit_count, None, ledger, run_id=run_id, server_round=server_round)
@@ -142,7 +148,7 @@ def train_locally(
     else:
         entry = ledger.charge_round(run_id=run_id, server_round=server_round, sample_rate=plan.sample_rate,
                                     steps=plan.steps, planned_rounds=planned_rounds)
-        steps = _train_private(model, optimizer, batches, ledger)
+        steps = _train_private(model, optimizer, batches, ledger, canaries)
         if steps != plan.steps:
             raise TrainingError("bug: the steps taken differ from the round charged to the ledger")
         epsilon = entry.epsilon
@@ -242,13 +248,15 @@ def _train_plain(model, optimizer, batches: UnitBatches) -> int:
     return steps
 
 
-def _train_private(model, optimizer, batches: UnitBatches, ledger: PrivacyLedger) -> int:
+def _train_private(model, optimizer, batches: UnitBatches, ledger: PrivacyLedger, canaries: tuple[Canary, ...]) -> int:
     """DP-SGD over the round's Poisson batches (σ from the ledger's plan, noise from OS entropy); returns the
-    number of (noised) steps taken. An empty Poisson batch still takes its step: noise only, as charged."""
+    number of (noised) steps taken. An empty Poisson batch still takes its step: noise only, as charged.
+    Each included canary joins each step with the units' rate q."""
     assert ledger.plan is not None, "charge_round() first"
     dp_sgd = PerUnitDPSGD(model, optimizer, noise_multiplier=ledger.plan.noise_multiplier,
                           max_grad_norm=batches.plan.max_grad_norm, expected_batch_size=batches.plan.batch_size,
                           generator=fresh_generator(next(model.parameters()).device))
+    included = included_coordinates(model, canaries)
 
     def loss_of(chunk: Chunk) -> torch.Tensor:
         return forward_loss(model, chunk)
@@ -256,7 +264,7 @@ def _train_private(model, optimizer, batches: UnitBatches, ledger: PrivacyLedger
     dp_sgd.check_trains(batches.probe(), loss_of)
     steps = 0
     for chunks in batches:
-        dp_sgd.step(chunks, loss_of)
+        dp_sgd.step(chunks, loss_of, joining(included, batches.plan.sample_rate, batches.generator))
         steps += 1
     if dp_sgd.zeroed_units:
         log.warning("%d unit passes contributed zero this round (a gradient not finite, or a pass that raised on "

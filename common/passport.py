@@ -101,7 +101,7 @@ def canonical_json(passport: dict[str, Any]) -> bytes:
 
 def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: int, contributors: int,
                    epsilon: dict[str, float | None], fedtune_version: str,
-                   privacy_unit: str = "record") -> dict[str, Any]:
+                   privacy_unit: str = "record", audit: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Describe the adapter in ``adapter_dir`` (PEFT files) for signing.
 
     Parameters
@@ -120,6 +120,9 @@ def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: i
         ``fedtune.__version__`` of the coordinator.
     privacy_unit
         Whom each ε protects: "record", or the column naming a person ("patient_id").
+    audit
+        Each auditing site's privacy audit, as it reported it (``common.privacy_audit.AuditResult.report``: the
+        audited lower bound on ε at 95 % and its canary counts); sites without one are absent.
     """
     adapter_dir = Path(adapter_dir)
     if not _SHA256_HEX.fullmatch(str(base_model_sha256)):
@@ -129,6 +132,7 @@ def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: i
     if isinstance(contributors, bool) or not isinstance(contributors, int) or contributors < 1:
         raise PassportError(f"contributors must be an integer >= 1, got {contributors!r}")
     return {
+        **({"privacy_audit": _checked_audit(audit)} if audit else {}),
         "format": PASSPORT_FORMAT,
         "base_model_sha256": base_model_sha256,
         "adapter_config": _read_adapter_config(adapter_dir),
@@ -241,4 +245,18 @@ def _checked_epsilon(epsilon: dict[str, float | None]) -> dict[str, float | None
                                   or not math.isfinite(value) or value < 0):
             raise PassportError(f"ε of site {site!r} must be a finite number >= 0 or None, got {value!r}")
         checked[str(site)] = None if value is None else float(value)
+    return checked
+
+
+def _checked_audit(audit: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    checked = {}
+    for site, released in audit.items():
+        epsilon = released.get("audited_epsilon")
+        counts = [released.get(key) for key in ("audit_canaries", "audit_guesses", "audit_correct")]
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) \
+                or epsilon < 0 or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            raise PassportError(f"the privacy audit of site {site!r} must be a finite ε >= 0 and three counts, "
+                                f"got {released!r}")
+        checked[str(site)] = {"audited_epsilon": float(epsilon), "audit_canaries": counts[0],
+                              "audit_guesses": counts[1], "audit_correct": counts[2]}
     return checked

@@ -211,11 +211,16 @@ def unpack_privacy(content: RecordDict) -> PrivacyReport | None:
         value = record.get(key)
         return value[:limit] if isinstance(value, str) and value else None
 
+    def count(key: str) -> int | None:
+        value = record.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
     site, dp = record.get("site"), record.get("dp")
     if not isinstance(site, str) or not isinstance(dp, bool):
         return None
     return PrivacyReport(site[:128], dp, number("epsilon"), number("delta"), number("budget"), text("accountant", 16),
-                         text("unit", 64), record.get("resent") is True)
+                         text("unit", 64), record.get("resent") is True, number("audited_epsilon"),
+                         count("audit_canaries"), count("audit_guesses"), count("audit_correct"))
 
 
 def pack_weight(weight: int) -> MetricRecord:

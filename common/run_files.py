@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.files import write_json
+from common.privacy_audit import AUDIT_FIELDS
 from common.typed import BadInput, ConfigError, from_mapping, snake
 
 RUN_FILE = "run.json"
@@ -58,9 +59,20 @@ class PrivacyReport:
     resent: bool = False
     """This reply resends an update the site released earlier for the same round and adapter: no new ε was
     spent, so ε may stay flat (after a round the site trained, it must rise: server/ledger_watch.py)."""
+    audited_epsilon: float | None = None
+    """The site's privacy audit of this run so far (client/canaries.py): a lower bound on its ε at 95 %, from
+    gradient canaries only it knows; None without an audit. Canaries are synthetic: this and the counts below
+    say nothing about records."""
+    audit_canaries: int | None = None
+    audit_guesses: int | None = None
+    audit_correct: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def released_audit(self) -> dict[str, Any] | None:
+        """The site's privacy audit as it released it (``AuditResult.report``), or None without one."""
+        return {key: getattr(self, key) for key in AUDIT_FIELDS} if self.audited_epsilon is not None else None
 
 
 @dataclass(frozen=True)

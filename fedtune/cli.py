@@ -107,7 +107,8 @@ def simulated_registry(out: Path, sites: int) -> Path:
 
 
 def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: str, model: str, dp: bool,
-                            secure: bool, epsilon: float, unit: str, max_rows_per_unit: int = 8) -> None:
+                            secure: bool, epsilon: float, unit: str, max_rows_per_unit: int = 8,
+                            audit_canaries: int = 0) -> None:
     """Each simulated site's own policy file (the person running the simulation plays every site).
 
     Weaker protection than the defaults exists only because this command was asked for it by name.
@@ -116,7 +117,8 @@ def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: st
 
     policy = SitePolicy(task=task, labels=tuple(filter(None, labels.split(","))), model_path=model,
                         max_epsilon=epsilon, require_dp=dp,
-                        require_secure_aggregation=secure, privacy_unit=unit, max_rows_per_unit=max_rows_per_unit)
+                        require_secure_aggregation=secure, privacy_unit=unit, max_rows_per_unit=max_rows_per_unit,
+                        audit_canaries=audit_canaries)
     for i in range(sites):
         write_policy(out.resolve() / "sites" / f"site-{i}", policy)
 
@@ -190,7 +192,8 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
                           "or more, or --plain-aggregation")
     simulated_site_policies(out, args.sites, task=task, labels=run_config["data.labels"], model=args.model, dp=dp,
                             secure=not args.plain_aggregation, epsilon=args.epsilon, unit=args.privacy_unit,
-                            max_rows_per_unit=settings.train.max_rows_per_unit)
+                            max_rows_per_unit=settings.train.max_rows_per_unit,
+                            audit_canaries=getattr(args, "audit_canaries", 0))
     if not args.plain_aggregation:
         from common.registry import load_registry, read_aloud
 
@@ -320,7 +323,8 @@ def cmd_client_start(args: argparse.Namespace) -> int:
           f"on {policy.device}, "
           f"ε ≤ {policy.max_epsilon:g} per {unit_name(policy.privacy_unit)}, "
           f"δ ≤ {policy.max_delta if policy.max_delta else 'min(1e-5, 1/(10·public size))'}, "
-          f"≥ {policy.min_sites} sites per secure round, DP and secure aggregation required", flush=True)
+          f"≥ {policy.min_sites} sites per secure round, DP and secure aggregation required"
+          f"{f', privacy audit with {policy.audit_canaries} canaries' if policy.audit_canaries else ''}", flush=True)
     metrics = None
     if args.metrics_port is not None:
         from fedtune.runtime.monitoring import SiteMetrics
@@ -344,6 +348,13 @@ def cmd_client_start(args: argparse.Namespace) -> int:
               "kit from another provisioning, is refused at connection.", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    """A site's privacy audit: what its ledger accounts and what its canaries show, from its state dir."""
+    from common.privacy_audit import read_audit_result
+
+    print(read_audit_result(args.state).line())
 
 
 def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
@@ -438,6 +449,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
                           help="also train 'local' (each site alone) and/or 'central' (all data pooled), comma-"
                                "separated, under the same plan and DP budget; they appear in report.html")
     _federation_options(simulate, simulation=True)
+    canaries = next(opt for opt in site_policy_options() if opt.key == "audit-canaries")
+    simulate.add_argument(canaries.flag, dest=canaries.dest, type=canaries.kind, default=canaries.default,
+                          help=f"every simulated site's policy: {canaries.help}")
     _tracking_options(simulate)
     demo = sub.add_parser("demo", help="the README demo: a bank consortium under DP vs each bank alone",
                           formatter_class=HelpFormatter)
@@ -448,9 +462,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     _federation_options(demo, simulation=True)
     demo.set_defaults(partition="dirichlet", rounds=5, max_length=64)
     _deployment_parsers(sub)
+    audit = sub.add_parser("audit", help="a site's privacy audit: the ε its ledger accounts and the empirical lower "
+                           "bound its canaries show (`fedtune client start --audit-canaries`)",
+                           formatter_class=HelpFormatter)
+    audit.add_argument("state", type=Path, help="the site's state directory (its --state)")
     handlers: dict[str, Callable[[argparse.Namespace], int | None]] = {
         "simulate": cmd_simulate, "demo": cmd_demo, "server": cmd_server_start, "client": cmd_client_start,
-        "wait-ready": cmd_wait_ready}
+        "wait-ready": cmd_wait_ready, "audit": cmd_audit}
     handlers |= add_subcommands(sub)
     return parser, handlers
 

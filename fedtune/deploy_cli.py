@@ -259,6 +259,7 @@ def cmd_passport(args: argparse.Namespace) -> int:
 
 def _cmd_passport_verify(args: argparse.Namespace) -> int:
     from common.passport import PassportError, key_id, load_public_key, verify_passport
+    from common.privacy_audit import audit_line
 
     if not args.path.is_dir():
         print(f"fedtune passport verify: {args.path} is not a directory; give the adapter directory",
@@ -277,8 +278,10 @@ def _cmd_passport_verify(args: argparse.Namespace) -> int:
     unit = passport.get("privacy_unit", "record")
     epsilon = ", ".join(f"{site} {'no DP' if eps is None else f'ε={eps:g} per {unit}'}"
                         for site, eps in sorted(passport["epsilon"].items())) or "none reported"
+    audits = "".join(f"  {site}: {audit_line(passport['epsilon'].get(site), released)}\n"
+                     for site, released in sorted(passport.get("privacy_audit", {}).items()))
     print(f"passport OK for {args.path} (signed by key {key_id(public_key)[:16]}…)\n"
-          f"  round {passport['server_round']}, {passport['contributors']} contributing sites, {epsilon}\n"
+          f"  round {passport['server_round']}, {passport['contributors']} contributing sites, {epsilon}\n{audits}"
           f"  base model sha256 {passport['base_model_sha256']}\n"
           f"  adapter sha256    {passport['adapter_sha256']}\n"
           f"  fedtune {passport['fedtune_version']}, created {passport['created']}")

@@ -116,11 +116,11 @@ def resume_point(checkpoint: Path, state: AdapterState) -> tuple[AdapterState, i
 
 
 def seal_passport(key, base_sha: str, server_round: int, contributors: int, epsilon: dict, unit: str,
-                  directory: Path) -> None:
+                  audit: dict, directory: Path) -> None:
     """Sign the checkpoint being written in ``directory`` (before it is renamed into place)."""
     sign_passport(directory, build_passport(directory, base_model_sha256=base_sha, server_round=server_round,
                                             contributors=contributors, epsilon=epsilon, privacy_unit=unit,
-                                            fedtune_version=__version__), key)
+                                            fedtune_version=__version__, audit=audit), key)
 
 
 def restore_metrics(out_dir: Path, checkpoint: Path) -> None:
@@ -281,6 +281,10 @@ class Federation:
     def _epsilon(self) -> dict[str, float | None]:
         return {site: report.epsilon for site, report in sorted(self.privacy.items())}
 
+    def _audits(self) -> dict[str, dict[str, Any]]:
+        """Each auditing site's privacy audit, as it reported it (client/canaries.py)."""
+        return {site: audit for site, report in sorted(self.privacy.items()) if (audit := report.released_audit())}
+
     def _evaluate(self) -> dict[str, Any]:
         """The server's own test split only: nothing computed on a site's records leaves it outside DP."""
         return test_scores(self.model, self.test, self.settings)
@@ -294,7 +298,7 @@ class Federation:
     def _commit(self, server_round: int, outcome: RoundOutcome, line: MetricsLine) -> None:
         """The checkpoint is the commit point: it carries the round's metrics line and its signed passport."""
         seal = functools.partial(seal_passport, self.signing_key, self.base_sha, server_round, outcome.contributors,
-                                 self._epsilon(), self.unit) if self.signing_key else None
+                                 self._epsilon(), self.unit, self._audits()) if self.signing_key else None
         self.checkpoint = save_checkpoint(
             self.out_dir, server_round, self.model, self.state, contributors=outcome.contributors,
             parent_sha256=self.parent, metrics=dataclasses.replace(line, checkpoint=checkpoint_name(server_round)),

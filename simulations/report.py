@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import TASK_METRICS, unit_name
+from common.privacy_audit import audit_line
 from common.run_files import (
     METRICS_FILE,
     Baselines,
@@ -214,6 +215,12 @@ def _html(summary: Summary, images: list[str]) -> str:
                 f"<th>reference</th><th>generated</th></tr>{samples}</table>" if samples else "")
     privacy = (f"DP on: budget ε = {summary.run.epsilon_budget} per {e(summary.unit)} at every site" if summary.run.dp
                else "<strong>DP was OFF</strong>: the updates carry no differential-privacy guarantee")
+    audits = "".join(f"<li>{e(site)}: {e(audit_line(report.epsilon, released))}</li>"
+                     for site, report in sorted((summary.privacy.sites if summary.privacy else {}).items())
+                     if (released := report.released_audit()))
+    audit = ("<h2>Privacy audit</h2><p>Each auditing site's empirical lower bound on its ε (a one-run audit of "
+             "gradient canaries only it knows): far below the ε accounted is expected; above it, its DP step is "
+             f'broken.</p><ul id="audit">{audits}</ul>' if audits else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fedtune report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
@@ -225,6 +232,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 <h2>Rounds</h2>
 <table id="rounds"><tr><th>round</th><th>sites</th><th>failures</th>{''.join(f"<th>{e(n)}</th>" for _, n in columns)}
 <th>ε max</th><th>model updated</th></tr>{''.join(rows)}</table>
+{audit}
 {examples}
 </body></html>
 """

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from common.privacy_audit import audit, write_audit_result
 from common.registry import load_registry
 from fedtune.cli import FLOWER_COMMANDS, build_parser
 from fedtune.runtime.kits import provision, read_enrolments, site_keygen
@@ -34,7 +35,7 @@ HEAVY = (*FLOWER_AND_TORCH, "numpy", "psutil", "cryptography.x509")
 HELP = [["--help"], ["simulate", "--help"], ["demo", "--help"], ["server", "start", "--help"],
         ["client", "start", "--help"], ["site", "--help"], ["site", "keygen", "--help"], ["site", "members", "--help"],
         ["site", "pin-members", "--help"], ["provision", "--help"], ["passport", "verify", "--help"],
-        ["wait-ready", "--help"]]
+        ["wait-ready", "--help"], ["audit", "--help"]]
 LIGHT = {  # command -> its arguments ({tmp}: a directory with two enrolled sites and their kits) and exit codes
     "passport verify": (["passport", "verify", "{tmp}/no-such-adapter", "--key", "{tmp}/no.pub"], {2}),
     "passport verify (no passport)": (["passport", "verify", "{tmp}", "--key",
@@ -47,6 +48,8 @@ LIGHT = {  # command -> its arguments ({tmp}: a directory with two enrolled site
                    "{tmp}/kits-again"], {0}),
     "provision (renew)": (["provision", "--renew", "{tmp}/kits", "--out", "{tmp}/kits-renewed"], {0}),
     "wait-ready": (["wait-ready", "--port", "9", "--timeout", "0.2"], {1}),  # nothing listens on the discard port
+    "audit": (["audit", "{tmp}/audited"], {0}),
+    "audit (none yet)": (["audit", "{tmp}"], {2}),
 }
 MAKES_KEYS = {"site keygen", "provision", "provision (renew)"}  # need X.509 and the key formats
 
@@ -58,6 +61,7 @@ def enrolled(tmp_path_factory) -> dict[str, str]:
     for site in ("a", "b"):
         site_keygen(f"hospital-{site}", tmp / f"keys-{site}")
     provision(read_enrolments([tmp / "keys-a", tmp / "keys-b"]), ["localhost"], tmp / "kits")
+    write_audit_result(tmp / "audited", audit([float(i) for i in range(20)], [i >= 10 for i in range(20)], 1e-5))
     return {"tmp": str(tmp), "digest": load_registry(tmp / "kits" / "server" / "registry.json").digest.hex()}
 
 

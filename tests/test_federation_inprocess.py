@@ -88,13 +88,13 @@ def data(tmp_path_factory, drug_reviews) -> dict[str, Path]:
 
 
 def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = True, llm: bool = False,
-             sites: int = SITES, cheat: int | None = None, resume_from: str = "") -> Path:
+             sites: int = SITES, cheat: int | None = None, resume_from: str = "", audit_canaries: int = 0) -> Path:
     """One run into ``out``, set up as ``fedtune simulate`` does (keys, site policies, passport key).
     ``llm``: causal-lm instruction tuning of the packaged SmolLM2 instead of classifying with MiniLM.
     ``cheat``: that site deals key shares off its commitments in every round it is in."""
     task, model, labels = ("causal-lm", "smollm2", "") if llm else ("classification", "", LABELS)
     simulated_site_policies(out, sites, task=task, labels=labels, model=model, dp=True, secure=secure, epsilon=8.0,
-                            unit="record")
+                            unit="record", audit_canaries=audit_canaries)
     run_config = default_run_config() | {
         "out-dir": str(out), "passport-key": str(simulated_passport_key(out)), "resume-from": resume_from,
         "secagg.registry": str(simulated_registry(out, sites)) if secure else "",
@@ -256,3 +256,26 @@ def test_an_llm_is_instruction_tuned_with_dp_and_secure_aggregation_and_its_adap
         answer = tuned.generate(**prompt, max_new_tokens=8, do_sample=False)
     text = tokenizer.decode(answer[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert text.strip(), "the tuned model generated no text"
+
+
+def test_each_site_audits_its_privacy_from_the_global_adapters_and_reports_it(tmp_path: Path, data) -> None:
+    """Sites with --audit-canaries: each keeps its canaries to itself, audits the adapters it received and sends the
+    bound (synthetic counts only) with its ε; `fedtune audit` prints it from the site's state dir."""
+    from common.privacy_audit import read_audit_result
+    from fedtune.cli import main
+
+    out = tmp_path / "audited"
+    final = federate(out, data, rounds=3, secure=False, audit_canaries=50)
+    passport = json.loads((final / "passport.json").read_text())["passport"]
+    assert sorted(passport["privacy_audit"]) == [f"site-{i}" for i in range(SITES)]
+    for site, report in read_privacy(out).sites.items():
+        state = out / "sites" / site
+        result = read_audit_result(state)
+        assert (report.audit_canaries, report.audit_guesses, report.audit_correct) == (
+            50, result.guesses, result.correct)
+        assert report.audited_epsilon == result.epsilon <= report.epsilon  # DP on: the audit stays below
+        assert result.rounds == 2 and result.epsilon_accounted is not None  # round 3's adapter against round 1's
+        assert passport["privacy_audit"][site] == report.released_audit()
+        canaries = json.loads(next((state / "privacy-audit").glob("run-*.json")).read_text())
+        assert len(canaries["canaries"]) == 50 and sorted(canaries["observed"]) == ["1", "2", "3"]
+        assert main(["audit", str(state)]) == 0

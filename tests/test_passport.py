@@ -161,6 +161,9 @@ def test_a_passport_is_only_signed_for_its_own_adapter(adapter: Path, key: Ed255
     ({"contributors": 0}, "contributors"),
     ({"epsilon": {"a": float("inf")}}, "finite number"),
     ({"epsilon": {"a": -1.0}}, "finite number"),
+    ({"audit": {"a": {"audited_epsilon": float("nan"), "audit_canaries": 1, "audit_guesses": 1,
+                      "audit_correct": 1}}}, "privacy audit"),
+    ({"audit": {"a": {"audited_epsilon": 0.5, "audit_canaries": 200}}}, "privacy audit"),
 ])
 def test_build_rejects_bad_fields(adapter: Path, overrides: dict[str, Any], says: str) -> None:
     arguments = {"base_model_sha256": BASE_SHA, "server_round": 1, "contributors": 2, "epsilon": {},
@@ -213,3 +216,16 @@ def test_cli_passport_verify_exit_codes(tmp_path: Path, adapter: Path, key: Ed25
     assert "PASSPORT INVALID" in capsys.readouterr().err
     assert run_cli(["passport", "verify", str(adapter), "--key", str(tmp_path / "nope.pub")]) == 2
     assert run_cli(["passport", "verify", str(tmp_path / "no-such-dir"), "--key", str(pub)]) == 2
+
+
+def test_a_passport_carries_each_sites_privacy_audit_and_verify_prints_it(
+        tmp_path: Path, adapter: Path, key: Ed25519PrivateKey, capsys: pytest.CaptureFixture[str]) -> None:
+    released = {"audited_epsilon": 0.3, "audit_canaries": 200, "audit_guesses": 40, "audit_correct": 27}
+    passport = signed(adapter, key, audit={"hospital-a": released})
+    assert verify_passport(adapter, key.public_key())["privacy_audit"] == {"hospital-a": released}
+    pub = tmp_path / "passport-signing.pub"
+    pub.write_bytes(public_key_pem(key.public_key()))
+    assert run_cli(["passport", "verify", str(adapter), "--key", str(pub)]) == 0
+    assert ("hospital-a: ε accounted 2.50 — ε audited ≥ 0.30 at 95 % (200 canaries, 40 guesses, 27 correct)"
+            in capsys.readouterr().out)
+    assert passport["epsilon"]["hospital-a"] == 2.5 and "privacy_audit" not in signed(adapter, key)  # no audit: no key

@@ -172,3 +172,15 @@ def test_a_privacy_report_says_whether_it_resends_and_defaults_to_trained():
     record = pack_privacy(PRIVACY)
     record["resent"] = "yes"  # anything but True is a trained round
     assert unpack_privacy(RecordDict({"privacy": record})).resent is False
+
+
+def test_a_privacy_report_carries_the_sites_audit_and_drops_a_malformed_one():
+    from common.records import pack_privacy
+
+    audited = PrivacyReport("site-1", True, 1.5, 1e-5, 8.0, "prv", "record", False, 0.42, 200, 40, 31)
+    assert unpack_privacy(RecordDict({"privacy": pack_privacy(audited)})) == audited
+    assert unpack_privacy(RecordDict({"privacy": pack_privacy(PRIVACY)})).audited_epsilon is None
+    record = pack_privacy(audited)
+    record["audit_canaries"], record["audited_epsilon"] = -3, "high"
+    back = unpack_privacy(RecordDict({"privacy": record}))
+    assert back.audit_canaries is None and back.audited_epsilon is None and back.audit_guesses == 40

@@ -94,3 +94,14 @@ def test_a_causal_lm_report_shows_its_own_metrics_and_the_final_answers_escaped(
     assert "exact match 0.600" in round_line(lines[1], 1, "causal-lm")
     table = comparison_text(load_summary(tmp_path))
     assert "exact match" in table.splitlines()[0] and "most-common-answer (floor)" in table
+
+
+def test_the_report_lists_each_sites_privacy_audit(tmp_path: Path):
+    run = _run_dir(tmp_path, baselines=False)
+    audited = PrivacyReport("site-0", True, 2.5, audited_epsilon=0.31, audit_canaries=200, audit_guesses=40,
+                            audit_correct=27)
+    write_privacy(run, PrivacyFile(True, {"site-0": audited, "site-1": PrivacyReport("site-1", True, 3.0)}))
+    page = write_report(run).read_text()
+    assert "site-0: ε accounted 2.50 — ε audited ≥ 0.31 at 95 % (200 canaries, 40 guesses, 27 correct)" in page
+    assert page.count("<li>") == 1  # site-1 has no audit
+    assert 'id="audit"' not in write_report(_run_dir(tmp_path / "plain", baselines=False)).read_text()

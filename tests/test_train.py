@@ -139,6 +139,17 @@ def test_a_crash_during_training_leaves_the_round_charged(tmp_path: Path, tiny_d
     assert [entry.round for entry in restarted.rounds] == [1] and restarted.spent() > 0
 
 
+def test_audit_canaries_are_refused_without_dp(tiny_data):
+    """Canaries go in the DP-SGD step: without DP there is no step to put them in, and no audit to make."""
+    from client.canaries import draw_canaries
+
+    data, labels = tiny_data
+    model = torch.nn.Linear(16, len(labels))
+    with pytest.raises(ValueError, match="without DP"):
+        train_locally(model, data, TINY, ledger=None, planned_rounds=1, server_round=1, run_id=1,
+                      canaries=draw_canaries(model, 4))
+
+
 def _patients(drug_reviews, rows_of_first: int) -> list[dict]:
     """Reviews as rows of patients: patient p0 wrote ``rows_of_first`` of them, every other patient one."""
     return [dict(row, patient="p0" if i < rows_of_first else f"p{i}") for i, row in enumerate(drug_reviews[:12])]

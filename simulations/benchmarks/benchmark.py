@@ -9,6 +9,7 @@ Run as `python -m simulations.benchmarks.NAME`:
     benchmark dp-utility     macro-F1 under DP as records per site grow (BANKING77)
     benchmark padding        padding per chunk vs to the site's longest record (BANKING77)
     deployed_round           a deployed round's overhead, fedtune's site runtime vs Flower's
+    privacy_audit            the one-run privacy audit of the site's DP-SGD step: claimed ε 1, 3, 8, noise off
     dp_federation ...        federated DP vs pooled data and sites alone (BANKING77; hours on 2 cores,
                              so not part of `make bench`)
 
