@@ -122,7 +122,7 @@ def epsilons(out: Path) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def secure_run(tmp_path_factory, data) -> Path:
     out = tmp_path_factory.mktemp("secure")
-    federate(out, data, rounds=2)
+    federate(out, data, rounds=2, audit_canaries=50)  # every site audits its privacy too
     return out
 
 
@@ -139,6 +139,28 @@ def test_a_secure_dp_round_loop_runs_through_the_real_client_app(secure_run: Pat
     for site in ("site-0", "site-1", "site-2"):
         kept = [json.loads(p.read_text()) for p in (secure_run / "sites" / f"{site}.receipts").iterdir()]
         assert [(r["receipt"]["site"], r["receipt"]["round"]) for r in kept] == [(site, 1)]
+
+
+def test_each_site_audits_its_privacy_from_the_global_adapters_and_reports_it(secure_run: Path) -> None:
+    """Sites with --audit-canaries: each keeps its canaries to itself, audits the adapters it received and sends the
+    bound (synthetic counts only) with its ε; `fedtune audit` prints it from the site's state dir."""
+    from common.privacy_audit import read_audit_result
+    from fedtune.cli import main
+
+    out = secure_run
+    passport = json.loads((out / "final" / "adapter" / "passport.json").read_text())["passport"]
+    assert sorted(passport["privacy_audit"]) == [f"site-{i}" for i in range(SITES)]
+    for site, report in read_privacy(out).sites.items():
+        state = out / "sites" / site
+        result = read_audit_result(state)
+        assert (report.audit_canaries, report.audit_guesses, report.audit_correct) == (
+            50, result.guesses, result.correct)
+        assert report.audited_epsilon == result.epsilon <= report.epsilon  # DP on: the audit stays below
+        assert result.rounds == 1 and result.epsilon_accounted is not None  # round 2's adapter against round 1's
+        assert passport["privacy_audit"][site] == report.released_audit()
+        canaries = json.loads(next((state / "privacy-audit").glob("run-*.json")).read_text())
+        assert len(canaries["canaries"]) == 50 and sorted(canaries["observed"]) == ["1", "2"]
+        assert main(["audit", str(state)]) == 0
 
 
 def test_secure_aggregation_costs_the_model_nothing_measurable(secure_run: Path) -> None:
@@ -256,26 +278,3 @@ def test_an_llm_is_instruction_tuned_with_dp_and_secure_aggregation_and_its_adap
         answer = tuned.generate(**prompt, max_new_tokens=8, do_sample=False)
     text = tokenizer.decode(answer[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert text.strip(), "the tuned model generated no text"
-
-
-def test_each_site_audits_its_privacy_from_the_global_adapters_and_reports_it(tmp_path: Path, data) -> None:
-    """Sites with --audit-canaries: each keeps its canaries to itself, audits the adapters it received and sends the
-    bound (synthetic counts only) with its ε; `fedtune audit` prints it from the site's state dir."""
-    from common.privacy_audit import read_audit_result
-    from fedtune.cli import main
-
-    out = tmp_path / "audited"
-    final = federate(out, data, rounds=3, secure=False, audit_canaries=50)
-    passport = json.loads((final / "passport.json").read_text())["passport"]
-    assert sorted(passport["privacy_audit"]) == [f"site-{i}" for i in range(SITES)]
-    for site, report in read_privacy(out).sites.items():
-        state = out / "sites" / site
-        result = read_audit_result(state)
-        assert (report.audit_canaries, report.audit_guesses, report.audit_correct) == (
-            50, result.guesses, result.correct)
-        assert report.audited_epsilon == result.epsilon <= report.epsilon  # DP on: the audit stays below
-        assert result.rounds == 2 and result.epsilon_accounted is not None  # round 3's adapter against round 1's
-        assert passport["privacy_audit"][site] == report.released_audit()
-        canaries = json.loads(next((state / "privacy-audit").glob("run-*.json")).read_text())
-        assert len(canaries["canaries"]) == 50 and sorted(canaries["observed"]) == ["1", "2", "3"]
-        assert main(["audit", str(state)]) == 0
