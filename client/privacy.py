@@ -32,6 +32,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from common.audit import AuditLog, verified_entries
 from common.config import PrivacySettings
+from common.discrete_noise import discrete_laplace
 from common.files import exclusive_lock, file_sha256, private_dir, replace_durably, write_json
 
 LEDGER_VERSION = 2
@@ -65,34 +66,6 @@ def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_r
     evaluations takes several seconds)."""
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=accountant))
-
-
-def discrete_laplace(epsilon: Fraction) -> int:
-    """Y with P(Y = y) ∝ exp(−ε·|y|), exactly, from OS entropy (Canonne, Kamath & Steinke 2020, Algorithm 2):
-    n + Y is ε-DP for a count n that one unit moves by at most 1. ε is rational, so no floating point is involved."""
-    s, t = epsilon.numerator, epsilon.denominator  # scale t/s
-    while True:
-        u = secrets.randbelow(t)
-        if not _bernoulli_exp(Fraction(u, t)):
-            continue
-        v = 0
-        while _bernoulli_exp(Fraction(1)):
-            v += 1
-        magnitude, negative = (u + t * v) // s, secrets.randbits(1)
-        if not (negative and magnitude == 0):  # else −0 and +0 would both count 0
-            return -magnitude if negative else magnitude
-
-
-def _bernoulli_exp(gamma: Fraction) -> bool:
-    """True with probability exp(−γ), exactly, for a rational γ ≥ 0 (CKS 2020, Algorithm 1)."""
-    while gamma > 1:
-        if not _bernoulli_exp(Fraction(1)):
-            return False
-        gamma -= 1
-    k = 1
-    while secrets.randbelow(gamma.denominator * k) < gamma.numerator:  # Bernoulli(γ/k)
-        k += 1
-    return k % 2 == 1
 
 
 def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:

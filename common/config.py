@@ -227,6 +227,13 @@ class FederationSettings:
     site_wait: float = option(120.0, "--site-wait", "seconds a round waits for its sites to connect (every expected "
                                                     "site before the first round, min-sites later) before it starts "
                                                     "with those present")
+    eval_every: int = option(1, "--eval-every", "the sites score the model they receive on their own evaluation "
+                             "split every K rounds and release only noisy counts inside the secure sum (federated "
+                             "evaluation); 0 = never")
+    eval_epsilon: float = option(1.0, "--eval-epsilon", "ε of ALL the run's federated evaluations together (at "
+                                 "privacy.delta), per unit of a site's evaluation split: those units never train, so "
+                                 "this budget is apart from privacy.epsilon; a site's policy caps it "
+                                 "(--max-eval-epsilon)")
 
     def __post_init__(self) -> None:
         _require(self.train_timeout > 0 and self.stage_timeout > 0 and self.site_wait > 0,
@@ -237,6 +244,10 @@ class FederationSettings:
             1 <= self.min_sites <= self.sites,
             f"federation.min-sites must be in [1, sites={self.sites}], got {self.min_sites}",
         )
+        _require(self.eval_every >= 0, f"federation.eval-every must be >= 0 (0 = no federated evaluation), got "
+                                       f"{self.eval_every}")
+        _require(math.isfinite(self.eval_epsilon) and self.eval_epsilon > 0,
+                 f"federation.eval-epsilon must be a positive number, got {self.eval_epsilon}")
 
 
 @dataclass(frozen=True)
