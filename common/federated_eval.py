@@ -35,7 +35,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from common.config import RunSettings, TaskKind, unit_column
+from common.config import ConfigError, RunSettings, TaskKind, unit_column
 from common.discrete_noise import discrete_gaussian
 from common.run_files import FederatedScores
 from common.secure_update import MAX_COUNT
@@ -129,7 +129,7 @@ def plan_evaluation(settings: RunSettings) -> EvalPlan | None:
     sigma_sq = Fraction(math.ceil(sigma_sq / SIGMA_SQ_STEP)) * SIGMA_SQ_STEP
     offset = math.ceil(OFFSET_SIGMAS * math.sqrt(float(sigma_sq)))
     if offset >= MAX_COUNT // 2:
-        raise ValueError(f"federation.eval-epsilon={federation.eval_epsilon:g} over {evaluations} evaluations needs "
+        raise ConfigError(f"federation.eval-epsilon={federation.eval_epsilon:g} over {evaluations} evaluations needs "
                          f"noise of σ={math.sqrt(float(sigma_sq)):.0f} per count, too much to sum: raise "
                          "federation.eval-epsilon or federation.eval-every")
     return EvalPlan(layout, federation.eval_every, evaluations, federation.eval_epsilon, settings.privacy.delta,
