@@ -46,6 +46,11 @@ OFFSET_SIGMAS = 14
 """OFFSET = ⌈14σ⌉: a noisy count falls below −OFFSET with probability below e^-98 (and is then clamped)."""
 SIGMA_SQ_STEP = Fraction(1, 1000)
 """σ² is rounded UP to this grid: a rational σ² for the exact sampler, never less noise than planned."""
+MACRO_F1_MIN_SIGNAL = 4.0
+"""Macro-F1 is a mean of per-label ratios, biased once a label's counts are not large next to the noise: it is
+reported only when a label's mean F1 denominator (2TP + FP + FN, 2·examples/K on average) is at least this many
+standard deviations of its noise (√(6s)·σ for s sites). Below that the bias is larger than the interval admits
+(77 labels, 5 sites of 400 examples, σ = 5: mean error 0.1, no interval covering the truth)."""
 INTERVAL_DRAWS = 400
 INTERVAL_SEED = 20_250_605
 """The coordinator's interval is a parametric bootstrap over the known noise: post-processing of the release,
@@ -196,7 +201,8 @@ def decode(noisy_sum: Sequence[int], sites: int, plan: EvalPlan, *, model_round:
            max_tokens: int = 1) -> FederatedScores:
     """The federation's scores from the sum of ``sites`` releases: each count estimated as the sum minus
     sites·OFFSET (negative estimates count as 0), each score with a 95 % interval from a parametric bootstrap over
-    the noise's known variance (sites·σ² per slot; the evaluation sample's own variance is not in it).
+    the noise's known variance (sites·σ² per slot; the evaluation sample's own variance is not in it). Macro-F1 is
+    None where the per-label counts are too small next to the noise (:data:`MACRO_F1_MIN_SIGNAL`).
     ``max_tokens``: causal-lm's answer-length scale (data.max-length // 2)."""
     layout = plan.layout
     if len(noisy_sum) != layout.slots or sites < 1:
@@ -209,8 +215,12 @@ def decode(noisy_sum: Sequence[int], sites: int, plan: EvalPlan, *, model_round:
     names = SCORE_NAMES[layout.task]
     scores: dict[str, float | None] = {}
     intervals: dict[str, list[float]] = {}
+    unreliable = set()
+    if layout.task == "classification" and 2 * estimate[-1] / layout.labels < MACRO_F1_MIN_SIGNAL * math.sqrt(
+            6 * sites) * plan.sigma:
+        unreliable.add("macro_f1")
     for i, name in enumerate(names):
-        scores[name] = None if math.isnan(point[i]) else float(point[i])
+        scores[name] = None if math.isnan(point[i]) or name in unreliable else float(point[i])
         kept = boot[:, i][~np.isnan(boot[:, i])]
         if scores[name] is not None and len(kept):
             intervals[name] = [float(np.quantile(kept, 0.025)), float(np.quantile(kept, 0.975))]

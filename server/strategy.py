@@ -164,16 +164,17 @@ class PlainAggregation:
             accepted.append(decoded)
         privacy = {r.privacy.site: r.privacy for r in accepted}
         evaluated = [r.evaluation for r in accepted if r.evaluation]
-        evaluation = {"evaluation_sum": tuple(int(c) for c in np.sum(evaluated, axis=0)),
-                      "evaluated_sites": len(evaluated)} if evaluated else {}
+        total = tuple(int(c) for c in np.sum(evaluated, axis=0)) if evaluated else ()
         if len(accepted) < spec.min_sites:
             log.warning("round %d: %d site(s) contributed, fewer than min-sites=%d: model unchanged",
                         server_round, len(accepted), spec.min_sites)
-            return RoundOutcome(None, len(accepted), failures, privacy, **evaluation)
+            return RoundOutcome(None, len(accepted), failures, privacy, evaluation_sum=total,
+                                evaluated_sites=len(evaluated))
         # Each update weighted and clipped as a secure round's contribution is, the mean bounded alike.
         contributions = [encode_contribution(r.delta, r.weight, self.settings)[0] for r in accepted]
         mean, clipped = bounded_mean(np.sum(contributions, axis=0), self.settings, len(accepted),
                                      sum(r.weight for r in accepted))
         if clipped:  # cannot happen: every contribution was clipped here
             raise AssertionError("a mean of clipped contributions exceeded the honest bound")
-        return RoundOutcome(mean, len(accepted), failures, privacy, **evaluation)
+        return RoundOutcome(mean, len(accepted), failures, privacy, evaluation_sum=total,
+                            evaluated_sites=len(evaluated))

@@ -197,8 +197,8 @@ def _utility_plot(summary: Summary):
         axes.plot(rounds, [line.server.get(second, math.nan) for line in summary.rounds], "s--",
                   label=f"federation {second_name}")
     federated = [line.federated_evaluation for line in summary.rounds if line.federated_evaluation is not None]
-    points = [(f.model_round, f.scores[key], f.intervals[key]) for f in federated
-              if f.scores.get(key) is not None and key in f.intervals]
+    points = [(f.model_round, score, f.intervals[key]) for f in federated
+              if (score := f.scores.get(key)) is not None and key in f.intervals]
     if points:  # the sites' noisy evaluation of each round's model, with its 95 % interval
         axes.errorbar([r for r, _, _ in points], [v for _, v, _ in points],
                       yerr=[[v - i[0] for _, v, i in points], [i[1] - v for _, v, i in points]], fmt="D-.",

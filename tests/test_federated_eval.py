@@ -125,3 +125,15 @@ def test_decoding_sums_of_pure_noise_gives_no_score_rather_than_a_made_up_one() 
     assert empty.examples == 0.0 and empty.scores == {"accuracy": None, "macro_f1": None}
     with pytest.raises(ValueError, match="slots"):
         decode([0] * 3, 3, plan, model_round=0)
+
+
+def test_macro_f1_is_withheld_when_the_per_label_counts_drown_in_the_noise() -> None:
+    """77 labels, 5 sites of 400 evaluation examples, ε = 1 over 20 evaluations: a label's counts (about 26 in all)
+    are far below the noise (σ ≈ 38 per site), so no macro-F1 is made up; accuracy (two large counts) still is."""
+    labels = ",".join(f"l{i}" for i in range(77))
+    plan = plan_evaluation(settings(**{"data.labels": labels, "federation.rounds": 20}))
+    assert plan is not None
+    counts = np.array(classification_counts(np.diag(np.full(77, 26))))  # 2,002 examples, all right
+    scores = decode((counts + 5 * plan.offset).tolist(), 5, plan, model_round=3)
+    assert scores.scores["macro_f1"] is None and "macro_f1" not in scores.intervals
+    assert scores.scores["accuracy"] == 1.0

@@ -290,3 +290,20 @@ def test_a_run_without_test_data_draws_a_federated_curve_from_masked_vectors_and
         gaps.append((line.round, truth, federated.scores["accuracy"], low, high))
     print("federated vs true accuracy (round, true, federated, interval):", gaps)
     assert all(abs(true - estimate) < 0.25 for _, true, estimate, _, _ in gaps)
+
+
+def test_the_terminal_and_summary_show_the_federated_curve_of_a_run_without_test_data(tmp_path: Path) -> None:
+    from common.run_files import FederatedScores, MetricsLine, RunInfo, append_metrics, write_run_info
+    from simulations.report import load_summary, round_line, summary_text
+
+    write_run_info(tmp_path, RunInfo(majority_baseline={}, aggregation="secure", dp=True, labels=LABELS))
+    federated = FederatedScores(model_round=0, sites=3, examples=31.0, scores={"accuracy": 0.4, "macro_f1": 0.35},
+                                intervals={"accuracy": [0.3, 0.5], "macro_f1": [0.25, 0.45]}, noise_sigma=1.0,
+                                epsilon=1.0)
+    append_metrics(tmp_path, MetricsLine(round=0, server={}))
+    append_metrics(tmp_path, line := MetricsLine(round=1, server={}, contributors=3, model_updated=True,
+                                                 federated_evaluation=federated))
+    shown = round_line(line, 4)
+    assert "accuracy -  macro-F1 -" in shown and "federated macro-F1 0.350 [0.25, 0.45] (round 0's model)" in shown
+    text = summary_text(load_summary(tmp_path))
+    assert "no coordinator test set" in text and "majority-class" not in text and "federated macro-F1 0.350" in text
