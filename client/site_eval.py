@@ -3,7 +3,8 @@
 The split. The site holds out whole privacy units (records, or persons: every row of one) with OS randomness, each
 unit in the evaluation split with probability ``policy.eval_fraction`` independently of the others, drawn ONCE and
 kept in ``eval-split.json`` in its state dir (0600: sha256 digests of the units, never sent); a unit that appears
-later gets its own draw, and a changed fraction is refused (a unit that was evaluated must never train). Or the
+later gets its own draw, and a changed fraction is refused (a unit that was evaluated must never train). A site
+whose ledger predates its split (it trained before it had one) keeps the units it held then for training. Or the
 site names its evaluation records itself (``policy.eval_data``; their units may not be in its training data).
 Evaluation units never train, so the evaluation has its own budget in the site's ledger: a unit is in the
 evaluation account or the training one, never both (parallel composition). Since a unit's side is drawn
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.policy import SitePolicy
-from client.privacy import BudgetExhausted, PrivacyLedger
+from client.privacy import LEDGER_FILE, BudgetExhausted, PrivacyLedger
 from client.release import adapter_digest
 from common.adapter import AdapterState, set_adapter_state
 from common.audit import AuditLog
@@ -116,8 +117,10 @@ def _stored_split(records: list[Record], column: str, fraction: float, state_dir
                               "evaluated must never train): restore the setting, or start a new state dir")
     sides = dict.fromkeys(stored["evaluation"], True) | dict.fromkeys(stored["training"], False)
     new = {unit_key(record, column) for record in _checked_units(records, column, "the site's data")} - set(sides)
+    # A site whose ledger predates its split may have trained on every unit it holds: those stay training units.
+    trained_before = not path.exists() and (state_dir / LEDGER_FILE).exists()
     if new:
-        sides |= {key: _drawn(fraction) for key in sorted(new)}
+        sides |= {key: not trained_before and _drawn(fraction) for key in sorted(new)}
         private_dir(state_dir)
         write_json(path, {"version": SPLIT_VERSION, "fraction": fraction,
                           "evaluation": sorted(k for k, v in sides.items() if v),

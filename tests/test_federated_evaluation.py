@@ -307,3 +307,12 @@ def test_the_terminal_and_summary_show_the_federated_curve_of_a_run_without_test
     assert "accuracy -  macro-F1 -" in shown and "federated macro-F1 0.350 [0.25, 0.45] (round 0's model)" in shown
     text = summary_text(load_summary(tmp_path))
     assert "no coordinator test set" in text and "majority-class" not in text and "federated macro-F1 0.350" in text
+
+
+def test_a_site_that_trained_before_it_had_a_split_never_evaluates_the_units_it_held(tmp_path: Path) -> None:
+    (tmp_path / "privacy-ledger.json").write_text("{}")  # charged before evaluation existed (only its presence counts)
+    policy = SitePolicy(labels=LABELS)
+    train, held_out = split_for_evaluation(records(100), policy, settings(), tmp_path, "site")
+    assert len(train) == 100 and held_out == []
+    _, grown = split_for_evaluation(records(300), policy, settings(), tmp_path, "site")  # only new units are drawn
+    assert grown and all(int(r["text"].split()[1]) >= 100 for r in grown)
