@@ -304,9 +304,10 @@ def test_the_terminal_and_summary_show_the_federated_curve_of_a_run_without_test
     append_metrics(tmp_path, line := MetricsLine(round=1, server={}, contributors=3, model_updated=True,
                                                  federated_evaluation=federated))
     shown = round_line(line, 4)
-    assert "accuracy -  macro-F1 -" in shown and "federated macro-F1 0.350 [0.25, 0.45] (round 0's model)" in shown
+    assert "accuracy -  macro-F1 -" in shown
+    assert "federated accuracy 0.400 [0.30, 0.50]  macro-F1 0.350 [0.25, 0.45] (round 0's model)" in shown
     text = summary_text(load_summary(tmp_path))
-    assert "no coordinator test set" in text and "majority-class" not in text and "federated macro-F1 0.350" in text
+    assert "no coordinator test set" in text and "majority-class" not in text and "macro-F1 0.350" in text
 
 
 def test_a_site_that_trained_before_it_had_a_split_never_evaluates_the_units_it_held(tmp_path: Path) -> None:
