@@ -10,8 +10,9 @@ Message types:
     train.secagg_confirm → stage 4: sign the survivor list (consistency check)
     train.secagg_unmask  → stage 5: shares for survivors XOR dropped sites, after t signatures on one list
 
-What leaves the site: the DP update (masked, under secure aggregation), a public weight, and in
-the clear its ε and δ. Every handler replies with a typed failure (a kind and a fixed message,
+What leaves the site: the DP update (masked, under secure aggregation), in an evaluation round its noisy
+evaluation counts (in the same secure sum: client.site_eval), a public weight, and in the clear its ε and δ.
+Every handler replies with a typed failure (a kind and a fixed message,
 common.records.SiteFailure) instead of crashing; the details stay in the site's own log.
 """
 
@@ -42,11 +43,13 @@ from client.secure import (
     stage_unmask,
 )
 from client.site import Site, resolve_site
+from client.site_eval import evaluation_release
 from client.train import TrainingError, public_size, train_locally
 from common.adapter import AdapterState, delta, set_adapter_state, trainable_keys
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
+from common.federated_eval import plan_evaluation
 from common.library_noise import start_process_log
 from common.model import ModelError, Placement, build_model, resolve_device
 from common.privacy_audit import AuditError, run_audit
@@ -198,16 +201,21 @@ def train(msg: Message, context: Context) -> RecordDict:
         raise WireError("the train request does not match the run's aggregation mode")
     ledger = _opened_ledger(site, settings, msg)  # a rolled-back ledger is refused before anything is spent
     params, keys, store = None, None, SessionStore(site.state_dir)
+    evaluation_plan = plan_evaluation(settings)
     if secure:  # the round's parameters (members, graph, threshold) meet the site's policy BEFORE any budget is spent
         keys = _keys(site)
         size = sum(received[k].size for k in trainable_keys(received, settings.lora.aggregation))
         params = accept_params(secagg_params, site.policy, keys, store=store, run_id=run_id,
-                               server_round=server_round, vector_length=size)
+                               server_round=server_round, vector_length=size,
+                               count_slots=evaluation_plan.slots_in(server_round) if evaluation_plan else 0)
     else:
         store.claim_round(run_id, server_round)  # rounds strictly increase per run, plain or secure
     units = public_size(site.train.unit_count, site.policy.declared_examples, ledger, run_id=run_id,
                         server_round=server_round)  # declared, or the DP estimate (drawn once, charged)
     site.policy.check_plan(settings, units)  # δ's default ceiling and the steps, from the public size only
+    counts = (evaluation_release(site, settings, evaluation_plan, ledger, received, run_id=run_id,
+                                 server_round=server_round)  # the model it received, before it trains
+              if evaluation_plan and evaluation_plan.evaluates(server_round) else [])
     update, release, resent = _released_update(site, settings, ledger, received, server_round, run_id, units)
     weight = site_weight(site.policy.declared_examples, settings.secagg)
     audit = run_audit(site.state_dir, run_id)  # the site's privacy audit of the adapters received so far
@@ -216,8 +224,8 @@ def train(msg: Message, context: Context) -> RecordDict:
                else PrivacyReport(site.name, False, resent=resent))
     if keys is None or params is None:
         log.warning("PLAIN AGGREGATION: %s sends its update in the clear to the server", site.name)
-        return pack_train_reply(TrainReply(update, weight, privacy))
-    bundle = stage_advertise(store, params, keys, update, weight, settings.secagg, release=release)
+        return pack_train_reply(TrainReply(update, weight, privacy, tuple(counts)))
+    bundle = stage_advertise(store, params, keys, update, weight, settings.secagg, release=release, counts=counts)
     return pack_key_advertisement(KeyAdvertisement(params.round_id, bundle, weight, privacy))
 
 

@@ -93,6 +93,16 @@ class SitePolicy:
                                  "after each round it computes an empirical lower bound on its ε from the global "
                                  "adapters (`fedtune audit STATE`) and reports it with its ε; 0 = no audit. "
                                  "Canaries cost some utility, never budget")
+    eval_fraction: float = option(0.2, "--eval-fraction", "the share of this site's units (records, or persons "
+                                  "whole) held out as its own evaluation split, drawn once with OS randomness and "
+                                  "kept in its state dir (eval-split.json): they never train, and the site scores "
+                                  "each round's model on them (federated evaluation: only noisy counts leave, inside "
+                                  "the secure sum); 0 = this site does not evaluate")
+    eval_data: str = option("", "--eval-data", "a CSV/JSONL of this site's evaluation records instead of "
+                            "--eval-fraction (its units must not be in the training data)")
+    max_eval_epsilon: float = option(1.0, "--max-eval-epsilon", "the most ε a run's federated evaluations may spend "
+                                     "in total on this site's evaluation split (federation.eval-epsilon); apart from "
+                                     "--max-epsilon: those units never train")
 
     def __post_init__(self) -> None:
         problems = []
@@ -126,6 +136,10 @@ class SitePolicy:
             problems.append(f"audit-canaries must be 0 (no audit) or >= 2, got {self.audit_canaries}")
         if self.declared_examples is not None and self.declared_examples < 1:
             problems.append(f"declared-examples must be >= 1, got {self.declared_examples}")
+        if not 0 <= self.eval_fraction < 1:
+            problems.append(f"eval-fraction must be in [0, 1) (0 = no evaluation split), got {self.eval_fraction}")
+        if not 0 < self.max_eval_epsilon < float("inf"):
+            problems.append(f"max-eval-epsilon must be a positive number, got {self.max_eval_epsilon}")
         if problems:
             raise ConfigError("site policy: " + "; ".join(problems))
 
@@ -165,6 +179,9 @@ class SitePolicy:
             if privacy.accountant not in self.accountants:
                 raise PolicyError(f"the run asks for the {privacy.accountant!r} accountant; this site accepts "
                                   f"{', '.join(self.accountants)}")
+        if settings.federation.eval_every and settings.federation.eval_epsilon > self.max_eval_epsilon:
+            raise PolicyError(f"the run's federated evaluations ask for ε={settings.federation.eval_epsilon:g}; this "
+                              f"site allows at most ε={self.max_eval_epsilon:g} (policy max-eval-epsilon)")
         if settings.federation.rounds > self.max_rounds:
             raise PolicyError(f"the run plans {settings.federation.rounds} rounds; this site allows at most "
                               f"{self.max_rounds} (policy max-rounds)")

@@ -18,6 +18,7 @@ the coordinator, who knows the whole run config, cannot replay a site's update.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -32,6 +33,8 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from common.audit import AuditLog, verified_entries
 from common.config import PrivacySettings
+from common.discrete_noise import discrete_laplace
+from common.federated_eval import zcdp_epsilon
 from common.files import exclusive_lock, file_sha256, private_dir, replace_durably, write_json
 
 LEDGER_VERSION = 2
@@ -65,34 +68,6 @@ def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_r
     evaluations takes several seconds)."""
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=accountant))
-
-
-def discrete_laplace(epsilon: Fraction) -> int:
-    """Y with P(Y = y) ∝ exp(−ε·|y|), exactly, from OS entropy (Canonne, Kamath & Steinke 2020, Algorithm 2):
-    n + Y is ε-DP for a count n that one unit moves by at most 1. ε is rational, so no floating point is involved."""
-    s, t = epsilon.numerator, epsilon.denominator  # scale t/s
-    while True:
-        u = secrets.randbelow(t)
-        if not _bernoulli_exp(Fraction(u, t)):
-            continue
-        v = 0
-        while _bernoulli_exp(Fraction(1)):
-            v += 1
-        magnitude, negative = (u + t * v) // s, secrets.randbits(1)
-        if not (negative and magnitude == 0):  # else −0 and +0 would both count 0
-            return -magnitude if negative else magnitude
-
-
-def _bernoulli_exp(gamma: Fraction) -> bool:
-    """True with probability exp(−γ), exactly, for a rational γ ≥ 0 (CKS 2020, Algorithm 1)."""
-    while gamma > 1:
-        if not _bernoulli_exp(Fraction(1)):
-            return False
-        gamma -= 1
-    k = 1
-    while secrets.randbelow(gamma.denominator * k) < gamma.numerator:  # Bernoulli(γ/k)
-        k += 1
-    return k % 2 == 1
 
 
 def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -143,6 +118,22 @@ class RoundEntry:
     epsilon: float
 
 
+@dataclass(frozen=True)
+class EvaluationAccount:
+    """The ε of the site's federated evaluations (zCDP: ρ adds up), apart from training's: evaluation units never
+    train (client.site_eval), so a unit is in one account or the other (parallel composition)."""
+
+    epsilon: float
+    """The budget: federation.eval-epsilon of the run that first evaluated here (it cannot change silently)."""
+    delta: float
+    rho: float = 0.0
+    rounds: tuple[tuple[int, int], ...] = ()
+    """(run id, round) of each evaluation charged."""
+
+    def spent(self) -> float:
+        return zcdp_epsilon(self.rho, self.delta) if self.rho else 0.0
+
+
 class PrivacyLedger:
     """The site's ε account: JSON at ``path`` (0600, in a 0700 directory), bound to ``path.parent/audit.jsonl``.
 
@@ -160,6 +151,7 @@ class PrivacyLedger:
         self.history: History = []
         self.rounds: list[RoundEntry] = []
         self.estimate: SizeEstimate | None = None
+        self.evaluation: EvaluationAccount | None = None
         private_dir(path.parent)
         with exclusive_lock(self._lock):
             self._load()
@@ -190,7 +182,7 @@ class PrivacyLedger:
                     f"{len(charges)} charge(s); restore the ledger from "
                     "backup. The site will not start again at zero"
                 )
-            self.plan, self.history, self.rounds, self.estimate = None, [], [], None
+            self.plan, self.history, self.rounds, self.estimate, self.evaluation = None, [], [], None, None
             return
         if last_sha is None:
             raise LedgerError(
@@ -212,6 +204,10 @@ class PrivacyLedger:
             history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
             rounds = [RoundEntry(**entry) for entry in saved["rounds"]]
             estimate = SizeEstimate(**saved["estimate"]) if saved.get("estimate") else None
+            evaluation = saved.get("evaluation")
+            evaluation = (EvaluationAccount(evaluation["epsilon"], evaluation["delta"], float(evaluation["rho"]),
+                                            tuple((int(r), int(n)) for r, n in evaluation["rounds"]))
+                          if evaluation else None)
             accountant = saved["accountant"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LedgerError(
@@ -228,6 +224,7 @@ class PrivacyLedger:
                 "restore the original settings, or start a new ledger (state dir) under a new data-use approval"
             )
         self.plan, self.history, self.rounds, self.estimate = plan, history, rounds, estimate
+        self.evaluation = evaluation
 
     def _epsilon(self, history: History) -> float:
         """ε_n of the size estimate (pure DP) + DP-SGD's ε of ``history``: basic composition."""
@@ -288,12 +285,35 @@ class PrivacyLedger:
                          server_round=server_round)
         return entry
 
+    def charge_evaluation(self, *, run_id: int, server_round: int, rho: float, budget: float, delta: float) -> float:
+        """Charge one federated evaluation of ρ (zCDP) BEFORE it is scored, durably; the evaluation account's ε.
+        Raises BudgetExhausted (nothing charged) past ``budget`` (the run's federation.eval-epsilon at ``delta``),
+        and LedgerError if the account was opened with another budget."""
+        with exclusive_lock(self._lock):
+            self._load()
+            account = self.evaluation or EvaluationAccount(budget, delta)
+            if (account.epsilon, account.delta) != (budget, delta):
+                raise LedgerError(
+                    f"the evaluation account of {self.path} was opened with ε={account.epsilon:g}, "
+                    f"δ={account.delta:g}; "
+                    f"this run asks for ε={budget:g}, δ={delta:g}. A budget cannot change silently: restore the "
+                    "run's federation.eval-epsilon, or start a new ledger (state dir) under a new data-use approval")
+            charged = dataclasses.replace(account, rho=account.rho + rho,
+                                          rounds=(*account.rounds, (run_id, server_round)))
+            if charged.spent() > budget + EPSILON_SLACK:
+                raise BudgetExhausted(budget=budget, spent=account.spent(), would_be=charged.spent())
+            self._commit(self.plan, self.history, self.rounds, self.estimate, epsilon=self.spent(), run_id=run_id,
+                         server_round=server_round, evaluation=charged)
+        return charged.spent()
+
     def _commit(self, plan: NoisePlan | None, history: History, rounds: list[RoundEntry],
-                estimate: SizeEstimate | None, *, epsilon: float, run_id: int, server_round: int) -> None:
+                estimate: SizeEstimate | None, *, epsilon: float, run_id: int, server_round: int,
+                evaluation: EvaluationAccount | None = None) -> None:
         """Write-ahead: the new ledger beside the old, its sha256 in the audit log, then the rename.
         A crash at any point leaves either the old ledger (charge not logged) or one :meth:`_load` completes.
         The budget binds at the first round (a size estimate alone binds nothing: the run that drew it may still
-        be refused on its δ or steps)."""
+        be refused on its δ or steps). ``evaluation``: the evaluation account after this charge (default: as is)."""
+        evaluation = evaluation or self.evaluation
         write_json(self._pending, {
             "version": LEDGER_VERSION,
             "budget": {"epsilon": self.settings.epsilon, "delta": self.settings.delta} if rounds else None,
@@ -302,12 +322,14 @@ class PrivacyLedger:
             "history": [list(entry) for entry in history],
             "rounds": [asdict(entry) for entry in rounds],
             "estimate": asdict(estimate) if estimate else None,
+            "evaluation": asdict(evaluation) if evaluation else None,
             "epsilon_spent": epsilon,
         })
         AuditLog(self.audit_path).record(CHARGE_EVENT, ledger=self.path.name, ledger_sha256=file_sha256(self._pending),
                                          epsilon=epsilon, run_id=run_id, round=server_round)
         replace_durably(self._pending, self.path)
         self.plan, self.history, self.rounds, self.estimate = plan, history, rounds, estimate
+        self.evaluation = evaluation
 
     def report(self) -> dict:
         """What the site tells the coordinator, in the clear: ε (rounded UP to 4 decimals; ε_n of the size estimate

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,14 +123,15 @@ class SessionStore:
 
 
 def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: SessionStore, run_id: int,
-                  server_round: int, vector_length: int) -> SecAggParams:
+                  server_round: int, vector_length: int, count_slots: int = COUNT_SLOTS) -> SecAggParams:
     """The round's parameters, only if they meet THIS site's policy (never the coordinator's run config).
 
     Checked: this site and only members it pinned are invited, at least ``policy.min_sites`` of them,
     and the round binds the digest of the pinned member list (so min-sites, the threshold and the
     graph count only pinned members, and sites pinned to different lists never share a round); the
     round id is ``fedtune/run-{run_id}/round-{server_round}`` and the round is strictly later than
-    any this site took part in for the run; vector length and count slots match; the modulus holds
+    any this site took part in for the run; vector length and count slots (the run's evaluation counts, if any)
+    match; the modulus holds
     the sum; up to ``policy.all_pairs_up_to`` sites every pair masks, above it the degree is at
     least ``max(policy.min_degree, 2·ceil(log2 n))``; the threshold exceeds 2h/3 of h holders.
     Raises :class:`ParamsRefused` (a ProtocolError) with the reason.
@@ -154,9 +155,9 @@ def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: Ses
         problems.append(f"the round invites {n} sites, fewer than this site's min-sites={policy.min_sites}")
     if offered.round_id != f"fedtune/run-{run_id}/round-{server_round}".encode():
         problems.append(f"round id {offered.round_id!r} is not run {run_id}, round {server_round}")
-    if offered.vector_length != vector_length or offered.count_slots != COUNT_SLOTS:
+    if offered.vector_length != vector_length or offered.count_slots != count_slots:
         problems.append(f"vector of {offered.vector_length}+{offered.count_slots}, expected "
-                        f"{vector_length}+{COUNT_SLOTS}")
+                        f"{vector_length}+{count_slots}")
     counts_max = offered.max_count if offered.count_slots else 0
     if offered.modulus_bits < choose_modulus_bits(n, offered.value_bits, counts_max):
         problems.append("the modulus is too small for the sum")  # SecAggParams checks it too
@@ -175,15 +176,15 @@ def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: Ses
 
 
 def stage_advertise(store: SessionStore, params: SecAggParams, keys: SiteKeys, delta: np.ndarray, weight: int,
-                    settings: SecureAggSettings, *, release: str) -> bytes:
+                    settings: SecureAggSettings, *, release: str, counts: Sequence[int] = ()) -> bytes:
     """Stage 1 (after local training): encode the contribution (``encode_contribution``: the weighted,
     clipped update), sign fresh round keys, and keep the encoded contribution for stage 3 (with the
-    name of the sealed release it came from, marked uploaded when the masked input leaves)."""
+    name of the sealed release it came from, marked uploaded when the masked input leaves). ``counts``: the
+    round's noisy evaluation counts (common.federated_eval.release), summed in the count slots."""
     values, clipped = encode_contribution(np.asarray(delta), weight, settings)
     if clipped:
         log.warning("the update's L2 norm exceeded secagg.clip=%g: it was scaled down", settings.clip)
     values = np.asarray(values, dtype=np.float64)
-    counts: list[int] = []
     if values.shape != (params.vector_length,) or len(counts) != params.count_slots:
         raise ProtocolError("the contribution does not have the round's vector length or count slots")
     session = ClientSession(params, keys.site_id, keys.identity, keys.registry.keys)

@@ -8,7 +8,8 @@ under the run's output directory, and reads its policy from ``policy.json`` ther
 ``fedtune simulate``, which plays every site). Both build the same :class:`SitePolicy`. Either
 way the site's peers are the members pinned in its state dir (common.registry.load_members).
 
-Every record a site holds is a training record: there is no hold-out outside the DP guarantee.
+A site's records train, except its evaluation split (client.site_eval): units it holds out once, which never
+train and are only scored, with their own DP budget (there is no hold-out outside a DP guarantee).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Any
 
 from client.policy import POLICY_FILE, SitePolicy
 from client.privacy import LEDGER_FILE
+from client.site_eval import split_for_evaluation
 from common.config import ConfigError, DataSettings, RunSettings, TaskKind, unit_column
-from common.data import EncodedData, Record, encode, partition, read_records
+from common.data import DataError, EncodedData, Record, encode, partition, read_records
 from common.files import private_dir
 from common.model import load_tokenizer
 from common.passport import PASSPORT_PUB
@@ -40,6 +42,8 @@ class Site:
     keys_dir: Path
     """Where the site's identity key is: its own key directory (deployment) or its state dir (simulation)."""
     policy: SitePolicy
+    evaluation: EncodedData | None = None
+    """The site's evaluation split (client.site_eval): units that never train; None without one."""
     receipts_dir: Path | None = None
     """Where the coordinator's receipts of its charges are kept, outside the state dir; None = beside it
     (client.rollback.default_receipts_dir)."""
@@ -113,7 +117,11 @@ def simulation_partitions(data: DataSettings, sites: int, task: TaskKind) -> tup
 def _encode_site(name: str, state_dir: Path, records: list[Record], settings: RunSettings,
                  *, policy: SitePolicy, keys_dir: Path) -> Site:
     tokenizer = load_tokenizer(policy.model_path)  # the site's own task, labels and model read its records
-    train = encode(records, policy.labels, tokenizer, settings.data.max_length, f"site {name}",
-                   unit_column=unit_column(policy.privacy_unit), task=policy.task)
+    training, held_out = split_for_evaluation(records, policy, settings, state_dir, f"site {name}")
+    train, evaluation = (encode(part, policy.labels, tokenizer, settings.data.max_length, f"site {name}",
+                                unit_column=unit_column(policy.privacy_unit), task=policy.task) if part else None
+                         for part in (training, held_out))
+    if train is None:
+        raise DataError(f"site {name}: every unit is in the evaluation split; lower --eval-fraction")
     return Site(name=name, state_dir=state_dir, labels=policy.labels, train=train, keys_dir=keys_dir,
-                policy=policy)
+                policy=policy, evaluation=evaluation)

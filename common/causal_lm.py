@@ -140,6 +140,9 @@ class GenerationScores:
     rouge_sum: float
     examples: int
     samples: list[dict[str, str]] = field(default_factory=list)
+    per_example: list[tuple[float, int, bool, float]] = field(default_factory=list)
+    """Each example's (mean answer-token loss, answer tokens, exact match, ROUGE-L): what a site counts for
+    federated evaluation (common.federated_eval)."""
 
     def metrics(self) -> dict[str, Any]:
         if self.examples == 0:
@@ -174,22 +177,27 @@ def score_generation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     input_ids, attention_mask, targets = data.tensors
     loss_sum, tokens, exact, rouge = 0.0, 0, 0, 0.0
     samples: list[dict[str, str]] = []
+    per_example: list[tuple[float, int, bool, float]] = []
+    device = next(model.parameters()).device
     answer_lengths = (targets != IGNORE).sum(1)
     max_new = min(MAX_NEW_TOKENS, int(answer_lengths.max()) + 2) if len(answers) else 1
     for start in range(0, len(answers), batch_size):
         rows = slice(start, start + batch_size)
-        total, count = answer_losses(model, input_ids[rows], attention_mask[rows], targets[rows])
+        total, count = answer_losses(model, input_ids[rows].to(device), attention_mask[rows].to(device),
+                                     targets[rows].to(device))
+        total, count = total.float().cpu(), count.cpu()
         loss_sum, tokens = loss_sum + float(total.sum()), tokens + int(count.sum())
         prompt_lengths = (targets[rows] != IGNORE).int().argmax(1) + 1  # the first answer token's position
         prompts = [input_ids[start + i, :int(n)] for i, n in enumerate(prompt_lengths)]
         for i, generated in enumerate(_generate(model, tokenizer, prompts, max_new)):
             reference = answers[start + i]
-            exact += normalise(generated) == normalise(reference)
-            rouge += rouge_l(generated, reference)
+            matched, overlap = normalise(generated) == normalise(reference), rouge_l(generated, reference)
+            exact, rouge = exact + matched, rouge + overlap
+            per_example.append((float(total[i]) / max(1, int(count[i])), int(count[i]), matched, overlap))
             if len(samples) < SAMPLES_SHOWN:
                 samples.append({"prompt": excerpt(questions[start + i]), "reference": excerpt(reference),
                                 "generated": excerpt(generated)})
-    return GenerationScores(loss_sum, tokens, exact, rouge, len(answers), samples)
+    return GenerationScores(loss_sum, tokens, exact, rouge, len(answers), samples, per_example)
 
 
 def excerpt(text: str, limit: int = 240) -> str:

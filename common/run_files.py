@@ -112,13 +112,34 @@ class SecureRoundDetails:
 
 
 @dataclass(frozen=True)
+class FederatedScores:
+    """The sites' evaluation of one model, from the noisy sum of their releases (common.federated_eval): a metrics
+    line's ``federated_evaluation``. Scores are None where the noisy counts leave nothing to divide by."""
+
+    model_round: int
+    """The round whose model the sites scored (the one they received: the previous round's)."""
+    sites: int
+    """Sites whose release is in the sum."""
+    examples: float
+    """The noisy estimate of the examples scored, over those sites."""
+    scores: dict[str, float | None]
+    """Classification: accuracy, macro_f1; causal-lm: loss, exact_match, rouge_l, answer_tokens."""
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    """95 % interval [low, high] of each score, from the noise's known variance."""
+    noise_sigma: float = 0.0
+    """σ of each site's discrete Gaussian noise on each count."""
+    epsilon: float = 0.0
+    """ε (at the run's δ) of all the run's planned evaluations together, per unit of a site's evaluation split."""
+
+
+@dataclass(frozen=True)
 class MetricsLine:
     """One round in metrics.jsonl. Round 0 (the initial adapter) sets only ``round`` and ``server``."""
 
     round: int
     server: dict[str, Any]
     """The server's scores on its own test split: the task's metrics (common.config.TASK_METRICS), loss,
-    examples (and a causal LM's perplexity and sample answers)."""
+    examples (and a causal LM's perplexity and sample answers); {} when the coordinator holds no test data."""
     aggregation: str = ""
     contributors: int = 0
     failures: tuple[Failure, ...] = ()
@@ -132,6 +153,8 @@ class MetricsLine:
     duration_s: float = 0.0
     checkpoint: str = ""
     """The checkpoint directory holding the model after this round (round-NNNN)."""
+    federated_evaluation: FederatedScores | None = None
+    """The sites' private evaluation of the model they received this round (round − 1's), if they evaluated."""
 
     def spent(self) -> list[float]:
         """The ε the sites have reported so far."""

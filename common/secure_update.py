@@ -1,7 +1,8 @@
 """What a site's contribution is inside the securely aggregated vector, and its round parameters.
 
-Nothing computed on a site's records travels besides its DP update: no example count, no
-training loss, no evaluation on its records. A site's weight is public by construction (equal,
+Nothing computed on a site's records travels besides its DP update and, in an evaluation round, its noisy
+evaluation counts (common.federated_eval) in the count slots: no example count, no training loss, no evaluation
+outside DP. A site's weight is public by construction (equal,
 or a size the site declares in its own policy, never derived from its records), so it travels
 in the clear and the server sums the survivors' weights itself: a hostile site cannot fake the
 total it is divided by.
@@ -29,7 +30,8 @@ from common.secagg import AggregateResult, ParameterError, SecAggParams, clip_l2
 from common.secagg.fixedpoint import MAX_MODULUS_BITS, MAX_VALUE_BITS
 
 log = logging.getLogger("fedtune.server")
-COUNT_SLOTS = 0  # nothing but the update is summed: weights are public, metrics on records are never released
+COUNT_SLOTS = 0
+"""The count slots of a round without federated evaluation: nothing but the update is summed (weights are public)."""
 MAX_COUNT = (1 << 20) - 1
 
 
@@ -44,10 +46,11 @@ ALL_PAIRS_UP_TO = 64
 
 
 def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int, site_ids: list[int],
-                 vector_length: int, members_digest: bytes) -> SecAggParams:
+                 vector_length: int, members_digest: bytes, count_slots: int = COUNT_SLOTS) -> SecAggParams:
     """The coordinator's offer of a round's public parameters; each site checks it against its own policy.
     ``members_digest``: the digest of the coordinator's registry, which a site accepts only if it is the
-    member list the site pinned.
+    member list the site pinned. ``count_slots``: the round's evaluation counts (EvalPlan.slots_in), each in
+    [0, MAX_COUNT].
 
     Up to :data:`ALL_PAIRS_UP_TO` sites every pair masks (``secagg.degree``/``threshold`` apply only
     with ``secagg.all-pairs`` there); larger federations use a sparse graph unless all-pairs is set.
@@ -59,7 +62,7 @@ def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int,
         vector_length=vector_length,
         clip=settings.clip,
         value_bits=value_bits_for(len(site_ids)),
-        count_slots=COUNT_SLOTS,
+        count_slots=count_slots,
         max_count=MAX_COUNT,
         degree=0 if all_pairs else settings.degree,
         threshold=settings.threshold if settings.all_pairs or not all_pairs else 0,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.config import (
+    NO_TEST_DATA,
     BadInput,
     CommandLineOption,
     ConfigError,
@@ -108,7 +109,7 @@ def simulated_registry(out: Path, sites: int) -> Path:
 
 def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: str, model: str, dp: bool,
                             secure: bool, epsilon: float, unit: str, max_rows_per_unit: int = 8,
-                            audit_canaries: int = 0) -> None:
+                            audit_canaries: int = 0, eval_epsilon: float = 1.0) -> None:
     """Each simulated site's own policy file (the person running the simulation plays every site).
 
     Weaker protection than the defaults exists only because this command was asked for it by name.
@@ -116,7 +117,7 @@ def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: st
     from client.policy import SitePolicy, write_policy
 
     policy = SitePolicy(task=task, labels=tuple(filter(None, labels.split(","))), model_path=model,
-                        max_epsilon=epsilon, require_dp=dp,
+                        max_epsilon=epsilon, require_dp=dp, max_eval_epsilon=eval_epsilon,
                         require_secure_aggregation=secure, privacy_unit=unit, max_rows_per_unit=max_rows_per_unit,
                         audit_canaries=audit_canaries)
     for i in range(sites):
@@ -182,7 +183,10 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     task = settings.task
     records = read_records(settings.data.source, task=task)  # fail fast, before any process starts
     unit_indices(records, unit_column(settings.privacy.unit), settings.data.source)
-    read_records(test_source(settings.data), split="test", task=task)
+    if (test := test_source(settings.data)) is not None:
+        read_records(test, split="test", task=task)
+    elif parse_baselines(getattr(args, "baselines", "")):
+        raise ConfigError("--baselines are scored on the coordinator's test set: give --test-data (not 'none')")
     run_config["data.labels"] = ",".join(label_names(records, settings.data.labels)) if task == "classification" else ""
     sizes = [len(p) for p in partition(records, args.sites, settings.data.partition,
                                        alpha=settings.data.dirichlet_alpha, seed=settings.data.seed)]
@@ -193,7 +197,8 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     simulated_site_policies(out, args.sites, task=task, labels=run_config["data.labels"], model=args.model, dp=dp,
                             secure=not args.plain_aggregation, epsilon=args.epsilon, unit=args.privacy_unit,
                             max_rows_per_unit=settings.train.max_rows_per_unit,
-                            audit_canaries=getattr(args, "audit_canaries", 0))
+                            audit_canaries=getattr(args, "audit_canaries", 0),
+                            eval_epsilon=settings.federation.eval_epsilon)
     if not args.plain_aggregation:
         from common.registry import load_registry, read_aloud
 
@@ -280,8 +285,11 @@ def cmd_server_start(args: argparse.Namespace) -> None:
     from fedtune.runtime.monitoring import superlink_ready
     from fedtune.runtime.orchestrator import ServerKit, start_server
 
-    if not args.test_data:
-        raise ConfigError("--test-data: the coordinator evaluates every round on its own held-out file (CSV/JSONL)")
+    if not args.test_data or args.test_data == NO_TEST_DATA:  # the sites' federated evaluation only
+        if args.task == "classification" and not args.labels:
+            raise ConfigError("--labels: with no --test-data the coordinator reads no labels from records; list the "
+                              "federation's labels, comma-separated")
+        args.test_data = NO_TEST_DATA
     kit = ServerKit.load(args.kit)
     labels = args.labels or (",".join(label_names(read_records(args.test_data))) if args.task == "classification"
                              else "")

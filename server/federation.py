@@ -1,8 +1,9 @@
 """The federation's round loop, driven over Flower's Grid (simulation or deployment alike).
 
-Each round: send the global adapter to the sites, aggregate their updates, apply the mean
-delta, evaluate on the server's own test split, checkpoint, write a metrics line. The server
-never evaluates on a site's records: nothing computed on them leaves a site outside DP.
+Each round: send the global adapter to the sites, aggregate their updates (and, in an evaluation round, the noisy
+sum of their evaluations of the adapter they received), apply the mean delta, evaluate on the server's own test
+split if it holds one, checkpoint, write a metrics line. The server never evaluates on a site's records: nothing
+computed on them leaves a site outside DP.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from common import __version__
 from common.adapter import AdapterState, apply_delta, get_adapter_state, set_adapter_state, trainable_keys
 from common.audit import AuditLog
 from common.causal_lm import most_common_answer_scores, score_generation
-from common.config import HEADLINE_METRIC, ConfigError, DataSettings, RunSettings, unit_name
+from common.config import HEADLINE_METRIC, NO_TEST_DATA, ConfigError, DataSettings, RunSettings, unit_name
 from common.data import DRUGREVIEW, EncodedData, encode, read_records
 from common.evaluation import evaluate, majority_baseline, metrics
+from common.federated_eval import decode, plan_evaluation
 from common.files import file_sha256
 from common.model import base_model_sha256, initial_model, load_tokenizer
 from common.passport import build_passport, load_signing_key, sign_passport
 from common.registry import load_registry
 from common.run_files import (
+    FederatedScores,
     MetricsLine,
     PrivacyFile,
     PrivacyReport,
@@ -77,18 +80,25 @@ def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def test_source(data: DataSettings) -> str:
-    """The server's own held-out data: data.test-source, or the drug reviews' test split."""
+def test_source(data: DataSettings) -> str | None:
+    """The server's own held-out data: data.test-source, or the drug reviews' test split; None when the
+    coordinator holds none (data.test-source = 'none': the sites' federated evaluation only)."""
+    if data.test_source == NO_TEST_DATA:
+        return None
     if data.test_source:
         return data.test_source
     if data.source == DRUGREVIEW:
         return DRUGREVIEW
-    raise ConfigError("data.test-source must name the server's test file (CSV/JSONL) when data.source is a file")
+    raise ConfigError("data.test-source must name the server's test file (CSV/JSONL) when data.source is a file, "
+                      f"or be '{NO_TEST_DATA}' (the sites' federated evaluation only)")
 
 
-def server_test_split(settings: RunSettings, tokenizer: PreTrainedTokenizerBase) -> EncodedData:
-    """The server's held-out examples (the first data.test-examples of them, when set), encoded for its task."""
-    records = read_records(test_source(settings.data), split="test", task=settings.task)
+def server_test_split(settings: RunSettings, tokenizer: PreTrainedTokenizerBase) -> EncodedData | None:
+    """The server's held-out examples (the first data.test-examples of them, when set), encoded for its task;
+    None when it holds none."""
+    if (source := test_source(settings.data)) is None:
+        return None
+    records = read_records(source, split="test", task=settings.task)
     if settings.data.test_examples:
         records = records[:settings.data.test_examples]
     return encode(records, settings.data.labels, tokenizer, settings.data.max_length, "server test split",
@@ -156,8 +166,9 @@ class Federation:
         self.state = get_adapter_state(self.model)
         self.keys = trainable_keys(self.state, settings.lora.aggregation)
         update_size = sum(self.state[key].size for key in self.keys)
+        self.evaluation = plan_evaluation(settings)
         spec = RoundSpec(update_size, settings.secagg.max_examples, settings.federation.min_sites,
-                         settings.federation.train_timeout, settings.federation.stage_timeout)
+                         settings.federation.train_timeout, settings.federation.stage_timeout, self.evaluation)
         self.run_id = grid.run.run_id
         self.watch = LedgerWatch(self.out_dir, self.signing_key, self.run_id)
         self.aggregator = choose_aggregator(settings, spec, self.watch)
@@ -234,8 +245,9 @@ class Federation:
         append_metrics(self.out_dir, line)
         write_privacy(self.out_dir, PrivacyFile(self.settings.privacy.enabled, self.privacy))
         name = HEADLINE_METRIC[self.settings.task]
-        log.info("round %d: %d site(s), server %s %.3f", server_round, outcome.contributors, name,
-                 line.server[name])
+        federated = line.federated_evaluation.scores.get(name) if line.federated_evaluation else None
+        log.info("round %d: %d site(s), server %s %s, federated %s (round %d's model) %s", server_round,
+                 outcome.contributors, name, _shown(line.server.get(name)), name, server_round - 1, _shown(federated))
         return outcome
 
     def _collect(self, server_round: int) -> RoundOutcome:
@@ -276,7 +288,14 @@ class Federation:
                            contributors=outcome.contributors, failures=tuple(outcome.failures),
                            model_updated=outcome.mean_delta is not None, secure_aggregation=outcome.details,
                            dp=self.settings.privacy.enabled, privacy_unit=self.unit, epsilon=self._epsilon(),
-                           duration_s=duration_s)
+                           duration_s=duration_s, federated_evaluation=self._federated(server_round, outcome))
+
+    def _federated(self, server_round: int, outcome: RoundOutcome) -> FederatedScores | None:
+        """The sites' evaluation of the model they received (round − 1's), from the noisy sum alone."""
+        if self.evaluation is None or not outcome.evaluation_sum or not outcome.evaluated_sites:
+            return None
+        return decode(outcome.evaluation_sum, outcome.evaluated_sites, self.evaluation, model_round=server_round - 1,
+                      max_tokens=self.settings.data.max_length // 2)
 
     def _epsilon(self) -> dict[str, float | None]:
         return {site: report.epsilon for site, report in sorted(self.privacy.items())}
@@ -286,11 +305,14 @@ class Federation:
         return {site: audit for site, report in sorted(self.privacy.items()) if (audit := report.released_audit())}
 
     def _evaluate(self) -> dict[str, Any]:
-        """The server's own test split only: nothing computed on a site's records leaves it outside DP."""
-        return test_scores(self.model, self.test, self.settings)
+        """The server's own test split only ({} without one): nothing computed on a site's records leaves it
+        outside DP."""
+        return test_scores(self.model, self.test, self.settings) if self.test is not None else {}
 
     def _floor(self) -> dict[str, float]:
-        """What the test split's most common label (answer) scores: the floor a model must beat."""
+        """What the test split's most common label (answer) scores: the floor a model must beat ({} without one)."""
+        if self.test is None:
+            return {}
         if self.settings.task == "causal-lm":
             return most_common_answer_scores(self.test.answers)
         return majority_baseline(self.test.labels, len(self.labels))
@@ -306,6 +328,10 @@ class Federation:
         self.parent = file_sha256(self.checkpoint / "adapter_model.safetensors")
         self.audit.record("checkpoint", round=server_round, adapter_sha256=self.parent,
                           passport=self.signing_key is not None)
+
+
+def _shown(score: float | None) -> str:
+    return "-" if score is None else f"{score:.3f}"
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> Path:

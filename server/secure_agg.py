@@ -164,7 +164,8 @@ class SecureAggregation:
             return self._aborted(server_round, f"{len(node_of_site)} identified site(s)", failures, privacy)
         params = round_params(self.settings, run_id=grid.run.run_id, server_round=server_round,
                               site_ids=sorted(node_of_site), vector_length=spec.update_size,
-                              members_digest=self.registry.digest)
+                              members_digest=self.registry.digest,
+                              count_slots=spec.evaluation.slots_in(server_round) if spec.evaluation else 0)
         aggregator = ServerAggregator(params, self.registry.keys)
         weights: dict[int, int] = {}  # public by construction; the server sums them itself
 
@@ -216,7 +217,8 @@ class SecureAggregation:
             threshold=params.threshold, all_pairs=params.all_pairs, upload_bytes=params.packed_bytes,
             exchange_seconds=seconds)
         return RoundOutcome(mean_delta=total.mean_delta, contributors=contributors, failures=failures,
-                            privacy=privacy, details=details)
+                            privacy=privacy, details=details, evaluation_sum=tuple(result.counts),
+                            evaluated_sites=contributors if result.counts else 0)
 
     def _exchange(self, grid: Grid, node_of_site: dict[int, int], params: SecAggParams, message_type: str,
                   content: Callable[[int], RecordDict], failures: list[Failure], only: Collection[int] | None,

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 
 from common.adapter import AdapterState
 from common.config import SecureAggSettings
+from common.federated_eval import EvalPlan
 from common.records import (
     PrivacyReport,
     TrainReply,
@@ -28,7 +29,7 @@ from common.records import (
 )
 from common.run_files import Failure as Failure  # metrics.jsonl's records of a round
 from common.run_files import SecureRoundDetails as SecureRoundDetails
-from common.secure_update import bounded_mean, encode_contribution
+from common.secure_update import MAX_COUNT, bounded_mean, encode_contribution
 from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 
 log = logging.getLogger("fedtune.server")
@@ -45,6 +46,8 @@ class RoundSpec:
     min_sites: int
     train_timeout: float
     stage_timeout: float
+    evaluation: EvalPlan | None = None
+    """The run's federated evaluation (common.federated_eval), None without it."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,10 @@ class RoundOutcome:
     privacy: dict[str, PrivacyReport] = field(default_factory=dict)
     """Each site's privacy report (ε, δ), keyed by site name."""
     details: SecureRoundDetails | None = None
+    evaluation_sum: tuple[int, ...] = ()
+    """In an evaluation round, the sum of the contributing sites' noisy evaluation counts (never one site's)."""
+    evaluated_sites: int = 0
+    """The sites whose release is in ``evaluation_sum``."""
 
 
 class Aggregator(Protocol):
@@ -141,7 +148,9 @@ class PlainAggregation:
                 failures.append(failure)
                 continue
             try:
-                decoded = unpack_train_reply(reply.content, spec.update_size, spec.max_weight)
+                decoded = unpack_train_reply(reply.content, spec.update_size, spec.max_weight,
+                                             spec.evaluation.slots_in(server_round) if spec.evaluation else 0,
+                                             MAX_COUNT)
             except Exception as exc:  # any malformation of an untrusted reply drops its site
                 detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
                 failures.append(Failure(str(node), "malformed-update", detail))
@@ -154,14 +163,18 @@ class PlainAggregation:
             self.site_of_node[node] = decoded.privacy.site
             accepted.append(decoded)
         privacy = {r.privacy.site: r.privacy for r in accepted}
+        evaluated = [r.evaluation for r in accepted if r.evaluation]
+        total = tuple(int(c) for c in np.sum(evaluated, axis=0)) if evaluated else ()
         if len(accepted) < spec.min_sites:
             log.warning("round %d: %d site(s) contributed, fewer than min-sites=%d: model unchanged",
                         server_round, len(accepted), spec.min_sites)
-            return RoundOutcome(None, len(accepted), failures, privacy)
+            return RoundOutcome(None, len(accepted), failures, privacy, evaluation_sum=total,
+                                evaluated_sites=len(evaluated))
         # Each update weighted and clipped as a secure round's contribution is, the mean bounded alike.
         contributions = [encode_contribution(r.delta, r.weight, self.settings)[0] for r in accepted]
         mean, clipped = bounded_mean(np.sum(contributions, axis=0), self.settings, len(accepted),
                                      sum(r.weight for r in accepted))
         if clipped:  # cannot happen: every contribution was clipped here
             raise AssertionError("a mean of clipped contributions exceeded the honest bound")
-        return RoundOutcome(mean, len(accepted), failures, privacy)
+        return RoundOutcome(mean, len(accepted), failures, privacy, evaluation_sum=total,
+                            evaluated_sites=len(evaluated))

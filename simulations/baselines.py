@@ -19,7 +19,7 @@ import numpy as np
 from client.privacy import PrivacyLedger
 from client.site import simulation_partitions
 from client.train import train_locally
-from common.config import TASK_METRICS, RunSettings, unit_column
+from common.config import TASK_METRICS, ConfigError, RunSettings, unit_column
 from common.data import EncodedData, encode
 from common.model import initial_model, load_tokenizer
 from common.run_files import BaselinePoint, Baselines
@@ -39,6 +39,8 @@ def run_baselines(which: tuple[str, ...], settings: RunSettings,
     records, parts = simulation_partitions(settings.data, settings.federation.sites, task)
     column = unit_column(settings.privacy.unit)
     test = server_test_split(settings, tokenizer)
+    if test is None:
+        raise ConfigError("--baselines are scored on the coordinator's test set: give --test-data (not 'none')")
     curves: Baselines = {}
     if "local" in which:
         def progress(n: int) -> Callable[[str], None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,29 @@ def progress_bar(done: int, total: int) -> str:
     return "[" + "█" * filled + "·" * (BAR_WIDTH - filled) + "]"
 
 
+def score_text(scores: dict[str, Any], key: str) -> str:
+    """A score to 3 decimals; "-" where there is none (no coordinator test set, nothing to divide by)."""
+    value = scores.get(key)
+    return "-" if value is None else f"{value:.3f}"
+
+
 def metric_text(scores: dict[str, Any], task: str) -> str:
     """"accuracy 0.512  macro-F1 0.402" (or the causal-lm metrics)."""
-    return "  ".join(f"{name} {scores[key]:.3f}" for key, name in TASK_METRICS[task])
+    return "  ".join(f"{name} {score_text(scores, key)}" for key, name in TASK_METRICS[task])
+
+
+def federated_text(line: MetricsLine, task: str) -> str:
+    """"  federated accuracy 0.64 [0.55, 0.72]  macro-F1 - (round 2's model)": the sites' noisy evaluation, if any
+    ("-": a score the noise leaves undetermined)."""
+    federated = line.federated_evaluation
+    if federated is None:
+        return ""
+    shown = []
+    for key, name in TASK_METRICS[task]:
+        interval = federated.intervals.get(key)
+        shown.append(f"{name} {score_text(federated.scores, key)}"
+                     + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""))
+    return f"  federated {'  '.join(shown)} (round {federated.model_round}'s model)"
 
 
 def round_line(line: MetricsLine, rounds: int, task: str = "classification") -> str:
@@ -56,7 +77,7 @@ def round_line(line: MetricsLine, rounds: int, task: str = "classification") -> 
     kept = "" if line.model_updated else (
         f"  (model unchanged: {'every site refused' if not line.contributors else 'too few sites'})")
     return (f"{head}  {line.contributors} site(s){failed}  {metric_text(server, task)}  "
-            f"loss {server['loss']:.3f}  {privacy}  "
+            f"loss {score_text(server, 'loss')}{federated_text(line, task)}  {privacy}  "
             f"[{line.aggregation} aggregation, {line.duration_s:.0f}s]{kept}")
 
 
@@ -100,10 +121,12 @@ def load_summary(out_dir: Path) -> Summary:
 def summary_text(summary: Summary) -> str:
     final, majority, task = summary.final, summary.run.majority_baseline, summary.task
     perplexity = f", perplexity {final['perplexity']:.2f}" if "perplexity" in final else ""
-    rows = [
-        f"final global adapter: {metric_text(final, task)}{perplexity} on {final['examples']} test examples",
-        f"{FLOOR_TITLES[task]} baseline: {metric_text(majority, task)}",
-    ]
+    rows = [f"final global adapter: {metric_text(final, task)}{perplexity} on {final['examples']} test examples"
+            if final else "final global adapter: no coordinator test set (the sites' federated evaluation only)"]
+    if majority:
+        rows.append(f"{FLOOR_TITLES[task]} baseline: {metric_text(majority, task)}")
+    if federated := [line for line in summary.rounds if line.federated_evaluation is not None]:
+        rows.append(f"last federated evaluation:{federated_text(federated[-1], task)}")
     for name, curve in summary.baselines.items():
         rows.append(f"{BASELINE_TITLES[name]}: {metric_text(curve[-1].scores, task)}")
     if summary.run.dp:
@@ -123,7 +146,7 @@ def comparison_text(with_dp: Summary, without_dp: Summary | None = None) -> str:
               f"(budget {with_dp.run.epsilon_budget or float('nan'):g})")
 
     def row(title: str, scores: dict[str, Any], privacy: str) -> str:
-        return f"{title:36}" + "".join(f"{scores[key]:>12.3f}" for key, _ in columns) + f"   {privacy}"
+        return f"{title:36}" + "".join(f"{score_text(scores, key):>12}" for key, _ in columns) + f"   {privacy}"
 
     rows = [f"{'':36}" + "".join(f"{name:>12}" for _, name in columns) + "   privacy",
             row(f"{FLOOR_TITLES[with_dp.task]} (floor)", with_dp.run.majority_baseline, "-")]
@@ -172,13 +195,25 @@ def _utility_plot(summary: Summary):
     figure, axes = _figure()
     (second, second_name), (key, name) = TASK_METRICS[summary.task]
     rounds = [line.round for line in summary.rounds]
-    axes.plot(rounds, [line.server[key] for line in summary.rounds], "o-", label=f"federation {name}")
-    axes.plot(rounds, [line.server[second] for line in summary.rounds], "s--", label=f"federation {second_name}")
+    if summary.final:
+        axes.plot(rounds, [line.server.get(key, math.nan) for line in summary.rounds], "o-", label=f"federation {name}")
+        axes.plot(rounds, [line.server.get(second, math.nan) for line in summary.rounds], "s--",
+                  label=f"federation {second_name}")
+    federated = [line.federated_evaluation for line in summary.rounds if line.federated_evaluation is not None]
+    for metric, title, style in ((key, name, "D-."), (second, second_name, "v:")):
+        points = [(f.model_round, score, f.intervals[metric]) for f in federated
+                  if (score := f.scores.get(metric)) is not None and metric in f.intervals]
+        if points:  # the sites' noisy evaluation of each round's model, with its 95 % interval
+            axes.errorbar([r for r, _, _ in points], [v for _, v, _ in points],
+                          yerr=[[v - i[0] for _, v, i in points], [i[1] - v for _, v, i in points]], fmt=style,
+                          capsize=3, label=f"federated evaluation {title} (95 % interval)")
     for title, curve in summary.baselines.items():
         axes.plot([p.round for p in curve], [p.scores[key] for p in curve], "^:",
                   label=f"{BASELINE_TITLES[title]} {name}")
-    axes.axhline(summary.run.majority_baseline[key], color="grey", lw=1, label=f"{FLOOR_TITLES[summary.task]} {name}")
-    axes.set(xlabel="round", ylabel="server test split", title="Utility per round", ylim=(0, 1))
+    if key in summary.run.majority_baseline:
+        axes.axhline(summary.run.majority_baseline[key], color="grey", lw=1,
+                     label=f"{FLOOR_TITLES[summary.task]} {name}")
+    axes.set(xlabel="round (model after it)", ylabel="score", title="Utility per round", ylim=(0, 1))
     axes.legend(fontsize=7)
     return figure
 
@@ -206,7 +241,8 @@ def _html(summary: Summary, images: list[str]) -> str:
         failures = ", ".join(f"{f.site}: {f.kind}" for f in line.failures) or "-"
         eps = line.spent()
         rows.append(f"<tr><td>{line.round}</td><td>{line.contributors}</td><td>{e(failures)}</td>"
-                    + "".join(f"<td>{line.server[key]:.3f}</td>" for key, _ in columns)
+                    + "".join(f"<td>{score_text(line.server, key)}</td>" for key, _ in columns)
+                    + f"<td>{e(federated_text(line, summary.task).strip() or '-')}</td>"
                     + f"<td>{f'{max(eps):.2f}' if eps else '-'}</td>"
                     f"<td>{'yes' if line.model_updated else 'no'}</td></tr>")
     samples = "".join(f"<tr><td>{e(s['prompt'])}</td><td>{e(s['reference'])}</td><td>{e(s['generated'])}</td></tr>"
@@ -231,7 +267,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 {''.join(images)}
 <h2>Rounds</h2>
 <table id="rounds"><tr><th>round</th><th>sites</th><th>failures</th>{''.join(f"<th>{e(n)}</th>" for _, n in columns)}
-<th>ε max</th><th>model updated</th></tr>{''.join(rows)}</table>
+<th>federated evaluation</th><th>ε max</th><th>model updated</th></tr>{''.join(rows)}</table>
 {audit}
 {examples}
 </body></html>

@@ -88,13 +88,16 @@ def data(tmp_path_factory, drug_reviews) -> dict[str, Path]:
 
 
 def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = True, llm: bool = False,
-             sites: int = SITES, cheat: int | None = None, resume_from: str = "", audit_canaries: int = 0) -> Path:
+             sites: int = SITES, cheat: int | None = None, resume_from: str = "", grid: type | None = None,
+             audit_canaries: int = 0, **overrides) -> Path:
     """One run into ``out``, set up as ``fedtune simulate`` does (keys, site policies, passport key).
     ``llm``: causal-lm instruction tuning of the packaged SmolLM2 instead of classifying with MiniLM.
-    ``cheat``: that site deals key shares off its commitments in every round it is in."""
+    ``cheat``: that site deals key shares off its commitments in every round it is in. ``grid``: an
+    InProcessGrid subclass (one that records what the coordinator receives); ``overrides``: run-config keys."""
     task, model, labels = ("causal-lm", "smollm2", "") if llm else ("classification", "", LABELS)
     simulated_site_policies(out, sites, task=task, labels=labels, model=model, dp=True, secure=secure, epsilon=8.0,
-                            unit="record", audit_canaries=audit_canaries)
+                            unit="record", audit_canaries=audit_canaries,
+                            eval_epsilon=overrides.get("federation.eval-epsilon", 1.0))
     run_config = default_run_config() | {
         "out-dir": str(out), "passport-key": str(simulated_passport_key(out)), "resume-from": resume_from,
         "secagg.registry": str(simulated_registry(out, sites)) if secure else "",
@@ -102,13 +105,14 @@ def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = Tr
         "data.source": str(data["train"]), "data.test-source": str(data["test"]), "data.labels": labels,
         "data.partition": "iid", "data.max-length": 48 if llm else 16, "train.local-epochs": 1, "train.batch-size": 8,
         "task": task, "model-path": model, "data.test-examples": 6 if llm else 0,
-    }
+    } | overrides
     run_id = next(RUN_IDS)
     with pytest.MonkeyPatch.context() as patch:  # what a Flower task process knows of itself (messages are made in one)
         patch.setattr(TaskIdentity, "_run_id", run_id)
         patch.setattr(TaskIdentity, "_node_id", 1)
         patch.setattr(TaskIdentity, "_task_id", 1)
-        return run_federation(InProcessGrid(run_config, run_id, sites, cheat), RunSettings.from_flat(run_config))
+        return run_federation((grid or InProcessGrid)(run_config, run_id, sites, cheat),
+                              RunSettings.from_flat(run_config))
 
 
 def metrics(out: Path) -> list[MetricsLine]:

@@ -67,7 +67,7 @@ def test_the_keys_on_disk_are_the_ones_earlier_versions_wrote(tmp_path: Path):
     append_metrics(tmp_path, ROUND)
     written = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert {"round", "server", "aggregation", "contributors", "failures", "model_updated", "secure_aggregation", "dp",
-            "privacy_unit", "epsilon", "duration_s", "checkpoint"} == set(written)
+            "privacy_unit", "epsilon", "duration_s", "checkpoint", "federated_evaluation"} == set(written)
     assert written["failures"][0]["kind"] == "protocol" and written["secure_aggregation"]["upload_bytes"] == 4096
 
 

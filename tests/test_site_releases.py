@@ -2,8 +2,8 @@
 with Flower messages as the coordinator would send them (plain aggregation, so every field of the
 reply is visible), on a deployed site's node config.
 
-Nothing computed on the site's records may reach the coordinator except the DP update: no record
-count, no loss, no evaluation, no error text; a repeated round resends the sealed update for no
+Nothing computed on the site's records may reach the coordinator except the DP update and its noisy
+evaluation counts: no record count, no loss, no error text; a repeated round resends the sealed update for no
 new ε; a run asking for less than the site's policy is refused before anything is spent.
 """
 
@@ -83,7 +83,10 @@ def test_a_plain_reply_holds_the_update_a_public_weight_and_epsilon_only(tmp_pat
                for name, data in two_sites.items()}
     for name, reply in replies.items():
         assert "failure" not in reply.config_records, reply.config_records["failure"]
-        assert set(reply.array_records) == {"update"} and set(reply.metric_records) == {"train"}
+        # the update, and the noisy evaluation counts of the adapter it received (tests/test_federated_evaluation.py)
+        assert set(reply.array_records) == {"update", "evaluation"} and set(reply.metric_records) == {"train"}
+        counts = reply.array_records["evaluation"]["counts"].numpy()
+        assert counts.dtype == np.int64 and counts.shape == (3 * 3 + 2,)
         assert dict(reply.metric_records["train"]) == {"weight": 10_000}  # equal weights: W, not 5 or 9
         privacy = dict(reply.config_records["privacy"])
         assert set(privacy) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent"}

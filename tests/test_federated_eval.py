@@ -1,0 +1,139 @@
+"""Federated evaluation's arithmetic (common.federated_eval, common.discrete_noise): the exact discrete Gaussian,
+the noise the run's ε needs, the sensitivity of the count layout, and the coordinator's decoding of noisy sums."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from common.config import RunSettings
+from common.discrete_noise import discrete_gaussian
+from common.evaluation import EvalCounts, metrics
+from common.federated_eval import (
+    EvalLayout,
+    causal_lm_counts,
+    classification_counts,
+    decode,
+    plan_evaluation,
+    release,
+    zcdp_epsilon,
+)
+from common.secure_update import MAX_COUNT
+from fedtune.cli import default_run_config
+
+
+def settings(**overrides) -> RunSettings:
+    return RunSettings.from_flat(default_run_config() | {"data.labels": "a,b,c", "federation.secure-aggregation": False}
+                                 | overrides)
+
+
+def test_the_discrete_gaussian_is_centred_with_variance_sigma_squared_and_fresh_each_call() -> None:
+    sigma_sq = Fraction(25)
+    draws = np.array([discrete_gaussian(sigma_sq) for _ in range(4_000)])
+    assert draws.dtype.kind == "i"
+    # mean 0 ± 5 standard errors; the variance of N_Z(0, 25) is 25 − 1e-20 or so (CKS 2020, Corollary 9)
+    assert abs(draws.mean()) < 5 * 5 / math.sqrt(len(draws))
+    assert 25 * 0.9 < draws.var() < 25 * 1.1
+    assert [discrete_gaussian(sigma_sq) for _ in range(30)] != [discrete_gaussian(sigma_sq) for _ in range(30)]
+    with pytest.raises(ValueError, match="σ²"):
+        discrete_gaussian(Fraction(0))
+
+
+@pytest.mark.parametrize(("epsilon", "rounds", "every", "unit"), [
+    (1.0, 4, 1, "record"), (0.5, 20, 1, "record"), (3.0, 10, 3, "record"), (1.0, 4, 1, "column:patient")])
+def test_sigma_is_the_least_noise_that_meets_the_runs_eval_epsilon(epsilon: float, rounds: int, every: int,
+                                                                   unit: str) -> None:
+    plan = plan_evaluation(settings(**{"federation.eval-epsilon": epsilon, "federation.rounds": rounds,
+                                       "federation.eval-every": every, "privacy.unit": unit}))
+    assert plan is not None and plan.evaluations == -(-rounds // every)
+    spent = zcdp_epsilon(plan.rho * plan.evaluations, plan.delta)
+    assert 0.995 * epsilon < spent <= epsilon
+    assert plan.layout.sensitivity_sq == (64 * 3 if unit != "record" else 3)  # m = 8 rows of a person
+    assert plan.offset >= 14 * plan.sigma
+    assert [r for r in range(1, rounds + 1) if plan.evaluates(r)] == list(range(1, rounds + 1, every))
+    assert plan_evaluation(settings(**{"federation.eval-every": 0})) is None
+
+
+def test_one_record_moves_the_classification_counts_by_at_most_root_three() -> None:
+    labels = 4
+    base = np.arange(16, dtype=np.int64).reshape(labels, labels)
+    assert len(classification_counts(base)) == EvalLayout("classification", labels, 1).slots
+    for true, predicted in itertools.product(range(labels), repeat=2):
+        added = base.copy()
+        added[true, predicted] += 1
+        moved = np.subtract(classification_counts(added), classification_counts(base))
+        assert set(np.abs(moved)) <= {0, 1}
+        assert float(np.sum(moved ** 2)) == EvalLayout("classification", labels, 1).sensitivity_sq == 3
+
+
+def test_one_example_moves_each_causal_lm_count_by_at_most_one() -> None:
+    one = causal_lm_counts([50.0], [1000], [True], [1.0], max_tokens=64)  # clipped: never more than 1 per slot
+    assert one == [1, 1, 1, 1, 1]
+    assert causal_lm_counts([], [], [], [], max_tokens=64) == [0] * 5
+    draws = [causal_lm_counts([2.0] * 100, [16] * 100, [False] * 100, [0.5] * 100, max_tokens=64)
+             for _ in range(40)]
+    loss = np.mean([d[1] for d in draws]) / 100 * 8.0  # stochastic rounding is unbiased
+    assert abs(loss - 2.0) < 0.25
+
+
+def test_a_release_is_counts_plus_noise_plus_offset_in_range() -> None:
+    plan = plan_evaluation(settings())
+    assert plan is not None
+    counts = classification_counts(np.array([[5, 1, 0], [0, 7, 2], [1, 0, 9]]))
+    released = [release(counts, plan) for _ in range(200)]
+    assert all(0 <= value <= MAX_COUNT and isinstance(value, int) for row in released for value in row)
+    noise = np.array(released) - counts - plan.offset
+    assert abs(noise.mean()) < 5 * plan.sigma / math.sqrt(noise.size)
+    assert 0.8 < noise.std() / plan.sigma < 1.2
+    with pytest.raises(ValueError, match="slots"):
+        release(counts[:-1], plan)
+
+
+def test_the_decoded_scores_cover_the_true_scores_at_the_known_noise() -> None:
+    """Sites' releases with Gaussian noise of the plan's σ (seeded here: what is tested is the decoding), summed:
+    the 95 % intervals hold the true accuracy and macro-F1 in about 95 % of trials."""
+    plan = plan_evaluation(settings(**{"federation.rounds": 4}))
+    assert plan is not None
+    sites = [np.array([[60, 10, 5], [8, 40, 12], [3, 6, 80]]) * (i + 1) for i in range(3)]
+    truth = metrics(EvalCounts(0.0, sum(sites)))
+    rng = np.random.default_rng(7)
+    covered = {"accuracy": 0, "macro_f1": 0}
+    gaps = []
+    trials = 200
+    for _ in range(trials):
+        noisy = sum(np.array(classification_counts(s)) + plan.offset
+                    + np.rint(rng.normal(0, plan.sigma, plan.layout.slots)).astype(int) for s in sites)
+        scores = decode(noisy.tolist(), 3, plan, model_round=2)
+        assert scores.model_round == 2 and scores.sites == 3
+        assert abs(scores.examples - truth["examples"]) < 6 * 2 * plan.sigma
+        for name in covered:
+            low, high = scores.intervals[name]
+            covered[name] += low <= truth[name] <= high
+        gaps.append(abs(scores.scores["macro_f1"] - truth["macro_f1"]))
+    assert all(0.88 * trials <= hits for hits in covered.values()), covered
+    assert np.mean(gaps) < 0.05
+
+
+def test_decoding_sums_of_pure_noise_gives_no_score_rather_than_a_made_up_one() -> None:
+    plan = plan_evaluation(settings())
+    assert plan is not None
+    empty = decode([3 * plan.offset - 100] * plan.layout.slots, 3, plan, model_round=0)
+    assert empty.examples == 0.0 and empty.scores == {"accuracy": None, "macro_f1": None}
+    with pytest.raises(ValueError, match="slots"):
+        decode([0] * 3, 3, plan, model_round=0)
+
+
+def test_macro_f1_is_withheld_when_the_per_label_counts_drown_in_the_noise() -> None:
+    """77 labels, 5 sites of 400 evaluation examples, ε = 1 over 20 evaluations: a label's counts (about 26 in all)
+    are far below the noise (σ ≈ 38 per site), so no macro-F1 is made up; accuracy (two large counts) still is."""
+    labels = ",".join(f"l{i}" for i in range(77))
+    plan = plan_evaluation(settings(**{"data.labels": labels, "federation.rounds": 20}))
+    assert plan is not None
+    counts = np.array(classification_counts(np.diag(np.full(77, 26))))  # 2,002 examples, all right
+    scores = decode((counts + 5 * plan.offset).tolist(), 5, plan, model_round=3)
+    assert scores.scores["macro_f1"] is None and "macro_f1" not in scores.intervals
+    assert scores.scores["accuracy"] == 1.0
