@@ -64,6 +64,8 @@ class Outcome:  # stands in for server.strategy.RoundOutcome, whatever its other
     failures: list
     privacy: dict
     details: object = None
+    evaluation_sum: tuple = ()
+    evaluated_sites: int = 0
 
 
 class FakeSite:
