@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from client.policy import SitePolicy
 from client.privacy import LEDGER_FILE, BudgetExhausted, PrivacyLedger
 from client.release import adapter_digest
+from client.site_report import write_site_report
 from common.adapter import AdapterState, set_adapter_state
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_column
@@ -195,6 +196,7 @@ def evaluation_release(site: Site, settings: RunSettings, plan: EvalPlan, ledger
         counts, own = _score(model, evaluation, settings, len(site.labels))
         _append_own_scores(site.state_dir, {"run_id": run_id, "round": server_round, "model_round": server_round - 1,
                                             **own})
+        write_site_report(site.state_dir, site.name, policy.task, site.state_dir / SITE_SCORES_FILE)
     released = release(counts, plan)
     releases.keep(server_round, digest, released)
     return released

@@ -214,6 +214,9 @@ class DataSettings:
         _require(self.test_examples >= 0, f"data.test-examples must be >= 0 (0 = all), got {self.test_examples}")
 
 
+SELECT_ROUNDS = ("last", "best")
+
+
 @dataclass(frozen=True)
 class FederationSettings:
     """Rounds and participation."""
@@ -237,6 +240,12 @@ class FederationSettings:
                                  "privacy.delta), per unit of a site's evaluation split: those units never train, so "
                                  "this budget is apart from privacy.epsilon; a site's policy caps it "
                                  "(--max-eval-epsilon)")
+    select_round: str = option("last", "--select-round", "the checkpoint published as the final adapter: 'last', or "
+                               "'best' on the sites' federated evaluation (post-processing: free in privacy; its "
+                               "passport carries the whole run's ε)", choices=SELECT_ROUNDS)
+    early_stop: int = option(0, "--early-stop", "with --select-round best: end the run after K federated evaluations "
+                             "in a row without improvement (the sites keep the budget of the rounds never played); "
+                             "0 = play every round")
 
     def __post_init__(self) -> None:
         _require(self.train_timeout > 0 and self.stage_timeout > 0 and self.site_wait > 0,
@@ -251,6 +260,12 @@ class FederationSettings:
                                        f"{self.eval_every}")
         _require(math.isfinite(self.eval_epsilon) and self.eval_epsilon > 0,
                  f"federation.eval-epsilon must be a positive number, got {self.eval_epsilon}")
+        _require(self.select_round in SELECT_ROUNDS,
+                 f"federation.select-round must be one of {', '.join(SELECT_ROUNDS)}, got {self.select_round!r}")
+        _require(self.early_stop >= 0, f"federation.early-stop must be >= 0 (0 = never), got {self.early_stop}")
+        _require(not self.early_stop or (self.select_round == "best" and self.eval_every > 0),
+                 "federation.early-stop needs federation.select-round = best and federated evaluation "
+                 "(eval-every >= 1): it stops on the federated scores")
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,8 @@ def canonical_json(passport: dict[str, Any]) -> bytes:
 
 def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: int, contributors: int,
                    epsilon: dict[str, float | None], fedtune_version: str,
-                   privacy_unit: str = "record", audit: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                   privacy_unit: str = "record", audit: dict[str, dict[str, Any]] | None = None,
+                   selection: dict[str, Any] | None = None) -> dict[str, Any]:
     """Describe the adapter in ``adapter_dir`` (PEFT files) for signing.
 
     Parameters
@@ -123,6 +124,9 @@ def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: i
     audit
         Each auditing site's privacy audit, as it reported it (``common.privacy_audit.AuditResult.report``: the
         audited lower bound on ε at 95 % and its canary counts); sites without one are absent.
+    selection
+        How this checkpoint was chosen as the run's final adapter (``server.selection.Selection.passport_entry``),
+        when it was chosen on the federated evaluation rather than being the last round's.
     """
     adapter_dir = Path(adapter_dir)
     if not _SHA256_HEX.fullmatch(str(base_model_sha256)):
@@ -133,6 +137,7 @@ def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: i
         raise PassportError(f"contributors must be an integer >= 1, got {contributors!r}")
     return {
         **({"privacy_audit": _checked_audit(audit)} if audit else {}),
+        **({"selection": dict(selection)} if selection else {}),
         "format": PASSPORT_FORMAT,
         "base_model_sha256": base_model_sha256,
         "adapter_config": _read_adapter_config(adapter_dir),

@@ -178,6 +178,12 @@ class RunInfo:
     privacy_unit: str = "record"
     server_optimizer: str = "fedavg"
     epsilon_budget: float | None = None
+    select_round: str = "last"
+    """How the final adapter is chosen: "last", or "best" on the federated evaluation."""
+    selected_round: int | None = None
+    """With select_round "best", once the run ended: the round of the checkpoint published as final."""
+    selected_because: str = ""
+    """Why (the rule, the score and its interval), for the report."""
 
 
 @dataclass(frozen=True)

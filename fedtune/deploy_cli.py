@@ -280,8 +280,12 @@ def _cmd_passport_verify(args: argparse.Namespace) -> int:
                         for site, eps in sorted(passport["epsilon"].items())) or "none reported"
     audits = "".join(f"  {site}: {audit_line(passport['epsilon'].get(site), released)}\n"
                      for site, released in sorted(passport.get("privacy_audit", {}).items()))
+    chosen = passport.get("selection")
+    selection = (f"  chosen as the final adapter: {chosen['rule']} {chosen['score']:.3f} over {chosen['evaluations']} "
+                 f"evaluation(s); ε is the whole run's\n" if isinstance(chosen, dict) else "")
     print(f"passport OK for {args.path} (signed by key {key_id(public_key)[:16]}…)\n"
           f"  round {passport['server_round']}, {passport['contributors']} contributing sites, {epsilon}\n{audits}"
+          f"{selection}"
           f"  base model sha256 {passport['base_model_sha256']}\n"
           f"  adapter sha256    {passport['adapter_sha256']}\n"
           f"  fedtune {passport['fedtune_version']}, created {passport['created']}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,16 @@ from server.checkpoint import checkpoint_name, load_optimizer_state, publish_fin
 from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 from server.optimizer import ServerOptimizer
 from server.secure_agg import SecureAggregation, Standing
+from server.selection import best_round, stalled
 from server.strategy import Aggregator, PlainAggregation, RoundOutcome, RoundSpec
 
 log = logging.getLogger("fedtune.server")
 STANDING_FILE = "secagg-standing.json"
 """Secure aggregation's proven cheats and unsettled disputes: who the run keeps out (--resume reads it)."""
+
+
+SELECTED_STAGING = "final/selected"
+"""Where the chosen checkpoint is re-signed before it is published as final/adapter."""
 
 
 class FederationFailed(RuntimeError):
@@ -126,11 +132,12 @@ def resume_point(checkpoint: Path, state: AdapterState) -> tuple[AdapterState, i
 
 
 def seal_passport(key, base_sha: str, server_round: int, contributors: int, epsilon: dict, unit: str,
-                  audit: dict, directory: Path) -> None:
-    """Sign the checkpoint being written in ``directory`` (before it is renamed into place)."""
+                  audit: dict, directory: Path, selection: dict | None = None) -> None:
+    """Sign the checkpoint being written in ``directory`` (before it is renamed into place), or the final adapter
+    chosen on the federated evaluation (``selection``)."""
     sign_passport(directory, build_passport(directory, base_model_sha256=base_sha, server_round=server_round,
                                             contributors=contributors, epsilon=epsilon, privacy_unit=unit,
-                                            fedtune_version=__version__, audit=audit), key)
+                                            fedtune_version=__version__, audit=audit, selection=selection), key)
 
 
 def restore_metrics(out_dir: Path, checkpoint: Path) -> None:
@@ -176,12 +183,14 @@ class Federation:
         self.optimizer = ServerOptimizer(settings.server, update_size)
         self.privacy: dict[str, PrivacyReport] = {}
         self.unit = unit_name(settings.privacy.unit)
-        write_run_info(self.out_dir, RunInfo(
+        self.run_info = RunInfo(
             task=settings.task, labels=self.labels, majority_baseline=self._floor(),
             aggregation=self.aggregator.name, lora=settings.lora.aggregation, dp=settings.privacy.enabled,
             update_values=update_size, sites=settings.federation.sites, rounds=settings.federation.rounds,
             privacy_unit=settings.privacy.unit, server_optimizer=settings.server.optimizer,
-            epsilon_budget=settings.privacy.epsilon if settings.privacy.enabled else None))
+            epsilon_budget=settings.privacy.epsilon if settings.privacy.enabled else None,
+            select_round=settings.federation.select_round)
+        write_run_info(self.out_dir, self.run_info)
         self.last_round, self.updated_rounds = 0, 0
         self.checkpoint, self.parent = self._resume() if settings.resume_from else self._start()
 
@@ -216,8 +225,16 @@ class Federation:
     def run(self) -> Path:
         """Every remaining round; the final adapter's directory."""
         outcome = None
-        for server_round in range(self.last_round + 1, self.settings.federation.rounds + 1):
+        federation = self.settings.federation
+        for server_round in range(self.last_round + 1, federation.rounds + 1):
             outcome = self.play_round(server_round)
+            if server_round < federation.rounds and stalled(read_metrics(self.out_dir), self.settings.task,
+                                                            federation.early_stop):
+                log.info("early stop after round %d: %d federated evaluations in a row did not improve; the sites "
+                         "keep the budget of the rounds not played", server_round, federation.early_stop)
+                self.audit.record("run-stopped-early", run_id=self.run_id, round=server_round,
+                                  patience=federation.early_stop)
+                break
         if self.updated_rounds == 0 and not self.settings.resume_from:
             self.audit.record("run-failed", run_id=self.run_id, reason="no round changed the model")
             kinds = sorted({failure.kind for failure in outcome.failures}) if outcome else []
@@ -226,10 +243,36 @@ class Federation:
                      if "budget-exhausted" in kinds else "")
             raise FederationFailed(f"no round changed the model; the sites' failures were {kinds} (see metrics.jsonl)"
                                    + spent)
-        final = publish_final(self.out_dir, self.checkpoint)
-        self.audit.record("run-finished", run_id=self.run_id, final_sha256=self.parent,
-                          final_round=read_round_info(self.checkpoint).round)
+        chosen = self._selected()
+        final = publish_final(self.out_dir, chosen)
+        shutil.rmtree(self.out_dir / SELECTED_STAGING, ignore_errors=True)
+        info = read_round_info(chosen)
+        self.audit.record("run-finished", run_id=self.run_id, final_sha256=info.adapter_sha256, final_round=info.round)
         return final
+
+    def _selected(self) -> Path:
+        """The checkpoint to publish: the last one, or (select-round best) the best on the federated evaluation,
+        marked in run.json and re-signed with the whole run's ε and why it was chosen."""
+        if self.settings.federation.select_round != "best":
+            return self.checkpoint
+        selection = best_round(read_metrics(self.out_dir), self.settings.task)
+        if selection is None:
+            log.warning("select-round best: no federated evaluation has a score; the last checkpoint is published")
+            return self.checkpoint
+        chosen = self.out_dir / "checkpoints" / checkpoint_name(selection.round)
+        log.info("final adapter: %s", selection.describe())
+        self.run_info = dataclasses.replace(self.run_info, selected_round=selection.round,
+                                            selected_because=selection.describe())
+        write_run_info(self.out_dir, self.run_info)
+        self.audit.record("round-selected", run_id=self.run_id, **selection.passport_entry())
+        if self.signing_key:
+            staged = self.out_dir / SELECTED_STAGING
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(chosen, staged)
+            seal_passport(self.signing_key, self.base_sha, selection.round, read_round_info(chosen).contributors,
+                          self._epsilon(), self.unit, self._audits(), staged, selection=selection.passport_entry())
+            return staged
+        return chosen
 
     def play_round(self, server_round: int) -> RoundOutcome:
         started = time.monotonic()
@@ -247,7 +290,9 @@ class Federation:
         name = HEADLINE_METRIC[self.settings.task]
         federated = line.federated_evaluation.scores.get(name) if line.federated_evaluation else None
         log.info("round %d: %d site(s), server %s %s, federated %s (round %d's model) %s", server_round,
-                 outcome.contributors, name, _shown(line.server.get(name)), name, server_round - 1, _shown(federated))
+                 outcome.contributors, name, _shown(line.server.get(name)), name,
+                 line.federated_evaluation.model_round if line.federated_evaluation else server_round - 1,
+                 _shown(federated))
         return outcome
 
     def _collect(self, server_round: int) -> RoundOutcome:
@@ -294,7 +339,8 @@ class Federation:
         """The sites' evaluation of the model they received (round − 1's), from the noisy sum alone."""
         if self.evaluation is None or not outcome.evaluation_sum or not outcome.evaluated_sites:
             return None
-        return decode(outcome.evaluation_sum, outcome.evaluated_sites, self.evaluation, model_round=server_round - 1,
+        return decode(outcome.evaluation_sum, outcome.evaluated_sites, self.evaluation,
+                      model_round=read_round_info(self.checkpoint).round,  # the model the sites received
                       max_tokens=self.settings.data.max_length // 2)
 
     def _epsilon(self) -> dict[str, float | None]:

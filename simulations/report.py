@@ -97,8 +97,9 @@ class Summary:
 
     @property
     def final(self) -> dict[str, Any]:
-        """The server's scores of the last round's model."""
-        return self.rounds[-1].server
+        """The server's scores of the published model: the last round's, or the one chosen (select-round best)."""
+        chosen = self.run.selected_round
+        return next((line.server for line in self.rounds if line.round == chosen), self.rounds[-1].server)
 
     @property
     def epsilon(self) -> dict[str, float | None]:
@@ -123,6 +124,8 @@ def summary_text(summary: Summary) -> str:
     perplexity = f", perplexity {final['perplexity']:.2f}" if "perplexity" in final else ""
     rows = [f"final global adapter: {metric_text(final, task)}{perplexity} on {final['examples']} test examples"
             if final else "final global adapter: no coordinator test set (the sites' federated evaluation only)"]
+    if summary.run.selected_round is not None:
+        rows.append(f"final adapter chosen on the federated evaluation: {summary.run.selected_because}")
     if majority:
         rows.append(f"{FLOOR_TITLES[task]} baseline: {metric_text(majority, task)}")
     if federated := [line for line in summary.rounds if line.federated_evaluation is not None]:

@@ -194,6 +194,8 @@ def test_a_site_releases_noisy_counts_of_the_model_it_received_and_keeps_its_own
     assert [(line["round"], line["model_round"]) for line in lines] == [(1, 0)]
     assert lines[0]["accuracy"] == pytest.approx(metrics(own)["accuracy"])
     assert stat.S_IMODE((tmp_path / "site-a" / "site-eval.jsonl").stat().st_mode) == 0o600
+    report = (tmp_path / "site-a" / "site-report.html")  # the site's own view of the same numbers
+    assert stat.S_IMODE(report.stat().st_mode) == 0o600 and "never leave this site" in report.read_text()
     ledger = PrivacyLedger(tmp_path / "site-a" / "privacy-ledger.json", run.privacy)
     assert ledger.evaluation is not None and ledger.evaluation.rounds == ((7, 1),)
     again = call(train, pack_train_request(state, 1), config, nodes, run_id=8)  # a resumed run asks again
@@ -250,7 +252,7 @@ def test_a_run_without_test_data_draws_a_federated_curve_from_masked_vectors_and
     data = {"train": write_csv(tmp_path / "train.csv", drug_reviews[:150])}
     out = tmp_path / "run"
     federate(out, data | {"test": Path("none")}, rounds=rounds, grid=Recording,
-             **{"data.test-source": "none", "federation.eval-epsilon": eval_epsilon})
+             **{"data.test-source": "none", "federation.eval-epsilon": eval_epsilon, "federation.select-round": "best"})
     lines = read_metrics(out)
     assert read_run_info(out).majority_baseline == {} and lines[0].server == {}
     plan = plan_evaluation(RunSettings.from_flat(default_run_config() | {
@@ -291,6 +293,25 @@ def test_a_run_without_test_data_draws_a_federated_curve_from_masked_vectors_and
     print("federated vs true accuracy (round, true, federated, interval):", gaps)
     assert all(abs(true - estimate) < 0.25 for _, true, estimate, _, _ in gaps)
 
+    # --select-round best: the best-scored checkpoint is the final adapter, named in run.json and in a passport
+    # re-signed with the whole run's ε (the choice came after every round), and in the coordinator's audit log.
+    from common.passport import load_public_key, verify_passport
+    from common.run_files import read_privacy, read_round_info
+    from server.selection import best_round
+
+    selection = best_round(lines, "classification")
+    best = max(gaps, key=lambda gap: (gap[2], -gap[0]))
+    assert selection is not None and selection.round == best[0] - 1 and selection.evaluations == rounds
+    assert read_run_info(out).selected_round == selection.round
+    chosen = read_round_info(out / "checkpoints" / f"round-{selection.round:04d}")
+    passport = verify_passport(out / "final" / "adapter", load_public_key(out / "passport-signing.pub"))
+    assert passport["adapter_sha256"] == chosen.adapter_sha256 and passport["server_round"] == selection.round
+    assert passport["selection"] == selection.passport_entry()
+    assert passport["epsilon"] == {site: report.epsilon for site, report in read_privacy(out).sites.items()}
+    events = [json.loads(text) for text in (out / "audit.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in events if e["event"] == "round-selected"] == [selection.round]
+    assert not (out / "final" / "selected").exists()
+
 
 def test_the_terminal_and_summary_show_the_federated_curve_of_a_run_without_test_data(tmp_path: Path) -> None:
     from common.run_files import FederatedScores, MetricsLine, RunInfo, append_metrics, write_run_info
@@ -310,6 +331,21 @@ def test_the_terminal_and_summary_show_the_federated_curve_of_a_run_without_test
     assert "no coordinator test set" in text and "majority-class" not in text and "macro-F1 0.350" in text
 
 
+def test_the_summary_reports_the_chosen_round_and_that_rounds_scores(tmp_path: Path) -> None:
+    from common.run_files import MetricsLine, RunInfo, append_metrics, write_run_info
+    from simulations.report import load_summary, summary_text
+
+    write_run_info(tmp_path, RunInfo(majority_baseline={}, aggregation="secure", dp=True, labels=LABELS,
+                                     select_round="best", selected_round=1,
+                                     selected_because="round 1's model, best federated accuracy 0.700"))
+    for server_round, accuracy in [(0, 0.3), (1, 0.7), (2, 0.6)]:
+        append_metrics(tmp_path, MetricsLine(round=server_round, server={"accuracy": accuracy, "macro_f1": accuracy,
+                                                                          "examples": 30}))
+    summary = load_summary(tmp_path)
+    assert summary.final["accuracy"] == 0.7  # the published adapter's scores, not the last round's
+    assert "final adapter chosen on the federated evaluation: round 1's model" in summary_text(summary)
+
+
 def test_a_site_that_trained_before_it_had_a_split_never_evaluates_the_units_it_held(tmp_path: Path) -> None:
     (tmp_path / "privacy-ledger.json").write_text("{}")  # charged before evaluation existed (only its presence counts)
     policy = SitePolicy(labels=LABELS)
@@ -317,3 +353,20 @@ def test_a_site_that_trained_before_it_had_a_split_never_evaluates_the_units_it_
     assert len(train) == 100 and held_out == []
     _, grown = split_for_evaluation(records(300), policy, settings(), tmp_path, "site")  # only new units are drawn
     assert grown and all(int(r["text"].split()[1]) >= 100 for r in grown)
+
+
+def test_the_sites_own_report_shows_its_exact_scores_by_round_and_stays_private(tmp_path: Path) -> None:
+    from client.site_report import write_site_report
+
+    scores = tmp_path / "site-eval.jsonl"
+    scores.write_text("\n".join([
+        json.dumps({"run_id": 7, "round": 1, "model_round": 0, "examples": 40, "accuracy": 0.425, "macro_f1": 0.31}),
+        "{damaged",
+        json.dumps({"run_id": 7, "round": 2, "model_round": 1, "examples": 40, "accuracy": 0.675, "macro_f1": 0.52}),
+    ]) + "\n")
+    page = write_site_report(tmp_path, "hospital-a", "classification", scores)
+    text = page.read_text()
+    assert stat.S_IMODE(page.stat().st_mode) == 0o600 and page.name == "site-report.html"
+    assert "hospital-a" in text and "0.425" in text and "0.675" in text and "0.520" in text
+    assert text.count("<tr><td>7</td>") == 2  # the damaged line is skipped, the rest shown
+    assert '<svg id="curve"' in text and "accuracy: 0.425 to 0.675" in text

@@ -229,3 +229,20 @@ def test_a_passport_carries_each_sites_privacy_audit_and_verify_prints_it(
     assert ("hospital-a: ε accounted 2.50 — ε audited ≥ 0.30 at 95 % (200 canaries, 40 guesses, 27 correct)"
             in capsys.readouterr().out)
     assert passport["epsilon"]["hospital-a"] == 2.5 and "privacy_audit" not in signed(adapter, key)  # no audit: no key
+
+
+def test_a_final_adapter_chosen_on_the_federated_evaluation_says_so_and_verify_prints_it(
+        tmp_path: Path, adapter: Path, key: Ed25519PrivateKey, capsys: pytest.CaptureFixture[str]) -> None:
+    chosen = {"rule": "best federated accuracy", "round": 2, "score": 0.71, "interval": [0.66, 0.76], "evaluations": 4}
+    signed(adapter, key, selection=chosen)
+    assert verify_passport(adapter, key.public_key())["selection"] == chosen
+    pub = tmp_path / "passport-signing.pub"
+    pub.write_bytes(public_key_pem(key.public_key()))
+    assert run_cli(["passport", "verify", str(adapter), "--key", str(pub)]) == 0
+    assert ("chosen as the final adapter: best federated accuracy 0.710 over 4 evaluation(s); ε is the whole run's"
+            in capsys.readouterr().out)
+    passport = json.loads((adapter / "passport.json").read_text())
+    passport["passport"]["selection"]["round"] = 3  # a selection is signed like every other field
+    (adapter / "passport.json").write_text(json.dumps(passport))
+    with pytest.raises(PassportError):
+        verify_passport(adapter, key.public_key())
