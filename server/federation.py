@@ -243,10 +243,9 @@ class Federation:
                      if "budget-exhausted" in kinds else "")
             raise FederationFailed(f"no round changed the model; the sites' failures were {kinds} (see metrics.jsonl)"
                                    + spent)
-        chosen = self._selected()
-        final = publish_final(self.out_dir, chosen)
+        final = publish_final(self.out_dir, self._selected())
         shutil.rmtree(self.out_dir / SELECTED_STAGING, ignore_errors=True)
-        info = read_round_info(chosen)
+        info = read_round_info(final)
         self.audit.record("run-finished", run_id=self.run_id, final_sha256=info.adapter_sha256, final_round=info.round)
         return final
 

@@ -86,6 +86,7 @@ def refused_as_rolled_back(reply: RecordDict, caplog: pytest.LogCaptureFixture, 
 def test_a_ledger_and_log_restored_together_are_refused_while_releases_or_sessions_remain(
         tmp_path: Path, data: Path, caplog, left: str):
     """Secure rounds 1 and 2 trained; ledger and audit log restored from the backup taken after round 1."""
+    from common.federated_eval import plan_evaluation
     from common.registry import create_site_identities, load_registry, pin_members
     from common.secure_update import params_to_bytes, round_params
 
@@ -102,8 +103,10 @@ def test_a_ledger_and_log_restored_together_are_refused_while_releases_or_sessio
     size = sum(state[k].size for k in trainable_keys(state, settings.lora.aggregation))
 
     def secure_request(server_round: int) -> RecordDict:
+        evaluation = plan_evaluation(settings)  # the round's federated-evaluation count slots, as the server offers
         params = round_params(settings.secagg, run_id=7, server_round=server_round, site_ids=[0, 1, 2],
-                              vector_length=size, members_digest=members)
+                              vector_length=size, members_digest=members,
+                              count_slots=evaluation.slots_in(server_round) if evaluation else 0)
         return pack_train_request(state, server_round, params_to_bytes(params))
 
     assert failure_kind(call(_train(), secure_request(1), config, nodes)) is None
@@ -295,7 +298,7 @@ def test_the_coordinator_refuses_a_site_whose_epsilon_falls_or_stays_flat_after_
         "data.labels": "negative,neutral,positive", "data.max-length": 16,
         "data.test-source": str(write_csv(tmp_path / "test.csv", drug_reviews[500:504])),
         "federation.secure-aggregation": False, "federation.rounds": 4, "federation.sites": 3,
-        "federation.min-sites": 2}
+        "federation.min-sites": 2, "federation.eval-every": 0}  # these hand-made replies carry no evaluation
     settings = RunSettings.from_flat(config)
     state = initial_adapter(config)
     sites = HostileSites(sum(state[k].size for k in trainable_keys(state, settings.lora.aggregation)),

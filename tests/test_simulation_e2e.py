@@ -80,7 +80,11 @@ def test_simulation_completes_and_writes_its_outputs(federation):
     assert [line.round for line in lines] == [0, 1, 2]
     assert all(line.contributors == 3 and line.model_updated for line in lines[1:])
     written = (out / "metrics.jsonl").read_text()
-    assert "federated" not in written and "train_loss" not in written  # nothing computed on sites' records
+    assert "train_loss" not in written  # nothing computed on the sites' records leaves them outside DP ...
+    for line in lines[1:]:  # ... but their noisy evaluation counts, summed in the secure round
+        federated = line.federated_evaluation
+        assert federated is not None and federated.sites == 3 and federated.noise_sigma > 0, line
+        assert federated.model_round == line.round - 1 and federated.epsilon == 1.0
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()
 
 
@@ -125,8 +129,9 @@ def test_every_site_spent_at_most_its_budget(federation):
         assert report.budget == 8.0 and report.delta == 1e-5 and report.unit == "condition"
     # σ, the sampling rate and the step count would pin a site's record count: never written to the file.
     written = json.loads((federation["out"] / PRIVACY_FILE).read_text())["sites"].values()
-    assert all(set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent"}
-               for report in written)
+    audit = {"audited_epsilon", "audit_canaries", "audit_guesses", "audit_correct"}  # no site was asked to audit
+    assert all(set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent", *audit}
+               and all(report[key] is None for key in audit) for report in written)
 
 
 LIBRARY_WARNING = re.compile(r"\w+Warning: |warnings\.warn\(")

@@ -73,21 +73,28 @@ def test_a_record_whose_logits_overflow_cannot_decide_the_reply(tmp_path: Path, 
     request = pack_train_request(hostile_head(initial_adapter(config)), 1)
     others = _others(drug_reviews, 7)
     replies, zeroed = {}, {}
+    # Attempt 0 with the record: it is the site's whole evaluation split (--eval-data) and does not train; attempts
+    # 1-3: it trains (no evaluation split; at q = 0.25 a run may not sample it, three will).
+    held_out = write_csv(tmp_path / "eval.csv", [CANARY])
+    without = write_csv(tmp_path / "site-without.csv", others)
     for present in (True, False):
         data = write_csv(tmp_path / f"site-{present}.csv", ([CANARY] if present else []) + others)
-        for attempt in range(3):
+        for attempt in range(4):
             caplog.clear()
+            evaluates = present and attempt == 0
+            policy = {"eval-data": str(held_out)} if evaluates else {"eval-fraction": 0.0}
             with caplog.at_level(logging.WARNING, logger="fedtune.client"):
-                reply = call(train, request, config, node_config(tmp_path, f"site-{present}-{attempt}", data))
+                reply = call(train, request, config, node_config(tmp_path, f"site-{present}-{attempt}",
+                                                                 without if evaluates else data, **policy))
             replies[present, attempt] = reply
             zeroed[present, attempt] = any("not finite" in r.getMessage() for r in caplog.records)
     for (present, attempt), reply in replies.items():
         assert "failure" not in reply.config_records, (present, attempt, dict(reply.config_records["failure"]))
-        assert set(reply.array_records) == {"update"}
+        assert set(reply.array_records) == {"update", "evaluation"}  # the noisy evaluation counts, always
         assert np.isfinite(reply.array_records["update"]["delta"].numpy()).all()
     # The attack bites (the canary's gradient overflowed and was zeroed, at the site only), yet the reply's kind
     # and its fields are the same with the record and without it.
-    assert any(zeroed[True, attempt] for attempt in range(3)) and not any(zeroed[False, a] for a in range(3))
+    assert any(zeroed[True, attempt] for attempt in (1, 2, 3)) and not any(zeroed[False, a] for a in range(4))
     assert len({tuple(sorted(reply.config_records)) for reply in replies.values()}) == 1
 
 
