@@ -22,13 +22,21 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/fedtune demo --out runs/demo
 
-# Every tier: the unit tier first (fast failures), then the marked ones (real weights, processes, end to end).
+# Every tier: the unit tier first (fast failures), then the marked ones (real weights, processes, end to end), two
+# files at a time: the end-to-end runs spend much of their time waiting on their processes, and every test that
+# starts processes waits for states, never for times (so a busy neighbour slows it, never fails it).
 test: test-fast
-	$(BIN)/python -m pytest -q -m "model or process or slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "model or process or slow"
 
 # The unit tier: no pre-trained weights, no processes (tests/conftest.py enforces it); pure CPU, so on 2 workers.
 test-fast: lint
 	$(BIN)/python -m pytest -q -n 2 -m "not model and not process and not slow"
+
+# The tests that start processes, BUSY_TIMES times, while a busy loop runs on every core (tests/busy.py).
+BUSY_TIMES ?= 3
+BUSY_TESTS ?= -m process
+test-busy: $(STAMP)
+	$(BIN)/python -m tests.busy --times $(BUSY_TIMES) -q $(BUSY_TESTS)
 
 # Lint and types (strict for the secure-aggregation protocol and the wire records): part of `make test`.
 lint: $(STAMP)

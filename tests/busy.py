@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from common.processes import terminate_as_interrupt
+from fedtune.runtime.processes import terminate_as_interrupt
 
 
 def hog() -> None:

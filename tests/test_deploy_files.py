@@ -173,3 +173,14 @@ def test_docker_compose_accepts_the_file() -> None:
     done = subprocess.run(["docker", "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_every_make_target_the_readme_names_exists_and_its_script_loads() -> None:
+    """`make demo`, `make test`, `make test-fast`, `make test-busy`, ...: each one the README tells people to run."""
+    import importlib
+    import re
+
+    named = set(re.findall(r"\bmake ([a-z][a-z-]*)", (ROOT / "README.md").read_text()))
+    targets = set(re.findall(r"^([a-z-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    assert {"demo", "test", "test-fast", "test-busy"} <= named and named <= targets, named - targets
+    assert callable(importlib.import_module("tests.busy").main)  # what `make test-busy` runs
