@@ -314,7 +314,10 @@ class Federation:
                 self.audit.record("privacy-report-refused", run_id=self.run_id, round=server_round, site=failure.site,
                                   reason=failure.detail)
         self.watch.record(server_round, outcome.privacy)
-        self.privacy.update(outcome.privacy)
+        for site, report in outcome.privacy.items():  # a report without an audit keeps the site's latest one
+            kept = self.privacy.get(site)
+            audit = kept.released_audit() if kept and report.released_audit() is None else None
+            self.privacy[site] = dataclasses.replace(report, **audit) if audit else report
         details = outcome.details
         self.audit.record("round", run_id=self.run_id, round=server_round, nodes=len(nodes),
                           contributors=outcome.contributors, survivors=details.survivors if details else None,

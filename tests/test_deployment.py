@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.audit import verify_chain
-from common.run_files import ROUND_FILE, RoundInfo, read_metrics, read_round_info
+from common.run_files import ROUND_FILE, RoundInfo, read_metrics, read_round_info, read_run_info
 from fedtune.runtime.kits import supernode_fingerprint
 from fedtune.runtime.processes import free_port
 from tests.compose import (
@@ -65,8 +65,10 @@ TRIAL_SIZES = ["--sites", str(len(SITES)), "--rounds", "3", "--max-length", "16"
                "--local-epochs", "1",
                # Round 1 starts once all four sites are connected (their daemons start with the coordinator,
                # and a SuperNode refused before its key is registered retries with a growing pause).
-               "--site-wait", str(DEADLINE_S)]
-SITE_WAIT = ["--connect-timeout", str(DEADLINE_S)]  # a busy machine may start the coordinator slowly
+               "--site-wait", str(DEADLINE_S),
+               "--eval-epsilon", "8"]  # a few evaluation records per site: more evaluation ε, so every round scores
+SITE_SIZES = ["--connect-timeout", str(DEADLINE_S),  # a busy machine may start the coordinator slowly
+              "--max-eval-epsilon", "8"]  # each site's policy allows the run's evaluation ε
 
 
 def fedtune(*args: str) -> list[str]:
@@ -164,11 +166,9 @@ def world(tmp_path_factory, drug_reviews):
     root = tmp_path_factory.mktemp("deploy")
     assert EXTRA not in TRIAL_SITES and len(TRIAL_SITES) == 3, f"{COMPOSE_FILE} lists {TRIAL_SITES}"
     loopback = Loopback(root, free_port())
-    for name in ["coordinator", *SITES]:
-        (root / "data" / name).mkdir(parents=True)
-    for i, site in enumerate(SITES):
-        write_csv(root / "data" / site / "train.csv", drug_reviews[i * 15:(i + 1) * 15])
-    write_csv(root / "data" / "coordinator" / "test.csv", drug_reviews[500:530])
+    for i, site in enumerate(SITES):  # the coordinator holds no records: the sites evaluate, privately
+        (root / "data" / site).mkdir(parents=True)
+        write_csv(root / "data" / site / "train.csv", drug_reviews[i * 20:(i + 1) * 20])
     (root / "keys").mkdir()
     (root / "kits").mkdir()
     digest = one_off_steps(loopback)
@@ -197,7 +197,7 @@ def test_the_compose_trial_survives_dropouts_and_a_coordinator_crash(world):
     run_dir, procs, root, family, start = world["run"], world["procs"], world["root"], world["family"], world["start"]
     start("coordinator", TRIAL_SIZES)
     for site in SITES:
-        start(site, SITE_WAIT)
+        start(site, SITE_SIZES)
     # An unregistered SuperNode key is refused at connection: the rogue daemon gives up (after its
     # --connect-timeout of refusals) with a clear error.
     rogue = start(ROGUE, ["--connect-timeout", "40"])
@@ -222,11 +222,17 @@ def test_the_compose_trial_survives_dropouts_and_a_coordinator_crash(world):
     # Restart (compose's restart policy runs the same command, which resumes from the newest checkpoint); the
     # killed site comes back with its ledger (the resumed run's first round waits for all four sites again).
     start("coordinator", TRIAL_SIZES)
-    start(EXTRA, SITE_WAIT)
+    start(EXTRA, SITE_SIZES)
     assert family.wait(procs["coordinator"], DEADLINE_S) == 0, (world["logs"] / "coordinator.log").read_text()[-3000:]
     assert re.search(r"final adapter: \S+", (world["logs"] / "coordinator.log").read_text())
 
     by_round = {line.round: line for line in read_metrics(run_dir)}
+    # No coordinator test set: the learning curve is the sites' federated evaluation, one noisy sum per round.
+    assert by_round[0].server == {} and all(by_round[r].server == {} for r in (1, 2, 3))
+    for r in (1, 2, 3):
+        federated = by_round[r].federated_evaluation
+        assert federated is not None and federated.sites == by_round[r].contributors, by_round[r]
+        assert federated.scores["accuracy"] is not None and federated.noise_sigma > 0
     assert by_round[1].contributors == 4 and by_round[1].secure_aggregation.dropped == []
     assert by_round[2].model_updated and by_round[2].contributors == 3
     assert EXTRA not in by_round[2].secure_aggregation.survivors
@@ -252,6 +258,16 @@ def test_the_compose_trial_survives_dropouts_and_a_coordinator_crash(world):
         assert spent == sorted(spent) and spent[-1] <= 8.0, spent
     assert verify_chain(state(root, EXTRA) / "audit.jsonl") >= 2
 
+    # --select-round best: the final adapter is the best-scored checkpoint, named in run.json; each site audited its
+    # privacy with its own canaries and kept its exact scores and report to itself.
+    selected = read_run_info(run_dir).selected_round
+    assert selected in (0, 1, 2) and "best federated accuracy" in read_run_info(run_dir).selected_because
+    assert read_round_info(run_dir / "final" / "adapter").round == selected
+    for site in SITES:
+        assert (state(root, site) / "site-report.html").is_file() and (state(root, site) / "eval-split.json").is_file()
+    for site in TRIAL_SITES:  # hospital-d never saw two adapters of one Flower run (the resume starts a new one)
+        assert (state(root, site) / "audit-result.json").is_file()
+
     # Every task ran in each site's own executor with the site's installed ClientApp: the coordinator's FAB
     # (code the coordinator wrote) was never unpacked, let alone imported, at any site. Each site kept the
     # coordinator's receipts in its own receipts volume, apart from its state.
@@ -267,6 +283,8 @@ def test_the_final_passport_verifies_and_a_tampered_one_fails(world):
     verify = ProcessFamily()
     ok = verify.run(fedtune("passport", "verify", str(adapter), "--key", str(key)), 600)
     assert ok.returncode == 0 and "contributing sites" in ok.stdout, ok.stdout + ok.stderr
+    assert "chosen as the final adapter: best federated accuracy" in ok.stdout  # the chosen round, signed
+    assert ok.stdout.count("ε audited ≥") == len(TRIAL_SITES)  # each auditing site's latest audit, signed
     tampered = world["root"] / "tampered"
     shutil.copytree(adapter, tampered)
     passport = json.loads((tampered / "passport.json").read_text())
