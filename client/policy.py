@@ -24,7 +24,7 @@ from common.config import (
     model_name,
     option,
 )
-from common.files import write_json
+from common.files import private_dir, write_json
 from common.typed import from_mapping
 
 POLICY_FILE = "policy.json"
@@ -234,6 +234,6 @@ def default_max_delta(public_units: int) -> float:
 
 def write_policy(state_dir: Path, policy: SitePolicy) -> Path:
     """A simulated site's own policy file (owner-only), as the person playing the sites set it."""
-    path = state_dir / POLICY_FILE
+    path = private_dir(state_dir) / POLICY_FILE  # the site's state dir is 0700 from the start
     write_json(path, policy.to_mapping())
     return path

@@ -116,3 +116,17 @@ def test_the_site_daemons_options_come_from_the_site_policy():
     llm = policy("--task", "causal-lm", "--model", "smollm2")
     llm.check_complete()
     assert (llm.task, llm.model_path, llm.labels) == ("causal-lm", "smollm2", ())
+
+
+def test_a_simulated_sites_policy_dir_is_private_from_the_start(tmp_path, caplog) -> None:
+    """No "was mode 0755" warning on the terminal of a simulation: the state dir is made 0700, not tightened."""
+    import json
+    import logging
+    import stat
+
+    from client.policy import SitePolicy, write_policy
+
+    with caplog.at_level(logging.WARNING):
+        path = write_policy(tmp_path / "sites" / "site-0", SitePolicy(labels=("a", "b")))
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert caplog.records == [] and SitePolicy.from_mapping(json.loads(path.read_text()), "p").labels == ("a", "b")
