@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -149,8 +150,17 @@ def _opened_ledger(site: Site, settings: RunSettings, msg: Message) -> PrivacyLe
     return ledger
 
 
+def _received_model(site: Site, settings: RunSettings, received: AdapterState) -> torch.nn.Module:
+    """The site's base model with the adapter it received: what it evaluates, then trains, in one round."""
+    model = build_model(site.policy.model_path, len(site.labels), settings.lora, site.policy.task,
+                        Placement(resolve_device(site.policy.device), nf4=site.policy.quantize == "nf4"))
+    set_adapter_state(model, received)
+    return model
+
+
 def _released_update(site: Site, settings: RunSettings, ledger: PrivacyLedger | None, received: AdapterState,
-                     server_round: int, run_id: int, public_units: int) -> tuple[np.ndarray, str, bool]:
+                     server_round: int, run_id: int, public_units: int,
+                     received_model: Callable[[], torch.nn.Module]) -> tuple[np.ndarray, str, bool]:
     """(the round's DP update, its release name, whether it is resent): the update already released for this
     (round, adapter) if it never entered a secure sum, else a freshly trained one, planned from the site's
     public size.
@@ -170,9 +180,7 @@ def _released_update(site: Site, settings: RunSettings, ledger: PrivacyLedger | 
         if site.policy.audit_canaries:
             log.warning("%s: no privacy audit in a run without DP (its canaries go in the DP-SGD step)", site.name)
     started = time.monotonic()
-    model = build_model(site.policy.model_path, len(site.labels), settings.lora, site.policy.task,
-                        Placement(resolve_device(site.policy.device), nf4=site.policy.quantize == "nf4"))
-    set_adapter_state(model, received)
+    model = received_model()
     canaries = (audit_round(site.state_dir, run_id=run_id, server_round=server_round, model=model,
                             count=site.policy.audit_canaries, delta=settings.privacy.delta,
                             epsilon_accounted=ledger.spent())
@@ -213,10 +221,12 @@ def train(msg: Message, context: Context) -> RecordDict:
     units = public_size(site.train.unit_count, site.policy.declared_examples, ledger, run_id=run_id,
                         server_round=server_round)  # declared, or the DP estimate (drawn once, charged)
     site.policy.check_plan(settings, units)  # δ's default ceiling and the steps, from the public size only
-    counts = (evaluation_release(site, settings, evaluation_plan, ledger, received, run_id=run_id,
+    received_model = functools.cache(functools.partial(_received_model, site, settings, received))  # built once
+    counts = (evaluation_release(site, settings, evaluation_plan, ledger, received, received_model, run_id=run_id,
                                  server_round=server_round)  # the model it received, before it trains
               if evaluation_plan and evaluation_plan.evaluates(server_round) else [])
-    update, release, resent = _released_update(site, settings, ledger, received, server_round, run_id, units)
+    update, release, resent = _released_update(site, settings, ledger, received, server_round, run_id, units,
+                                               received_model)
     weight = site_weight(site.policy.declared_examples, settings.secagg)
     audit = run_audit(site.state_dir, run_id)  # the site's privacy audit of the adapters received so far
     privacy = (PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit),

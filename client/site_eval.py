@@ -30,6 +30,7 @@ import logging
 import os
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ from client.policy import SitePolicy
 from client.privacy import LEDGER_FILE, BudgetExhausted, PrivacyLedger
 from client.release import adapter_digest
 from client.site_report import write_site_report
-from common.adapter import AdapterState, set_adapter_state
+from common.adapter import AdapterState
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_column
 from common.data import DataError, EncodedData, Record, read_records
@@ -165,10 +166,10 @@ class EvaluationReleases:
 
 
 def evaluation_release(site: Site, settings: RunSettings, plan: EvalPlan, ledger: PrivacyLedger | None,
-                       received: AdapterState, *, run_id: int, server_round: int) -> list[int]:
-    """What this site releases about the model it received, in an evaluation round (module docstring)."""
-    from common.model import Placement, build_model, resolve_device
-
+                       received: AdapterState, received_model: Callable[[], Any], *, run_id: int,
+                       server_round: int) -> list[int]:
+    """What this site releases about the model it received (``received_model()`` builds it, once per round: the
+    same model then trains), in an evaluation round (module docstring)."""
     releases, digest = EvaluationReleases(site.state_dir), adapter_digest(received)
     if (kept := releases.find(server_round, digest)) is not None:
         log.info("%s: round %d's evaluation was already released; resending it (no new ε)", site.name, server_round)
@@ -189,14 +190,10 @@ def evaluation_release(site: Site, settings: RunSettings, plan: EvalPlan, ledger
             AuditLog(site.state_dir / "audit.jsonl").record("evaluation-charged", run_id=run_id, round=server_round,
                                                             epsilon=epsilon, rho=plan.rho)
     if evaluation is not None:
-        policy = site.policy
-        model = build_model(policy.model_path, len(site.labels), settings.lora, policy.task,
-                            Placement(resolve_device(policy.device), nf4=policy.quantize == "nf4"))
-        set_adapter_state(model, received)
-        counts, own = _score(model, evaluation, settings, len(site.labels))
+        counts, own = _score(received_model(), evaluation, settings, len(site.labels))
         _append_own_scores(site.state_dir, {"run_id": run_id, "round": server_round, "model_round": server_round - 1,
                                             **own})
-        write_site_report(site.state_dir, site.name, policy.task, site.state_dir / SITE_SCORES_FILE)
+        write_site_report(site.state_dir, site.name, site.policy.task, site.state_dir / SITE_SCORES_FILE)
     released = release(counts, plan)
     releases.keep(server_round, digest, released)
     return released

@@ -42,13 +42,10 @@ def _plot(points: list[tuple[int, float]], name: str) -> str:
     low, high = min(values), max(values)
     span_x, span_y = max(max(rounds) - min(rounds), 1), max(high - low, 1e-9)
 
-    def xy(server_round: int, value: float) -> str:
-        x = pad + (server_round - min(rounds)) / span_x * (width - 2 * pad)
-        y = height - pad - (value - low) / span_y * (height - 2 * pad)
-        return f"{x:.1f},{y:.1f}"
-
-    path = " ".join(xy(r, v) for r, v in points)
-    dots = "".join(f'<circle cx="{xy(r, v).split(",")[0]}" cy="{xy(r, v).split(",")[1]}" r="3"/>' for r, v in points)
+    xy = [(pad + (r - min(rounds)) / span_x * (width - 2 * pad), height - pad - (v - low) / span_y * (height - 2 * pad))
+          for r, v in points]
+    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3"/>' for x, y in xy)
     return (f'<svg id="curve" width="{width}" height="{height}" role="img" aria-label="{html.escape(name)} by round">'
             f'<polyline fill="none" stroke="black" points="{path}"/>{dots}'
             f'<text x="{pad}" y="15">{html.escape(name)}: {low:.3f} to {high:.3f}, rounds {min(rounds)}-{max(rounds)}'
