@@ -150,7 +150,7 @@ def create_site_identities(names: list[str], state_dirs: dict[str, Path], regist
     public = {}
     for site_id, name in enumerate(names):
         identity = SiteIdentity.generate()
-        write_private(state_dirs[name] / IDENTITY_FILE, identity.to_pem())
+        write_private(private_dir(state_dirs[name]) / IDENTITY_FILE, identity.to_pem())
         public[name] = (site_id, identity.public_bytes())
     write_registry(registry_path, public)
 

@@ -123,3 +123,12 @@ def test_a_restored_session_directory_deals_the_same_shares_again(round_of_three
         opened = [decrypt_from_peer(share_key, sender, round_id=params.round_id, sender=0, receiver=holder,
                                     ciphertext=deal.ciphertexts[holder]) for deal in (first, second)]
         assert opened[0] == opened[1]
+
+
+def test_a_new_site_identity_lives_in_an_owner_only_dir_from_the_start(tmp_path: Path, caplog):
+    """The site's state dir holds its private key: created 0700, never first 0755 then corrected."""
+    import stat
+
+    create_site_identities(["site-0"], {"site-0": tmp_path / "fresh" / "site-0"}, tmp_path / "registry.json")
+    assert stat.S_IMODE((tmp_path / "fresh" / "site-0").stat().st_mode) == 0o700
+    assert not [r for r in caplog.records if "readable by others" in r.getMessage()]
