@@ -57,7 +57,7 @@ def federation(tmp_path_factory, drug_reviews):
     family = ProcessFamily()
     args = ["--sites", "3", "--rounds", "2", "--epsilon", "8", "--data", str(train), "--test-data", str(test),
             "--partition", "iid", "--max-length", "16", "--local-epochs", "1", "--batch-size", "8",
-            "--privacy-unit", "column:condition"]
+            "--privacy-unit", "column:condition", "--audit-canaries", "20"]
     tracking = ["--mlflow", f"sqlite:///{root / 'mlflow.db'}", "--tensorboard", str(root / "tb")]
     done = fedtune("simulate", "--out", str(out), *args, "--baselines", "local,central", *tracking, family=family)
     yield {"out": out, "done": done, "family": family, "args": args, "root": root}
@@ -129,9 +129,10 @@ def test_every_site_spent_at_most_its_budget(federation):
         assert report.budget == 8.0 and report.delta == 1e-5 and report.unit == "condition"
     # σ, the sampling rate and the step count would pin a site's record count: never written to the file.
     written = json.loads((federation["out"] / PRIVACY_FILE).read_text())["sites"].values()
-    audit = {"audited_epsilon", "audit_canaries", "audit_guesses", "audit_correct"}  # no site was asked to audit
+    audit = {"audited_epsilon", "audit_canaries", "audit_guesses", "audit_correct"}  # every site audits (round 2 on)
     assert all(set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent", *audit}
-               and all(report[key] is None for key in audit) for report in written)
+               and report["audit_canaries"] == 20 and 0 <= report["audited_epsilon"] <= report["epsilon"]
+               for report in written)
 
 
 LIBRARY_WARNING = re.compile(r"\w+Warning: |warnings\.warn\(")
@@ -169,6 +170,13 @@ def test_report_opens_in_a_headless_browser_with_its_plots_and_baselines(federat
 
     from PIL import Image
 
+    # What the browser shows, not only what the file holds: the federated column and each site's audit.
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", alone.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    audit_list = re.search(r'<ul id="audit">(.*?)</ul>', dom, re.S)
+    assert audit_list and sorted(re.findall(r"<li>(site-\d):", audit_list.group(1))) == ["site-0", "site-1", "site-2"]
+    rounds = re.search(r'<table id="rounds">(.*?)</table>', dom, re.S)
+    assert rounds and rounds.group(1).count("federated accuracy") == 2  # rounds 1 and 2: the models of rounds 0, 1
     shown = render(alone)
     blank = tmp_path / "no-plots.html"
     blank.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""', page))  # control: the same page, no plots
