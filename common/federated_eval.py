@@ -157,10 +157,12 @@ def stochastic_round(value: float) -> int:
 def causal_lm_counts(losses: Sequence[float], answer_tokens: Sequence[int], exact: Sequence[bool],
                      rouge: Sequence[float], max_tokens: int) -> list[int]:
     """The slots of per-example scores (each example's mean answer-token loss, answer length, exact match, ROUGE-L),
-    each example adding at most 1 to each slot."""
-    return [len(losses), sum(stochastic_round(loss / LOSS_MAX) for loss in losses),
+    each example adding at most 1 to each slot. A score that is not finite (a record whose logits overflow under a
+    hostile adapter) counts as the worst one, loss at the clip and ROUGE-L 0, so that one record cannot make the
+    evaluation fail (and so change the kind of what the site sends)."""
+    return [len(losses), sum(stochastic_round(loss / LOSS_MAX if not math.isnan(loss) else 1.0) for loss in losses),
             sum(stochastic_round(tokens / max_tokens) for tokens in answer_tokens), sum(bool(e) for e in exact),
-            sum(stochastic_round(r) for r in rouge)]
+            sum(stochastic_round(r if math.isfinite(r) else 0.0) for r in rouge)]
 
 
 def release(counts: Sequence[int], plan: EvalPlan) -> list[int]:

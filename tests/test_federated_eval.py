@@ -80,6 +80,18 @@ def test_one_example_moves_each_causal_lm_count_by_at_most_one() -> None:
     assert abs(loss - 2.0) < 0.25
 
 
+def test_a_record_whose_scores_overflow_counts_as_the_worst_record_and_cannot_fail_the_evaluation() -> None:
+    """A hostile adapter can drive one record's logits to inf: its loss and ROUGE-L come back NaN or inf. The
+    counts must come out as for a record scored worst (loss at the clip, ROUGE-L 0), never raise: a failure would
+    change the kind of what the site sends exactly when that record is in its split."""
+    nan, inf = float("nan"), float("inf")
+    for loss, rouge in ((nan, nan), (inf, inf), (nan, 0.0)):
+        assert causal_lm_counts([loss], [64], [False], [rouge], max_tokens=64) == \
+            causal_lm_counts([1e9], [64], [False], [0.0], max_tokens=64)
+    mixed = causal_lm_counts([nan, 1.0, inf], [4, 4, 4], [False, True, False], [nan, 1.0, inf], max_tokens=8)
+    assert mixed[0] == 3 and mixed[1] >= 2 and mixed[3] == 1 and mixed[4] == 1  # each record moves a slot by <= 1
+
+
 def test_a_release_is_counts_plus_noise_plus_offset_in_range() -> None:
     plan = plan_evaluation(settings())
     assert plan is not None
