@@ -3,6 +3,7 @@ gradient canaries in its real DP-SGD step, and the audit failing a DP step whose
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import secrets
@@ -145,19 +146,23 @@ def test_a_runs_canaries_stay_owner_only_and_fixed_and_audit_from_the_second_ada
         RunCanaries.open(tmp_path, 7, model, 20)
 
 
-def test_with_dp_on_the_audit_stays_below_the_claimed_epsilon(one_thread: None) -> None:
+@pytest.mark.parametrize("rows_per_unit", [1, 3])  # per record; per person (a canary is one person's clipped sum)
+def test_with_dp_on_the_audit_stays_below_the_claimed_epsilon(one_thread: None, rows_per_unit: int) -> None:
     sigma = noise_multiplier_for(ACCOUNTANT, 1.0, DELTA, BROKEN.sample_rate, BROKEN.steps)
-    setting = Setting(sigma, units=BROKEN.units, sample_rate=BROKEN.sample_rate, steps=BROKEN.steps)
+    setting = Setting(sigma, units=BROKEN.units, sample_rate=BROKEN.sample_rate, steps=BROKEN.steps,
+                      rows_per_unit=rows_per_unit)
     claimed = setting.claimed_epsilon()
     assert claimed == pytest.approx(1.0, abs=0.01)
     result = audited_training(setting, claimed_epsilon=claimed).result
     assert result.epsilon <= claimed, result.line()
 
 
-def test_the_audit_fails_a_dp_step_whose_noise_is_off(one_thread: None) -> None:
+@pytest.mark.parametrize("rows_per_unit", [1, 3])
+def test_the_audit_fails_a_dp_step_whose_noise_is_off(one_thread: None, rows_per_unit: int) -> None:
     """The step claims ε = 1 (the σ it planned) but adds no noise: the audit shows ε above what it claims."""
     claimed = BROKEN.claimed_epsilon(noise_multiplier_for(ACCOUNTANT, 1.0, DELTA, BROKEN.sample_rate, BROKEN.steps))
-    result = audited_training(BROKEN, claimed_epsilon=claimed).result
+    result = audited_training(dataclasses.replace(BROKEN, rows_per_unit=rows_per_unit),
+                              claimed_epsilon=claimed).result
     assert result.epsilon > claimed + 1.0, result.line()
     assert result.auc > 0.9
 

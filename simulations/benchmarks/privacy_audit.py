@@ -39,6 +39,8 @@ class Setting:
     sample_rate: float = 0.05
     steps: int = 300
     canaries: int = 200
+    rows_per_unit: int = 1
+    """Rows each unit (person) holds: > 1 audits the per-person guarantee (a canary is one person's clipped sum)."""
     max_grad_norm: float = 1.0
     learning_rate: float = 0.01
     separation: float = 1.5
@@ -52,21 +54,23 @@ class Setting:
 
 @dataclass(frozen=True)
 class Rows:
-    """One pass of one-row units (client.per_unit_grads.RowBatch)."""
+    """One pass of rows and the unit each belongs to, numbered 0.. (client.per_unit_grads.RowBatch)."""
 
     features: torch.Tensor
     labels: torch.Tensor
-
-    @property
-    def unit_of_row(self) -> torch.Tensor:
-        return torch.arange(len(self.labels))
+    unit_of_row: torch.Tensor
 
     @property
     def units(self) -> int:
-        return len(self.labels)
+        return int(self.unit_of_row.max()) + 1 if len(self.unit_of_row) else 0
 
     def each_unit(self) -> list[Rows]:
-        return [Rows(self.features[i:i + 1], self.labels[i:i + 1]) for i in range(self.units)]
+        return [self.of_units(torch.tensor([u])) for u in range(self.units)]
+
+    def of_units(self, units: torch.Tensor) -> Rows:
+        """The rows of ``units``, renumbered 0..len(units)-1."""
+        rows = torch.isin(self.unit_of_row, units).nonzero().flatten()
+        return Rows(self.features[rows], self.labels[rows], torch.searchsorted(units, self.unit_of_row[rows]))
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,10 @@ class Outcome:
     """Of its twin: the same task and initial head trained without canaries (a paired run), if asked for."""
 
 
-def _task(rows: int, centres: torch.Tensor, generator: torch.Generator) -> Rows:
+def _task(rows: int, centres: torch.Tensor, generator: torch.Generator, rows_per_unit: int = 1) -> Rows:
     labels = torch.randint(CLASSES, (rows,), generator=generator)
-    return Rows(centres[labels] + torch.randn(rows, FEATURES, generator=generator), labels)
+    return Rows(centres[labels] + torch.randn(rows, FEATURES, generator=generator), labels,
+                torch.arange(rows) // rows_per_unit)
 
 
 def _train(model: torch.nn.Module, data: Rows, setting: Setting, canaries: list[tuple[torch.nn.Parameter, int]],
@@ -98,7 +103,7 @@ def _train(model: torch.nn.Module, data: Rows, setting: Setting, canaries: list[
 
     for _ in range(setting.steps):
         drawn = (torch.rand(setting.units, generator=generator) < setting.sample_rate).nonzero().flatten()
-        chunks = [Rows(data.features[drawn], data.labels[drawn])] if len(drawn) else []
+        chunks = [data.of_units(drawn)] if len(drawn) else []
         dp_sgd.step(chunks, loss_of, joining(canaries, setting.sample_rate, generator))
     return model
 
@@ -114,7 +119,8 @@ def audited_training(setting: Setting, *, claimed_epsilon: float, paired: bool =
     as at a site."""
     generator = fresh_generator()
     centres = setting.separation * torch.randn(CLASSES, FEATURES, generator=generator)
-    data, fresh = _task(setting.units, centres, generator), _task(2000, centres, generator)
+    data = _task(setting.units * setting.rows_per_unit, centres, generator, setting.rows_per_unit)
+    fresh = _task(2000, centres, generator)
     model = torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, CLASSES))
     model[0].requires_grad_(False)  # frozen, as a base model; the head trains, as LoRA's B
     twin = copy.deepcopy(model) if paired else None
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--canaries", type=int, default=200)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rows-per-unit", type=int, default=1, help="> 1: each unit is a person with this many rows")
     parser.add_argument("--separation", type=float, default=Setting.separation,
                         help="scale of the class centres: lower is a harder task")
     args = parser.parse_args(argv)
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| claimed ε | σ | audited ε (mean, max of runs) | membership AUC | accuracy with canaries | without "
           "(paired) | difference (mean ± s.e.) |")
     print("|---|---|---|---|---|---|---|")
-    base = Setting(0.0, canaries=args.canaries, steps=args.steps, separation=args.separation)
+    base = Setting(0.0, canaries=args.canaries, steps=args.steps, separation=args.separation,
+                   rows_per_unit=args.rows_per_unit)
     for epsilon in [*args.epsilon, None]:
         planned = noise_multiplier_for(ACCOUNTANT, epsilon or 1.0, DELTA, base.sample_rate, base.steps)
         setting = dataclasses.replace(base, noise_multiplier=planned if epsilon is not None else 0.0)
