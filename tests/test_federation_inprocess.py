@@ -87,24 +87,22 @@ def data(tmp_path_factory, drug_reviews) -> dict[str, Path]:
             "test": write_csv(root / "test.csv", drug_reviews[500:530])}
 
 
-def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = True, llm: bool = False,
+def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = True,
              sites: int = SITES, cheat: int | None = None, resume_from: str = "", grid: type | None = None,
              audit_canaries: int = 0, **overrides) -> Path:
     """One run into ``out``, set up as ``fedtune simulate`` does (keys, site policies, passport key).
-    ``llm``: causal-lm instruction tuning of the packaged SmolLM2 instead of classifying with MiniLM.
     ``cheat``: that site deals key shares off its commitments in every round it is in. ``grid``: an
     InProcessGrid subclass (one that records what the coordinator receives); ``overrides``: run-config keys."""
-    task, model, labels = ("causal-lm", "smollm2", "") if llm else ("classification", "", LABELS)
-    simulated_site_policies(out, sites, task=task, labels=labels, model=model, dp=True, secure=secure, epsilon=8.0,
-                            unit="record", audit_canaries=audit_canaries,
+    simulated_site_policies(out, sites, task="classification", labels=LABELS, model="", dp=True, secure=secure,
+                            epsilon=8.0, unit="record", audit_canaries=audit_canaries,
                             eval_epsilon=overrides.get("federation.eval-epsilon", 1.0))
     run_config = default_run_config() | {
         "out-dir": str(out), "passport-key": str(simulated_passport_key(out)), "resume-from": resume_from,
         "secagg.registry": str(simulated_registry(out, sites)) if secure else "",
         "federation.secure-aggregation": secure, "federation.rounds": rounds, "federation.sites": sites,
-        "data.source": str(data["train"]), "data.test-source": str(data["test"]), "data.labels": labels,
-        "data.partition": "iid", "data.max-length": 48 if llm else 16, "train.local-epochs": 1, "train.batch-size": 8,
-        "task": task, "model-path": model, "data.test-examples": 6 if llm else 0,
+        "data.source": str(data["train"]), "data.test-source": str(data["test"]), "data.labels": LABELS,
+        "data.partition": "iid", "data.max-length": 16, "train.local-epochs": 1, "train.batch-size": 8,
+        "task": "classification", "model-path": "",
     } | overrides
     run_id = next(RUN_IDS)
     with pytest.MonkeyPatch.context() as patch:  # what a Flower task process knows of itself (messages are made in one)
@@ -229,56 +227,3 @@ def test_a_cheating_site_is_dropped_named_in_the_audit_log_and_kept_out_across_a
         "site-3": "kept-out", "*": "round-aborted"}, line.failures
 
 
-@pytest.fixture(scope="module")
-def chats(tmp_path_factory) -> dict[str, Path]:
-    """Drug reviews as instructions (prompt: the review and the question; response: its rating), in the two
-    causal-lm formats: prompt/response CSV for the sites, chat-messages JSONL for the server."""
-    from common.data import read_records
-
-    root = tmp_path_factory.mktemp("chats")
-    rows = read_records("drugreview", task="causal-lm")
-    test = root / "test.jsonl"
-    test.write_text("".join(json.dumps({"messages": [{"role": "user", "content": row["prompt"]},
-                                                     {"role": "assistant", "content": row["response"]}]}) + "\n"
-                            for row in rows[500:510]))
-    return {"train": write_csv(root / "train.csv", rows[:30]), "test": test}
-
-
-def test_an_llm_is_instruction_tuned_with_dp_and_secure_aggregation_and_its_adapter_loads_in_peft(
-        tmp_path: Path, chats) -> None:
-    """SmolLM2 through the same round loop, ClientApp, DP-SGD, secure sum and passports as a classifier; the
-    final adapter is an ordinary PEFT adapter that loads on the base model and generates an answer."""
-    import torch
-    from peft import PeftModel
-    from safetensors.numpy import load_file
-    from transformers import AutoModelForCausalLM
-
-    from common.model import load_tokenizer, resolve_model_path
-
-    final = federate(tmp_path, chats, rounds=2, llm=True)
-    lines = metrics(tmp_path)
-    assert [line.round for line in lines] == [0, 1, 2]
-    for line in lines[1:]:
-        assert line.contributors == 3 and line.model_updated and line.failures == ()
-        assert line.secure_aggregation.survivors == ["site-0", "site-1", "site-2"]
-    server = lines[-1].server
-    assert server["examples"] == 6 and 0 <= server["exact_match"] <= 1 and 0 <= server["rouge_l"] <= 1
-    assert server["perplexity"] > 1 and len(server["samples"]) == 3
-    assert server["samples"][0]["prompt"].startswith("Drug review:")  # the question itself, not the chat template
-    assert lines[-1].server["loss"] != lines[0].server["loss"]  # the adapter changed what the model says
-    assert all(0 < eps <= 8.0 for eps in epsilons(tmp_path).values())
-    assert (final / "passport.json").is_file()
-
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"))
-    tuned = PeftModel.from_pretrained(base, final)
-    saved = load_file(final / "adapter_model.safetensors")
-    b_key = next(key for key in saved if "lora_B" in key)
-    loaded = dict(tuned.named_parameters())[b_key.replace(".weight", ".default.weight")]
-    assert np.abs(saved[b_key]).max() > 0 and np.array_equal(loaded.detach().numpy(), saved[b_key])
-    tokenizer = load_tokenizer("smollm2")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Is 'This drug helped me a lot' positive?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        answer = tuned.generate(**prompt, max_new_tokens=8, do_sample=False)
-    text = tokenizer.decode(answer[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert text.strip(), "the tuned model generated no text"

@@ -215,15 +215,20 @@ def test_final_adapter_loads_with_plain_peft_and_predicts_as_the_federation_scor
 
 def test_an_llm_federation_runs_from_the_cli_and_its_adapter_generates_text(tmp_path: Path):
     """`fedtune simulate --task causal-lm --model smollm2`: instruction tuning of the packaged SmolLM2 on Flower's
-    engine, with DP and secure aggregation; the final adapter loads with plain PEFT and answers."""
+    engine, with DP and secure aggregation (sites: prompt/response CSV; the server: chat-messages JSONL); the final
+    adapter is an ordinary PEFT adapter that loads on the base model and answers."""
     from peft import PeftModel
+    from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 
     from common.data import read_records
     from common.model import load_tokenizer, resolve_model_path
 
     chats = read_records("drugreview", task="causal-lm")
-    train, test = write_csv(tmp_path / "train.csv", chats[:30]), write_csv(tmp_path / "test.csv", chats[500:506])
+    train, test = write_csv(tmp_path / "train.csv", chats[:30]), tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"messages": [{"role": "user", "content": row["prompt"]},  # the chat format
+                                                     {"role": "assistant", "content": row["response"]}]}) + "\n"
+                            for row in chats[500:506]))
     out = tmp_path / "llm"
     done = fedtune("simulate", "--out", str(out), "--task", "causal-lm", "--model", "smollm2", "--sites", "3",
                    "--rounds", "2", "--data", str(train), "--test-data", str(test), "--partition", "iid",
@@ -232,12 +237,25 @@ def test_an_llm_federation_runs_from_the_cli_and_its_adapter_generates_text(tmp_
     assert "round 2/2" in done.stdout and "exact match" in done.stdout and "DP ε=8 per record" in done.stdout
     assert "most-common-answer baseline" in done.stdout and "secure aggregation" in done.stdout
     lines = _metrics(out)
-    assert all(line.contributors == 3 and line.model_updated for line in lines[1:])
+    assert [line.round for line in lines] == [0, 1, 2]
+    assert all(line.contributors == 3 and line.model_updated and not line.failures for line in lines[1:])
+    server = lines[-1].server
+    assert server["examples"] == 6 and 0 <= server["exact_match"] <= 1 and 0 <= server["rouge_l"] <= 1
+    assert server["perplexity"] > 1 and len(server["samples"]) == 3
+    assert server["samples"][0]["prompt"].startswith("Drug review:")  # the question itself, not the chat template
+    assert server["loss"] != lines[0].server["loss"]  # the adapter changed what the model says
+    assert all(0 < report.epsilon <= 8.0 for report in read_privacy(out).sites.values())
     assert "Answers of the final adapter" in (out / "report.html").read_text()
 
+    final = out / "final" / "adapter"
+    assert (final / "passport.json").is_file()
     tokenizer = load_tokenizer("smollm2")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2")),
-                                      str(out / "final" / "adapter")).eval()
+                                      str(final)).eval()
+    saved = load_file(final / "adapter_model.safetensors")  # the adapter PEFT loaded is the one the run saved
+    b_key = next(key for key in saved if "lora_B" in key)
+    loaded = dict(model.named_parameters())[b_key.replace(".weight", ".default.weight")]
+    assert np.abs(saved[b_key]).max() > 0 and np.array_equal(loaded.detach().numpy(), saved[b_key])
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": chats[510]["prompt"]}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
