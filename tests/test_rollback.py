@@ -27,14 +27,9 @@ from common.records import ChargeReceipt, pack_train_request, unpack_privacy, wi
 from common.run_files import read_metrics
 from server.ledger_watch import LedgerWatch
 from tests.conftest import write_csv
-from tests.test_site_releases import call, initial_adapter, node_config
-from tests.test_site_releases import run_config as plain_run_config
+from tests.test_site_releases import call, initial_adapter, node_config, run_config
 
 SITE = "site-a"
-
-
-def run_config(tmp_path: Path, **overrides) -> dict:
-    return plain_run_config(tmp_path, **{"privacy.accountant": "rdp"} | overrides)  # RDP: ms where PRV takes s
 
 
 @pytest.fixture()

@@ -69,7 +69,7 @@ def test_a_record_whose_logits_overflow_cannot_decide_the_reply(tmp_path: Path, 
     from client.app import train
 
     config = run_config(tmp_path, **{"data.labels": ",".join(LABELS), "train.batch-size": batch_size,
-                                     "train.local-epochs": epochs, "privacy.accountant": "rdp"})  # rdp: σ planned fast
+                                     "train.local-epochs": epochs})
     request = pack_train_request(hostile_head(initial_adapter(config)), 1)
     others = _others(drug_reviews, 7)
     replies, zeroed = {}, {}
