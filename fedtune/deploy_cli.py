@@ -263,7 +263,6 @@ def cmd_passport(args: argparse.Namespace) -> int:
 
 def _cmd_passport_verify(args: argparse.Namespace) -> int:
     from common.passport import PassportError, key_id, load_public_key, verify_passport
-    from common.privacy_audit import audit_line
 
     if not args.path.is_dir():
         print(f"fedtune passport verify: {args.path} is not a directory; give the adapter directory",
@@ -279,6 +278,8 @@ def _cmd_passport_verify(args: argparse.Namespace) -> int:
     except PassportError as exc:
         print(f"PASSPORT INVALID for {args.path}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    from common.privacy_audit import audit_line  # a valid passport's audits only
+
     unit = passport.get("privacy_unit", "record")
     epsilon = ", ".join(f"{site} {'no DP' if eps is None else f'ε={eps:g} per {unit}'}"
                         for site, eps in sorted(passport["epsilon"].items())) or "none reported"
