@@ -12,28 +12,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.config import (
-    NO_TEST_DATA,
-    BadInput,
-    CommandLineOption,
-    ConfigError,
-    RunSettings,
-    TaskKind,
-    command_line_options,
-    model_name,
-    options_of,
-    unit_name,
-)
-from common.flower_internals import check_flower_version
 from common.library_noise import silence_library_noise
-from fedtune.deploy_cli import add_subcommands
+from common.typed import BadInput, ConfigError
+from fedtune.command import Command
+from fedtune.deploy_cli import DEPLOYMENT_COMMANDS
 from fedtune.runtime.project import RunFailed, project_dir
 
 if TYPE_CHECKING:
+    from common.config import CommandLineOption, TaskKind
     from common.run_files import MetricsLine
     from fedtune.runtime.tracking import RunTracker
     from simulations.report import Summary
@@ -41,7 +31,9 @@ if TYPE_CHECKING:
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 FLOWER_COMMANDS = frozenset({"simulate", "demo", "server", "client"})
 """The commands that run Flower: the installed release is checked before they start any process."""
-
+# Each command imports what its options and its run need (common.config's settings, client.policy, the
+# registry's codecs) only when it is the one run: `fedtune passport verify`, `site members` and every
+# `--help` stay light (tests/test_cli_light.py).
 
 
 def default_run_config() -> dict[str, Any]:
@@ -71,6 +63,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _federation_options(p: argparse.ArgumentParser, *, simulation: bool) -> None:
     """The run's settings as options: flag, default and help from their ``option(...)`` fields in
     common/config.py (the one source); then the switches that are not one setting each."""
+    from common.config import command_line_options
+
     for opt in command_line_options():
         if simulation or not opt.simulation_only:
             p.add_argument(opt.flag, dest=opt.dest, type=opt.kind, default=opt.cli_default, help=opt.help,
@@ -150,6 +144,8 @@ def resume_checkpoint(out: Path) -> str:
 
 def training_run_config(args: argparse.Namespace) -> dict[str, Any]:
     """The run config from the parsed options (every way of running shares them)."""
+    from common.config import command_line_options
+
     return {opt.key: getattr(args, opt.dest) for opt in command_line_options() if hasattr(args, opt.dest)} | {
         "lora.alpha": 2 * args.lora_rank,
         "lora.aggregation": "plain" if args.plain_lora_averaging else "ffa",
@@ -171,7 +167,7 @@ def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dic
 
 def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) -> Summary:
     """Validate, run one federation, print its rounds and summary; its summary."""
-    from common.config import unit_column
+    from common.config import RunSettings, unit_column, unit_name
     from common.data import label_names, partition, read_records, unit_indices
     from server.federation import test_source
     from simulations.report import load_summary, summary_text, write_report
@@ -281,6 +277,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_server_start(args: argparse.Namespace) -> None:
     """The coordinator: SuperLink with TLS + site auth, the fedtune run, streamed rounds."""
+    from common.config import NO_TEST_DATA, RunSettings
     from common.data import label_names, read_records
     from fedtune.runtime.monitoring import superlink_ready
     from fedtune.runtime.orchestrator import ServerKit, start_server
@@ -313,6 +310,7 @@ def cmd_server_start(args: argparse.Namespace) -> None:
 
 def site_policy_options() -> tuple[CommandLineOption, ...]:
     from client.policy import SitePolicy
+    from common.config import options_of
 
     return options_of(SitePolicy)
 
@@ -320,6 +318,7 @@ def site_policy_options() -> tuple[CommandLineOption, ...]:
 def cmd_client_start(args: argparse.Namespace) -> int:
     """The on-premise site daemon (a SuperNode and the site's executor); runs until stopped."""
     from client.policy import SitePolicy
+    from common.config import model_name, unit_name
     from fedtune.runtime.daemon import start_client
 
     policy = SitePolicy.from_mapping({opt.key: getattr(args, opt.dest) for opt in site_policy_options()},
@@ -365,10 +364,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
     print(read_audit_result(args.state).line())
 
 
-def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
-    server = sub.add_parser("server", help="the coordinator (deployment)").add_subparsers(dest="action", required=True)
-    start = server.add_parser("start", help="SuperLink with TLS and site authentication + the fedtune run",
-                              formatter_class=HelpFormatter)
+def _server_arguments(server: argparse.ArgumentParser) -> None:
+    actions = server.add_subparsers(dest="action", required=True)
+    start = actions.add_parser("start", help="SuperLink with TLS and site authentication + the fedtune run",
+                               formatter_class=HelpFormatter)
     start.add_argument("--kit", type=Path, required=True, help="the server/ directory from `fedtune provision`")
     start.add_argument("--state", type=Path, required=True, help="state directory (database, checkpoints, audit)")
     start.add_argument("--host", default="127.0.0.1", help="a server host name provisioned into the certificate")
@@ -378,9 +377,12 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
     _tracking_options(start)
     _metrics_options(start, "the coordinator's rounds, exchange seconds, failures by kind, contributing sites; "
                             "/readyz: the SuperLink answers")
-    client = sub.add_parser("client", help="a site's daemon (deployment)").add_subparsers(dest="action", required=True)
-    daemon = client.add_parser("start", help="the on-premise SuperNode with TLS and the site key",
-                               formatter_class=HelpFormatter)
+
+
+def _client_arguments(client: argparse.ArgumentParser) -> None:
+    actions = client.add_subparsers(dest="action", required=True)
+    daemon = actions.add_parser("start", help="the on-premise SuperNode with TLS and the site key",
+                                formatter_class=HelpFormatter)
     daemon.add_argument("--kit", type=Path, required=True,
                         help="this site's kit from the coordinator (`fedtune provision`: public files only)")
     daemon.add_argument("--keys", type=Path, required=True,
@@ -400,8 +402,9 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
                         help="give up after failing to connect for this many seconds (unregistered site?)")
     _metrics_options(daemon, "this site's ε spent and left (from its own ledger), rounds trained, refusals by "
                              "kind, last contact; /readyz: the SuperNode and executor run")
-    ready = sub.add_parser("wait-ready", help="wait until a daemon started with --metrics-port is ready (a service "
-                           "manager's health check)", formatter_class=HelpFormatter)
+
+
+def _wait_ready_arguments(ready: argparse.ArgumentParser) -> None:
     ready.add_argument("--port", type=int, required=True, help="the daemon's --metrics-port")
     ready.add_argument("--host", default="127.0.0.1", help="the daemon's --metrics-host")
     ready.add_argument("--timeout", type=float, default=300.0, help="give up (exit 1) after this many seconds")
@@ -443,12 +446,7 @@ def failure_hint(exc: RunFailed) -> str:
     return reasons[-1].split("FederationFailed: ")[-1] if reasons else ""
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int | None]]]:
-    """The whole command line, and the handler of each command."""
-    parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    simulate = sub.add_parser("simulate", help="run a whole federation on this machine (Flower simulation engine)",
-                              formatter_class=HelpFormatter)
+def _simulate_arguments(simulate: argparse.ArgumentParser) -> None:
     simulate.add_argument("--out", type=Path, required=True, help="output directory")
     simulate.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF (warns)")
     simulate.add_argument("--resume", action="store_true",
@@ -461,32 +459,62 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     simulate.add_argument(canaries.flag, dest=canaries.dest, type=canaries.kind, default=canaries.default,
                           help=f"every simulated site's policy: {canaries.help}")
     _tracking_options(simulate)
-    demo = sub.add_parser("demo", help="the README demo: a bank consortium under DP vs each bank alone",
-                          formatter_class=HelpFormatter)
+
+
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     demo.add_argument("--banking77", type=Path, default=project_dir().parent / "shared" / "data" / "banking77",
                       help="the BANKING77 folder (train.csv, test.csv; CC BY 4.0, not shipped with fedtune)")
     demo.add_argument("--intents", type=int, default=6, help="the most frequent intents the demo keeps")
     _federation_options(demo, simulation=True)
     demo.set_defaults(partition="dirichlet", rounds=5, max_length=64)
-    _deployment_parsers(sub)
-    audit = sub.add_parser("audit", help="a site's privacy audit: the ε its ledger accounts and the empirical lower "
-                           "bound its canaries show (`fedtune client start --audit-canaries`)",
-                           formatter_class=HelpFormatter)
+
+
+def _audit_arguments(audit: argparse.ArgumentParser) -> None:
     audit.add_argument("state", type=Path, help="the site's state directory (its --state)")
-    handlers: dict[str, Callable[[argparse.Namespace], int | None]] = {
-        "simulate": cmd_simulate, "demo": cmd_demo, "server": cmd_server_start, "client": cmd_client_start,
-        "wait-ready": cmd_wait_ready, "audit": cmd_audit}
-    handlers |= add_subcommands(sub)
-    return parser, handlers
 
 
-def main(argv: list[str] | None = None) -> int:
+COMMANDS: dict[str, Command] = {
+    "simulate": Command("run a whole federation on this machine (Flower simulation engine)", _simulate_arguments,
+                        cmd_simulate, formatter_class=HelpFormatter),
+    "demo": Command("the README demo: a bank consortium under DP vs each bank alone", _demo_arguments, cmd_demo,
+                    formatter_class=HelpFormatter),
+    "server": Command("the coordinator (deployment)", _server_arguments, cmd_server_start),
+    "client": Command("a site's daemon (deployment)", _client_arguments, cmd_client_start),
+    "wait-ready": Command("wait until a daemon started with --metrics-port is ready (a service manager's health "
+                          "check)", _wait_ready_arguments, cmd_wait_ready, formatter_class=HelpFormatter),
+    "audit": Command("a site's privacy audit: the ε its ledger accounts and the empirical lower bound its canaries "
+                     "show (`fedtune client start --audit-canaries`)", _audit_arguments, cmd_audit,
+                     formatter_class=HelpFormatter),
+    **DEPLOYMENT_COMMANDS,
+}
+"""Every ``fedtune`` command, in the order ``fedtune --help`` lists them."""
+
+
+def build_parser(with_options: Collection[str] = tuple(COMMANDS)) -> tuple[
+        argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int | None]]]:
+    """The command line, and the handler of each command: every command with its one-line help, and the options
+    of the commands in ``with_options`` (``fedtune`` builds only those of the command it runs)."""
+    parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, spec in COMMANDS.items():
+        chosen = sub.add_parser(name, help=spec.help, description=spec.description,
+                                formatter_class=spec.formatter_class)
+        if name in with_options:
+            spec.add_arguments(chosen)
+    return parser, {name: spec.run for name, spec in COMMANDS.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     silence_library_noise()
-    parser, handlers = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    named = [arg for arg in argv if not arg.startswith("-")][:1]  # the command: fedtune itself takes no option but -h
+    parser, handlers = build_parser(with_options=named)
     args = parser.parse_args(argv)
     try:
         if args.command in FLOWER_COMMANDS:
+            from common.flower_internals import check_flower_version
+
             check_flower_version()
         return handlers[args.command](args) or 0
     except BadInput as exc:  # config, data, model, kit (torch-heavy modules load only when a command needs them)

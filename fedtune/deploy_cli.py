@@ -1,35 +1,26 @@
 """``fedtune site keygen | members | pin-members``, ``fedtune provision`` and ``fedtune passport verify``:
 the deployment subcommands.
 
-``fedtune.cli`` adds them with :func:`add_subcommands` and calls the handler it returns for the
-chosen command. Exit codes: 0 done / passport valid, 1 verification failed, 2 bad input.
+``fedtune.cli`` lists them from :data:`DEPLOYMENT_COMMANDS`. Exit codes: 0 done / passport valid, 1
+verification failed, 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.config import BadInput
-from common.registry import (
-    MEMBERS_FILE,
-    FederationRegistry,
-    RegistryError,
-    fingerprint,
-    load_registry,
-    pin_members,
-    read_aloud,
-)
+from fedtune.command import Command
 
 if TYPE_CHECKING:
+    from common.registry import FederationRegistry
     from fedtune.runtime.kits import Enrolment
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-# fedtune.runtime.kits (X.509, certificates) loads only in the commands that make keys or kits
-# (tests/test_cli_light.py).
+# Each command imports what it uses when it runs: the registry's codecs only in `site` and `provision`,
+# fedtune.runtime.kits (X.509, certificates) only in the commands that make keys or kits (tests/test_cli_light.py).
 
 KEYGEN_HELP = """\
 Run this at your site, on the machine that will run the site daemon, as the user the daemon runs as.
@@ -52,8 +43,8 @@ digest. Every site's officer runs it on the registry.json of their own kit and c
 consortium's and that everyone sees the same digest; then pins it with `fedtune site pin-members`.
 """
 
-PIN_HELP = f"""\
-Pins the federation's members in this site's state directory ({MEMBERS_FILE}, owner-only), only if
+PIN_HELP = """\
+Pins the federation's members in this site's state directory ({members_file}, owner-only), only if
 their digest is the one every site's officer confirmed out of band (`fedtune site members`). The
 site then verifies its peers only against this list, never against a registry the coordinator
 sends, and refuses any round with a site not on it or bound to another list. Its daemon does not
@@ -74,9 +65,9 @@ keys are copied byte for byte. OUT/README.md says how to roll them out.
 """
 
 
-def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add ``site``, ``provision`` and ``passport`` to ``sub``; returns command name → handler (exit code)."""
-    site = sub.add_parser("site", help="a site's own keys (run at the site)")
+def _site_arguments(site: argparse.ArgumentParser) -> None:
+    from common.registry import MEMBERS_FILE
+
     site_actions = site.add_subparsers(dest="site_command", required=True)
     keygen = site_actions.add_parser("keygen", help="make this site's identity and SuperNode keys and its "
                                      "public enrolment file", description=KEYGEN_HELP,
@@ -90,13 +81,15 @@ def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argp
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     members.add_argument("registry", type=Path, help="the registry.json of your kit")
     pin = site_actions.add_parser("pin-members", help="pin the confirmed member list in this site's state",
-                                  description=PIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  description=PIN_HELP.format(members_file=MEMBERS_FILE),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     pin.add_argument("--registry", type=Path, required=True, help="the registry.json of your kit")
     pin.add_argument("--state", type=Path, required=True, help="the site's state directory (as `client start --state`)")
     pin.add_argument("--digest", required=True, help="the members digest every site's officer confirmed "
                      "(64 hex digits, spaces allowed)")
-    prov = sub.add_parser("provision", help="create the CA, the server kit and one public kit per enrolled site",
-                          description=PROVISION_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _provision_arguments(prov: argparse.ArgumentParser) -> None:
     source = prov.add_mutually_exclusive_group(required=True)
     source.add_argument("--enrol",
                         help="comma-separated SITE.enrol.json files and/or directories of them (one per site; "
@@ -113,12 +106,13 @@ def add_subcommands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argp
     prov.add_argument("--ca-days", type=int, default=3650,
                       help="a new CA's validity in days (default 3650: renewals keep the CA, and the sites change "
                            "nothing)")
-    passport = sub.add_parser("passport", help="check a global adapter's signed model passport")
+
+
+def _passport_arguments(passport: argparse.ArgumentParser) -> None:
     actions = passport.add_subparsers(dest="passport_command", required=True)
     verify = actions.add_parser("verify", help="verify PATH/passport.json against the federation's key")
     verify.add_argument("path", type=Path, help="adapter directory (adapter_model.safetensors, passport.json)")
     verify.add_argument("--key", type=Path, required=True, help="passport-signing.pub from your startup kit")
-    return {"site": cmd_site, "provision": cmd_provision, "passport": cmd_passport}
 
 
 def _split(value: str) -> list[str]:
@@ -132,6 +126,8 @@ def fingerprint_lines(enrolment: Enrolment) -> str:
 
 def members_lines(members: FederationRegistry) -> str:
     """Each member's name, id and identity-key fingerprint, then the members digest."""
+    from common.registry import fingerprint, read_aloud
+
     lines = [f"  {name!r} (id {sid}): identity key SHA-256 {fingerprint(members.keys[sid].public_bytes_raw())}"
              for sid, name in sorted((sid, name) for name, sid in members.ids.items())]
     return "\n".join([*lines, f"members digest: {read_aloud(members.digest)}"])
@@ -140,6 +136,9 @@ def members_lines(members: FederationRegistry) -> str:
 def cmd_site(args: argparse.Namespace) -> int:
     """``fedtune site keygen | members | pin-members``."""
     handlers = {"keygen": _cmd_site_keygen, "members": _cmd_site_members, "pin-members": _cmd_site_pin_members}
+    from common.registry import RegistryError
+    from common.typed import BadInput
+
     try:
         return handlers[args.site_command](args)
     except (BadInput, RegistryError) as exc:  # a bad key directory (ProvisionError) or registry
@@ -165,6 +164,8 @@ def _cmd_site_keygen(args: argparse.Namespace) -> int:
 
 def _cmd_site_members(args: argparse.Namespace) -> int:
     """The registry's members and digest, to confirm out of band."""
+    from common.registry import load_registry
+
     members = load_registry(args.registry)
     print(f"{len(members.ids)} members in {args.registry}:\n{members_lines(members)}\n"
           "Confirm with every other site's officer, by phone and not through the coordinator, that these are the\n"
@@ -176,6 +177,8 @@ def _cmd_site_members(args: argparse.Namespace) -> int:
 
 def _cmd_site_pin_members(args: argparse.Namespace) -> int:
     """Pin the confirmed members in the site's state dir; a digest that differs is refused, nothing written."""
+    from common.registry import MEMBERS_FILE, pin_members, read_aloud
+
     members = pin_members(args.registry, args.state, args.digest)
     print(f"pinned {len(members.ids)} members in {args.state / MEMBERS_FILE} (digest {read_aloud(members.digest)}):\n"
           f"{members_lines(members)}\n"
@@ -192,6 +195,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         print("fedtune provision: --enrol needs --server-host (the SuperLink's DNS names / IP addresses); --new-ca "
               "is for --renew", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from common.registry import load_registry, read_aloud
     from fedtune.runtime.kits import REGISTRY, ProvisionError, provision, read_enrolments
 
     try:
@@ -259,7 +263,6 @@ def cmd_passport(args: argparse.Namespace) -> int:
 
 def _cmd_passport_verify(args: argparse.Namespace) -> int:
     from common.passport import PassportError, key_id, load_public_key, verify_passport
-    from common.privacy_audit import audit_line
 
     if not args.path.is_dir():
         print(f"fedtune passport verify: {args.path} is not a directory; give the adapter directory",
@@ -275,6 +278,8 @@ def _cmd_passport_verify(args: argparse.Namespace) -> int:
     except PassportError as exc:
         print(f"PASSPORT INVALID for {args.path}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    from common.privacy_audit import audit_line  # a valid passport's audits only
+
     unit = passport.get("privacy_unit", "record")
     epsilon = ", ".join(f"{site} {'no DP' if eps is None else f'ε={eps:g} per {unit}'}"
                         for site, eps in sorted(passport["epsilon"].items())) or "none reported"
@@ -290,3 +295,13 @@ def _cmd_passport_verify(args: argparse.Namespace) -> int:
           f"  adapter sha256    {passport['adapter_sha256']}\n"
           f"  fedtune {passport['fedtune_version']}, created {passport['created']}")
     return EXIT_OK
+
+
+DEPLOYMENT_COMMANDS = {
+    "site": Command("a site's own keys (run at the site)", _site_arguments, cmd_site),
+    "provision": Command("create the CA, the server kit and one public kit per enrolled site", _provision_arguments,
+                         cmd_provision, description=PROVISION_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter),
+    "passport": Command("check a global adapter's signed model passport", _passport_arguments, cmd_passport),
+}
+"""``fedtune site``, ``provision`` and ``passport``, in the order ``fedtune --help`` lists them."""

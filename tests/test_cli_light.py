@@ -15,7 +15,7 @@ import pytest
 
 from common.privacy_audit import audit, write_audit_result
 from common.registry import load_registry
-from fedtune.cli import FLOWER_COMMANDS, build_parser
+from fedtune.cli import COMMANDS, FLOWER_COMMANDS, build_parser, main
 from fedtune.runtime.kits import provision, read_enrolments, site_keygen
 
 PROBE = """
@@ -52,6 +52,10 @@ LIGHT = {  # command -> its arguments ({tmp}: a directory with two enrolled site
     "audit (none yet)": (["audit", "{tmp}"], {2}),
 }
 MAKES_KEYS = {"site keygen", "provision", "provision (renew)"}  # need X.509 and the key formats
+RUN_SETTINGS = ("common.config", "client.policy")
+"""Where the options of `simulate`, `server start` and `client start` come from: `fedtune` builds only the options
+of the command it runs, so reading a passport, a registry or an audit loads neither."""
+READS_ONLY = ["passport verify", "passport verify (no passport)", "site members", "site pin-members", "audit"]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +91,42 @@ def test_a_command_that_does_not_talk_to_flower_loads_neither_flower_nor_torch(n
 def test_every_help_answers_without_flower_torch_or_numpy(argv: list[str]) -> None:
     answer = run_command(argv, HEAVY)
     assert answer == {"code": 0, "loaded": []}, f"`fedtune {' '.join(argv)}` imported {answer['loaded']}"
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("name", READS_ONLY)
+def test_a_command_that_only_reads_loads_no_other_commands_options(name: str, enrolled) -> None:
+    args, codes = LIGHT[name]
+    answer = run_command([arg.format(**enrolled) for arg in args], RUN_SETTINGS)
+    assert answer["code"] in codes, answer
+    assert answer["loaded"] == [], f"`fedtune {' '.join(args)}` imported {answer['loaded']}"
+
+
+@pytest.mark.process
+def test_fedtune_help_loads_no_commands_options() -> None:
+    assert run_command(["--help"], RUN_SETTINGS) == {"code": 0, "loaded": []}
+
+
+def help_text(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_fedtune_help_names_every_command_with_its_one_line_help(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # each command's help on one line
+    text = help_text(["--help"], capsys)
+    assert "{" + ",".join(COMMANDS) + "}" in text
+    for name, command in COMMANDS.items():
+        assert f"{name}  " in text and command.help in text, f"`fedtune --help` lost {name!r}: {text}"
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_a_commands_help_shows_the_options_of_the_whole_command_line(name: str, capsys) -> None:
+    """`fedtune CMD --help` builds only CMD's options: the same help as CMD's in the parser of every command."""
+    whole = build_parser()[0]._subparsers._group_actions[0].choices[name]  # type: ignore[union-attr]
+    assert help_text([name, "--help"], capsys) == whole.format_help()
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:

@@ -205,7 +205,7 @@ def test_a_command_that_runs_flower_checks_the_release_before_it_starts_anything
     for option in _options(parser):
         option.required = False  # the command's own checks come after the release's
     ran: list[str] = []
-    monkeypatch.setattr(fedtune.cli, "build_parser", lambda: (parser, {
+    monkeypatch.setattr(fedtune.cli, "build_parser", lambda **_: (parser, {
         name: (lambda args, name=name: ran.append(name)) for name in handlers}))
     monkeypatch.setattr("flwr.supercore.version.package_version", installed)
     code = fedtune.cli.main(command.split())

@@ -12,7 +12,6 @@ server (server.secure_agg) and its fake sites as real ClientSessions with keys o
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import shutil
@@ -55,8 +54,8 @@ from common.registry import (
 )
 from common.secagg import ClientSession, ParameterError, SecAggParams, SiteIdentity, SiteRegistry
 from common.secure_update import params_from_bytes, params_to_bytes, round_params
+from fedtune.cli import main as run_cli
 from fedtune.cli import simulated_registry
-from fedtune.deploy_cli import add_subcommands
 from fedtune.runtime.daemon import node_config
 from fedtune.runtime.kits import ProvisionError, check_members, provision, site_keygen
 from server.secure_agg import SecureAggregation
@@ -283,13 +282,6 @@ def test_the_digest_covers_every_name_id_and_key(world):
 
 
 # ----------------------------------------------------------------------------- pinning, and refusing without it
-
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedtune")
-    handlers = add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return handlers[args.command](args)
-
 
 def test_members_lists_the_fingerprints_and_the_digest_provisioning_printed(world, tmp_path, capsys):
     provisioned = tmp_path / "fed"

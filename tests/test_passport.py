@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -28,7 +27,7 @@ from common.passport import (
     signing_key_pem,
     verify_passport,
 )
-from fedtune.deploy_cli import add_subcommands
+from fedtune.cli import main as run_cli
 
 BASE_SHA = "ab" * 32
 CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
@@ -64,13 +63,6 @@ def rewrite(adapter: Path, change) -> None:
     document = json.loads(path.read_text())
     change(document)
     path.write_text(json.dumps(document))
-
-
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedtune")
-    handlers = add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return handlers[args.command](args)
 
 
 def test_round_trip(adapter: Path, key: Ed25519PrivateKey) -> None:

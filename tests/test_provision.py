@@ -3,7 +3,6 @@ their public enrolments; kit contents, owner-only modes, no leaked secrets, cert
 
 from __future__ import annotations
 
-import argparse
 import base64
 import ipaddress
 import json
@@ -31,7 +30,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.registry import IDENTITY_FILE, load_identity, load_registry, pin_members
-from fedtune.deploy_cli import add_subcommands
+from fedtune.cli import build_parser
+from fedtune.cli import main as run_cli
 from fedtune.runtime.kits import (
     SITE_KEY_FILES,
     SITE_KIT_FILES,
@@ -86,13 +86,6 @@ def copy_kit(federation: Path, tmp_path: Path, site: str = "hospital-a") -> Path
 
 def copy_keys(keys: Path, tmp_path: Path, site: str = "hospital-a") -> Path:
     return Path(shutil.copytree(keys / site, tmp_path / f"{site}-keys"))
-
-
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fedtune")
-    handlers = add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return handlers[args.command](args)
 
 
 def private_key_material(path: Path) -> list[bytes]:
@@ -557,10 +550,8 @@ def test_cli_provision_prints_who_gets_what(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_cli_provision_has_no_way_to_make_site_keys() -> None:
-    parser = argparse.ArgumentParser(prog="fedtune")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
     with pytest.raises(SystemExit):  # the old `--sites` (provisioning made the site keys) is gone
-        parser.parse_args(["provision", "--sites", "a,b", "--server-host", "h", "--out", "x"])
+        build_parser()[0].parse_args(["provision", "--sites", "a,b", "--server-host", "h", "--out", "x"])
 
 
 # ----------------------------------------------------------------------------- renewal
