@@ -21,8 +21,8 @@ independent Skellams is Skellam, so the h honest sites' noise alone is Skellam o
 the other sites do: the accountant charges the Skellam mechanism of variance μ against the coordinator
 ([Skellam], Theorem 3.5), and of variance μ/h for a site's own upload alone (what is left if secure aggregation
 or the honesty assumption fails); each step amplified by Poisson sampling (:func:`subsampled_rdp`), T steps
-composed, RDP converted to (ε, δ) as Opacus' RDP accountant does. The server centres the ring sum, un-rotates it and divides by γ: the noisy
-sum of the clipped gradients.
+composed, RDP converted to (ε, δ) as Opacus' RDP accountant does. The server centres the ring sum, un-rotates it
+and divides by γ: the noisy sum of the clipped gradients.
 
 The denominator is the PUBLIC expected batch q·N (N the sum of the sites' public sizes: declared, or the DP
 estimate ñ a site spends ε/50 on, client/privacy.py), as Opacus divides a Poisson batch. No site reports its
@@ -72,6 +72,7 @@ __all__ = [
     "subsampled_rdp",
     "unrotate",
     "variance_for_epsilon",
+    "with_noise_share",
 ]
 
 RDP_ORDERS = np.arange(2, 257)
@@ -393,9 +394,14 @@ def noise_share(plan: DistributedDpPlan) -> Ints:
             - generator.poisson(rate, plan.padded_dimension).astype(np.int64))
 
 
+def with_noise_share(plan: DistributedDpPlan, encoded: Ints) -> Ring:
+    """What a site uploads through secure aggregation: (Σ its encoded units + its noise share) mod 2^b, [d'] uint64."""
+    return to_ring(encoded + noise_share(plan), plan.ring_bits)
+
+
 def site_contribution(plan: DistributedDpPlan, clipped: Floats, seed: int) -> Ring:
-    """What a site uploads through secure aggregation: (Σ encoded units + its noise share) mod 2^b, [d'] uint64."""
-    return to_ring(encode_units(plan, clipped, seed) + noise_share(plan), plan.ring_bits)
+    """A site's upload from its sampled units' clipped gradients [units, d] (all at once)."""
+    return with_noise_share(plan, encode_units(plan, clipped, seed))
 
 
 def to_ring(values: Ints, bits: int) -> Ring:
