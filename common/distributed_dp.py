@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 RDP_ORDERS = np.arange(2, 257)
-"""Integer Rényi orders: the subsampling bounds below hold for integer α ≥ 2."""
+"""Integer Rényi orders: the subsampling expansion below holds for integer α ≥ 2."""
 DEFAULT_ROUNDING_BETA = math.exp(-0.5)
 """β of the conditional rounding ([DDG], their experiments' default): a try is retried with probability ≤ β."""
 HADAMARD_FACTOR_BITS = 7
@@ -446,24 +446,23 @@ def skellam_rdp(orders: npt.NDArray[np.int64], *, variance: float, l2_bound: flo
 
 
 def subsampled_rdp(orders: npt.NDArray[np.int64], rdp: Floats, sample_rate: float) -> Floats:
-    """RDP at integer orders α of a mechanism P ↦ P shifted by one unit's contribution (RDP ``rdp``, given at orders
-    2, 3, … max(orders), for both directions, as the Skellam's symmetric bound is), run on a Poisson sample at rate q.
-    With L = Q/P the likelihood ratio of the shifted and the unshifted output, M = (1−q)P + qQ, the least of three
-    upper bounds:
+    """RDP at integer orders α of an additive-noise mechanism with RDP ``rdp`` (given at orders 2, 3, … max(orders))
+    run on a Poisson sample at rate q. With P the output without the unit, Q with it (P shifted by the unit's
+    integer vector), L = Q/P and M = (1−q)P + qQ:
 
-    - add (M against P), exact binomial expansion (as Mironov, Talwar, Zhang 2019 for the Gaussian; it holds for
-      any mechanism): E_P[(1 − q + qL)^α] = (1−q)^(α−1)(αq − q + 1) + Σ_{l=2..α} C(α,l)(1−q)^(α−l) q^l e^((l−1)ε(l)),
-      since E_P[L^l] = e^((l−1)D_l(Q‖P));
-    - remove (P against M): E_M[(P/M)^α] = E_P[(1 + qX)^−(α−1)], X = L − 1 ≥ −1, E_P[X] = 0. Taylor with remainder,
-      (1 + y)^−m ≤ 1 − my + C(m+1, 2)·y²·(1−q)^−(m+2) for y ≥ −q, gives E ≤ 1 + C(α,2)q²(e^ε(2) − 1)(1−q)^−(α+1)
-      (E_P[X²] = e^(D_2(Q‖P)) − 1);
-      the RDP is the larger of the two directions;
-    - both directions at once: Zhu & Wang 2019 ("Poisson Subsampled Rényi Differential Privacy"), the general upper
-      bound, the same sum as the add direction with the terms l ≥ 3 tripled;
+    - add (M against P), for integer α, the binomial expansion (as Mironov, Talwar, Zhang 2019, "Rényi Differential
+      Privacy of the Sampled Gaussian Mechanism", for the Gaussian), with E_P[L^l] = e^((l−1)D_l(Q‖P)) ≤ e^((l−1)ε(l)):
+          E_P[(1 − q + qL)^α] ≤ (1−q)^(α−1)(αq − q + 1) + Σ_{l=2..α} C(α,l)(1−q)^(α−l) q^l e^((l−1)ε(l));
+    - remove (P against M) is never larger, because the pair is symmetric: z ↦ s − z (s the shift) maps P to Q and Q
+      to P (the Skellam noise is symmetric), so E_P[Ψ(L)] = E_P[L·Ψ(1/L)] for any Ψ. Splitting at L = 1, with
+      f(L) = (1−q+qL)^(1−α) (remove) and g(L) = (1−q+qL)^α (add), E_P[f] ≤ E_P[g] holds if for every L > 1
+      f(L) + L·f(1/L) ≤ g(L) + L·g(1/L). With φ(x) = x^α − x^(1−α), u = 1 + a, a = q(L−1), c = (1−q)L + q ≥ 1 and
+      φ(1/x) = −φ(x)/x, that is φ(1 + a) ≥ c·φ(1 + a/c): true as h(x) = φ(1+x) is convex on x ≥ 0 (φ'' ≥ 0 on
+      x ≥ 1) with h(0) = 0, so h(a/c) ≤ h(a)/c. Rényi divergence being jointly quasi-convex, the other units'
+      sampling and every unit's random rounding (a mixture of shifts) change nothing.
 
-    and never above the mechanism's own ε(α). Evaluated in log space. (For the Gaussian, the add direction is
-    Mironov et al.'s exact value, which dominates at small α·q: tests/test_distributed_dp.py checks it against
-    Opacus.)"""
+    Never above the mechanism's own ε(α) either. Evaluated in log space. For the Gaussian it is Mironov et al.'s exact
+    value (tests/test_distributed_dp.py checks it against Opacus)."""
     top = int(orders.max())
     if rdp.shape != (top - 1,):
         raise DistributedDpError(f"rdp must be given at orders 2..{top}")
@@ -479,16 +478,10 @@ def subsampled_rdp(orders: npt.NDArray[np.int64], rdp: Floats, sample_rate: floa
     terms = log_binomial + (alpha[:, None] - ell) * log_keep + ell * log_q + (ell - 1) * rdp[None, :]
     terms = np.where(ell[None, :] <= orders[:, None], terms, -np.inf)
     first = (alpha - 1) * log_keep + np.log(alpha * sample_rate - sample_rate + 1)
-
-    def log_sum(columns: Floats) -> Floats:
-        everything = np.concatenate([first[:, None], columns], axis=1)
-        peak = everything.max(axis=1)
-        return peak + np.log(np.exp(everything - peak[:, None]).sum(axis=1))
-
-    add = log_sum(terms)
-    zhu_wang = log_sum(terms + np.where(ell >= 3, math.log(3), 0.0)[None, :])
-    remove = np.log1p(alpha * (alpha - 1) / 2 * sample_rate**2 * math.expm1(rdp[0]) * np.exp(-(alpha + 1) * log_keep))
-    return np.minimum(np.minimum(np.maximum(add, remove), zhu_wang) / (alpha - 1), own)
+    everything = np.concatenate([first[:, None], terms], axis=1)
+    peak = everything.max(axis=1)
+    add = peak + np.log(np.exp(everything - peak[:, None]).sum(axis=1))
+    return np.minimum(add / (alpha - 1), own)
 
 
 def rdp_to_epsilon(orders: npt.NDArray[np.int64], rdp: Floats, delta: float) -> float:
