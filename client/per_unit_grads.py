@@ -136,10 +136,10 @@ def _check_batch_first(layer: torch.nn.Linear, inputs: torch.Tensor, output: tor
                                "to rows; use a batch-first model")
 
 
-def clipped_unit_sum(grads: dict[torch.nn.Parameter, torch.Tensor], unit_of_row: torch.Tensor, units: int,
-                     max_grad_norm: float) -> tuple[dict[torch.nn.Parameter, torch.Tensor], int]:
-    """(the sum over units of each unit's gradient (its rows added up), clipped to ``max_grad_norm``, in fp32;
-    how many units contributed zero because their gradient's norm is not finite)."""
+def clipped_units(grads: dict[torch.nn.Parameter, torch.Tensor], unit_of_row: torch.Tensor, units: int,
+                  max_grad_norm: float) -> tuple[dict[torch.nn.Parameter, torch.Tensor], int]:
+    """(each unit's gradient (its rows added up), clipped to ``max_grad_norm``, [units, *shape] in fp32; how many
+    units contributed zero because their gradient's norm is not finite)."""
     per_unit = {}
     for param, grad in grads.items():  # fp32, from per_row_gradients
         if units == grad.shape[0]:
@@ -150,17 +150,22 @@ def clipped_unit_sum(grads: dict[torch.nn.Parameter, torch.Tensor], unit_of_row:
     norms = torch.stack([g.reshape(units, -1).norm(2, dim=1) for g in per_unit.values()], dim=1).norm(2, dim=1)
     finite = torch.isfinite(norms)  # NaN or inf anywhere in a unit's gradient makes its norm so
     factor = torch.where(finite, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
-    clipped = {param: torch.einsum("u,u...->...", factor, g.masked_fill(~finite.view(-1, *[1] * (g.dim() - 1)), 0))
+    clipped = {param: g.masked_fill(~finite.view(-1, *[1] * (g.dim() - 1)), 0) * factor.view(-1, *[1] * (g.dim() - 1))
                for param, g in per_unit.items()}
     return clipped, int((~finite).sum())
 
 
-class PerUnitDPSGD:
-    """DP-SGD steps over a model's trainable linear layers: clip per unit, sum over a logical batch's chunks,
-    add Gaussian noise once, divide by the expected batch, step the wrapped optimizer."""
+def clipped_unit_sum(grads: dict[torch.nn.Parameter, torch.Tensor], unit_of_row: torch.Tensor, units: int,
+                     max_grad_norm: float) -> tuple[dict[torch.nn.Parameter, torch.Tensor], int]:
+    """(the sum over units of :func:`clipped_units`, in fp32; how many units contributed zero)."""
+    clipped, zeroed = clipped_units(grads, unit_of_row, units, max_grad_norm)
+    return {param: g.sum(0) for param, g in clipped.items()}, zeroed
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, generator: torch.Generator) -> None:
+
+class PerUnitClipping:
+    """Each unit's clipped gradient of a model's trainable linear layers, pass by pass, a unit's failure its own."""
+
+    def __init__(self, model: torch.nn.Module, *, max_grad_norm: float) -> None:
         refuse_row_mixing(model)
         self.capture = LinearCapture(trainable_linears(model))
         self.params = [p for layer in self.capture.layers for p in layer.parameters(recurse=False)
@@ -170,8 +175,7 @@ class PerUnitDPSGD:
             raise UnsupportedLayer(f"trainable parameters of shapes {wide[:3]} are not fp32: the DP step adds fp32 "
                                    "gradients and noise to them; build the model with common.model.build_model, "
                                    "which trains every layer in fp32")
-        self.optimizer, self.sigma, self.clip = optimizer, noise_multiplier, max_grad_norm
-        self.expected_batch_size, self.generator = expected_batch_size, generator
+        self.clip = max_grad_norm
         self.zeroed_units = 0
         """Units that contributed zero so far (a gradient not finite, or a pass that raised on them alone)."""
 
@@ -188,11 +192,11 @@ class PerUnitDPSGD:
             grads = self.capture.per_row_gradients(loss, len(chunk.labels))
         finally:
             self.capture.calls = []  # the pass's graph, also when it raised
-        return clipped_unit_sum(grads, chunk.unit_of_row, chunk.units, self.clip)
+        return clipped_units(grads, chunk.unit_of_row, chunk.units, self.clip)
 
     def _contained(self, chunk: Rows, loss_of: Callable[[Rows], torch.Tensor]
                    ) -> dict[torch.nn.Parameter, torch.Tensor] | None:
-        """The chunk's clipped sum, or None when its pass raised."""
+        """The chunk's clipped units, or None when its pass raised."""
         try:
             clipped, zeroed = self._clipped(chunk, loss_of)
         except UnsupportedLayer:
@@ -205,15 +209,10 @@ class PerUnitDPSGD:
             self.zeroed_units += zeroed
         return clipped
 
-    def step(self, chunks: Sequence[Rows], loss_of: Callable[[Rows], torch.Tensor],
-             canaries: Sequence[tuple[torch.nn.Parameter, int]] = ()) -> None:
-        """One noised step over a logical batch (an empty batch still adds the noise: the step was charged).
-
-        ``canaries``: the privacy audit's gradient canaries that joined this batch (client/canaries.py), each
-        (parameter, flat index) one more unit whose clipped gradient is C·e_j, added before the noise."""
-        summed = {p: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params}
-        for param, index in canaries:
-            summed[param].view(-1)[index] += self.clip
+    def each_pass(self, chunks: Sequence[Rows], loss_of: Callable[[Rows], torch.Tensor]
+                  ) -> Iterator[dict[torch.nn.Parameter, torch.Tensor]]:
+        """Each pass's units' clipped gradients ({param: [units, *shape]}); a pass that raises is retried unit by
+        unit, and a unit that still raises contributes zero (it is left out)."""
         for chunk in chunks:
             passes = [chunk]
             while passes:
@@ -225,8 +224,31 @@ class PerUnitDPSGD:
                     self.zeroed_units += 1
                     log.warning("a unit's pass raised on its own: it contributed zero to this step")
                 else:
-                    for param, grad in clipped.items():
-                        summed[param] += grad
+                    yield clipped
+
+
+class PerUnitDPSGD(PerUnitClipping):
+    """DP-SGD steps over a model's trainable linear layers: clip per unit, sum over a logical batch's chunks,
+    add Gaussian noise once, divide by the expected batch, step the wrapped optimizer."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int, generator: torch.Generator) -> None:
+        super().__init__(model, max_grad_norm=max_grad_norm)
+        self.optimizer, self.sigma = optimizer, noise_multiplier
+        self.expected_batch_size, self.generator = expected_batch_size, generator
+
+    def step(self, chunks: Sequence[Rows], loss_of: Callable[[Rows], torch.Tensor],
+             canaries: Sequence[tuple[torch.nn.Parameter, int]] = ()) -> None:
+        """One noised step over a logical batch (an empty batch still adds the noise: the step was charged).
+
+        ``canaries``: the privacy audit's gradient canaries that joined this batch (client/canaries.py), each
+        (parameter, flat index) one more unit whose clipped gradient is C·e_j, added before the noise."""
+        summed = {p: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params}
+        for param, index in canaries:
+            summed[param].view(-1)[index] += self.clip
+        for clipped in self.each_pass(chunks, loss_of):
+            for param, grad in clipped.items():
+                summed[param] += grad.sum(0)
         for param in self.params:
             noise = torch.normal(0.0, self.sigma * self.clip, param.shape, generator=self.generator,
                                  device=param.device, dtype=torch.float32)

@@ -60,6 +60,15 @@ def test_each_row_names_how_it_combined_its_rounds():
         "fedadam (η=0.05), site AdamW kept"
 
 
+def test_a_distributed_row_names_its_trust_assumption_ring_and_the_epsilon_of_one_sites_noise():
+    plan = {"honest_sites": 3, "local_epsilon": 21.234, "ring_bits": 17, "upload_vs_fp32": 0.93}
+    result = {"row": "fed-dp-distributed", "setup": vars(Setup()), "macro_f1": [0.8], "cpu_s": 1,
+              "distributed": plan, "evaluated_rounds": [5, 10]}
+    line = table([result]).splitlines()[2]
+    assert line.startswith("| fed-dp-distributed (3/5 honest, ε alone 21.2, 17-bit ring = 0.93× fp32) |")
+    assert "| fedadam (η=0.02) on the pooled step |" in line and "| 8.0 |" in line
+
+
 def test_each_row_is_compared_with_the_pooled_reference_that_read_the_same_features():
     def row(name: str, f1: float, per_site: int, features: str | None) -> dict:
         result = {"row": name, "setup": vars(Setup(per_site=per_site)), "macro_f1": [f1], "cpu_s": 1}

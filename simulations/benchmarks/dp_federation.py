@@ -12,6 +12,9 @@ fixed-point rounding, bounded and negligible: tests/test_simulation_e2e.py). Row
     fed-dp         the federation, DP (ε per unit, each site's own budget)
     local-dp       each site alone with the same DP budget (mean over sites)
     central-dp     all records pooled at one site, DP
+    fed-dp-distributed  the federation, one DP-SGD step of the pooled data per round (rounds = steps): each site
+                   uploads its sampled units' encoded clipped gradients with its share of Skellam noise
+                   (common/distributed_dp.py), the server decodes the sum and steps
 
     python -m simulations.benchmarks.dp_federation --rows central,fed,fed-dp,local-dp,central-dp --results r.jsonl
 
@@ -34,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from client.distributed_step import distributed_contribution
+from client.plan import AUTO_LEARNING_RATE, plan_training
 from client.privacy import PrivacyLedger
 from client.train import train_locally
-from common.adapter import apply_delta, delta, get_adapter_state, set_adapter_state, trainable_keys
+from common.adapter import apply_delta, delta, flatten, get_adapter_state, set_adapter_state, trainable_keys
 from common.config import (
     HeadInit,
     LoraSettings,
@@ -47,14 +52,16 @@ from common.config import (
     unit_column,
 )
 from common.data import EncodedData, encode, label_names, partition
+from common.distributed_dp import DistributedDpPlan, DistributedDpSettings, plan_distributed_dp, rotation_seed
 from common.evaluation import evaluate, metrics
 from common.model import initial_model, load_tokenizer, resolve_model_path, sentence_pooling
 from common.typed import from_mapping, kebab
+from server.distributed_step import distributed_update
 from server.optimizer import ServerOptimizer
 from server.strategy import weighted_mean
 
 BANKING77 = Path(__file__).resolve().parents[3] / "shared" / "data" / "banking77"
-ROWS = ("central", "fed", "fed-dp", "local-dp", "central-dp")
+ROWS = ("central", "fed", "fed-dp", "local-dp", "central-dp", "fed-dp-distributed")
 SITE_OPTIMIZERS = ("fresh", "kept")
 
 
@@ -79,6 +86,15 @@ class Setup:
     """'kept': each site continues its AdamW state across rounds; 'fresh': a new AdamW every round."""
     head_init: HeadInit = "label-names"
     """The classifier head's start (lora.head-init); rows measured before it existed started 'random'."""
+    min_honest_sites: int = 0
+    """fed-dp-distributed: the fewest sites assumed honest (their noise shares reach ε); 0 = every site."""
+    sample_rate: float = 0.0
+    """fed-dp-distributed: q; 0 = the automatic plan's q for the pooled records (as central-dp)."""
+    step_optimizer: ServerOptimizerName = "fedadam"
+    """fed-dp-distributed: the server's optimizer on the noisy mean gradient (fedadam: Adam, as sites' AdamW)."""
+    step_lr: float = AUTO_LEARNING_RATE
+    eval_every: int = 0
+    """fed-dp-distributed: evaluate every this many rounds (and the last); 0 = about 10 evaluations."""
 
     def __post_init__(self) -> None:
         if self.site_optimizer not in SITE_OPTIMIZERS:
@@ -124,12 +140,15 @@ def site_data(setup: Setup) -> tuple[list[EncodedData], EncodedData, tuple[str, 
 
 def run(setup: Setup, row: str) -> dict:
     sites, test, labels = site_data(setup)
-    dp = row.endswith("-dp")
+    dp = "-dp" in row
     privacy = PrivacySettings(enabled=dp, epsilon=setup.epsilon, delta=setup.delta, unit=setup.unit)
     train = TrainSettings(local_epochs=setup.epochs)
     lora = LoraSettings(head_init=setup.head_init)
     started, cpu = time.perf_counter(), time.process_time()
-    if row.startswith("central"):
+    extra: dict = {}
+    if row == "fed-dp-distributed":
+        curve, extra = federate_distributed(sites, test, labels, setup, privacy, train, lora)
+    elif row.startswith("central"):
         pooled = [concat(sites)]
         curve = federate(pooled, test, labels, setup, privacy, train, lora)
     elif row.startswith("local"):
@@ -140,7 +159,7 @@ def run(setup: Setup, row: str) -> dict:
     read = "mean-pooled" if sentence_pooling(resolve_model_path("")) == "mean" else "[CLS] pooler"
     return {"row": row, "setup": dataclasses.asdict(setup), "features": read, "macro_f1": curve,
             "sizes": [len(s) for s in sites], "units": [s.unit_count for s in sites],
-            "wall_s": round(time.perf_counter() - started), "cpu_s": round(time.process_time() - cpu)}
+            "wall_s": round(time.perf_counter() - started), "cpu_s": round(time.process_time() - cpu), **extra}
 
 
 def concat(sites: list[EncodedData]) -> EncodedData:
@@ -180,10 +199,69 @@ def federate(sites, test, labels, setup: Setup, privacy, train, lora) -> list[fl
     return curve
 
 
-def server_step(setup: dict) -> str:
-    """How a row combined its rounds: the server optimizer, its step when not 1, a site AdamW kept across rounds."""
+def federate_distributed(sites, test, labels, setup: Setup, privacy, train, lora) -> tuple[list[float], dict]:
+    """One DP-SGD step of the pooled records per round: every site's upload (client.distributed_step), their sum
+    mod 2^b (what secure aggregation returns), the server's step (server.distributed_step). The macro-F1 every
+    ``eval_every`` rounds, and the plan's numbers."""
+    model = initial_model("", labels, lora)
+    state = get_adapter_state(model)
+    keys = trainable_keys(state, lora.aggregation)
+    dimension = flatten(state, keys).size
+    units = sum(site.unit_count for site in sites)  # the sites' public sizes (declared in this benchmark)
+    rate = setup.sample_rate or plan_training(units, train, privacy, setup.rounds).sample_rate
+    plan = plan_distributed_dp(DistributedDpSettings(
+        dimension=dimension, clip=privacy.max_grad_norm, sample_rate=rate, steps=setup.rounds,
+        epsilon=setup.epsilon, delta=setup.delta, sites=len(sites),
+        min_honest_sites=setup.min_honest_sites or len(sites), expected_batch=rate * units))
+    print(f"  plan: {describe(plan)}", flush=True)
+    server = ServerOptimizer(ServerSettings(optimizer=setup.step_optimizer, learning_rate=setup.step_lr, beta2=0.999,
+                                            tau=1e-8), dimension)
+    every = setup.eval_every or max(1, setup.rounds // 10)
+    curve, evaluated = [], []
+    for server_round in range(1, setup.rounds + 1):
+        seed = rotation_seed(0, server_round)
+        ring_sum = np.zeros(plan.padded_dimension, dtype=np.uint64)
+        for data in sites:
+            set_adapter_state(model, state)
+            upload = distributed_contribution(model, data, plan, keys=keys, seed=seed, settings=train)
+            ring_sum = (ring_sum + upload) & np.uint64((1 << plan.ring_bits) - 1)
+        state = apply_delta(state, distributed_update(plan, ring_sum, seed=seed, participants=len(sites),
+                                                      optimizer=server), keys)
+        if server_round % every == 0 or server_round == setup.rounds:
+            set_adapter_state(model, state)
+            curve.append(metrics(evaluate(model, test, len(labels)))["macro_f1"])
+            evaluated.append(server_round)
+            print(f"  round {server_round}: macro-F1 {curve[-1]:.3f}", flush=True)
+    return curve, {"evaluated_rounds": evaluated, "distributed": {
+        "sample_rate": rate, "expected_batch": plan.settings.expected_batch,
+        "honest_sites": plan.settings.min_honest_sites, "noise_multiplier": plan.noise_multiplier,
+        "variance": plan.total_variance, "ring_bits": plan.ring_bits,
+        "epsilon": plan.epsilon, "local_epsilon": plan.local_epsilon, "upload_vs_fp32": plan.upload_vs_fp32}}
+
+
+def describe(plan: DistributedDpPlan) -> str:
+    s = plan.settings
+    return (f"q={s.sample_rate:.4g}, expected batch {s.expected_batch:g}, {s.min_honest_sites} of {s.sites} sites "
+            f"honest: σ/Δ₂={plan.noise_multiplier:.3f}, {plan.ring_bits}-bit ring ({plan.upload_vs_fp32:.2f}× fp32), "
+            f"ε={plan.epsilon:.3f} against the coordinator, {plan.local_epsilon:.3g} from one site's noise alone")
+
+
+def server_step(setup: dict, row: str = "") -> str:
+    """How a row combined its rounds: the server optimizer, its step when not 1, a site AdamW kept across rounds
+    (fed-dp-distributed: the server's optimizer on the noisy mean gradient)."""
+    if row == "fed-dp-distributed":
+        return f"{setup['step_optimizer']} (η={setup['step_lr']:g}) on the pooled step"
     text = setup["server"] + (f" (η={setup['server_lr']:g})" if setup["server_lr"] != 1.0 else "")
     return text + (", site AdamW kept" if setup.get("site_optimizer", "fresh") == "kept" else "")
+
+
+def row_name(result: dict) -> str:
+    """The row, with a distributed row's trust assumption and the ε one site's noise gives alone."""
+    plan = result.get("distributed")
+    if not plan:
+        return result["row"]
+    return (f"{result['row']} ({plan['honest_sites']}/{result['setup']['sites']} honest, ε alone "
+            f"{plan['local_epsilon']:.3g}, {plan['ring_bits']}-bit ring = {plan['upload_vs_fp32']:.2f}× fp32)")
 
 
 def head_init(setup: dict) -> str:
@@ -212,12 +290,12 @@ def table(results: list[dict]) -> str:
              "| vs central non-DP | rounds | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s, f1 = r["setup"], r["macro_f1"][-1]
-        eps = s["epsilon"] if r["row"].endswith("-dp") else "-"
+        eps = s["epsilon"] if "-dp" in r["row"] else "-"
         pooled = reference(r, results)
         ratio = f"{f1 / pooled[0]:.2f}" + ("" if pooled[1] else "†") if pooled else "-"
-        lines.append(f"| {r['row']} | {s['sites']} × {s['per_site']:,} | {s.get('intents', 77)} | {s['partition']} "
-                     f"| {s['unit']} | {eps} | {server_step(s)} | {head_init(s)} | {features(r)} | {f1:.3f} | {ratio} "
-                     f"| {s['rounds']} | {r['cpu_s']:,} |")
+        lines.append(f"| {row_name(r)} | {s['sites']} × {s['per_site']:,} | {s.get('intents', 77)} | {s['partition']} "
+                     f"| {s['unit']} | {eps} | {server_step(s, r['row'])} | {head_init(s)} | {features(r)} | {f1:.3f} "
+                     f"| {ratio} | {s['rounds']} | {r['cpu_s']:,} |")
     lines.append("\n† against the pooled reference measured at another number of records per site.")
     return "\n".join(lines)
 
@@ -235,12 +313,13 @@ def plot(results: list[dict], path: Path) -> None:
     for axes, (size, read) in zip(panels[0], panels_of, strict=True):
         for r in (r for r in results if (r["setup"]["per_site"], features(r)) == (size, read)):
             s = r["setup"]
-            step = server_step(s)
+            step = server_step(s, r["row"])
             label = (f"{r['row']} ({s['partition']}, {s['unit']}"
-                     + (f", ε={s['epsilon']:g}" if r["row"].endswith("-dp") else "")
+                     + (f", ε={s['epsilon']:g}" if "-dp" in r["row"] else "")
                      + (f", {step}" if step != "fedavg" else "")
                      + (", label-name head" if head_init(s) == "label-names" else "") + ")")
-            axes.plot(range(1, len(r["macro_f1"]) + 1), r["macro_f1"], marker="o", markersize=3, label=label)
+            rounds = r.get("evaluated_rounds") or range(1, len(r["macro_f1"]) + 1)
+            axes.plot(rounds, r["macro_f1"], marker="o", markersize=3, label=label)
         axes.set(xlabel="round", ylim=(0, 1),
                  title=f"{results[0]['setup']['sites']} sites × {size:,} records, head on the "
                        + ("mean-pooled embedding" if read == "mean-pooled" else read))
