@@ -155,13 +155,6 @@ def clipped_units(grads: dict[torch.nn.Parameter, torch.Tensor], unit_of_row: to
     return clipped, int((~finite).sum())
 
 
-def clipped_unit_sum(grads: dict[torch.nn.Parameter, torch.Tensor], unit_of_row: torch.Tensor, units: int,
-                     max_grad_norm: float) -> tuple[dict[torch.nn.Parameter, torch.Tensor], int]:
-    """(the sum over units of :func:`clipped_units`, in fp32; how many units contributed zero)."""
-    clipped, zeroed = clipped_units(grads, unit_of_row, units, max_grad_norm)
-    return {param: g.sum(0) for param, g in clipped.items()}, zeroed
-
-
 class PerUnitClipping:
     """Each unit's clipped gradient of a model's trainable linear layers, pass by pass, a unit's failure its own."""
 

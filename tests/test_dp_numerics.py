@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.per_unit_grads import LinearCapture, PerUnitDPSGD, UnsupportedLayer, clipped_unit_sum, trainable_linears
+from client.per_unit_grads import LinearCapture, PerUnitDPSGD, UnsupportedLayer, clipped_units, trainable_linears
 from client.privacy import PrivacyLedger
 from client.train import Chunk, forward_loss, train_locally
 from common.adapter import get_adapter_state
@@ -67,7 +67,7 @@ def test_one_units_clipped_contribution_stays_within_c_at_every_padding_width_on
         grads = capture.per_row_gradients(loss, 2)
         assert {g.dtype for g in grads.values()} == {torch.float32}
         raw.append(torch.cat([g.sum(0).flatten() for g in grads.values()]))
-        clipped, zeroed = clipped_unit_sum(grads, chunk.unit_of_row, 1, clip)
+        clipped, zeroed = clipped_units(grads, chunk.unit_of_row, 1, clip)  # one unit: [1, *shape] each
         assert zeroed == 0
         contributions.append(torch.cat([g.flatten() for g in clipped.values()]))
     for contribution in contributions:
