@@ -10,8 +10,9 @@ rate q, and encodes each sampled unit's clipped gradient g (‖g‖₂ ≤ C) on
    Discrete Gaussian Mechanism for Federated Learning with Secure Aggregation" [DDG], §4; Agarwal, Kairouz,
    Liu 2021, "The Skellam Mechanism for Differentially Private Federated Learning" [Skellam], §4);
 2. scale by γ and round each coordinate up or down at random (unbiased), retried until the rounded vector's
-   L2 norm is within Δ₂ = min(γC + √d', √(γ²C² + d'/4 + √(2 ln(1/β))·(γC + √d'/2))) ([DDG], Theorem 22,
-   conditional randomized rounding; one try fails with probability ≤ β). The accepted vector's norm is
+   L2 norm is within Δ₂ = min(γC + √d', √(γ²C² + d'/4 + √(2 ln(1/β))·(γC + √d'/2))) ([DDG], arXiv:2102.06387,
+   Proposition 22, conditional randomized rounding, with Δ₂ as in its Theorem 1; one try fails with probability
+   ≤ β). The accepted vector's norm is
    CHECKED, so one unit's integer contribution has ‖·‖₂ ≤ Δ₂ and ‖·‖₁ ≤ min(Δ₂², √d'·Δ₂) (integer coordinates:
    |v| ≤ v²) whatever the rounding drew.
 
@@ -34,6 +35,8 @@ target, bounded by a union of three tails (each a third of it): the Poisson batc
 a rotated coordinate of the signal (Hoeffding over D's signs), and the summed noise (Bernstein: a Skellam is a
 Lévy sum of ±1 jumps). A wrap-around is a deterministic function of the noisy sum, so it never weakens privacy
 (post-processing): it costs accuracy only, with the reported probability.
+
+ε is for adding or removing one unit (Poisson sampling), not for replacing one.
 
 Pure numpy: sites and server compute the same :class:`DistributedDpPlan` from public settings only.
 """
@@ -244,9 +247,9 @@ def check_participants(plan: DistributedDpPlan, participants: int) -> None:
 
 
 def rounded_l2_bound(norm: float, dimension: int, beta: float) -> float:
-    """Δ₂ of a vector of L2 norm ≤ ``norm`` after conditional randomized rounding ([DDG], Theorem 22): a try is
-    accepted when its norm is within min(norm + √d, √(norm² + d/4 + √(2 ln(1/β))·(norm + √d/2))), which
-    unbiased rounding meets with probability ≥ 1 − β."""
+    """Δ₂ of a vector of L2 norm ≤ ``norm`` after conditional randomized rounding ([DDG], Proposition 22; Δ₂ as in
+    its Theorem 1): a try is accepted when its norm is within min(norm + √d, √(norm² + d/4 + √(2 ln(1/β))·(norm +
+    √d/2))), which unbiased rounding meets with probability ≥ 1 − β."""
     squared = norm**2 + dimension / 4 + math.sqrt(2 * math.log(1 / beta)) * (norm + math.sqrt(dimension) / 2)
     return min(norm + math.sqrt(dimension), math.sqrt(squared))
 
@@ -447,7 +450,9 @@ def mean_gradient(plan: DistributedDpPlan, noisy_sum: Floats) -> Floats:
 
 def skellam_rdp(orders: npt.NDArray[np.int64], *, variance: float, l2_bound: float, l1_bound: float) -> Floats:
     """RDP of the Skellam mechanism of variance μ per coordinate for integer sensitivities Δ₂, Δ₁ ([Skellam],
-    Theorem 3.5): ε(α) = αΔ₂²/(2μ) + min(((2α − 1)Δ₂² + 6Δ₁)/(4μ²), 3Δ₁/(2μ)). The first term is the Gaussian's."""
+    Theorem 3.5): ε(α) = αΔ₂²/(2μ) + min(((2α − 1)Δ₂² + 6Δ₁)/(4μ²), 3Δ₁/(2μ)). The first term is the Gaussian's.
+    For integer α > 1 and integer sensitivity vectors; μ is the variance (Poisson(μ/2) − Poisson(μ/2)). The
+    d-dimensional bound follows from the 1-D one coordinate by coordinate (independent noise, Σ min ≤ min Σ)."""
     alpha = orders.astype(np.float64)
     return alpha * l2_bound**2 / (2 * variance) + np.minimum(
         ((2 * alpha - 1) * l2_bound**2 + 6 * l1_bound) / (4 * variance**2), 3 * l1_bound / (2 * variance))
@@ -455,8 +460,16 @@ def skellam_rdp(orders: npt.NDArray[np.int64], *, variance: float, l2_bound: flo
 
 def subsampled_rdp(orders: npt.NDArray[np.int64], rdp: Floats, sample_rate: float) -> Floats:
     """RDP at integer orders α of an additive-noise mechanism with RDP ``rdp`` (given at orders 2, 3, … max(orders))
-    run on a Poisson sample at rate q. With P the output without the unit, Q with it (P shifted by the unit's
-    integer vector), L = Q/P and M = (1−q)P + qQ:
+    run on a Poisson sample at rate q, for adding or removing one unit.
+
+    The other units' sampling and rounding (independent of this unit) and this unit's own random rounding make
+    both outputs mixtures with the same weights, P = Σwᵢ·Pᵢ and M = Σwᵢ·Mᵢ, each (Pᵢ, Mᵢ) a fixed-shift pair. For
+    α > 1, (m, p) ↦ m^α p^(1−α) is jointly convex, so e^((α−1)D_α(M‖P)) ≤ Σwᵢ e^((α−1)D_α(Mᵢ‖Pᵢ)), and likewise
+    for D_α(P‖M) (joint quasi-convexity: van Erven & Harremoës 2014). Mixing can only lower either direction, so
+    the worst case is one integer shift v with ‖v‖₂ ≤ Δ₂, ‖v‖₁ ≤ Δ₁ (this reduction comes before the symmetry
+    argument below: a mixture of shifts is not a symmetric pair), and ε(l) bounds D_l(Q‖P) for every such v,
+    as [Skellam]'s bound depends on v only through its two norms. With P the output without the unit, Q with it
+    (P shifted by v), L = Q/P and M = (1−q)P + qQ:
 
     - add (M against P), for integer α, the binomial expansion (as Mironov, Talwar, Zhang 2019, "Rényi Differential
       Privacy of the Sampled Gaussian Mechanism", for the Gaussian), with E_P[L^l] = e^((l−1)D_l(Q‖P)) ≤ e^((l−1)ε(l)):
@@ -466,11 +479,16 @@ def subsampled_rdp(orders: npt.NDArray[np.int64], rdp: Floats, sample_rate: floa
       f(L) = (1−q+qL)^(1−α) (remove) and g(L) = (1−q+qL)^α (add), E_P[f] ≤ E_P[g] holds if for every L > 1
       f(L) + L·f(1/L) ≤ g(L) + L·g(1/L). With φ(x) = x^α − x^(1−α), u = 1 + a, a = q(L−1), c = (1−q)L + q ≥ 1 and
       φ(1/x) = −φ(x)/x, that is φ(1 + a) ≥ c·φ(1 + a/c): true as h(x) = φ(1+x) is convex on x ≥ 0 (φ'' ≥ 0 on
-      x ≥ 1) with h(0) = 0, so h(a/c) ≤ h(a)/c. Rényi divergence being jointly quasi-convex, the other units'
-      sampling and every unit's random rounding (a mixture of shifts) change nothing.
+      x ≥ 1) with h(0) = 0, so h(a/c) ≤ h(a)/c.
 
-    Never above the mechanism's own ε(α) either. Evaluated in log space. For the Gaussian it is Mironov et al.'s exact
-    value (tests/test_distributed_dp.py checks it against Opacus)."""
+    The expansion is the expression of Zhu & Wang 2019 ("Poisson Subsampled Rényi Differential Privacy"), Theorem 6,
+    stated there as a lower bound: it is an upper bound here because the add direction is an exact identity for
+    integer α and the remove direction is dominated, Mironov, Talwar & Zhang's argument for the Gaussian, which
+    uses only the symmetry of the pair. (Google's reference accountant for the Skellam mechanism uses Zhu & Wang's
+    general upper bound, Theorem 5, whose factor 3 on the l ≥ 3 terms leaves a floor no noise removes.) Reviewed
+    independently, with exact 1-, 2- and 4-dimensional divergences of the mixtures (remove ≤ add ≤ this bound in
+    every case tried). Never above the mechanism's own ε(α) either. Evaluated in log space. For the Gaussian it
+    is Mironov et al.'s exact value (tests/test_distributed_dp.py checks it against Opacus)."""
     top = int(orders.max())
     if rdp.shape != (top - 1,):
         raise DistributedDpError(f"rdp must be given at orders 2..{top}")
