@@ -25,6 +25,7 @@ from common.distributed_dp import (
     rotation_seed,
     site_contribution,
     skellam_epsilon,
+    skellam_rdp,
     subsampled_rdp,
     to_ring,
     unrotate,
@@ -183,20 +184,29 @@ def test_subsampled_bound_is_exact_for_the_gaussian() -> None:
 
 
 def test_removing_a_unit_never_costs_more_than_adding_it_for_a_symmetric_pair() -> None:
-    # The remove direction D_α(P‖M) computed exactly for 1-D Skellam pairs is at most the add direction D_α(M‖P)
-    # (the argument in subsampled_rdp's docstring), which the expansion bounds.
+    # Exact Rényi divergences of the subsampled pair in 1 and 2 dimensions (the 2-D pmf is the product of the
+    # coordinates'): the remove direction D_α(P‖M) is at most the add direction D_α(M‖P) (the argument in
+    # subsampled_rdp's docstring), and the add direction is within subsampled_rdp's bound with [Skellam]'s ε(α).
+    import functools
+
     from scipy.special import logsumexp
     from scipy.stats import skellam
 
-    for variance, shift, q in ((20.0, 3, 0.2), (200.0, 10, 0.05), (5.0, 4, 0.5)):
-        support = np.arange(-200, 201)
-        log_p = skellam.logpmf(support, variance / 2, variance / 2)
-        log_shifted = skellam.logpmf(support - shift, variance / 2, variance / 2)
+    orders = np.arange(2, 21)
+    for variance, shift, q in ((20.0, (3,), 0.2), (200.0, (10,), 0.05), (5.0, (4,), 0.5), (0.5, (1, 1), 0.3),
+                               (3.0, (2, 1), 0.5)):
+        support = np.arange(-(reach := int(10 * variance**0.5 + max(shift) + 15)), reach + 1)
+        one = [skellam.logpmf(support - s, variance / 2, variance / 2) for s in (0, *shift)]
+        log_p = functools.reduce(np.add, np.ix_(*[one[0]] * len(shift))).ravel()  # the coordinates' sum
+        log_shifted = functools.reduce(np.add, np.ix_(*one[1:])).ravel()
         log_mixture = np.logaddexp(np.log1p(-q) + log_p, np.log(q) + log_shifted)
+        vector = np.array(shift, dtype=np.float64)
+        bound = subsampled_rdp(orders, skellam_rdp(orders, variance=variance, l2_bound=float(np.linalg.norm(vector)),
+                                                   l1_bound=float(np.abs(vector).sum())), q)
         for alpha in (2, 3, 5, 10, 20):
             remove = logsumexp(alpha * log_p + (1 - alpha) * log_mixture) / (alpha - 1)
             add = logsumexp(alpha * log_mixture + (1 - alpha) * log_p) / (alpha - 1)
-            assert remove <= add + 1e-12
+            assert remove <= add + 1e-12 and add <= bound[alpha - 2] + 1e-9, (variance, shift, q, alpha)
 
 
 def test_skellam_approaches_the_gaussian_from_above_and_falls_with_the_variance() -> None:
