@@ -1,0 +1,60 @@
+"""Distributed DP as a run mode (issue 21): the run setting, the site's opt-in and trust assumption, and what a
+site refuses before anything is spent. The end-to-end rounds are in tests/test_federation_inprocess.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.policy import PolicyError, SitePolicy
+from common.config import ConfigError, RunSettings
+
+LABELS = ("a", "b")
+
+
+def run(mode: str = "distributed", **flat) -> RunSettings:
+    return RunSettings.from_flat({"privacy.dp-mode": mode, "secagg.registry": "r.json", "data.labels": "a,b"} | flat)
+
+
+def test_the_dp_mode_is_a_typed_run_setting_local_by_default() -> None:
+    assert run("local").privacy.dp_mode == "local" and SitePolicy().dp_modes == ("local",)
+    assert run().privacy.dp_mode == "distributed"
+    with pytest.raises(ConfigError, match="privacy.dp-mode must be 'local' or 'distributed'"):
+        run("pooled")
+
+
+def test_distributed_dp_needs_secure_aggregation_and_dp() -> None:
+    """The run config itself refuses it, so the coordinator cannot start it and a site parsing it refuses too."""
+    with pytest.raises(ConfigError, match="distributed needs DP and secure aggregation on.*--plain-aggregation"):
+        run(**{"federation.secure-aggregation": False})
+    with pytest.raises(ConfigError, match="distributed needs DP"):
+        run(**{"privacy.enabled": False})
+
+
+def test_a_site_trains_in_distributed_mode_only_if_it_opted_in() -> None:
+    with pytest.raises(PolicyError, match="DP mode 'distributed'; this site trains only in local"):
+        SitePolicy(labels=LABELS).check(run())
+    SitePolicy(labels=LABELS, dp_modes=("local", "distributed")).check(run())
+    with pytest.raises(PolicyError, match="trains only in distributed"):
+        SitePolicy(labels=LABELS, dp_modes=("distributed",)).check(run("local"))
+
+
+def test_the_policy_reads_its_modes_and_assumption_as_the_daemon_gets_them() -> None:
+    policy = SitePolicy.from_mapping({"dp-modes": "local,distributed", "min-honest-sites": "4"}, "test")
+    assert policy.dp_modes == ("local", "distributed") and policy.min_honest_sites == 4
+    for bad, fragment in (({"dp-modes": "central"}, "dp-modes must name some of local, distributed"),
+                          ({"min-honest-sites": "0"}, "min-honest-sites must be >= 1")):
+        with pytest.raises(ConfigError, match=fragment):
+            SitePolicy.from_mapping(bad, "test")
+
+
+def test_a_site_refuses_a_round_with_fewer_sites_than_it_assumes_honest() -> None:
+    """By default it assumes the round's secure-aggregation threshold honest; its policy may say otherwise."""
+    policy = SitePolicy(labels=LABELS, dp_modes=("distributed",))
+    assert policy.honest_sites(threshold=3) == 3
+    policy.check_participants(3, threshold=3)
+    with pytest.raises(PolicyError, match="the round has 2 site.*assumes 3 honest"):
+        policy.check_participants(2, threshold=3)
+    assumes_two = SitePolicy(labels=LABELS, dp_modes=("distributed",), min_honest_sites=2)
+    assumes_two.check_participants(2, threshold=3)
+    with pytest.raises(PolicyError, match="assumes 5 honest"):
+        SitePolicy(labels=LABELS, min_honest_sites=5).check_participants(4, threshold=3)
