@@ -3,6 +3,8 @@ site refuses before anything is spent. The end-to-end rounds are in tests/test_f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from client.policy import PolicyError, SitePolicy
@@ -58,3 +60,42 @@ def test_a_site_refuses_a_round_with_fewer_sites_than_it_assumes_honest() -> Non
     assumes_two.check_participants(2, threshold=3)
     with pytest.raises(PolicyError, match="assumes 5 honest"):
         SitePolicy(labels=LABELS, min_honest_sites=5).check_participants(4, threshold=3)
+
+
+def _plan(steps: int = 3, honest: int = 3):
+    from common.distributed_dp import DistributedDpSettings, plan_distributed_dp, site_share
+
+    public = plan_distributed_dp(DistributedDpSettings(dimension=64, clip=1.0, sample_rate=0.1, steps=steps,
+                                                       epsilon=2.0, delta=1e-5, sites=3, min_honest_sites=1,
+                                                       expected_batch=10.0))
+    return public, site_share(public, honest)
+
+
+def test_a_site_shares_a_third_of_the_noise_in_the_public_ring_and_knows_the_epsilon_of_its_share() -> None:
+    public, share = _plan()
+    assert share.ring_bits == public.ring_bits and share.total_variance == public.total_variance
+    assert share.site_variance == public.total_variance / 3 and share.epsilon == public.epsilon
+    assert share.local_epsilon > public.epsilon == public.local_epsilon  # the public plan's h = 1: one full share
+
+
+def test_the_ledger_charges_both_epsilons_write_ahead_and_the_budget_binds_the_coordinators(tmp_path: Path) -> None:
+    """Each step is charged before it is computed, with the Skellam accountant: ε against the coordinator (μ) is what
+    the budget binds, ε of the site's own share (μ/h) is reported beside it; T steps reach the plan's two ε."""
+    from client.privacy import BudgetExhausted, PrivacyLedger
+    from common.config import PrivacySettings
+
+    _, share = _plan()
+    ledger = PrivacyLedger(tmp_path / "state" / "privacy-ledger.json",
+                           PrivacySettings(epsilon=2.0, delta=1e-5, accountant="rdp"))
+    for server_round in (1, 2, 3):
+        ledger.charge_distributed(run_id=1, server_round=server_round, plan=share)
+    reopened = PrivacyLedger(ledger.path, ledger.settings)
+    assert len(reopened.distributed) == 1 and reopened.distributed[0].steps == 3  # merged, as Opacus merges
+    assert reopened.spent() == pytest.approx(share.epsilon, rel=1e-9) and share.epsilon <= 2.0
+    assert reopened.spent_own_noise() == pytest.approx(share.local_epsilon, rel=1e-9)
+    report = reopened.report()
+    assert set(report) == {"epsilon", "own_noise_epsilon", "delta", "budget", "accountant"}  # nothing pins n
+    assert report["epsilon"] >= reopened.spent() and report["own_noise_epsilon"] >= reopened.spent_own_noise()
+    with pytest.raises(BudgetExhausted):
+        reopened.charge_distributed(run_id=1, server_round=4, plan=share)
+    assert PrivacyLedger(ledger.path, ledger.settings).distributed[0].steps == 3  # the refused step is not charged
