@@ -303,7 +303,7 @@ def _distributed_step(msg: Message, site: Site, settings: RunSettings, ledger: P
         steps=1, epsilon=entry.epsilon, secure_aggregation=True, dp_mode="distributed",
         honest_sites=plan.settings.min_honest_sites)
     privacy = PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit))
-    bundle = stage_advertise_ring(store, params, keys, upload)
+    bundle = stage_advertise_ring(store, params, keys, upload, min_survivors=plan.settings.min_honest_sites)
     return pack_key_advertisement(KeyAdvertisement(params.round_id, bundle,
                                                    site_weight(site.policy.declared_examples, settings.secagg),
                                                    privacy))

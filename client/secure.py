@@ -43,6 +43,7 @@ from common.secagg import (
     SecAggParams,
     SiteIdentity,
     Stage,
+    SurvivorSet,
     choose_modulus_bits,
     default_degree,
     default_threshold,
@@ -194,13 +195,17 @@ def stage_advertise(store: SessionStore, params: SecAggParams, keys: SiteKeys, d
                                              "counts": [int(c) for c in counts], "release": release})
 
 
-def stage_advertise_ring(store: SessionStore, params: SecAggParams, keys: SiteKeys, ring: np.ndarray) -> bytes:
+def stage_advertise_ring(store: SessionStore, params: SecAggParams, keys: SiteKeys, ring: np.ndarray, *,
+                         min_survivors: int) -> bytes:
     """Stage 1 of a ring-mode round (distributed DP): ``ring`` is the site's upload, integers mod 2^b already
     (client.distributed_step), kept for stage 3 as it is. Nothing is resent in this mode (the site draws a fresh
-    step and charges it every round), so there is no sealed release to mark."""
+    step and charges it every round), so there is no sealed release to mark. ``min_survivors``: the honest sites the
+    site assumes; it signs no survivor set smaller (stage 4), so its share is never unmasked in a sum with less noise
+    than it planned for unless the round's threshold of sites signs without it."""
     if not params.ring_bits or ring.dtype != np.uint64 or ring.shape != (params.vector_length,):
         raise ProtocolError("the contribution is not the round's ring vector")
-    return _advertise(store, params, keys, {"ring": base64.b64encode(ring.tobytes()).decode(), "counts": []})
+    return _advertise(store, params, keys, {"ring": base64.b64encode(ring.tobytes()).decode(), "counts": [],
+                                            "min_survivors": min_survivors})
 
 
 def _advertise(store: SessionStore, params: SecAggParams, keys: SiteKeys, pending: dict) -> bytes:
@@ -269,7 +274,10 @@ def stage_mask(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapp
 def stage_confirm(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes]) -> bytes:
     """Stage 4 (consistency round): ``payload`` = the survivor set → this site's signature on it."""
     survivors = _payload(blobs)
-    with _stage(store, round_id, keys) as (session, _):
+    with _stage(store, round_id, keys) as (session, record):
+        if (least := record.get("min_survivors")) and len(SurvivorSet.from_bytes(survivors).survivors) < least:
+            raise ParamsRefused(f"the survivor set has fewer sites than the {least} honest ones this site assumes "
+                                "(min-honest-sites): their noise would not reach the target")
         return session.confirm_survivors(survivors)
 
 

@@ -3,12 +3,14 @@ site refuses before anything is spent. The end-to-end rounds are in tests/test_f
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 
 from client.policy import PolicyError, SitePolicy
-from common.config import ConfigError, RunSettings
+from client.privacy import BudgetExhausted, PrivacyLedger
+from common.config import ConfigError, PrivacySettings, RunSettings
 
 LABELS = ("a", "b")
 
@@ -62,6 +64,7 @@ def test_a_site_refuses_a_round_with_fewer_sites_than_it_assumes_honest() -> Non
         SitePolicy(labels=LABELS, min_honest_sites=5).check_participants(4, threshold=3)
 
 
+@functools.cache
 def _plan(steps: int = 3, honest: int = 3):
     from common.distributed_dp import DistributedDpSettings, plan_distributed_dp, site_share
 
@@ -81,9 +84,6 @@ def test_a_site_shares_a_third_of_the_noise_in_the_public_ring_and_knows_the_eps
 def test_the_ledger_charges_both_epsilons_write_ahead_and_the_budget_binds_the_coordinators(tmp_path: Path) -> None:
     """Each step is charged before it is computed, with the Skellam accountant: ε against the coordinator (μ) is what
     the budget binds, ε of the site's own share (μ/h) is reported beside it; T steps reach the plan's two ε."""
-    from client.privacy import BudgetExhausted, PrivacyLedger
-    from common.config import PrivacySettings
-
     _, share = _plan()
     ledger = PrivacyLedger(tmp_path / "state" / "privacy-ledger.json",
                            PrivacySettings(epsilon=2.0, delta=1e-5, accountant="rdp"))
@@ -99,3 +99,63 @@ def test_the_ledger_charges_both_epsilons_write_ahead_and_the_budget_binds_the_c
     with pytest.raises(BudgetExhausted):
         reopened.charge_distributed(run_id=1, server_round=4, plan=share)
     assert PrivacyLedger(ledger.path, ledger.settings).distributed[0].steps == 3  # the refused step is not charged
+
+
+def test_ring_mode_sums_integer_vectors_mod_2_to_the_b_and_a_site_signs_no_smaller_survivor_set(
+        tmp_path: Path) -> None:
+    """Secure aggregation in ring mode, through the site's real stages: each site's vector is integers mod 2^b
+    already (no fixed point, no clamping), the server's result is their exact sum mod 2^b; a site refuses to sign a
+    survivor set with fewer sites than it assumes honest."""
+    import numpy as np
+
+    from client.secure import (
+        ParamsRefused,
+        SessionStore,
+        SiteKeys,
+        accept_params,
+        stage_advertise_ring,
+        stage_confirm,
+        stage_mask,
+        stage_share,
+        stage_unmask,
+    )
+    from common.config import SecureAggSettings
+    from common.registry import create_site_identities, load_identity, load_registry
+    from common.secagg import ServerAggregator, SurvivorSet
+    from common.secure_update import params_to_bytes, round_params
+
+    names, length, bits = [f"site-{i}" for i in range(3)], 16, 12
+    create_site_identities(names, {n: tmp_path / n for n in names}, tmp_path / "registry.json")
+    registry = load_registry(tmp_path / "registry.json")
+    params = round_params(SecureAggSettings(registry=str(tmp_path / "registry.json")), run_id=1, server_round=1,
+                          site_ids=[0, 1, 2], vector_length=length, members_digest=registry.digest, ring_bits=bits)
+    assert params.modulus_bits == bits and params.count_slots == 0
+    rng = np.random.default_rng(0)
+    vectors = {i: rng.integers(0, 1 << bits, length).astype(np.uint64) for i in range(3)}
+    sites, bundles = {}, {}
+    for i, name in enumerate(names):
+        keys, store = SiteKeys(*load_identity(tmp_path / name, name, registry), registry), SessionStore(tmp_path / name)
+        with pytest.raises(ParamsRefused, match="a ring of 12 bits, expected 0"):  # a site that expects fixed point
+            accept_params(params_to_bytes(params), SitePolicy(), keys, store=store, run_id=1, server_round=1,
+                          vector_length=length)
+        accept_params(params_to_bytes(params), SitePolicy(), keys, store=store, run_id=1, server_round=1,
+                      vector_length=length, ring_bits=bits)
+        bundles[i] = stage_advertise_ring(store, params, keys, vectors[i], min_survivors=3)
+        sites[i] = keys, store
+    server = ServerAggregator(params, registry.keys)
+    routed = server.collect_bundles(bundles)
+    shares = {i: stage_share(store, params.round_id, keys, {str(p): b.to_bytes() for p, b in routed[i].items()})
+              for i, (keys, store) in sites.items()}
+    inbox = server.route_shares(shares)
+    survivors = server.collect_masked({i: stage_mask(store, params.round_id, keys,
+                                                     {str(s): ct for s, ct in inbox[i].items()})
+                                       for i, (keys, store) in sites.items()})
+    keys, store = sites[0]
+    with pytest.raises(ParamsRefused, match="fewer sites than the 3 honest ones this site assumes"):
+        stage_confirm(store, params.round_id, keys, SurvivorSet(params.round_id, frozenset({0, 1})).to_bytes())
+    request = server.collect_confirmations({i: stage_confirm(store, params.round_id, keys, survivors.to_bytes())
+                                            for i, (keys, store) in sites.items()})
+    result = server.finish({i: stage_unmask(store, params.round_id, keys, request.to_bytes())
+                            for i, (keys, store) in sites.items()})
+    expected = (vectors[0] + vectors[1] + vectors[2]) & np.uint64((1 << bits) - 1)
+    assert np.array_equal(result.sum_vector.astype(np.uint64), expected) and result.error_bound == 0.0
