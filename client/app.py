@@ -54,7 +54,7 @@ from common.adapter import AdapterState, delta, set_adapter_state, trainable_key
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
-from common.distributed_dp import rotation_seed, site_share
+from common.distributed_dp import DistributedDpError, rotation_seed, site_share
 from common.distributed_round import round_plan
 from common.federated_eval import plan_evaluation
 from common.library_noise import start_process_log
@@ -104,6 +104,7 @@ _FAILURE_KINDS: tuple[tuple[type[Exception], str], ...] = (
     (BudgetExhausted, "budget-exhausted"), (LedgerError, "ledger"), (PolicyError, "site-policy"),
     (DataError, "bad-data"), (ConfigError, "bad-config"), (ModelError, "bad-config"), (RegistryError, "registry"),
     (WireError, "protocol"), (SecAggError, "protocol"), (TrainingError, "training-failed"), (AuditError, "bad-config"),
+    (DistributedDpError, "bad-config"),
 )
 
 
@@ -291,6 +292,8 @@ def _distributed_step(msg: Message, site: Site, settings: RunSettings, ledger: P
     params = accept_params(secagg_params, site.policy, keys, store=store, run_id=run_id, server_round=server_round,
                            vector_length=public.padded_dimension, ring_bits=public.ring_bits)
     plan = site_share(public, site.policy.honest_sites(params.threshold))
+    if site.policy.audit_canaries:
+        log.warning("%s: no privacy audit in distributed DP mode (its canaries go in the local DP-SGD step)", site.name)
     entry = ledger.charge_distributed(run_id=run_id, server_round=server_round, plan=plan)  # write-ahead
     started = time.monotonic()
     upload = distributed_contribution(_received_model(site, settings, received), site.train, plan, keys=keys_order,

@@ -9,9 +9,10 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+from flwr.app import Message
 
 from common.records import FAILURE_MESSAGES
-from common.run_files import read_metrics, read_privacy
+from common.run_files import read_metrics, read_privacy, read_run_info
 from server.federation import FederationFailed
 from tests.conftest import write_csv
 from tests.test_federation_inprocess import InProcessGrid, federate
@@ -55,7 +56,9 @@ def test_a_distributed_run_takes_one_pooled_step_per_round_and_learns(distribute
         assert line.secure_aggregation.survivors == ["site-0", "site-1", "site-2"]
         assert line.secure_aggregation.error_bound == 0.0 and line.federated_evaluation is None
     losses = [line.server["loss"] for line in lines]
-    print("server test loss by round:", losses)
+    details, values = lines[1].secure_aggregation, read_run_info(distributed_run).update_values
+    print(f"server test loss by round: {losses}; ring of {details.modulus_bits} bits, upload "
+          f"{details.upload_bytes:,} bytes = {details.upload_bytes / (4 * values):.3f}× the {values:,} fp32 values")
     assert len(set(losses)) == len(losses)  # every step moved the model
 
 
@@ -135,7 +138,6 @@ def test_a_site_refuses_a_round_with_fewer_sites_than_it_assumes_honest(tmp_path
 
 def test_plain_aggregation_in_distributed_mode_is_refused_by_the_coordinator_and_by_a_site(tmp_path: Path,
                                                                                             data) -> None:
-    from flwr.app import Message
     from flwr.supercore.task_identity import TaskIdentity
 
     from common.config import ConfigError
@@ -155,3 +157,27 @@ def test_plain_aggregation_in_distributed_mode_is_refused_by_the_coordinator_and
                           message_type="train")
         failure = unpack_failure(grid.answer(request).content)
     assert failure is not None and failure.kind == "bad-config"
+
+
+def test_a_distributed_run_resumes_from_a_checkpoint_with_the_same_plan(tmp_path: Path, data) -> None:
+    """Round 3 fails before any site trains (every site fails the size query); resuming from round 2's checkpoint
+    plays it with the same public plan (it is a function of the run config and the round's sites), so the sites'
+    ledgers end at the plan's ε after 3 steps, within their budget."""
+    from common.records import SiteFailure, pack_failure
+
+    class FailsRoundThree(InProcessGrid):
+        def answer(self, message):
+            if message.metadata.message_type == "query.public_size" and \
+                    message.content.config_records["round"]["server-round"] == 3:
+                return Message(pack_failure(SiteFailure("internal")), reply_to=message)
+            return super().answer(message)
+
+    federate(tmp_path, data, rounds=3, grid=FailsRoundThree, **DISTRIBUTED)
+    assert [line.model_updated for line in read_metrics(tmp_path)[1:]] == [True, True, False]
+    federate(tmp_path, data, rounds=3, resume_from=str(tmp_path / "checkpoints" / "round-0002"), **DISTRIBUTED)
+    line = read_metrics(tmp_path)[-1]
+    assert line.round == 3 and line.model_updated and line.contributors == 3
+    for site in range(3):
+        ledger = json.loads((tmp_path / "sites" / f"site-{site}" / "privacy-ledger.json").read_text())
+        assert sum(entry["steps"] for entry in ledger["distributed"]) == 3
+        assert ledger["epsilon_spent"] <= 8.0
