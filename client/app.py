@@ -2,6 +2,7 @@
 
 Message types:
     query.identify       → the site's name (the server maps Flower node ids to registry sites)
+    query.public_size    → distributed DP: the site's public size (declared, or its DP estimate, charged once)
     train                → check the run against the site's policy, train locally with DP (or resend
                            the update already released for this round), then either reply with the
                            update (plain aggregation) or sign round keys (secure stage 1)
@@ -10,7 +11,8 @@ Message types:
     train.secagg_confirm → stage 4: sign the survivor list (consistency check)
     train.secagg_unmask  → stage 5: shares for survivors XOR dropped sites, after t signatures on one list
 
-What leaves the site: the DP update (masked, under secure aggregation), in an evaluation round its noisy
+What leaves the site: the DP update (masked, under secure aggregation; in distributed DP mode its noisy integer
+gradient sum mod 2^b, client.distributed_step, and its public size), in an evaluation round its noisy
 evaluation counts (in the same secure sum: client.site_eval), a public weight, and in the clear its ε and δ.
 Every handler replies with a typed failure (a kind and a fixed message,
 common.records.SiteFailure) instead of crashing; the details stay in the site's own log.
@@ -29,6 +31,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.canaries import audit_round
+from client.distributed_step import distributed_contribution
 from client.policy import PolicyError
 from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger
 from client.release import ReleasedUpdates, adapter_digest
@@ -38,6 +41,7 @@ from client.secure import (
     SiteKeys,
     accept_params,
     stage_advertise,
+    stage_advertise_ring,
     stage_confirm,
     stage_mask,
     stage_share,
@@ -50,6 +54,8 @@ from common.adapter import AdapterState, delta, set_adapter_state, trainable_key
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
+from common.distributed_dp import DistributedDpError, rotation_seed, site_share
+from common.distributed_round import round_plan
 from common.federated_eval import plan_evaluation
 from common.library_noise import start_process_log
 from common.model import ModelError, Placement, build_model, resolve_device
@@ -63,15 +69,18 @@ from common.records import (
     pack_failure,
     pack_identity,
     pack_key_advertisement,
+    pack_public_size,
     pack_stage,
     pack_train_reply,
+    unpack_public_total,
     unpack_receipt,
+    unpack_size_query,
     unpack_stage,
     unpack_train_request,
 )
 from common.registry import RegistryError, load_identity, load_members
 from common.secagg import SecAggError
-from common.secure_update import site_weight
+from common.secure_update import params_from_bytes, site_weight
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()
@@ -95,6 +104,7 @@ _FAILURE_KINDS: tuple[tuple[type[Exception], str], ...] = (
     (BudgetExhausted, "budget-exhausted"), (LedgerError, "ledger"), (PolicyError, "site-policy"),
     (DataError, "bad-data"), (ConfigError, "bad-config"), (ModelError, "bad-config"), (RegistryError, "registry"),
     (WireError, "protocol"), (SecAggError, "protocol"), (TrainingError, "training-failed"), (AuditError, "bad-config"),
+    (DistributedDpError, "bad-config"),
 )
 
 
@@ -197,6 +207,23 @@ def _released_update(site: Site, settings: RunSettings, ledger: PrivacyLedger | 
     return update, name, False
 
 
+@app.query("public_size")
+@_replying_failures
+def public_size_query(msg: Message, context: Context) -> RecordDict:
+    """Distributed DP: the site's public size, from which the round's public plan is computed (the run's policy is
+    checked first, and the sites asked against its min-honest-sites; a site that declares no size draws its DP
+    estimate here, once, charged before it leaves)."""
+    settings, site = _settings_and_site(context)
+    site.policy.check(settings)
+    if settings.privacy.dp_mode != "distributed":
+        raise WireError("a public-size query in a run that is not in distributed DP mode")
+    server_round, sites = unpack_size_query(msg.content)
+    site.policy.check_participants(sites, threshold=1)  # the round's threshold (≤ sites) is checked at train
+    ledger = _opened_ledger(site, settings, msg)
+    return pack_public_size(public_size(site.train.unit_count, site.policy.declared_examples, ledger,
+                                        run_id=msg.metadata.run_id, server_round=server_round))
+
+
 @app.train()
 @_replying_failures
 def train(msg: Message, context: Context) -> RecordDict:
@@ -208,6 +235,9 @@ def train(msg: Message, context: Context) -> RecordDict:
     if secure != (secagg_params is not None):
         raise WireError("the train request does not match the run's aggregation mode")
     ledger = _opened_ledger(site, settings, msg)  # a rolled-back ledger is refused before anything is spent
+    if settings.privacy.dp_mode == "distributed":
+        assert ledger is not None  # the run config refuses distributed DP without DP
+        return _distributed_step(msg, site, settings, ledger, received, server_round, secagg_params)
     params, keys, store = None, None, SessionStore(site.state_dir)
     evaluation_plan = plan_evaluation(settings)
     if secure:  # the round's parameters (members, graph, threshold) meet the site's policy BEFORE any budget is spent
@@ -237,6 +267,49 @@ def train(msg: Message, context: Context) -> RecordDict:
         return pack_train_reply(TrainReply(update, weight, privacy, tuple(counts)))
     bundle = stage_advertise(store, params, keys, update, weight, settings.secagg, release=release, counts=counts)
     return pack_key_advertisement(KeyAdvertisement(params.round_id, bundle, weight, privacy))
+
+
+def _distributed_step(msg: Message, site: Site, settings: RunSettings, ledger: PrivacyLedger, received: AdapterState,
+                      server_round: int, secagg_params: object) -> RecordDict:
+    """One step of distributed DP-SGD (common/distributed_round.py): the round's public plan from the run config,
+    the round's sites and their public total; this site's share μ/h of the noise for h its own assumption of honest
+    sites (refusing a round of fewer sites); the step charged write-ahead; its noisy integer sum uploaded in ring
+    mode. Nothing is resent: a repeated round is refused by the session store (rounds strictly increase)."""
+    run_id = msg.metadata.run_id
+    keys_order = trainable_keys(received, settings.lora.aggregation)
+    offered = params_from_bytes(secagg_params) if isinstance(secagg_params, bytes) else None
+    if offered is None:
+        raise WireError("a distributed-DP round without secure-aggregation parameters")
+    units = public_size(site.train.unit_count, site.policy.declared_examples, ledger, run_id=run_id,
+                        server_round=server_round)  # drawn (and charged) at the size query: the same ñ
+    public_total = unpack_public_total(msg.content)
+    if public_total < units:
+        raise WireError(f"the sites' public total {public_total} is below this site's own public size")
+    site.policy.check_participants(offered.n_sites, offered.threshold)  # before anything is spent
+    public = round_plan(settings, dimension=sum(received[k].size for k in keys_order), sites=offered.n_sites,
+                        public_total=public_total)
+    keys, store = _keys(site), SessionStore(site.state_dir)
+    params = accept_params(secagg_params, site.policy, keys, store=store, run_id=run_id, server_round=server_round,
+                           vector_length=public.padded_dimension, ring_bits=public.ring_bits)
+    plan = site_share(public, site.policy.honest_sites(params.threshold))
+    if site.policy.audit_canaries:
+        log.warning("%s: no privacy audit in distributed DP mode (its canaries go in the local DP-SGD step)", site.name)
+    entry = ledger.charge_distributed(run_id=run_id, server_round=server_round, plan=plan)  # write-ahead
+    started = time.monotonic()
+    upload = distributed_contribution(_received_model(site, settings, received), site.train, plan, keys=keys_order,
+                                      seed=rotation_seed(run_id, server_round),
+                                      settings=site.policy.train_settings(settings))
+    log.info("%s: distributed step of round %d in %.2fs (its noise share: 1/%d of the target's)", site.name,
+             server_round, time.monotonic() - started, plan.settings.min_honest_sites)
+    AuditLog(site.state_dir / "audit.jsonl").record(
+        "released", run_id=run_id, round=server_round, received_sha256=adapter_digest(received), examples=units,
+        steps=1, epsilon=entry.epsilon, secure_aggregation=True, dp_mode="distributed",
+        honest_sites=plan.settings.min_honest_sites)
+    privacy = PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit))
+    bundle = stage_advertise_ring(store, params, keys, upload, min_survivors=plan.settings.min_honest_sites)
+    return pack_key_advertisement(KeyAdvertisement(params.round_id, bundle,
+                                                   site_weight(site.policy.declared_examples, settings.secagg),
+                                                   privacy))
 
 
 def _secure_stage(stage: Callable, msg: Message, context: Context) -> RecordDict:

@@ -12,6 +12,8 @@ up with the update it applies (server/distributed_step.py).
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 import torch
 from peft import get_peft_model_state_dict
@@ -55,6 +57,7 @@ def distributed_contribution(model: torch.nn.Module, data: EncodedData, plan: Di
     if dimension != plan.settings.dimension:
         raise ValueError(f"the adapter sends {dimension} values, the distributed-DP plan is for "
                          f"{plan.settings.dimension}: plan with this adapter's layout")
+    torch.manual_seed(secrets.randbits(63))  # dropout: torch's default seed is a public constant
     model.train()
     clipping = PerUnitClipping(model, max_grad_norm=plan.settings.clip)
     device = next(model.parameters()).device

@@ -14,6 +14,7 @@ from typing import Any
 from client.plan import plan_training
 from common.config import (
     DEVICES,
+    DP_MODES,
     QUANTIZE,
     TASKS,
     ConfigError,
@@ -100,6 +101,14 @@ class SitePolicy:
                                   "the secure sum); 0 = this site does not evaluate")
     eval_data: str = option("", "--eval-data", "a CSV/JSONL of this site's evaluation records instead of "
                             "--eval-fraction (its units must not be in the training data)")
+    dp_modes: tuple[str, ...] = option(
+        ("local",), "--dp-modes", "the DP modes this site trains in, comma-separated: 'local' (its own update carries "
+        "the full noise) and/or 'distributed' (it adds only a share of the noise and trusts secure aggregation and "
+        "--min-honest-sites to hide its upload: opt in only if you accept that trust)")
+    min_honest_sites: int | None = option(
+        None, "--min-honest-sites", "distributed DP: the fewest honest sites this site assumes in a round (their "
+        "noise shares alone reach the run's ε, so its own share is 1/this of the noise); it refuses a round with "
+        "fewer sites. Default: the round's secure-aggregation threshold", kind=int)
     max_eval_epsilon: float = option(1.0, "--max-eval-epsilon", "the most ε a run's federated evaluations may spend "
                                      "in total on this site's evaluation split (federation.eval-epsilon); apart from "
                                      "--max-epsilon: those units never train")
@@ -140,6 +149,11 @@ class SitePolicy:
             problems.append(f"eval-fraction must be in [0, 1) (0 = no evaluation split), got {self.eval_fraction}")
         if not 0 < self.max_eval_epsilon < float("inf"):
             problems.append(f"max-eval-epsilon must be a positive number, got {self.max_eval_epsilon}")
+        if not self.dp_modes or not set(self.dp_modes) <= set(DP_MODES):
+            problems.append(f"dp-modes must name some of {', '.join(DP_MODES)}, got {','.join(self.dp_modes)!r}")
+        if self.min_honest_sites is not None and self.min_honest_sites < 1:
+            problems.append(f"min-honest-sites must be >= 1 (or unset: the round's threshold), got "
+                            f"{self.min_honest_sites}")
         if problems:
             raise ConfigError("site policy: " + "; ".join(problems))
 
@@ -176,6 +190,12 @@ class SitePolicy:
                 raise PolicyError(f"the run asks for a budget ε={privacy.epsilon:g}; this site allows at most "
                                   f"ε={self.max_epsilon:g}")
             self._check_delta(privacy.delta, self.max_delta if self.max_delta is not None else LARGEST_DEFAULT_DELTA)
+            if privacy.dp_mode not in self.dp_modes:
+                raise PolicyError(f"the run asks for DP mode {privacy.dp_mode!r}; this site trains only in "
+                                  f"{', '.join(self.dp_modes)} (policy dp-modes)")
+            if privacy.dp_mode == "distributed" and not settings.federation.secure_aggregation:
+                raise PolicyError("distributed DP without secure aggregation: the site's upload would carry only its "
+                                  "share of the noise, in the clear")
             if privacy.accountant not in self.accountants:
                 raise PolicyError(f"the run asks for the {privacy.accountant!r} accountant; this site accepts "
                                   f"{', '.join(self.accountants)}")
@@ -187,6 +207,18 @@ class SitePolicy:
                               f"{self.max_rounds} (policy max-rounds)")
         if self.require_secure_aggregation and not settings.federation.secure_aggregation:
             raise PolicyError("the run turns secure aggregation off; this site requires it")
+
+    def honest_sites(self, threshold: int) -> int:
+        """h: the fewest honest sites this site assumes in a round whose secure-aggregation threshold is
+        ``threshold`` (its policy's min-honest-sites, by default the threshold)."""
+        return self.min_honest_sites if self.min_honest_sites is not None else threshold
+
+    def check_participants(self, participants: int, threshold: int) -> None:
+        """Distributed DP: refuse a round with fewer sites than the honest ones this site assumes (their noise
+        shares could not reach the target), before anything is spent."""
+        if participants < (honest := self.honest_sites(threshold)):
+            raise PolicyError(f"the round has {participants} site(s); this site assumes {honest} honest site(s) "
+                              "(policy min-honest-sites) whose noise together reaches ε: it needs at least that many")
 
     def check_plan(self, settings: RunSettings, public_units: int) -> None:
         """Refuse a run whose plan, at the site's public size (declared, or its DP estimate: never its true count),

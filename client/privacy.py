@@ -10,6 +10,12 @@ here (:meth:`PrivacyLedger.estimated_units`): pure ε_n-DP with ε_n = ε/50, co
 by basic composition, so the ε the site reports is ε_n + ε_DP-SGD(σ, q, steps, δ), a function of
 public values only.
 
+Distributed DP (privacy.dp-mode = distributed, common/distributed_dp.py): each round is one Poisson-subsampled
+Skellam step, charged write-ahead (:meth:`PrivacyLedger.charge_distributed`) with the exact Skellam RDP accountant
+twice: ε against the coordinator (the honest sites' noise, variance μ: the budget binds it) and ε of the site's own
+share alone (μ/h: reported beside it, what is left if secure aggregation or the site's honesty assumption fails).
+A site with both local and distributed steps composes them by basic composition, each at δ/2.
+
 The ledger is bound to the site's hash-chained audit log (``audit.jsonl`` next to it): every
 charge logs the ledger file's new sha256, so a deleted, edited or swapped ledger is refused,
 never restarted at zero. Noise and Poisson sampling draw from fresh OS entropy every round, so
@@ -34,6 +40,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from common.audit import AuditLog, verified_entries
 from common.config import PrivacySettings
 from common.discrete_noise import discrete_laplace
+from common.distributed_dp import DistributedDpPlan, SkellamCharge, skellam_charges_epsilon
 from common.federated_eval import zcdp_epsilon
 from common.files import exclusive_lock, file_sha256, private_dir, replace_durably, write_json
 
@@ -119,6 +126,25 @@ class RoundEntry:
 
 
 @dataclass(frozen=True)
+class DistributedEntry:
+    """``steps`` distributed-DP steps of one setting (consecutive equal settings are merged, as Opacus merges)."""
+
+    variance: float
+    """μ: the noise the honest sites' shares reach together (ε against the coordinator)."""
+    site_variance: float
+    """μ/h: this site's own share (ε of its own noise alone)."""
+    l2_bound: float
+    l1_bound: float
+    sample_rate: float
+    steps: int
+
+    def charges(self) -> tuple[SkellamCharge, SkellamCharge]:
+        """(against the coordinator, the site's own noise alone)."""
+        return (SkellamCharge(self.variance, self.l2_bound, self.l1_bound, self.sample_rate, self.steps),
+                SkellamCharge(self.site_variance, self.l2_bound, self.l1_bound, self.sample_rate, self.steps))
+
+
+@dataclass(frozen=True)
 class EvaluationAccount:
     """The ε of the site's federated evaluations (zCDP: ρ adds up), apart from training's: evaluation units never
     train (client.site_eval), so a unit is in one account or the other (parallel composition)."""
@@ -152,6 +178,7 @@ class PrivacyLedger:
         self.rounds: list[RoundEntry] = []
         self.estimate: SizeEstimate | None = None
         self.evaluation: EvaluationAccount | None = None
+        self.distributed: list[DistributedEntry] = []
         private_dir(path.parent)
         with exclusive_lock(self._lock):
             self._load()
@@ -183,6 +210,7 @@ class PrivacyLedger:
                     "backup. The site will not start again at zero"
                 )
             self.plan, self.history, self.rounds, self.estimate, self.evaluation = None, [], [], None, None
+            self.distributed = []
             return
         if last_sha is None:
             raise LedgerError(
@@ -209,6 +237,7 @@ class PrivacyLedger:
                                             tuple((int(r), int(n)) for r, n in evaluation["rounds"]))
                           if evaluation else None)
             accountant = saved["accountant"]
+            distributed = [DistributedEntry(**entry) for entry in saved.get("distributed", [])]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LedgerError(
                 f"privacy ledger {self.path} is unreadable ({exc}); restore it from backup. "
@@ -224,15 +253,26 @@ class PrivacyLedger:
                 "restore the original settings, or start a new ledger (state dir) under a new data-use approval"
             )
         self.plan, self.history, self.rounds, self.estimate = plan, history, rounds, estimate
-        self.evaluation = evaluation
+        self.evaluation, self.distributed = evaluation, distributed
 
-    def _epsilon(self, history: History) -> float:
-        """ε_n of the size estimate (pure DP) + DP-SGD's ε of ``history``: basic composition."""
-        dp_sgd = epsilon_of(self.settings.accountant, tuple(tuple(entry) for entry in history), self.settings.delta)
-        return (self.estimate.epsilon if self.estimate else 0.0) + dp_sgd
+    def _epsilon(self, history: History, distributed: list[DistributedEntry] | None = None, *,
+                 own_noise: bool = False) -> float:
+        """ε_n of the size estimate (pure DP) + DP-SGD's ε of ``history`` + the Skellam steps' ε of ``distributed``
+        (default: the ledger's; against the coordinator, or ``own_noise``: of the site's shares alone): basic
+        composition, δ split in two when both kinds of steps were taken."""
+        distributed = self.distributed if distributed is None else distributed
+        delta = self.settings.delta / 2 if history and distributed else self.settings.delta
+        dp_sgd = epsilon_of(self.settings.accountant, tuple(tuple(entry) for entry in history), delta)
+        skellam = skellam_charges_epsilon(tuple(entry.charges()[own_noise] for entry in distributed), delta)
+        return (self.estimate.epsilon if self.estimate else 0.0) + dp_sgd + skellam
 
     def spent(self) -> float:
         return self._epsilon(self.history)
+
+    def spent_own_noise(self) -> float:
+        """ε of the site's own noise alone: what is left of its protection if secure aggregation or its assumption of
+        honest sites fails (equal to :meth:`spent` without distributed steps)."""
+        return self._epsilon(self.history, own_noise=True)
 
     def estimated_units(self, units: int, *, run_id: int, server_round: int) -> int:
         """ñ = max(1, n + discrete Laplace of scale 1/ε_n), ε_n = ε/50: the site's DP estimate of its ``units``,
@@ -285,6 +325,28 @@ class PrivacyLedger:
                          server_round=server_round)
         return entry
 
+    def charge_distributed(self, *, run_id: int, server_round: int, plan: DistributedDpPlan) -> RoundEntry:
+        """Charge one distributed-DP step of ``plan`` (the public plan with this site's share,
+        common.distributed_dp.site_share) BEFORE it is computed, durably; BudgetExhausted (nothing charged) when ε
+        against the coordinator would pass the budget."""
+        s = plan.settings
+        step = DistributedEntry(plan.total_variance, plan.site_variance, plan.unit_l2_bound, plan.unit_l1_bound,
+                                s.sample_rate, 1)
+        with exclusive_lock(self._lock):
+            self._load()
+            last = self.distributed[-1] if self.distributed else None
+            if last is not None and dataclasses.replace(last, steps=1) == step:
+                distributed = [*self.distributed[:-1], dataclasses.replace(last, steps=last.steps + 1)]
+            else:
+                distributed = [*self.distributed, step]
+            would_be = self._epsilon(self.history, distributed)
+            if would_be > self.settings.epsilon + EPSILON_SLACK:
+                raise BudgetExhausted(budget=self.settings.epsilon, spent=self.spent(), would_be=would_be)
+            entry = RoundEntry(server_round, run_id, 1, s.sample_rate, would_be)
+            self._commit(self.plan, self.history, [*self.rounds, entry], self.estimate, epsilon=would_be,
+                         run_id=run_id, server_round=server_round, distributed=distributed)
+        return entry
+
     def charge_evaluation(self, *, run_id: int, server_round: int, rho: float, budget: float, delta: float) -> float:
         """Charge one federated evaluation of ρ (zCDP) BEFORE it is scored, durably; the evaluation account's ε.
         Raises BudgetExhausted (nothing charged) past ``budget`` (the run's federation.eval-epsilon at ``delta``),
@@ -308,12 +370,14 @@ class PrivacyLedger:
 
     def _commit(self, plan: NoisePlan | None, history: History, rounds: list[RoundEntry],
                 estimate: SizeEstimate | None, *, epsilon: float, run_id: int, server_round: int,
-                evaluation: EvaluationAccount | None = None) -> None:
+                evaluation: EvaluationAccount | None = None,
+                distributed: list[DistributedEntry] | None = None) -> None:
         """Write-ahead: the new ledger beside the old, its sha256 in the audit log, then the rename.
         A crash at any point leaves either the old ledger (charge not logged) or one :meth:`_load` completes.
         The budget binds at the first round (a size estimate alone binds nothing: the run that drew it may still
         be refused on its δ or steps). ``evaluation``: the evaluation account after this charge (default: as is)."""
         evaluation = evaluation or self.evaluation
+        distributed = self.distributed if distributed is None else distributed
         write_json(self._pending, {
             "version": LEDGER_VERSION,
             "budget": {"epsilon": self.settings.epsilon, "delta": self.settings.delta} if rounds else None,
@@ -323,21 +387,24 @@ class PrivacyLedger:
             "rounds": [asdict(entry) for entry in rounds],
             "estimate": asdict(estimate) if estimate else None,
             "evaluation": asdict(evaluation) if evaluation else None,
+            "distributed": [asdict(entry) for entry in distributed],
             "epsilon_spent": epsilon,
         })
         AuditLog(self.audit_path).record(CHARGE_EVENT, ledger=self.path.name, ledger_sha256=file_sha256(self._pending),
                                          epsilon=epsilon, run_id=run_id, round=server_round)
         replace_durably(self._pending, self.path)
         self.plan, self.history, self.rounds, self.estimate = plan, history, rounds, estimate
-        self.evaluation = evaluation
+        self.evaluation, self.distributed = evaluation, distributed
 
     def report(self) -> dict:
         """What the site tells the coordinator, in the clear: ε (rounded UP to 4 decimals; ε_n of the size estimate
-        included), δ, budget, accountant. ε is a function of public values only (the public size, the run's
-        settings): sites of n and n + 1 units with the same public size report the same bits."""
+        included), with distributed steps also ε of its own noise alone (likewise), δ, budget, accountant. Both are
+        functions of public values only (the public size, the run's settings): sites of n and n + 1 units with the
+        same public size report the same bits."""
+        own_noise = {"own_noise_epsilon": math.ceil(self.spent_own_noise() * 1e4) / 1e4} if self.distributed else {}
         return {
             "epsilon": math.ceil(self.spent() * 1e4) / 1e4,
             "delta": self.settings.delta,
             "budget": self.settings.epsilon,
             "accountant": self.settings.accountant,
-        }
+        } | own_noise

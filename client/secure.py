@@ -43,6 +43,7 @@ from common.secagg import (
     SecAggParams,
     SiteIdentity,
     Stage,
+    SurvivorSet,
     choose_modulus_bits,
     default_degree,
     default_threshold,
@@ -82,8 +83,8 @@ class SessionStore:
         """Persist the session (and the pending contribution while the round needs it)."""
         record = dict(record or {})
         if session.stage in (Stage.DONE, Stage.ABORTED):
-            record.pop("values", None)  # the raw contribution never outlives the round
-            record.pop("counts", None)
+            for pending in ("values", "ring", "counts"):  # the raw contribution never outlives the round
+                record.pop(pending, None)
         record["params"] = params_to_bytes(session.params).decode()
         record["session"] = session.export_state().decode()
         write_durably(self._path(session.params.round_id), json.dumps(record).encode())
@@ -123,7 +124,8 @@ class SessionStore:
 
 
 def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: SessionStore, run_id: int,
-                  server_round: int, vector_length: int, count_slots: int = COUNT_SLOTS) -> SecAggParams:
+                  server_round: int, vector_length: int, count_slots: int = COUNT_SLOTS,
+                  ring_bits: int = 0) -> SecAggParams:
     """The round's parameters, only if they meet THIS site's policy (never the coordinator's run config).
 
     Checked: this site and only members it pinned are invited, at least ``policy.min_sites`` of them,
@@ -131,8 +133,8 @@ def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: Ses
     graph count only pinned members, and sites pinned to different lists never share a round); the
     round id is ``fedtune/run-{run_id}/round-{server_round}`` and the round is strictly later than
     any this site took part in for the run; vector length and count slots (the run's evaluation counts, if any)
-    match; the modulus holds
-    the sum; up to ``policy.all_pairs_up_to`` sites every pair masks, above it the degree is at
+    match; the ring (distributed DP: ``ring_bits``, the site's own plan's) is the one the site computed, else the
+    modulus holds the sum; up to ``policy.all_pairs_up_to`` sites every pair masks, above it the degree is at
     least ``max(policy.min_degree, 2·ceil(log2 n))``; the threshold exceeds 2h/3 of h holders.
     Raises :class:`ParamsRefused` (a ProtocolError) with the reason.
     """
@@ -159,7 +161,9 @@ def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: Ses
         problems.append(f"vector of {offered.vector_length}+{offered.count_slots}, expected "
                         f"{vector_length}+{count_slots}")
     counts_max = offered.max_count if offered.count_slots else 0
-    if offered.modulus_bits < choose_modulus_bits(n, offered.value_bits, counts_max):
+    if offered.ring_bits != ring_bits:
+        problems.append(f"a ring of {offered.ring_bits} bits, expected {ring_bits} (0: fixed point)")
+    elif not ring_bits and offered.modulus_bits < choose_modulus_bits(n, offered.value_bits, counts_max):
         problems.append("the modulus is too small for the sum")  # SecAggParams checks it too
     if n <= policy.all_pairs_up_to:
         if not offered.all_pairs:
@@ -187,11 +191,29 @@ def stage_advertise(store: SessionStore, params: SecAggParams, keys: SiteKeys, d
     values = np.asarray(values, dtype=np.float64)
     if values.shape != (params.vector_length,) or len(counts) != params.count_slots:
         raise ProtocolError("the contribution does not have the round's vector length or count slots")
+    return _advertise(store, params, keys, {"values": base64.b64encode(values.tobytes()).decode(),
+                                             "counts": [int(c) for c in counts], "release": release})
+
+
+def stage_advertise_ring(store: SessionStore, params: SecAggParams, keys: SiteKeys, ring: np.ndarray, *,
+                         min_survivors: int) -> bytes:
+    """Stage 1 of a ring-mode round (distributed DP): ``ring`` is the site's upload, integers mod 2^b already
+    (client.distributed_step), kept for stage 3 as it is. Nothing is resent in this mode (the site draws a fresh
+    step and charges it every round), so there is no sealed release to mark. ``min_survivors``: the honest sites the
+    site assumes; it signs no survivor set smaller (stage 4), so its share is never unmasked in a sum with less noise
+    than it planned for unless the round's threshold of sites signs without it."""
+    if not params.ring_bits or ring.dtype != np.uint64 or ring.shape != (params.vector_length,):
+        raise ProtocolError("the contribution is not the round's ring vector")
+    return _advertise(store, params, keys, {"ring": base64.b64encode(ring.tobytes()).decode(), "counts": [],
+                                            "min_survivors": min_survivors})
+
+
+def _advertise(store: SessionStore, params: SecAggParams, keys: SiteKeys, pending: dict) -> bytes:
+    """Sign fresh round keys and keep the pending contribution for stage 3."""
     session = ClientSession(params, keys.site_id, keys.identity, keys.registry.keys)
     bundle = session.advertise_keys().to_bytes()
     store.prune()
-    store.save(session, {"values": base64.b64encode(values.tobytes()).decode(), "counts": [int(c) for c in counts],
-                         "release": release})
+    store.save(session, pending)
     return bundle
 
 
@@ -235,22 +257,27 @@ def stage_mask(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapp
     """Stage 3: ciphertext and commitments by sender id → the masked contribution (the raw one is then deleted)."""
     inbox = _by_site(blobs)
     with _stage(store, round_id, keys) as (session, record):
-        if "values" not in record:
+        if "ring" in record:
+            values = np.frombuffer(base64.b64decode(record.pop("ring")), dtype=np.uint64)
+        elif "values" in record:
+            values = np.frombuffer(base64.b64decode(record.pop("values")), dtype=np.float64)
+            if not math.isfinite(float(np.sum(np.abs(values)))):
+                raise ProtocolError("the stored contribution is not finite")
+        else:
             raise ProtocolError("no pending contribution for this round (already uploaded?)")
-        values = np.frombuffer(base64.b64decode(record.pop("values")), dtype=np.float64)
-        counts = record.pop("counts")
-        if not math.isfinite(float(np.sum(np.abs(values)))):
-            raise ProtocolError("the stored contribution is not finite")
-        upload = session.masked_input(inbox, values, counts)
-        # From here the server can sum this update (its holders reveal the seed): never resend it.
-        ReleasedUpdates(store.directory.parent).mark_uploaded(record["release"])
+        upload = session.masked_input(inbox, values, record.pop("counts"))
+        if release := record.get("release"):  # from here the server can sum this update: never resend it
+            ReleasedUpdates(store.directory.parent).mark_uploaded(release)
         return upload
 
 
 def stage_confirm(store: SessionStore, round_id: bytes, keys: SiteKeys, blobs: Mapping[str, bytes]) -> bytes:
     """Stage 4 (consistency round): ``payload`` = the survivor set → this site's signature on it."""
     survivors = _payload(blobs)
-    with _stage(store, round_id, keys) as (session, _):
+    with _stage(store, round_id, keys) as (session, record):
+        if (least := record.get("min_survivors")) and len(SurvivorSet.from_bytes(survivors).survivors) < least:
+            raise ParamsRefused(f"the survivor set has fewer sites than the {least} honest ones this site assumes "
+                                "(min-honest-sites): their noise would not reach the target")
         return session.confirm_survivors(survivors)
 
 

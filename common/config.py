@@ -26,6 +26,10 @@ HEAD_INITS: tuple[str, ...] = get_args(HeadInit)
 TASKS: tuple[str, ...] = get_args(TaskKind)
 DEVICES = ("auto", "cpu", "cuda")
 """Where a site trains: 'auto' is its CUDA GPU when it has one."""
+DpMode = Literal["local", "distributed"]
+DP_MODES: tuple[str, ...] = get_args(DpMode)
+"""How DP noise is added: every site the full noise to its own update ('local'), or one DP-SGD step of the pooled
+data per round whose noise the sites share under secure aggregation ('distributed', common/distributed_dp.py)."""
 QUANTIZE = ("none", "nf4")
 """How a site holds the frozen base: full precision, or 4-bit NF4 (QLoRA)."""
 TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -117,6 +121,10 @@ class PrivacySettings:
     unit: str = option("record", "--privacy-unit",
                        "whom ε protects: 'record' (one row), or 'column:NAME': every row sharing a value of NAME "
                        "(a patient, a customer) is one unit, sampled and clipped together, so ε holds per person")
+    dp_mode: DpMode = option(
+        "local", "--dp-mode", "'local': every site adds the full DP noise to its own update; 'distributed': each "
+        "round is one DP-SGD step of the pooled data, every site adding a share of the noise inside secure "
+        "aggregation (needs secure aggregation, and sites whose policy accepts it: --dp-modes)", choices=DP_MODES)
 
     def __post_init__(self) -> None:
         _require(
@@ -130,6 +138,8 @@ class PrivacySettings:
             f"privacy.accountant must be 'prv' or 'rdp', got {self.accountant!r}",
         )
         check_unit(self.unit, "privacy.unit")
+        _require(self.dp_mode in DP_MODES,
+                 f"privacy.dp-mode must be one of {', '.join(DP_MODES)}, got {self.dp_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -321,6 +331,9 @@ class RunSettings:
         _require(not (self.federation.secure_aggregation and not self.secagg.registry),
                  "federation.secure-aggregation needs secagg.registry (the sites' identity keys); "
                  "`fedtune simulate` and `fedtune provision` write one")
+        _require(self.privacy.dp_mode == "local" or (self.privacy.enabled and self.federation.secure_aggregation),
+                 "privacy.dp-mode distributed needs DP and secure aggregation on: the sites' noise shares protect a "
+                 "record only inside the secure sum (drop --plain-aggregation, or use --dp-mode local)")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunSettings:

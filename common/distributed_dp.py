@@ -43,6 +43,7 @@ Pure numpy: sites and server compute the same :class:`DistributedDpPlan` from pu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -60,6 +61,7 @@ __all__ = [
     "DistributedDpPlan",
     "DistributedDpSettings",
     "Ring",
+    "SkellamCharge",
     "batch_bound",
     "centred",
     "check_participants",
@@ -77,6 +79,8 @@ __all__ = [
     "rotation_seed",
     "rounded_l2_bound",
     "site_contribution",
+    "site_share",
+    "skellam_charges_epsilon",
     "skellam_epsilon",
     "skellam_rdp",
     "subsampled_rdp",
@@ -228,6 +232,17 @@ def plan_distributed_dp(settings: DistributedDpSettings) -> DistributedDpPlan:
                             sample_rate=s.sample_rate, steps=s.steps)
     epsilon = skellam_epsilon(mu, delta=s.delta, l2_bound=l2, l1_bound=l1, sample_rate=s.sample_rate, steps=s.steps)
     return DistributedDpPlan(s, padded, scale, l2, l1, mu, batch, bound, bits, epsilon, local)
+
+
+def site_share(plan: DistributedDpPlan, min_honest_sites: int) -> DistributedDpPlan:
+    """The public plan as a site that assumes ``min_honest_sites`` honest sites runs it: its share μ/h and the ε of
+    that share alone. The ring stays the public plan's, which must hold the noise of every site's share (a plan for
+    h = 1 holds any)."""
+    settings = dataclasses.replace(plan.settings, min_honest_sites=min_honest_sites)
+    s = settings
+    local = skellam_epsilon(plan.total_variance / s.min_honest_sites, delta=s.delta, l2_bound=plan.unit_l2_bound,
+                            l1_bound=plan.unit_l1_bound, sample_rate=s.sample_rate, steps=s.steps)
+    return dataclasses.replace(plan, settings=settings, local_epsilon=local)
 
 
 def check_participants(plan: DistributedDpPlan, participants: int) -> None:
@@ -517,13 +532,36 @@ def rdp_to_epsilon(orders: npt.NDArray[np.int64], rdp: Floats, delta: float) -> 
     return float(np.min(rdp + np.log((alpha - 1) / alpha) - (math.log(delta) + np.log(alpha)) / (alpha - 1)))
 
 
+@dataclass(frozen=True)
+class SkellamCharge:
+    """``steps`` Poisson-subsampled Skellam releases of one setting: a ledger's entry (client/privacy.py)."""
+
+    variance: float
+    l2_bound: float
+    l1_bound: float
+    sample_rate: float
+    steps: int
+
+
+def skellam_charges_epsilon(charges: tuple[SkellamCharge, ...], delta: float,
+                            orders: npt.NDArray[np.int64] = RDP_ORDERS) -> float:
+    """ε of a sequence of charges: each one's subsampled RDP times its steps, added up (RDP composes by addition),
+    converted at δ. 0 without charges."""
+    if not charges:
+        return 0.0
+    every = np.arange(2, int(orders.max()) + 1)
+    total = np.zeros(len(orders))
+    for c in charges:
+        rdp = skellam_rdp(every, variance=c.variance, l2_bound=c.l2_bound, l1_bound=c.l1_bound)
+        total += c.steps * subsampled_rdp(orders, rdp, c.sample_rate)
+    return rdp_to_epsilon(orders, total, delta)
+
+
 def skellam_epsilon(variance: float, *, delta: float, l2_bound: float, l1_bound: float, sample_rate: float,
                     steps: int, orders: npt.NDArray[np.int64] = RDP_ORDERS) -> float:
     """ε of ``steps`` Poisson-subsampled Skellam releases of variance μ: subsampled RDP, times T (composition),
     converted at δ."""
-    every = np.arange(2, int(orders.max()) + 1)
-    rdp = skellam_rdp(every, variance=variance, l2_bound=l2_bound, l1_bound=l1_bound)
-    return rdp_to_epsilon(orders, steps * subsampled_rdp(orders, rdp, sample_rate), delta)
+    return skellam_charges_epsilon((SkellamCharge(variance, l2_bound, l1_bound, sample_rate, steps),), delta, orders)
 
 
 def variance_for_epsilon(epsilon: float, *, delta: float, l2_bound: float, l1_bound: float, sample_rate: float,

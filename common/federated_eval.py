@@ -122,9 +122,11 @@ def zcdp_rho(epsilon: float, delta: float) -> float:
 
 
 def plan_evaluation(settings: RunSettings) -> EvalPlan | None:
-    """The run's evaluation plan from its settings alone; None when federation.eval-every is 0."""
+    """The run's evaluation plan from its settings alone; None when federation.eval-every is 0, and in distributed DP
+    mode (privacy.dp-mode = distributed), whose secure sum is a ring of integers without count slots: there the
+    coordinator's own test split is the only evaluation."""
     federation = settings.federation
-    if not federation.eval_every:
+    if not federation.eval_every or settings.privacy.dp_mode == "distributed":
         return None
     rows = settings.train.max_rows_per_unit if unit_column(settings.privacy.unit) else 1
     layout = EvalLayout(settings.task, len(settings.data.labels) if settings.task == "classification" else 0, rows)

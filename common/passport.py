@@ -102,7 +102,8 @@ def canonical_json(passport: dict[str, Any]) -> bytes:
 def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: int, contributors: int,
                    epsilon: dict[str, float | None], fedtune_version: str,
                    privacy_unit: str = "record", audit: dict[str, dict[str, Any]] | None = None,
-                   selection: dict[str, Any] | None = None) -> dict[str, Any]:
+                   selection: dict[str, Any] | None = None,
+                   own_noise_epsilon: dict[str, float | None] | None = None) -> dict[str, Any]:
     """Describe the adapter in ``adapter_dir`` (PEFT files) for signing.
 
     Parameters
@@ -127,6 +128,9 @@ def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: i
     selection
         How this checkpoint was chosen as the run's final adapter (``server.selection.Selection.passport_entry``),
         when it was chosen on the federated evaluation rather than being the last round's.
+    own_noise_epsilon
+        Distributed DP: each site's ε of its own noise share alone (what is left if secure aggregation or its
+        assumption of honest sites fails; ``epsilon`` is against the coordinator); absent in local DP.
     """
     adapter_dir = Path(adapter_dir)
     if not _SHA256_HEX.fullmatch(str(base_model_sha256)):
@@ -138,6 +142,7 @@ def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: i
     return {
         **({"privacy_audit": _checked_audit(audit)} if audit else {}),
         **({"selection": dict(selection)} if selection else {}),
+        **({"own_noise_epsilon": _checked_epsilon(own_noise_epsilon)} if own_noise_epsilon else {}),
         "format": PASSPORT_FORMAT,
         "base_model_sha256": base_model_sha256,
         "adapter_config": _read_adapter_config(adapter_dir),

@@ -65,9 +65,11 @@ MAX_ADAPTER_TENSORS = 1 << 12
 """Most tensors an adapter may name (LoRA on every projection of a large LLM stays far below)."""
 
 
-def pack_train_request(state: AdapterState, server_round: int, secagg_params: bytes | None = None) -> RecordDict:
+def pack_train_request(state: AdapterState, server_round: int, secagg_params: bytes | None = None,
+                       public_total: int | None = None) -> RecordDict:
     """The global adapter as ONE float32 vector plus its layout (each tensor would otherwise travel, and be
-    fetched, as objects of its own), the round; with secure aggregation the round's public parameters."""
+    fetched, as objects of its own), the round; with secure aggregation the round's public parameters; in distributed
+    DP mode the sum of the round's sites' public sizes (common/distributed_round.py)."""
     keys = sorted(state)
     values = np.concatenate([np.asarray(state[key], dtype=np.float32).ravel() for key in keys])
     content = RecordDict({
@@ -76,7 +78,48 @@ def pack_train_request(state: AdapterState, server_round: int, secagg_params: by
         "round": ConfigRecord({"server-round": server_round})})
     if secagg_params is not None:
         content["secagg"] = ConfigRecord({"params": secagg_params})
+    if public_total is not None:
+        content[DISTRIBUTED_RECORD] = ConfigRecord({PUBLIC_SIZE: public_total})
     return content
+
+
+DISTRIBUTED_RECORD, PUBLIC_SIZE = "distributed", "public-size"
+
+
+def _positive_count(record: ConfigRecord | None, what: str) -> int:
+    value = record.get(PUBLIC_SIZE) if record is not None else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise WireError(f"{what} {value!r} is not a whole number >= 1")
+    return value
+
+
+def unpack_public_total(content: RecordDict) -> int:
+    """A distributed-DP train request's sum of the sites' public sizes; WireError when absent or malformed."""
+    return _positive_count(content.config_records.get(DISTRIBUTED_RECORD), "the sites' public total size")
+
+
+def pack_size_query(server_round: int, sites: int) -> RecordDict:
+    """``query.public_size``: the coordinator asks the ``sites`` sites of a distributed-DP round for their public
+    sizes before it starts."""
+    return RecordDict({"round": ConfigRecord({"server-round": server_round, "sites": sites})})
+
+
+def unpack_size_query(content: RecordDict) -> tuple[int, int]:
+    """(the round, the sites asked) of a size query; WireError when malformed."""
+    try:
+        record = content.config_records["round"]
+        return int(record["server-round"]), int(record["sites"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"malformed size query: {exc}") from exc
+
+
+def pack_public_size(units: int) -> RecordDict:
+    """A site's public size, in privacy units: declared in its policy, or its DP estimate (already charged)."""
+    return RecordDict({DISTRIBUTED_RECORD: ConfigRecord({PUBLIC_SIZE: units})})
+
+
+def unpack_public_size(content: RecordDict) -> int:
+    return _positive_count(content.config_records.get(DISTRIBUTED_RECORD), "the site's public size")
 
 
 def _unpack_adapter(content: RecordDict) -> AdapterState:
@@ -222,7 +265,8 @@ def unpack_privacy(content: RecordDict) -> PrivacyReport | None:
         return None
     return PrivacyReport(site[:128], dp, number("epsilon"), number("delta"), number("budget"), text("accountant", 16),
                          text("unit", 64), record.get("resent") is True, number("audited_epsilon"),
-                         count("audit_canaries"), count("audit_guesses"), count("audit_correct"))
+                         count("audit_canaries"), count("audit_guesses"), count("audit_correct"),
+                         number("own_noise_epsilon"))
 
 
 def pack_weight(weight: int) -> MetricRecord:

@@ -66,6 +66,10 @@ class PrivacyReport:
     audit_canaries: int | None = None
     audit_guesses: int | None = None
     audit_correct: int | None = None
+    own_noise_epsilon: float | None = None
+    """Distributed DP (privacy.dp-mode = distributed): ε of the site's own noise share alone, what is left if secure
+    aggregation or its assumption of honest sites fails (``epsilon`` is against the coordinator, given both); None
+    when the site took no distributed step (its ε is then all its own noise)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

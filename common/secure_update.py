@@ -46,11 +46,12 @@ ALL_PAIRS_UP_TO = 64
 
 
 def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int, site_ids: list[int],
-                 vector_length: int, members_digest: bytes, count_slots: int = COUNT_SLOTS) -> SecAggParams:
+                 vector_length: int, members_digest: bytes, count_slots: int = COUNT_SLOTS,
+                 ring_bits: int = 0) -> SecAggParams:
     """The coordinator's offer of a round's public parameters; each site checks it against its own policy.
     ``members_digest``: the digest of the coordinator's registry, which a site accepts only if it is the
     member list the site pinned. ``count_slots``: the round's evaluation counts (EvalPlan.slots_in), each in
-    [0, MAX_COUNT].
+    [0, MAX_COUNT]. ``ring_bits``: the sites' vectors are integers mod 2^b already (distributed DP: no fixed point).
 
     Up to :data:`ALL_PAIRS_UP_TO` sites every pair masks (``secagg.degree``/``threshold`` apply only
     with ``secagg.all-pairs`` there); larger federations use a sparse graph unless all-pairs is set.
@@ -68,6 +69,7 @@ def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int,
         threshold=settings.threshold if settings.all_pairs or not all_pairs else 0,
         all_pairs=all_pairs,
         members_digest=members_digest,
+        ring_bits=ring_bits,
     )
 
 
@@ -77,13 +79,13 @@ def params_to_bytes(params: SecAggParams) -> bytes:
         "clip": params.clip, "value_bits": params.value_bits, "count_slots": params.count_slots,
         "max_count": params.max_count, "degree": params.degree, "threshold": params.threshold,
         "all_pairs": params.all_pairs, "rounding": params.rounding, "modulus_bits": params.modulus_bits,
-        "members_digest": params.members_digest.hex(),
+        "members_digest": params.members_digest.hex(), "ring_bits": params.ring_bits,
     }, sort_keys=True).encode()
 
 
 _PARAM_TYPES = {"round_id": str, "site_ids": list, "vector_length": int, "clip": float, "value_bits": int,
                 "count_slots": int, "max_count": int, "degree": int, "threshold": int, "all_pairs": bool,
-                "rounding": str, "modulus_bits": int, "members_digest": str}
+                "rounding": str, "modulus_bits": int, "members_digest": str, "ring_bits": int}
 
 
 def params_from_bytes(data: bytes) -> SecAggParams:

@@ -103,8 +103,9 @@ def simulated_registry(out: Path, sites: int) -> Path:
 
 def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: str, model: str, dp: bool,
                             secure: bool, epsilon: float, unit: str, max_rows_per_unit: int = 8,
-                            audit_canaries: int = 0, eval_epsilon: float = 1.0) -> None:
-    """Each simulated site's own policy file (the person running the simulation plays every site).
+                            audit_canaries: int = 0, eval_epsilon: float = 1.0, dp_mode: str = "local") -> None:
+    """Each simulated site's own policy file (the person running the simulation plays every site): it accepts the
+    run's DP mode (asking for distributed DP by name is the sites' opt-in).
 
     Weaker protection than the defaults exists only because this command was asked for it by name.
     """
@@ -113,7 +114,7 @@ def simulated_site_policies(out: Path, sites: int, *, task: TaskKind, labels: st
     policy = SitePolicy(task=task, labels=tuple(filter(None, labels.split(","))), model_path=model,
                         max_epsilon=epsilon, require_dp=dp, max_eval_epsilon=eval_epsilon,
                         require_secure_aggregation=secure, privacy_unit=unit, max_rows_per_unit=max_rows_per_unit,
-                        audit_canaries=audit_canaries)
+                        audit_canaries=audit_canaries, dp_modes=tuple(dict.fromkeys(("local", dp_mode))))
     for i in range(sites):
         write_policy(out.resolve() / "sites" / f"site-{i}", policy)
 
@@ -194,7 +195,7 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
                             secure=not args.plain_aggregation, epsilon=args.epsilon, unit=args.privacy_unit,
                             max_rows_per_unit=settings.train.max_rows_per_unit,
                             audit_canaries=getattr(args, "audit_canaries", 0),
-                            eval_epsilon=settings.federation.eval_epsilon)
+                            eval_epsilon=settings.federation.eval_epsilon, dp_mode=settings.privacy.dp_mode)
     if not args.plain_aggregation:
         from common.registry import load_registry, read_aloud
 

@@ -283,6 +283,9 @@ def _cmd_passport_verify(args: argparse.Namespace) -> int:
     unit = passport.get("privacy_unit", "record")
     epsilon = ", ".join(f"{site} {'no DP' if eps is None else f'ε={eps:g} per {unit}'}"
                         for site, eps in sorted(passport["epsilon"].items())) or "none reported"
+    own = ", ".join(f"{site} ε={eps:g}" for site, eps in sorted(passport.get("own_noise_epsilon", {}).items()))
+    if own:
+        epsilon += f" against the coordinator (distributed DP); from each site's own noise alone: {own}"
     audits = "".join(f"  {site}: {audit_line(passport['epsilon'].get(site), released)}\n"
                      for site, released in sorted(passport.get("privacy_audit", {}).items()))
     chosen = passport.get("selection")

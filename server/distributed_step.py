@@ -9,10 +9,16 @@ from common.distributed_dp import DistributedDpPlan, Ring, check_participants, d
 from server.optimizer import ServerOptimizer
 
 
+def distributed_delta(plan: DistributedDpPlan, ring_sum: Ring, *, seed: int, participants: int) -> np.ndarray:
+    """Δ = −g, g the mean gradient (wire order) from the sum mod 2^b of ``participants`` sites' uploads for the round
+    of rotation seed ``seed``: what the server optimizer steps along (fedavg: x −= η·g, DP-SGD's step; fedadam: Adam
+    on g), as it steps along the sites' mean update in local mode."""
+    check_participants(plan, participants)
+    return -mean_gradient(plan, decode_sum(plan, ring_sum, seed))
+
+
 def distributed_update(plan: DistributedDpPlan, ring_sum: Ring, *, seed: int, participants: int,
                        optimizer: ServerOptimizer) -> np.ndarray:
-    """The change to apply to the global adapter (wire order) from the sum mod 2^b of ``participants`` sites'
-    uploads for the round of rotation seed ``seed``. The mean gradient g is a descent direction's opposite: the
-    server optimizer steps along Δ = −g (fedavg: x −= η·g, DP-SGD's step; fedadam: Adam on g)."""
-    check_participants(plan, participants)
-    return optimizer.step(-mean_gradient(plan, decode_sum(plan, ring_sum, seed)))
+    """The change to apply to the global adapter (wire order): the server optimizer's step along
+    :func:`distributed_delta`."""
+    return optimizer.step(distributed_delta(plan, ring_sum, seed=seed, participants=participants))

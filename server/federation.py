@@ -72,7 +72,12 @@ class FederationFailed(RuntimeError):
 
 def choose_aggregator(settings: RunSettings, spec: RoundSpec, watch: LedgerWatch) -> Aggregator:
     if settings.federation.secure_aggregation:
-        return SecureAggregation(spec, settings.secagg, load_registry(settings.secagg.registry), watch)
+        distributed = settings if settings.privacy.dp_mode == "distributed" else None
+        if distributed is not None:
+            log.info("DISTRIBUTED DP: each round is one DP-SGD step of the pooled data, the sites sharing its noise "
+                     "inside secure aggregation%s", "; federated evaluation is off in this mode (the ring sum has no "
+                     "count slots): the server's own test split only" if settings.federation.eval_every else "")
+        return SecureAggregation(spec, settings.secagg, load_registry(settings.secagg.registry), watch, distributed)
     log.warning("PLAIN AGGREGATION (federation.secure-aggregation=false): the server sees every site's update")
     return PlainAggregation(spec, settings.secagg, watch)
 
@@ -132,12 +137,13 @@ def resume_point(checkpoint: Path, state: AdapterState) -> tuple[AdapterState, i
 
 
 def seal_passport(key, base_sha: str, server_round: int, contributors: int, epsilon: dict, unit: str,
-                  audit: dict, directory: Path, selection: dict | None = None) -> None:
+                  audit: dict, directory: Path, selection: dict | None = None, own_noise: dict | None = None) -> None:
     """Sign the checkpoint being written in ``directory`` (before it is renamed into place), or the final adapter
-    chosen on the federated evaluation (``selection``)."""
+    chosen on the federated evaluation (``selection``). ``own_noise``: distributed DP's ε of each site's own noise."""
     sign_passport(directory, build_passport(directory, base_model_sha256=base_sha, server_round=server_round,
                                             contributors=contributors, epsilon=epsilon, privacy_unit=unit,
-                                            fedtune_version=__version__, audit=audit, selection=selection), key)
+                                            fedtune_version=__version__, audit=audit, selection=selection,
+                                            own_noise_epsilon=own_noise), key)
 
 
 def restore_metrics(out_dir: Path, checkpoint: Path) -> None:
@@ -269,7 +275,8 @@ class Federation:
             shutil.rmtree(staged, ignore_errors=True)
             shutil.copytree(chosen, staged)
             seal_passport(self.signing_key, self.base_sha, selection.round, read_round_info(chosen).contributors,
-                          self._epsilon(), self.unit, self._audits(), staged, selection=selection.passport_entry())
+                          self._epsilon(), self.unit, self._audits(), staged, selection=selection.passport_entry(),
+                          own_noise=self._own_noise_epsilon())
             return staged
         return chosen
 
@@ -348,6 +355,11 @@ class Federation:
     def _epsilon(self) -> dict[str, float | None]:
         return {site: report.epsilon for site, report in sorted(self.privacy.items())}
 
+    def _own_noise_epsilon(self) -> dict[str, float | None]:
+        """Distributed DP: each site's ε of its own noise alone ({} when no site reported one)."""
+        own = {site: report.own_noise_epsilon for site, report in sorted(self.privacy.items())}
+        return own if any(eps is not None for eps in own.values()) else {}
+
     def _audits(self) -> dict[str, dict[str, Any]]:
         """Each auditing site's privacy audit, as it reported it (client/canaries.py)."""
         return {site: audit for site, report in sorted(self.privacy.items()) if (audit := report.released_audit())}
@@ -368,7 +380,8 @@ class Federation:
     def _commit(self, server_round: int, outcome: RoundOutcome, line: MetricsLine) -> None:
         """The checkpoint is the commit point: it carries the round's metrics line and its signed passport."""
         seal = functools.partial(seal_passport, self.signing_key, self.base_sha, server_round, outcome.contributors,
-                                 self._epsilon(), self.unit, self._audits()) if self.signing_key else None
+                                 self._epsilon(), self.unit, self._audits(),
+                                 own_noise=self._own_noise_epsilon()) if self.signing_key else None
         self.checkpoint = save_checkpoint(
             self.out_dir, server_round, self.model, self.state, contributors=outcome.contributors,
             parent_sha256=self.parent, metrics=dataclasses.replace(line, checkpoint=checkpoint_name(server_round)),

@@ -27,6 +27,12 @@ out after that round, a refuted accuser after its second refuted proof, and a si
 same honest peer in two rounds takes that one peer out with it: hostile sites can keep out at most
 about as many honest sites as there are of them. Sites are told nothing beyond the round's site
 list.
+
+Distributed DP (privacy.dp-mode = distributed): before the train exchange the coordinator asks each site for its
+public size (``query.public_size``: declared, or its DP estimate), sends their sum with the adapter, and runs the
+same five exchanges in ring mode: each site's upload is its noisy integer gradient sum mod 2^b
+(common/distributed_round.py), the server's result is the ring sum, and the round's delta is the server step's
+direction (server/distributed_step.py).
 """
 
 from __future__ import annotations
@@ -39,24 +45,30 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
+import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.adapter import AdapterState
-from common.config import SecureAggSettings
+from common.config import RunSettings, SecureAggSettings
+from common.distributed_dp import DistributedDpPlan, rotation_seed
+from common.distributed_round import round_plan
 from common.records import (
     KeyAdvertisement,
     PrivacyReport,
     WireError,
+    pack_size_query,
     pack_stage,
     pack_train_request,
     unpack_identity,
     unpack_key_advertisement,
+    unpack_public_size,
     unpack_stage,
 )
 from common.registry import FederationRegistry
 from common.secagg import RoundAborted, SecAggParams, ServerAggregator
-from common.secure_update import decode_sum, params_to_bytes, round_params
+from common.secure_update import SecureSum, decode_sum, params_to_bytes, round_params
+from server.distributed_step import distributed_delta
 from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 from server.strategy import (
     Failure,
@@ -113,9 +125,11 @@ class SecureAggregation:
     name = "secure"
 
     def __init__(self, spec: RoundSpec, settings: SecureAggSettings, registry: FederationRegistry,
-                 watch: LedgerWatch | None = None) -> None:
+                 watch: LedgerWatch | None = None, distributed: RunSettings | None = None) -> None:
         self.spec = spec
         self.settings = settings
+        self.distributed = distributed
+        """The run's settings in distributed DP mode (ring rounds of one DP-SGD step); None: fixed-point rounds."""
         self.registry = registry
         self.watch = watch
         self.site_of_node: dict[int, int] = {}
@@ -162,10 +176,22 @@ class SecureAggregation:
         privacy: dict[str, PrivacyReport] = {}
         if len(node_of_site) < max(2, spec.min_sites):
             return self._aborted(server_round, f"{len(node_of_site)} identified site(s)", failures, privacy)
+        plan, public_total = None, None
+        if self.distributed is not None:
+            sizes = self._public_sizes(grid, node_of_site, server_round, failures, seconds)
+            node_of_site = {site: node for site, node in node_of_site.items() if site in sizes}
+            if len(node_of_site) < max(2, spec.min_sites):
+                return self._aborted(server_round, f"{len(node_of_site)} site(s) sent a public size", failures,
+                                     privacy)
+            public_total = sum(sizes.values())
+            plan = round_plan(self.distributed, dimension=spec.update_size, sites=len(node_of_site),
+                              public_total=public_total)
         params = round_params(self.settings, run_id=grid.run.run_id, server_round=server_round,
-                              site_ids=sorted(node_of_site), vector_length=spec.update_size,
+                              site_ids=sorted(node_of_site),
+                              vector_length=plan.padded_dimension if plan else spec.update_size,
                               members_digest=self.registry.digest,
-                              count_slots=spec.evaluation.slots_in(server_round) if spec.evaluation else 0)
+                              count_slots=spec.evaluation.slots_in(server_round) if spec.evaluation else 0,
+                              ring_bits=plan.ring_bits if plan else 0)
         aggregator = ServerAggregator(params, self.registry.keys)
         weights: dict[int, int] = {}  # public by construction; the server sums them itself
 
@@ -175,7 +201,7 @@ class SecureAggregation:
                                   seconds)
 
         try:
-            request = pack_train_request(state, server_round, params_to_bytes(params))
+            request = pack_train_request(state, server_round, params_to_bytes(params), public_total)
             adverts = self._exchange(grid, node_of_site, params, "train",
                                      lambda site: request_for(request, self.watch, self.registry.name_of(site)),
                                      failures, None, functools.partial(_advertisement, max_weight=spec.max_weight),
@@ -207,7 +233,9 @@ class SecureAggregation:
         contributors = len(result.survivors)
         if contributors < spec.min_sites:
             return self._aborted(server_round, f"{contributors} survivor(s)", failures, privacy)
-        total = decode_sum(result, self.settings, params, sum(weights[site] for site in result.survivors))
+        total = (self._distributed_sum(plan, result.sum_vector, grid.run.run_id, server_round, contributors)
+                 if plan else decode_sum(result, self.settings, params,
+                                         sum(weights[site] for site in result.survivors)))
         details = SecureRoundDetails(
             survivors=sorted(self.registry.name_of(s) for s in result.survivors),
             dropped=sorted(self.registry.name_of(s) for s in result.dropped), total_weight=total.total_weight,
@@ -219,6 +247,39 @@ class SecureAggregation:
         return RoundOutcome(mean_delta=total.mean_delta, contributors=contributors, failures=failures,
                             privacy=privacy, details=details, evaluation_sum=tuple(result.counts),
                             evaluated_sites=contributors if result.counts else 0)
+
+    def _public_sizes(self, grid: Grid, node_of_site: dict[int, int], server_round: int, failures: list[Failure],
+                      seconds: dict[str, float]) -> dict[int, int]:
+        """Each site's public size (declared, or its DP estimate), by site id; a site that fails or answers anything
+        else is recorded and left out of the round."""
+        query = pack_size_query(server_round, len(node_of_site))
+        messages = {site: Message(query, dst_node_id=node, message_type="query.public_size")
+                    for site, node in sorted(node_of_site.items())}
+        started = time.perf_counter()
+        replies = exchange(grid, messages, self.spec.stage_timeout)
+        seconds["public_size"] = round(time.perf_counter() - started, 3)
+        failures.extend(missing_replies([self.registry.name_of(s) for s in messages if s not in replies],
+                                        self.spec.stage_timeout, "query.public_size"))
+        sizes: dict[int, int] = {}
+        for site, reply in sorted(replies.items()):
+            name = self.registry.name_of(site)
+            try:
+                if (failure := failure_record(reply, name)) is not None:
+                    failures.append(dataclasses.replace(failure, stage="query.public_size"))
+                    continue
+                sizes[site] = unpack_public_size(reply.content)
+            except Exception as exc:  # any malformation of an untrusted reply leaves its site out
+                detail = str(exc) if isinstance(exc, WireError) else f"malformed reply: {exc!r}"[:300]
+                failures.append(Failure(name, "protocol", detail, "query.public_size"))
+        return sizes
+
+    @staticmethod
+    def _distributed_sum(plan: DistributedDpPlan, ring_sum: np.ndarray, run_id: int, server_round: int,
+                         contributors: int) -> SecureSum:
+        """The round's delta from the ring sum (server/distributed_step.py): exact integers, so no error bound."""
+        delta = distributed_delta(plan, ring_sum.astype(np.uint64), seed=rotation_seed(run_id, server_round),
+                                  participants=contributors)
+        return SecureSum(mean_delta=delta.astype(np.float32), total_weight=0, error_bound=0.0, clamped_elements=0)
 
     def _exchange(self, grid: Grid, node_of_site: dict[int, int], params: SecAggParams, message_type: str,
                   content: Callable[[int], RecordDict], failures: list[Failure], only: Collection[int] | None,

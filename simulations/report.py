@@ -260,6 +260,14 @@ def _html(summary: Summary, images: list[str]) -> str:
     audit = ("<h2>Privacy audit</h2><p>Each auditing site's empirical lower bound on its ε (a one-run audit of "
              "gradient canaries only it knows): far below the ε accounted is expected; above it, its DP step is "
              f'broken.</p><ul id="audit">{audits}</ul>' if audits else "")
+    shares = "".join(f"<li>{e(site)}: ε = {report.epsilon:g} against the coordinator, ε = "
+                     f"{report.own_noise_epsilon:g} from its own noise alone</li>"
+                     for site, report in sorted((summary.privacy.sites if summary.privacy else {}).items())
+                     if report.own_noise_epsilon is not None and report.epsilon is not None)
+    distributed = ("<h2>Distributed DP</h2><p>Each round was one DP-SGD step of the pooled data, every site adding a "
+                   "share of the noise inside secure aggregation. Per site: ε against the coordinator (given secure "
+                   "aggregation and the honest sites the site assumes), and ε from its own noise alone (what is left "
+                   f'if either fails).</p><ul id="own-noise">{shares}</ul>' if shares else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fedtune report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
@@ -271,6 +279,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 <h2>Rounds</h2>
 <table id="rounds"><tr><th>round</th><th>sites</th><th>failures</th>{''.join(f"<th>{e(n)}</th>" for _, n in columns)}
 <th>federated evaluation</th><th>ε max</th><th>model updated</th></tr>{''.join(rows)}</table>
+{distributed}
 {audit}
 {examples}
 </body></html>

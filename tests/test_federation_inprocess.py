@@ -18,6 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
+from client.policy import POLICY_FILE, SitePolicy, write_policy
 from common.audit import verified_entries
 from common.config import RunSettings
 from common.records import FAILURE_MESSAGES, pack_stage, unpack_stage
@@ -89,13 +90,18 @@ def data(tmp_path_factory, drug_reviews) -> dict[str, Path]:
 
 def federate(out: Path, data: dict[str, Path], *, rounds: int, secure: bool = True,
              sites: int = SITES, cheat: int | None = None, resume_from: str = "", grid: type | None = None,
-             audit_canaries: int = 0, **overrides) -> Path:
+             audit_canaries: int = 0, policy: dict | None = None, **overrides) -> Path:
     """One run into ``out``, set up as ``fedtune simulate`` does (keys, site policies, passport key).
     ``cheat``: that site deals key shares off its commitments in every round it is in. ``grid``: an
-    InProcessGrid subclass (one that records what the coordinator receives); ``overrides``: run-config keys."""
+    InProcessGrid subclass (one that records what the coordinator receives); ``policy``: site-policy settings
+    every site's policy file then gets; ``overrides``: run-config keys."""
     simulated_site_policies(out, sites, task="classification", labels=LABELS, model="", dp=True, secure=secure,
                             epsilon=8.0, unit="record", audit_canaries=audit_canaries,
-                            eval_epsilon=overrides.get("federation.eval-epsilon", 1.0))
+                            eval_epsilon=overrides.get("federation.eval-epsilon", 1.0),
+                            dp_mode=overrides.get("privacy.dp-mode", "local"))
+    for site in range(sites) if policy else ():
+        path = out / "sites" / f"site-{site}" / POLICY_FILE
+        write_policy(path.parent, SitePolicy.from_mapping(json.loads(path.read_text()) | policy, str(path)))
     run_config = default_run_config() | {
         "out-dir": str(out), "passport-key": str(simulated_passport_key(out)), "resume-from": resume_from,
         "secagg.registry": str(simulated_registry(out, sites)) if secure else "",

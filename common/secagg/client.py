@@ -321,6 +321,13 @@ class ClientSession:
 
     def _encode(self, update: npt.ArrayLike, counts: Sequence[int]) -> npt.NDArray[np.uint64]:
         params = self.params
+        if params.ring_bits:  # already integers in the ring: nothing to quantise
+            ring = np.asarray(update).ravel()
+            if ring.shape[0] != params.vector_length or ring.dtype != np.uint64 or counts \
+                    or int(ring.max(initial=0)) >= 1 << params.ring_bits:
+                raise ParameterError(f"a ring-mode update must be {params.vector_length} uint64 integers below "
+                                     f"2^{params.ring_bits}, and no counts")
+            return ring
         vec = np.asarray(update, dtype=np.float64).ravel()
         if vec.shape[0] != params.vector_length or not np.isfinite(vec).all():
             raise ParameterError(f"update must be {params.vector_length} finite values, got {vec.shape[0]}")

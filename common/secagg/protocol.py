@@ -24,6 +24,7 @@ from functools import cached_property
 
 from common.secagg.errors import ParameterError
 from common.secagg.fixedpoint import (
+    MAX_MODULUS_BITS,
     MAX_VALUE_BITS,
     Rounding,
     choose_modulus_bits,
@@ -133,6 +134,11 @@ class SecAggParams:
     """m: masks live in Z_{2^m}; 0 = the smallest width that cannot wrap for these sites."""
     members_digest: bytes = bytes(32)
     """SHA-256 of the member list the sites pinned (common.registry); all zero = none bound (library use)."""
+    ring_bits: int = 0
+    """b > 0: ring mode. Each site's vector is already ``vector_length`` integers mod 2^b (distributed DP's noisy
+    integer sums, common/distributed_dp.py: it sizes b so that the sum wraps with negligible probability), so there
+    is no fixed-point quantisation, no count slot and no clamping; masks live in Z_{2^b} (``modulus_bits = b``) and
+    the result is the sum mod 2^b. 0 = the fixed-point mode above."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -175,9 +181,16 @@ class SecAggParams:
                 "at or below half, a server could collect both secrets of a site"
             )
         set_(self, "threshold", t)
-        needed = choose_modulus_bits(n, self.value_bits, self.max_count if self.count_slots else 0)
+        if self.ring_bits:
+            if not 1 <= self.ring_bits <= MAX_MODULUS_BITS or self.count_slots:
+                raise ParameterError(f"ring mode needs ring_bits in [1, {MAX_MODULUS_BITS}] and no count slots, got "
+                                     f"{self.ring_bits} bits and {self.count_slots} slots")
+            if self.modulus_bits not in (0, self.ring_bits):
+                raise ParameterError(f"in ring mode the modulus is the ring: modulus_bits {self.modulus_bits} is not "
+                                     f"ring_bits {self.ring_bits}")
+        needed = self.ring_bits or choose_modulus_bits(n, self.value_bits, self.max_count if self.count_slots else 0)
         m = self.modulus_bits or needed
-        if not needed <= m <= 35:
+        if not needed <= m <= MAX_MODULUS_BITS:
             raise ParameterError(f"modulus_bits must be in [{needed}, 35] for {n} sites, got {m}")
         set_(self, "modulus_bits", m)
         if not isinstance(self.members_digest, bytes) or len(self.members_digest) != 32:
@@ -219,7 +232,7 @@ class SecAggParams:
         return hashlib.sha256(encode_context(
             "params", self.round_id, len(self.site_ids), *self.site_ids, self.vector_length, self.clip.hex(),
             self.value_bits, self.count_slots, self.max_count, self.degree, self.threshold,
-            int(self.all_pairs), self.rounding, self.modulus_bits, self.members_digest,
+            int(self.all_pairs), self.rounding, self.modulus_bits, self.members_digest, self.ring_bits,
         )).digest()
 
     def graph(self, seed: bytes = b"") -> dict[int, frozenset[int]]:

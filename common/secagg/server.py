@@ -76,7 +76,8 @@ class AggregateResult:
     """The only thing the round reveals: the sum over survivors, and who they were."""
 
     sum_vector: npt.NDArray[np.float64]
-    """Decoded sum of the survivors' values (length ``vector_length``)."""
+    """Decoded sum of the survivors' values (length ``vector_length``); in ring mode the sum mod 2^ring_bits, exact
+    integers (below 2^35)."""
     counts: list[int]
     """Exact sums of the count slots."""
     survivors: frozenset[int]
@@ -572,6 +573,14 @@ class ServerAggregator:
     def _decode(self, total: npt.NDArray[np.uint64], honest: frozenset[int]) -> AggregateResult:
         params, n = self.params, len(honest)
         values, counts = total[: params.vector_length], total[params.vector_length:]
+        self._uploads.clear()
+        self._seeds.clear()
+        self._shared.clear()
+        self._stage = _Stage.DONE
+        dropped = frozenset(params.site_ids) - honest
+        if params.ring_bits:  # every element of the ring is a possible sum: nothing to clamp or dequantise
+            return AggregateResult(sum_vector=values.astype(np.float64), counts=[], survivors=honest, dropped=dropped,
+                                   error_bound=0.0)
         # Masks and shares are verified, so a sum beyond what n honest inputs can reach is a hostile
         # input: clamp it into range (its influence is then that of an in-range input) and say so.
         value_cap, count_cap = np.uint64(n * ((1 << params.value_bits) - 1)), np.uint64(n * params.max_count)
@@ -580,15 +589,11 @@ class ServerAggregator:
             log.warning("%d element(s) of the unmasked sum were out of range (a hostile input) and were clamped",
                         clamped)
         values, counts = np.minimum(values, value_cap), np.minimum(counts, count_cap)
-        self._uploads.clear()
-        self._seeds.clear()
-        self._shared.clear()
-        self._stage = _Stage.DONE
         return AggregateResult(
             sum_vector=decode_sum(values, n, value_bits=params.value_bits, clip=params.clip),
             counts=[int(c) for c in counts],
             survivors=honest,
-            dropped=frozenset(params.site_ids) - honest,
+            dropped=dropped,
             error_bound=error_bound(n, params.value_bits, params.clip, params.rounding),
             clamped=clamped,
         )

@@ -1,0 +1,38 @@
+"""The public plan of a distributed-DP round (privacy.dp-mode = distributed), which the coordinator and every site
+compute alike from the run config and two public numbers: the round's sites n and the sum N of their public sizes
+(each declared, or the DP estimate ñ a site already charged: client/train.py public_size).
+
+- q = B/N, B the automatic plan's expected batch for N pooled units (client/plan.py: what central DP-SGD on the
+  pooled records would take), or train.batch-size; one DP-SGD step per round, T = federation.rounds steps;
+- μ reaches ε·(1 − 1/50) over T steps (client.privacy.ESTIMATE_SHARE: room for the size estimate of a site that
+  declares no size, so every site plans the same μ);
+- the ring is sized for n sites that EACH add all of μ (h = 1 in the public plan): whatever honest sites each site
+  assumes (its policy's min-honest-sites, h_i ≥ 1), its share μ/h_i fits, at about ½·log₂ n extra bits. The
+  coordinator cannot know, and so does not say, what the sites assume: each site adds μ/h_i itself
+  (:func:`common.distributed_dp.site_share`) and refuses a round of fewer than h_i sites.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from client.plan import plan_training
+from client.privacy import ESTIMATE_SHARE
+from common.config import RunSettings
+from common.distributed_dp import DistributedDpPlan, DistributedDpSettings, plan_distributed_dp
+
+PUBLIC_PLAN_HONEST_SITES = 1
+"""The public plan's h: the ring holds n full shares of μ, so any site's own assumption fits."""
+
+
+@functools.lru_cache(maxsize=16)
+def round_plan(settings: RunSettings, *, dimension: int, sites: int, public_total: int) -> DistributedDpPlan:
+    """The round's public plan for ``sites`` sites of public sizes summing to ``public_total``."""
+    if public_total < 1:
+        raise ValueError(f"the sites' public sizes sum to {public_total}: a plan needs at least one unit")
+    pooled = plan_training(public_total, settings.train, settings.privacy, settings.federation.rounds)
+    privacy = settings.privacy
+    return plan_distributed_dp(DistributedDpSettings(
+        dimension=dimension, clip=privacy.max_grad_norm, sample_rate=pooled.sample_rate,
+        steps=settings.federation.rounds, epsilon=privacy.epsilon * float(1 - ESTIMATE_SHARE), delta=privacy.delta,
+        sites=sites, min_honest_sites=PUBLIC_PLAN_HONEST_SITES, expected_batch=pooled.sample_rate * public_total))

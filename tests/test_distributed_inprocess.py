@@ -1,0 +1,183 @@
+"""Distributed DP end to end in the in-process tier (issue 21): the real round loop and the sites' real ClientApps,
+one DP-SGD step of the pooled data per round, the sites' noise shares summed in secure aggregation's ring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from common.records import FAILURE_MESSAGES
+from common.run_files import read_metrics, read_privacy, read_run_info
+from server.federation import FederationFailed
+from tests.conftest import write_csv
+from tests.test_federation_inprocess import InProcessGrid, federate
+
+pytestmark = pytest.mark.model
+DISTRIBUTED = {"privacy.dp-mode": "distributed", "server.optimizer": "fedadam", "server.learning-rate": 0.02,
+               "federation.eval-every": 0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, drug_reviews) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distributed")
+    return {"train": write_csv(root / "train.csv", drug_reviews[:90]),  # 3 sites × 30 records
+            "test": write_csv(root / "test.csv", drug_reviews[500:530])}
+
+
+class Recording(InProcessGrid):
+    """Keeps every message the coordinator sent and every reply it received."""
+
+    seen: ClassVar[list] = []
+
+    def answer(self, message):
+        reply = super().answer(message)
+        Recording.seen.append((message, reply))
+        return reply
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory, data) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    Recording.seen = []
+    federate(out, data, rounds=3, grid=Recording, **DISTRIBUTED)
+    return out
+
+
+def test_a_distributed_run_takes_one_pooled_step_per_round_and_learns(distributed_run: Path) -> None:
+    lines = read_metrics(distributed_run)
+    assert [line.round for line in lines] == [0, 1, 2, 3]
+    for line in lines[1:]:
+        assert line.model_updated and line.contributors == 3 and line.failures == ()
+        assert line.secure_aggregation.survivors == ["site-0", "site-1", "site-2"]
+        assert line.secure_aggregation.error_bound == 0.0 and line.federated_evaluation is None
+    losses = [line.server["loss"] for line in lines]
+    details, values = lines[1].secure_aggregation, read_run_info(distributed_run).update_values
+    print(f"server test loss by round: {losses}; ring of {details.modulus_bits} bits, upload "
+          f"{details.upload_bytes:,} bytes = {details.upload_bytes / (4 * values):.3f}× the {values:,} fp32 values")
+    assert len(set(losses)) == len(losses)  # every step moved the model
+
+
+def test_both_epsilons_are_in_privacy_json_and_the_passport(distributed_run: Path) -> None:
+    sites = read_privacy(distributed_run).sites
+    assert sorted(sites) == ["site-0", "site-1", "site-2"]
+    for report in sites.values():
+        assert 0 < report.epsilon <= 8.0 < report.own_noise_epsilon  # 3 honest sites assumed: a third of the noise
+    passport = json.loads((distributed_run / "final" / "adapter" / "passport.json").read_text())["passport"]
+    assert passport["epsilon"] == {site: report.epsilon for site, report in sites.items()}
+    assert passport["own_noise_epsilon"] == {site: report.own_noise_epsilon for site, report in sites.items()}
+
+
+def test_the_report_shows_both_epsilons(distributed_run: Path) -> None:
+    from simulations.report import write_report
+
+    page = write_report(distributed_run).read_text()
+    for site, report in read_privacy(distributed_run).sites.items():
+        assert f"{site}: ε = {report.epsilon:g} against the coordinator, ε = {report.own_noise_epsilon:g} from its " \
+               "own noise alone" in page
+
+
+def test_the_coordinator_sees_public_sizes_and_masked_ring_vectors_only(distributed_run: Path) -> None:
+    """Everything the coordinator received, enumerated: public sizes, signed keys with a privacy report and a public
+    weight, and stage-3 uploads that are uniform in the ring (masked): no site's upload is its noisy gradient sum,
+    which would sit near 0 (its coordinates within the plan's bound, most of them far inside), without the others'
+    masks. Only the unmasked SUM is decoded (the rounds' metrics)."""
+    from common.distributed_dp import centred
+    from common.records import unpack_public_size, unpack_stage, unpack_train_request
+    from common.secagg import MaskedUpload
+    from common.secagg.fixedpoint import unpack_bits
+    from common.secure_update import params_from_bytes
+
+    params, kinds = {}, set()
+    for message, reply in Recording.seen:
+        kind = message.metadata.message_type
+        kinds.add(kind)
+        assert not reply.content.array_records  # nothing but config records and stage blobs comes back
+        if kind == "query.public_size":
+            assert unpack_public_size(reply.content) >= 1
+        elif kind == "train":
+            _, server_round, raw = unpack_train_request(message.content)
+            params[server_round] = params_from_bytes(raw)
+            assert params[server_round].ring_bits == params[server_round].modulus_bits > 0
+        elif kind == "train.secagg_mask":
+            current = params[max(params)]
+            _, blobs = unpack_stage(reply.content)
+            upload = MaskedUpload.from_bytes(blobs["payload"], current)
+            masked = centred(unpack_bits(upload.body, current.total_length, current.modulus_bits), current.ring_bits)
+            # Uniform in the ring: a quarter of the coordinates within ±2^(b−3), where a site's own noisy sum would
+            # put nearly all of them (its coordinates are within the plan's bound < 2^(b−1), Gaussian-like).
+            inner = float(np.mean(np.abs(masked) < 1 << (current.ring_bits - 3)))
+            assert abs(inner - 0.25) < 0.02, inner
+    assert kinds == {"query.identify", "query.public_size", "train", "train.secagg_share", "train.secagg_mask",
+                     "train.secagg_confirm", "train.secagg_unmask"}
+    assert sorted(params) == [1, 2, 3]
+
+
+def test_a_site_that_did_not_opt_in_refuses_before_anything_is_spent(tmp_path: Path, data) -> None:
+    with pytest.raises(FederationFailed, match="site-policy"):
+        federate(tmp_path, data, rounds=1, policy={"dp-modes": "local"}, **DISTRIBUTED)
+    line = read_metrics(tmp_path)[-1]
+    refusals = {(f.site, f.kind, f.stage) for f in line.failures if f.site != "*"}
+    assert refusals == {(f"site-{i}", "site-policy", "query.public_size") for i in range(3)}
+    assert all(f.detail == FAILURE_MESSAGES["site-policy"] for f in line.failures if f.site != "*")
+    assert not list((tmp_path / "sites").glob("site-*/privacy-ledger.json"))  # no size estimate, no step charged
+
+
+def test_a_site_refuses_a_round_with_fewer_sites_than_it_assumes_honest(tmp_path: Path, data) -> None:
+    with pytest.raises(FederationFailed, match="site-policy"):
+        federate(tmp_path, data, rounds=1, policy={"min-honest-sites": 4}, **DISTRIBUTED)
+    line = read_metrics(tmp_path)[-1]
+    assert {(f.site, f.kind) for f in line.failures if f.site != "*"} == {
+        (f"site-{i}", "site-policy") for i in range(3)}
+    assert not list((tmp_path / "sites").glob("site-*/privacy-ledger.json"))
+
+
+def test_plain_aggregation_in_distributed_mode_is_refused_by_the_coordinator_and_by_a_site(tmp_path: Path,
+                                                                                            data) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common.config import ConfigError
+    from common.records import pack_train_request, unpack_failure
+    from fedtune.cli import default_run_config
+
+    with pytest.raises(ConfigError, match="distributed needs DP and secure aggregation"):
+        federate(tmp_path, data, rounds=1, secure=False, **DISTRIBUTED)
+    # A site asked anyway (a coordinator that skipped its own check) parses the same run config first.
+    config = default_run_config() | {"out-dir": str(tmp_path), "federation.secure-aggregation": False,
+                                     "privacy.dp-mode": "distributed"}
+    grid = InProcessGrid(config, run_id=99)
+    with pytest.MonkeyPatch.context() as patch:  # what a Flower task process knows of itself
+        for name, value in (("_run_id", 99), ("_node_id", 1), ("_task_id", 1)):
+            patch.setattr(TaskIdentity, name, value)
+        request = Message(pack_train_request({"w": np.zeros(2, dtype=np.float32)}, 1), dst_node_id=100,
+                          message_type="train")
+        failure = unpack_failure(grid.answer(request).content)
+    assert failure is not None and failure.kind == "bad-config"
+
+
+def test_a_distributed_run_resumes_from_a_checkpoint_with_the_same_plan(tmp_path: Path, data) -> None:
+    """Round 3 fails before any site trains (every site fails the size query); resuming from round 2's checkpoint
+    plays it with the same public plan (it is a function of the run config and the round's sites), so the sites'
+    ledgers end at the plan's ε after 3 steps, within their budget."""
+    from common.records import SiteFailure, pack_failure
+
+    class FailsRoundThree(InProcessGrid):
+        def answer(self, message):
+            if message.metadata.message_type == "query.public_size" and \
+                    message.content.config_records["round"]["server-round"] == 3:
+                return Message(pack_failure(SiteFailure("internal")), reply_to=message)
+            return super().answer(message)
+
+    federate(tmp_path, data, rounds=3, grid=FailsRoundThree, **DISTRIBUTED)
+    assert [line.model_updated for line in read_metrics(tmp_path)[1:]] == [True, True, False]
+    federate(tmp_path, data, rounds=3, resume_from=str(tmp_path / "checkpoints" / "round-0002"), **DISTRIBUTED)
+    line = read_metrics(tmp_path)[-1]
+    assert line.round == 3 and line.model_updated and line.contributors == 3
+    for site in range(3):
+        ledger = json.loads((tmp_path / "sites" / f"site-{site}" / "privacy-ledger.json").read_text())
+        assert sum(entry["steps"] for entry in ledger["distributed"]) == 3
+        assert ledger["epsilon_spent"] <= 8.0

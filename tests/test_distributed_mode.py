@@ -1,0 +1,161 @@
+"""Distributed DP as a run mode (issue 21): the run setting, the site's opt-in and trust assumption, and what a
+site refuses before anything is spent. The end-to-end rounds are in tests/test_federation_inprocess.py."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+
+from client.policy import PolicyError, SitePolicy
+from client.privacy import BudgetExhausted, PrivacyLedger
+from common.config import ConfigError, PrivacySettings, RunSettings
+
+LABELS = ("a", "b")
+
+
+def run(mode: str = "distributed", **flat) -> RunSettings:
+    return RunSettings.from_flat({"privacy.dp-mode": mode, "secagg.registry": "r.json", "data.labels": "a,b"} | flat)
+
+
+def test_the_dp_mode_is_a_typed_run_setting_local_by_default() -> None:
+    assert run("local").privacy.dp_mode == "local" and SitePolicy().dp_modes == ("local",)
+    assert run().privacy.dp_mode == "distributed"
+    with pytest.raises(ConfigError, match="privacy.dp-mode must be 'local' or 'distributed'"):
+        run("pooled")
+
+
+def test_distributed_dp_needs_secure_aggregation_and_dp() -> None:
+    """The run config itself refuses it, so the coordinator cannot start it and a site parsing it refuses too."""
+    with pytest.raises(ConfigError, match="distributed needs DP and secure aggregation on.*--plain-aggregation"):
+        run(**{"federation.secure-aggregation": False})
+    with pytest.raises(ConfigError, match="distributed needs DP"):
+        run(**{"privacy.enabled": False})
+
+
+def test_a_site_trains_in_distributed_mode_only_if_it_opted_in() -> None:
+    with pytest.raises(PolicyError, match="DP mode 'distributed'; this site trains only in local"):
+        SitePolicy(labels=LABELS).check(run())
+    SitePolicy(labels=LABELS, dp_modes=("local", "distributed")).check(run())
+    with pytest.raises(PolicyError, match="trains only in distributed"):
+        SitePolicy(labels=LABELS, dp_modes=("distributed",)).check(run("local"))
+
+
+def test_the_policy_reads_its_modes_and_assumption_as_the_daemon_gets_them() -> None:
+    policy = SitePolicy.from_mapping({"dp-modes": "local,distributed", "min-honest-sites": "4"}, "test")
+    assert policy.dp_modes == ("local", "distributed") and policy.min_honest_sites == 4
+    for bad, fragment in (({"dp-modes": "central"}, "dp-modes must name some of local, distributed"),
+                          ({"min-honest-sites": "0"}, "min-honest-sites must be >= 1")):
+        with pytest.raises(ConfigError, match=fragment):
+            SitePolicy.from_mapping(bad, "test")
+
+
+def test_a_site_refuses_a_round_with_fewer_sites_than_it_assumes_honest() -> None:
+    """By default it assumes the round's secure-aggregation threshold honest; its policy may say otherwise."""
+    policy = SitePolicy(labels=LABELS, dp_modes=("distributed",))
+    assert policy.honest_sites(threshold=3) == 3
+    policy.check_participants(3, threshold=3)
+    with pytest.raises(PolicyError, match="the round has 2 site.*assumes 3 honest"):
+        policy.check_participants(2, threshold=3)
+    assumes_two = SitePolicy(labels=LABELS, dp_modes=("distributed",), min_honest_sites=2)
+    assumes_two.check_participants(2, threshold=3)
+    with pytest.raises(PolicyError, match="assumes 5 honest"):
+        SitePolicy(labels=LABELS, min_honest_sites=5).check_participants(4, threshold=3)
+
+
+@functools.cache
+def _plan(steps: int = 3, honest: int = 3):
+    from common.distributed_dp import DistributedDpSettings, plan_distributed_dp, site_share
+
+    public = plan_distributed_dp(DistributedDpSettings(dimension=64, clip=1.0, sample_rate=0.1, steps=steps,
+                                                       epsilon=2.0, delta=1e-5, sites=3, min_honest_sites=1,
+                                                       expected_batch=10.0))
+    return public, site_share(public, honest)
+
+
+def test_a_site_shares_a_third_of_the_noise_in_the_public_ring_and_knows_the_epsilon_of_its_share() -> None:
+    public, share = _plan()
+    assert share.ring_bits == public.ring_bits and share.total_variance == public.total_variance
+    assert share.site_variance == public.total_variance / 3 and share.epsilon == public.epsilon
+    assert share.local_epsilon > public.epsilon == public.local_epsilon  # the public plan's h = 1: one full share
+
+
+def test_the_ledger_charges_both_epsilons_write_ahead_and_the_budget_binds_the_coordinators(tmp_path: Path) -> None:
+    """Each step is charged before it is computed, with the Skellam accountant: ε against the coordinator (μ) is what
+    the budget binds, ε of the site's own share (μ/h) is reported beside it; T steps reach the plan's two ε."""
+    _, share = _plan()
+    ledger = PrivacyLedger(tmp_path / "state" / "privacy-ledger.json",
+                           PrivacySettings(epsilon=2.0, delta=1e-5, accountant="rdp"))
+    for server_round in (1, 2, 3):
+        ledger.charge_distributed(run_id=1, server_round=server_round, plan=share)
+    reopened = PrivacyLedger(ledger.path, ledger.settings)
+    assert len(reopened.distributed) == 1 and reopened.distributed[0].steps == 3  # merged, as Opacus merges
+    assert reopened.spent() == pytest.approx(share.epsilon, rel=1e-9) and share.epsilon <= 2.0
+    assert reopened.spent_own_noise() == pytest.approx(share.local_epsilon, rel=1e-9)
+    report = reopened.report()
+    assert set(report) == {"epsilon", "own_noise_epsilon", "delta", "budget", "accountant"}  # nothing pins n
+    assert report["epsilon"] >= reopened.spent() and report["own_noise_epsilon"] >= reopened.spent_own_noise()
+    with pytest.raises(BudgetExhausted):
+        reopened.charge_distributed(run_id=1, server_round=4, plan=share)
+    assert PrivacyLedger(ledger.path, ledger.settings).distributed[0].steps == 3  # the refused step is not charged
+
+
+def test_ring_mode_sums_integer_vectors_mod_2_to_the_b_and_a_site_signs_no_smaller_survivor_set(
+        tmp_path: Path) -> None:
+    """Secure aggregation in ring mode, through the site's real stages: each site's vector is integers mod 2^b
+    already (no fixed point, no clamping), the server's result is their exact sum mod 2^b; a site refuses to sign a
+    survivor set with fewer sites than it assumes honest."""
+    import numpy as np
+
+    from client.secure import (
+        ParamsRefused,
+        SessionStore,
+        SiteKeys,
+        accept_params,
+        stage_advertise_ring,
+        stage_confirm,
+        stage_mask,
+        stage_share,
+        stage_unmask,
+    )
+    from common.config import SecureAggSettings
+    from common.registry import create_site_identities, load_identity, load_registry
+    from common.secagg import ServerAggregator, SurvivorSet
+    from common.secure_update import params_to_bytes, round_params
+
+    names, length, bits = [f"site-{i}" for i in range(3)], 16, 12
+    create_site_identities(names, {n: tmp_path / n for n in names}, tmp_path / "registry.json")
+    registry = load_registry(tmp_path / "registry.json")
+    params = round_params(SecureAggSettings(registry=str(tmp_path / "registry.json")), run_id=1, server_round=1,
+                          site_ids=[0, 1, 2], vector_length=length, members_digest=registry.digest, ring_bits=bits)
+    assert params.modulus_bits == bits and params.count_slots == 0
+    rng = np.random.default_rng(0)
+    vectors = {i: rng.integers(0, 1 << bits, length).astype(np.uint64) for i in range(3)}
+    sites, bundles = {}, {}
+    for i, name in enumerate(names):
+        keys, store = SiteKeys(*load_identity(tmp_path / name, name, registry), registry), SessionStore(tmp_path / name)
+        with pytest.raises(ParamsRefused, match="a ring of 12 bits, expected 0"):  # a site that expects fixed point
+            accept_params(params_to_bytes(params), SitePolicy(), keys, store=store, run_id=1, server_round=1,
+                          vector_length=length)
+        accept_params(params_to_bytes(params), SitePolicy(), keys, store=store, run_id=1, server_round=1,
+                      vector_length=length, ring_bits=bits)
+        bundles[i] = stage_advertise_ring(store, params, keys, vectors[i], min_survivors=3)
+        sites[i] = keys, store
+    server = ServerAggregator(params, registry.keys)
+    routed = server.collect_bundles(bundles)
+    shares = {i: stage_share(store, params.round_id, keys, {str(p): b.to_bytes() for p, b in routed[i].items()})
+              for i, (keys, store) in sites.items()}
+    inbox = server.route_shares(shares)
+    survivors = server.collect_masked({i: stage_mask(store, params.round_id, keys,
+                                                     {str(s): ct for s, ct in inbox[i].items()})
+                                       for i, (keys, store) in sites.items()})
+    keys, store = sites[0]
+    with pytest.raises(ParamsRefused, match="fewer sites than the 3 honest ones this site assumes"):
+        stage_confirm(store, params.round_id, keys, SurvivorSet(params.round_id, frozenset({0, 1})).to_bytes())
+    request = server.collect_confirmations({i: stage_confirm(store, params.round_id, keys, survivors.to_bytes())
+                                            for i, (keys, store) in sites.items()})
+    result = server.finish({i: stage_unmask(store, params.round_id, keys, request.to_bytes())
+                            for i, (keys, store) in sites.items()})
+    expected = (vectors[0] + vectors[1] + vectors[2]) & np.uint64((1 << bits) - 1)
+    assert np.array_equal(result.sum_vector.astype(np.uint64), expected) and result.error_bound == 0.0
