@@ -130,7 +130,9 @@ def test_every_site_spent_at_most_its_budget(federation):
     # σ, the sampling rate and the step count would pin a site's record count: never written to the file.
     written = json.loads((federation["out"] / PRIVACY_FILE).read_text())["sites"].values()
     audit = {"audited_epsilon", "audit_canaries", "audit_guesses", "audit_correct"}  # every site audits (round 2 on)
-    assert all(set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent", *audit}
+    assert all(set(report) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent",
+                               "own_noise_epsilon", *audit}
+               and report["own_noise_epsilon"] is None  # local DP: a site's own noise is all of it
                and report["audit_canaries"] == 20 and 0 <= report["audited_epsilon"] <= report["epsilon"]
                for report in written)
 
