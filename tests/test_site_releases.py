@@ -91,8 +91,10 @@ def test_a_plain_reply_holds_the_update_a_public_weight_and_epsilon_only(tmp_pat
         assert dict(reply.metric_records["train"]) == {"weight": 10_000}  # equal weights: W, not 5 or 9
         privacy = dict(reply.config_records["privacy"])
         audit = {"audited_epsilon", "audit_canaries", "audit_guesses", "audit_correct"}  # empty: no audit asked for
-        assert set(privacy) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent", *audit}
-        assert all(privacy[key] == "" for key in audit)
+        own_noise = "own_noise_epsilon"  # distributed DP only: empty here, as the audit fields of a site not auditing
+        assert set(privacy) == {"site", "dp", "epsilon", "delta", "budget", "accountant", "unit", "resent", own_noise,
+                                *audit}
+        assert all(privacy[key] == "" for key in (*audit, own_noise))
         assert privacy["unit"] == "record" and privacy["site"] == name and privacy["dp"] is True
         assert privacy["resent"] is False  # trained for this request: its ε must have risen
         assert 0 < privacy["epsilon"] <= 8.0
