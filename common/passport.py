@@ -137,8 +137,10 @@ def build_passport(adapter_dir: Path, *, base_model_sha256: str, server_round: i
         raise PassportError(f"base_model_sha256 must be 64 lowercase hex digits, got {base_model_sha256!r}")
     if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
         raise PassportError(f"server_round must be an integer >= 0, got {server_round!r}")
-    if isinstance(contributors, bool) or not isinstance(contributors, int) or contributors < 1:
-        raise PassportError(f"contributors must be an integer >= 1, got {contributors!r}")
+    # Round 0 is the initial adapter (no site contributed); --select-round best publishes it when it scored best.
+    least = 1 if server_round else 0
+    if isinstance(contributors, bool) or not isinstance(contributors, int) or contributors < least:
+        raise PassportError(f"contributors must be an integer >= {least} in round {server_round}, got {contributors!r}")
     return {
         **({"privacy_audit": _checked_audit(audit)} if audit else {}),
         **({"selection": dict(selection)} if selection else {}),

@@ -46,7 +46,10 @@ def _loss(model, sites) -> float:
 
 @pytest.mark.model
 def test_distributed_rounds_reduce_the_loss(three_sites):
-    # Prepare: the round-0 model, its wire layout, a plan for 3 sites (all honest) at a loose ε
+    # Prepare: the round-0 model, its wire layout, a plan for 3 sites (all honest) at an ε so loose that the noise is
+    # negligible: what is tested is the pipeline (encode, ring sum, decode, step), not DP's utility. At a real ε, 36
+    # records against ~75,000 noisy coordinates make a few steps' loss move either way (tests/test_distributed_dp.py
+    # checks the noise itself).
     sites, labels = three_sites
     lora = LoraSettings()
     model = initial_model("", labels, lora)
@@ -55,9 +58,9 @@ def test_distributed_rounds_reduce_the_loss(three_sites):
     assert sum(param.numel() for param, _ in wire_layout(model, keys)) == flatten(state, keys).size
     rounds, units = 6, sum(site.unit_count for site in sites)
     plan = plan_distributed_dp(DistributedDpSettings(
-        dimension=flatten(state, keys).size, clip=1.0, sample_rate=0.5, steps=rounds, epsilon=50.0, delta=1e-5,
+        dimension=flatten(state, keys).size, clip=1.0, sample_rate=0.5, steps=rounds, epsilon=1e4, delta=1e-5,
         sites=3, min_honest_sites=3, expected_batch=0.5 * units))
-    server = ServerOptimizer(ServerSettings(optimizer="fedadam", learning_rate=2e-2, beta2=0.999, tau=1e-8),
+    server = ServerOptimizer(ServerSettings(optimizer="fedavg", learning_rate=2.0),
                              flatten(state, keys).size)
     before = _loss(model, sites)
     # Execute: each round, every site uploads mod 2^b, the secure sum adds them, the server steps

@@ -164,6 +164,13 @@ def test_build_rejects_bad_fields(adapter: Path, overrides: dict[str, Any], says
         build_passport(adapter, **(arguments | overrides))
 
 
+def test_the_initial_adapter_chosen_as_the_best_round_has_a_passport_with_no_contributors(adapter: Path) -> None:
+    """--select-round best publishes round 0 when the initial adapter scored best: no site contributed to it."""
+    passport = build_passport(adapter, base_model_sha256=BASE_SHA, server_round=0, contributors=0, epsilon={},
+                              fedtune_version="0.1.0")
+    assert (passport["server_round"], passport["contributors"]) == (0, 0)
+
+
 def test_pem_keys_round_trip(tmp_path: Path, adapter: Path, key: Ed25519PrivateKey) -> None:
     (tmp_path / "k.key").write_bytes(signing_key_pem(key))
     (tmp_path / "k.pub").write_bytes(public_key_pem(key.public_key()))
