@@ -4,7 +4,8 @@ The site Poisson-samples its units at the run's PUBLIC rate q (OS entropy), form
 gradient with the per-unit machinery (client/per_unit_grads.py: clip C, a unit whose pass fails contributes zero),
 encodes each unit as integers (rotation, scale γ, conditional rounding: ‖·‖₂ ≤ Δ₂ whatever the rounding), sums
 them and adds its noise share: the vector mod 2^b it uploads through secure aggregation. Nothing else leaves the
-site, neither its size nor how many of its units this step drew (the server divides by the public expected batch).
+site: not its true size (only its public one, at the size query: declared, or its charged DP estimate) nor how many
+of its units this step drew (the server divides by the public expected batch).
 
 Coordinates follow the adapter's wire order (common.adapter.trainable_keys), so the server's decoded sum lines
 up with the update it applies (server/distributed_step.py).
