@@ -51,6 +51,8 @@ LEDGER_FILE = "privacy-ledger.json"
 CHARGE_EVENT = "privacy-charged"
 EPSILON_SLACK = 1e-6
 """Numerical slack when comparing ε with the budget (accountants differ in the last digits)."""
+SKELLAM_ACCOUNTANT = "skellam-rdp"
+"""The accountant of distributed steps, named in the report (common.distributed_dp's Skellam RDP)."""
 ESTIMATE_SHARE = Fraction(1, 50)
 """The share of the budget ε a site spends, once, on its DP estimate ñ of its number of units (when it declares
 no size). 2 % raises σ by about 2 %; ñ is off by 1/ε_n = 50/ε units on average (the plan's q and steps hardly
@@ -402,9 +404,11 @@ class PrivacyLedger:
         functions of public values only (the public size, the run's settings): sites of n and n + 1 units with the
         same public size report the same bits."""
         own_noise = {"own_noise_epsilon": math.ceil(self.spent_own_noise() * 1e4) / 1e4} if self.distributed else {}
+        composed = ([self.settings.accountant] if self.history or not self.distributed else []) + (
+            [SKELLAM_ACCOUNTANT] if self.distributed else [])
         return {
             "epsilon": math.ceil(self.spent() * 1e4) / 1e4,
             "delta": self.settings.delta,
             "budget": self.settings.epsilon,
-            "accountant": self.settings.accountant,
+            "accountant": "+".join(composed),
         } | own_noise

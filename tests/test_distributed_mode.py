@@ -96,6 +96,7 @@ def test_the_ledger_charges_both_epsilons_write_ahead_and_the_budget_binds_the_c
     report = reopened.report()
     assert set(report) == {"epsilon", "own_noise_epsilon", "delta", "budget", "accountant"}  # nothing pins n
     assert report["epsilon"] >= reopened.spent() and report["own_noise_epsilon"] >= reopened.spent_own_noise()
+    assert report["accountant"] == "skellam-rdp"  # what composed these steps, not the run's DP-SGD accountant
     with pytest.raises(BudgetExhausted):
         reopened.charge_distributed(run_id=1, server_round=4, plan=share)
     assert PrivacyLedger(ledger.path, ledger.settings).distributed[0].steps == 3  # the refused step is not charged

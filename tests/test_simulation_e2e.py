@@ -312,10 +312,11 @@ def test_bad_input_exits_2_before_starting_anything(tmp_path: Path):
 
 
 def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, drug_reviews, started_processes):
+    """In distributed DP mode (issue 21): one DP-SGD step of the pooled data per round, on Flower's engine."""
     train = write_csv(tmp_path / "train.csv", drug_reviews[:30])
     out = tmp_path / "run"
     args = ["simulate", "--out", str(out), "--data", str(train), "--test-data", str(train), "--partition", "iid",
-            "--max-length", "16", "--rounds", "3", "--local-epochs", "1", "--batch-size", "8",
+            "--max-length", "16", "--rounds", "3", "--dp-mode", "distributed",
             "--server-optimizer", "fedadam", "--server-learning-rate", "0.01"]
     with open(tmp_path / "stderr.log", "wb") as errors:  # a file: an unread pipe could fill and block the run
         proc = started_processes.start(command(*args), stdout=subprocess.DEVNULL, stderr=errors)
@@ -339,6 +340,13 @@ def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, dr
     assert all((out / "checkpoints" / f"round-{info.round:04d}" / "server_optimizer.safetensors").is_file()
                for info in lineage[1:])  # FedAdam's moments travel with each checkpoint into the resume
     assert lineage[-1].round == max(line.round for line in lines if line.model_updated)
+    for line in lines[1:]:
+        if line.model_updated:  # the sites' ring sum: integers mod 2^b, no rounding error of a fixed-point sum
+            assert line.secure_aggregation.error_bound == 0.0 and 16 <= line.secure_aggregation.modulus_bits <= 24
+    reports = read_privacy(out).sites
+    assert len(reports) == 3 and all(r.accountant == "skellam-rdp" for r in reports.values())
+    for report in reports.values():  # both numbers: against the coordinator, and from the site's own noise alone
+        assert 0 < report.epsilon <= 8.0 + 1e-9 and report.own_noise_epsilon > report.epsilon
     # A round the interrupt cut short was paid for in ε by the sites that trained it; re-running it
     # spends again, so a site may reach its budget before the last round. That refusal is the ledger
     # doing its job (a typed failure), never a crash.
