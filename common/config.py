@@ -18,7 +18,7 @@ from common.typed import BadInput as BadInput  # defined with the parser that ra
 from common.typed import ConfigError as ConfigError
 from common.typed import from_mapping
 
-ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
+ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "adam"]
 SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
 TaskKind = Literal["classification", "causal-lm"]
 HeadInit = Literal["label-names", "random"]
@@ -178,7 +178,7 @@ class ServerSettings:
     learning_rate: float = option(1.0, "--server-learning-rate",
                                   "the server's step size on the mean update (fedavg: 1.0 applies it as is)")
     momentum: float = 0.9
-    """β₁: momentum of fedavgm, first moment of fedadam/fedyogi."""
+    """β₁: momentum of fedavgm, first moment of fedadam/fedyogi/adam."""
     beta2: float = 0.99
     tau: float = 1e-3
     """Adaptivity floor of fedadam/fedyogi: step ≈ lr·m/(√v + τ)."""

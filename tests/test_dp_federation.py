@@ -66,7 +66,7 @@ def test_a_distributed_row_names_its_trust_assumption_ring_and_the_epsilon_of_on
               "distributed": plan, "evaluated_rounds": [5, 10]}
     line = table([result]).splitlines()[2]
     assert line.startswith("| fed-dp-distributed (3/5 honest, ε alone 21.2, 17-bit ring = 0.93× fp32) |")
-    assert "| fedadam (η=0.02) on the pooled step |" in line and "| 8.0 |" in line
+    assert "| adam (η=0.02) on the pooled step |" in line and "| 8.0 |" in line
 
 
 def test_each_row_is_compared_with_the_pooled_reference_that_read_the_same_features():

@@ -1,7 +1,8 @@
-"""The server's step on the mean update: FedAvg, momentum, FedAdam, FedYogi, and its state across a resume."""
+"""The server's step on the mean update: FedAvg, momentum, FedAdam, FedYogi, Adam, and its state across a resume."""
 
 import numpy as np
 import pytest
+import torch
 
 from common.config import ConfigError, ServerSettings
 from server.optimizer import ServerOptimizer
@@ -34,8 +35,25 @@ def test_adaptive_optimizers_match_their_update_rule(name):
     np.testing.assert_allclose(opt.step(second), 0.1 * m / (np.sqrt(v) + 1e-3), rtol=1e-5)
 
 
-def test_state_round_trips_so_a_resumed_run_continues_the_same_trajectory():
-    settings = ServerSettings(optimizer="fedadam", learning_rate=0.1)
+def test_adam_steps_as_torch_adam_does_on_the_same_gradients():
+    """``adam`` is the sites' optimizer (bias-corrected): x += η·Δ must follow torch's Adam on g = −Δ."""
+    rng = np.random.default_rng(0)
+    gradients = [rng.normal(size=4) * scale for scale in (1.0, 0.01, 3.0, 0.5)]
+    weights = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    reference = torch.optim.Adam([weights], lr=0.02)  # β = (0.9, 0.999), ε = 1e-8
+    ours, x = ServerOptimizer(ServerSettings(optimizer="adam", learning_rate=0.02), 4), np.zeros(4)
+    for gradient in gradients:
+        weights.grad = torch.from_numpy(gradient)
+        reference.step()
+        x = x + ours.step(-gradient)
+        np.testing.assert_allclose(x, weights.detach().numpy(), rtol=1e-5, atol=1e-7)
+    fresh = ServerOptimizer(ServerSettings(optimizer="adam", learning_rate=0.02), 4)
+    np.testing.assert_allclose(np.abs(fresh.step(gradients[1])), 0.02, rtol=1e-4)  # step one: η·sign, not 30× it
+
+
+@pytest.mark.parametrize("name", ["fedadam", "adam"])
+def test_state_round_trips_so_a_resumed_run_continues_the_same_trajectory(name):
+    settings = ServerSettings(optimizer=name, learning_rate=0.1)
     deltas = [np.random.default_rng(i).normal(size=5) for i in range(3)]
     straight = ServerOptimizer(settings, 5)
     steps = [straight.step(d) for d in deltas]

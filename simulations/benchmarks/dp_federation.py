@@ -90,8 +90,8 @@ class Setup:
     """fed-dp-distributed: the fewest sites assumed honest (their noise shares reach ε); 0 = every site."""
     sample_rate: float = 0.0
     """fed-dp-distributed: q; 0 = the automatic plan's q for the pooled records (as central-dp)."""
-    step_optimizer: ServerOptimizerName = "fedadam"
-    """fed-dp-distributed: the server's optimizer on the noisy mean gradient (fedadam: Adam, as sites' AdamW)."""
+    step_optimizer: ServerOptimizerName = "adam"
+    """fed-dp-distributed: the server's optimizer on the noisy mean gradient (adam: the sites' bias-corrected Adam)."""
     step_lr: float = AUTO_LEARNING_RATE
     eval_every: int = 0
     """fed-dp-distributed: evaluate every this many rounds (and the last); 0 = about 10 evaluations."""
@@ -214,8 +214,7 @@ def federate_distributed(sites, test, labels, setup: Setup, privacy, train, lora
         epsilon=setup.epsilon, delta=setup.delta, sites=len(sites),
         min_honest_sites=setup.min_honest_sites or len(sites), expected_batch=rate * units))
     print(f"  plan: {describe(plan)}", flush=True)
-    server = ServerOptimizer(ServerSettings(optimizer=setup.step_optimizer, learning_rate=setup.step_lr, beta2=0.999,
-                                            tau=1e-8), dimension)
+    server = ServerOptimizer(ServerSettings(optimizer=setup.step_optimizer, learning_rate=setup.step_lr), dimension)
     every = setup.eval_every or max(1, setup.rounds // 10)
     curve, evaluated = [], []
     for server_round in range(1, setup.rounds + 1):
