@@ -21,13 +21,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.config import PrivacySettings, TrainSettings
+from common.config import AUTO_LEARNING_RATE, PrivacySettings, TrainSettings
 
 AUTO_SAMPLE_RATE = 0.25
 AUTO_MIN_BATCH = 32
 AUTO_MAX_BATCH = 2048
 AUTO_TOTAL_EPOCHS = 30
-AUTO_LEARNING_RATE = 2e-2
 
 
 @dataclass(frozen=True)

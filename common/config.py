@@ -18,6 +18,8 @@ from common.typed import BadInput as BadInput  # defined with the parser that ra
 from common.typed import ConfigError as ConfigError
 from common.typed import from_mapping
 
+AUTO_LEARNING_RATE = 2e-2
+"""train.learning-rate 0: DP-SGD's Adam step size (the sites' AdamW; in distributed DP, the server's Adam)."""
 ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "adam"]
 SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
 TaskKind = Literal["classification", "causal-lm"]
@@ -334,6 +336,17 @@ class RunSettings:
         _require(self.privacy.dp_mode == "local" or (self.privacy.enabled and self.federation.secure_aggregation),
                  "privacy.dp-mode distributed needs DP and secure aggregation on: the sites' noise shares protect a "
                  "record only inside the secure sum (drop --plain-aggregation, or use --dp-mode local)")
+        _require(self.privacy.dp_mode == "local" or self.server == ServerSettings(),
+                 "server.* steps on the sites' mean update in local DP mode; in distributed DP the server takes "
+                 "DP-SGD's step itself, with the sites' Adam at train.learning-rate: drop --server-optimizer and "
+                 "--server-learning-rate (set --learning-rate instead)")
+
+    def step_optimizer(self) -> ServerSettings:
+        """The server's optimizer: server.* on the sites' mean update (local DP mode); in distributed DP the server
+        takes DP-SGD's step itself, with the sites' optimizer: bias-corrected Adam at train.learning-rate."""
+        if self.privacy.dp_mode == "distributed":
+            return ServerSettings(optimizer="adam", learning_rate=self.train.learning_rate or AUTO_LEARNING_RATE)
+        return self.server
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunSettings:

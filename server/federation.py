@@ -75,8 +75,10 @@ def choose_aggregator(settings: RunSettings, spec: RoundSpec, watch: LedgerWatch
         distributed = settings if settings.privacy.dp_mode == "distributed" else None
         if distributed is not None:
             log.info("DISTRIBUTED DP: each round is one DP-SGD step of the pooled data, the sites sharing its noise "
-                     "inside secure aggregation%s", "; federated evaluation is off in this mode (the ring sum has no "
-                     "count slots): the server's own test split only" if settings.federation.eval_every else "")
+                     "inside secure aggregation; the server takes the step with Adam (η = %g)%s",
+                     settings.step_optimizer().learning_rate, "; federated evaluation is off in this mode (the ring "
+                     "sum has no count slots): the server's own test split only" if settings.federation.eval_every
+                     else "")
         return SecureAggregation(spec, settings.secagg, load_registry(settings.secagg.registry), watch, distributed)
     log.warning("PLAIN AGGREGATION (federation.secure-aggregation=false): the server sees every site's update")
     return PlainAggregation(spec, settings.secagg, watch)
@@ -186,14 +188,14 @@ class Federation:
         self.watch = LedgerWatch(self.out_dir, self.signing_key, self.run_id)
         self.aggregator = choose_aggregator(settings, spec, self.watch)
         self.update_size = update_size
-        self.optimizer = ServerOptimizer(settings.server, update_size)
+        self.optimizer = ServerOptimizer(settings.step_optimizer(), update_size)
         self.privacy: dict[str, PrivacyReport] = {}
         self.unit = unit_name(settings.privacy.unit)
         self.run_info = RunInfo(
             task=settings.task, labels=self.labels, majority_baseline=self._floor(),
             aggregation=self.aggregator.name, lora=settings.lora.aggregation, dp=settings.privacy.enabled,
             update_values=update_size, sites=settings.federation.sites, rounds=settings.federation.rounds,
-            privacy_unit=settings.privacy.unit, server_optimizer=settings.server.optimizer,
+            privacy_unit=settings.privacy.unit, server_optimizer=settings.step_optimizer().optimizer,
             epsilon_budget=settings.privacy.epsilon if settings.privacy.enabled else None,
             select_round=settings.federation.select_round)
         write_run_info(self.out_dir, self.run_info)
@@ -216,7 +218,7 @@ class Federation:
         self.state, self.last_round, parent = resume_point(checkpoint, self.state)
         set_adapter_state(self.model, self.state)
         try:
-            self.optimizer = ServerOptimizer(self.settings.server, self.update_size,
+            self.optimizer = ServerOptimizer(self.settings.step_optimizer(), self.update_size,
                                              load_optimizer_state(checkpoint))
         except ValueError as exc:
             raise ConfigError(f"checkpoint {checkpoint}: {exc}") from exc
@@ -385,7 +387,7 @@ class Federation:
         self.checkpoint = save_checkpoint(
             self.out_dir, server_round, self.model, self.state, contributors=outcome.contributors,
             parent_sha256=self.parent, metrics=dataclasses.replace(line, checkpoint=checkpoint_name(server_round)),
-            seal=seal, optimizer_state=self.optimizer.state() if self.settings.server.optimizer != "fedavg" else None)
+            seal=seal, optimizer_state=self.optimizer.state())
         self.parent = file_sha256(self.checkpoint / "adapter_model.safetensors")
         self.audit.record("checkpoint", round=server_round, adapter_sha256=self.parent,
                           passport=self.signing_key is not None)

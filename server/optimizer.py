@@ -22,7 +22,6 @@ import numpy as np
 
 from common.config import ServerSettings
 
-
 ADAM_BETA2 = 0.999
 ADAM_EPSILON = 1e-8
 """``adam``'s β₂ and ε: torch.optim.AdamW's defaults, as the sites' local steps use them."""
@@ -66,5 +65,8 @@ class ServerOptimizer:
         return (s.learning_rate * step).astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
+        """What a checkpoint keeps for a resume (fedavg has no state: empty)."""
+        if self.settings.optimizer == "fedavg":
+            return {}
         steps = {"t": np.array([self.t], dtype=np.int64)} if self.settings.optimizer == "adam" else {}
         return {"m": self.m.copy(), "v": self.v.copy()} | steps

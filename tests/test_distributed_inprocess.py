@@ -18,8 +18,7 @@ from tests.conftest import write_csv
 from tests.test_federation_inprocess import InProcessGrid, federate
 
 pytestmark = pytest.mark.model
-DISTRIBUTED = {"privacy.dp-mode": "distributed", "server.optimizer": "fedadam", "server.learning-rate": 0.02,
-               "federation.eval-every": 0}
+DISTRIBUTED = {"privacy.dp-mode": "distributed", "federation.eval-every": 0}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from client.policy import PolicyError, SitePolicy
 from client.privacy import BudgetExhausted, PrivacyLedger
-from common.config import ConfigError, PrivacySettings, RunSettings
+from common.config import ConfigError, PrivacySettings, RunSettings, ServerSettings
 
 LABELS = ("a", "b")
 
@@ -32,6 +32,17 @@ def test_distributed_dp_needs_secure_aggregation_and_dp() -> None:
         run(**{"federation.secure-aggregation": False})
     with pytest.raises(ConfigError, match="distributed needs DP"):
         run(**{"privacy.enabled": False})
+
+
+def test_in_distributed_dp_the_server_steps_with_the_sites_adam_and_refuses_a_server_optimizer() -> None:
+    """The server's step IS DP-SGD's step: the sites' bias-corrected Adam at train.learning-rate. A server.* setting
+    (local mode's step on the mean update) is refused by name rather than silently ignored."""
+    assert run().step_optimizer() == ServerSettings(optimizer="adam", learning_rate=0.02)
+    assert run(**{"train.learning-rate": 0.05}).step_optimizer().learning_rate == 0.05
+    assert run("local", **{"server.optimizer": "fedadam"}).step_optimizer().optimizer == "fedadam"
+    for flat in ({"server.optimizer": "fedadam"}, {"server.learning-rate": 0.5}):
+        with pytest.raises(ConfigError, match="distributed DP the server takes DP-SGD's step itself.*--learning-rate"):
+            run(**flat)
 
 
 def test_a_site_trains_in_distributed_mode_only_if_it_opted_in() -> None:

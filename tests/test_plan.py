@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from client.plan import AUTO_LEARNING_RATE, plan_training
+from client.plan import plan_training
 from client.policy import PolicyError, SitePolicy
 from client.privacy import PrivacyLedger
 from client.train import public_size
 from common.config import (
+    AUTO_LEARNING_RATE,
     ConfigError,
     DataSettings,
     FederationSettings,

@@ -2,9 +2,10 @@
 
 3 sites, 2 rounds, DP on per condition (a per-person privacy unit), secure aggregation (the
 default), tiny data (real drug reviews, 16 tokens each), with both baselines and report.html opened
-in headless Chromium; then an interrupted FedAdam run, Ctrl-C'd and resumed. What happens between
-the round loop and the sites' ClientApp in a round (re-runs, spent ledgers, quantisation) is tested
-in process, without Flower's engine, in tests/test_federation_inprocess.py. Slow: about 3 minutes.
+in headless Chromium; then an interrupted run in distributed DP mode (the server takes each DP-SGD step
+with Adam), Ctrl-C'd and resumed. What happens between the round loop and the sites' ClientApp in a round
+(re-runs, spent ledgers, quantisation) is tested in process, without Flower's engine, in
+tests/test_federation_inprocess.py. Slow: about 3 minutes.
 """
 
 from __future__ import annotations
@@ -316,8 +317,7 @@ def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, dr
     train = write_csv(tmp_path / "train.csv", drug_reviews[:30])
     out = tmp_path / "run"
     args = ["simulate", "--out", str(out), "--data", str(train), "--test-data", str(train), "--partition", "iid",
-            "--max-length", "16", "--rounds", "3", "--dp-mode", "distributed",
-            "--server-optimizer", "fedadam", "--server-learning-rate", "0.01"]
+            "--max-length", "16", "--rounds", "3", "--dp-mode", "distributed"]
     with open(tmp_path / "stderr.log", "wb") as errors:  # a file: an unread pipe could fill and block the run
         proc = started_processes.start(command(*args), stdout=subprocess.DEVNULL, stderr=errors)
     deadline = time.monotonic() + 1800  # a safety net: the wait is for round 1's checkpoint
@@ -338,7 +338,7 @@ def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, dr
     assert lines[-1].round == 3 and sorted({line.round for line in lines}) == [0, 1, 2, 3]
     lineage = _lineage(out)  # every checkpoint names its parent: no gap, no fork
     assert all((out / "checkpoints" / f"round-{info.round:04d}" / "server_optimizer.safetensors").is_file()
-               for info in lineage[1:])  # FedAdam's moments travel with each checkpoint into the resume
+               for info in lineage[1:])  # the server's Adam moments travel with each checkpoint into the resume
     assert lineage[-1].round == max(line.round for line in lines if line.model_updated)
     for line in lines[1:]:
         if line.model_updated:  # the sites' ring sum: integers mod 2^b, no rounding error of a fixed-point sum
