@@ -258,6 +258,10 @@ class FederationSettings:
     early_stop: int = option(0, "--early-stop", "with --select-round best: end the run after K federated evaluations "
                              "in a row without improvement (the sites keep the budget of the rounds never played); "
                              "0 = play every round")
+    checkpoint_every: int = option(1, "--checkpoint-every", "checkpoint the model and score it on the server's test "
+                                   "split every K rounds and after the last: K > 1 for hundreds of cheap rounds "
+                                   "(distributed DP); a resume replays the rounds after the last checkpoint, and the "
+                                   "sites spend ε on them again")
 
     def __post_init__(self) -> None:
         _require(self.train_timeout > 0 and self.stage_timeout > 0 and self.site_wait > 0,
@@ -278,6 +282,10 @@ class FederationSettings:
         _require(not self.early_stop or (self.select_round == "best" and self.eval_every > 0),
                  "federation.early-stop needs federation.select-round = best and federated evaluation "
                  "(eval-every >= 1): it stops on the federated scores")
+        _require(self.checkpoint_every >= 1, f"federation.checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        _require(self.checkpoint_every == 1 or self.select_round == "last",
+                 "federation.select-round best chooses among every round's checkpoint: use it with "
+                 "checkpoint-every 1")
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,10 @@ class Federation:
         write_run_info(self.out_dir, self.run_info)
         self.last_round, self.updated_rounds = 0, 0
         self.checkpoint, self.parent = self._resume() if settings.resume_from else self._start()
+        self.model_round = self.last_round
+        """The round whose step made the current model (what the sites receive next)."""
+        self.uncommitted: tuple[int, RoundOutcome, MetricsLine] | None = None
+        """The latest round that moved the model, when it is not checkpointed yet (checkpoint-every > 1)."""
 
     def _start(self) -> tuple[Path, str]:
         """Round 0: the initial adapter, evaluated and checkpointed."""
@@ -243,6 +247,8 @@ class Federation:
                 self.audit.record("run-stopped-early", run_id=self.run_id, round=server_round,
                                   patience=federation.early_stop)
                 break
+        if self.uncommitted is not None:  # the model moved after the last checkpoint (a later round failed)
+            self._commit(*self.uncommitted)
         if self.updated_rounds == 0 and not self.settings.resume_from:
             self.audit.record("run-failed", run_id=self.run_id, reason="no round changed the model")
             kinds = sorted({failure.kind for failure in outcome.failures}) if outcome else []
@@ -289,9 +295,14 @@ class Federation:
             self.state = apply_delta(self.state, self.optimizer.step(outcome.mean_delta), self.keys)
             set_adapter_state(self.model, self.state)
             self.updated_rounds += 1
-        line = self._metrics_line(server_round, outcome, self._evaluate(), round(time.monotonic() - started, 2))
+        due = self._checkpoint_due(server_round)
+        line = self._metrics_line(server_round, outcome, self._evaluate() if due else {},
+                                  round(time.monotonic() - started, 2))
         if outcome.mean_delta is not None:
-            self._commit(server_round, outcome, line)
+            self.model_round = server_round
+            self.uncommitted = (server_round, outcome, line) if not due else None
+            if due:
+                self._commit(server_round, outcome, line)
         line = dataclasses.replace(line, checkpoint=self.checkpoint.name)
         append_metrics(self.out_dir, line)
         write_privacy(self.out_dir, PrivacyFile(self.settings.privacy.enabled, self.privacy))
@@ -302,6 +313,11 @@ class Federation:
                  line.federated_evaluation.model_round if line.federated_evaluation else server_round - 1,
                  _shown(federated))
         return outcome
+
+    def _checkpoint_due(self, server_round: int) -> bool:
+        """Checkpoint (and score on the server's test split) this round: every K-th round and the last."""
+        federation = self.settings.federation
+        return server_round % federation.checkpoint_every == 0 or server_round == federation.rounds
 
     def _collect(self, server_round: int) -> RoundOutcome:
         """Wait for the sites (all of them before the first round played here), run the aggregator's
@@ -351,7 +367,7 @@ class Federation:
         if self.evaluation is None or not outcome.evaluation_sum or not outcome.evaluated_sites:
             return None
         return decode(outcome.evaluation_sum, outcome.evaluated_sites, self.evaluation,
-                      model_round=read_round_info(self.checkpoint).round,  # the model the sites received
+                      model_round=self.model_round,  # the model the sites received
                       max_tokens=self.settings.data.max_length // 2)
 
     def _epsilon(self) -> dict[str, float | None]:

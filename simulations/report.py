@@ -197,10 +197,11 @@ def _figure():
 def _utility_plot(summary: Summary):
     figure, axes = _figure()
     (second, second_name), (key, name) = TASK_METRICS[summary.task]
-    rounds = [line.round for line in summary.rounds]
+    scored = [line for line in summary.rounds if line.server]  # checkpoint-every K: every K-th round
+    rounds = [line.round for line in scored]
     if summary.final:
-        axes.plot(rounds, [line.server.get(key, math.nan) for line in summary.rounds], "o-", label=f"federation {name}")
-        axes.plot(rounds, [line.server.get(second, math.nan) for line in summary.rounds], "s--",
+        axes.plot(rounds, [line.server.get(key, math.nan) for line in scored], "o-", label=f"federation {name}")
+        axes.plot(rounds, [line.server.get(second, math.nan) for line in scored], "s--",
                   label=f"federation {second_name}")
     federated = [line.federated_evaluation for line in summary.rounds if line.federated_evaluation is not None]
     for metric, title, style in ((key, name, "D-."), (second, second_name, "v:")):
@@ -228,7 +229,7 @@ def _privacy_plot(summary: Summary):
     sites = sorted({site for line in summary.rounds for site in line.epsilon})
     for site in sites:
         points = [(line.round, eps) for line in summary.rounds if (eps := line.epsilon.get(site)) is not None]
-        axes.plot([r for r, _ in points], [e for _, e in points], "o-", label=site)
+        axes.plot([r for r, _ in points], [e for _, e in points], "o-" if len(points) <= 50 else "-", label=site)
     if budget := summary.run.epsilon_budget:
         axes.axhline(budget, color="red", lw=1, ls="--", label=f"budget ε={budget:g}")
     axes.set(xlabel="round", ylabel=f"ε spent per {summary.unit}", title="Each site's privacy spend")
@@ -240,7 +241,9 @@ def _html(summary: Summary, images: list[str]) -> str:
     e = html.escape
     columns = TASK_METRICS[summary.task]
     rows = []
-    for line in summary.rounds[1:]:
+    shown = [line for line in summary.rounds[1:] if line.server or line.failures or not line.model_updated
+             or line.federated_evaluation is not None or line is summary.rounds[-1]]
+    for line in shown:
         failures = ", ".join(f"{f.site}: {f.kind}" for f in line.failures) or "-"
         eps = line.spent()
         rows.append(f"<tr><td>{line.round}</td><td>{line.contributors}</td><td>{e(failures)}</td>"
@@ -248,6 +251,9 @@ def _html(summary: Summary, images: list[str]) -> str:
                     + f"<td>{e(federated_text(line, summary.task).strip() or '-')}</td>"
                     + f"<td>{f'{max(eps):.2f}' if eps else '-'}</td>"
                     f"<td>{'yes' if line.model_updated else 'no'}</td></tr>")
+    unshown = len(summary.rounds) - 1 - len(shown)
+    hidden = (f'<p id="rounds-not-shown">Not shown: {unshown} round(s) that moved the model without a score or a '
+              "failure (checkpoint-every); metrics.jsonl has every round.</p>" if unshown else "")
     samples = "".join(f"<tr><td>{e(s['prompt'])}</td><td>{e(s['reference'])}</td><td>{e(s['generated'])}</td></tr>"
                       for s in summary.final.get("samples", []))
     examples = (f'<h2>Answers of the final adapter</h2><table id="samples"><tr><th>prompt (end)</th>'
@@ -279,6 +285,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 <h2>Rounds</h2>
 <table id="rounds"><tr><th>round</th><th>sites</th><th>failures</th>{''.join(f"<th>{e(n)}</th>" for _, n in columns)}
 <th>federated evaluation</th><th>ε max</th><th>model updated</th></tr>{''.join(rows)}</table>
+{hidden}
 {distributed}
 {audit}
 {examples}

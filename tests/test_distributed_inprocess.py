@@ -43,7 +43,7 @@ class Recording(InProcessGrid):
 def distributed_run(tmp_path_factory, data) -> Path:
     out = tmp_path_factory.mktemp("run")
     Recording.seen = []
-    federate(out, data, rounds=3, grid=Recording, **DISTRIBUTED)
+    federate(out, data, rounds=3, grid=Recording, **DISTRIBUTED | {"federation.checkpoint-every": 2})
     return out
 
 
@@ -54,11 +54,24 @@ def test_a_distributed_run_takes_one_pooled_step_per_round_and_learns(distribute
         assert line.model_updated and line.contributors == 3 and line.failures == ()
         assert line.secure_aggregation.survivors == ["site-0", "site-1", "site-2"]
         assert line.secure_aggregation.error_bound == 0.0 and line.federated_evaluation is None
+    assert lines[1].server == {}  # checkpoint-every 2: scored and checkpointed at rounds 2 and 3 (the last) only
+    lines = [line for line in lines if line.server]
+    assert [line.round for line in lines] == [0, 2, 3]
     losses = [line.server["loss"] for line in lines]
     details, values = lines[1].secure_aggregation, read_run_info(distributed_run).update_values
     print(f"server test loss by round: {losses}; ring of {details.modulus_bits} bits, upload "
           f"{details.upload_bytes:,} bytes = {details.upload_bytes / (4 * values):.3f}× the {values:,} fp32 values")
     assert len(set(losses)) == len(losses)  # every step moved the model
+
+
+def test_with_checkpoint_every_k_the_lineage_links_the_checkpoints_it_kept(distributed_run: Path) -> None:
+    from common.run_files import read_round_info
+
+    kept = sorted(path.name for path in (distributed_run / "checkpoints").iterdir())
+    assert kept == ["round-0000", "round-0002", "round-0003"]
+    infos = [read_round_info(distributed_run / "checkpoints" / name) for name in kept]
+    assert [info.parent_sha256 for info in infos] == [None, infos[0].adapter_sha256, infos[1].adapter_sha256]
+    assert all((distributed_run / "checkpoints" / name / "server_optimizer.safetensors").is_file() for name in kept[1:])
 
 
 def test_both_epsilons_are_in_privacy_json_and_the_passport(distributed_run: Path) -> None:
@@ -78,6 +91,9 @@ def test_the_report_shows_both_epsilons(distributed_run: Path) -> None:
     for site, report in read_privacy(distributed_run).sites.items():
         assert f"{site}: ε = {report.epsilon:g} against the coordinator, ε = {report.own_noise_epsilon:g} from its " \
                "own noise alone" in page
+    rounds = page.split('<table id="rounds">')[1].split("</table>")[0]  # checkpoint-every 2: the scored rounds
+    assert [row.split("</td>")[0] for row in rounds.split("<tr><td>")[1:]] == ["2", "3"]
+    assert '<p id="rounds-not-shown">Not shown: 1 round(s) that moved the model without a score' in page
 
 
 def test_the_coordinator_sees_public_sizes_and_masked_ring_vectors_only(distributed_run: Path) -> None:

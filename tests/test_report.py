@@ -35,6 +35,26 @@ def test_a_round_line_has_a_progress_bar_and_names_the_unit():
     assert text.startswith("[██████████··········] round 2/4") and "ε max 3.00 per patient_id" in text
 
 
+def test_with_hundreds_of_rounds_the_terminal_shows_the_checkpointed_rounds_and_every_failure(capsys):
+    import argparse
+
+    from fedtune.cli import report_round
+
+    class Tracker:  # the trackers have tests of their own: here, only that every round still reaches them
+        def __init__(self) -> None:
+            self.logged: list[int] = []
+
+        def log_round(self, metrics: MetricsLine) -> None:
+            self.logged.append(metrics.round)
+
+    tracker, args = Tracker(), argparse.Namespace(rounds=12, task="classification", checkpoint_every=5)
+    refused = (Failure("site-1", "site-policy", "..."),)
+    for n in range(1, 13):
+        report_round(line(n, server={} if n % 5 else SERVER, failures=refused if n == 7 else ()), args, tracker)
+    shown = [int(text.split("round ")[1].split("/")[0]) for text in capsys.readouterr().out.splitlines()]
+    assert shown == [5, 7, 10, 12] and tracker.logged == list(range(1, 13))
+
+
 def test_a_dp_round_every_site_refused_says_so_and_never_dp_off():
     refused = tuple(Failure(f"site-{i}", "budget-exhausted", "...") for i in range(3))
     text = round_line(line(3, contributors=0, failures=refused, model_updated=False, epsilon={}), 3)

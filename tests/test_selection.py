@@ -60,6 +60,8 @@ def test_early_stop_on_loss_counts_a_lower_loss_as_improvement() -> None:
     ({"early_stop": -1}, "early-stop must be >= 0"),
     ({"early_stop": 2}, "early-stop needs federation.select-round = best"),
     ({"early_stop": 2, "select_round": "best", "eval_every": 0}, "early-stop needs"),
+    ({"checkpoint_every": 0}, "checkpoint-every must be >= 1"),
+    ({"checkpoint_every": 5, "select_round": "best"}, "best chooses among every round's checkpoint"),
 ])
 def test_bad_selection_settings_are_refused_saying_why(settings: dict, says: str) -> None:
     with pytest.raises(ConfigError, match=says):
