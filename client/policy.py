@@ -66,7 +66,8 @@ class SitePolicy:
                                                           "rounded down to a power of ten, for the site's public "
                                                           "size m: declared, or its DP estimate)", kind=float)
     max_rounds: int = option(100, "--max-rounds", "the most rounds a run may plan (the site's budget is spread over "
-                                                  "them)")
+                                                  "them; distributed DP, one step per round: the most rounds is "
+                                                  "max-rounds × max-steps-per-round)")
     max_steps_per_round: int = option(2000, "--max-steps-per-round", "the most training steps a round may take (the "
                                       "run's batch size and epochs set them, from the site's public size)")
     accountants: tuple[str, ...] = ACCOUNTANTS
@@ -202,7 +203,11 @@ class SitePolicy:
         if settings.federation.eval_every and settings.federation.eval_epsilon > self.max_eval_epsilon:
             raise PolicyError(f"the run's federated evaluations ask for ε={settings.federation.eval_epsilon:g}; this "
                               f"site allows at most ε={self.max_eval_epsilon:g} (policy max-eval-epsilon)")
-        if settings.federation.rounds > self.max_rounds:
+        if settings.privacy.dp_mode == "distributed":  # a round is one step: the most steps a run may take
+            if settings.federation.rounds > (most := self.max_rounds * self.max_steps_per_round):
+                raise PolicyError(f"the run plans {settings.federation.rounds} distributed-DP rounds (one step each); "
+                                  f"this site allows at most {most} steps (policy max-rounds × max-steps-per-round)")
+        elif settings.federation.rounds > self.max_rounds:
             raise PolicyError(f"the run plans {settings.federation.rounds} rounds; this site allows at most "
                               f"{self.max_rounds} (policy max-rounds)")
         if self.require_secure_aggregation and not settings.federation.secure_aggregation:

@@ -1,6 +1,7 @@
 """The automatic training plan: the documented rule, computed from the site's public size (declared, or its DP
 estimate), never its true count; overrides win, within the site's policy."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,11 @@ def test_the_coordinators_plan_settings_are_bounded_by_the_sites_policy():
     policy.check(_settings())
     with pytest.raises(PolicyError, match="11 rounds; this site allows at most 10 .policy max-rounds"):
         policy.check(_settings(rounds=11))
+    # Distributed DP takes one step per round: the most rounds is the most steps, max-rounds × max-steps-per-round.
+    distributed = SitePolicy(labels=("a",), max_rounds=10, max_steps_per_round=30, dp_modes=("local", "distributed"))
+    distributed.check(dataclasses.replace(_settings(rounds=300), privacy=PrivacySettings(dp_mode="distributed")))
+    with pytest.raises(PolicyError, match="301 distributed-DP rounds .one step each.; this site allows at most 300"):
+        distributed.check(dataclasses.replace(_settings(rounds=301), privacy=PrivacySettings(dp_mode="distributed")))
     # Steps follow from the run's batch size and epochs at the site's public size: 100 epochs of 1 unit per step.
     policy.check_plan(_settings(), public_units=2_000)
     with pytest.raises(PolicyError, match="takes 1000 steps per round; this site allows at most 500"):
