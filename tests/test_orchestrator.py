@@ -103,7 +103,7 @@ def test_the_sites_policy_flags_reach_the_clientapps_policy(kits: Path, tmp_path
     from fedtune.runtime.daemon import node_config
 
     wanted = SitePolicy(labels=("no", "yes"), model_path="/opt/models/bert", max_epsilon=2.5, max_delta=1e-6,
-                        min_sites=4, declared_examples=300)
+                        min_sites=4, declared_examples=300, dp_modes=("local", "distributed"), min_honest_sites=3)
     config = parse_config_args([node_config(kits / "sites" / "site-a", kits.parent / "keys" / "site-a",
                                             tmp_path / "d.csv", tmp_path / "s", wanted)])
     policy = {k.removeprefix("policy."): v for k, v in config.items() if k.startswith("policy.")}
