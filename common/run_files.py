@@ -136,6 +136,11 @@ class FederatedScores:
     """ε (at the run's δ) of all the run's planned evaluations together, per unit of a site's evaluation split."""
 
 
+def checkpoint_name(server_round: int) -> str:
+    """The checkpoint directory of a round's model: round-NNNN."""
+    return f"round-{server_round:04d}"
+
+
 @dataclass(frozen=True)
 class MetricsLine:
     """One round in metrics.jsonl. Round 0 (the initial adapter) sets only ``round`` and ``server``."""
@@ -159,6 +164,10 @@ class MetricsLine:
     """The checkpoint directory holding the model after this round (round-NNNN)."""
     federated_evaluation: FederatedScores | None = None
     """The sites' private evaluation of the model they received this round (round − 1's), if they evaluated."""
+
+    def checkpointed(self) -> bool:
+        """This round's model has a checkpoint of its own (with checkpoint-every K, every K-th round and the last)."""
+        return self.checkpoint == checkpoint_name(self.round)
 
     def spent(self) -> list[float]:
         """The ε the sites have reported so far."""

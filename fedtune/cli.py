@@ -247,8 +247,7 @@ def run_tracker(args: argparse.Namespace, run_name: str, *, ready: Callable[[], 
 def report_round(line: MetricsLine, args: argparse.Namespace, tracker: RunTracker) -> None:
     from simulations.report import round_line
 
-    every = getattr(args, "checkpoint_every", 1)  # hundreds of rounds: the checkpointed ones, and any failure
-    if line.round % every == 0 or line.round == args.rounds or line.failures or not line.model_updated:
+    if line.checkpointed() or line.round == args.rounds or line.failures or not line.model_updated:  # checkpoint-every
         print("  " + round_line(line, args.rounds, args.task), flush=True)
     tracker.log_round(line)
 

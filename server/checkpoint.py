@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from common.adapter import AdapterState, save_peft_adapter
 from common.files import file_sha256
-from common.run_files import ROUND_FILE, MetricsLine, RoundInfo, read_round_info, write_round_info
+from common.run_files import ROUND_FILE, MetricsLine, RoundInfo, checkpoint_name, read_round_info, write_round_info
 
 OPTIMIZER_FILE = "server_optimizer.safetensors"
 
@@ -51,10 +51,6 @@ def save_checkpoint(out_dir: Path, server_round: int, model: torch.nn.Module, st
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     return final
-
-
-def checkpoint_name(server_round: int) -> str:
-    return f"round-{server_round:04d}"
 
 
 def load_optimizer_state(checkpoint: Path) -> dict[str, np.ndarray] | None:

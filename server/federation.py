@@ -41,6 +41,7 @@ from common.run_files import (
     PrivacyReport,
     RunInfo,
     append_metrics,
+    checkpoint_name,
     drop_partial_metrics_line,
     read_metrics,
     read_privacy,
@@ -50,7 +51,7 @@ from common.run_files import (
     write_record,
     write_run_info,
 )
-from server.checkpoint import checkpoint_name, load_optimizer_state, publish_final, save_checkpoint
+from server.checkpoint import load_optimizer_state, publish_final, save_checkpoint
 from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 from server.optimizer import ServerOptimizer
 from server.secure_agg import SecureAggregation, Standing

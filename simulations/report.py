@@ -241,8 +241,8 @@ def _html(summary: Summary, images: list[str]) -> str:
     e = html.escape
     columns = TASK_METRICS[summary.task]
     rows = []
-    shown = [line for line in summary.rounds[1:] if line.server or line.failures or not line.model_updated
-             or line.federated_evaluation is not None or line is summary.rounds[-1]]
+    shown = [line for line in summary.rounds[1:] if line.checkpointed() or line.failures
+             or not line.model_updated or line.federated_evaluation is not None or line is summary.rounds[-1]]
     for line in shown:
         failures = ", ".join(f"{f.site}: {f.kind}" for f in line.failures) or "-"
         eps = line.spent()

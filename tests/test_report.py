@@ -47,10 +47,12 @@ def test_with_hundreds_of_rounds_the_terminal_shows_the_checkpointed_rounds_and_
         def log_round(self, metrics: MetricsLine) -> None:
             self.logged.append(metrics.round)
 
-    tracker, args = Tracker(), argparse.Namespace(rounds=12, task="classification", checkpoint_every=5)
+    tracker, args = Tracker(), argparse.Namespace(rounds=12, task="classification")
     refused = (Failure("site-1", "site-policy", "..."),)
-    for n in range(1, 13):
-        report_round(line(n, server={} if n % 5 else SERVER, failures=refused if n == 7 else ()), args, tracker)
+    for n in range(1, 13):  # checkpoint-every 5: rounds 5 and 10 have a checkpoint (and a score) of their own
+        kept = f"round-{n - n % 5:04d}"
+        report_round(line(n, server={} if n % 5 else SERVER, checkpoint=kept, failures=refused if n == 7 else ()),
+                     args, tracker)
     shown = [int(text.split("round ")[1].split("/")[0]) for text in capsys.readouterr().out.splitlines()]
     assert shown == [5, 7, 10, 12] and tracker.logged == list(range(1, 13))
 
