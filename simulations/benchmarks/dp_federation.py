@@ -319,8 +319,7 @@ def plot(results: list[dict], path: Path) -> None:
                      + (", label-name head" if head_init(s) == "label-names" else "") + ")")
             rounds = r.get("evaluated_rounds") or range(1, len(r["macro_f1"]) + 1)
             axes.plot([n / s["rounds"] for n in rounds], r["macro_f1"], marker="o", markersize=3, label=label)
-        axes.set(xlabel="share of the run (a distributed row's round is one step, a local row's a tenth of them)",
-                 ylim=(0, 1),
+        axes.set(xlabel="share of the run's training (a distributed round is one step)", ylim=(0, 1),
                  title=f"{results[0]['setup']['sites']} sites × {size:,} records, head on the "
                        + ("mean-pooled embedding" if read == "mean-pooled" else read))
         axes.grid(alpha=0.3)
