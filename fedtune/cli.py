@@ -245,9 +245,9 @@ def run_tracker(args: argparse.Namespace, run_name: str, *, ready: Callable[[], 
 
 
 def report_round(line: MetricsLine, args: argparse.Namespace, tracker: RunTracker) -> None:
-    from simulations.report import round_line
+    from simulations.report import listed, round_line
 
-    if line.checkpointed() or line.round == args.rounds or line.failures or not line.model_updated:  # checkpoint-every
+    if listed(line, args.rounds):
         print("  " + round_line(line, args.rounds, args.task), flush=True)
     tracker.log_round(line)
 

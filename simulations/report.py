@@ -59,6 +59,14 @@ def federated_text(line: MetricsLine, task: str) -> str:
     return f"  federated {'  '.join(shown)} (round {federated.model_round}'s model)"
 
 
+def listed(line: MetricsLine, last_round: int) -> bool:
+    """Whether a round is listed in the terminal and report.html: its model has a checkpoint of its own (with
+    checkpoint-every K, every K-th round), it failed or left the model unchanged, the sites scored it, or it is the
+    last; metrics.jsonl keeps every round."""
+    return (line.checkpointed() or bool(line.failures) or not line.model_updated
+            or line.federated_evaluation is not None or line.round == last_round)
+
+
 def round_line(line: MetricsLine, rounds: int, task: str = "classification") -> str:
     """One round in the terminal, with a progress bar; says why a round left the model unchanged."""
     server = line.server
@@ -241,8 +249,7 @@ def _html(summary: Summary, images: list[str]) -> str:
     e = html.escape
     columns = TASK_METRICS[summary.task]
     rows = []
-    shown = [line for line in summary.rounds[1:] if line.checkpointed() or line.failures
-             or not line.model_updated or line.federated_evaluation is not None or line is summary.rounds[-1]]
+    shown = [line for line in summary.rounds[1:] if listed(line, summary.rounds[-1].round)]
     for line in shown:
         failures = ", ".join(f"{f.site}: {f.kind}" for f in line.failures) or "-"
         eps = line.spent()
