@@ -55,7 +55,7 @@ from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
 from common.distributed_dp import DistributedDpError, rotation_seed, site_share
-from common.distributed_round import round_plan
+from common.distributed_round import round_plan, with_count_slots
 from common.federated_eval import plan_evaluation
 from common.library_noise import start_process_log
 from common.model import ModelError, Placement, build_model, resolve_device
@@ -286,19 +286,27 @@ def _distributed_step(msg: Message, site: Site, settings: RunSettings, ledger: P
     if public_total < units:
         raise WireError(f"the sites' public total {public_total} is below this site's own public size")
     site.policy.check_participants(offered.n_sites, offered.threshold)  # before anything is spent
-    public = round_plan(settings, dimension=sum(received[k].size for k in keys_order), sites=offered.n_sites,
-                        public_total=public_total)
+    evaluation_plan = plan_evaluation(settings)
+    count_slots = evaluation_plan.slots_in(server_round) if evaluation_plan else 0
+    public = with_count_slots(round_plan(settings, dimension=sum(received[k].size for k in keys_order),
+                                         sites=offered.n_sites, public_total=public_total),
+                              sites=offered.n_sites, count_slots=count_slots)
     keys, store = _keys(site), SessionStore(site.state_dir)
     params = accept_params(secagg_params, site.policy, keys, store=store, run_id=run_id, server_round=server_round,
-                           vector_length=public.padded_dimension, ring_bits=public.ring_bits)
+                           vector_length=public.padded_dimension + count_slots, ring_bits=public.ring_bits)
     plan = site_share(public, site.policy.honest_sites(params.threshold))
     if site.policy.audit_canaries:
         log.warning("%s: no privacy audit in distributed DP mode (its canaries go in the local DP-SGD step)", site.name)
+    received_model = functools.cache(functools.partial(_received_model, site, settings, received))  # built once
+    counts = (evaluation_release(site, settings, evaluation_plan, ledger, received, received_model, run_id=run_id,
+                                 server_round=server_round)  # the model it received, charged before it is scored
+              if evaluation_plan and count_slots else [])
     entry = ledger.charge_distributed(run_id=run_id, server_round=server_round, plan=plan)  # write-ahead
     started = time.monotonic()
-    upload = distributed_contribution(_received_model(site, settings, received), site.train, plan, keys=keys_order,
-                                      seed=rotation_seed(run_id, server_round),
-                                      settings=site.policy.train_settings(settings))
+    step = distributed_contribution(received_model(), site.train, plan, keys=keys_order,
+                                    seed=rotation_seed(run_id, server_round),
+                                    settings=site.policy.train_settings(settings))
+    upload = np.concatenate([step, np.asarray(counts, dtype=np.uint64)])  # the counts after the d' coordinates
     log.info("%s: distributed step of round %d in %.2fs (its noise share: 1/%d of the target's)", site.name,
              server_round, time.monotonic() - started, plan.settings.min_honest_sites)
     AuditLog(site.state_dir / "audit.jsonl").record(

@@ -9,17 +9,22 @@ compute alike from the run config and two public numbers: the round's sites n an
 - the ring is sized for n sites that EACH add all of μ (h = 1 in the public plan): whatever honest sites each site
   assumes (its policy's min-honest-sites, h_i ≥ 1), its share μ/h_i fits, at about ½·log₂ n extra bits. The
   coordinator cannot know, and so does not say, what the sites assume: each site adds μ/h_i itself
-  (:func:`common.distributed_dp.site_share`) and refuses a round of fewer than h_i sites.
+  (:func:`common.distributed_dp.site_share`) and refuses a round of fewer than h_i sites;
+- in a federated-evaluation round (common.federated_eval) each site appends its noisy evaluation counts, each in
+  [0, MAX_COUNT], after the d' gradient coordinates, and the ring is widened so that n sites' counts sum exactly
+  (:func:`with_count_slots`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from client.plan import plan_training
 from client.privacy import ESTIMATE_SHARE
 from common.config import RunSettings
 from common.distributed_dp import DistributedDpPlan, DistributedDpSettings, plan_distributed_dp
+from common.secure_update import MAX_COUNT
 
 PUBLIC_PLAN_HONEST_SITES = 1
 """The public plan's h: the ring holds n full shares of μ, so any site's own assumption fits."""
@@ -36,3 +41,12 @@ def round_plan(settings: RunSettings, *, dimension: int, sites: int, public_tota
         dimension=dimension, clip=privacy.max_grad_norm, sample_rate=pooled.sample_rate,
         steps=settings.federation.rounds, epsilon=privacy.epsilon * float(1 - ESTIMATE_SHARE), delta=privacy.delta,
         sites=sites, min_honest_sites=PUBLIC_PLAN_HONEST_SITES, expected_batch=pooled.sample_rate * public_total))
+
+
+def with_count_slots(plan: DistributedDpPlan, *, sites: int, count_slots: int) -> DistributedDpPlan:
+    """The round's plan when each of ``sites`` sites appends ``count_slots`` evaluation counts in [0, MAX_COUNT] to
+    its ring vector: b widened to hold their sum, n·MAX_COUNT < 2^b, so the counts decode exactly. The gradient
+    coordinates, their noise and their bound are unchanged: a wider ring only makes their wrap-around rarer."""
+    if not count_slots:
+        return plan
+    return dataclasses.replace(plan, ring_bits=max(plan.ring_bits, (sites * MAX_COUNT).bit_length()))

@@ -122,11 +122,10 @@ def zcdp_rho(epsilon: float, delta: float) -> float:
 
 
 def plan_evaluation(settings: RunSettings) -> EvalPlan | None:
-    """The run's evaluation plan from its settings alone; None when federation.eval-every is 0, and in distributed DP
-    mode (privacy.dp-mode = distributed), whose secure sum is a ring of integers without count slots: there the
-    coordinator's own test split is the only evaluation."""
+    """The run's evaluation plan from its settings alone; None when federation.eval-every is 0. In distributed DP
+    mode the counts follow the gradient coordinates in the ring (common.distributed_round.with_count_slots)."""
     federation = settings.federation
-    if not federation.eval_every or settings.privacy.dp_mode == "distributed":
+    if not federation.eval_every:
         return None
     rows = settings.train.max_rows_per_unit if unit_column(settings.privacy.unit) else 1
     layout = EvalLayout(settings.task, len(settings.data.labels) if settings.task == "classification" else 0, rows)

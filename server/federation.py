@@ -76,10 +76,8 @@ def choose_aggregator(settings: RunSettings, spec: RoundSpec, watch: LedgerWatch
         distributed = settings if settings.privacy.dp_mode == "distributed" else None
         if distributed is not None:
             log.info("DISTRIBUTED DP: each round is one DP-SGD step of the pooled data, the sites sharing its noise "
-                     "inside secure aggregation; the server takes the step with Adam (η = %g)%s",
-                     settings.step_optimizer().learning_rate, "; federated evaluation is off in this mode (the ring "
-                     "sum has no count slots): the server's own test split only" if settings.federation.eval_every
-                     else "")
+                     "inside secure aggregation; the server takes the step with Adam (η = %g)",
+                     settings.step_optimizer().learning_rate)
         return SecureAggregation(spec, settings.secagg, load_registry(settings.secagg.registry), watch, distributed)
     log.warning("PLAIN AGGREGATION (federation.secure-aggregation=false): the server sees every site's update")
     return PlainAggregation(spec, settings.secagg, watch)

@@ -31,8 +31,9 @@ list.
 Distributed DP (privacy.dp-mode = distributed): before the train exchange the coordinator asks each site for its
 public size (``query.public_size``: declared, or its DP estimate), sends their sum with the adapter, and runs the
 same five exchanges in ring mode: each site's upload is its noisy integer gradient sum mod 2^b
-(common/distributed_round.py), the server's result is the ring sum, and the round's delta is the server step's
-direction (server/distributed_step.py).
+(common/distributed_round.py), followed in an evaluation round by its noisy evaluation counts; the server's result
+is the ring sum, the round's delta is the server step's direction (server/distributed_step.py), and the counts'
+sum is the federated evaluation.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from flwr.serverapp import Grid
 from common.adapter import AdapterState
 from common.config import RunSettings, SecureAggSettings
 from common.distributed_dp import DistributedDpPlan, rotation_seed
-from common.distributed_round import round_plan
+from common.distributed_round import round_plan, with_count_slots
 from common.records import (
     KeyAdvertisement,
     PrivacyReport,
@@ -177,6 +178,7 @@ class SecureAggregation:
         if len(node_of_site) < max(2, spec.min_sites):
             return self._aborted(server_round, f"{len(node_of_site)} identified site(s)", failures, privacy)
         plan, public_total = None, None
+        count_slots = spec.evaluation.slots_in(server_round) if spec.evaluation else 0
         if self.distributed is not None:
             sizes = self._public_sizes(grid, node_of_site, server_round, failures, seconds)
             node_of_site = {site: node for site, node in node_of_site.items() if site in sizes}
@@ -184,13 +186,13 @@ class SecureAggregation:
                 return self._aborted(server_round, f"{len(node_of_site)} site(s) sent a public size", failures,
                                      privacy)
             public_total = sum(sizes.values())
-            plan = round_plan(self.distributed, dimension=spec.update_size, sites=len(node_of_site),
-                              public_total=public_total)
+            plan = with_count_slots(round_plan(self.distributed, dimension=spec.update_size, sites=len(node_of_site),
+                                               public_total=public_total),
+                                    sites=len(node_of_site), count_slots=count_slots)
         params = round_params(self.settings, run_id=grid.run.run_id, server_round=server_round,
-                              site_ids=sorted(node_of_site),
-                              vector_length=plan.padded_dimension if plan else spec.update_size,
-                              members_digest=self.registry.digest,
-                              count_slots=spec.evaluation.slots_in(server_round) if spec.evaluation else 0,
+                              site_ids=sorted(node_of_site),  # ring mode: the counts follow the d' coordinates
+                              vector_length=plan.padded_dimension + count_slots if plan else spec.update_size,
+                              members_digest=self.registry.digest, count_slots=0 if plan else count_slots,
                               ring_bits=plan.ring_bits if plan else 0)
         aggregator = ServerAggregator(params, self.registry.keys)
         weights: dict[int, int] = {}  # public by construction; the server sums them itself
@@ -233,9 +235,12 @@ class SecureAggregation:
         contributors = len(result.survivors)
         if contributors < spec.min_sites:
             return self._aborted(server_round, f"{contributors} survivor(s)", failures, privacy)
-        total = (self._distributed_sum(plan, result.sum_vector, grid.run.run_id, server_round, contributors)
-                 if plan else decode_sum(result, self.settings, params,
-                                         sum(weights[site] for site in result.survivors)))
+        if plan:
+            total, counts = self._distributed_sum(plan, result.sum_vector, grid.run.run_id, server_round,
+                                                  contributors)
+        else:
+            total = decode_sum(result, self.settings, params, sum(weights[site] for site in result.survivors))
+            counts = result.counts
         details = SecureRoundDetails(
             survivors=sorted(self.registry.name_of(s) for s in result.survivors),
             dropped=sorted(self.registry.name_of(s) for s in result.dropped), total_weight=total.total_weight,
@@ -245,8 +250,8 @@ class SecureAggregation:
             threshold=params.threshold, all_pairs=params.all_pairs, upload_bytes=params.packed_bytes,
             exchange_seconds=seconds)
         return RoundOutcome(mean_delta=total.mean_delta, contributors=contributors, failures=failures,
-                            privacy=privacy, details=details, evaluation_sum=tuple(result.counts),
-                            evaluated_sites=contributors if result.counts else 0)
+                            privacy=privacy, details=details, evaluation_sum=tuple(counts),
+                            evaluated_sites=contributors if counts else 0)
 
     def _public_sizes(self, grid: Grid, node_of_site: dict[int, int], server_round: int, failures: list[Failure],
                       seconds: dict[str, float]) -> dict[int, int]:
@@ -275,11 +280,16 @@ class SecureAggregation:
 
     @staticmethod
     def _distributed_sum(plan: DistributedDpPlan, ring_sum: np.ndarray, run_id: int, server_round: int,
-                         contributors: int) -> SecureSum:
-        """The round's delta from the ring sum (server/distributed_step.py): exact integers, so no error bound."""
-        delta = distributed_delta(plan, ring_sum.astype(np.uint64), seed=rotation_seed(run_id, server_round),
+                         contributors: int) -> tuple[SecureSum, list[int]]:
+        """The round's delta from the ring sum's d' gradient coordinates (server/distributed_step.py): exact
+        integers, so no error bound; and the sum of the evaluation counts after them (none outside an evaluation
+        round), exact in the ring common.distributed_round.with_count_slots widened."""
+        ring = ring_sum.astype(np.uint64)
+        delta = distributed_delta(plan, ring[:plan.padded_dimension], seed=rotation_seed(run_id, server_round),
                                   participants=contributors)
-        return SecureSum(mean_delta=delta.astype(np.float32), total_weight=0, error_bound=0.0, clamped_elements=0)
+        counts = [int(c) for c in ring[plan.padded_dimension:]]
+        return SecureSum(mean_delta=delta.astype(np.float32), total_weight=0, error_bound=0.0,
+                         clamped_elements=0), counts
 
     def _exchange(self, grid: Grid, node_of_site: dict[int, int], params: SecAggParams, message_type: str,
                   content: Callable[[int], RecordDict], failures: list[Failure], only: Collection[int] | None,

@@ -275,3 +275,28 @@ def test_fewer_participants_than_the_honest_assumption_are_refused() -> None:
 def test_bad_settings_are_refused_by_name(field: str, value: float, message: str) -> None:
     with pytest.raises(DistributedDpError, match=message):
         DistributedDpSettings(**{**SMALL.__dict__, field: value})
+
+
+def test_an_evaluation_round_widens_the_ring_so_the_sites_counts_sum_exactly() -> None:
+    from common.distributed_round import with_count_slots
+    from common.secure_update import MAX_COUNT
+
+    plan = plan_distributed_dp(SMALL)
+    assert with_count_slots(plan, sites=3, count_slots=0) is plan
+    wide = with_count_slots(plan, sites=3, count_slots=2)
+    assert 3 * MAX_COUNT >= 1 << plan.ring_bits  # the plan's own ring would wrap the counts
+    assert 3 * MAX_COUNT < 1 << wide.ring_bits <= 1 << MAX_MODULUS_BITS
+    assert (wide.padded_dimension, wide.scale, wide.total_variance) == (plan.padded_dimension, plan.scale,
+                                                                         plan.total_variance)
+    # 3 sites upload their noisy gradient sum, then counts at the extremes, mod 2^b'; the ring adds mod 2^b'
+    seed, modulus = rotation_seed(0, 1), np.uint64((1 << wide.ring_bits) - 1)
+    units = np.random.default_rng(3).normal(size=(5, SMALL.dimension)) * 0.1
+    ring_sum = np.zeros(wide.padded_dimension + 2, dtype=np.uint64)
+    for counts in ([MAX_COUNT, 0], [MAX_COUNT, 7], [MAX_COUNT, MAX_COUNT]):
+        upload = np.concatenate([site_contribution(wide, units, seed), np.asarray(counts, dtype=np.uint64)])
+        ring_sum = (ring_sum + upload) & modulus
+    assert [int(c) for c in ring_sum[wide.padded_dimension:]] == [3 * MAX_COUNT, MAX_COUNT + 7]
+    # The gradient coordinates decode as in the plan's own ring: the same integers, centred
+    gradient = ring_sum[:wide.padded_dimension]
+    narrow = gradient & np.uint64((1 << plan.ring_bits) - 1)
+    np.testing.assert_array_equal(decode_sum(wide, gradient, seed), decode_sum(plan, narrow, seed))

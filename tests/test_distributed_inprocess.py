@@ -43,7 +43,8 @@ class Recording(InProcessGrid):
 def distributed_run(tmp_path_factory, data) -> Path:
     out = tmp_path_factory.mktemp("run")
     Recording.seen = []
-    federate(out, data, rounds=3, grid=Recording, **DISTRIBUTED | {"federation.checkpoint-every": 2})
+    federate(out, data, rounds=3, grid=Recording,
+             **DISTRIBUTED | {"federation.checkpoint-every": 3, "federation.eval-every": 2})  # sites score 1, 3
     return out
 
 
@@ -53,10 +54,10 @@ def test_a_distributed_run_takes_one_pooled_step_per_round_and_learns(distribute
     for line in lines[1:]:
         assert line.model_updated and line.contributors == 3 and line.failures == ()
         assert line.secure_aggregation.survivors == ["site-0", "site-1", "site-2"]
-        assert line.secure_aggregation.error_bound == 0.0 and line.federated_evaluation is None
-    assert lines[1].server == {}  # checkpoint-every 2: scored and checkpointed at rounds 2 and 3 (the last) only
+        assert line.secure_aggregation.error_bound == 0.0
+    assert lines[1].server == lines[2].server == {}  # checkpoint-every 3: the server scores (and checkpoints) 3 only
     lines = [line for line in lines if line.server]
-    assert [line.round for line in lines] == [0, 2, 3]
+    assert [line.round for line in lines] == [0, 3]
     losses = [line.server["loss"] for line in lines]
     details, values = lines[1].secure_aggregation, read_run_info(distributed_run).update_values
     print(f"server test loss by round: {losses}; ring of {details.modulus_bits} bits, upload "
@@ -64,13 +65,42 @@ def test_a_distributed_run_takes_one_pooled_step_per_round_and_learns(distribute
     assert len(set(losses)) == len(losses)  # every step moved the model
 
 
+def test_the_sites_evaluate_in_the_ring_and_only_the_sum_of_their_noisy_counts_is_decoded(distributed_run: Path
+                                                                                         ) -> None:
+    """In an evaluation round each site's noisy counts follow its d' gradient coordinates in the ring, widened so
+    that 3 sites' counts (each ≤ MAX_COUNT) sum exactly: the coordinator's estimate is the sum of the releases the
+    sites kept on their disks, less the public offsets, to the unit. Each site charged the evaluations to its
+    evaluation account, beside the steps."""
+    from common.federated_eval import OFFSET_SIGMAS
+    from common.secure_update import MAX_COUNT
+
+    lines = read_metrics(distributed_run)[1:]
+    assert [line.federated_evaluation is not None for line in lines] == [True, False, True]
+    assert lines[0].secure_aggregation.modulus_bits == (3 * MAX_COUNT).bit_length() \
+        > lines[1].secure_aggregation.modulus_bits  # 22 bits in the evaluation rounds, the plan's ring otherwise
+    sites = [distributed_run / "sites" / f"site-{i}" for i in range(3)]
+    releases = [json.loads((site / "eval-releases.json").read_text()) for site in sites]
+    for line in (lines[0], lines[2]):
+        scores = line.federated_evaluation
+        offset = int(np.ceil(OFFSET_SIGMAS * scores.noise_sigma))
+        summed = np.sum([next(counts for key, counts in kept.items() if key.startswith(f"{line.round}/"))
+                         for kept in releases], axis=0)
+        assert scores.sites == 3 and scores.model_round == line.round - 1
+        assert scores.examples == max(0, int(summed[-1]) - 3 * offset)
+        assert set(scores.scores) == {"accuracy", "macro_f1"}
+    for site in sites:
+        ledger = json.loads((site / "privacy-ledger.json").read_text())
+        assert [server_round for _, server_round in ledger["evaluation"]["rounds"]] == [1, 3]
+        assert sum(entry["steps"] for entry in ledger["distributed"]) == 3
+
+
 def test_with_checkpoint_every_k_the_lineage_links_the_checkpoints_it_kept(distributed_run: Path) -> None:
     from common.run_files import read_round_info
 
     kept = sorted(path.name for path in (distributed_run / "checkpoints").iterdir())
-    assert kept == ["round-0000", "round-0002", "round-0003"]
+    assert kept == ["round-0000", "round-0003"]
     infos = [read_round_info(distributed_run / "checkpoints" / name) for name in kept]
-    assert [info.parent_sha256 for info in infos] == [None, infos[0].adapter_sha256, infos[1].adapter_sha256]
+    assert [info.parent_sha256 for info in infos] == [None, infos[0].adapter_sha256]
     assert all((distributed_run / "checkpoints" / name / "server_optimizer.safetensors").is_file() for name in kept[1:])
 
 
@@ -91,8 +121,8 @@ def test_the_report_shows_both_epsilons(distributed_run: Path) -> None:
     for site, report in read_privacy(distributed_run).sites.items():
         assert f"{site}: ε = {report.epsilon:g} against the coordinator, ε = {report.own_noise_epsilon:g} from its " \
                "own noise alone" in page
-    rounds = page.split('<table id="rounds">')[1].split("</table>")[0]  # checkpoint-every 2: the scored rounds
-    assert [row.split("</td>")[0] for row in rounds.split("<tr><td>")[1:]] == ["2", "3"]
+    rounds = page.split('<table id="rounds">')[1].split("</table>")[0]  # the rounds the server or the sites scored
+    assert [row.split("</td>")[0] for row in rounds.split("<tr><td>")[1:]] == ["1", "3"]
     assert '<p id="rounds-not-shown">Not shown: 1 round(s) that moved the model without a score' in page
 
 

@@ -343,6 +343,8 @@ def test_ctrl_c_stops_everything_and_resume_completes_the_run(tmp_path: Path, dr
     for line in lines[1:]:
         if line.model_updated:  # the sites' ring sum: integers mod 2^b, no rounding error of a fixed-point sum
             assert line.secure_aggregation.error_bound == 0.0 and line.secure_aggregation.modulus_bits > 0
+            scored = line.federated_evaluation  # and the sites' noisy counts of the model they received, in the ring
+            assert scored is not None and scored.sites == line.contributors and scored.model_round == line.round - 1
     reports = read_privacy(out).sites
     assert len(reports) == 3 and all(r.accountant == "skellam-rdp" for r in reports.values())
     for report in reports.values():  # both numbers: against the coordinator, and from the site's own noise alone
