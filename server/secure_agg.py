@@ -138,11 +138,14 @@ class SecureAggregation:
 
     # ------------------------------------------------------------------ who is who
     def identify(self, grid: Grid, node_ids: list[int]) -> list[Failure]:
-        """Ask nodes we have not seen for their site name; unknown or malformed answers are refused and logged."""
+        """Ask nodes we have not seen for their site name; unknown or malformed answers are refused and logged, and
+        a node that does not answer is recorded by its node id (it is left out of the round, never silently)."""
         unknown = [node for node in node_ids if node not in self.site_of_node]
-        failures: list[Failure] = []
         messages = {node: Message(RecordDict({}), dst_node_id=node, message_type="query.identify") for node in unknown}
-        for node, reply in (exchange(grid, messages, self.spec.stage_timeout) if messages else {}).items():
+        replies = exchange(grid, messages, self.spec.stage_timeout) if messages else {}
+        failures = missing_replies([f"node {node}" for node in unknown if node not in replies], self.spec.stage_timeout,
+                                   "query.identify")
+        for node, reply in replies.items():
             try:
                 if (failure := failure_record(reply, str(node))) is not None:
                     failures.append(failure)

@@ -216,6 +216,26 @@ def test_malformed_identify_reply_is_refused(tmp_path: Path, reply: RecordDict) 
     assert outcome.contributors == 5 and outcome.failures
 
 
+def test_a_node_that_never_answers_identify_is_named_among_the_failures(tmp_path: Path) -> None:
+    """Before: a connected node whose identify answer did not come in time was left out of the round silently
+    (a deployment round of 3 sites out of 4 connected, no failure recorded)."""
+    aggregation, grid, deltas = _federation(tmp_path, 5)
+    aggregation.spec = dataclasses.replace(aggregation.spec, stage_timeout=0.3)
+    answered = grid.pull_messages
+
+    def pull_messages(ids: list[str]) -> list[Message]:  # node 104 is busy: its identify reply never arrives
+        return [reply for reply in answered(ids) if reply.metadata.message_type != "query.identify"
+                or reply.content.config_records["site"]["name"] != "site-4"]
+
+    grid.pull_messages = pull_messages  # type: ignore[method-assign]
+    outcome = aggregation.run_round(grid, grid.get_node_ids(), {"w": np.zeros(LENGTH, np.float32)}, 1)
+    assert outcome.contributors == 4
+    assert [(f.site, f.kind) for f in outcome.failures] == [("node 104", "timeout")]
+    assert "no answer to query.identify" in outcome.failures[0].detail
+    true = np.mean([deltas[i] for i in range(4)], axis=0)
+    assert np.abs(outcome.mean_delta - true).max() <= outcome.details.error_bound + 1e-6
+
+
 def test_replayed_round_is_refused_by_sites(tmp_path: Path) -> None:
     aggregation, grid, _ = _federation(tmp_path, 5)
     state = {"w": np.zeros(LENGTH, np.float32)}
