@@ -66,6 +66,9 @@ TRIAL_SIZES = ["--sites", str(len(SITES)), "--rounds", "3", "--max-length", "16"
                # Round 1 starts once all four sites are connected (their daemons start with the coordinator,
                # and a SuperNode refused before its key is registered retries with a growing pause).
                "--site-wait", str(DEADLINE_S),
+               # A busy machine may take minutes to start a site's app for the resumed run: a site is dropped when
+               # the SuperLink's heartbeat marks it offline, never because it answered slowly.
+               "--stage-timeout", str(DEADLINE_S),
                "--eval-epsilon", "8"]  # a few evaluation records per site: more evaluation ε, so every round scores
 SITE_SIZES = ["--connect-timeout", str(DEADLINE_S),  # a busy machine may start the coordinator slowly
               "--max-eval-epsilon", "8"]  # each site's policy allows the run's evaluation ε
