@@ -315,6 +315,7 @@ def plot(results: list[dict], path: Path) -> None:
             step = server_step(s, r["row"])
             label = (f"{r['row']} ({s['partition']}, {s['unit']}"
                      + (f", ε={s['epsilon']:g}" if "-dp" in r["row"] else "")
+                     + (f", {r['distributed']['honest_sites']}/{s['sites']} honest" if r.get("distributed") else "")
                      + (f", {step}" if step != "fedavg" else "")
                      + (", label-name head" if head_init(s) == "label-names" else "") + ")")
             rounds = r.get("evaluated_rounds") or range(1, len(r["macro_f1"]) + 1)
