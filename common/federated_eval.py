@@ -142,6 +142,22 @@ def plan_evaluation(settings: RunSettings) -> EvalPlan | None:
                     sigma_sq, offset)
 
 
+MANY_EVALUATIONS = 20
+"""Past this many evaluations in a run the coordinator warns: federation.eval-epsilon is spread thin over them."""
+
+
+def thin_evaluation(plan: EvalPlan | None, rounds: int) -> str | None:
+    """A warning when the run's evaluations are so many that each count drowns in its noise (a distributed-DP
+    run of 120 one-step rounds evaluating every round), with the σ of about 10 evaluations; None otherwise."""
+    if plan is None or plan.evaluations <= MANY_EVALUATIONS:
+        return None
+    every = -(-rounds // 10)
+    fewer = -(-rounds // every)
+    return (f"federated evaluation {plan.evaluations} times spreads federation.eval-epsilon={plan.epsilon:g} thin: "
+            f"each count gets noise of σ={plan.sigma:.0f}; --eval-every {every} ({fewer} evaluations) would give "
+            f"σ≈{plan.sigma * math.sqrt(fewer / plan.evaluations):.0f}")
+
+
 # ------------------------------------------------------------------ the site's side
 def classification_counts(confusion: np.ndarray) -> list[int]:
     """The slots of a confusion matrix (confusion[true, predicted]): TP_c, FP_c, FN_c per label, correct, examples."""

@@ -29,7 +29,7 @@ from common.causal_lm import most_common_answer_scores, score_generation
 from common.config import HEADLINE_METRIC, NO_TEST_DATA, ConfigError, DataSettings, RunSettings, unit_name
 from common.data import DRUGREVIEW, EncodedData, encode, read_records
 from common.evaluation import evaluate, majority_baseline, metrics
-from common.federated_eval import decode, plan_evaluation
+from common.federated_eval import decode, plan_evaluation, thin_evaluation
 from common.files import file_sha256
 from common.model import base_model_sha256, initial_model, load_tokenizer
 from common.passport import build_passport, load_signing_key, sign_passport
@@ -181,6 +181,8 @@ class Federation:
         self.keys = trainable_keys(self.state, settings.lora.aggregation)
         update_size = sum(self.state[key].size for key in self.keys)
         self.evaluation = plan_evaluation(settings)
+        if (thin := thin_evaluation(self.evaluation, settings.federation.rounds)) is not None:
+            log.warning(thin)
         spec = RoundSpec(update_size, settings.secagg.max_examples, settings.federation.min_sites,
                          settings.federation.train_timeout, settings.federation.stage_timeout, self.evaluation)
         self.run_id = grid.run.run_id

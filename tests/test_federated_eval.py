@@ -20,6 +20,7 @@ from common.federated_eval import (
     decode,
     plan_evaluation,
     release,
+    thin_evaluation,
     zcdp_epsilon,
 )
 from common.secure_update import MAX_COUNT
@@ -149,3 +150,12 @@ def test_macro_f1_is_withheld_when_the_per_label_counts_drown_in_the_noise() -> 
     scores = decode((counts + 5 * plan.offset).tolist(), 5, plan, model_round=3)
     assert scores.scores["macro_f1"] is None and "macro_f1" not in scores.intervals
     assert scores.scores["accuracy"] == 1.0
+
+
+def test_a_run_that_evaluates_every_one_of_120_rounds_is_warned_with_the_noise_of_fewer() -> None:
+    every_round = plan_evaluation(settings(**{"federation.rounds": 120, "federation.eval-every": 1}))
+    warning = thin_evaluation(every_round, 120)
+    assert warning is not None and "120 times" in warning and "--eval-every 12 (10 evaluations)" in warning
+    fewer = plan_evaluation(settings(**{"federation.rounds": 120, "federation.eval-every": 12}))
+    assert f"σ={every_round.sigma:.0f}" in warning and f"σ≈{fewer.sigma:.0f}" in warning
+    assert thin_evaluation(fewer, 120) is None and thin_evaluation(None, 120) is None
