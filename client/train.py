@@ -15,7 +15,7 @@ alone exceed it (a unit is never split): with at most the site's max-rows-per-un
 data.max-length tokens, no unit can make a pass larger than the site's policy allows. A unit whose longest
 row is at most half a chunk's width starts a new chunk (:data:`PASS_WIDTH_RATIO`): with record units padding at
 most doubles a pass, and a small batch's short rows are not padded to its longest (BENCHMARKS.md,
-`distributed-dp`: a 5 × 400 distributed round 2.2× faster, a pooled batch of 500 1.2×).
+`pass_packing`: a 5 × 400 distributed round's passes 2.18× faster, a pooled batch of 500 1.07×).
 
 Under DP no failure of a round depends on one unit (client/per_unit_grads.py): a unit whose gradient is not
 finite contributes zero, and a pass that raises is retried unit by unit, a unit that raises alone
