@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BANKING77 = ROOT.parent / "shared" / "data" / "banking77"
 
 
-LIBRARY_PROBES = (["uname"],)
-"""Commands libraries run to describe the machine (``platform.processor()`` runs ``uname -p``)."""
+LIBRARY_PROBES = (["uname"], ["fc-list"])
+"""Commands libraries run to describe the machine: ``platform.processor()`` runs ``uname -p``; matplotlib lists the
+system's fonts with ``fc-list`` once, to build its font cache on a fresh machine."""
 
 
 class UnmarkedTier(AssertionError):
