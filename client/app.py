@@ -35,7 +35,7 @@ from client.distributed_step import distributed_contribution
 from client.policy import PolicyError
 from client.privacy import BudgetExhausted, LedgerError, PrivacyLedger
 from client.release import ReleasedUpdates, adapter_digest
-from client.rollback import ReceiptStore, check_not_rolled_back, default_receipts_dir
+from client.rollback import ReceiptStore, check_not_rolled_back
 from client.secure import (
     SessionStore,
     SiteKeys,
@@ -57,6 +57,7 @@ from common.data import DataError
 from common.distributed_dp import DistributedDpError, rotation_seed, site_share
 from common.distributed_round import round_plan, with_count_slots
 from common.federated_eval import plan_evaluation
+from common.files import default_receipts_dir
 from common.library_noise import start_process_log
 from common.model import ModelError, Placement, build_model, resolve_device
 from common.privacy_audit import AuditError, run_audit

@@ -25,8 +25,8 @@ from client.privacy import fresh_generator
 from client.train import Chunk, UnitBatches, forward_loss
 from common.adapter import unwrap
 from common.config import TrainSettings
-from common.data import EncodedData
 from common.distributed_dp import DistributedDpPlan, Ring, encode_units, with_noise_share
+from common.encoding import EncodedData
 
 
 def wire_layout(model: torch.nn.Module, keys: list[str]) -> list[tuple[torch.nn.Parameter, int]]:

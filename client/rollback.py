@@ -39,12 +39,6 @@ RELEASED_EVENT = "released"
 _RELEASE_ROUND = re.compile(r"round-([0-9]{6})-")
 
 
-def default_receipts_dir(state_dir: Path) -> Path:
-    """Beside the state directory, never inside it: a backup of the state does not carry it."""
-    state_dir = state_dir.resolve()
-    return state_dir.parent / f"{state_dir.name}.receipts"
-
-
 @dataclass(frozen=True)
 class Spend:
     """Evidence that the site trained: where it was found, the round (and run, when known) it was charged for,

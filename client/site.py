@@ -27,7 +27,8 @@ from client.policy import POLICY_FILE, SitePolicy
 from client.privacy import LEDGER_FILE
 from client.site_eval import split_for_evaluation
 from common.config import ConfigError, DataSettings, RunSettings, TaskKind, unit_column
-from common.data import DataError, EncodedData, Record, encode, partition, read_records
+from common.data import DataError, Record, partition, read_records
+from common.encoding import EncodedData, encode
 from common.files import private_dir
 from common.model import load_tokenizer
 from common.passport import PASSPORT_PUB
@@ -46,7 +47,7 @@ class Site:
     """The site's evaluation split (client.site_eval): units that never train; None without one."""
     receipts_dir: Path | None = None
     """Where the coordinator's receipts of its charges are kept, outside the state dir; None = beside it
-    (client.rollback.default_receipts_dir)."""
+    (common.files.default_receipts_dir)."""
     passport_key: Path | None = None
     """The federation's passport-signing.pub, which signs those receipts (the kit's; the simulation's own)."""
 

@@ -41,7 +41,8 @@ from client.site_report import write_site_report
 from common.adapter import AdapterState
 from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_column
-from common.data import DataError, EncodedData, Record, read_records
+from common.data import DataError, Record, read_records
+from common.encoding import EncodedData
 from common.federated_eval import EvalPlan, causal_lm_counts, classification_counts, release
 from common.files import private_dir, write_json
 

@@ -42,7 +42,7 @@ from client.privacy import PrivacyLedger, fresh_generator
 from common.adapter import AdapterState, get_adapter_state
 from common.causal_lm import answer_loss
 from common.config import PrivacySettings, TaskKind, TrainSettings
-from common.data import EncodedData
+from common.encoding import EncodedData
 
 PASS_WIDTH_RATIO = 2
 """A unit whose longest row is at most 1/PASS_WIDTH_RATIO of a chunk's width starts a new chunk."""

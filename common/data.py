@@ -1,9 +1,10 @@
-"""Site data: reading CSV/JSONL (or the packaged drug reviews), labels, non-IID partitions.
+"""Site data: reading CSV/JSONL (or the packaged drug reviews), labels, non-IID partitions, privacy units.
 
 Records are plain dicts of strings. Classification needs ``text`` and ``label``; causal-lm needs
 ``prompt`` and ``response``, or (JSONL) chat ``messages`` ending with the assistant's turn, kept as
 JSON text. Any other columns ride along (a simulation can partition by one, e.g. ``condition``).
-Errors name the file, row and fix.
+Errors name the file, row and fix. Light (no torch): a daemon checks its data before it loads any model;
+common.encoding turns records into tensors.
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ import io
 import json
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import TensorDataset
-from transformers import PreTrainedTokenizerBase
 
-from common.causal_lm import encode_chats
 from common.config import BadInput, TaskKind
 
 Record = dict[str, str]
@@ -222,37 +218,6 @@ def _dirichlet_parts(records: list[Record], sites: int, alpha: float, rng: np.ra
     return parts
 
 
-@dataclass(frozen=True)
-class EncodedData:
-    """Tokenised examples (padded to the longest; training trims each forward pass to its own longest),
-    and the privacy unit of each row: ``units[i]`` indexes the person (or the record itself) row i belongs to.
-
-    ``dataset`` holds (input_ids, attention_mask, targets): a class index per row (classification), or the
-    next token at each position, -100 outside the answer (causal-lm, whose answers are also kept as text)."""
-
-    dataset: TensorDataset
-    labels: np.ndarray
-    """Classification: each row's class index (causal-lm: the token targets)."""
-    units: np.ndarray
-    task: TaskKind = "classification"
-    answers: tuple[str, ...] = ()
-    """Causal-lm: each row's reference answer."""
-    questions: tuple[str, ...] = ()
-    """Causal-lm: the turn each answer replies to."""
-
-    def __len__(self) -> int:
-        return len(self.units)
-
-    @property
-    def unit_count(self) -> int:
-        return int(self.units.max()) + 1 if len(self.units) else 0
-
-    def rows_by_unit(self) -> list[np.ndarray]:
-        """The row indices of each unit, in unit order."""
-        order = np.argsort(self.units, kind="stable")
-        return np.split(order, np.flatnonzero(np.diff(self.units[order])) + 1) if len(order) else []
-
-
 def unit_indices(records: list[Record], column: str, where: str) -> np.ndarray:
     """Each row's privacy unit: itself (``column`` empty), or the index of its value of ``column``."""
     if not column:
@@ -269,21 +234,3 @@ def unit_indices(records: list[Record], column: str, where: str) -> np.ndarray:
                             f"{column}")
         units[number - 1] = index.setdefault(value, len(index))
     return units
-
-
-def encode(
-    records: list[Record], names: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, max_length: int, where: str,
-    *, unit_column: str = "", task: TaskKind = "classification",
-) -> EncodedData:
-    """Tokens, targets and privacy units of ``records`` (``names``: the classification labels; causal-lm: ())."""
-    units = unit_indices(records, unit_column, where)
-    if task == "causal-lm":
-        chats = encode_chats(records, tokenizer, max_length, where)
-        return EncodedData(chats.tensors(), chats.targets.numpy(), units, task, chats.answers, chats.questions)
-    labels = encode_labels(records, names, where)
-    batch = tokenizer(
-        [row["text"] for row in records], truncation=True, max_length=max_length,
-        padding="longest", return_tensors="pt",
-    )
-    dataset = TensorDataset(batch["input_ids"], batch["attention_mask"], torch.from_numpy(labels))
-    return EncodedData(dataset=dataset, labels=labels, units=units)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.data import EncodedData
+from common.encoding import EncodedData
 
 
 @dataclass(frozen=True)

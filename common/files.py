@@ -113,3 +113,9 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing drops the lock
+
+
+def default_receipts_dir(state_dir: Path) -> Path:
+    """Beside the state directory, never inside it: a backup of the state does not carry it."""
+    state_dir = state_dir.resolve()
+    return state_dir.parent / f"{state_dir.name}.receipts"

@@ -141,6 +141,13 @@ def checkpoint_name(server_round: int) -> str:
     return f"round-{server_round:04d}"
 
 
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a staging ``.tmp`` directory from a crash is ignored)."""
+    rounds = (out_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]")
+    done = sorted(p for p in rounds if (p / ROUND_FILE).exists())
+    return done[-1] if done else None
+
+
 @dataclass(frozen=True)
 class MetricsLine:
     """One round in metrics.jsonl. Round 0 (the initial adapter) sets only ``round`` and ``server``."""

@@ -135,7 +135,7 @@ def simulated_passport_key(out: Path) -> Path:
 
 
 def resume_checkpoint(out: Path) -> str:
-    from server.checkpoint import latest_checkpoint
+    from common.run_files import latest_checkpoint
 
     found = latest_checkpoint(out.resolve())
     if found is None:

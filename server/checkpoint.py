@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from common.adapter import AdapterState, save_peft_adapter
 from common.files import file_sha256
-from common.run_files import ROUND_FILE, MetricsLine, RoundInfo, checkpoint_name, read_round_info, write_round_info
+from common.run_files import MetricsLine, RoundInfo, checkpoint_name, read_round_info, write_round_info
 
 OPTIMIZER_FILE = "server_optimizer.safetensors"
 
@@ -61,13 +61,6 @@ def load_optimizer_state(checkpoint: Path) -> dict[str, np.ndarray] | None:
     if file_sha256(path) != read_round_info(checkpoint).server_optimizer_sha256:
         raise ValueError(f"{path} does not match its round.json checksum: it was altered")
     return load_file(str(path))
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a staging ``.tmp`` directory from a crash is ignored)."""
-    rounds = (out_dir / "checkpoints").glob("round-[0-9][0-9][0-9][0-9]")
-    done = sorted(p for p in rounds if (p / ROUND_FILE).exists())
-    return done[-1] if done else None
 
 
 def publish_final(out_dir: Path, checkpoint: Path) -> Path:

@@ -27,7 +27,8 @@ from common.adapter import AdapterState, apply_delta, get_adapter_state, set_ada
 from common.audit import AuditLog
 from common.causal_lm import most_common_answer_scores, score_generation
 from common.config import HEADLINE_METRIC, NO_TEST_DATA, ConfigError, DataSettings, RunSettings, unit_name
-from common.data import DRUGREVIEW, EncodedData, encode, read_records
+from common.data import DRUGREVIEW, read_records
+from common.encoding import EncodedData, encode
 from common.evaluation import evaluate, majority_baseline, metrics
 from common.federated_eval import decode, plan_evaluation, thin_evaluation
 from common.files import file_sha256

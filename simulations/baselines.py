@@ -20,7 +20,7 @@ from client.privacy import PrivacyLedger
 from client.site import simulation_partitions
 from client.train import train_locally
 from common.config import TASK_METRICS, ConfigError, RunSettings, unit_column
-from common.data import EncodedData, encode
+from common.encoding import EncodedData, encode
 from common.model import initial_model, load_tokenizer
 from common.run_files import BaselinePoint, Baselines
 from server.federation import server_test_split, test_scores

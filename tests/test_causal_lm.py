@@ -12,7 +12,8 @@ import torch
 from client.policy import PolicyError, SitePolicy
 from common.causal_lm import IGNORE, answer_loss, answer_losses, most_common_answer_scores, normalise, rouge_l
 from common.config import ConfigError, FederationSettings, LoraSettings, RunSettings
-from common.data import DataError, encode, read_records
+from common.data import DataError, read_records
+from common.encoding import encode
 from common.model import build_model, load_tokenizer
 
 LLM = "smollm2"

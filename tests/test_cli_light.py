@@ -70,10 +70,14 @@ def enrolled(tmp_path_factory) -> dict[str, str]:
 
 
 def run_command(argv: list[str], forbidden: tuple[str, ...]) -> dict:
+    return run_with_stderr(argv, forbidden)[0]
+
+
+def run_with_stderr(argv: list[str], forbidden: tuple[str, ...]) -> tuple[dict, str]:
     done = subprocess.run([sys.executable, "-c", PROBE % json.dumps(forbidden), *argv], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+    return json.loads(done.stdout.splitlines()[-1]), done.stderr
 
 
 @pytest.mark.process
@@ -144,6 +148,29 @@ def test_every_command_either_runs_flower_or_is_checked_light_here() -> None:
                     and command not in light]
     assert not unclassified, f"add {unclassified} to LIGHT (or to fedtune.cli.FLOWER_COMMANDS if it runs Flower)"
     assert {" ".join(argv[:-1]) for argv in HELP} >= set(commands), "add each new command's --help to HELP"
+
+
+TORCH = ("torch", "transformers", "peft", "opacus")
+DAEMON_REFUSALS = {  # a deployment command given bad input: its reason, before it loads any model code
+    "client start (another site's keys)": (
+        "is not the SuperNode key the coordinator enrolled",
+        ["client", "start", "--kit", "{tmp}/kits/sites/hospital-a", "--keys", "{tmp}/keys-b", "--data",
+         "{tmp}/none.csv", "--state", "{tmp}/state-a", "--superlink", "127.0.0.1:9", "--labels", "no,yes",
+         "--max-epsilon", "8"]),
+    "server start (missing test data)": (
+        "none.csv does not exist",
+        ["server", "start", "--kit", "{tmp}/kits/server", "--state", "{tmp}/coord", "--test-data", "{tmp}/none.csv",
+         "--port", "9"]),
+}
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("name", sorted(DAEMON_REFUSALS))
+def test_a_daemon_refuses_bad_input_before_loading_torch(name: str, enrolled) -> None:
+    """An IT team's typo is answered at once: the kit, keys and data are checked before torch is imported."""
+    why, args = DAEMON_REFUSALS[name]
+    answer, stderr = run_with_stderr([arg.format(**enrolled) for arg in args], TORCH)
+    assert answer == {"code": 2, "loaded": []} and why in stderr, f"`fedtune {name}`: {answer}, {stderr}"
 
 
 @pytest.mark.process

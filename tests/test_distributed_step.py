@@ -12,13 +12,14 @@ from client.plan import TrainingPlan
 from client.train import UnitBatches, forward_loss
 from common.adapter import apply_delta, flatten, get_adapter_state, set_adapter_state, trainable_keys
 from common.config import LoraSettings, ServerSettings, TrainSettings
-from common.data import encode, label_names
+from common.data import label_names
 from common.distributed_dp import (
     DistributedDpSettings,
     encode_units,
     plan_distributed_dp,
     rotation_seed,
 )
+from common.encoding import encode
 from common.model import initial_model, load_tokenizer
 from server.distributed_step import distributed_update
 from server.optimizer import ServerOptimizer

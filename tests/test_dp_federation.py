@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from common.data import EncodedData
+from common.encoding import EncodedData
 from simulations.benchmarks.dp_federation import (
     Setup,
     concat,

@@ -15,7 +15,8 @@ from client.privacy import PrivacyLedger
 from client.train import Chunk, forward_loss, train_locally
 from common.adapter import get_adapter_state
 from common.config import LoraSettings, PrivacySettings, TrainSettings
-from common.data import encode, label_names
+from common.data import label_names
+from common.encoding import encode
 from common.model import Placement, build_model, load_tokenizer
 
 BF16 = Placement(base_dtype=torch.bfloat16)

@@ -12,7 +12,8 @@ from client.per_unit_grads import LinearCapture, PerUnitDPSGD, UnsupportedLayer,
 from client.plan import TrainingPlan
 from client.train import Chunk, UnitBatches, forward_loss
 from common.config import LoraSettings, TrainSettings
-from common.data import encode, label_names, read_records
+from common.data import label_names, read_records
+from common.encoding import encode
 from common.model import build_model, load_tokenizer
 
 CASES = [("minilm", "classification", "ffa"), ("minilm", "classification", "plain"), ("smollm2", "causal-lm", "ffa")]

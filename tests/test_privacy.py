@@ -146,7 +146,7 @@ def test_noise_and_poisson_sampling_cannot_be_replayed_from_the_global_seed(tmp_
 
 def _encoded(n: int):
     """n one-token rows whose label is their own index (so a batch shows which rows it drew)."""
-    from common.data import EncodedData
+    from common.encoding import EncodedData
 
     ids = torch.ones(n, 1, dtype=torch.long)
     return EncodedData(TensorDataset(ids, torch.ones_like(ids), torch.arange(n)), np.arange(n), np.arange(n))

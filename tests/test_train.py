@@ -11,7 +11,8 @@ from client.privacy import BudgetExhausted, PrivacyLedger
 from client.train import train_locally
 from common.adapter import get_adapter_state, set_adapter_state, trainable_keys
 from common.config import LoraSettings, PrivacySettings, TrainSettings
-from common.data import encode, label_names
+from common.data import label_names
+from common.encoding import encode
 from common.model import build_model, load_tokenizer
 
 TINY = TrainSettings(learning_rate=0.02, local_epochs=1, batch_size=4, physical_batch_tokens=4 * 16,
@@ -86,7 +87,7 @@ def test_empty_poisson_batches_are_survived_and_still_counted(tmp_path: Path, ti
 def encode_subset(data, n):
     from torch.utils.data import TensorDataset
 
-    from common.data import EncodedData
+    from common.encoding import EncodedData
 
     return EncodedData(TensorDataset(*(t[:n] for t in data.dataset.tensors)), data.labels[:n], data.units[:n])
 

@@ -20,7 +20,7 @@ from client.per_unit_grads import PerUnitDPSGD
 from client.plan import TrainingPlan
 from client.train import UnitBatches, forward_loss
 from common.config import LoraSettings, TrainSettings
-from common.data import encode
+from common.encoding import encode
 from common.model import build_model, load_tokenizer
 from common.records import pack_train_request
 from tests.conftest import write_csv

@@ -27,10 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client.policy import SitePolicy
-from client.rollback import default_receipts_dir
 from common.config import unit_column
 from common.data import encode_labels, read_records, unit_indices
-from common.files import private_dir, write_private
+from common.files import default_receipts_dir, private_dir, write_private
 from fedtune.runtime.kits import check_kit, check_members
 from fedtune.runtime.processes import ManagedProcess, flower_env, free_port, terminate_as_interrupt
 

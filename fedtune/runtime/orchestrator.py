@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from common.config import BadInput
-from common.run_files import MetricsLine
+from common.run_files import MetricsLine, latest_checkpoint
 from fedtune.runtime.control import CONNECTION, Control, wait_healthy
 from fedtune.runtime.kits import check_server_certificates
 from fedtune.runtime.processes import ManagedProcess, console_script, flower_env, port_in_use, terminate_as_interrupt
 from fedtune.runtime.project import RunFailed
-from server.checkpoint import latest_checkpoint
 
 log = logging.getLogger("fedtune.server")
 START_TIMEOUT_S = 60.0

@@ -32,7 +32,8 @@ import torch
 
 from common.adapter import get_adapter_state, trainable_keys
 from common.config import LoraSettings, PrivacySettings, TrainSettings
-from common.data import encode, label_names, read_records, write_records
+from common.data import label_names, read_records, write_records
+from common.encoding import encode
 from common.model import build_model, load_tokenizer, resolve_model_path
 from common.run_files import MetricsLine, read_metrics, read_run_info
 

@@ -51,8 +51,9 @@ from common.config import (
     TrainSettings,
     unit_column,
 )
-from common.data import EncodedData, encode, label_names, partition
+from common.data import label_names, partition
 from common.distributed_dp import DistributedDpPlan, DistributedDpSettings, plan_distributed_dp, rotation_seed
+from common.encoding import EncodedData, encode
 from common.evaluation import evaluate, metrics
 from common.model import initial_model, load_tokenizer, resolve_model_path, sentence_pooling
 from common.typed import from_mapping, kebab

@@ -23,7 +23,7 @@ import client.train as train_module
 from client.per_unit_grads import PerUnitClipping
 from client.plan import TrainingPlan
 from common.config import LoraSettings, TrainSettings
-from common.data import EncodedData
+from common.encoding import EncodedData
 from simulations.benchmarks.dp_federation import Setup, concat, initial_model, site_data
 
 SAMPLE_RATE = 0.25
