@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import BadInput, TaskKind
+from common.config import NO_TEST_DATA, BadInput, ConfigError, DataSettings, TaskKind
 
 Record = dict[str, str]
 DRUGREVIEW = "drugreview"
@@ -140,6 +140,19 @@ def _read_drugreview(split: str, task: TaskKind = "classification") -> list[Reco
         records = [{"prompt": f"Drug review: {row['text']}\n\n{DRUGREVIEW_QUESTION}", "response": row["label"],
                     "condition": row["condition"]} for row in records]
     return _validated(records, f"drug reviews ({member})", task)
+
+
+def test_source(data: DataSettings) -> str | None:
+    """The server's own held-out data: data.test-source, or the drug reviews' test split; None when the
+    coordinator holds none (data.test-source = 'none': the sites' federated evaluation only)."""
+    if data.test_source == NO_TEST_DATA:
+        return None
+    if data.test_source:
+        return data.test_source
+    if data.source == DRUGREVIEW:
+        return DRUGREVIEW
+    raise ConfigError("data.test-source must name the server's test file (CSV/JSONL) when data.source is a file, "
+                      f"or be '{NO_TEST_DATA}' (the sites' federated evaluation only)")
 
 
 def write_records(path: Path, rows: list[Record]) -> Path:

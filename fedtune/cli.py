@@ -169,10 +169,7 @@ def simulate_run_config(args: argparse.Namespace, out: Path, *, dp: bool) -> dic
 def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) -> Summary:
     """Validate, run one federation, print its rounds and summary; its summary."""
     from common.config import RunSettings, unit_column, unit_name
-    from common.data import label_names, partition, read_records, unit_indices
-    from server.federation import test_source
-    from simulations.report import load_summary, summary_text, write_report
-    from simulations.runner import run_simulation
+    from common.data import label_names, partition, read_records, test_source, unit_indices
 
     run_config = simulate_run_config(args, out, dp=dp)
     settings = RunSettings.from_flat(default_run_config() | run_config)
@@ -207,6 +204,8 @@ def simulate_once(args: argparse.Namespace, out: Path, *, dp: bool, title: str) 
     if args.plain_aggregation:
         warn("secure aggregation is OFF (--plain-aggregation): the server sees every site's update")
     aggregation = "plain aggregation (server sees updates)" if args.plain_aggregation else "secure aggregation"
+    from simulations.report import load_summary, summary_text, write_report  # once the input is checked
+    from simulations.runner import run_simulation
     print(f"== {title}: {args.sites} sites (examples per site: {sizes}), {args.rounds} rounds, "
           f"{f'DP ε={args.epsilon:g} per {unit_name(args.privacy_unit)}' if dp else 'DP OFF'}, {aggregation}, "
           f"out {out}", flush=True)

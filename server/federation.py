@@ -26,8 +26,8 @@ from common import __version__
 from common.adapter import AdapterState, apply_delta, get_adapter_state, set_adapter_state, trainable_keys
 from common.audit import AuditLog
 from common.causal_lm import most_common_answer_scores, score_generation
-from common.config import HEADLINE_METRIC, NO_TEST_DATA, ConfigError, DataSettings, RunSettings, unit_name
-from common.data import DRUGREVIEW, read_records
+from common.config import HEADLINE_METRIC, ConfigError, RunSettings, unit_name
+from common.data import read_records, test_source
 from common.encoding import EncodedData, encode
 from common.evaluation import evaluate, majority_baseline, metrics
 from common.federated_eval import decode, plan_evaluation, thin_evaluation
@@ -91,19 +91,6 @@ def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> list[int]:
         if len(nodes) >= wanted or time.monotonic() > deadline:
             return nodes
         time.sleep(1.0)
-
-
-def test_source(data: DataSettings) -> str | None:
-    """The server's own held-out data: data.test-source, or the drug reviews' test split; None when the
-    coordinator holds none (data.test-source = 'none': the sites' federated evaluation only)."""
-    if data.test_source == NO_TEST_DATA:
-        return None
-    if data.test_source:
-        return data.test_source
-    if data.source == DRUGREVIEW:
-        return DRUGREVIEW
-    raise ConfigError("data.test-source must name the server's test file (CSV/JSONL) when data.source is a file, "
-                      f"or be '{NO_TEST_DATA}' (the sites' federated evaluation only)")
 
 
 def server_test_split(settings: RunSettings, tokenizer: PreTrainedTokenizerBase) -> EncodedData | None:

@@ -151,7 +151,9 @@ def test_every_command_either_runs_flower_or_is_checked_light_here() -> None:
 
 
 TORCH = ("torch", "transformers", "peft", "opacus")
-DAEMON_REFUSALS = {  # a deployment command given bad input: its reason, before it loads any model code
+FLOWER_REFUSALS = {  # a command that runs Flower, given bad input: its reason, before it loads any model code
+    "simulate (epsilon -3)": ("privacy.epsilon must be a positive number",
+                              ["simulate", "--out", "{tmp}/sim", "--epsilon", "-3"]),
     "client start (another site's keys)": (
         "is not the SuperNode key the coordinator enrolled",
         ["client", "start", "--kit", "{tmp}/kits/sites/hospital-a", "--keys", "{tmp}/keys-b", "--data",
@@ -165,10 +167,10 @@ DAEMON_REFUSALS = {  # a deployment command given bad input: its reason, before 
 
 
 @pytest.mark.process
-@pytest.mark.parametrize("name", sorted(DAEMON_REFUSALS))
-def test_a_daemon_refuses_bad_input_before_loading_torch(name: str, enrolled) -> None:
-    """An IT team's typo is answered at once: the kit, keys and data are checked before torch is imported."""
-    why, args = DAEMON_REFUSALS[name]
+@pytest.mark.parametrize("name", sorted(FLOWER_REFUSALS))
+def test_bad_input_is_refused_before_torch_loads(name: str, enrolled) -> None:
+    """An IT team's typo is answered at once: the kit, keys, data and settings are checked before torch loads."""
+    why, args = FLOWER_REFUSALS[name]
     answer, stderr = run_with_stderr([arg.format(**enrolled) for arg in args], TORCH)
     assert answer == {"code": 2, "loaded": []} and why in stderr, f"`fedtune {name}`: {answer}, {stderr}"
 
