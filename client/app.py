@@ -55,7 +55,7 @@ from common.audit import AuditLog
 from common.config import ConfigError, RunSettings, unit_name
 from common.data import DataError
 from common.distributed_dp import DistributedDpError, rotation_seed, site_share
-from common.distributed_round import round_plan, with_count_slots
+from common.distributed_round import ring_round
 from common.federated_eval import plan_evaluation
 from common.files import default_receipts_dir
 from common.library_noise import start_process_log
@@ -287,21 +287,19 @@ def _distributed_step(msg: Message, site: Site, settings: RunSettings, ledger: P
     if public_total < units:
         raise WireError(f"the sites' public total {public_total} is below this site's own public size")
     site.policy.check_participants(offered.n_sites, offered.threshold)  # before anything is spent
-    evaluation_plan = plan_evaluation(settings)
-    count_slots = evaluation_plan.slots_in(server_round) if evaluation_plan else 0
-    public = with_count_slots(round_plan(settings, dimension=sum(received[k].size for k in keys_order),
-                                         sites=offered.n_sites, public_total=public_total),
-                              sites=offered.n_sites, count_slots=count_slots)
+    ring = ring_round(settings, dimension=sum(received[k].size for k in keys_order), sites=offered.n_sites,
+                      public_total=public_total, server_round=server_round)
     keys, store = _keys(site), SessionStore(site.state_dir)
     params = accept_params(secagg_params, site.policy, keys, store=store, run_id=run_id, server_round=server_round,
-                           vector_length=public.padded_dimension + count_slots, ring_bits=public.ring_bits)
-    plan = site_share(public, site.policy.honest_sites(params.threshold))
+                           vector_length=ring.vector_length, ring_bits=ring.plan.ring_bits)
+    plan = site_share(ring.plan, site.policy.honest_sites(params.threshold))
     if site.policy.audit_canaries:
         log.warning("%s: no privacy audit in distributed DP mode (its canaries go in the local DP-SGD step)", site.name)
     received_model = functools.cache(functools.partial(_received_model, site, settings, received))  # built once
+    evaluation_plan = plan_evaluation(settings)
     counts = (evaluation_release(site, settings, evaluation_plan, ledger, received, received_model, run_id=run_id,
                                  server_round=server_round)  # the model it received, charged before it is scored
-              if evaluation_plan and count_slots else [])
+              if evaluation_plan and ring.count_slots else [])
     entry = ledger.charge_distributed(run_id=run_id, server_round=server_round, plan=plan)  # write-ahead
     started = time.monotonic()
     step = distributed_contribution(received_model(), site.train, plan, keys=keys_order,

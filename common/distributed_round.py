@@ -13,17 +13,21 @@ compute alike from the run config and two public numbers: the round's sites n an
 - in a federated-evaluation round (common.federated_eval) each site appends its noisy evaluation counts, each in
   [0, MAX_COUNT], after the d' gradient coordinates, and the ring is widened so that n sites' counts sum exactly
   (:func:`with_count_slots`).
+
+:func:`ring_round` is the one call both sides make: the plan and the vector each site uploads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from dataclasses import dataclass
 
 from client.plan import plan_training
 from client.privacy import ESTIMATE_SHARE
 from common.config import RunSettings
 from common.distributed_dp import DistributedDpPlan, DistributedDpSettings, plan_distributed_dp
+from common.federated_eval import plan_evaluation
 from common.secure_update import MAX_COUNT
 
 PUBLIC_PLAN_HONEST_SITES = 1
@@ -50,3 +54,27 @@ def with_count_slots(plan: DistributedDpPlan, *, sites: int, count_slots: int) -
     if not count_slots:
         return plan
     return dataclasses.replace(plan, ring_bits=max(plan.ring_bits, (sites * MAX_COUNT).bit_length()))
+
+
+@dataclass(frozen=True)
+class RingRound:
+    """A distributed-DP round's public layout, the same at the coordinator and at every site."""
+
+    plan: DistributedDpPlan
+    """The DP plan, its ring widened in an evaluation round."""
+    count_slots: int
+    """The evaluation counts each site appends after its d' gradient coordinates (0 outside evaluation rounds)."""
+
+    @property
+    def vector_length(self) -> int:
+        """What each site uploads to the ring: d' noisy gradient coordinates, then its counts."""
+        return self.plan.padded_dimension + self.count_slots
+
+
+def ring_round(settings: RunSettings, *, dimension: int, sites: int, public_total: int,
+               server_round: int) -> RingRound:
+    """Round ``server_round``'s layout for ``sites`` sites of public sizes summing to ``public_total``."""
+    evaluation = plan_evaluation(settings)
+    count_slots = evaluation.slots_in(server_round) if evaluation else 0
+    plan = round_plan(settings, dimension=dimension, sites=sites, public_total=public_total)
+    return RingRound(with_count_slots(plan, sites=sites, count_slots=count_slots), count_slots)

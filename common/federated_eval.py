@@ -123,7 +123,7 @@ def zcdp_rho(epsilon: float, delta: float) -> float:
 
 def plan_evaluation(settings: RunSettings) -> EvalPlan | None:
     """The run's evaluation plan from its settings alone; None when federation.eval-every is 0. In distributed DP
-    mode the counts follow the gradient coordinates in the ring (common.distributed_round.with_count_slots)."""
+    mode the counts follow the gradient coordinates in the ring (common.distributed_round.ring_round)."""
     federation = settings.federation
     if not federation.eval_every:
         return None

@@ -53,7 +53,7 @@ from flwr.serverapp import Grid
 from common.adapter import AdapterState
 from common.config import RunSettings, SecureAggSettings
 from common.distributed_dp import DistributedDpPlan, rotation_seed
-from common.distributed_round import round_plan, with_count_slots
+from common.distributed_round import ring_round
 from common.records import (
     KeyAdvertisement,
     PrivacyReport,
@@ -180,8 +180,7 @@ class SecureAggregation:
         privacy: dict[str, PrivacyReport] = {}
         if len(node_of_site) < max(2, spec.min_sites):
             return self._aborted(server_round, f"{len(node_of_site)} identified site(s)", failures, privacy)
-        plan, public_total = None, None
-        count_slots = spec.evaluation.slots_in(server_round) if spec.evaluation else 0
+        ring, public_total = None, None
         if self.distributed is not None:
             sizes = self._public_sizes(grid, node_of_site, server_round, failures, seconds)
             node_of_site = {site: node for site, node in node_of_site.items() if site in sizes}
@@ -189,14 +188,14 @@ class SecureAggregation:
                 return self._aborted(server_round, f"{len(node_of_site)} site(s) sent a public size", failures,
                                      privacy)
             public_total = sum(sizes.values())
-            plan = with_count_slots(round_plan(self.distributed, dimension=spec.update_size, sites=len(node_of_site),
-                                               public_total=public_total),
-                                    sites=len(node_of_site), count_slots=count_slots)
+            ring = ring_round(self.distributed, dimension=spec.update_size, sites=len(node_of_site),
+                              public_total=public_total, server_round=server_round)
+        count_slots = spec.evaluation.slots_in(server_round) if spec.evaluation else 0
         params = round_params(self.settings, run_id=grid.run.run_id, server_round=server_round,
                               site_ids=sorted(node_of_site),  # ring mode: the counts follow the d' coordinates
-                              vector_length=plan.padded_dimension + count_slots if plan else spec.update_size,
-                              members_digest=self.registry.digest, count_slots=0 if plan else count_slots,
-                              ring_bits=plan.ring_bits if plan else 0)
+                              vector_length=ring.vector_length if ring else spec.update_size,
+                              members_digest=self.registry.digest, count_slots=0 if ring else count_slots,
+                              ring_bits=ring.plan.ring_bits if ring else 0)
         aggregator = ServerAggregator(params, self.registry.keys)
         weights: dict[int, int] = {}  # public by construction; the server sums them itself
 
@@ -238,8 +237,8 @@ class SecureAggregation:
         contributors = len(result.survivors)
         if contributors < spec.min_sites:
             return self._aborted(server_round, f"{contributors} survivor(s)", failures, privacy)
-        if plan:
-            total, counts = self._distributed_sum(plan, result.sum_vector, grid.run.run_id, server_round,
+        if ring:
+            total, counts = self._distributed_sum(ring.plan, result.sum_vector, grid.run.run_id, server_round,
                                                   contributors)
         else:
             total = decode_sum(result, self.settings, params, sum(weights[site] for site in result.survivors))
@@ -286,7 +285,7 @@ class SecureAggregation:
                          contributors: int) -> tuple[SecureSum, list[int]]:
         """The round's delta from the ring sum's d' gradient coordinates (server/distributed_step.py): exact
         integers, so no error bound; and the sum of the evaluation counts after them (none outside an evaluation
-        round), exact in the ring common.distributed_round.with_count_slots widened."""
+        round), exact in the ring common.distributed_round.ring_round widened."""
         ring = ring_sum.astype(np.uint64)
         delta = distributed_delta(plan, ring[:plan.padded_dimension], seed=rotation_seed(run_id, server_round),
                                   participants=contributors)

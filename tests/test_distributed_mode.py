@@ -3,6 +3,7 @@ site refuses before anything is spent. The end-to-end rounds are in tests/test_f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -171,3 +172,21 @@ def test_ring_mode_sums_integer_vectors_mod_2_to_the_b_and_a_site_signs_no_small
                             for i, (keys, store) in sites.items()})
     expected = (vectors[0] + vectors[1] + vectors[2]) & np.uint64((1 << bits) - 1)
     assert np.array_equal(result.sum_vector.astype(np.uint64), expected) and result.error_bound == 0.0
+
+
+def test_the_ring_round_carries_the_evaluation_counts_after_the_gradient_in_a_widened_ring() -> None:
+    """Coordinator and sites call one function for a round's layout: the counts ride only in evaluation rounds."""
+    from common.distributed_round import ring_round, round_plan
+    from common.federated_eval import plan_evaluation
+    from common.secure_update import MAX_COUNT
+
+    settings = run(**{"federation.eval-every": 2, "federation.rounds": 4})
+    slots = plan_evaluation(settings).slots_in(1)  # type: ignore[union-attr]
+    plain = round_plan(settings, dimension=1000, sites=4, public_total=400)
+    evaluated, trained = (ring_round(settings, dimension=1000, sites=4, public_total=400, server_round=r)
+                          for r in (1, 2))
+    assert slots > 0 and evaluated.count_slots == slots and trained.count_slots == 0
+    assert trained.plan == plain and trained.vector_length == plain.padded_dimension
+    assert evaluated.vector_length == plain.padded_dimension + slots
+    assert 4 * MAX_COUNT >= 1 << plain.ring_bits and 4 * MAX_COUNT < 1 << evaluated.plan.ring_bits
+    assert dataclasses.replace(evaluated.plan, ring_bits=plain.ring_bits) == plain  # only the ring is wider
