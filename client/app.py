@@ -64,6 +64,7 @@ from common.privacy_audit import AuditError, run_audit
 from common.records import (
     KeyAdvertisement,
     PrivacyReport,
+    PublicSize,
     SiteFailure,
     TrainReply,
     WireError,
@@ -73,8 +74,8 @@ from common.records import (
     pack_public_size,
     pack_stage,
     pack_train_reply,
-    unpack_public_total,
     unpack_receipt,
+    unpack_round_noise,
     unpack_size_query,
     unpack_stage,
     unpack_train_request,
@@ -213,7 +214,7 @@ def _released_update(site: Site, settings: RunSettings, ledger: PrivacyLedger | 
 def public_size_query(msg: Message, context: Context) -> RecordDict:
     """Distributed DP: the site's public size, from which the round's public plan is computed (the run's policy is
     checked first, and the sites asked against its min-honest-sites; a site that declares no size draws its DP
-    estimate here, once, charged before it leaves)."""
+    estimate here, once, charged before it leaves), and the honest sites it assumes (the round's h is the fewest)."""
     settings, site = _settings_and_site(context)
     site.policy.check(settings)
     if settings.privacy.dp_mode != "distributed":
@@ -221,8 +222,9 @@ def public_size_query(msg: Message, context: Context) -> RecordDict:
     server_round, sites = unpack_size_query(msg.content)
     site.policy.check_participants(sites, threshold=1)  # the round's threshold (≤ sites) is checked at train
     ledger = _opened_ledger(site, settings, msg)
-    return pack_public_size(public_size(site.train.unit_count, site.policy.declared_examples, ledger,
-                                        run_id=msg.metadata.run_id, server_round=server_round))
+    units = public_size(site.train.unit_count, site.policy.declared_examples, ledger, run_id=msg.metadata.run_id,
+                        server_round=server_round)
+    return pack_public_size(PublicSize(units, site.policy.min_honest_sites or 0))
 
 
 @app.train()
@@ -283,16 +285,18 @@ def _distributed_step(msg: Message, site: Site, settings: RunSettings, ledger: P
         raise WireError("a distributed-DP round without secure-aggregation parameters")
     units = public_size(site.train.unit_count, site.policy.declared_examples, ledger, run_id=run_id,
                         server_round=server_round)  # drawn (and charged) at the size query: the same ñ
-    public_total = unpack_public_total(msg.content)
-    if public_total < units:
-        raise WireError(f"the sites' public total {public_total} is below this site's own public size")
+    noise = unpack_round_noise(msg.content)
+    if noise.public_total < units:
+        raise WireError(f"the sites' public total {noise.public_total} is below this site's own public size")
     site.policy.check_participants(offered.n_sites, offered.threshold)  # before anything is spent
+    site.policy.check_noise_share(noise.honest_sites, offered.threshold)
     ring = ring_round(settings, dimension=sum(received[k].size for k in keys_order), sites=offered.n_sites,
-                      public_total=public_total, server_round=server_round)
+                      public_total=noise.public_total, server_round=server_round)
     keys, store = _keys(site), SessionStore(site.state_dir)
     params = accept_params(secagg_params, site.policy, keys, store=store, run_id=run_id, server_round=server_round,
-                           vector_length=ring.vector_length, ring_bits=ring.plan.ring_bits)
-    plan = site_share(ring.plan, site.policy.honest_sites(params.threshold))
+                           vector_length=ring.vector_length, ring_bits=ring.plan.ring_bits,
+                           noise_plan=ring.digest(noise.honest_sites))  # every site of the round adds the same share
+    plan = site_share(ring.plan, noise.honest_sites)
     if site.policy.audit_canaries:
         log.warning("%s: no privacy audit in distributed DP mode (its canaries go in the local DP-SGD step)", site.name)
     received_model = functools.cache(functools.partial(_received_model, site, settings, received))  # built once
@@ -306,14 +310,15 @@ def _distributed_step(msg: Message, site: Site, settings: RunSettings, ledger: P
                                     seed=rotation_seed(run_id, server_round),
                                     settings=site.policy.train_settings(settings))
     upload = np.concatenate([step, np.asarray(counts, dtype=np.uint64)])  # the counts after the d' coordinates
-    log.info("%s: distributed step of round %d in %.2fs (its noise share: 1/%d of the target's)", site.name,
-             server_round, time.monotonic() - started, plan.settings.min_honest_sites)
+    assumed = site.policy.honest_sites(params.threshold)
+    log.info("%s: distributed step of round %d in %.2fs (its noise share: 1/%d of the target's; it assumes %d honest "
+             "sites)", site.name, server_round, time.monotonic() - started, noise.honest_sites, assumed)
     AuditLog(site.state_dir / "audit.jsonl").record(
         "released", run_id=run_id, round=server_round, received_sha256=adapter_digest(received), examples=units,
-        steps=1, epsilon=entry.epsilon, secure_aggregation=True, dp_mode="distributed",
-        honest_sites=plan.settings.min_honest_sites)
+        steps=1, epsilon=entry.epsilon, secure_aggregation=True, dp_mode="distributed", honest_sites=assumed,
+        noise_share_sites=noise.honest_sites)
     privacy = PrivacyReport(site.name, True, **ledger.report(), unit=unit_name(site.policy.privacy_unit))
-    bundle = stage_advertise_ring(store, params, keys, upload, min_survivors=plan.settings.min_honest_sites)
+    bundle = stage_advertise_ring(store, params, keys, upload, min_survivors=assumed)  # never unmasked in fewer
     return pack_key_advertisement(KeyAdvertisement(params.round_id, bundle,
                                                    site_weight(site.policy.declared_examples, settings.secagg),
                                                    privacy))

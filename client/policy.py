@@ -225,6 +225,13 @@ class SitePolicy:
             raise PolicyError(f"the round has {participants} site(s); this site assumes {honest} honest site(s) "
                               "(policy min-honest-sites) whose noise together reaches ε: it needs at least that many")
 
+    def check_noise_share(self, round_honest_sites: int, threshold: int) -> None:
+        """Distributed DP: every site of the round adds μ/h for the round's one h. Refuse an h above this site's own
+        assumption: its assumed honest sites' shares would not reach μ."""
+        if round_honest_sites > (honest := self.honest_sites(threshold)):
+            raise PolicyError(f"the round's noise shares assume {round_honest_sites} honest sites; this site assumes "
+                              f"{honest} (policy min-honest-sites), whose shares would then not reach ε")
+
     def check_plan(self, settings: RunSettings, public_units: int) -> None:
         """Refuse a run whose plan, at the site's public size (declared, or its DP estimate: never its true count),
         passes the default δ ceiling or the most steps per round; before any round is charged."""

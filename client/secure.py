@@ -48,7 +48,7 @@ from common.secagg import (
     default_degree,
     default_threshold,
 )
-from common.secure_update import COUNT_SLOTS, encode_contribution, params_from_bytes, params_to_bytes
+from common.secure_update import COUNT_SLOTS, encode_contribution, params_from_bytes, params_to_bytes, secure_round_id
 
 log = logging.getLogger("fedtune.client")
 SESSIONS_DIR = "secagg-sessions"
@@ -125,17 +125,18 @@ class SessionStore:
 
 def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: SessionStore, run_id: int,
                   server_round: int, vector_length: int, count_slots: int = COUNT_SLOTS,
-                  ring_bits: int = 0) -> SecAggParams:
+                  ring_bits: int = 0, noise_plan: bytes = b"") -> SecAggParams:
     """The round's parameters, only if they meet THIS site's policy (never the coordinator's run config).
 
-    Checked: this site and only members it pinned are invited, at least ``policy.min_sites`` of them,
-    and the round binds the digest of the pinned member list (so min-sites, the threshold and the
-    graph count only pinned members, and sites pinned to different lists never share a round); the
-    round id is ``fedtune/run-{run_id}/round-{server_round}`` and the round is strictly later than
+    Checked: this site and only members it pinned are invited, at least ``policy.min_sites`` of them, and the round
+    binds the digest of the pinned member list (so min-sites, the threshold and the graph count only pinned members,
+    and sites pinned to different lists never share a round); the round id is
+    ``fedtune/run-{run_id}/round-{server_round}`` (in distributed DP mode followed by the digest of the noise plan
+    this site computed, ``noise_plan``: common.secure_update.secure_round_id) and the round is strictly later than
     any this site took part in for the run; vector length and count slots (the run's evaluation counts, if any)
     match; the ring (distributed DP: ``ring_bits``, the site's own plan's) is the one the site computed, else the
-    modulus holds the sum; up to ``policy.all_pairs_up_to`` sites every pair masks, above it the degree is at
-    least ``max(policy.min_degree, 2·ceil(log2 n))``; the threshold exceeds 2h/3 of h holders.
+    modulus holds the sum; up to ``policy.all_pairs_up_to`` sites every pair masks, above it the degree is at least
+    ``max(policy.min_degree, 2·ceil(log2 n))``; the threshold exceeds 2h/3 of h holders.
     Raises :class:`ParamsRefused` (a ProtocolError) with the reason.
     """
     if not isinstance(raw, bytes):
@@ -155,8 +156,9 @@ def accept_params(raw: object, policy: SitePolicy, keys: SiteKeys, *, store: Ses
                         f"pinned ({keys.registry.digest.hex()[:16]}…)")
     if n < policy.min_sites:
         problems.append(f"the round invites {n} sites, fewer than this site's min-sites={policy.min_sites}")
-    if offered.round_id != f"fedtune/run-{run_id}/round-{server_round}".encode():
-        problems.append(f"round id {offered.round_id!r} is not run {run_id}, round {server_round}")
+    if offered.round_id != secure_round_id(run_id, server_round, noise_plan):
+        problems.append(f"round id {offered.round_id!r} is not run {run_id}, round {server_round}"
+                        + (" with the noise plan this site computed" if noise_plan else ""))
     if offered.vector_length != vector_length or offered.count_slots != count_slots:
         problems.append(f"vector of {offered.vector_length}+{offered.count_slots}, expected "
                         f"{vector_length}+{count_slots}")

@@ -15,12 +15,23 @@ compute alike from the run config and two public numbers: the round's sites n an
   (:func:`with_count_slots`).
 
 :func:`ring_round` is the one call both sides make: the plan and the vector each site uploads.
+
+Every site of a round must add the SAME share μ/h: a site that assumes h_i honest sites is protected only if any
+h_i honest sites' shares reach μ, and an honest site that added μ/h_j with h_j > h_i would leave them short. So
+the round has one h, the fewest honest sites any of its sites assumes (:func:`round_honest_sites`: each site
+reports its own with its public size); a site refuses a round whose h exceeds its own. The round's noise plan
+(the plan, h and the count slots) is hashed into the secure-aggregation round id (:attr:`RingRound.digest`,
+common.secure_update.secure_round_id), so honest sites that were told different public totals, h or run configs
+never share a round.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from client.plan import plan_training
@@ -70,6 +81,16 @@ class RingRound:
         """What each site uploads to the ring: d' noisy gradient coordinates, then its counts."""
         return self.plan.padded_dimension + self.count_slots
 
+    def digest(self, honest_sites: int) -> bytes:
+        """SHA-256 of the round's noise plan when every site adds μ/``honest_sites``: every number of the plan
+        (floats exactly, as hex) and the count slots."""
+        def exact(value: object) -> object:
+            return value.hex() if isinstance(value, float) else value
+        fields = {name: exact(value) for name, value in dataclasses.asdict(self.plan).items() if name != "settings"}
+        settings = {name: exact(value) for name, value in dataclasses.asdict(self.plan.settings).items()}
+        noise = {"plan": fields, "settings": settings, "count_slots": self.count_slots, "honest_sites": honest_sites}
+        return hashlib.sha256(json.dumps(noise, sort_keys=True).encode()).digest()
+
 
 def ring_round(settings: RunSettings, *, dimension: int, sites: int, public_total: int,
                server_round: int) -> RingRound:
@@ -78,3 +99,9 @@ def ring_round(settings: RunSettings, *, dimension: int, sites: int, public_tota
     count_slots = evaluation.slots_in(server_round) if evaluation else 0
     plan = round_plan(settings, dimension=dimension, sites=sites, public_total=public_total)
     return RingRound(with_count_slots(plan, sites=sites, count_slots=count_slots), count_slots)
+
+
+def round_honest_sites(assumed: Iterable[int], threshold: int) -> int:
+    """The round's h: the fewest honest sites any of its sites assumes (0: the site takes the round's secure-
+    aggregation threshold, its policy's default)."""
+    return min((h or threshold for h in assumed), default=threshold)

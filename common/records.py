@@ -66,10 +66,10 @@ MAX_ADAPTER_TENSORS = 1 << 12
 
 
 def pack_train_request(state: AdapterState, server_round: int, secagg_params: bytes | None = None,
-                       public_total: int | None = None) -> RecordDict:
+                       noise: RoundNoise | None = None) -> RecordDict:
     """The global adapter as ONE float32 vector plus its layout (each tensor would otherwise travel, and be
     fetched, as objects of its own), the round; with secure aggregation the round's public parameters; in distributed
-    DP mode the sum of the round's sites' public sizes (common/distributed_round.py)."""
+    DP mode the round's public total and h (common/distributed_round.py)."""
     keys = sorted(state)
     values = np.concatenate([np.asarray(state[key], dtype=np.float32).ravel() for key in keys])
     content = RecordDict({
@@ -78,24 +78,47 @@ def pack_train_request(state: AdapterState, server_round: int, secagg_params: by
         "round": ConfigRecord({"server-round": server_round})})
     if secagg_params is not None:
         content["secagg"] = ConfigRecord({"params": secagg_params})
-    if public_total is not None:
-        content[DISTRIBUTED_RECORD] = ConfigRecord({PUBLIC_SIZE: public_total})
+    if noise is not None:
+        content[DISTRIBUTED_RECORD] = ConfigRecord({PUBLIC_SIZE: noise.public_total, HONEST_SITES: noise.honest_sites})
     return content
 
 
-DISTRIBUTED_RECORD, PUBLIC_SIZE = "distributed", "public-size"
+DISTRIBUTED_RECORD, PUBLIC_SIZE, HONEST_SITES = "distributed", "public-size", "honest-sites"
 
 
-def _positive_count(record: ConfigRecord | None, what: str) -> int:
-    value = record.get(PUBLIC_SIZE) if record is not None else None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise WireError(f"{what} {value!r} is not a whole number >= 1")
+@dataclass(frozen=True)
+class PublicSize:
+    """A site's answer to a distributed-DP size query."""
+
+    units: int
+    """Its public size in privacy units: declared in its policy, or its DP estimate (already charged)."""
+    honest_sites: int
+    """The fewest honest sites its policy assumes in a round (min-honest-sites); 0: the round's threshold."""
+
+
+@dataclass(frozen=True)
+class RoundNoise:
+    """What a distributed-DP train request carries beside the adapter (common/distributed_round.py)."""
+
+    public_total: int
+    """N, the sum of the round's sites' public sizes."""
+    honest_sites: int
+    """h, the honest sites every site's noise share assumes: each adds 1/h of the noise. The fewest any of the
+    round's sites assumes, so that every site's own assumption holds."""
+
+
+def _whole(record: ConfigRecord | None, key: str, what: str, least: int) -> int:
+    value = record.get(key) if record is not None else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise WireError(f"{what} {value!r} is not a whole number >= {least}")
     return value
 
 
-def unpack_public_total(content: RecordDict) -> int:
-    """A distributed-DP train request's sum of the sites' public sizes; WireError when absent or malformed."""
-    return _positive_count(content.config_records.get(DISTRIBUTED_RECORD), "the sites' public total size")
+def unpack_round_noise(content: RecordDict) -> RoundNoise:
+    """A distributed-DP train request's public total and h; WireError when absent or malformed."""
+    record = content.config_records.get(DISTRIBUTED_RECORD)
+    return RoundNoise(_whole(record, PUBLIC_SIZE, "the sites' public total size", 1),
+                      _whole(record, HONEST_SITES, "the round's honest sites", 1))
 
 
 def pack_size_query(server_round: int, sites: int) -> RecordDict:
@@ -113,13 +136,15 @@ def unpack_size_query(content: RecordDict) -> tuple[int, int]:
         raise WireError(f"malformed size query: {exc}") from exc
 
 
-def pack_public_size(units: int) -> RecordDict:
-    """A site's public size, in privacy units: declared in its policy, or its DP estimate (already charged)."""
-    return RecordDict({DISTRIBUTED_RECORD: ConfigRecord({PUBLIC_SIZE: units})})
+def pack_public_size(size: PublicSize) -> RecordDict:
+    return RecordDict({DISTRIBUTED_RECORD: ConfigRecord({PUBLIC_SIZE: size.units,
+                                                         HONEST_SITES: size.honest_sites})})
 
 
-def unpack_public_size(content: RecordDict) -> int:
-    return _positive_count(content.config_records.get(DISTRIBUTED_RECORD), "the site's public size")
+def unpack_public_size(content: RecordDict) -> PublicSize:
+    record = content.config_records.get(DISTRIBUTED_RECORD)
+    return PublicSize(_whole(record, PUBLIC_SIZE, "the site's public size", 1),
+                      _whole(record, HONEST_SITES, "the site's assumed honest sites", 0))
 
 
 def _unpack_adapter(content: RecordDict) -> AdapterState:

@@ -45,20 +45,31 @@ ALL_PAIRS_UP_TO = 64
 """Rounds of at most this many sites mask every pair by default (no graph for anyone to choose)."""
 
 
+def secure_round_id(run_id: int, server_round: int, noise_plan: bytes = b"") -> bytes:
+    """A round's id, which every signed bundle, share and survivor list binds (through the params' digest):
+    ``fedtune/run-{run_id}/round-{server_round}``, and in distributed DP mode the digest of the round's public noise
+    plan (common.distributed_round.RingRound.digest). Honest sites that computed different noise plans (a
+    coordinator that told them different public totals, honest-site counts or run configs) hold different round
+    ids, so they never share a round: no site's noise can be smaller than the plan another site counted on."""
+    return f"fedtune/run-{run_id}/round-{server_round}".encode() + (b"/noise-" + noise_plan.hex().encode()
+                                                                      if noise_plan else b"")
+
+
 def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int, site_ids: list[int],
                  vector_length: int, members_digest: bytes, count_slots: int = COUNT_SLOTS,
-                 ring_bits: int = 0) -> SecAggParams:
+                 ring_bits: int = 0, noise_plan: bytes = b"") -> SecAggParams:
     """The coordinator's offer of a round's public parameters; each site checks it against its own policy.
     ``members_digest``: the digest of the coordinator's registry, which a site accepts only if it is the
     member list the site pinned. ``count_slots``: the round's evaluation counts (EvalPlan.slots_in), each in
-    [0, MAX_COUNT]. ``ring_bits``: the sites' vectors are integers mod 2^b already (distributed DP: no fixed point).
+    [0, MAX_COUNT]. ``ring_bits``: the sites' vectors are integers mod 2^b already (distributed DP: no fixed point);
+``noise_plan``: then the digest of the round's noise plan, in the round id (:func:`secure_round_id`).
 
     Up to :data:`ALL_PAIRS_UP_TO` sites every pair masks (``secagg.degree``/``threshold`` apply only
     with ``secagg.all-pairs`` there); larger federations use a sparse graph unless all-pairs is set.
     """
     all_pairs = settings.all_pairs or len(site_ids) <= ALL_PAIRS_UP_TO
     return SecAggParams(
-        round_id=f"fedtune/run-{run_id}/round-{server_round}".encode(),
+        round_id=secure_round_id(run_id, server_round, noise_plan),
         site_ids=tuple(site_ids),
         vector_length=vector_length,
         clip=settings.clip,

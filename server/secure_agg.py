@@ -53,10 +53,12 @@ from flwr.serverapp import Grid
 from common.adapter import AdapterState
 from common.config import RunSettings, SecureAggSettings
 from common.distributed_dp import DistributedDpPlan, rotation_seed
-from common.distributed_round import ring_round
+from common.distributed_round import ring_round, round_honest_sites
 from common.records import (
     KeyAdvertisement,
     PrivacyReport,
+    PublicSize,
+    RoundNoise,
     WireError,
     pack_size_query,
     pack_stage,
@@ -68,7 +70,7 @@ from common.records import (
 )
 from common.registry import FederationRegistry
 from common.secagg import RoundAborted, SecAggParams, ServerAggregator
-from common.secure_update import SecureSum, decode_sum, params_to_bytes, round_params
+from common.secure_update import SecureSum, decode_sum, params_to_bytes, round_params, secure_round_id
 from server.distributed_step import distributed_delta
 from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 from server.strategy import (
@@ -180,14 +182,14 @@ class SecureAggregation:
         privacy: dict[str, PrivacyReport] = {}
         if len(node_of_site) < max(2, spec.min_sites):
             return self._aborted(server_round, f"{len(node_of_site)} identified site(s)", failures, privacy)
-        ring, public_total = None, None
+        ring, noise = None, None
         if self.distributed is not None:
             sizes = self._public_sizes(grid, node_of_site, server_round, failures, seconds)
             node_of_site = {site: node for site, node in node_of_site.items() if site in sizes}
             if len(node_of_site) < max(2, spec.min_sites):
                 return self._aborted(server_round, f"{len(node_of_site)} site(s) sent a public size", failures,
                                      privacy)
-            public_total = sum(sizes.values())
+            public_total = sum(size.units for size in sizes.values())
             ring = ring_round(self.distributed, dimension=spec.update_size, sites=len(node_of_site),
                               public_total=public_total, server_round=server_round)
         count_slots = spec.evaluation.slots_in(server_round) if spec.evaluation else 0
@@ -196,6 +198,11 @@ class SecureAggregation:
                               vector_length=ring.vector_length if ring else spec.update_size,
                               members_digest=self.registry.digest, count_slots=0 if ring else count_slots,
                               ring_bits=ring.plan.ring_bits if ring else 0)
+        if ring:  # one share μ/h for all: h the fewest honest sites any site assumes, bound into the round id
+            noise = RoundNoise(public_total, round_honest_sites((sizes[site].honest_sites for site in node_of_site),
+                                                                params.threshold))
+            params = dataclasses.replace(params, round_id=secure_round_id(grid.run.run_id, server_round,
+                                                                          ring.digest(noise.honest_sites)))
         aggregator = ServerAggregator(params, self.registry.keys)
         weights: dict[int, int] = {}  # public by construction; the server sums them itself
 
@@ -205,7 +212,7 @@ class SecureAggregation:
                                   seconds)
 
         try:
-            request = pack_train_request(state, server_round, params_to_bytes(params), public_total)
+            request = pack_train_request(state, server_round, params_to_bytes(params), noise)
             adverts = self._exchange(grid, node_of_site, params, "train",
                                      lambda site: request_for(request, self.watch, self.registry.name_of(site)),
                                      failures, None, functools.partial(_advertisement, max_weight=spec.max_weight),
@@ -256,9 +263,9 @@ class SecureAggregation:
                             evaluated_sites=contributors if counts else 0)
 
     def _public_sizes(self, grid: Grid, node_of_site: dict[int, int], server_round: int, failures: list[Failure],
-                      seconds: dict[str, float]) -> dict[int, int]:
-        """Each site's public size (declared, or its DP estimate), by site id; a site that fails or answers anything
-        else is recorded and left out of the round."""
+                      seconds: dict[str, float]) -> dict[int, PublicSize]:
+        """Each site's public size (declared, or its DP estimate) and assumed honest sites, by site id; a site that
+        fails or answers anything else is recorded and left out of the round."""
         query = pack_size_query(server_round, len(node_of_site))
         messages = {site: Message(query, dst_node_id=node, message_type="query.public_size")
                     for site, node in sorted(node_of_site.items())}
@@ -267,7 +274,7 @@ class SecureAggregation:
         seconds["public_size"] = round(time.perf_counter() - started, 3)
         failures.extend(missing_replies([self.registry.name_of(s) for s in messages if s not in replies],
                                         self.spec.stage_timeout, "query.public_size"))
-        sizes: dict[int, int] = {}
+        sizes: dict[int, PublicSize] = {}
         for site, reply in sorted(replies.items()):
             name = self.registry.name_of(site)
             try:

@@ -4,6 +4,7 @@ one DP-SGD step of the pooled data per round, the sites' noise shares summed in 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import ClassVar
 
@@ -132,22 +133,35 @@ def test_the_coordinator_sees_public_sizes_and_masked_ring_vectors_only(distribu
     which would sit near 0 (its coordinates within the plan's bound, most of them far inside), without the others'
     masks. Only the unmasked SUM is decoded (the rounds' metrics)."""
     from common.distributed_dp import centred
-    from common.records import unpack_public_size, unpack_stage, unpack_train_request
+    from common.records import (
+        RoundNoise,
+        unpack_public_size,
+        unpack_round_noise,
+        unpack_stage,
+        unpack_train_request,
+    )
     from common.secagg import MaskedUpload
     from common.secagg.fixedpoint import unpack_bits
     from common.secure_update import params_from_bytes
 
-    params, kinds = {}, set()
+    params, kinds, totals = {}, set(), Counter()
     for message, reply in Recording.seen:
         kind = message.metadata.message_type
         kinds.add(kind)
         assert not reply.content.array_records  # nothing but config records and stage blobs comes back
-        if kind == "query.public_size":
-            assert unpack_public_size(reply.content) >= 1
+        if kind == "query.public_size":  # each site's public size and assumption (its policy's default: 0)
+            size = unpack_public_size(reply.content)
+            assert size.units >= 1 and size.honest_sites == 0
+            totals[message.content.config_records["round"]["server-round"]] += size.units
         elif kind == "train":
             _, server_round, raw = unpack_train_request(message.content)
-            params[server_round] = params_from_bytes(raw)
-            assert params[server_round].ring_bits == params[server_round].modulus_bits > 0
+            params[server_round] = current = params_from_bytes(raw)
+            assert current.ring_bits == current.modulus_bits > 0
+            # one share for all: h is the round's threshold, which every site assumes by default; the noise plan
+            # is in the round id
+            assert unpack_round_noise(message.content) == RoundNoise(totals[server_round], current.threshold)
+            run = message.metadata.run_id
+            assert current.round_id.startswith(f"fedtune/run-{run}/round-{server_round}/noise-".encode())
         elif kind == "train.secagg_mask":
             current = params[max(params)]
             _, blobs = unpack_stage(reply.content)
@@ -226,3 +240,64 @@ def test_a_distributed_run_resumes_from_a_checkpoint_with_the_same_plan(tmp_path
         ledger = json.loads((tmp_path / "sites" / f"site-{site}" / "privacy-ledger.json").read_text())
         assert sum(entry["steps"] for entry in ledger["distributed"]) == 3
         assert ledger["epsilon_spent"] <= 8.0
+
+
+class TellsSiteZeroAnotherTotal(InProcessGrid):
+    """A coordinator that tells one site a larger public total than the others: that site would plan another
+    sampling rate and noise, and the others' shares would no longer add up to what it counts on."""
+
+    def answer(self, message):
+        if message.metadata.message_type == "train" and message.metadata.dst_node_id == 100:
+            noise = message.content.config_records["distributed"]
+            noise["public-size"] = int(noise["public-size"]) + 40
+        return super().answer(message)
+
+
+class AssumesMoreHonestSites(InProcessGrid):
+    """A coordinator that sets the round's h above what the sites assume: each would add too small a share."""
+
+    def answer(self, message):
+        if message.metadata.message_type == "train":
+            message.content.config_records["distributed"]["honest-sites"] = 3
+        return super().answer(message)
+
+
+def _released(out: Path, sites: range = range(3)) -> list[dict]:
+    """The "released" events of the sites' own audit logs."""
+    return [event for site in sites for event in map(json.loads, (out / "sites" / f"site-{site}" / "audit.jsonl")
+                                                     .read_text().splitlines()) if event["event"] == "released"]
+
+
+def _charged_steps(out: Path, site: int) -> int:
+    path = out / "sites" / f"site-{site}" / "privacy-ledger.json"
+    return sum(entry["steps"] for entry in json.loads(path.read_text())["distributed"]) if path.exists() else 0
+
+
+def test_a_site_told_another_public_total_than_the_others_never_shares_their_round(tmp_path: Path, data) -> None:
+    """The round id carries the noise plan each site computed: site 0 refuses the offered round (its plan is not
+    the one the round id names) before it charges a step, and no sum mixing two plans is ever decoded."""
+    with pytest.raises(FederationFailed):
+        federate(tmp_path, data, rounds=1, grid=TellsSiteZeroAnotherTotal, **DISTRIBUTED)
+    line = read_metrics(tmp_path)[-1]
+    assert not line.model_updated
+    assert ("site-0", "protocol", "train") in {(f.site, f.kind, f.stage) for f in line.failures}
+    assert _charged_steps(tmp_path, 0) == 0 and _released(tmp_path, range(1)) == []
+
+
+def test_the_round_adds_the_share_of_the_fewest_honest_sites_assumed_and_a_larger_h_is_refused(
+        tmp_path: Path, data) -> None:
+    """Sites that assume 2 honest sites (below the round's threshold, 3) each add half the noise: the coordinator
+    takes the fewest any site assumes. A coordinator that says 3 is refused by every site before anything is spent."""
+    honest = tmp_path / "honest"
+    federate(honest, data, rounds=1, policy={"min-honest-sites": 2}, **DISTRIBUTED)
+    assert {(e["honest_sites"], e["noise_share_sites"]) for e in _released(honest)} == {(2, 2)}
+    assert read_metrics(honest)[-1].model_updated
+
+    attacked = tmp_path / "attacked"
+    with pytest.raises(FederationFailed, match="site-policy"):
+        federate(attacked, data, rounds=1, policy={"min-honest-sites": 2}, grid=AssumesMoreHonestSites,
+                 **DISTRIBUTED)
+    line = read_metrics(attacked)[-1]
+    assert {(f.site, f.kind, f.stage) for f in line.failures if f.site != "*"} == {
+        (f"site-{i}", "site-policy", "train") for i in range(3)}
+    assert all(_charged_steps(attacked, site) == 0 for site in range(3))

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from client.policy import PolicyError, SitePolicy
@@ -190,3 +191,83 @@ def test_the_ring_round_carries_the_evaluation_counts_after_the_gradient_in_a_wi
     assert evaluated.vector_length == plain.padded_dimension + slots
     assert 4 * MAX_COUNT >= 1 << plain.ring_bits and 4 * MAX_COUNT < 1 << evaluated.plan.ring_bits
     assert dataclasses.replace(evaluated.plan, ring_bits=plain.ring_bits) == plain  # only the ring is wider
+
+
+def test_the_round_takes_the_fewest_honest_sites_any_site_assumes_and_a_site_refuses_more() -> None:
+    from common.distributed_round import round_honest_sites
+
+    assert round_honest_sites([0, 0, 0], threshold=3) == 3  # every site's default: the threshold
+    assert round_honest_sites([0, 2, 5], threshold=3) == 2  # one cautious site: everyone adds μ/2
+    assert round_honest_sites([4, 5], threshold=3) == 4
+    policy = SitePolicy(labels=LABELS, dp_modes=("distributed",), min_honest_sites=2)
+    policy.check_noise_share(2, threshold=3)
+    policy.check_noise_share(1, threshold=3)  # a larger share than it needs: more noise, never less privacy
+    with pytest.raises(PolicyError, match="assume 3 honest sites; this site assumes 2"):
+        policy.check_noise_share(3, threshold=3)
+    with pytest.raises(PolicyError, match="assume 4 honest sites; this site assumes 3"):
+        SitePolicy(labels=LABELS, dp_modes=("distributed",)).check_noise_share(4, threshold=3)
+
+
+def test_the_noise_plan_digest_names_everything_a_site_counts_on() -> None:
+    """Coordinator and sites hash the same plan alike; any public number the sites' shares depend on changes it."""
+    from common.distributed_round import ring_round
+
+    base = {"federation.rounds": 4, "federation.eval-every": 2}  # the sites evaluate in rounds 1 and 3
+    settings = run(**base)
+
+    def digest(settings: RunSettings = settings, total: int = 400, sites: int = 4, honest: int = 3,
+               server_round: int = 2) -> bytes:
+        return ring_round(settings, dimension=1000, sites=sites, public_total=total,
+                          server_round=server_round).digest(honest)
+
+    assert digest() == digest() and len(digest()) == 32
+    others = [digest(total=401), digest(sites=5), digest(honest=2), digest(run(**base | {"federation.rounds": 5})),
+              digest(run(**base | {"privacy.epsilon": 4.0})), digest(server_round=1)]  # with count slots
+    assert len({digest(), *others}) == 1 + len(others)
+
+
+def test_the_wire_carries_each_sites_assumption_and_the_rounds_one_h() -> None:
+    from flwr.app import ConfigRecord, RecordDict
+
+    from common.records import (
+        PublicSize,
+        RoundNoise,
+        WireError,
+        pack_public_size,
+        pack_train_request,
+        unpack_public_size,
+        unpack_round_noise,
+    )
+
+    assert unpack_public_size(pack_public_size(PublicSize(120, 0))) == PublicSize(120, 0)
+    request = pack_train_request({"w": np.zeros(2, dtype=np.float32)}, 1, b"{}", RoundNoise(400, 2))
+    assert unpack_round_noise(request) == RoundNoise(400, 2)
+    for bad in ({"public-size": 400}, {"public-size": 400, "honest-sites": 0},
+                {"public-size": 400, "honest-sites": True}, {"public-size": 0, "honest-sites": 2}):
+        with pytest.raises(WireError):
+            unpack_round_noise(RecordDict({"distributed": ConfigRecord(bad)}))
+    with pytest.raises(WireError, match="assumed honest sites -1"):
+        unpack_public_size(RecordDict({"distributed": ConfigRecord({"public-size": 5, "honest-sites": -1})}))
+
+
+def test_a_site_accepts_only_the_round_id_that_names_the_noise_plan_it_computed(tmp_path: Path) -> None:
+    from client.secure import ParamsRefused, SessionStore, SiteKeys, accept_params
+    from common.config import SecureAggSettings
+    from common.registry import create_site_identities, load_identity, load_registry
+    from common.secure_update import params_to_bytes, round_params
+
+    names = [f"site-{i}" for i in range(3)]
+    create_site_identities(names, {n: tmp_path / n for n in names}, tmp_path / "registry.json")
+    registry = load_registry(tmp_path / "registry.json")
+    ours, theirs = bytes(range(32)), bytes(range(1, 33))
+    offered = params_to_bytes(round_params(SecureAggSettings(registry=str(tmp_path / "registry.json")), run_id=1,
+                                           server_round=1, site_ids=[0, 1, 2], vector_length=16,
+                                           members_digest=registry.digest, ring_bits=12, noise_plan=theirs))
+    keys = SiteKeys(*load_identity(tmp_path / "site-0", "site-0", registry), registry)
+    for plan in (ours, b""):  # another plan, or none (a site that would not have planned distributed noise)
+        with pytest.raises(ParamsRefused, match="is not run 1, round 1"):
+            accept_params(offered, SitePolicy(), keys, store=SessionStore(tmp_path / "a"), run_id=1, server_round=1,
+                          vector_length=16, ring_bits=12, noise_plan=plan)
+    accepted = accept_params(offered, SitePolicy(), keys, store=SessionStore(tmp_path / "b"), run_id=1,
+                             server_round=1, vector_length=16, ring_bits=12, noise_plan=theirs)
+    assert accepted.round_id == b"fedtune/run-1/round-1/noise-" + theirs.hex().encode()
