@@ -82,3 +82,21 @@ def test_each_row_is_compared_with_the_pooled_reference_that_read_the_same_featu
     assert reference(fed_dp, [old_central, fed_dp]) is None  # never against a model that read other features
     lines = table(results).splitlines()
     assert "| 0.900 |" in lines[2] and "| 0.50† |" in lines[3] and "| 0.90 |" in lines[5]
+
+
+def test_the_plot_has_one_panel_per_epsilon_with_the_non_dp_reference_in_each(tmp_path, monkeypatch):
+    from matplotlib import pyplot
+
+    from simulations.benchmarks.dp_federation import plot
+
+    def row(name: str, epsilon: float) -> dict:
+        return {"row": name, "setup": vars(Setup(per_site=400, epsilon=epsilon)), "macro_f1": [0.6, 0.7], "cpu_s": 1,
+                "features": "mean-pooled"}
+
+    titles: list[list[str]] = []
+    monkeypatch.setattr(pyplot.Figure, "savefig", lambda figure, path, **kwargs: titles.append(
+        [(axes.get_title(), len(axes.get_lines())) for axes in figure.axes if axes.get_visible()]))
+    plot([row("central", 8.0), row("central-dp", 8.0), row("fed-dp", 8.0), row("central-dp", 3.0),
+          row("fed-dp", 1.0)], tmp_path / "plot.png")
+    assert titles == [[("5 × 400 records, per record, ε = 8", 3), ("5 × 400 records, per record, ε = 3", 2),
+                       ("5 × 400 records, per record, ε = 1", 2)]]

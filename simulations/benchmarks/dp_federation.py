@@ -300,34 +300,51 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PANELS_PER_LINE = 3
+
+
 def plot(results: list[dict], path: Path) -> None:
-    """One panel per records-per-site and features read (so each panel shares its reference), a curve per row."""
+    """One panel per records-per-site, features read, privacy unit and ε (so each panel compares rows of one
+    setting), a curve per row; non-DP rows in every panel of their size, features and unit, as references."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    panels_of = sorted({(r["setup"]["per_site"], features(r)) for r in results})
-    figure, panels = pyplot.subplots(1, len(panels_of), figsize=(6.5 * len(panels_of), 4.5), squeeze=False,
+    def panel(r: dict) -> tuple:
+        s = r["setup"]
+        return s["per_site"], features(r), s["unit"]
+
+    panels_of = sorted({(*panel(r), r["setup"]["epsilon"]) for r in results if "-dp" in r["row"]}
+                       or {(*panel(r), None) for r in results}, key=lambda p: (p[:3], -(p[3] or 0)))
+    lines = -(-len(panels_of) // PANELS_PER_LINE)
+    columns = min(len(panels_of), PANELS_PER_LINE)
+    figure, panels = pyplot.subplots(lines, columns, figsize=(6.5 * columns, 4.5 * lines), squeeze=False,
                                      sharey=True)
-    for axes, (size, read) in zip(panels[0], panels_of, strict=True):
-        for r in (r for r in results if (r["setup"]["per_site"], features(r)) == (size, read)):
+    for axes, (size, read, unit, epsilon) in zip(panels.flat, panels_of, strict=False):
+        for r in results:
             s = r["setup"]
+            if panel(r) != (size, read, unit) or ("-dp" in r["row"] and s["epsilon"] != epsilon):
+                continue
             step = server_step(s, r["row"])
-            label = (f"{r['row']} ({s['partition']}, {s['unit']}"
-                     + (f", ε={s['epsilon']:g}" if "-dp" in r["row"] else "")
+            label = (f"{r['row']} ({s['partition']}"
                      + (f", {r['distributed']['honest_sites']}/{s['sites']} honest" if r.get("distributed") else "")
                      + (f", {step}" if step != "fedavg" else "")
+                     + (f", seed {s['seed']}" if s.get("seed") else "")
                      + (", label-name head" if head_init(s) == "label-names" else "") + ")")
             rounds = r.get("evaluated_rounds") or range(1, len(r["macro_f1"]) + 1)
             axes.plot([n / s["rounds"] for n in rounds], r["macro_f1"], marker="o", markersize=3, label=label)
-        axes.set(xlabel="share of the run's training (a distributed round is one step)", ylim=(0, 1),
-                 title=f"{results[0]['setup']['sites']} sites × {size:,} records, head on the "
-                       + ("mean-pooled embedding" if read == "mean-pooled" else read))
+        axes.set(xlabel="share of the run's training (a distributed round is one step)",
+                 title=f"{results[0]['setup']['sites']} × {size:,} records, per {unit.removeprefix('column:')}"
+                       + (f", ε = {epsilon:g}" if epsilon is not None else "")
+                       + ("" if read == "mean-pooled" else f", {read}"))
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
-    panels[0][0].set_ylabel("macro-F1 (BANKING77 test split)")
-    figure.suptitle("dp-federation: MiniLM + FFA-LoRA, 77 intents")
+    for axes in list(panels.flat)[len(panels_of):]:
+        axes.set_visible(False)
+    for line in panels:
+        line[0].set_ylabel("macro-F1 (BANKING77 test split)")
+    figure.suptitle("dp-federation: MiniLM + FFA-LoRA, 77 intents, head on the mean-pooled embedding unless named")
     figure.savefig(path, dpi=150, bbox_inches="tight")
 
 
