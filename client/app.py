@@ -300,10 +300,9 @@ def _distributed_step(msg: Message, site: Site, settings: RunSettings, ledger: P
     if site.policy.audit_canaries:
         log.warning("%s: no privacy audit in distributed DP mode (its canaries go in the local DP-SGD step)", site.name)
     received_model = functools.cache(functools.partial(_received_model, site, settings, received))  # built once
-    evaluation_plan = plan_evaluation(settings)
-    counts = (evaluation_release(site, settings, evaluation_plan, ledger, received, received_model, run_id=run_id,
-                                 server_round=server_round)  # the model it received, charged before it is scored
-              if evaluation_plan and ring.count_slots else [])
+    counts = (evaluation_release(site, settings, ring.evaluation.shared(noise.honest_sites), ledger, received,
+                                 received_model, run_id=run_id, server_round=server_round)  # charged, then scored
+              if ring.evaluation else [])  # its share of the evaluation noise, as of the gradient's
     entry = ledger.charge_distributed(run_id=run_id, server_round=server_round, plan=plan)  # write-ahead
     started = time.monotonic()
     step = distributed_contribution(received_model(), site.train, plan, keys=keys_order,

@@ -188,8 +188,9 @@ def evaluation_release(site: Site, settings: RunSettings, plan: EvalPlan, ledger
             log.warning("%s: evaluation budget spent (%s): releases noise only", site.name, exc)
             evaluation = None
         else:
-            AuditLog(site.state_dir / "audit.jsonl").record("evaluation-charged", run_id=run_id, round=server_round,
-                                                            epsilon=epsilon, rho=plan.rho)
+            AuditLog(site.state_dir / "audit.jsonl").record(
+                "evaluation-charged", run_id=run_id, round=server_round, epsilon=epsilon, rho=plan.rho,
+                honest_sites=plan.honest_sites, own_noise_rho=plan.own_rho)  # its release alone: h·ρ
     if evaluation is not None:
         counts, own = _score(received_model(), evaluation, settings, len(site.labels))
         _append_own_scores(site.state_dir, {"run_id": run_id, "round": server_round, "model_round": server_round - 1,

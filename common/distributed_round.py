@@ -16,11 +16,11 @@ compute alike from the run config and two public numbers: the round's sites n an
 
 :func:`ring_round` is the one call both sides make: the plan and the vector each site uploads.
 
-Every site of a round must add the SAME share μ/h: a site that assumes h_i honest sites is protected only if any
-h_i honest sites' shares reach μ, and an honest site that added μ/h_j with h_j > h_i would leave them short. So
-the round has one h, the fewest honest sites any of its sites assumes (:func:`round_honest_sites`: each site
-reports its own with its public size); a site refuses a round whose h exceeds its own. The round's noise plan
-(the plan, h and the count slots) is hashed into the secure-aggregation round id (:attr:`RingRound.digest`,
+Every site of a round must add the SAME share μ/h: a site that assumes h_i honest sites is protected only if any h_i
+honest sites' shares reach μ, and an honest site that added μ/h_j with h_j > h_i would leave them short. So the
+round has one h, the fewest honest sites any of its sites assumes (:func:`round_honest_sites`: each site reports its
+own with its public size); a site refuses a round whose h exceeds its own. The round's noise plan (the plan, h, the
+count slots and the evaluation plan) is hashed into the secure-aggregation round id (:attr:`RingRound.digest`,
 common.secure_update.secure_round_id), so honest sites that were told different public totals, h or run configs
 never share a round.
 """
@@ -33,12 +33,13 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 
 from client.plan import plan_training
 from client.privacy import ESTIMATE_SHARE
 from common.config import RunSettings
 from common.distributed_dp import DistributedDpPlan, DistributedDpSettings, plan_distributed_dp
-from common.federated_eval import plan_evaluation
+from common.federated_eval import EvalPlan, plan_evaluation
 from common.secure_update import MAX_COUNT
 
 PUBLIC_PLAN_HONEST_SITES = 1
@@ -75,6 +76,8 @@ class RingRound:
     """The DP plan, its ring widened in an evaluation round."""
     count_slots: int
     """The evaluation counts each site appends after its d' gradient coordinates (0 outside evaluation rounds)."""
+    evaluation: EvalPlan | None = None
+    """In an evaluation round, the run's evaluation plan (each site adds its share of it: EvalPlan.shared)."""
 
     @property
     def vector_length(self) -> int:
@@ -82,14 +85,19 @@ class RingRound:
         return self.plan.padded_dimension + self.count_slots
 
     def digest(self, honest_sites: int) -> bytes:
-        """SHA-256 of the round's noise plan when every site adds μ/``honest_sites``: every number of the plan
-        (floats exactly, as hex) and the count slots."""
-        def exact(value: object) -> object:
-            return value.hex() if isinstance(value, float) else value
-        fields = {name: exact(value) for name, value in dataclasses.asdict(self.plan).items() if name != "settings"}
-        settings = {name: exact(value) for name, value in dataclasses.asdict(self.plan.settings).items()}
-        noise = {"plan": fields, "settings": settings, "count_slots": self.count_slots, "honest_sites": honest_sites}
-        return hashlib.sha256(json.dumps(noise, sort_keys=True).encode()).digest()
+        """SHA-256 of the round's noise plan when every site adds 1/``honest_sites`` of the noise: every number of
+        the plan and of the evaluation plan (floats as json writes them, which round-trips exactly; fractions as
+        p/q) and the count slots."""
+        noise = {"plan": dataclasses.asdict(self.plan), "count_slots": self.count_slots, "honest_sites": honest_sites,
+                 "evaluation": dataclasses.asdict(self.evaluation) if self.evaluation else None}
+        return hashlib.sha256(json.dumps(noise, sort_keys=True, default=_exact).encode()).digest()
+
+
+def _exact(value: object) -> str:
+    """A number json would round, written exactly."""
+    if isinstance(value, Fraction):
+        return f"{value.numerator}/{value.denominator}"
+    raise TypeError(f"{type(value).__name__} in a noise plan")
 
 
 def ring_round(settings: RunSettings, *, dimension: int, sites: int, public_total: int,
@@ -98,7 +106,8 @@ def ring_round(settings: RunSettings, *, dimension: int, sites: int, public_tota
     evaluation = plan_evaluation(settings)
     count_slots = evaluation.slots_in(server_round) if evaluation else 0
     plan = round_plan(settings, dimension=dimension, sites=sites, public_total=public_total)
-    return RingRound(with_count_slots(plan, sites=sites, count_slots=count_slots), count_slots)
+    return RingRound(with_count_slots(plan, sites=sites, count_slots=count_slots), count_slots,
+                     evaluation if count_slots else None)
 
 
 def round_honest_sites(assumed: Iterable[int], threshold: int) -> int:

@@ -17,16 +17,22 @@ each slot by at most m: the sensitivity is m·√3 (m·√5), since Σ_j (Σ_row
 
 Each slot gets independent discrete Gaussian noise of variance parameter σ² (common.discrete_noise, exact, OS
 entropy): the release is ρ-zCDP with ρ = Δ₂²/(2σ²) (CKS 2020, Theorem 4 per coordinate; Rényi divergences add over
-independent coordinates, so no extra term), whatever the coordinator sees: secure aggregation only hides it
-further. Over the run's E planned evaluations ρ composes to E·ρ, which is (ε, δ)-DP with
-ε = Eρ + 2√(Eρ·ln(1/δ)) (Bun & Steinke 2016, Proposition 1.3); σ is the smallest that meets the run's
-federation.eval-epsilon at privacy.delta. Each noisy count is shifted by a public OFFSET (so it stays
-non-negative in the secure sum's ring) and clamped to [0, MAX_COUNT]: post-processing. σ and OFFSET are functions
-of the run's settings only, so the coordinator and every site agree on them.
+independent coordinates, so no extra term), whatever the coordinator sees: secure aggregation only hides it further.
+In distributed DP mode the sites share the noise as they share the gradient's (:meth:`EvalPlan.shared`): each adds
+σ_s² ≈ σ²/h for the round's h, and the h honest sites' sum of d independent discrete Gaussians is ρ-zCDP against the
+coordinator with ρ = ½(Δ₂/√(h·σ_s²) + √d·τ)², τ = 10·Σ_{k=1}^{h−1} exp(−2π²σ_s²·k/(k+1)) (Kairouz, Liu & Steinke
+2021, the distributed discrete Gaussian, Proposition 14); σ_s² is the smallest on the grid whose ρ is at most the
+unshared release's, so each evaluation is charged no more than in local mode, and a site's own release alone is
+about h times that (``own_rho``). Over the run's E planned evaluations ρ composes to E·ρ, which is (ε, δ)-DP with ε
+= Eρ + 2√(Eρ·ln(1/δ)) (Bun & Steinke 2016, Proposition 1.3); σ is the smallest that meets the run's
+federation.eval-epsilon at privacy.delta. Each noisy count is shifted by a public OFFSET (so it stays non-negative
+in the secure sum's ring) and clamped to [0, MAX_COUNT]: post-processing. σ and OFFSET are functions of the run's
+settings only, so the coordinator and every site agree on them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Sequence
@@ -91,16 +97,43 @@ class EvalPlan:
     """ε of the E evaluations together, at ``delta``, per unit of a site's evaluation split."""
     delta: float
     sigma_sq: Fraction
+    """The discrete Gaussian variance parameter each site adds to each count."""
     offset: int
+    honest_sites: int = 1
+    """h: the honest sites whose noise adds up (1: each site adds all of it, local mode; :meth:`shared`)."""
 
     @property
     def rho(self) -> float:
-        """ρ of one evaluation's release (zCDP)."""
+        """ρ of one evaluation (zCDP), against the coordinator: of one site's release, or with h > 1 of the h honest
+        sites' summed noise (module docstring)."""
+        if self.honest_sites == 1:
+            return self.own_rho
+        tau = 10 * sum(math.exp(-2 * math.pi ** 2 * float(self.sigma_sq) * k / (k + 1))
+                       for k in range(1, self.honest_sites))
+        total = math.sqrt(self.layout.sensitivity_sq / (self.honest_sites * float(self.sigma_sq)))
+        return 0.5 * (total + math.sqrt(self.layout.slots) * tau) ** 2
+
+    @property
+    def own_rho(self) -> float:
+        """ρ of one site's release alone: what is left if secure aggregation or the honesty assumption fails."""
         return self.layout.sensitivity_sq / (2 * float(self.sigma_sq))
 
     @property
     def sigma(self) -> float:
+        """Each site's noise σ per count."""
         return math.sqrt(float(self.sigma_sq))
+
+    def shared(self, honest_sites: int) -> EvalPlan:
+        """The plan when each site adds its share for ``honest_sites`` honest sites (distributed DP): the smallest
+        σ_s² on the grid, from σ²/h up, whose ρ against the coordinator is at most this plan's."""
+        if honest_sites < 1:
+            raise ValueError(f"honest_sites must be >= 1, got {honest_sites}")
+        if honest_sites == 1:
+            return self
+        share = dataclasses.replace(self, sigma_sq=_on_grid(self.sigma_sq / honest_sites), honest_sites=honest_sites)
+        while share.rho > self.rho:  # τ: negligible once σ_s² ≥ 1, where this takes a step or two
+            share = dataclasses.replace(share, sigma_sq=share.sigma_sq + SIGMA_SQ_STEP)
+        return share
 
     def evaluates(self, server_round: int) -> bool:
         return (server_round - 1) % self.every == 0
@@ -108,6 +141,11 @@ class EvalPlan:
     def slots_in(self, server_round: int) -> int:
         """The count slots the round's secure sum carries (0 in a round without evaluation)."""
         return self.layout.slots if self.evaluates(server_round) else 0
+
+
+def _on_grid(sigma_sq: Fraction) -> Fraction:
+    """σ² rounded UP to the grid (never less noise than asked)."""
+    return Fraction(math.ceil(sigma_sq / SIGMA_SQ_STEP)) * SIGMA_SQ_STEP
 
 
 def zcdp_epsilon(rho: float, delta: float) -> float:
@@ -131,8 +169,7 @@ def plan_evaluation(settings: RunSettings) -> EvalPlan | None:
     layout = EvalLayout(settings.task, len(settings.data.labels) if settings.task == "classification" else 0, rows)
     evaluations = -(-federation.rounds // federation.eval_every)
     rho = zcdp_rho(federation.eval_epsilon, settings.privacy.delta) / evaluations
-    sigma_sq = Fraction(layout.sensitivity_sq) / (2 * Fraction(rho))
-    sigma_sq = Fraction(math.ceil(sigma_sq / SIGMA_SQ_STEP)) * SIGMA_SQ_STEP
+    sigma_sq = _on_grid(Fraction(layout.sensitivity_sq) / (2 * Fraction(rho)))
     offset = math.ceil(OFFSET_SIGMAS * math.sqrt(float(sigma_sq)))
     if offset >= MAX_COUNT // 2:
         raise ConfigError(f"federation.eval-epsilon={federation.eval_epsilon:g} over {evaluations} evaluations needs "
@@ -220,7 +257,8 @@ def decode(noisy_sum: Sequence[int], sites: int, plan: EvalPlan, *, model_round:
            max_tokens: int = 1) -> FederatedScores:
     """The federation's scores from the sum of ``sites`` releases: each count estimated as the sum minus
     sites·OFFSET (negative estimates count as 0), each score with a 95 % interval from a parametric bootstrap over
-    the noise's known variance (sites·σ² per slot; the evaluation sample's own variance is not in it). Macro-F1 is
+    the noise's known variance (sites·σ² per slot, σ² each site's: shared in distributed mode; the evaluation
+    sample's own variance is not in it). Macro-F1 is
     None where the per-label counts are too small next to the noise (:data:`MACRO_F1_MIN_SIGNAL`).
     ``max_tokens``: causal-lm's answer-length scale (data.max-length // 2)."""
     layout = plan.layout

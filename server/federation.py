@@ -355,7 +355,7 @@ class Federation:
         """The sites' evaluation of the model they received (round − 1's), from the noisy sum alone."""
         if self.evaluation is None or not outcome.evaluation_sum or not outcome.evaluated_sites:
             return None
-        return decode(outcome.evaluation_sum, outcome.evaluated_sites, self.evaluation,
+        return decode(outcome.evaluation_sum, outcome.evaluated_sites, self.evaluation.shared(outcome.evaluation_share),
                       model_round=self.model_round,  # the model the sites received
                       max_tokens=self.settings.data.max_length // 2)
 

@@ -260,7 +260,8 @@ class SecureAggregation:
             exchange_seconds=seconds)
         return RoundOutcome(mean_delta=total.mean_delta, contributors=contributors, failures=failures,
                             privacy=privacy, details=details, evaluation_sum=tuple(counts),
-                            evaluated_sites=contributors if counts else 0)
+                            evaluated_sites=contributors if counts else 0,
+                            evaluation_share=noise.honest_sites if noise else 1)
 
     def _public_sizes(self, grid: Grid, node_of_site: dict[int, int], server_round: int, failures: list[Failure],
                       seconds: dict[str, float]) -> dict[int, PublicSize]:

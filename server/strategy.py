@@ -64,6 +64,8 @@ class RoundOutcome:
     """In an evaluation round, the sum of the contributing sites' noisy evaluation counts (never one site's)."""
     evaluated_sites: int = 0
     """The sites whose release is in ``evaluation_sum``."""
+    evaluation_share: int = 1
+    """h: each site added 1/h of the evaluation noise (distributed DP; 1: all of it, local mode)."""
 
 
 class Aggregator(Protocol):

@@ -71,9 +71,18 @@ def test_the_sites_evaluate_in_the_ring_and_only_the_sum_of_their_noisy_counts_i
     """In an evaluation round each site's noisy counts follow its d' gradient coordinates in the ring, widened so
     that 3 sites' counts (each ≤ MAX_COUNT) sum exactly: the coordinator's estimate is the sum of the releases the
     sites kept on their disks, less the public offsets, to the unit. Each site charged the evaluations to its
-    evaluation account, beside the steps."""
-    from common.federated_eval import OFFSET_SIGMAS
+    evaluation account, beside the steps. Each site added a third of the evaluation noise (h = 3, the round's
+    threshold), as of the gradient's."""
+    from common.config import RunSettings
+    from common.federated_eval import plan_evaluation
     from common.secure_update import MAX_COUNT
+    from fedtune.cli import default_run_config
+    from tests.test_federation_inprocess import LABELS
+
+    plan = plan_evaluation(RunSettings.from_flat(default_run_config() | {
+        "federation.rounds": 3, "federation.eval-every": 2, "data.labels": LABELS, "secagg.registry": "r.json",
+        "privacy.dp-mode": "distributed"}))
+    assert plan is not None and plan.shared(3).sigma_sq < plan.sigma_sq / 2
 
     lines = read_metrics(distributed_run)[1:]
     assert [line.federated_evaluation is not None for line in lines] == [True, False, True]
@@ -83,11 +92,11 @@ def test_the_sites_evaluate_in_the_ring_and_only_the_sum_of_their_noisy_counts_i
     releases = [json.loads((site / "eval-releases.json").read_text()) for site in sites]
     for line in (lines[0], lines[2]):
         scores = line.federated_evaluation
-        offset = int(np.ceil(OFFSET_SIGMAS * scores.noise_sigma))
+        assert scores.noise_sigma == plan.shared(3).sigma  # each site's share, √3 less than the whole noise
         summed = np.sum([next(counts for key, counts in kept.items() if key.startswith(f"{line.round}/"))
                          for kept in releases], axis=0)
         assert scores.sites == 3 and scores.model_round == line.round - 1
-        assert scores.examples == max(0, int(summed[-1]) - 3 * offset)
+        assert scores.examples == max(0, int(summed[-1]) - 3 * plan.offset)
         assert set(scores.scores) == {"accuracy", "macro_f1"}
     for site in sites:
         ledger = json.loads((site / "privacy-ledger.json").read_text())

@@ -222,7 +222,8 @@ def test_the_noise_plan_digest_names_everything_a_site_counts_on() -> None:
 
     assert digest() == digest() and len(digest()) == 32
     others = [digest(total=401), digest(sites=5), digest(honest=2), digest(run(**base | {"federation.rounds": 5})),
-              digest(run(**base | {"privacy.epsilon": 4.0})), digest(server_round=1)]  # with count slots
+              digest(run(**base | {"privacy.epsilon": 4.0})), digest(server_round=1),  # with count slots
+              digest(run(**base | {"federation.eval-epsilon": 2.0}), server_round=1)]  # and another evaluation noise
     assert len({digest(), *others}) == 1 + len(others)
 
 

@@ -14,6 +14,7 @@ from common.config import RunSettings
 from common.discrete_noise import discrete_gaussian
 from common.evaluation import EvalCounts, metrics
 from common.federated_eval import (
+    SIGMA_SQ_STEP,
     EvalLayout,
     causal_lm_counts,
     classification_counts,
@@ -57,6 +58,40 @@ def test_sigma_is_the_least_noise_that_meets_the_runs_eval_epsilon(epsilon: floa
     assert plan.offset >= 14 * plan.sigma
     assert [r for r in range(1, rounds + 1) if plan.evaluates(r)] == list(range(1, rounds + 1, every))
     assert plan_evaluation(settings(**{"federation.eval-every": 0})) is None
+
+
+@pytest.mark.parametrize(("epsilon", "honest"), [(1.0, 3), (8.0, 5), (100.0, 5), (1.0, 1)])
+def test_sites_sharing_the_evaluation_noise_each_add_about_one_hth_and_are_charged_no_more(epsilon: float,
+                                                                                           honest: int) -> None:
+    """Distributed DP: each of h honest sites adds σ_s² ≈ σ²/h. Their summed noise's ρ (the distributed discrete
+    Gaussian's bound, τ included) is at most the unshared release's, so the evaluation budget holds; a site's own
+    release alone has about h times the ρ. Where σ_s² is small τ is not negligible, and σ_s² grows to cover it."""
+    plan = plan_evaluation(settings(**{"federation.eval-epsilon": epsilon, "federation.rounds": 10}))
+    assert plan is not None
+    share = plan.shared(honest)
+    assert share.rho <= plan.rho and share.sigma_sq >= plan.sigma_sq / honest
+    assert share.offset == plan.offset and share.honest_sites == honest
+    if honest == 1:
+        assert share is plan
+    elif epsilon < 10:  # τ ≈ 0: the share is σ²/h on the grid, and alone it is h times as revealing
+        assert share.sigma_sq - plan.sigma_sq / honest < SIGMA_SQ_STEP
+        assert share.own_rho == pytest.approx(honest * plan.rho, rel=1e-3)
+    else:
+        assert share.sigma_sq > plan.sigma_sq / honest + SIGMA_SQ_STEP  # grown past σ²/h to pay for τ
+    with pytest.raises(ValueError, match="honest_sites"):
+        plan.shared(0)
+
+
+def test_the_honest_sites_shares_sum_to_the_whole_noise() -> None:
+    """Three sites' shares of an evaluation's noise add up to the unshared variance (±10 %: a 4,000-draw sample's
+    variance, ±2.2 % per standard deviation, is off by more with probability below 1e-5)."""
+    plan = plan_evaluation(settings(**{"federation.eval-epsilon": 2.0, "federation.rounds": 4}))
+    assert plan is not None
+    share = plan.shared(3)
+    summed = np.array([sum(discrete_gaussian(share.sigma_sq) for _ in range(3)) for _ in range(4_000)])
+    assert 0.9 * float(plan.sigma_sq) < summed.var() < 1.1 * float(plan.sigma_sq)
+    decoded = decode([share.offset * 3] * plan.layout.slots, 3, share, model_round=1)
+    assert decoded.noise_sigma == share.sigma  # the interval is drawn over the sites' shares, not the whole
 
 
 def test_one_record_moves_the_classification_counts_by_at_most_root_three() -> None:

@@ -66,6 +66,7 @@ class Outcome:  # stands in for server.strategy.RoundOutcome, whatever its other
     details: object = None
     evaluation_sum: tuple = ()
     evaluated_sites: int = 0
+    evaluation_share: int = 1
 
 
 class FakeSite:
