@@ -19,7 +19,8 @@ rate q, and encodes each sampled unit's clipped gradient g (‖g‖₂ ≤ C) on
 The site sums its units' integer vectors, adds its share of the noise, Skellam of variance μ/h per coordinate
 (Poisson(μ/2h) − Poisson(μ/2h), OS entropy), and uploads the sum mod 2^b through secure aggregation. A sum of
 independent Skellams is Skellam, so the h honest sites' noise alone is Skellam of variance exactly μ, whatever
-the other sites do: the accountant charges the Skellam mechanism of variance μ against the coordinator
+the other sites do (every site of a round adds μ/h for the round's one h, bound into its secure-aggregation round id:
+common.distributed_round): the accountant charges the Skellam mechanism of variance μ against the coordinator
 ([Skellam], Theorem 3.5), and of variance μ/h for a site's own upload alone (what is left if secure aggregation
 or the honesty assumption fails); each step amplified by Poisson sampling (:func:`subsampled_rdp`), T steps
 composed, RDP converted to (ε, δ) as Opacus' RDP accountant does. The server centres the ring sum, un-rotates it
