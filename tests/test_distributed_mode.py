@@ -272,3 +272,14 @@ def test_a_site_accepts_only_the_round_id_that_names_the_noise_plan_it_computed(
     accepted = accept_params(offered, SitePolicy(), keys, store=SessionStore(tmp_path / "b"), run_id=1,
                              server_round=1, vector_length=16, ring_bits=12, noise_plan=theirs)
     assert accepted.round_id == b"fedtune/run-1/round-1/noise-" + theirs.hex().encode()
+
+
+def test_the_longest_round_id_still_names_its_session_files(tmp_path: Path) -> None:
+    """A site keeps each round's session under the hex of its round id: with the noise plan's digest in the id, the
+    largest Flower run id and a millionth round still make file names the file system takes (255 bytes)."""
+    from client.secure import SessionStore
+    from common.secure_update import secure_round_id
+
+    longest = secure_round_id((1 << 64) - 1, 10**6, bytes(32))
+    with SessionStore(tmp_path).locked(longest):
+        assert [len(path.name) for path in tmp_path.rglob("*.lock")] == [len(longest.hex()) + 6]
