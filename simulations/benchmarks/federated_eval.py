@@ -1,6 +1,7 @@
 """``federated-eval``: how close the coordinator's federated estimate (common/federated_eval.py) is to the truth.
 
     python -m simulations.benchmarks.federated_eval noise --labels 77 --sites 5 --per-site 400 --evaluations 20
+    python -m simulations.benchmarks.federated_eval noise ... --honest-sites 5    # distributed DP's shared noise
     python -m simulations.benchmarks.federated_eval run OUT
 
 ``noise``: synthetic confusion matrices (each example right with probability --accuracy, else a random other label)
@@ -41,8 +42,9 @@ def noise_row(args: argparse.Namespace) -> str:
     settings = RunSettings.from_flat(default_run_config() | {
         "data.labels": names, "federation.rounds": args.evaluations, "federation.eval-every": 1,
         "federation.eval-epsilon": args.eval_epsilon, "federation.secure-aggregation": False})
-    plan = plan_evaluation(settings)
-    assert plan is not None
+    whole = plan_evaluation(settings)
+    assert whole is not None
+    plan = whole.shared(args.honest_sites)  # distributed DP: each site adds 1/h of the noise
     rng = np.random.default_rng(args.seed)  # the synthetic truth only; the privacy noise is the sites' (OS entropy)
     gaps: dict[str, list[float]] = {"accuracy": [], "macro_f1": []}
     covered = dict.fromkeys(gaps, 0)
@@ -61,7 +63,9 @@ def noise_row(args: argparse.Namespace) -> str:
     shown = {name: f"{statistics.mean(values):.3f} ({covered[name]}/{len(values)})" if values else "withheld"
              for name, values in gaps.items()}
     return (f"| {args.labels} labels, {args.sites} sites × {args.per_site} eval, {args.evaluations} evaluations, "
-            f"ε = {args.eval_epsilon:g} (σ = {plan.sigma:.1f}) | {shown['accuracy']} | {shown['macro_f1']}"
+            f"ε = {args.eval_epsilon:g} (σ = {plan.sigma:.1f} per site"
+            f"{f', shared by {args.honest_sites} honest' if args.honest_sites > 1 else ''}) | {shown['accuracy']} "
+            f"| {shown['macro_f1']}"
             f"{f' (withheld in {withheld}/{args.trials})' if 0 < withheld < args.trials else ''} |")
 
 
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     noise.add_argument("--accuracy", type=float, default=0.8)
     noise.add_argument("--trials", type=int, default=30)
     noise.add_argument("--seed", type=int, default=0)
+    noise.add_argument("--honest-sites", type=int, default=1,
+                       help="distributed DP: each site adds 1/H of the noise (1: all of it, local mode)")
     run = sub.add_parser("run", help="a finished `fedtune simulate` run")
     run.add_argument("out", type=Path)
     args = parser.parse_args(argv)
