@@ -239,6 +239,23 @@ def policy():
     return SitePolicy(labels=("negative", "neutral", "positive"), max_epsilon=8.0)
 
 
+def test_a_site_is_ready_only_once_its_ledger_can_be_read_for_a_scrape(tmp_path: Path, policy, monkeypatch) -> None:
+    """The daemon no longer loads torch before it checks its input, so the ledger's accountant would load in the
+    first scrape after /readyz, slower than a scrape may take on a busy machine: it loads before ready instead."""
+    from fedtune.runtime import monitoring
+
+    reads: list[bool] = []
+    metrics = monitoring.SiteMetrics(tmp_path / "state", policy, host="127.0.0.1", port=free_port())
+    monkeypatch.setattr(monitoring, "read_ledger", lambda state, policy: reads.append(metrics._serving))
+    try:
+        metrics.set_serving(True)
+        metrics.set_serving(False)
+        metrics.set_serving(True)
+        assert reads == [False]  # once, before the daemon reports ready
+    finally:
+        metrics.close()
+
+
 def test_a_site_exports_epsilon_spent_and_left_from_its_own_ledger(tmp_path: Path, policy) -> None:
     from client.privacy import LEDGER_FILE, PrivacyLedger
     from common.config import PrivacySettings

@@ -295,12 +295,16 @@ class SiteMetrics:
 
     def __init__(self, state_dir: Path, policy: SitePolicy, *, host: str, port: int) -> None:
         prom = _prometheus()
-        self._serving = False
+        self._serving, self._primed = False, False
+        self.state_dir, self.policy = state_dir, policy
         self.registry = prom.CollectorRegistry()
         self.registry.register(SiteCollector(state_dir, policy, lambda: self._serving))
         self.server = MetricsServer(self.registry, lambda: self._serving, host=host, port=port)
 
     def set_serving(self, serving: bool) -> None:
+        if serving and not self._primed:  # the ledger's accountant loads now, not in the first scrape after /readyz
+            read_ledger(self.state_dir, self.policy)  # (torch and opacus: seconds, more than a scrape may take)
+            self._primed = True
         self._serving = serving
 
     def close(self) -> None:
