@@ -57,19 +57,20 @@ def secure_round_id(run_id: int, server_round: int, noise_plan: bytes = b"") -> 
 
 def round_params(settings: SecureAggSettings, *, run_id: int, server_round: int, site_ids: list[int],
                  vector_length: int, members_digest: bytes, count_slots: int = COUNT_SLOTS,
-                 ring_bits: int = 0, noise_plan: bytes = b"") -> SecAggParams:
+                 ring_bits: int = 0) -> SecAggParams:
     """The coordinator's offer of a round's public parameters; each site checks it against its own policy.
     ``members_digest``: the digest of the coordinator's registry, which a site accepts only if it is the
     member list the site pinned. ``count_slots``: the round's evaluation counts (EvalPlan.slots_in), each in
-    [0, MAX_COUNT]. ``ring_bits``: the sites' vectors are integers mod 2^b already (distributed DP: no fixed point);
-``noise_plan``: then the digest of the round's noise plan, in the round id (:func:`secure_round_id`).
+    [0, MAX_COUNT]. ``ring_bits``: the sites' vectors are integers mod 2^b already (distributed DP: no fixed point;
+the coordinator then puts the round's noise plan into the round id, :func:`secure_round_id`, once its threshold
+says which h the round takes).
 
     Up to :data:`ALL_PAIRS_UP_TO` sites every pair masks (``secagg.degree``/``threshold`` apply only
     with ``secagg.all-pairs`` there); larger federations use a sparse graph unless all-pairs is set.
     """
     all_pairs = settings.all_pairs or len(site_ids) <= ALL_PAIRS_UP_TO
     return SecAggParams(
-        round_id=secure_round_id(run_id, server_round, noise_plan),
+        round_id=secure_round_id(run_id, server_round),
         site_ids=tuple(site_ids),
         vector_length=vector_length,
         clip=settings.clip,

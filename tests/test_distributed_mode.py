@@ -255,15 +255,15 @@ def test_a_site_accepts_only_the_round_id_that_names_the_noise_plan_it_computed(
     from client.secure import ParamsRefused, SessionStore, SiteKeys, accept_params
     from common.config import SecureAggSettings
     from common.registry import create_site_identities, load_identity, load_registry
-    from common.secure_update import params_to_bytes, round_params
+    from common.secure_update import params_to_bytes, round_params, secure_round_id
 
     names = [f"site-{i}" for i in range(3)]
     create_site_identities(names, {n: tmp_path / n for n in names}, tmp_path / "registry.json")
     registry = load_registry(tmp_path / "registry.json")
     ours, theirs = bytes(range(32)), bytes(range(1, 33))
-    offered = params_to_bytes(round_params(SecureAggSettings(registry=str(tmp_path / "registry.json")), run_id=1,
-                                           server_round=1, site_ids=[0, 1, 2], vector_length=16,
-                                           members_digest=registry.digest, ring_bits=12, noise_plan=theirs))
+    params = round_params(SecureAggSettings(registry=str(tmp_path / "registry.json")), run_id=1, server_round=1,
+                          site_ids=[0, 1, 2], vector_length=16, members_digest=registry.digest, ring_bits=12)
+    offered = params_to_bytes(dataclasses.replace(params, round_id=secure_round_id(1, 1, theirs)))  # as the server
     keys = SiteKeys(*load_identity(tmp_path / "site-0", "site-0", registry), registry)
     for plan in (ours, b""):  # another plan, or none (a site that would not have planned distributed noise)
         with pytest.raises(ParamsRefused, match="is not run 1, round 1"):
