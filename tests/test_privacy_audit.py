@@ -164,7 +164,9 @@ def test_the_audit_fails_a_dp_step_whose_noise_is_off(one_thread: None, rows_per
     result = audited_training(dataclasses.replace(BROKEN, rows_per_unit=rows_per_unit),
                               claimed_epsilon=claimed).result
     assert result.epsilon > claimed + 1.0, result.line()
-    assert result.auc > 0.9
+    # The canaries' AUC with the noise off: 0.96-0.98 per record and 0.885-0.96 per person over 9 runs each; with
+    # the noise on 0.50-0.57. 0.9 failed one clean-clone run per person (0.885); 0.8 still sits far from both.
+    assert result.auc > 0.8, result.line()
 
 
 def test_the_sites_policy_turns_the_audit_on_and_refuses_a_single_canary() -> None:
