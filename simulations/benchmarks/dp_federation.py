@@ -77,6 +77,8 @@ class Setup:
     unit: str = "record"
     epochs: int = 0
     """Epochs per round; 0 = the automatic plan (30 over the run)."""
+    batch_size: int = 0
+    """Expected units per step of the local-noise rows (train.batch-size); 0 = the automatic plan (a quarter)."""
     server: ServerOptimizerName = "fedavg"
     server_lr: float = 1.0
     max_length: int = 64
@@ -143,7 +145,7 @@ def run(setup: Setup, row: str) -> dict:
     sites, test, labels = site_data(setup)
     dp = "-dp" in row
     privacy = PrivacySettings(enabled=dp, epsilon=setup.epsilon, delta=setup.delta, unit=setup.unit)
-    train = TrainSettings(local_epochs=setup.epochs)
+    train = TrainSettings(local_epochs=setup.epochs, batch_size=setup.batch_size)
     lora = LoraSettings(head_init=setup.head_init)
     started, cpu = time.perf_counter(), time.process_time()
     extra: dict = {}
