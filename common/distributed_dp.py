@@ -58,6 +58,7 @@ from common.secagg.fixedpoint import MAX_MODULUS_BITS
 
 __all__ = [
     "RDP_ORDERS",
+    "DecodedSum",
     "DistributedDpError",
     "DistributedDpPlan",
     "DistributedDpSettings",
@@ -85,6 +86,7 @@ __all__ = [
     "skellam_epsilon",
     "skellam_rdp",
     "subsampled_rdp",
+    "sum_norm_bound",
     "to_ring",
     "unrotate",
     "variance_for_epsilon",
@@ -445,14 +447,62 @@ def centred(ring_sum: Ring, bits: int) -> Ints:
 # --- the server -----------------------------------------------------------------------------------------------
 
 
-def decode_sum(plan: DistributedDpPlan, ring_sum: Ring, seed: int) -> Floats:
-    """The noisy sum of the sampled units' clipped gradients, [d] float64, from the sites' ring sum: centre,
-    un-rotate, divide by γ."""
+@dataclass(frozen=True)
+class DecodedSum:
+    """What the server reads from a round's ring sum."""
+
+    noisy_sum: Floats
+    """The noisy sum of the sampled units' clipped gradients, [d] float64."""
+    clipped: bool
+    """The sum's L2 norm was beyond what honest uploads reach (:func:`sum_norm_bound`: a hostile upload) and was
+    scaled down to it."""
+
+
+def sum_norm_bound(plan: DistributedDpPlan, *, participants: int, honest_sites: int) -> float:
+    """A bound on the L2 norm of ``participants`` honest uploads' ring sum s + Z (centred integers; the rotation keeps
+    norms), each upload with its share μ/``honest_sites`` of the noise, that fails with probability ≤ the plan's
+    wrap_probability (the units' tail a third, each of the noise's three a ninth):
+
+    - the units: at most B of them (the Poisson batch's bound, :func:`batch_bound`), each integer vector within Δ₂
+      (the conditional rounding), so ‖s‖ ≤ S = B·Δ₂;
+    - the noise Z, V = participants·μ/h per coordinate, is independent of s (OS entropy), and a Skellam is a Lévy sum
+      of ±1 jumps, so Bernstein bounds ⟨s, Z⟩ (jumps of at most ‖s‖, variance V‖s‖²) by ‖s‖·t, and every |Zⱼ| by
+      t' (a union over the d' coordinates, as in :func:`coordinate_bound`); on that event ‖Z‖² is a sum of d'
+      independent terms in [0, t'²] of variance ≤ E Zⱼ⁴ = 3V² + V (a Skellam's even cumulants all equal V), so
+      Bernstein again: ‖Z‖² ≤ d'V + r;
+    - ‖s + Z‖² = ‖s‖² + 2⟨s, Z⟩ + ‖Z‖² ≤ S² + 2S·t + d'V + r.
+
+    Secure aggregation hides uploads, it does not check them: a site that skips the encoder can upload any vector
+    mod 2^b. Scaling a sum beyond this bound down to it (:func:`decode_sum`) leaves a hostile site at most twice the
+    bound of influence, what the honest sites' own sum can reach, instead of anything the ring holds."""
+    failure = plan.settings.wrap_probability / 9
+    dimension = plan.padded_dimension
+    variance = participants * plan.total_variance / honest_sites
+
+    def bernstein(log_term: float, variance: float, jump: float) -> float:
+        """t with exp(−t²/(2(variance + jump·t/3))) = exp(−log_term)."""
+        return jump * log_term / 3 + math.sqrt((jump * log_term / 3) ** 2 + 2 * log_term * variance)
+
+    units = plan.batch_bound * plan.unit_l2_bound
+    cross = bernstein(math.log(1 / failure), variance, 1.0)  # per unit of ‖s‖
+    coordinate = bernstein(math.log(2 * dimension / failure), variance, 1.0)
+    squares = bernstein(math.log(1 / failure), dimension * (3 * variance**2 + variance), coordinate**2)
+    return math.sqrt(units**2 + 2 * units * cross + dimension * variance + squares)
+
+
+def decode_sum(plan: DistributedDpPlan, ring_sum: Ring, seed: int, *, participants: int,
+               honest_sites: int) -> DecodedSum:
+    """The noisy sum of the sampled units' clipped gradients from the sites' ring sum: centre, bound its norm by
+    :func:`sum_norm_bound` (scaling a hostile sum down), un-rotate, divide by γ."""
     if ring_sum.shape != (plan.padded_dimension,):
         raise DistributedDpError(f"expected a ring sum of {plan.padded_dimension} coordinates, "
                                  f"got shape {tuple(ring_sum.shape)}")
     integers = centred(ring_sum, plan.ring_bits).astype(np.float64)
-    return unrotate(integers[None, :], seed, plan.settings.dimension)[0] / plan.scale
+    bound = sum_norm_bound(plan, participants=participants, honest_sites=honest_sites)
+    norm = float(np.linalg.norm(integers))
+    if clipped := norm > bound:
+        integers *= bound / norm
+    return DecodedSum(unrotate(integers[None, :], seed, plan.settings.dimension)[0] / plan.scale, clipped)
 
 
 def mean_gradient(plan: DistributedDpPlan, noisy_sum: Floats) -> Floats:

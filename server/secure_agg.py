@@ -70,7 +70,7 @@ from common.records import (
 )
 from common.registry import FederationRegistry
 from common.secagg import RoundAborted, SecAggParams, ServerAggregator
-from common.secure_update import SecureSum, decode_sum, params_to_bytes, round_params, secure_round_id
+from common.secure_update import MAX_COUNT, SecureSum, decode_sum, params_to_bytes, round_params, secure_round_id
 from server.distributed_step import distributed_delta
 from server.ledger_watch import EPSILON_REFUSED, LedgerWatch
 from server.strategy import (
@@ -244,9 +244,9 @@ class SecureAggregation:
         contributors = len(result.survivors)
         if contributors < spec.min_sites:
             return self._aborted(server_round, f"{contributors} survivor(s)", failures, privacy)
-        if ring:
+        if ring and noise:
             total, counts = self._distributed_sum(ring.plan, result.sum_vector, grid.run.run_id, server_round,
-                                                  contributors)
+                                                  contributors, noise.honest_sites)
         else:
             total = decode_sum(result, self.settings, params, sum(weights[site] for site in result.survivors))
             counts = result.counts
@@ -290,16 +290,21 @@ class SecureAggregation:
 
     @staticmethod
     def _distributed_sum(plan: DistributedDpPlan, ring_sum: np.ndarray, run_id: int, server_round: int,
-                         contributors: int) -> tuple[SecureSum, list[int]]:
+                         contributors: int, honest_sites: int) -> tuple[SecureSum, list[int]]:
         """The round's delta from the ring sum's d' gradient coordinates (server/distributed_step.py): exact
-        integers, so no error bound; and the sum of the evaluation counts after them (none outside an evaluation
-        round), exact in the ring common.distributed_round.ring_round widened."""
+        integers, so no error bound, the norm bounded by what honest uploads reach; and the sum of the evaluation
+        counts after them (none outside an evaluation round), exact in the ring common.distributed_round.ring_round
+        widened, each clamped to what the contributors' counts can reach (a hostile upload)."""
         ring = ring_sum.astype(np.uint64)
-        delta = distributed_delta(plan, ring[:plan.padded_dimension], seed=rotation_seed(run_id, server_round),
-                                  participants=contributors)
-        counts = [int(c) for c in ring[plan.padded_dimension:]]
+        delta, clipped = distributed_delta(plan, ring[:plan.padded_dimension], seed=rotation_seed(run_id, server_round),
+                                           participants=contributors, honest_sites=honest_sites)
+        counts = ring[plan.padded_dimension:]
+        cap = np.uint64(contributors * MAX_COUNT)
+        if clamped := int(np.count_nonzero(counts > cap)):
+            log.warning("%d evaluation count(s) of the sum were out of range (a hostile upload) and were clamped",
+                        clamped)
         return SecureSum(mean_delta=delta.astype(np.float32), total_weight=0, error_bound=0.0,
-                         clamped_elements=0), counts
+                         clamped_elements=clamped, mean_clipped=clipped), [int(c) for c in np.minimum(counts, cap)]
 
     def _exchange(self, grid: Grid, node_of_site: dict[int, int], params: SecAggParams, message_type: str,
                   content: Callable[[int], RecordDict], failures: list[Failure], only: Collection[int] | None,

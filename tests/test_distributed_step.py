@@ -73,7 +73,8 @@ def test_distributed_rounds_reduce_the_loss(three_sites):
             upload = distributed_contribution(model, site, plan, keys=keys, seed=seed, settings=CHUNKS)
             assert upload.dtype == np.uint64 and int(upload.max()) < 1 << plan.ring_bits
             ring_sum = (ring_sum + upload) & np.uint64((1 << plan.ring_bits) - 1)
-        state = apply_delta(state, distributed_update(plan, ring_sum, seed=seed, participants=3, optimizer=server),
+        state = apply_delta(state, distributed_update(plan, ring_sum, seed=seed, participants=3, honest_sites=3,
+                                                            optimizer=server),
                             keys)
     set_adapter_state(model, state)
     # Assert: the pooled step learned
@@ -126,7 +127,8 @@ def test_a_causal_lm_site_per_person_uploads_its_peoples_clipped_gradient_sum():
         dimension=sum(param.numel() for param, _ in layout), clip=1.0, sample_rate=1.0, steps=1, epsilon=1e6,
         delta=1e-5, sites=3, min_honest_sites=3, expected_batch=9.0))
     plan, seed = site_share(public, 3), rotation_seed(7, 1)
-    decoded = decode_sum(plan, distributed_contribution(model, data, plan, keys=keys, seed=seed, settings=CHUNKS), seed)
+    upload = distributed_contribution(model, data, plan, keys=keys, seed=seed, settings=CHUNKS)
+    decoded = decode_sum(plan, upload, seed, participants=1, honest_sites=3).noisy_sum
     clipping = PerUnitClipping(model, max_grad_norm=1.0)  # the same people's clipped gradients, in the clear
     batches = UnitBatches(data, TrainingPlan(1, data.unit_count, 1, 0.0, 1.0), CHUNKS, poisson=True)
     exact = np.zeros_like(decoded)
@@ -141,3 +143,31 @@ def test_a_causal_lm_site_per_person_uploads_its_peoples_clipped_gradient_sum():
     noise_only, with_rounding = (decoded.size * (plan.site_variance + r) / plan.scale**2 for r in (0.0, 0.25))
     assert 0.9 * noise_only <= error @ error <= 1.1 * with_rounding
     assert abs(error @ direction) < 0.1  # ~N(0, ‖error‖²/d): the sum itself came through, every coordinate in place
+
+
+def test_the_coordinator_bounds_a_hostile_ring_sum_and_clamps_its_counts():
+    """What the server decodes from a ring round (server.secure_agg): a sum beyond what honest uploads reach is
+    scaled down and said (mean_clipped); an evaluation count beyond what the contributors' counts can reach is
+    clamped and counted (clamped_elements)."""
+    from common.distributed_dp import site_contribution, sum_norm_bound, to_ring
+    from common.distributed_round import with_count_slots
+    from common.secure_update import MAX_COUNT
+    from server.secure_agg import SecureAggregation
+
+    plan = with_count_slots(plan_distributed_dp(DistributedDpSettings(
+        dimension=2000, clip=1.0, sample_rate=0.05, steps=100, epsilon=8.0, delta=1e-5, sites=3, min_honest_sites=3,
+        expected_batch=10.0)), sites=3, count_slots=2)
+    seed, modulus = rotation_seed(9, 4), np.uint64((1 << plan.ring_bits) - 1)
+    units = np.random.default_rng(6).normal(size=(9, 2000)) * 0.05
+    honest = np.zeros(plan.padded_dimension + 2, dtype=np.uint64)
+    for part in np.array_split(units, 3):
+        upload = np.concatenate([site_contribution(plan, part, seed), np.asarray([5, 7], dtype=np.uint64)])
+        honest = (honest + upload) & modulus
+    hostile = np.concatenate([to_ring(np.full(plan.padded_dimension, 1 << (plan.ring_bits - 3)), plan.ring_bits),
+                              np.asarray([0, (1 << plan.ring_bits) - 22], dtype=np.uint64)])  # count sum 2^b − 1
+    total, counts = SecureAggregation._distributed_sum(plan, honest, 9, 4, 3, 3)
+    assert not total.mean_clipped and total.clamped_elements == 0 and counts == [15, 21]
+    total, counts = SecureAggregation._distributed_sum(plan, (honest + hostile) & modulus, 9, 4, 3, 3)
+    assert total.mean_clipped and total.clamped_elements == 1 and counts == [15, 3 * MAX_COUNT]
+    bound = sum_norm_bound(plan, participants=3, honest_sites=3) / (plan.scale * plan.settings.expected_batch)
+    assert float(np.linalg.norm(total.mean_delta)) <= bound * (1 + 1e-6)

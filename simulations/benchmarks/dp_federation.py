@@ -228,6 +228,7 @@ def federate_distributed(sites, test, labels, setup: Setup, privacy, train, lora
             upload = distributed_contribution(model, data, plan, keys=keys, seed=seed, settings=train)
             ring_sum = (ring_sum + upload) & np.uint64((1 << plan.ring_bits) - 1)
         state = apply_delta(state, distributed_update(plan, ring_sum, seed=seed, participants=len(sites),
+                                                      honest_sites=plan.settings.min_honest_sites,
                                                       optimizer=server), keys)
         if server_round % every == 0 or server_round == setup.rounds:
             set_adapter_state(model, state)
