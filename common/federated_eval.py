@@ -119,6 +119,12 @@ class EvalPlan:
         return self.layout.sensitivity_sq / (2 * float(self.sigma_sq))
 
     @property
+    def own_epsilon(self) -> float:
+        """ε at δ of one site's releases alone over the E planned evaluations (E·own_rho): with h > 1, what is left
+        if secure aggregation or the honesty assumption fails; with h = 1, the plan's ε."""
+        return zcdp_epsilon(self.evaluations * self.own_rho, self.delta)
+
+    @property
     def sigma(self) -> float:
         """Each site's noise σ per count."""
         return math.sqrt(float(self.sigma_sq))
@@ -283,4 +289,5 @@ def decode(noisy_sum: Sequence[int], sites: int, plan: EvalPlan, *, model_round:
             intervals[name] = [float(np.quantile(kept, 0.025)), float(np.quantile(kept, 0.975))]
     examples_slot = -1 if layout.task == "classification" else 0
     return FederatedScores(model_round=model_round, sites=sites, examples=max(0.0, float(estimate[examples_slot])),
-                           scores=scores, intervals=intervals, noise_sigma=plan.sigma, epsilon=plan.epsilon)
+                           scores=scores, intervals=intervals, noise_sigma=plan.sigma, epsilon=plan.epsilon,
+                           own_noise_epsilon=plan.own_epsilon if plan.honest_sites > 1 else None)

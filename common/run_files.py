@@ -134,6 +134,9 @@ class FederatedScores:
     """σ of each site's discrete Gaussian noise on each count."""
     epsilon: float = 0.0
     """ε (at the run's δ) of all the run's planned evaluations together, per unit of a site's evaluation split."""
+    own_noise_epsilon: float | None = None
+    """Distributed DP (each site adds a share of the noise): that ε from one site's own noise share alone, what is
+    left if secure aggregation or the honesty assumption fails; None when each site adds all of the noise."""
 
 
 def checkpoint_name(server_round: int) -> str:

@@ -277,10 +277,15 @@ def _html(summary: Summary, images: list[str]) -> str:
                      f"{report.own_noise_epsilon:g} from its own noise alone</li>"
                      for site, report in sorted((summary.privacy.sites if summary.privacy else {}).items())
                      if report.own_noise_epsilon is not None and report.epsilon is not None)
+    shared = [f for line in summary.rounds if (f := line.federated_evaluation) and f.own_noise_epsilon is not None]
+    evaluation = (f'<p id="evaluation-own-noise">The federated evaluations (each site adding a share of their noise '
+                  f"too): ε = {shared[-1].epsilon:g} against the coordinator, ε = {shared[-1].own_noise_epsilon:.3g} "
+                  "from one site's own noise alone, per unit of a site's evaluation split, over all the planned "
+                  "evaluations (an account apart from training's).</p>" if shared else "")
     distributed = ("<h2>Distributed DP</h2><p>Each round was one DP-SGD step of the pooled data, every site adding a "
                    "share of the noise inside secure aggregation. Per site: ε against the coordinator (given secure "
                    "aggregation and the honest sites the site assumes), and ε from its own noise alone (what is left "
-                   f'if either fails).</p><ul id="own-noise">{shares}</ul>' if shares else "")
+                   f'if either fails).</p><ul id="own-noise">{shares}</ul>{evaluation}' if shares else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fedtune report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}

@@ -74,7 +74,7 @@ def test_the_sites_evaluate_in_the_ring_and_only_the_sum_of_their_noisy_counts_i
     evaluation account, beside the steps. Each site added a third of the evaluation noise (h = 3, the round's
     threshold), as of the gradient's."""
     from common.config import RunSettings
-    from common.federated_eval import plan_evaluation
+    from common.federated_eval import plan_evaluation, zcdp_epsilon
     from common.secure_update import MAX_COUNT
     from fedtune.cli import default_run_config
     from tests.test_federation_inprocess import LABELS
@@ -98,6 +98,9 @@ def test_the_sites_evaluate_in_the_ring_and_only_the_sum_of_their_noisy_counts_i
         assert scores.sites == 3 and scores.model_round == line.round - 1
         assert scores.examples == max(0, int(summed[-1]) - 3 * plan.offset)
         assert set(scores.scores) == {"accuracy", "macro_f1"}
+        # ε of one site's share alone: its E = 2 releases at ρ = (Δ²/2σ_s²) each; against the coordinator the run's
+        assert scores.epsilon == plan.epsilon < scores.own_noise_epsilon == pytest.approx(
+            zcdp_epsilon(2 * plan.layout.sensitivity_sq / (2 * float(plan.shared(3).sigma_sq)), plan.delta))
     for site in sites:
         ledger = json.loads((site / "privacy-ledger.json").read_text())
         assert [server_round for _, server_round in ledger["evaluation"]["rounds"]] == [1, 3]
@@ -133,6 +136,8 @@ def test_the_report_shows_both_epsilons(distributed_run: Path) -> None:
                "own noise alone" in page
     rounds = page.split('<table id="rounds">')[1].split("</table>")[0]  # the rounds the server or the sites scored
     assert [row.split("</td>")[0] for row in rounds.split("<tr><td>")[1:]] == ["1", "3"]
+    evaluated = read_metrics(distributed_run)[-1].federated_evaluation
+    assert f"ε = {evaluated.own_noise_epsilon:.3g} from one site's own noise alone" in page
     assert '<p id="rounds-not-shown">Not shown: 1 round(s) that moved the model without a score' in page
 
 
