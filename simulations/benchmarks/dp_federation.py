@@ -331,7 +331,9 @@ def plot(results: list[dict], path: Path) -> None:
                 continue
             step = server_step(s, r["row"])
             label = (f"{r['row']} ({s['partition']}"
-                     + (f", {r['distributed']['honest_sites']}/{s['sites']} honest" if r.get("distributed") else "")
+                     + (f", {r['distributed']['honest_sites']}/{s['sites']} honest, batch "
+                        f"{r['distributed']['expected_batch']:g}" if r.get("distributed") else "")
+                     + (f", batch {s['batch_size']}" if s.get("batch_size") else "")
                      + (f", {step}" if step != "fedavg" else "")
                      + (f", seed {s['seed']}" if s.get("seed") else "")
                      + (", label-name head" if head_init(s) == "label-names" else "") + ")")
