@@ -65,6 +65,7 @@ __all__ = [
     "Ring",
     "SkellamCharge",
     "batch_bound",
+    "bernstein_deviation",
     "centred",
     "check_participants",
     "conditional_round",
@@ -289,12 +290,16 @@ def _smallest_scale(clip: float, dimension: int, beta: float, slack: float) -> f
     return high
 
 
+def bernstein_deviation(log_term: float, variance: float, jump: float = 1.0) -> float:
+    """t with exp(−t²/(2(variance + jump·t/3))) = exp(−``log_term``): Bernstein's one-sided deviation for a sum of
+    independent centred terms (or a Lévy sum) of total ``variance`` and jumps at most ``jump``."""
+    return jump * log_term / 3 + math.sqrt(jump**2 * log_term**2 / 9 + 2 * log_term * variance)
+
+
 def batch_bound(expected_batch: float, failure: float) -> int:
     """B with P(Poisson batch > B) ≤ ``failure``: Bernstein, P(B ≥ m + t) ≤ exp(−t²/(2(m + t/3))) for a sum of
     independent Bernoulli draws of mean m."""
-    log_term = math.log(1 / failure)
-    excess = log_term / 3 + math.sqrt(log_term**2 / 9 + 2 * log_term * expected_batch)
-    return math.ceil(expected_batch + excess)
+    return math.ceil(expected_batch + bernstein_deviation(math.log(1 / failure), expected_batch))
 
 
 def coordinate_bound(*, scale: float, clip: float, batch: int, padded_dimension: int, noise_variance: float,
@@ -309,8 +314,7 @@ def coordinate_bound(*, scale: float, clip: float, batch: int, padded_dimension:
     - a union bound over the d' coordinates."""
     log_term = math.log(6 * padded_dimension / failure)
     signal = scale * batch * clip * math.sqrt(2 * log_term / padded_dimension) + batch
-    noise = log_term / 3 + math.sqrt(log_term**2 / 9 + 2 * log_term * noise_variance)
-    return signal + noise
+    return signal + bernstein_deviation(log_term, noise_variance)
 
 
 # --- the rotation ---------------------------------------------------------------------------------------------
@@ -478,15 +482,10 @@ def sum_norm_bound(plan: DistributedDpPlan, *, participants: int, honest_sites: 
     failure = plan.settings.wrap_probability / 9
     dimension = plan.padded_dimension
     variance = participants * plan.total_variance / honest_sites
-
-    def bernstein(log_term: float, variance: float, jump: float) -> float:
-        """t with exp(−t²/(2(variance + jump·t/3))) = exp(−log_term)."""
-        return jump * log_term / 3 + math.sqrt((jump * log_term / 3) ** 2 + 2 * log_term * variance)
-
     units = plan.batch_bound * plan.unit_l2_bound
-    cross = bernstein(math.log(1 / failure), variance, 1.0)  # per unit of ‖s‖
-    coordinate = bernstein(math.log(2 * dimension / failure), variance, 1.0)
-    squares = bernstein(math.log(1 / failure), dimension * (3 * variance**2 + variance), coordinate**2)
+    cross = bernstein_deviation(math.log(1 / failure), variance)  # per unit of ‖s‖
+    coordinate = bernstein_deviation(math.log(2 * dimension / failure), variance)
+    squares = bernstein_deviation(math.log(1 / failure), dimension * (3 * variance**2 + variance), coordinate**2)
     return math.sqrt(units**2 + 2 * units * cross + dimension * variance + squares)
 
 
