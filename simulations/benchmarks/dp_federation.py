@@ -322,7 +322,7 @@ def plot(results: list[dict], path: Path) -> None:
                        or {(*panel(r), None) for r in results}, key=lambda p: (p[:3], -(p[3] or 0)))
     lines = -(-len(panels_of) // PANELS_PER_LINE)
     columns = min(len(panels_of), PANELS_PER_LINE)
-    figure, panels = pyplot.subplots(lines, columns, figsize=(6.5 * columns, 4.5 * lines), squeeze=False,
+    figure, panels = pyplot.subplots(lines, columns, figsize=(8.5 * columns, 5 * lines), squeeze=False,
                                      sharey=True)
     for axes, (size, read, unit, epsilon) in zip(panels.flat, panels_of, strict=False):
         for r in results:
@@ -344,7 +344,7 @@ def plot(results: list[dict], path: Path) -> None:
                        + (f", ε = {epsilon:g}" if epsilon is not None else "")
                        + ("" if read == "mean-pooled" else f", {read}"))
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
+        axes.legend(fontsize=6, loc="lower right")
     for axes in list(panels.flat)[len(panels_of):]:
         axes.set_visible(False)
     for line in panels:
