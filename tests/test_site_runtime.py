@@ -17,7 +17,7 @@ import pytest
 
 from common import flower_internals
 from common.flower_internals import FlowerVersionError, ShortSleeps, check_flower_version, shorten_sleeps
-from fedtune.runtime.executor import claim_task, runtime_client, task_claimer
+from fedtune.runtime.executor import claim_task, runtime_client, task_claimer, task_heartbeat
 from fedtune.runtime.processes import ManagedProcess, flower_env, free_port, port_in_use
 
 
@@ -74,6 +74,32 @@ def test_only_the_holder_of_the_sites_secret_can_claim_its_tasks(supernode) -> N
         with pytest.raises(httpx.HTTPStatusError) as refused:
             claim_task(intruder)
         assert refused.value.response.status_code in (401, 403)
+
+
+@pytest.mark.process
+def test_a_refused_heartbeat_never_stops_the_executor(supernode) -> None:
+    """A beat still in flight when its task's output is pushed carries a revoked token (a compose trial lost a
+    site mid-round to this): Flower's own beat raised in its thread, after which stopping it raised and the
+    executor exited; with retries on, a 401 sends SIGINT to the process. The executor's beat answers False."""
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
+
+    address, _ = supernode
+    beats = runtime_client(address, RuntimeTokenHttpInterceptor("ab" * 128), retry=False)  # no such task
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        make_task_heartbeat_fn_http(beats)()
+    assert refused.value.response.status_code == 401
+    answers: list[bool] = []
+    beat = task_heartbeat(beats)
+    heartbeat = HeartbeatSender(lambda: answers.append(beat()) or answers[-1])
+    heartbeat.start()
+    deadline = time.monotonic() + 600  # a safety net: the wait is for a refused beat and its retry
+    while len(answers) < 2:
+        assert heartbeat.is_running and time.monotonic() < deadline, answers
+        time.sleep(0.05)
+    assert answers[:2] == [False, False] and heartbeat.is_running
+    heartbeat.stop()  # the executor's next step: stopping a sender whose beats were refused does not raise
+    beats.close()
 
 
 def test_a_task_left_pending_for_an_ignored_message_is_finished() -> None:

@@ -24,6 +24,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +83,27 @@ def task_claimer(address: str, secret: bytes, retry: bool = True) -> RuntimeHttp
         master_secret=secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}), retry=retry)
 
 
+def task_heartbeat(beats: RuntimeHttpClient) -> Callable[[], bool]:
+    """Flower's task heartbeat for a process that outlives its tasks (``beats``: a client with ``retry=False``).
+
+    Flower's own beat is made for a process per task: a refused beat (the task's token already revoked, as it is
+    the moment the task's output is pushed, or a restarted SuperNode) raises in the heartbeat thread or sends
+    SIGINT to the process, which here would stop the site's executor, mid-round. This beat answers False instead,
+    which HeartbeatSender retries with backoff until the task ends."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            return bool(beats.SendTaskHeartbeat(request).success)
+        except httpx.HTTPError:
+            return False
+
+    return beat
+
+
 class SiteExecutor:
     """Claims ClientApp tasks from one SuperNode and runs them, one at a time, in this process."""
 
@@ -119,7 +141,7 @@ class SiteExecutor:
         from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -133,7 +155,8 @@ class SiteExecutor:
             seconds[phase] = round(clock[-1] - clock[-2], 3)
 
         task = runtime_client(self.address, RuntimeTokenHttpInterceptor(token))
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(task))
+        beats = runtime_client(self.address, RuntimeTokenHttpInterceptor(token), retry=False)
+        heartbeat = HeartbeatSender(task_heartbeat(beats))
         heartbeat.start()
         message_type, context, status, details = "?", None, SubStatus.FAILED, "the task could not be read"
         refusal: str | None = "unreadable"
@@ -159,8 +182,9 @@ class SiteExecutor:
         except Exception:  # one broken task must not stop the site
             log.exception("task %s could not be completed", message_type)
         finally:
+            heartbeat.stop()  # before the output: pushing it revokes the token the beats carry
+            beats.close()
             push_task_output(task, context, status, details)
-            heartbeat.stop()
             task.close()
             lap("push")
         outcome = TaskOutcome(message_type, status == SubStatus.COMPLETED, seconds, refusal)
