@@ -85,6 +85,10 @@ def split_for_evaluation(records: list[Record], policy: SitePolicy, settings: Ru
         sides = _stored_split(records, column, policy.eval_fraction, state_dir)
         train = [record for record in records if not sides[unit_key(record, column)]]
         evaluation = [record for record in records if sides[unit_key(record, column)]]
+        if not evaluation and policy.eval_fraction > 0:
+            log.warning("%s: the evaluation split drew none of its units (eval-fraction %s, one draw per unit): it "
+                        "releases noise only in evaluation rounds; a site this small cannot score the model", where,
+                        policy.eval_fraction)
     if column:  # a person's first rows, at most the run's (and the site's) max-rows-per-unit
         most, seen = min(settings.train.max_rows_per_unit, policy.max_rows_per_unit), Counter[str]()
         capped = []
@@ -178,7 +182,7 @@ def evaluation_release(site: Site, settings: RunSettings, plan: EvalPlan, ledger
     counts = [0] * plan.layout.slots
     evaluation = site.evaluation
     if evaluation is None or len(evaluation) == 0:
-        log.info("%s: no evaluation split (eval-fraction 0): releases noise only", site.name)
+        log.info("%s: no evaluation records: releases noise only", site.name)
         evaluation = None
     elif ledger is not None:
         try:

@@ -6,6 +6,7 @@ without any test data of its own. (The arithmetic: tests/test_federated_eval.py.
 from __future__ import annotations
 
 import json
+import logging
 import stat
 from pathlib import Path
 
@@ -62,6 +63,19 @@ def test_a_person_is_held_out_whole_and_evaluated_on_at_most_max_rows(tmp_path: 
     assert len(train) == 12 * len(trained)  # every row of a training person trains
     assert all(sum(r["patient"] == p for r in held_out) == 5 for p in evaluated)  # min(run's 8, site's 5) rows
     assert unit_key(held_out[0], "patient") in json.loads((tmp_path / SPLIT_FILE).read_text())["evaluation"]
+
+
+def test_a_site_whose_split_drew_no_unit_says_it_cannot_score(tmp_path: Path, caplog) -> None:
+    data = records(2)  # a tiny site whose draw (stored, so no chance here) put every unit in training
+    (tmp_path / SPLIT_FILE).write_text(json.dumps({"version": 1, "fraction": 0.2, "evaluation": [],
+                                                   "training": [unit_key(r, "") for r in data]}))
+    with caplog.at_level(logging.WARNING, "fedtune.client"):
+        assert split_for_evaluation(data, SitePolicy(labels=LABELS), settings(), tmp_path, "site s") == (data, [])
+    assert "site s: the evaluation split drew none of its units (eval-fraction 0.2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "fedtune.client"):  # a site that chose not to evaluate is not warned
+        split_for_evaluation(data, SitePolicy(labels=LABELS, eval_fraction=0.0), settings(), tmp_path / "b", "site s")
+    assert caplog.text == ""
 
 
 def test_a_split_is_fixed_once_drawn(tmp_path: Path) -> None:
