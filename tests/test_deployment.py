@@ -266,8 +266,8 @@ def test_the_compose_trial_survives_dropouts_and_a_coordinator_crash(world):
     selected = read_run_info(run_dir).selected_round
     assert selected in (0, 1, 2) and "best federated accuracy" in read_run_info(run_dir).selected_because
     assert read_round_info(run_dir / "final" / "adapter").round == selected
-    # (Each unit is drawn into the evaluation split with probability 0.2: of a site's 20 rows, none is drawn once in
-    # about 90 trials; that site then releases noise only, and keeps no scores.)
+    # (Each unit is drawn into the evaluation split with probability 0.2: in about 1 run in 90, none of a site's 20
+    # rows is drawn, and that site then releases noise only and keeps no scores.)
     evaluating = 0
     for site in SITES:
         drawn = json.loads((state(root, site) / "eval-split.json").read_text())["evaluation"]
